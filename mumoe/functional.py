@@ -1,0 +1,288 @@
+r"""The μMoE forward pass and dense views, on whatever backend TensorLy has active.
+
+Index legend used in the docstrings: ``b`` batch (any number of leading
+dimensions, flattened), ``n_e`` expert mode ``e``, ``i`` input, ``o`` output.
+
+Every function takes the arrays of the active TensorLy backend
+(``tl.set_backend('numpy' | 'pytorch' | 'cupy' | ...)``), checks them, and
+contracts them with a cached plan of the network; nothing here converts
+arrays between backends or calls ``tl.set_backend``.  On PyTorch, autograd
+flows through every function.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any, NamedTuple
+
+import numpy as np
+import tensorly as tl
+
+from mumoe.network import Network
+from mumoe.typing import Tensor
+from mumoe.validation import check_cores, check_tensor
+
+__all__ = ["ExpertWeight", "expert_weight", "forward", "materialize", "random_cores"]
+
+
+def _creation_context(tensor: Tensor) -> dict[str, Any]:
+    # dtype and device of ``tensor``, without copying its requires_grad flag.
+    context = dict(tl.context(tensor))
+    context.pop("requires_grad", None)
+    return context
+
+
+def forward(
+    network: Network,
+    cores: Sequence[Tensor],
+    x: Tensor,
+    gates: Tensor | Sequence[Tensor],
+) -> Tensor:
+    r"""The μMoE layer's output, contracted from its factors (Eq. 1 of the paper).
+
+    .. math::
+        y_{bo} = \sum_{n_1, \dots, n_E, i}
+        \mathcal{W}[n_1, \dots, n_E, i, o]\,
+        a^{(1)}_{b n_1} \cdots a^{(E)}_{b n_E}\, z_{bi}
+
+    where :math:`z_b = [x_b, 1]` with a bias and :math:`z_b = x_b` without,
+    and :math:`\mathcal{W}` is never formed: the gates, the input and the
+    cores are contracted along the network's cached plan.
+
+    Parameters
+    ----------
+    network : Network
+        The factorisation of :math:`\mathcal{W}`.
+    cores : sequence of tensors
+        One tensor per core of ``network``, of shapes ``network.core_shapes``.
+    x : tensor, shape (..., I)
+        The input; any number of leading batch dimensions (none included).
+    gates : sequence of tensors, each of shape (..., N_e)
+        The expert coefficients of each level, with exactly the leading
+        dimensions of ``x``.  With one expert level a single tensor may be
+        passed.
+
+    Returns
+    -------
+    tensor, shape (..., O)
+        On the backend, device and dtype of ``x``.
+
+    Raises
+    ------
+    TypeError
+        If an operand is not a tensor of the active backend, ``x`` is not
+        floating point, or the dtypes differ.
+    ValueError
+        If a shape does not match the network or the leading dimensions of
+        ``x`` (nothing is broadcast).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from mumoe import cp, random_cores
+    >>> net = cp(4, 3, 2, rank=5)
+    >>> cores = random_cores(net, random_state=0)
+    >>> x = np.ones((7, 3))
+    >>> gates = np.full((7, 4), 0.25)
+    >>> forward(net, cores, x, gates).shape
+    (7, 2)
+    """
+    backend = tl.get_backend()
+    shape = check_tensor(x, "x", backend)
+    dtype = x.dtype
+    if len(shape) == 0 or shape[-1] != network.in_features:
+        raise ValueError(
+            f"x must have shape (..., {network.in_features}) (in_features), got {shape}"
+        )
+    batch_shape = shape[:-1]
+
+    if tl.is_tensor(gates):
+        if network.n_levels != 1:
+            raise TypeError(
+                f"gates must be a list of {network.n_levels} tensors, one per expert level "
+                f"({', '.join(network.expert_legs)}); got a single tensor"
+            )
+        gates = [gates]
+    elif not isinstance(gates, Sequence):
+        raise TypeError(
+            f"gates must be a list of {network.n_levels} tensor(s), got {type(gates).__qualname__}"
+        )
+    if len(gates) != network.n_levels:
+        raise ValueError(
+            f"network has {network.n_levels} expert level(s) ({', '.join(network.expert_legs)}) "
+            f"but {len(gates)} gate tensor(s) were given"
+        )
+    for e, (gate, n) in enumerate(zip(gates, network.expert_dims, strict=True)):
+        gate_shape = check_tensor(gate, f"gates[{e}]", backend, dtype)
+        if gate_shape != (*batch_shape, n):
+            raise ValueError(
+                f"gates[{e}] must have shape {(*batch_shape, n)} (the batch shape of x, "
+                f"{batch_shape}, then {network.expert_legs[e]}={n}), got {gate_shape}"
+            )
+    check_cores(network, cores, backend, dtype)
+
+    batch_size = math.prod(batch_shape)
+    rows = tl.reshape(x, (batch_size, network.in_features))
+    if network.bias:
+        ones = tl.ones((batch_size, 1), **_creation_context(x))
+        rows = tl.concatenate([rows, ones], axis=1)
+    flat_gates = [tl.reshape(g, (batch_size, n)) for g, n in zip(gates, network.expert_dims)]
+    plan = network.forward_plan(batch_size, backend, dtype)
+    out = plan(*flat_gates, rows, *cores)
+    return tl.reshape(out, (*batch_shape, network.out_features))
+
+
+def materialize(network: Network, cores: Sequence[Tensor]) -> Tensor:
+    r"""The dense weight tensor :math:`\mathcal{W}` of all experts.
+
+    For tests and inspection: it has ``network.n_dense_params`` entries.
+
+    Parameters
+    ----------
+    network : Network
+    cores : sequence of tensors
+        One tensor per core, of shapes ``network.core_shapes``.
+
+    Returns
+    -------
+    tensor, shape (N_1, ..., N_E, I', O)
+        In the reference mode order: experts, input (with the bias slice
+        last when ``network.bias``), output.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from mumoe import cp
+    >>> net = cp(4, 3, 2, rank=1, bias=False)
+    >>> cores = [np.ones((4, 1)), np.ones((3, 1)), np.ones((2, 1))]
+    >>> materialize(net, cores).shape
+    (4, 3, 2)
+    """
+    dtype = check_cores(network, cores, tl.get_backend())
+    return network.materialize_plan(tl.get_backend(), dtype)(*cores)
+
+
+class ExpertWeight(NamedTuple):
+    """The affine map of one expert: ``y = x @ weight + bias``."""
+
+    #: shape (I, O)
+    weight: Tensor
+    #: shape (O,), or None for a network without bias
+    bias: Tensor | None
+
+
+def expert_weight(
+    network: Network, cores: Sequence[Tensor], index: int | Sequence[int]
+) -> ExpertWeight:
+    r"""The weight matrix and bias of one expert, without materialising :math:`\mathcal{W}`.
+
+    Each expert leg is indexed in its core, then the remaining network is
+    contracted into :math:`\mathcal{W}[n_1, \dots, n_E, :, :]`.
+
+    Parameters
+    ----------
+    network : Network
+    cores : sequence of tensors
+        One tensor per core, of shapes ``network.core_shapes``.
+    index : int or sequence of int
+        The expert, one index per expert level (an int with one level).
+        Negative indices count from the end, as in Python.
+
+    Returns
+    -------
+    ExpertWeight
+        ``weight`` of shape (I, O) and ``bias`` of shape (O,) (``None``
+        without bias).
+
+    Raises
+    ------
+    ValueError
+        If ``index`` has the wrong length or is out of range.
+
+    Examples
+    --------
+    >>> from mumoe import tr, random_cores
+    >>> net = tr((4, 3), 5, 2, rank=2)
+    >>> w = expert_weight(net, random_cores(net, random_state=0), (3, 0))
+    >>> w.weight.shape, w.bias.shape
+    ((5, 2), (2,))
+    """
+    dtype = check_cores(network, cores, tl.get_backend())
+    indices = (index,) if isinstance(index, int | np.integer) else tuple(index)
+    if len(indices) != network.n_levels:
+        raise ValueError(
+            f"index must give one expert per level ({network.n_levels}: "
+            f"{', '.join(network.expert_legs)}), got {index!r}"
+        )
+    position = {}
+    for leg, n, idx in zip(network.expert_legs, network.expert_dims, indices, strict=True):
+        if isinstance(idx, bool) or not isinstance(idx, int | np.integer):
+            raise TypeError(f"expert index for {leg} must be an int, got {idx!r}")
+        if not -n <= idx < n:
+            raise ValueError(f"expert index {idx} is out of range for {leg} of size {n}")
+        position[leg] = int(idx) % n
+
+    sliced = []
+    for core, legs in zip(cores, network.cores, strict=True):
+        key = tuple(position.get(leg, slice(None)) for leg in legs)
+        sliced.append(core[key] if any(leg in position for leg in legs) else core)
+    matrix = network.expert_plan(tl.get_backend(), dtype)(*sliced)
+    if not network.bias:
+        return ExpertWeight(matrix, None)
+    return ExpertWeight(matrix[: network.in_features], matrix[network.in_features])
+
+
+def random_cores(
+    network: Network,
+    *,
+    std: float | None = None,
+    random_state: int | np.random.RandomState | None = None,
+    **context: Any,
+) -> list[Tensor]:
+    r"""Random cores whose contraction has entries of standard deviation ``std``.
+
+    Every core entry is drawn from :math:`\mathcal{N}(0, \sigma^2)` with
+
+    .. math::
+        \sigma = \Bigl(\mathrm{std}^2 \big/ \textstyle\prod_{\text{bonds } b} R_b
+        \Bigr)^{1 / (2K)}
+
+    for :math:`K` cores: an entry of :math:`\mathcal{W}` is a sum of
+    :math:`\prod_b R_b` uncorrelated products of :math:`K` entries, so its
+    variance is exactly :math:`\mathrm{std}^2`, whatever the factorisation.
+
+    Parameters
+    ----------
+    network : Network
+    std : float, optional
+        Standard deviation of the entries of :math:`\mathcal{W}`; defaults to
+        :math:`1/\sqrt{I}` (LeCun's scale for a linear map).
+    random_state : None, int or numpy.random.RandomState
+        Seed, as for ``tl.check_random_state``; the same seed gives the same
+        values on every backend.
+    **context
+        Passed to ``tl.tensor`` (``dtype``, ``device``, ...); by default the
+        backend's conversion of float64.
+
+    Returns
+    -------
+    list of tensors
+        Of shapes ``network.core_shapes``, on the active backend.
+
+    Examples
+    --------
+    >>> from mumoe import cp
+    >>> [tuple(c.shape) for c in random_cores(cp(4, 3, 2, rank=5), random_state=0)]
+    [(4, 5), (4, 5), (2, 5)]
+    """
+    if std is None:
+        std = 1.0 / math.sqrt(network.in_features)
+    if not isinstance(std, int | float) or isinstance(std, bool) or not std > 0:
+        raise ValueError(f"std must be a positive number, got {std!r}")
+    n_terms = math.prod(network.ranks.values())
+    scale = (std**2 / n_terms) ** (1.0 / (2 * network.n_cores))
+    rng = tl.check_random_state(random_state)
+    return [
+        tl.tensor(rng.standard_normal(shape) * scale, **context) for shape in network.core_shapes
+    ]

@@ -1,0 +1,178 @@
+r"""Compiled contractions and the bounded cache that keeps them.
+
+A :class:`Plan` is one einsum equation compiled by opt_einsum for one set of
+operand shapes: the path search runs once, when the plan is built, and every
+call afterwards only executes the pairwise steps.  Plans are stored in a
+:class:`PlanCache`, a small thread-safe LRU owned by each
+:class:`~mumoe.network.Network` and keyed by plain tuples.
+
+An opt_einsum expression stays valid for operands whose sizes differ from the
+ones it was built for, as long as their number of dimensions agrees.  The
+network uses that to key forward plans on a power-of-two *bucket* of the batch
+size rather than on the exact size, so a data loader whose last batch is
+smaller, or sequences of varying length, do not fill the cache.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Hashable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import opt_einsum
+
+__all__ = ["DEFAULT_OPTIMIZE", "Plan", "PlanCache", "batch_bucket"]
+
+#: opt_einsum's optimiser for new plans: the optimal path up to eight operands,
+#: dynamic programming up to twenty.  Plans are cached, so quality wins over
+#: search time.
+DEFAULT_OPTIMIZE = "auto-hq"
+
+
+def batch_bucket(batch_size: int) -> int:
+    """Return the power of two at or above ``batch_size`` (1 for an empty batch).
+
+    Forward plans are keyed and path-searched at this size.
+
+    Examples
+    --------
+    >>> [batch_bucket(b) for b in (0, 1, 2, 3, 8, 9)]
+    [1, 1, 2, 4, 8, 16]
+    """
+    return 1 if batch_size <= 1 else 1 << (batch_size - 1).bit_length()
+
+
+@dataclass(frozen=True, eq=False)
+class Plan:
+    """An einsum equation compiled for one set of operand shapes.
+
+    Attributes
+    ----------
+    equation : str
+        The einsum equation, in opt_einsum's symbols.
+    shapes : tuple of tuple of int
+        The operand shapes the path was searched for.
+    path : tuple of tuple of int
+        The pairwise contraction order (opt_einsum's path format).
+    flops : int
+        Floating-point operations of the path at ``shapes`` (a multiply-add
+        counts as two).
+    largest_intermediate : int
+        Number of elements of the largest intermediate tensor at ``shapes``.
+    steps : tuple of str
+        The pairwise steps, one einsum sub-equation each.
+    """
+
+    equation: str
+    shapes: tuple[tuple[int, ...], ...]
+    path: tuple[tuple[int, ...], ...]
+    flops: int
+    largest_intermediate: int
+    steps: tuple[str, ...]
+    _expression: Any
+
+    @classmethod
+    def build(
+        cls,
+        equation: str,
+        shapes: Sequence[Sequence[int]],
+        optimize: str | Sequence[tuple[int, ...]] = DEFAULT_OPTIMIZE,
+    ) -> Plan:
+        """Search a contraction path and compile it.
+
+        Parameters
+        ----------
+        equation : str
+            An einsum equation with an explicit output (``"...->..."``).
+        shapes : sequence of shapes
+            The operand shapes to optimise for.
+        optimize : str or path
+            Any optimiser opt_einsum accepts, or an explicit path.
+
+        Returns
+        -------
+        Plan
+        """
+        shapes = tuple(tuple(int(d) for d in s) for s in shapes)
+        path, info = opt_einsum.contract_path(equation, *shapes, shapes=True, optimize=optimize)
+        expression = opt_einsum.contract_expression(equation, *shapes, optimize=path)
+        return cls(
+            equation=equation,
+            shapes=shapes,
+            path=tuple(tuple(step) for step in path),
+            flops=int(info.opt_cost),
+            largest_intermediate=int(info.largest_intermediate),
+            steps=tuple(step[2] for step in info.contraction_list),
+            _expression=expression,
+        )
+
+    def __call__(self, *operands: Any) -> Any:
+        """Contract ``operands`` (arrays of one backend) along the compiled path."""
+        return self._expression(*operands)
+
+
+class PlanCache:
+    """A bounded, thread-safe least-recently-used cache of plans.
+
+    Parameters
+    ----------
+    maxsize : int, default 32
+        The most plans kept; the least recently used one is dropped first.
+
+    Notes
+    -----
+    Keys are plain tuples such as ``("forward", 256, "pytorch", torch.float32)``,
+    never formatted strings or hash values.  A plan is built outside the lock,
+    so a slow path search does not stall other threads; if two threads build
+    the same plan at once, the first one stored wins and both use it.
+    """
+
+    def __init__(self, maxsize: int = 32) -> None:
+        if isinstance(maxsize, bool) or not isinstance(maxsize, int) or maxsize < 1:
+            raise ValueError(f"maxsize must be a positive int, got {maxsize!r}")
+        self.maxsize = maxsize
+        self._plans: OrderedDict[Hashable, Plan] = OrderedDict()
+        self._lock = threading.Lock()
+        self.hits = 0
+        self.misses = 0
+
+    def get(self, key: Hashable, build: Callable[[], Plan]) -> Plan:
+        """Return the plan stored under ``key``, building and storing it if absent."""
+        with self._lock:
+            plan = self._plans.get(key)
+            if plan is not None:
+                self._plans.move_to_end(key)
+                self.hits += 1
+                return plan
+            self.misses += 1
+        plan = build()
+        with self._lock:
+            plan = self._plans.setdefault(key, plan)
+            self._plans.move_to_end(key)
+            while len(self._plans) > self.maxsize:
+                self._plans.popitem(last=False)
+        return plan
+
+    def keys(self) -> list[Hashable]:
+        """The keys held, least recently used first."""
+        with self._lock:
+            return list(self._plans)
+
+    def clear(self) -> None:
+        """Drop every plan and reset the hit and miss counters."""
+        with self._lock:
+            self._plans.clear()
+            self.hits = 0
+            self.misses = 0
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._plans)
+
+    def __repr__(self) -> str:
+        return (
+            f"PlanCache(size={len(self)}, maxsize={self.maxsize}, "
+            f"hits={self.hits}, misses={self.misses})"
+        )

@@ -1,0 +1,171 @@
+r"""Parse and check the spec string of a tensor network.
+
+A spec names the legs of each core, cores separated by commas and legs by
+white space, for instance ``"n r, i r, o r"`` (CP) or
+``"r0 n r1, r1 i r2, r2 o r0"`` (tensor ring).  Three kinds of leg carry a
+role in Eq. (1) of the paper:
+
+``n`` or ``n1, n2, ..., nE``
+    the expert modes, one per expert level (``n`` is short for ``n1`` when
+    there is a single level);
+``i``
+    the input mode (of size ``in_features``, plus one with a bias);
+``o``
+    the output mode.
+
+Every other name is a *bond*: it is summed over, appears in two or more
+cores (three or more makes a hyperedge, as in CP), and takes its size from
+the ranks.  This module knows only the structure; sizes live in
+:class:`mumoe.network.Network`.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+__all__ = ["INPUT", "OUTPUT", "ParsedSpec", "is_expert_leg", "parse_spec"]
+
+INPUT = "i"
+OUTPUT = "o"
+_LEG = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
+_EXPERT = re.compile(r"n([1-9][0-9]*)?\Z")
+
+
+def is_expert_leg(leg: str) -> bool:
+    """Return whether ``leg`` names an expert mode (``n`` or ``n1``, ``n2``, ...)."""
+    return _EXPERT.match(leg) is not None
+
+
+@dataclass(frozen=True)
+class ParsedSpec:
+    """The structure of a tensor network, as written in its spec.
+
+    Attributes
+    ----------
+    cores : tuple of tuple of str
+        The legs of each core, in storage order.
+    expert_legs : tuple of str
+        The expert legs ``("n1", ..., "nE")``, in level order.  A spec that
+        writes a single ``n`` is normalised to ``("n1",)``.
+    bonds : tuple of str
+        The summed legs, in order of first appearance.
+    """
+
+    cores: tuple[tuple[str, ...], ...]
+    expert_legs: tuple[str, ...]
+    bonds: tuple[str, ...]
+
+    @property
+    def spec(self) -> str:
+        """The canonical spec string (single spaces, ``", "`` between cores)."""
+        return ", ".join(" ".join(legs) for legs in self.cores)
+
+
+def parse_spec(spec: str) -> ParsedSpec:
+    """Parse a spec string and check that it describes a valid μMoE network.
+
+    Parameters
+    ----------
+    spec : str
+        Cores separated by commas, legs separated by white space.
+
+    Returns
+    -------
+    ParsedSpec
+        The cores, expert legs and bonds.  A lone expert leg ``n`` is renamed
+        ``n1``.
+
+    Raises
+    ------
+    TypeError
+        If ``spec`` is not a string.
+    ValueError
+        If a core is empty, a leg is not an identifier, a leg is repeated in
+        one core, a role leg (``i``, ``o``, ``n``/``nK``) is missing or
+        appears in more than one core, expert legs skip a level or mix ``n``
+        with ``nK``, or a bond appears in only one core.
+
+    Examples
+    --------
+    >>> parse_spec("n r, i r, o r").cores
+    (('n1', 'r'), ('i', 'r'), ('o', 'r'))
+    >>> parse_spec("r0 n1 r1, r1 n2 r2, r2 i r3, r3 o r0").bonds
+    ('r0', 'r1', 'r2', 'r3')
+    """
+    if not isinstance(spec, str):
+        raise TypeError(f"a network spec must be a str such as 'n r, i r, o r', got {spec!r}")
+    if not spec.strip():
+        raise ValueError("the network spec is empty; expected cores such as 'n r, i r, o r'")
+
+    cores: list[tuple[str, ...]] = []
+    for k, text in enumerate(spec.split(",")):
+        legs = tuple(text.split())
+        if not legs:
+            raise ValueError(
+                f"core {k} of spec {spec!r} has no legs; separate cores with single commas"
+            )
+        for leg in legs:
+            if not _LEG.match(leg):
+                raise ValueError(
+                    f"core {k} ({text.strip()!r}) has an invalid leg name {leg!r}: "
+                    "legs are identifiers such as 'n1', 'i', 'o' or 'r2'"
+                )
+        repeated = sorted({leg for leg in legs if legs.count(leg) > 1})
+        if repeated:
+            raise ValueError(
+                f"leg {repeated[0]!r} is repeated inside core {k} ({text.strip()!r}); "
+                "each leg may appear once per core (a trace is not a μMoE weight)"
+            )
+        cores.append(legs)
+
+    where: dict[str, list[int]] = {}
+    for k, legs in enumerate(cores):
+        for leg in legs:
+            where.setdefault(leg, []).append(k)
+
+    expert_names = [leg for leg in where if is_expert_leg(leg)]
+    if not expert_names:
+        raise ValueError(
+            f"spec {spec!r} has no expert leg: name the expert modes 'n' (one level) "
+            "or 'n1', 'n2', ... (several levels)"
+        )
+    if "n" in expert_names and len(expert_names) > 1:
+        others = ", ".join(repr(leg) for leg in expert_names if leg != "n")
+        raise ValueError(
+            f"spec {spec!r} mixes the expert leg 'n' with {others}; use 'n' for a single "
+            "expert level or 'n1', 'n2', ... for several"
+        )
+    levels = sorted(1 if leg == "n" else int(leg[1:]) for leg in expert_names)
+    missing = sorted(set(range(1, levels[-1] + 1)) - set(levels))
+    if missing:
+        raise ValueError(
+            f"spec {spec!r} has expert legs {', '.join(f'n{e}' for e in levels)} but no "
+            f"n{missing[0]}; expert levels must be numbered n1..nE without gaps"
+        )
+
+    for leg in [*expert_names, INPUT, OUTPUT]:
+        if leg not in where:
+            role = "input" if leg == INPUT else "output"
+            raise ValueError(f"spec {spec!r} has no {role} leg {leg!r}; every μMoE network has one")
+        if len(where[leg]) > 1:
+            raise ValueError(
+                f"the role leg {leg!r} appears in cores {where[leg]} of spec {spec!r}; "
+                "a role leg is an open mode of W and must appear in exactly one core"
+            )
+
+    bonds = tuple(leg for leg in where if leg not in {INPUT, OUTPUT} and not is_expert_leg(leg))
+    for bond in bonds:
+        if len(where[bond]) < 2:
+            raise ValueError(
+                f"bond {bond!r} appears only in core {where[bond][0]} of spec {spec!r}; "
+                "a bond must join two or more cores (open legs are 'i', 'o' and the "
+                "expert legs)"
+            )
+
+    if expert_names == ["n"]:
+        cores = [tuple("n1" if leg == "n" else leg for leg in legs) for legs in cores]
+        expert_legs: tuple[str, ...] = ("n1",)
+    else:
+        expert_legs = tuple(f"n{e}" for e in levels)
+    return ParsedSpec(cores=tuple(cores), expert_legs=expert_legs, bonds=bonds)

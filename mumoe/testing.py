@@ -1,0 +1,217 @@
+r"""Oracles, tolerances and hypothesis strategies for testing μMoE networks.
+
+Public so that users who declare their own networks, or write their own
+layers, can hold them to the same checks as mumoe's test suite:
+
+* :func:`dense_forward` is the one oracle: Eq. (1) of the paper contracted
+  densely in float64 NumPy over a materialised weight tensor;
+* :data:`TOLERANCES` and :func:`assert_close` compare results per dtype;
+* :func:`networks`, :func:`custom_networks` and :func:`preset_networks` are
+  hypothesis strategies that draw network *structure* (levels, cores, bonds,
+  sizes 1-5, ranks 1-4); values come from a seeded generator
+  (:func:`random_inputs`), bounded in [-1, 1].
+
+Importing this module needs ``hypothesis`` (the ``test`` extra).
+"""
+
+from __future__ import annotations
+
+import math
+import string
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import tensorly as tl
+from hypothesis import strategies as st
+
+from mumoe.network import Network
+from mumoe.presets import PRESETS
+from mumoe.typing import Shape, Tensor
+
+__all__ = [
+    "TOLERANCES",
+    "assert_close",
+    "batch_shapes",
+    "custom_networks",
+    "custom_specs",
+    "dense_forward",
+    "n_terms",
+    "networks",
+    "preset_networks",
+    "random_inputs",
+    "to_numpy64",
+]
+
+#: ``(rtol, atol)`` per dtype for results of one contraction of values in
+#: [-1, 1]; :func:`assert_close` widens ``atol`` with the size of the sums.
+TOLERANCES: dict[str, tuple[float, float]] = {
+    "float64": (1e-10, 1e-12),
+    "float32": (1e-5, 1e-6),
+    "bfloat16": (1e-2, 1e-2),
+    "float16": (1e-2, 1e-3),
+}
+
+
+def to_numpy64(tensor: Tensor) -> np.ndarray:
+    """Copy a tensor of any backend into a float64 NumPy array (detached)."""
+    if hasattr(tensor, "detach"):
+        tensor = tensor.detach()
+    array = tl.to_numpy(tensor) if tl.is_tensor(tensor) else np.asarray(tensor)
+    return np.asarray(array, dtype=np.float64)
+
+
+def assert_close(actual: Tensor, desired: Any, dtype: str = "float64", scale: float = 1.0) -> None:
+    """Assert that ``actual`` equals ``desired`` within the tolerance of ``dtype``.
+
+    Parameters
+    ----------
+    actual, desired : tensors or arrays
+        Compared in float64 after conversion with :func:`to_numpy64`; shapes
+        must agree exactly.
+    dtype : str
+        A key of :data:`TOLERANCES`.
+    scale : float
+        Multiplies ``atol``: the number of terms summed per output entry is a
+        good choice, since rounding errors grow with it.
+    """
+    rtol, atol = TOLERANCES[dtype]
+    a, d = to_numpy64(actual), to_numpy64(desired)
+    if a.shape != d.shape:
+        raise AssertionError(f"shapes differ: {a.shape} != {d.shape}")
+    np.testing.assert_allclose(a, d, rtol=rtol, atol=atol * max(scale, 1.0))
+
+
+def dense_forward(weight: Any, x: Any, gates: Sequence[Any], bias: bool) -> np.ndarray:
+    r"""Eq. (1) of the paper, densely, in float64 NumPy: the oracle.
+
+    .. math::
+        y_{bo} = \sum_{n_1 \dots n_E, i} W[n_1, \dots, n_E, i, o]\,
+        a^{(1)}_{b n_1} \cdots a^{(E)}_{b n_E}\, z_{bi}
+
+    Parameters
+    ----------
+    weight : array, shape (N_1, ..., N_E, I', O)
+        The materialised weight tensor.
+    x : array, shape (..., I)
+    gates : sequence of arrays, each (..., N_e)
+    bias : bool
+        Whether ``z = [x, 1]`` (then ``I' = I + 1``) or ``z = x``.
+
+    Returns
+    -------
+    numpy.ndarray, shape (..., O)
+    """
+    w = to_numpy64(weight)
+    z = to_numpy64(x)
+    if bias:
+        z = np.concatenate([z, np.ones((*z.shape[:-1], 1))], axis=-1)
+    levels = string.ascii_lowercase[: len(gates)]
+    operands = [w, *(to_numpy64(g) for g in gates), z]
+    subscripts = f"{levels}IO," + ",".join(f"...{n}" for n in levels) + ",...I->...O"
+    return np.einsum(subscripts, *operands)
+
+
+def random_inputs(
+    network: Network,
+    batch_shape: Shape,
+    *,
+    random_state: int | np.random.RandomState | None = None,
+    **context: Any,
+) -> tuple[Tensor, list[Tensor]]:
+    """An input and gates for ``network``, uniform in [-1, 1], on the active backend.
+
+    Returns
+    -------
+    x : tensor, shape (*batch_shape, I)
+    gates : list of tensors, each (*batch_shape, N_e)
+    """
+    rng = tl.check_random_state(random_state)
+    x = tl.tensor(rng.uniform(-1, 1, (*batch_shape, network.in_features)), **context)
+    gates = [tl.tensor(rng.uniform(-1, 1, (*batch_shape, n)), **context) for n in network.expert_dims]
+    return x, gates
+
+
+# --------------------------------------------------------------- strategies
+
+_sizes = st.integers(1, 5)
+_ranks = st.integers(1, 4)
+
+
+def batch_shapes(max_dims: int = 2, max_side: int = 3) -> st.SearchStrategy[Shape]:
+    """Leading batch shapes: zero to ``max_dims`` dimensions of size 1 to ``max_side``."""
+    return st.lists(st.integers(1, max_side), max_size=max_dims).map(tuple)
+
+
+@st.composite
+def preset_networks(
+    draw: st.DrawFn,
+    formats: Sequence[str] = tuple(PRESETS),
+    max_levels: int = 3,
+) -> Network:
+    """Networks of the presets, for E in 1..``max_levels``, random sizes and ranks."""
+    fmt = draw(st.sampled_from(list(formats)))
+    n_levels = draw(st.integers(1, max_levels))
+    dims = draw(st.lists(_sizes, min_size=n_levels, max_size=n_levels))
+    in_features, out_features = draw(_sizes), draw(_sizes)
+    options: dict[str, Any] = {"bias": draw(st.booleans())}
+    n_modes = n_levels + 2
+    if fmt == "cp":
+        options["rank"] = draw(_ranks)
+    elif fmt == "tucker":
+        options["rank"] = tuple(draw(st.lists(_ranks, min_size=n_modes, max_size=n_modes)))
+    elif fmt == "tt":
+        options["rank"] = tuple(draw(st.lists(_ranks, min_size=n_modes - 1, max_size=n_modes - 1)))
+    elif fmt == "tr":
+        options["rank"] = tuple(draw(st.lists(_ranks, min_size=n_modes, max_size=n_modes)))
+    return PRESETS[fmt](dims, in_features, out_features, **options)
+
+
+@st.composite
+def custom_specs(draw: st.DrawFn, max_levels: int = 3, max_cores: int = 4) -> str:
+    """Random valid specs: role legs spread over cores, joined by a random bond graph.
+
+    The cores are connected by a random spanning tree of bonds, plus up to
+    two extra bonds that may join any number of cores (hyperedges, as in
+    CP).  Legs are shuffled within each core.
+    """
+    n_levels = draw(st.integers(1, max_levels))
+    n_cores = draw(st.integers(1, max_cores))
+    if n_levels == 1 and draw(st.booleans()):
+        experts = ["n"]
+    else:
+        experts = [f"n{e}" for e in range(1, n_levels + 1)]
+    legs: list[list[str]] = [[] for _ in range(n_cores)]
+    for role in [*experts, "i", "o"]:
+        legs[draw(st.integers(0, n_cores - 1))].append(role)
+    groups = [[draw(st.integers(0, k - 1)), k] for k in range(1, n_cores)]
+    if n_cores > 1:
+        extra = st.lists(st.integers(0, n_cores - 1), min_size=2, max_size=n_cores, unique=True)
+        groups += draw(st.lists(extra, max_size=2))
+    for b, group in enumerate(groups):
+        for k in group:
+            legs[k].append(f"b{b}")
+    cores = [draw(st.permutations(core)) for core in legs]
+    return ", ".join(" ".join(core) for core in cores)
+
+
+@st.composite
+def custom_networks(draw: st.DrawFn, max_levels: int = 3, max_cores: int = 4) -> Network:
+    """Networks of :func:`custom_specs` with random sizes 1-5 and bond sizes 1-4."""
+    from mumoe.spec import parse_spec
+
+    spec = draw(custom_specs(max_levels, max_cores))
+    parsed = parse_spec(spec)
+    dims = draw(st.lists(_sizes, min_size=len(parsed.expert_legs), max_size=len(parsed.expert_legs)))
+    rank = {bond: draw(_ranks) for bond in parsed.bonds}
+    return Network(spec, dims, draw(_sizes), draw(_sizes), rank=rank, bias=draw(st.booleans()))
+
+
+def networks(max_levels: int = 3) -> st.SearchStrategy[Network]:
+    """Preset and custom networks alike."""
+    return st.one_of(preset_networks(max_levels=max_levels), custom_networks(max_levels))
+
+
+def n_terms(network: Network) -> int:
+    """Terms summed per output entry of Eq. (1): a scale for :func:`assert_close`."""
+    return math.prod(network.expert_dims) * network.sizes["i"] * math.prod(network.ranks.values())

@@ -1,0 +1,232 @@
+"""Networks and presets: sizes, core shapes, parameter counts, equations, errors."""
+
+from __future__ import annotations
+
+import math
+import pickle
+
+import numpy as np
+import pytest
+from hypothesis import given
+
+import mumoe
+from mumoe import Network, cp, dense, preset, tr, tt, tucker
+from mumoe.testing import custom_networks, networks, preset_networks
+
+
+def test_sizes_and_shapes_of_a_custom_network():
+    net = Network("r0 n r1, r1 i r2, r2 o r0", 6, 5, 4, rank={"r0": 2, "r1": 3, "r2": 4})
+    assert net.expert_legs == ("n1",)
+    assert net.expert_dims == (6,)
+    assert net.sizes["i"] == 6  # 5 inputs + bias
+    assert net.core_shapes == ((2, 6, 3), (3, 6, 4), (4, 4, 2))
+    assert net.weight_shape == (6, 6, 4)
+    assert net.n_params == 2 * 6 * 3 + 3 * 6 * 4 + 4 * 4 * 2
+    assert net.n_dense_params == 6 * 6 * 4
+    assert net.n_levels == 1 and net.n_experts == 6 and net.n_cores == 3
+
+
+def test_bias_false_keeps_input_size():
+    assert Network("n r, i r, o r", 6, 5, 4, rank=2, bias=False).sizes["i"] == 5
+
+
+def test_one_rank_for_every_bond():
+    net = Network("n1 a, n2 b, i c, o d, a b c d", (2, 3), 4, 5, rank=2)
+    assert dict(net.ranks) == {"a": 2, "b": 2, "c": 2, "d": 2}
+
+
+def test_numpy_integers_are_sizes():
+    net = cp(np.int64(4), np.int32(3), 2, rank=np.int64(2))
+    assert net.core_shapes == ((4, 2), (4, 2), (2, 2))
+    assert all(type(d) is int for shape in net.core_shapes for d in shape)
+
+
+# ------------------------------------------------------------------ closed forms
+
+
+@given(preset_networks())
+def test_parameter_counts_equal_the_closed_forms(net):
+    dims = [*net.expert_dims, net.sizes["i"], net.out_features]
+    d = len(dims)
+    if net.format == "dense":
+        expected = math.prod(dims)
+    elif net.format == "cp":
+        expected = net.ranks["r"] * sum(dims)
+    elif net.format == "tucker":
+        ranks = [net.ranks[f"r{e}"] for e in range(1, net.n_levels + 1)]
+        ranks += [net.ranks["ri"], net.ranks["ro"]]
+        expected = sum(D * R for D, R in zip(dims, ranks, strict=True)) + math.prod(ranks)
+    elif net.format == "tt":
+        ranks = [1, *(net.ranks[f"r{k}"] for k in range(1, d)), 1]
+        expected = sum(ranks[k] * dims[k] * ranks[k + 1] for k in range(d))
+    else:
+        ranks = [net.ranks[f"r{k}"] for k in range(d)] + [net.ranks["r0"]]
+        expected = sum(ranks[k] * dims[k] * ranks[k + 1] for k in range(d))
+    assert net.n_params == expected
+
+
+def test_cp_parameter_count_of_the_paper_head():
+    # CLIP head: I=768, O=1000, bias; R (sum N + I + 1 + O).
+    net = cp(128, 768, 1000, rank=64)
+    assert net.n_params == 64 * (128 + 769 + 1000)
+
+
+@pytest.mark.parametrize(
+    ("build", "spec"),
+    [
+        (lambda: dense((2, 3), 4, 5), "n1 n2 i o"),
+        (lambda: cp((2, 3), 4, 5, rank=2), "n1 r, n2 r, i r, o r"),
+        (lambda: tucker((2, 3), 4, 5, rank=2), "n1 r1, n2 r2, i ri, o ro, r1 r2 ri ro"),
+        (lambda: tt((2, 3), 4, 5, rank=2), "n1 r1, r1 n2 r2, r2 i r3, r3 o"),
+        (lambda: tr((2, 3), 4, 5, rank=2), "r0 n1 r1, r1 n2 r2, r2 i r3, r3 o r0"),
+    ],
+)
+def test_preset_specs_for_two_levels(build, spec):
+    assert build().spec == spec
+
+
+@pytest.mark.parametrize("n_levels", [1, 2, 3, 4])
+def test_presets_any_number_of_levels(n_levels):
+    dims = tuple(range(2, 2 + n_levels))
+    for name in mumoe.PRESETS:
+        options = {} if name == "dense" else {"rank": 2}
+        net = preset(name, dims, 3, 4, **options)
+        assert net.expert_legs == tuple(f"n{e}" for e in range(1, n_levels + 1))
+        assert net.weight_shape == (*dims, 4, 4)
+        assert net.format == name
+
+
+def test_tt_and_tr_rank_forms_agree():
+    assert tt(4, 3, 2, rank=(1, 2, 3, 1)) == tt(4, 3, 2, rank=(2, 3))
+    assert tr(4, 3, 2, rank=(2, 3, 4, 2)) == tr(4, 3, 2, rank=(2, 3, 4))
+    assert tt(4, 3, 2, rank=3) == tt(4, 3, 2, rank=(3, 3))
+    assert tr(4, 3, 2, rank=3) == tr(4, 3, 2, rank=(3, 3, 3))
+
+
+# --------------------------------------------------------------------- errors
+
+
+@pytest.mark.parametrize(
+    ("call", "error", "match"),
+    [
+        (lambda: Network("n r, i r, o r", 4, 3, 2), ValueError,
+         r"has bonds r but no rank was given"),
+        (lambda: Network("n a, i b, o c, a b c", 4, 3, 2, rank={"a": 2, "b": 2}), ValueError,
+         r"bond 'c' of spec .* has no size"),
+        (lambda: Network("n r, i r, o r", 4, 3, 2, rank={"r": 2, "q": 3}), ValueError,
+         r"rank names bond 'q', which is not in spec"),
+        (lambda: Network("n r, i r, o r", 4, 3, 2, rank=0), ValueError,
+         r"rank must be a positive int, got 0"),
+        (lambda: Network("n r, i r, o r", 4, 3, 2, rank={"r": -1}), ValueError,
+         r"rank\['r'\] must be a positive int, got -1"),
+        (lambda: Network("n r, i r, o r", 4, 3, 2, rank=2.0), TypeError,
+         r"rank must be a positive int, got 2.0"),
+        (lambda: Network("n r, i r, o r", 4, 3, 2, rank=True), TypeError,
+         r"rank must be a positive int, got the bool True"),
+        (lambda: Network("n r, i r, o r", 4, 0, 2, rank=2), ValueError,
+         r"in_features must be a positive int, got 0"),
+        (lambda: Network("n r, i r, o r", 4, 3, -2, rank=2), ValueError,
+         r"out_features must be a positive int, got -2"),
+        (lambda: Network("n r, i r, o r", (4, 5), 3, 2, rank=2), ValueError,
+         r"has 1 expert level\(s\) \(n1\) but expert_dims has 2 entries"),
+        (lambda: Network("n1 r, n2 r, i r, o r", (4, 0), 3, 2, rank=2), ValueError,
+         r"expert_dims\[1\] must be a positive int, got 0"),
+        (lambda: Network("n i o", 4, 3, 2, rank={"r": 2}), ValueError,
+         r"rank names bonds \['r'\] but spec 'n1 i o' has no bonds"),
+        (lambda: Network("n r, i r, o r", 4, 3, 2, rank=2, bias=1), TypeError,
+         r"bias must be True or False"),
+        (lambda: cp(4, 3, 2, rank=(2, 3)), TypeError, r"a CP rank is one positive int"),
+        (lambda: cp((), 3, 2, rank=2), ValueError, r"expert_dims is empty"),
+        (lambda: tucker(4, 3, 2, rank=(2, 3)), ValueError,
+         r"Tucker rank needs one entry per mode \(3: experts..., input, output\), got 2"),
+        (lambda: tt(4, 3, 2, rank=(2, 3, 4, 1)), ValueError,
+         r"TT boundary ranks must be 1: rank\[0\]=2, rank\[-1\]=1"),
+        (lambda: tt(4, 3, 2, rank=(2, 3, 4)), ValueError,
+         r"TT rank for 3 modes needs 2 inner ranks or 4 ranks with boundary 1s, got 3"),
+        (lambda: tr(4, 3, 2, rank=(5, 3, 2, 4)), ValueError,
+         r"TR ranks must close the ring: rank\[-1\]=4 != rank\[0\]=5"),
+        (lambda: tr(4, 3, 2, rank=(5, 3)), ValueError,
+         r"TR rank for 3 modes needs 3 bond ranks or 4 ranks closing the ring, got 2"),
+        (lambda: tr(4, 3, 2, rank=(5, 0, 5)), ValueError,
+         r"TR rank\[1\] must be a positive int, got 0"),
+        (lambda: preset("cpd", 4, 3, 2, rank=2), ValueError,
+         r"unknown format 'cpd'; choose one of 'dense', 'cp'"),
+    ],
+)  # fmt: skip
+def test_bad_sizes_raise_clear_errors(call, error, match):
+    with pytest.raises(error, match=match):
+        call()
+
+
+# ----------------------------------------------------------- equations, describe
+
+
+def test_equations_of_cp():
+    net = cp(4, 3, 2, rank=5)
+    assert net.equation == "...n1, ...i, n1 r, i r, o r -> ...o"
+    assert net.einsum_equation == "ab,ac,be,ce,de->ad"
+    assert net.dense_equation == "bcd,ab,ac->ad"
+
+
+@given(networks())
+def test_flops_are_affine_in_batch_within_a_bucket(net):
+    # Batches 5..8 share one path (bucket 8): its FLOPs are a*b + c, where c
+    # counts the contractions between cores alone.
+    f5, f6, f7, f8 = (net.flops(b) for b in (5, 6, 7, 8))
+    assert f6 - f5 == f7 - f6 == f8 - f7 > 0
+    assert f5 - 5 * (f6 - f5) >= 0
+
+
+def test_flops_of_cp_follow_the_chosen_path():
+    # B rows: gate n (B N R) + input (B I' R) + Hadamard (B R) + output (B R O),
+    # each pairwise product a multiply-add counted as two where it sums.
+    net = cp(16, 8, 4, rank=3)
+    assert net.flops(10) == 10 * (2 * 16 * 3 + 2 * 9 * 3 + 3 + 2 * 3 * 4)
+
+
+def test_describe_shows_equation_cores_parameters_and_flops():
+    text = cp(128, 768, 1000, rank=64).describe(batch_size=256)
+    assert "Network 'cp': 1 expert level, 128 experts, with bias" in text
+    assert "n1 r, i r, o r" in text
+    assert "(769, 64)" in text
+    assert f"{64 * (128 + 769 + 1000):,}" in text
+    assert "...n1, ...i, n1 r, i r, o r -> ...o" in text
+    assert f"{cp(128, 768, 1000, rank=64).flops(256):,} for batch 256" in text
+
+
+def test_describe_two_levels():
+    text = tr((8, 4), 16, 10, rank=2).describe()
+    assert "2 expert levels, 8 x 4 = 32 experts" in text
+    assert "core 3" in text
+
+
+# ------------------------------------------------------ identity and pickling
+
+
+@given(custom_networks())
+def test_pickle_round_trip_drops_plans(net):
+    net.materialize_plan("numpy", np.dtype("float64"))
+    assert len(net.plans) == 1
+    clone = pickle.loads(pickle.dumps(net))
+    assert clone == net and hash(clone) == hash(net)
+    assert len(clone.plans) == 0
+    assert clone.plans.maxsize == net.plans.maxsize
+    assert clone.core_shapes == net.core_shapes
+    assert repr(clone) == repr(net)
+
+
+def test_equality_and_repr():
+    assert cp(4, 3, 2, rank=2) == Network("n r, i r, o r", 4, 3, 2, rank=2)
+    assert cp(4, 3, 2, rank=2) != cp(4, 3, 2, rank=3)
+    assert cp(4, 3, 2, rank=2) != cp(4, 3, 2, rank=2, bias=False)
+    assert repr(cp(4, 3, 2, rank=2)) == (
+        "Network('n1 r, i r, o r', 4, 3, 2, rank={'r': 2}, bias=True, format='cp')"
+    )
+
+
+def test_sizes_are_read_only():
+    net = cp(4, 3, 2, rank=2)
+    with pytest.raises(TypeError):
+        net.ranks["r"] = 3
+    with pytest.raises(TypeError):
+        net.sizes["i"] = 3

@@ -1,0 +1,114 @@
+"""Spec parsing: structure, canonical form, and every kind of invalid spec."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from mumoe.spec import is_expert_leg, parse_spec
+from mumoe.testing import custom_specs
+
+
+@pytest.mark.parametrize(
+    ("spec", "cores", "experts", "bonds"),
+    [
+        ("n r, i r, o r", (("n1", "r"), ("i", "r"), ("o", "r")), ("n1",), ("r",)),
+        ("  n  a ,i b,o c,  a b c ", (("n1", "a"), ("i", "b"), ("o", "c"), ("a", "b", "c")),
+         ("n1",), ("a", "b", "c")),
+        ("n1 r1, r1 n2 r2, r2 i r3, r3 o", (("n1", "r1"), ("r1", "n2", "r2"), ("r2", "i", "r3"),
+         ("r3", "o")), ("n1", "n2"), ("r1", "r2", "r3")),
+        ("n2 i o n1", (("n2", "i", "o", "n1"),), ("n1", "n2"), ()),
+    ],
+)  # fmt: skip
+def test_parse_valid(spec, cores, experts, bonds):
+    parsed = parse_spec(spec)
+    assert parsed.cores == cores
+    assert parsed.expert_legs == experts
+    assert parsed.bonds == bonds
+
+
+def test_canonical_spec_round_trips():
+    parsed = parse_spec("  r0 n r1 ,r1 i   r2, r2 o r0")
+    assert parsed.spec == "r0 n1 r1, r1 i r2, r2 o r0"
+    assert parse_spec(parsed.spec) == parsed
+
+
+@pytest.mark.parametrize(
+    ("leg", "expected"),
+    [("n", True), ("n1", True), ("n12", True), ("n0", False), ("n01", False), ("nr", False),
+     ("r", False), ("i", False)],
+)  # fmt: skip
+def test_is_expert_leg(leg, expected):
+    assert is_expert_leg(leg) is expected
+
+
+@pytest.mark.parametrize(
+    ("spec", "match"),
+    [
+        ("", "the network spec is empty"),
+        ("n r, , i r, o r", r"core 1 .* has no legs"),
+        ("n r, i r, o r,", r"core 3 .* has no legs"),
+        ("n r, i r-1, o r", r"invalid leg name 'r-1'"),
+        ("n r r, i r, o r", r"leg 'r' is repeated inside core 0"),
+        ("i r, o r", r"has no expert leg"),
+        ("n r, i r, o r, n1 r", r"mixes the expert leg 'n' with 'n1'"),
+        ("n1 r, n3 r, i r, o r", r"no n2; expert levels must be numbered n1..nE"),
+        ("n r, o r", r"has no input leg 'i'"),
+        ("n r, i r", r"has no output leg 'o'"),
+        ("n i r, i r, o r", r"role leg 'i' appears in cores \[0, 1\]"),
+        ("n r, n r2, i r r2, o r", r"role leg 'n' appears in cores \[0, 1\]"),
+        ("n r, i r, o q", r"bond 'q' appears only in core 2"),
+    ],
+)
+def test_invalid_specs_name_the_problem(spec, match):
+    with pytest.raises(ValueError, match=match):
+        parse_spec(spec)
+
+
+@pytest.mark.parametrize("spec", [None, 3, ["n r", "i r", "o r"]])
+def test_spec_must_be_a_string(spec):
+    with pytest.raises(TypeError, match="a network spec must be a str"):
+        parse_spec(spec)
+
+
+@given(custom_specs())
+def test_generated_specs_parse(spec):
+    parsed = parse_spec(spec)
+    legs = [leg for core in parsed.cores for leg in core]
+    assert legs.count("i") == 1
+    assert legs.count("o") == 1
+    for leg in parsed.expert_legs:
+        assert legs.count(leg) == 1
+    for bond in parsed.bonds:
+        assert legs.count(bond) >= 2
+
+
+@given(custom_specs(), st.data())
+def test_dropping_a_bond_occurrence_is_caught(spec, data):
+    parsed = parse_spec(spec)
+    if not parsed.bonds:
+        return
+    bond = data.draw(st.sampled_from(parsed.bonds))
+    holders = [k for k, core in enumerate(parsed.cores) if bond in core]
+    # Keep the bond in one core only: it becomes a dangling leg.
+    cores = [
+        [leg for leg in core if leg != bond or k == holders[0]]
+        for k, core in enumerate(parsed.cores)
+    ]
+    if any(not core for core in cores):
+        return
+    mutated = ", ".join(" ".join(core) for core in cores)
+    with pytest.raises(ValueError, match=f"bond '{bond}' appears only in core"):
+        parse_spec(mutated)
+
+
+@given(custom_specs(), st.sampled_from(["i", "o", "n1"]))
+def test_removing_a_role_leg_is_caught(spec, role):
+    parsed = parse_spec(spec)
+    cores = [[leg for leg in core if leg != role] for core in parsed.cores]
+    if any(not core for core in cores):
+        return
+    mutated = ", ".join(" ".join(core) for core in cores)
+    with pytest.raises(ValueError, match="has no (input|output|expert) leg|no n1"):
+        parse_spec(mutated)
