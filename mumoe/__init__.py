@@ -14,7 +14,7 @@ Examples
 >>> import mumoe
 >>> net = mumoe.cp(128, 768, 1000, rank=64)
 >>> net.n_params
-123008
+121408
 """
 
 from mumoe.functional import ExpertWeight, expert_weight, forward, materialize, random_cores

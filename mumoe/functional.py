@@ -127,7 +127,9 @@ def forward(
     if network.bias:
         ones = tl.ones((batch_size, 1), **_creation_context(x))
         rows = tl.concatenate([rows, ones], axis=1)
-    flat_gates = [tl.reshape(g, (batch_size, n)) for g, n in zip(gates, network.expert_dims)]
+    flat_gates = [
+        tl.reshape(g, (batch_size, n)) for g, n in zip(gates, network.expert_dims, strict=True)
+    ]
     plan = network.forward_plan(batch_size, backend, dtype)
     out = plan(*flat_gates, rows, *cores)
     return tl.reshape(out, (*batch_shape, network.out_features))

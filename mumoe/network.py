@@ -200,7 +200,7 @@ class Network:
 
     @property
     def weight_shape(self) -> Shape:
-        """Shape of the dense weight tensor, ``(N_1, ..., N_E, I', O)``."""
+        """Shape of the dense weight tensor: ``(N_1, …, N_E, I', O)``."""
         return (*self.expert_dims, self.sizes[INPUT], self.out_features)
 
     @property
@@ -229,10 +229,11 @@ class Network:
 
     @property
     def einsum_equation(self) -> str:
-        """The factorised forward pass as an einsum: ``gates..., input, cores... -> output``.
+        """The factorised forward pass as one einsum over gates, input and cores.
 
-        Each gate is ``(batch, N_e)``, the input ``(batch, I')`` and the
-        output ``(batch, O)``; the symbols are opt_einsum's.
+        Operands in order: the gates ``(batch, N_e)``, the input
+        ``(batch, I')`` and the cores; output ``(batch, O)``.  The symbols are
+        opt_einsum's.
         """
         return ",".join(self._forward_operands()) + "->" + self._term([OUTPUT], batch=True)
 
@@ -253,11 +254,13 @@ class Network:
 
     @property
     def dense_equation(self) -> str:
-        """Eq. (1) over the dense weight, as an einsum: ``W, gates..., input -> output``."""
+        """Eq. (1) over the dense weight as one einsum: ``W``, the gates, the input."""
         weight = self._term([*self.expert_legs, INPUT, OUTPUT])
         gates = [self._term([leg], batch=True) for leg in self.expert_legs]
-        return ",".join([weight, *gates, self._term([INPUT], batch=True)]) + "->" + (
-            self._term([OUTPUT], batch=True)
+        return (
+            ",".join([weight, *gates, self._term([INPUT], batch=True)])
+            + "->"
+            + (self._term([OUTPUT], batch=True))
         )
 
     # ------------------------------------------------------------------ plans
@@ -288,7 +291,7 @@ class Network:
         return self._plans.get(key, lambda: self._build_forward(bucket))
 
     def _build_forward(self, batch_size: int) -> Plan:
-        shapes = [(batch_size, n) for n in self.expert_dims]
+        shapes: list[Shape] = [(batch_size, n) for n in self.expert_dims]
         shapes += [(batch_size, self.sizes[INPUT]), *self.core_shapes]
         return Plan.build(self.einsum_equation, shapes, self.optimize)
 
@@ -319,7 +322,7 @@ class Network:
 
     @property
     def plans(self) -> PlanCache:
-        """This network's cache of compiled plans (bounded, thread-safe)."""
+        """The cache of compiled plans of this network (bounded, thread-safe)."""
         return self._plans
 
     def flops(self, batch_size: int = 1) -> int:
@@ -332,13 +335,13 @@ class Network:
         Examples
         --------
         >>> Network("n r, i r, o r", 16, 8, 4, rank=3).flops(batch_size=10)
-        1020
+        1770
         """
         batch_size = positive_int(batch_size, "batch_size")
         return self._flops(batch_size, self._build_forward(batch_bucket(batch_size)).path)
 
     def _flops(self, batch_size: int, path: Sequence[tuple[int, ...]]) -> int:
-        shapes = [(batch_size, n) for n in self.expert_dims]
+        shapes: list[Shape] = [(batch_size, n) for n in self.expert_dims]
         shapes += [(batch_size, self.sizes[INPUT]), *self.core_shapes]
         _, info = opt_einsum.contract_path(
             self.einsum_equation, *shapes, shapes=True, optimize=list(path)
@@ -391,8 +394,7 @@ class Network:
 
         pad = "\n" + " " * 14
         lines = [
-            f"Network '{self.format}': {levels}, {experts}, "
-            f"{'with' if self.bias else 'no'} bias",
+            f"Network '{self.format}': {levels}, {experts}, {'with' if self.bias else 'no'} bias",
             f"  spec        {self.spec}",
             f"  sizes       {', '.join(sizes)}",
             f"  cores       {pad.join(cores)}",

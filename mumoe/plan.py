@@ -95,12 +95,12 @@ class Plan:
         -------
         Plan
         """
-        shapes = tuple(tuple(int(d) for d in s) for s in shapes)
-        path, info = opt_einsum.contract_path(equation, *shapes, shapes=True, optimize=optimize)
-        expression = opt_einsum.contract_expression(equation, *shapes, optimize=path)
+        dims = tuple(tuple(int(d) for d in s) for s in shapes)
+        path, info = opt_einsum.contract_path(equation, *dims, shapes=True, optimize=optimize)
+        expression = opt_einsum.contract_expression(equation, *dims, optimize=path)
         return cls(
             equation=equation,
-            shapes=shapes,
+            shapes=dims,
             path=tuple(tuple(step) for step in path),
             flops=int(info.opt_cost),
             largest_intermediate=int(info.largest_intermediate),

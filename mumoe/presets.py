@@ -6,15 +6,15 @@ with its modes in the reference order (experts, input, output) and returns a
 :class:`~mumoe.network.Network`.  With :math:`d = E + 2` modes
 :math:`m_1, \dots, m_d` of sizes :math:`D_1, \dots, D_d`:
 
-========  ==========================================  ======================================
-format    spec (E = 1)                                parameters
-========  ==========================================  ======================================
-dense     ``n1 i o``                                  :math:`\prod_k D_k`
-cp        ``n1 r, i r, o r``                          :math:`R \sum_k D_k`
-tucker    ``n1 r1, i ri, o ro, r1 ri ro``             :math:`\sum_k D_k R_k + \prod_k R_k`
-tt        ``n1 r1, r1 i r2, r2 o``                    :math:`\sum_k R_{k-1} D_k R_k`, :math:`R_0 = R_d = 1`
-tr        ``r0 n1 r1, r1 i r2, r2 o r0``              :math:`\sum_k R_{k-1} D_k R_k`, :math:`R_d = R_0`
-========  ==========================================  ======================================
+========  ==================================  =============================================
+format    spec (E = 1)                        parameters
+========  ==================================  =============================================
+dense     ``n1 i o``                          :math:`\prod_k D_k`
+cp        ``n1 r, i r, o r``                  :math:`R \sum_k D_k`
+tucker    ``n1 r1, i ri, o ro, r1 ri ro``     :math:`\sum_k D_k R_k + \prod_k R_k`
+tt        ``n1 r1, r1 i r2, r2 o``            :math:`\sum_k R_{k-1} D_k R_k`, :math:`R_0 = R_d = 1`
+tr        ``r0 n1 r1, r1 i r2, r2 o r0``      :math:`\sum_k R_{k-1} D_k R_k`, :math:`R_d = R_0`
+========  ==================================  =============================================
 
 Ranks follow TensorLy's conventions (``validate_tt_rank``, ``validate_tr_rank``):
 TT and TR ranks are given either as one int or as the full tuple of

@@ -32,6 +32,7 @@ from mumoe.typing import Shape, Tensor
 __all__ = [
     "TOLERANCES",
     "assert_close",
+    "backend_dtype",
     "batch_shapes",
     "custom_networks",
     "custom_specs",
@@ -112,6 +113,16 @@ def dense_forward(weight: Any, x: Any, gates: Sequence[Any], bias: bool) -> np.n
     return np.einsum(subscripts, *operands)
 
 
+def backend_dtype(name: str) -> Any:
+    """The active backend's dtype called ``name`` (``"float32"``, ``"float64"``, ...).
+
+    Use this rather than ``tl.float64``: TensorLy 0.8-0.10 export NumPy's
+    ``float64`` at top level whatever the backend, while ``tl.backend.float64``
+    follows the active one.
+    """
+    return getattr(tl.backend, name)
+
+
 def random_inputs(
     network: Network,
     batch_shape: Shape,
@@ -123,12 +134,14 @@ def random_inputs(
 
     Returns
     -------
-    x : tensor, shape (*batch_shape, I)
-    gates : list of tensors, each (*batch_shape, N_e)
+    x : tensor, shape batch_shape + (I,)
+    gates : list of tensors, each of shape batch_shape + (N_e,)
     """
     rng = tl.check_random_state(random_state)
     x = tl.tensor(rng.uniform(-1, 1, (*batch_shape, network.in_features)), **context)
-    gates = [tl.tensor(rng.uniform(-1, 1, (*batch_shape, n)), **context) for n in network.expert_dims]
+    gates = [
+        tl.tensor(rng.uniform(-1, 1, (*batch_shape, n)), **context) for n in network.expert_dims
+    ]
     return x, gates
 
 
@@ -202,7 +215,9 @@ def custom_networks(draw: st.DrawFn, max_levels: int = 3, max_cores: int = 4) ->
 
     spec = draw(custom_specs(max_levels, max_cores))
     parsed = parse_spec(spec)
-    dims = draw(st.lists(_sizes, min_size=len(parsed.expert_legs), max_size=len(parsed.expert_legs)))
+    dims = draw(
+        st.lists(_sizes, min_size=len(parsed.expert_legs), max_size=len(parsed.expert_legs))
+    )
     rank = {bond: draw(_ranks) for bond in parsed.bonds}
     return Network(spec, dims, draw(_sizes), draw(_sizes), rank=rank, bias=draw(st.booleans()))
 

@@ -30,9 +30,7 @@ def is_floating(dtype: Any) -> bool:
     return "float" in name or "complex" in name
 
 
-def check_tensor(
-    array: Any, name: str, backend: str, dtype: Any = None, like: str = "x"
-) -> Shape:
+def check_tensor(array: Any, name: str, backend: str, dtype: Any = None, like: str = "x") -> Shape:
     """Check that ``array`` is a tensor of the active backend (and of ``dtype``).
 
     Parameters
@@ -78,9 +76,7 @@ def check_tensor(
     return tuple(tl.shape(array))
 
 
-def check_cores(
-    network: Network, cores: Sequence[Tensor], backend: str, dtype: Any = None
-) -> Any:
+def check_cores(network: Network, cores: Sequence[Tensor], backend: str, dtype: Any = None) -> Any:
     """Check that ``cores`` fit ``network``: count, backend, dtype and shapes.
 
     The cores must have ``dtype`` (that of ``x``) if it is given, else the

@@ -81,7 +81,7 @@ def backend_dtype_params() -> list[Any]:
     for spec, param in zip(BACKENDS, backend_params(), strict=True):
         for dtype in spec["dtypes"]:
             params.append(
-                pytest.param(spec["name"], dtype, marks=param.marks, id=f"{spec['name']}-{dtype}")
+                pytest.param((spec["name"], dtype), marks=param.marks, id=f"{spec['name']}-{dtype}")
             )
     return params
 

@@ -32,7 +32,7 @@ from mumoe.testing import (
     random_inputs,
 )
 
-seeds = st.integers(0, 2**32 - 1)
+seeds = st.integers(0, 2**32 - 2)  # a test may use seed + 1
 
 
 def setup(net, batch_shape, seed):
@@ -93,7 +93,10 @@ def test_forward_is_linear_in_x_without_bias_and_affine_with(net, batch_shape, s
 def test_one_hot_gates_give_that_experts_affine_map(net, data, seed):
     index = tuple(data.draw(st.integers(0, n - 1)) for n in net.expert_dims)
     cores, x, _ = setup(net, (3,), seed)
-    gates = [tl.tensor(np.tile(np.eye(n)[k], (3, 1))) for n, k in zip(net.expert_dims, index)]
+    gates = [
+        tl.tensor(np.tile(np.eye(n)[k], (3, 1)))
+        for n, k in zip(net.expert_dims, index, strict=True)
+    ]
     y = forward(net, cores, x, gates)
 
     expert = expert_weight(net, cores, index)

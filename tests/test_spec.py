@@ -110,5 +110,5 @@ def test_removing_a_role_leg_is_caught(spec, role):
     if any(not core for core in cores):
         return
     mutated = ", ".join(" ".join(core) for core in cores)
-    with pytest.raises(ValueError, match="has no (input|output|expert) leg|no n1"):
+    with pytest.raises(ValueError, match=r"has no (input|output|expert) leg|no n1"):
         parse_spec(mutated)

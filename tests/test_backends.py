@@ -1,0 +1,209 @@
+"""The one file that runs mumoe on every backend declared in backends/.
+
+Each test is parametrised by the backends usable on this machine (and the
+dtypes each declares); the others are skipped with the reason.  CI can run
+this file alone per backend.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+
+import numpy as np
+import pytest
+import tensorly as tl
+from conftest import AVAILABLE, BACKENDS, backend_dtype_params, backend_params, use_backend
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from mumoe import cp, expert_weight, forward, materialize, random_cores, tr, tucker
+from mumoe.testing import (
+    assert_close,
+    backend_dtype,
+    batch_shapes,
+    dense_forward,
+    n_terms,
+    networks,
+    random_inputs,
+    to_numpy64,
+)
+from mumoe.validation import dtype_name
+
+fixture_ok = settings(suppress_health_check=[HealthCheck.function_scoped_fixture])
+seeds = st.integers(0, 2**32 - 1)
+
+
+def test_expected_backends_are_usable():
+    """CI names the backends it installed; a silently skipped backend fails here."""
+    expected = [n for n in os.environ.get("MUMOE_EXPECT_BACKENDS", "").split(",") if n]
+    declared = {s["name"] for s in BACKENDS}
+    for name in expected:
+        assert name in declared, f"MUMOE_EXPECT_BACKENDS names {name!r}, not in backends/"
+        assert name in AVAILABLE, f"backend {name!r} was expected but is not usable here"
+
+
+@pytest.fixture(params=backend_dtype_params())
+def backend_and_dtype(request):
+    name, dtype = request.param
+    with use_backend(name):
+        yield name, dtype
+
+
+def operands(net, batch_shape, seed, dtype):
+    rng = np.random.RandomState(seed)
+    host = [rng.uniform(-1, 1, shape) for shape in net.core_shapes]
+    x, gates = random_inputs(net, batch_shape, random_state=rng)
+    x_host, gates_host = to_numpy64(x), [to_numpy64(g) for g in gates]
+    cast = lambda a: tl.tensor(a, dtype=backend_dtype(dtype))  # noqa: E731
+    return [cast(c) for c in host], cast(x_host), [cast(g) for g in gates_host], host
+
+
+@fixture_ok
+@given(networks(), batch_shapes(), seeds)
+def test_forward_equals_the_oracle(backend_and_dtype, net, batch_shape, seed):
+    _, dtype = backend_and_dtype
+    cores, x, gates, host = operands(net, batch_shape, seed, dtype)
+    y = forward(net, cores, x, gates)
+    assert tl.is_tensor(y)
+    assert dtype_name(y.dtype) == dtype
+    assert tuple(tl.shape(y)) == (*batch_shape, net.out_features)
+    expected = dense_forward(materialize(net, [tl.tensor(c) for c in host]), x, gates, net.bias)
+    assert_close(y, expected, dtype, scale=n_terms(net))
+
+
+@fixture_ok
+@given(networks(max_levels=2), st.data(), seeds)
+def test_expert_weight_and_materialize_on_every_backend(backend_and_dtype, net, data, seed):
+    _, dtype = backend_and_dtype
+    index = tuple(data.draw(st.integers(0, n - 1)) for n in net.expert_dims)
+    cores, _, _, host = operands(net, (), seed, dtype)
+    weight = materialize(net, cores)
+    assert dtype_name(weight.dtype) == dtype
+    expected = materialize(net, [tl.tensor(c) for c in host])
+    assert_close(weight, expected, dtype, scale=n_terms(net))
+    expert = expert_weight(net, cores, index)
+    assert_close(expert.weight, to_numpy64(expected)[index][: net.in_features], dtype, n_terms(net))
+
+
+def test_output_lives_where_the_input_lives(backend):
+    net = cp(4, 3, 2, rank=2)
+    cores = random_cores(net, random_state=0)
+    x, gates = random_inputs(net, (5,), random_state=0)
+    y = forward(net, cores, x, gates)
+    assert type(y) is type(x)
+    assert tl.context(y).get("device") == tl.context(x).get("device")
+
+
+def test_numpy_and_pytorch_give_the_same_numbers():
+    pytest.importorskip("torch", reason="torch is not installed (pip install 'mumoe[torch]')")
+    net = tr((3, 2), 5, 4, rank=(2, 3, 2, 2))
+    results = {}
+    for name in ("numpy", "pytorch"):
+        with use_backend(name):
+            cores = random_cores(net, random_state=3)
+            x, gates = random_inputs(net, (2, 3), random_state=4)
+            results[name] = to_numpy64(forward(net, cores, x, gates))
+    np.testing.assert_allclose(results["numpy"], results["pytorch"], rtol=1e-12, atol=1e-14)
+
+
+def test_switching_backends_never_reuses_a_plan():
+    torch = pytest.importorskip("torch", reason="torch is not installed")
+    net = cp((4, 3), 5, 2, rank=2)
+    with use_backend("numpy"):
+        cores, x, gates = (
+            random_cores(net, random_state=0),
+            *random_inputs(net, (6,), random_state=1),
+        )
+        y_numpy = forward(net, cores, x, gates)
+    with use_backend("pytorch"):
+        t_cores = [tl.tensor(c) for c in cores]
+        t_x, t_gates = tl.tensor(x), [tl.tensor(g) for g in gates]
+        y_torch = forward(net, t_cores, t_x, t_gates)
+    with use_backend("numpy"):
+        y_again = forward(net, cores, x, gates)
+    assert isinstance(y_numpy, np.ndarray) and isinstance(y_again, np.ndarray)
+    assert isinstance(y_torch, torch.Tensor)
+    assert sorted(k[2] for k in net.plans.keys()) == ["numpy", "pytorch"]
+    assert net.plans.misses == 2
+    np.testing.assert_allclose(y_torch.numpy(), y_numpy, rtol=1e-12)
+
+
+def test_thread_local_backends_are_respected():
+    torch = pytest.importorskip("torch", reason="torch is not installed")
+    net = cp(4, 3, 2, rank=2)
+    out = {}
+
+    def worker():
+        tl.set_backend("pytorch", local_threadsafe=True)
+        cores = random_cores(net, random_state=0)
+        out["torch"] = forward(net, cores, *random_inputs(net, (3,), random_state=0))
+
+    thread = threading.Thread(target=worker)
+    thread.start()
+    thread.join()
+    cores = random_cores(net, random_state=0)
+    out["numpy"] = forward(net, cores, *random_inputs(net, (3,), random_state=0))
+    assert isinstance(out["torch"], torch.Tensor) and isinstance(out["numpy"], np.ndarray)
+    assert sorted(k[2] for k in net.plans.keys()) == ["numpy", "pytorch"]
+    np.testing.assert_allclose(out["torch"].numpy(), out["numpy"], rtol=1e-12)
+
+
+@pytest.mark.parametrize(("active", "foreign"), [("numpy", "pytorch"), ("pytorch", "numpy")])
+def test_arrays_of_another_backend_are_refused(active, foreign):
+    for name in (active, foreign):
+        if name not in AVAILABLE:
+            pytest.skip(f"backend {name} is not usable here")
+    net = cp(4, 3, 2, rank=2)
+    with use_backend(foreign):
+        cores = random_cores(net, random_state=0)
+        x, gates = random_inputs(net, (3,), random_state=0)
+    with use_backend(active):
+        with pytest.raises(
+            TypeError, match=f"not a tensor of the active TensorLy backend '{active}'"
+        ):
+            forward(net, cores, x, gates)
+        with pytest.raises(TypeError, match=r"cores\[0\] is a .*, not a tensor of the active"):
+            materialize(net, cores)
+
+
+# --------------------------------------------------------------- differentiable
+
+
+@pytest.fixture(params=backend_params(differentiable=True))
+def autograd_backend(request):
+    with use_backend(request.param):
+        yield request.param
+
+
+@pytest.mark.parametrize(
+    "net",
+    [cp((3, 2), 3, 2, rank=2), tr(3, 2, 2, rank=2), tucker(3, 2, 2, rank=2, bias=False)],
+    ids=["cp-2-levels", "tr", "tucker-no-bias"],
+)
+def test_gradcheck_through_cores_input_and_gates(autograd_backend, net):
+    torch = pytest.importorskip("torch")
+    cores = [c.requires_grad_() for c in random_cores(net, random_state=0)]
+    x, gates = random_inputs(net, (2, 2), random_state=1)
+    x.requires_grad_()
+    gates = [g.requires_grad_() for g in gates]
+    n_cores = len(cores)
+
+    def fn(*args):
+        return forward(net, list(args[:n_cores]), args[n_cores], list(args[n_cores + 1 :]))
+
+    assert torch.autograd.gradcheck(fn, (*cores, x, *gates))
+
+
+def test_non_contiguous_torch_input_gives_the_same_numbers():
+    torch = pytest.importorskip("torch", reason="torch is not installed")
+    net = cp((4, 3), 5, 2, rank=2)
+    with use_backend("pytorch"):
+        cores = random_cores(net, random_state=0)
+        x, gates = random_inputs(net, (6,), random_state=1)
+        x_t = torch.tensor(to_numpy64(x).T.copy()).T  # same values, transposed strides
+        assert not x_t.is_contiguous()
+        cores_t = [torch.tensor(to_numpy64(c).T.copy()).T for c in cores]
+        torch.testing.assert_close(
+            forward(net, cores_t, x_t, gates), forward(net, cores, x, gates), rtol=1e-12, atol=0
+        )

@@ -1,0 +1,122 @@
+"""Plans and their cache: reuse, bounds, keys, threads."""
+
+from __future__ import annotations
+
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+import tensorly as tl
+
+from mumoe import Plan, PlanCache, cp, forward, materialize, random_cores, tr
+from mumoe.plan import batch_bucket
+from mumoe.testing import assert_close, dense_forward, random_inputs
+
+
+def test_a_plan_is_built_once_and_reused():
+    net = cp(8, 6, 4, rank=3)
+    cores = random_cores(net, random_state=0)
+    x, gates = random_inputs(net, (5,), random_state=0)
+    first = net.forward_plan(5, "numpy", x.dtype)
+    forward(net, cores, x, gates)
+    forward(net, cores, x, gates)
+    assert net.forward_plan(5, "numpy", x.dtype) is first
+    assert net.plans.misses == 1
+    assert net.plans.hits == 3
+
+
+def test_batch_sizes_share_a_power_of_two_bucket():
+    net = cp(8, 6, 4, rank=3)
+    cores = random_cores(net, random_state=0)
+    for batch in range(5, 9):
+        x, gates = random_inputs(net, (batch,), random_state=batch)
+        forward(net, cores, x, gates)
+    assert net.plans.keys() == [("forward", 8, "numpy", np.dtype("float64"))]
+    x, gates = random_inputs(net, (9,), random_state=0)
+    forward(net, cores, x, gates)
+    assert net.plans.keys()[-1] == ("forward", 16, "numpy", np.dtype("float64"))
+
+
+def test_dtype_is_part_of_the_key():
+    net = cp(8, 6, 4, rank=3)
+    for dtype in (tl.float64, tl.float32):
+        cores = random_cores(net, random_state=0, dtype=dtype)
+        x, gates = random_inputs(net, (4,), random_state=0, dtype=dtype)
+        assert forward(net, cores, x, gates).dtype == dtype
+    assert [k[3] for k in net.plans.keys()] == [np.dtype("float64"), np.dtype("float32")]
+
+
+def test_cache_is_bounded_and_least_recently_used():
+    cache = PlanCache(maxsize=2)
+    build = lambda: Plan.build("ab,b->a", [(2, 3), (3,)])  # noqa: E731
+    a = cache.get("a", build)
+    cache.get("b", build)
+    assert cache.get("a", build) is a  # refreshes "a"
+    cache.get("c", build)  # evicts "b"
+    assert cache.keys() == ["a", "c"]
+    assert len(cache) == 2
+    assert (cache.hits, cache.misses) == (1, 3)
+    assert repr(cache) == "PlanCache(size=2, maxsize=2, hits=1, misses=3)"
+    cache.clear()
+    assert len(cache) == 0 and cache.hits == cache.misses == 0
+
+
+@pytest.mark.parametrize("maxsize", [0, -1, 2.5, True])
+def test_cache_size_must_be_positive(maxsize):
+    with pytest.raises(ValueError, match="maxsize must be a positive int"):
+        PlanCache(maxsize)
+
+
+def test_network_cache_respects_its_bound():
+    net = cp(4, 3, 2, rank=2, cache_size=3)
+    cores = random_cores(net, random_state=0)
+    for batch in (1, 2, 4, 8, 16, 32):
+        x, gates = random_inputs(net, (batch,), random_state=0)
+        forward(net, cores, x, gates)
+    assert len(net.plans) == 3
+    assert [k[1] for k in net.plans.keys()] == [8, 16, 32]
+
+
+def test_plan_reports_its_path_and_cost():
+    plan = Plan.build("ab,bc,cd->ad", [(10, 20), (20, 30), (30, 5)])
+    assert plan.path in (((0, 1), (0, 1)), ((1, 2), (0, 1)))
+    assert plan.flops > 0 and plan.largest_intermediate > 0
+    assert len(plan.steps) == 2
+    a, b, c = (np.random.default_rng(0).standard_normal(s) for s in plan.shapes)
+    np.testing.assert_allclose(plan(a, b, c), a @ b @ c)
+
+
+def test_plan_runs_at_sizes_other_than_it_was_searched_for():
+    plan = Plan.build("ab,bc->ac", [(16, 4), (4, 3)])
+    a, b = np.ones((5, 4)), np.ones((4, 3))
+    np.testing.assert_array_equal(plan(a, b), a @ b)
+
+
+@pytest.mark.parametrize(("batch", "bucket"), [(0, 1), (1, 1), (2, 2), (3, 4), (1000, 1024)])
+def test_batch_bucket(batch, bucket):
+    assert batch_bucket(batch) == bucket
+
+
+def test_many_threads_with_different_batch_sizes_get_correct_results():
+    net = tr((4, 3), 6, 5, rank=2, cache_size=4)
+    cores = random_cores(net, random_state=0)
+    weight = materialize(net, cores)
+    barrier = threading.Barrier(8)
+    largest = []
+
+    def work(seed):
+        barrier.wait()
+        rng = np.random.RandomState(seed)
+        for _ in range(20):
+            batch = int(rng.randint(0, 70))
+            x, gates = random_inputs(net, (batch,), random_state=rng)
+            y = forward(net, cores, x, gates)
+            assert_close(y, dense_forward(weight, x, gates, True), "float64", scale=200)
+            largest.append(len(net.plans))
+        return True
+
+    with ThreadPoolExecutor(8) as pool:
+        assert all(pool.map(work, range(8)))
+    assert max(largest) <= 4
+    assert len(net.plans) <= 4
