@@ -122,17 +122,21 @@ def forward(
             )
     check_cores(network, cores, backend, dtype)
 
+    # Plans contract one batch dimension: flatten the leading ones (a view
+    # where the layout allows), and skip the reshapes when there is exactly one.
     batch_size = math.prod(batch_shape)
-    rows = tl.reshape(x, (batch_size, network.in_features))
+    flat = len(batch_shape) == 1
+    rows = x if flat else tl.reshape(x, (batch_size, network.in_features))
     if network.bias:
         ones = tl.ones((batch_size, 1), **_creation_context(x))
         rows = tl.concatenate([rows, ones], axis=1)
-    flat_gates = [
-        tl.reshape(g, (batch_size, n)) for g, n in zip(gates, network.expert_dims, strict=True)
-    ]
+    if not flat:
+        gates = [
+            tl.reshape(g, (batch_size, n)) for g, n in zip(gates, network.expert_dims, strict=True)
+        ]
     plan = network.forward_plan(batch_size, backend, dtype)
-    out = plan(*flat_gates, rows, *cores)
-    return tl.reshape(out, (*batch_shape, network.out_features))
+    out = plan(*gates, rows, *cores)
+    return out if flat else tl.reshape(out, (*batch_shape, network.out_features))
 
 
 def materialize(network: Network, cores: Sequence[Tensor]) -> Tensor:

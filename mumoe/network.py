@@ -143,6 +143,7 @@ class Network:
         sizes[OUTPUT] = self.out_features
         sizes.update(self.ranks)
         self.sizes: Mapping[str, int] = MappingProxyType(sizes)
+        self._core_shapes = tuple(tuple(sizes[leg] for leg in legs) for legs in self.cores)
 
         # Einsum symbols: the batch first, then every leg in order of appearance.
         legs = [*self.expert_legs, INPUT, OUTPUT, *self.bonds]
@@ -206,7 +207,7 @@ class Network:
     @property
     def core_shapes(self) -> tuple[Shape, ...]:
         """The shape of each core, its legs in spec order."""
-        return tuple(tuple(self.sizes[leg] for leg in legs) for legs in self.cores)
+        return self._core_shapes
 
     @property
     def n_params(self) -> int:

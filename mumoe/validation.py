@@ -73,7 +73,7 @@ def check_tensor(array: Any, name: str, backend: str, dtype: Any = None, like: s
             f"{name} has dtype {dtype_name(array.dtype)} but {like} has {dtype_name(dtype)}; "
             "all operands must share one dtype: cast them first"
         )
-    return tuple(tl.shape(array))
+    return tuple(array.shape)
 
 
 def check_cores(network: Network, cores: Sequence[Tensor], backend: str, dtype: Any = None) -> Any:

@@ -112,3 +112,13 @@ def test_removing_a_role_leg_is_caught(spec, role):
     mutated = ", ".join(" ".join(core) for core in cores)
     with pytest.raises(ValueError, match=r"has no (input|output|expert) leg|no n1"):
         parse_spec(mutated)
+
+
+@given(st.text(alphabet="ni or0123 ,_\t-", max_size=30))
+def test_any_text_parses_or_raises_value_error(text):
+    """Garbage in gives a ValueError from the parser, never another exception."""
+    try:
+        parsed = parse_spec(text)
+    except ValueError:
+        return
+    assert parse_spec(parsed.spec) == parsed
