@@ -37,6 +37,7 @@ __all__ = [
     "cp",
     "dense",
     "preset",
+    "preset_format",
     "tr",
     "tt",
     "tucker",
@@ -464,3 +465,26 @@ def preset(
             f"unknown format {format!r}; choose one of {', '.join(map(repr, PRESETS))}"
         ) from None
     return build(expert_dims, in_features, out_features, **options)
+
+
+def preset_format(network: Network) -> str | None:
+    """The preset whose structure ``network`` has, or ``None`` for a custom network.
+
+    The structure is the spec (cores and their legs); sizes may be anything.
+    Used to pick initialisations that assume a preset's core layout.
+
+    Examples
+    --------
+    >>> preset_format(tr(8, 16, 10, rank=2))
+    'tr'
+    >>> preset_format(Network("n r, i r, o r", 8, 16, 10, rank=2))
+    'cp'
+    >>> preset_format(Network("n i r, r o", 8, 16, 10, rank=2)) is None
+    True
+    """
+    dims, n_in, n_out = network.expert_dims, network.in_features, network.out_features
+    for name, build in PRESETS.items():
+        options: dict[str, Any] = {} if name == "dense" else {"rank": 1}
+        if build(dims, n_in, n_out, bias=network.bias, **options).spec == network.spec:
+            return name
+    return None

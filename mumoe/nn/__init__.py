@@ -1,0 +1,36 @@
+"""PyTorch modules: μMoE layers, the two-layer block, gating and initialisation.
+
+The one place in mumoe that imports torch (with :mod:`mumoe.compat`):
+``import mumoe`` works without it.
+"""
+
+from mumoe.nn.gating import ACTIVATIONS, MuMoEGate, gate_coefficients, resolve_activation
+from mumoe.nn.init import init_cores_
+from mumoe.nn.layers import (
+    CPMuMoE,
+    GateRecord,
+    MuMoE,
+    MuMoEBlock,
+    TRMuMoE,
+    TTMuMoE,
+    TuckerMuMoE,
+    build_network,
+    record_gates,
+)
+
+__all__ = [
+    "ACTIVATIONS",
+    "CPMuMoE",
+    "GateRecord",
+    "MuMoE",
+    "MuMoEBlock",
+    "MuMoEGate",
+    "TRMuMoE",
+    "TTMuMoE",
+    "TuckerMuMoE",
+    "build_network",
+    "gate_coefficients",
+    "init_cores_",
+    "record_gates",
+    "resolve_activation",
+]

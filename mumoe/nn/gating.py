@@ -1,0 +1,179 @@
+r"""Gating: the expert coefficients of each level, computed from the input.
+
+For each expert level :math:`e` (Section 3 of the paper),
+
+.. math::
+    a^{(e)} = \phi\bigl(\mathrm{norm}(x G_e)\bigr), \qquad
+    G_e \in \mathbb{R}^{I \times N_e} \text{ zero-initialised},
+
+where ``norm`` is batch normalisation without affine parameters (statistics
+over the batch and token dimensions), layer normalisation without affine
+parameters, or nothing, and :math:`\phi` is entmax-1.5 (the default),
+sparsemax, softmax or any callable mapping ``(..., N_e)`` to ``(..., N_e)``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import nn
+
+__all__ = ["ACTIVATIONS", "NORMALIZATIONS", "MuMoEGate", "gate_coefficients", "resolve_activation"]
+
+Activation = Callable[[torch.Tensor], torch.Tensor]
+
+
+def _entmax15(logits: torch.Tensor) -> torch.Tensor:
+    from entmax import entmax15
+
+    return entmax15(logits, dim=-1)
+
+
+def _sparsemax(logits: torch.Tensor) -> torch.Tensor:
+    from entmax import sparsemax
+
+    return sparsemax(logits, dim=-1)
+
+
+def _softmax(logits: torch.Tensor) -> torch.Tensor:
+    return torch.softmax(logits, dim=-1)
+
+
+#: Activations by name; each maps logits ``(..., N)`` to coefficients on the simplex.
+ACTIVATIONS: dict[str, Activation] = {
+    "entmax15": _entmax15,
+    "sparsemax": _sparsemax,
+    "softmax": _softmax,
+}
+
+#: Normalisations of the gate logits by name (``None``: none).
+NORMALIZATIONS = ("bn", "ln", None)
+
+
+def resolve_activation(activation: str | Activation) -> Activation:
+    """The activation called ``activation``, or ``activation`` itself if callable."""
+    if callable(activation):
+        return activation
+    try:
+        return ACTIVATIONS[activation]
+    except (KeyError, TypeError):
+        raise ValueError(
+            f"unknown gate activation {activation!r}; choose one of "
+            f"{', '.join(map(repr, ACTIVATIONS))} or pass a callable"
+        ) from None
+
+
+def _norm(kind: str | None, n: int, device: object, dtype: object) -> nn.Module:
+    if kind == "bn":
+        return nn.BatchNorm1d(n, affine=False, device=device, dtype=dtype)
+    if kind == "ln":
+        return nn.LayerNorm(n, elementwise_affine=False, bias=False, device=device, dtype=dtype)
+    if kind is None:
+        return nn.Identity()
+    raise ValueError(f"unknown gate normalization {kind!r}; choose 'bn', 'ln' or None")
+
+
+def gate_coefficients(
+    x: torch.Tensor,
+    projections: Sequence[torch.Tensor],
+    norms: Sequence[nn.Module],
+    activation: Activation,
+) -> list[torch.Tensor]:
+    """The coefficients ``act(norm(x @ G_e))`` of every level.
+
+    Parameters
+    ----------
+    x : torch.Tensor, shape (..., I)
+    projections : sequence of torch.Tensor, each (I, N_e)
+    norms : sequence of modules
+        Applied to the logits flattened to ``(B, N_e)``, so that batch norm
+        takes its statistics over every leading dimension (batch and tokens).
+    activation : callable
+
+    Returns
+    -------
+    list of torch.Tensor, each (..., N_e)
+    """
+    rows = x.reshape(-1, x.shape[-1])
+    gates = []
+    for projection, norm in zip(projections, norms, strict=True):
+        logits = norm(rows @ projection)
+        gates.append(activation(logits).reshape(*x.shape[:-1], projection.shape[-1]))
+    return gates
+
+
+class MuMoEGate(nn.Module):
+    r"""The gates of a μMoE layer: one coefficient vector per expert level.
+
+    Parameters
+    ----------
+    in_features : int
+        :math:`I`, the size of the input the gates are computed from.
+    expert_dims : sequence of int
+        :math:`N_1, \dots, N_E`.
+    normalization : {"bn", "ln", None}, default "bn"
+        Of the logits: batch norm or layer norm without affine parameters.
+    activation : {"entmax15", "sparsemax", "softmax"} or callable, default "entmax15"
+    device, dtype
+        Of the parameters, as for ``torch.nn.Linear``.
+
+    Shape
+    -----
+    ``(..., I) -> [(..., N_1), ..., (..., N_E)]``
+
+    Examples
+    --------
+    >>> import torch
+    >>> gate = MuMoEGate(8, (4, 3))
+    >>> [tuple(a.shape) for a in gate(torch.randn(5, 2, 8))]
+    [(5, 2, 4), (5, 2, 3)]
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        expert_dims: Sequence[int],
+        *,
+        normalization: str | None = "bn",
+        activation: str | Activation = "entmax15",
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        self.in_features = in_features
+        self.expert_dims = tuple(expert_dims)
+        self.normalization = normalization
+        self.activation = resolve_activation(activation)
+        self.activation_name = (
+            activation if isinstance(activation, str) else getattr(activation, "__name__", "custom")
+        )
+        self.projections = nn.ParameterList(
+            [
+                nn.Parameter(torch.empty(in_features, n, device=device, dtype=dtype))
+                for n in self.expert_dims
+            ]
+        )
+        self.norms = nn.ModuleList(
+            [_norm(normalization, n, device, dtype) for n in self.expert_dims]
+        )
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Zero the projections (every expert starts equally weighted) and reset norms."""
+        for projection in self.projections:
+            nn.init.zeros_(projection)
+        for norm in self.norms:
+            if isinstance(norm, nn.BatchNorm1d):
+                norm.reset_running_stats()
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """The coefficients of every level for input ``x`` of shape ``(..., I)``."""
+        return gate_coefficients(x, list(self.projections), list(self.norms), self.activation)
+
+    def extra_repr(self) -> str:
+        """Sizes and options, for ``repr``."""
+        return (
+            f"in_features={self.in_features}, expert_dims={self.expert_dims}, "
+            f"normalization={self.normalization!r}, activation={self.activation_name!r}"
+        )

@@ -1,0 +1,390 @@
+"""PyTorch layers: Eq. 1 with the module's own gates, torch conventions, init, errors."""
+
+from __future__ import annotations
+
+import math
+import threading
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch", reason="torch is not installed (pip install 'mumoe[torch]')")
+
+import tensorly as tl  # noqa: E402
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+from torch.func import functional_call  # noqa: E402
+
+from mumoe import Network, cp  # noqa: E402
+from mumoe.matching import gate_params, linear_params  # noqa: E402
+from mumoe.nn import (  # noqa: E402
+    CPMuMoE,
+    MuMoE,
+    MuMoEBlock,
+    MuMoEGate,
+    TRMuMoE,
+    TTMuMoE,
+    TuckerMuMoE,
+    record_gates,
+)
+from mumoe.testing import assert_close, dense_forward, n_terms, networks  # noqa: E402
+
+
+def randomise(module, seed=0, scale=1.0):
+    """Random values in every parameter (gate projections start at zero)."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(torch.rand(p.shape, generator=generator, dtype=p.dtype) * 2 * scale - scale)
+    return module
+
+
+@settings(max_examples=40)
+@given(networks(), st.sampled_from([(5,), (3, 4)]), st.sampled_from(["bn", "ln", None]))
+def test_module_equals_eq1_with_its_own_gates(net, batch_shape, normalization):
+    layer = MuMoE(net.in_features, net.out_features, net, bias=net.bias,
+                  normalization=normalization, dtype=torch.float64)  # fmt: skip
+    randomise(layer)
+    x = torch.rand(*batch_shape, net.in_features, dtype=torch.float64) * 2 - 1
+    y, gates = layer(x, return_gates=True)
+    assert y.shape == (*batch_shape, net.out_features)
+    assert [tuple(a.shape) for a in gates] == [(*batch_shape, n) for n in net.expert_dims]
+    expected = dense_forward(layer.materialize(), x, gates, net.bias)
+    assert_close(y, expected, "float64", scale=n_terms(net))
+
+
+@pytest.mark.parametrize(
+    "build",
+    [
+        lambda **kw: CPMuMoE(12, 5, (4, 3), rank=3, **kw),
+        lambda **kw: TuckerMuMoE(12, 5, 4, rank=(2, 3, 2), **kw),
+        lambda **kw: TTMuMoE(12, 5, (4, 3, 2), rank=2, **kw),
+        lambda **kw: TRMuMoE(12, 5, 4, rank=(2, 3, 2), **kw),
+        lambda **kw: MuMoE(12, 5, "dense", expert_dims=4, **kw),
+        lambda **kw: MuMoE(12, 5, "n1 a, a n2 b, i b c, o c", expert_dims=(4, 3), rank=2, **kw),
+    ],
+    ids=["cp", "tucker", "tt", "tr", "dense", "custom"],
+)
+class TestTorchConventions:
+    def test_state_dict_round_trip(self, build):
+        layer = randomise(build())
+        layer.train()
+        layer(torch.randn(8, 12))  # moves the batch-norm statistics
+        clone = build()
+        clone.load_state_dict(layer.state_dict())
+        x = torch.randn(6, 12)
+        layer.eval(), clone.eval()
+        torch.testing.assert_close(clone(x), layer(x), rtol=0, atol=0)
+
+    def test_to_dtype_and_device(self, build):
+        layer = build().to(torch.float64)
+        assert all(p.dtype == torch.float64 for p in layer.parameters())
+        assert layer(torch.randn(3, 12, dtype=torch.float64)).dtype == torch.float64
+        layer = build(dtype=torch.float64, device="cpu")
+        assert all(p.dtype == torch.float64 and p.device.type == "cpu" for p in layer.parameters())
+
+    def test_gradients_reach_every_parameter(self, build):
+        # Randomised: at the paper's init the experts of levels > 1 are identical,
+        # so those gates get their first gradient only once the cores have moved.
+        layer = randomise(build())
+        layer(torch.randn(16, 12)).square().sum().backward()
+        for name, p in layer.named_parameters():
+            assert p.grad is not None, name
+            assert p.grad.abs().sum() > 0, name
+
+    @pytest.mark.parametrize("mode", ["train", "eval"])
+    def test_gradcheck_through_parameters_and_input(self, build, mode):
+        layer = randomise(build(dtype=torch.float64, activation="softmax"), scale=0.5)
+        layer.train(mode == "train")
+        names = [n for n, _ in layer.named_parameters()]
+        params = [p.detach().clone().requires_grad_() for p in layer.parameters()]
+        x = torch.randn(6, 12, dtype=torch.float64, requires_grad=True)
+
+        def fn(x, *params):
+            return functional_call(layer, dict(zip(names, params, strict=True)), (x,))
+
+        assert torch.autograd.gradcheck(fn, (x, *params))
+
+    def test_gradcheck_through_given_gates(self, build):
+        layer = randomise(build(dtype=torch.float64), scale=0.5)
+        x = torch.randn(3, 12, dtype=torch.float64, requires_grad=True)
+        gates = [torch.rand(3, n, dtype=torch.float64, requires_grad=True)
+                 for n in layer.network.expert_dims]  # fmt: skip
+        assert torch.autograd.gradcheck(lambda x, *g: layer(x, list(g)), (x, *gates))
+
+    def test_extra_repr(self, build):
+        text = repr(build())
+        assert "in_features=12, out_features=5" in text
+        assert "params=" in text and "spec=" in text
+
+
+def test_torch_compile_gives_the_same_output():
+    layer = randomise(CPMuMoE(12, 5, (4, 3), rank=3)).eval()
+    x = torch.randn(7, 12)
+    compiled = torch.compile(layer, backend="aot_eager")
+    torch.testing.assert_close(compiled(x), layer(x))
+    x3 = torch.randn(2, 5, 12)
+    torch.testing.assert_close(compiled(x3), layer(x3))
+
+
+def test_batch_norm_train_and_eval():
+    layer = randomise(CPMuMoE(12, 5, 8, rank=3))
+    norm = layer.gate.norms[0]
+    x = torch.randn(32, 12) * 3 + 1
+    layer.train()
+    layer(x)
+    assert norm.num_batches_tracked == 1
+    stats = norm.running_mean.clone()
+    assert stats.abs().sum() > 0
+    layer.eval()
+    y_eval = layer(x)
+    assert norm.num_batches_tracked == 1
+    torch.testing.assert_close(norm.running_mean, stats)
+    # eval: a sample's output does not depend on the rest of its batch
+    torch.testing.assert_close(layer(x[:1]), y_eval[:1])
+    layer.train()
+    assert not torch.allclose(layer(x[:4]), y_eval[:4])
+
+
+def test_batch_norm_statistics_span_batch_and_tokens():
+    gate = MuMoEGate(6, (5,), normalization="bn")
+    with torch.no_grad():
+        gate.projections[0].copy_(torch.randn(6, 5))
+    x = torch.randn(4, 7, 6)
+    gate(x)
+    expected = (x.reshape(-1, 6) @ gate.projections[0]).mean(0) * gate.norms[0].momentum
+    torch.testing.assert_close(gate.norms[0].running_mean, expected)
+
+
+def test_caller_gates_replace_the_layers_gate():
+    layer = randomise(CPMuMoE(12, 5, (4, 3), rank=3))
+    x = torch.randn(2, 12)
+    gates = [torch.softmax(torch.randn(2, 4), -1), torch.softmax(torch.randn(2, 3), -1)]
+    y, used = layer(x, gates, return_gates=True)
+    assert used[0] is gates[0]
+    assert not torch.allclose(y, layer(x))
+
+
+def test_activations_by_name_and_callable():
+    x = torch.randn(5, 12)
+    for activation in ("entmax15", "sparsemax", "softmax", lambda t: torch.softmax(2 * t, -1)):
+        layer = randomise(CPMuMoE(12, 5, 8, rank=3, activation=activation))
+        _, (a,) = layer(x, return_gates=True)
+        torch.testing.assert_close(a.sum(-1), torch.ones(5))
+        assert (a >= 0).all()
+    sparse = randomise(CPMuMoE(12, 5, 64, rank=3, activation="sparsemax"), scale=3.0)
+    _, (a,) = sparse(x, return_gates=True)
+    assert (a == 0).any()  # sparse gating selects a subset of experts
+
+
+def test_input_norm_applies_to_the_contraction_not_the_gates():
+    layer = randomise(CPMuMoE(12, 5, 4, rank=3, input_norm=True)).eval()
+    x = torch.randn(3, 12) * 5 + 2
+    y, gates = layer(x, return_gates=True)
+    plain = MuMoE(12, 5, layer.network, gated=False)
+    plain.load_state_dict({k: v for k, v in layer.state_dict().items() if k.startswith("cores")})
+    torch.testing.assert_close(y, plain(layer.input_norm(x), gates))
+
+
+def test_record_gates_is_detached_and_removes_its_hooks():
+    block = randomise(MuMoEBlock(12, 20, network="cp", expert_dims=(4, 3), rank=3))
+    x = torch.randn(5, 12)
+    with record_gates(block) as record:
+        _, gates = block(x, return_gates=True)
+    assert list(record) == ["gate"]
+    for recorded, used in zip(record["gate"], gates, strict=True):
+        assert not recorded.requires_grad
+        torch.testing.assert_close(recorded, used.detach())
+    assert not block.gate._forward_hooks
+    assert not any(isinstance(v, torch.Tensor) for v in vars(block).values())
+
+
+def test_block_uses_one_gate_for_both_layers():
+    block = randomise(MuMoEBlock(12, 20, 7, network="tr", expert_dims=4, rank=2)).eval()
+    x = torch.randn(3, 2, 12)
+    y, gates = block(x, return_gates=True)
+    assert y.shape == (3, 2, 7)
+    manual = block.fc2(torch.nn.functional.gelu(block.fc1(x, gates)), gates)
+    torch.testing.assert_close(y, manual)
+    assert block.fc1.gate is None and block.fc2.gate is None
+
+
+def test_modules_leave_the_tensorly_backend_alone():
+    assert tl.get_backend() == "numpy"
+    CPMuMoE(12, 5, 4, rank=3)(torch.randn(2, 12))
+    assert tl.get_backend() == "numpy"
+    seen = []
+
+    def other_thread():
+        seen.append(tl.get_backend())
+
+    thread = threading.Thread(target=other_thread)
+    thread.start()
+    thread.join()
+    assert seen == ["numpy"]
+
+
+# --------------------------------------------------------------- matching
+
+
+@pytest.mark.parametrize("format", ["cp", "tucker", "tt", "tr"])
+@pytest.mark.parametrize("experts", [8, (16, 4), 64])
+def test_rank_same_matches_the_linear_layer(format, experts):
+    layer = MuMoE(256, 100, format, expert_dims=experts, rank="same")
+    total = sum(p.numel() for p in layer.parameters())
+    budget = linear_params(256, 100)
+    assert total <= budget
+    # one more unit of the free rank would exceed the budget
+    net = layer.network
+    free = {"cp": "r", "tucker": "ri", "tt": f"r{net.n_levels + 1}", "tr": f"r{net.n_levels + 1}"}
+    bigger = dict(net.ranks)
+    bigger[free[format]] += 1
+    if format == "tucker":
+        bigger["ro"] += 1
+    grown = Network(net.spec, net.expert_dims, 256, 100, rank=bigger)
+    assert grown.n_params + gate_params(256, net.expert_dims) > budget
+
+
+def test_fractional_budget():
+    half = CPMuMoE(96, 40, 8, rank=0.5)
+    full = CPMuMoE(96, 40, 8, rank="same")
+    assert half.network.ranks["r"] < full.network.ranks["r"]
+    assert sum(p.numel() for p in half.parameters()) <= 0.5 * linear_params(96, 40)
+
+
+# ------------------------------------------------------------------- init
+
+
+def test_cp_init_follows_the_paper():
+    torch.manual_seed(0)
+    layer = CPMuMoE(256, 300, (512, 4), rank=200)
+    first, second, inp, out = layer.cores
+    assert abs(first.mean().item() - 1) < 0.02 and abs(first.var().item() - 1) < 0.02
+    assert torch.equal(second, torch.ones_like(second))
+    assert inp.abs().max() <= math.sqrt(1 / 256) and inp.abs().max() > 0.9 * math.sqrt(1 / 256)
+    assert out.abs().max() <= math.sqrt(1 / 200) and out.abs().max() > 0.9 * math.sqrt(1 / 200)
+    assert layer.init_scheme == "cp"
+
+
+@pytest.mark.parametrize("n_levels", [1, 2])
+def test_tr_init_gives_diagonal_expert_slices(n_levels):
+    torch.manual_seed(0)
+    layer = TRMuMoE(32, 20, (6,) * n_levels, rank=(3, 3, 5, 4)[: n_levels + 2])
+    for level in range(n_levels):
+        core = layer.cores[level]
+        eye = torch.eye(core.shape[0], core.shape[2], dtype=torch.bool)
+        for k in range(core.shape[1]):
+            assert torch.all(core[:, k, :][~eye] == 0)
+        if level > 0:
+            assert torch.all(core[:, :, :].diagonal(dim1=0, dim2=2) == 1)
+    inp = layer.cores[-2]
+    assert inp.abs().max() <= math.sqrt(1 / 32)
+    out = layer.cores[-1]
+    assert out.abs().max() <= math.sqrt(1 / (out.shape[0] * out.shape[2]))
+
+
+@pytest.mark.parametrize(
+    "build",
+    [
+        lambda: TuckerMuMoE(64, 48, (12, 3), rank=(6, 3, 10, 10)),
+        lambda: MuMoE(64, 48, "n1 a, a n2 b, i b c, o c", expert_dims=(12, 3), rank=4),
+        lambda: MuMoE(64, 48, "dense", expert_dims=12),
+    ],
+    ids=["tucker", "custom", "dense"],
+)
+def test_expert_matrices_start_with_the_variance_of_a_linear_layer(build):
+    torch.manual_seed(0)
+    values = torch.cat([build().materialize()[..., :64, :].flatten() for _ in range(20)])
+    assert abs(values.var().item() * 3 * 64 - 1) < 0.15
+
+
+def test_tt_init_is_the_tr_scheme_with_boundary_ranks_one():
+    torch.manual_seed(0)
+    layer = TTMuMoE(32, 20, 6, rank=(3, 4))
+    first = layer.cores[0]  # (N, r1): diagonal of eye(1, r1) -> only column 0
+    assert torch.all(first[:, 1:] == 0)
+    assert layer.init_scheme == "tt"
+
+
+# ------------------------------------------------------------------ errors
+
+
+@pytest.mark.parametrize(
+    ("call", "error", "match"),
+    [
+        (lambda: CPMuMoE(12, 5, 4, rank=3)(torch.randn(2, 11)), ValueError,
+         r"input must have shape \(\.\.\., 12\) \(in_features\), got \(2, 11\)"),
+        (lambda: CPMuMoE(12, 5, 4, rank=3)(np.zeros((2, 12))), TypeError,
+         r"input must be a torch.Tensor, got ndarray"),
+        (lambda: CPMuMoE(12, 5, (4, 3), rank=3)(torch.randn(2, 12), [torch.rand(2, 4)]),
+         ValueError, r"network has 2 expert level\(s\) \(n1, n2\) but 1 gate tensor\(s\)"),
+        (lambda: CPMuMoE(12, 5, (4, 3), rank=3)(
+            torch.randn(2, 12), [torch.rand(2, 4), torch.rand(2, 5)]),
+         ValueError, r"gates\[1\] must have shape \(2, 3\) .* got \(2, 5\)"),
+        (lambda: CPMuMoE(12, 5, 4, rank=3)(torch.randn(2, 12), [torch.rand(2, 4).double()]),
+         TypeError, r"gates\[0\] has dtype float64 but x has float32"),
+        (lambda: CPMuMoE(12, 5, 512, rank="same"), ValueError,
+         r"no cp rank fits a budget of 65 parameters: at rank 1 the layer already has 6,674 "
+         r"\(6,144 of them gate projections\)"),
+        (lambda: TRMuMoE(12, 5, 4, rank=(2, 3, 2, 5)), ValueError,
+         r"TR ranks must close the ring: rank\[-1\]=5 != rank\[0\]=2"),
+        (lambda: MuMoE(12, 5, "cp", rank=3), ValueError, r"network 'cp' needs expert_dims"),
+        (lambda: MuMoE(12, 5, "tr", expert_dims=4), ValueError, r"the tr network needs a rank"),
+        (lambda: MuMoE(12, 5, "dense", expert_dims=4, rank=3), ValueError,
+         r"the dense network has no rank"),
+        (lambda: MuMoE(12, 5, cp(4, 12, 6, rank=2)), ValueError,
+         r"network has in_features=12, out_features=6, but the layer was given 12, 5"),
+        (lambda: MuMoE(12, 5, cp(4, 12, 5, rank=2), rank=3), ValueError,
+         r"expert_dims and rank come from the Network"),
+        (lambda: MuMoE(12, 5, "n i r, r o", expert_dims=4, rank="same"), ValueError,
+         r"a parameter budget \('same' or a float\) chooses the rank of a preset only"),
+        (lambda: MuMoE(12, 5, 3), TypeError, r"network must be a Network, a preset name"),
+        (lambda: CPMuMoE(12, 5, 4, rank=3, normalization="batch"), ValueError,
+         r"unknown gate normalization 'batch'; choose 'bn', 'ln' or None"),
+        (lambda: CPMuMoE(12, 5, 4, rank=3, activation="relu"), ValueError,
+         r"unknown gate activation 'relu'; choose one of 'entmax15', 'sparsemax', 'softmax'"),
+        (lambda: MuMoE(12, 5, cp(4, 12, 5, rank=2), gated=False)(torch.randn(2, 12)), ValueError,
+         r"this layer has no gate \(gated=False\): pass gates to forward"),
+    ],
+)  # fmt: skip
+def test_bad_input_raises_clear_errors(call, error, match):
+    with pytest.raises(error, match=match):
+        call()
+
+
+def test_materialize_and_expert_weight_agree():
+    layer = randomise(TRMuMoE(12, 5, (4, 3), rank=2), seed=3)
+    weight = layer.materialize()
+    assert weight.shape == (4, 3, 13, 5)
+    expert = layer.expert_weight((2, 1))
+    torch.testing.assert_close(expert.weight, weight[2, 1, :12])
+    torch.testing.assert_close(expert.bias, weight[2, 1, 12])
+
+
+def test_learning_reaches_the_loss_of_an_equal_size_linear_model():
+    """A μMoE head learns: on a task with two regimes it beats a linear model of equal size."""
+    torch.manual_seed(0)
+    n, d, o = 1024, 32, 8
+    x = torch.randn(n, d)
+    # Regime k = [x_0 > 0] maps x to (v_k . x) w_k: one rank-1 map per regime.
+    v, w = torch.randn(2, d), torch.randn(2, o)
+    regime = (x[:, 0] > 0).long()
+    y = (x * v[regime]).sum(-1, keepdim=True) * w[regime]
+
+    def train(model, steps=400):
+        opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+        for _ in range(steps):
+            opt.zero_grad()
+            torch.nn.functional.mse_loss(model(x), y).backward()
+            opt.step()
+        model.eval()
+        with torch.no_grad():
+            return torch.nn.functional.mse_loss(model(x), y).item()
+
+    layer = CPMuMoE(d, o, 2, rank="same")
+    linear = torch.nn.Linear(d, o)
+    n_layer = sum(p.numel() for p in layer.parameters())
+    assert n_layer <= sum(p.numel() for p in linear.parameters()) == linear_params(d, o)
+    moe_loss, linear_loss = train(layer), train(linear)
+    assert moe_loss <= linear_loss
+    assert moe_loss < 0.5 * linear_loss
