@@ -18,7 +18,7 @@ from collections.abc import Iterator
 import tensorly as tl
 from tensorly.backend import BackendManager
 
-__all__ = ["thread_backend"]
+__all__ = ["preserved_backend", "thread_backend"]
 
 
 @contextlib.contextmanager
@@ -51,6 +51,38 @@ def thread_backend(name: str) -> Iterator[None]:
     try:
         yield
     finally:
+        if previous is missing:
+            local.pop("backend", None)
+        else:
+            local["backend"] = previous
+
+
+@contextlib.contextmanager
+def preserved_backend() -> Iterator[None]:
+    """Undo any change to TensorLy's backend, global or per-thread, made inside.
+
+    For importing libraries that call ``tl.set_backend`` at import time
+    (tensorly-torch sets ``"pytorch"`` for the whole process).
+
+    Examples
+    --------
+    >>> import tensorly as tl
+    >>> with preserved_backend():
+    ...     tl.set_backend("pytorch")
+    >>> tl.get_backend()
+    'numpy'
+    """
+    local = BackendManager._THREAD_LOCAL_DATA.__dict__
+    missing = object()
+    saved = (
+        BackendManager._backend,
+        BackendManager._default_backend,
+        local.get("backend", missing),
+    )
+    try:
+        yield
+    finally:
+        BackendManager._backend, BackendManager._default_backend, previous = saved
         if previous is missing:
             local.pop("backend", None)
         else:

@@ -4,6 +4,7 @@ The one place in mumoe that imports torch (with :mod:`mumoe.compat`):
 ``import mumoe`` works without it.
 """
 
+from mumoe.nn.factorized import FactorizedMuMoE, network_of, to_factorized_tensor
 from mumoe.nn.gating import ACTIVATIONS, MuMoEGate, gate_coefficients, resolve_activation
 from mumoe.nn.init import init_cores_
 from mumoe.nn.layers import (
@@ -21,6 +22,7 @@ from mumoe.nn.layers import (
 __all__ = [
     "ACTIVATIONS",
     "CPMuMoE",
+    "FactorizedMuMoE",
     "GateRecord",
     "MuMoE",
     "MuMoEBlock",
@@ -31,6 +33,8 @@ __all__ = [
     "build_network",
     "gate_coefficients",
     "init_cores_",
+    "network_of",
     "record_gates",
     "resolve_activation",
+    "to_factorized_tensor",
 ]

@@ -195,8 +195,9 @@ class MuMoE(nn.Module):
         self.in_features = in_features
         self.out_features = out_features
         factory: dict[str, Any] = {"device": device, "dtype": dtype}
+        shapes = self.network.core_shapes if self._owns_cores else ()
         self.cores = nn.ParameterList(
-            [nn.Parameter(torch.empty(shape, **factory)) for shape in self.network.core_shapes]
+            [nn.Parameter(torch.empty(shape, **factory)) for shape in shapes]
         )
         self.gate = (
             MuMoEGate(
@@ -212,13 +213,25 @@ class MuMoE(nn.Module):
         self.input_norm = nn.LayerNorm(in_features, **factory) if input_norm else None
         self.reset_parameters()
 
+    #: Whether the cores are this module's own parameters (``self.cores``);
+    #: subclasses that take them from elsewhere set it to False.
+    _owns_cores = True
+
     def reset_parameters(self) -> None:
         """Initialise the cores as the paper does (see :mod:`mumoe.nn.init`) and zero the gate."""
-        self.init_scheme = init_cores_(self.network, list(self.cores))
+        self._init_weights_()
         if self.gate is not None:
             self.gate.reset_parameters()
         if self.input_norm is not None:
             self.input_norm.reset_parameters()
+
+    def _init_weights_(self) -> None:
+        self.init_scheme = init_cores_(self.network, list(self.cores))
+
+    def _weights(self) -> tuple[Network, list[torch.Tensor]]:
+        # The network and cores to contract; subclasses that hold their
+        # weights differently (mumoe.nn.factorized) override this.
+        return self.network, list(self.cores)
 
     def _check_input(self, x: Any) -> None:
         if not isinstance(x, torch.Tensor):
@@ -260,19 +273,20 @@ class MuMoE(nn.Module):
         elif isinstance(gates, torch.Tensor):
             gates = [gates]
         z = self.input_norm(x) if self.input_norm is not None else x
+        network, cores = self._weights()
         with thread_backend("pytorch"):
-            y = functional.forward(self.network, list(self.cores), z, gates)
+            y = functional.forward(network, cores, z, gates)
         return (y, list(gates)) if return_gates else y
 
     def materialize(self) -> torch.Tensor:
         """The dense weight tensor, shape ``(N_1, ..., N_E, I', O)`` (for inspection)."""
         with thread_backend("pytorch"):
-            return functional.materialize(self.network, list(self.cores))
+            return functional.materialize(*self._weights())
 
     def expert_weight(self, index: int | Sequence[int]) -> functional.ExpertWeight:
         """One expert's ``weight`` (I, O) and ``bias`` (O,), without materialising W."""
         with thread_backend("pytorch"):
-            return functional.expert_weight(self.network, list(self.cores), index)
+            return functional.expert_weight(*self._weights(), index)
 
     def extra_repr(self) -> str:
         """Sizes and options, for ``repr``."""

@@ -1,0 +1,81 @@
+"""Training with DistributedDataParallel over two CPU processes (gloo), started here."""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import pytest
+
+torch = pytest.importorskip("torch", reason="torch is not installed (pip install 'mumoe[torch]')")
+import torch.distributed as dist  # noqa: E402
+from torch.nn.parallel import DistributedDataParallel  # noqa: E402
+
+from mumoe.nn import MuMoEBlock, TRMuMoE  # noqa: E402
+
+WORLD = 2
+STEPS = 4
+
+
+def build(normalization):
+    torch.manual_seed(0)
+    if normalization == "bn":
+        return MuMoEBlock(6, 10, 3, network="cp", expert_dims=(4, 2), rank=3)
+    return TRMuMoE(6, 3, 4, rank=2, normalization="ln")
+
+
+def batch(rank, step):
+    generator = torch.Generator().manual_seed(100 * step + rank)
+    return torch.randn(8, 6, generator=generator), torch.randn(8, 3, generator=generator)
+
+
+def train(model, data):
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    for x, y in data:
+        opt.zero_grad()
+        torch.nn.functional.mse_loss(model(x), y).backward()
+        opt.step()
+
+
+def worker(rank, port, out):
+    os.environ["MASTER_ADDR"] = "127.0.0.1"
+    os.environ["MASTER_PORT"] = str(port)
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    try:
+        for normalization in ("bn", "ln"):
+            model = DistributedDataParallel(build(normalization))
+            train(model, [batch(rank, step) for step in range(STEPS)])
+            model.eval()
+            model(batch(rank, STEPS)[0])  # an eval forward broadcasts rank 0's buffers
+            torch.save(model.module.state_dict(), os.path.join(out, f"{normalization}-{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_ddp_keeps_replicas_identical_and_averages_gradients(tmp_path):
+    torch.multiprocessing.spawn(worker, args=(free_port(), str(tmp_path)), nprocs=WORLD, join=True)
+    for normalization in ("bn", "ln"):
+        states = [torch.load(tmp_path / f"{normalization}-{r}.pt") for r in range(WORLD)]
+        initial = build(normalization).state_dict()
+        for key, value in states[0].items():
+            torch.testing.assert_close(states[1][key], value, rtol=0, atol=0, msg=key)
+        assert any(not torch.equal(states[0][k], initial[k]) for k in initial)
+
+    # Without cross-sample statistics (layer-norm gating), DDP over two ranks is
+    # plain training on the union of their batches.
+    single = build("ln")
+    union = []
+    for step in range(STEPS):
+        parts = [batch(rank, step) for rank in range(WORLD)]
+        union.append((torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])))
+    train(single, union)
+    states = torch.load(tmp_path / "ln-0.pt")
+    for key, value in single.state_dict().items():
+        torch.testing.assert_close(states[key], value, rtol=1e-5, atol=1e-6, msg=key)
