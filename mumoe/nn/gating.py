@@ -118,9 +118,9 @@ class MuMoEGate(nn.Module):
     device, dtype
         Of the parameters, as for ``torch.nn.Linear``.
 
-    Shape
+    Notes
     -----
-    ``(..., I) -> [(..., N_1), ..., (..., N_E)]``
+    Maps an input ``(..., I)`` to ``[(..., N_1), ..., (..., N_E)]``.
 
     Examples
     --------
