@@ -13,15 +13,17 @@ flows through every function.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 import numpy as np
 import tensorly as tl
 
 from mumoe.network import Network
+from mumoe.plan import Plan
 from mumoe.typing import Tensor
-from mumoe.validation import check_cores, check_tensor
+from mumoe.validation import check_cores, check_tensor, is_tensor
 
 __all__ = ["ExpertWeight", "expert_weight", "forward", "materialize", "random_cores"]
 
@@ -97,7 +99,7 @@ def forward(
         )
     batch_shape = shape[:-1]
 
-    if tl.is_tensor(gates):
+    if is_tensor(gates, backend):
         if network.n_levels != 1:
             raise TypeError(
                 f"gates must be a list of {network.n_levels} tensors, one per expert level "
@@ -127,16 +129,33 @@ def forward(
     batch_size = math.prod(batch_shape)
     flat = len(batch_shape) == 1
     rows = x if flat else tl.reshape(x, (batch_size, network.in_features))
-    if network.bias:
-        ones = tl.ones((batch_size, 1), **_creation_context(x))
-        rows = tl.concatenate([rows, ones], axis=1)
     if not flat:
         gates = [
             tl.reshape(g, (batch_size, n)) for g, n in zip(gates, network.expert_dims, strict=True)
         ]
-    plan = network.forward_plan(batch_size, backend, dtype)
-    out = plan(*gates, rows, *cores)
+
+    def run(plan: Plan) -> Tensor:
+        z = rows
+        if network.bias and not plan.program.split:
+            # The path could not add the bias inside the contraction: z = [x, 1].
+            ones = tl.ones((batch_size, 1), **_creation_context(x))
+            z = tl.concatenate([rows, ones], axis=1)
+        return plan(*gates, z, *cores)
+
+    timer = (lambda plan: _time(run, plan)) if network.autotune else None
+    out = run(network.forward_plan(batch_size, backend, dtype, timer))
     return out if flat else tl.reshape(out, (*batch_shape, network.out_features))
+
+
+def _time(run: Callable[[Plan], Tensor], plan: Plan, repeats: int = 3) -> float:
+    # Autotuning: the best of a few runs of a candidate plan on the real operands.
+    run(plan)  # warm-up
+    best = math.inf
+    for _ in range(repeats):
+        start = time.perf_counter()
+        run(plan)
+        best = min(best, time.perf_counter() - start)
+    return best
 
 
 def materialize(network: Network, cores: Sequence[Tensor]) -> Tensor:

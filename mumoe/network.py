@@ -15,17 +15,21 @@ from __future__ import annotations
 
 import math
 import operator
-from collections.abc import Hashable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from types import MappingProxyType
 from typing import Any
 
 import opt_einsum
 
+from mumoe.contraction import PairStep
 from mumoe.plan import DEFAULT_OPTIMIZE, Plan, PlanCache, batch_bucket
 from mumoe.spec import INPUT, OUTPUT, parse_spec
 from mumoe.typing import RankLike, Shape
 
-__all__ = ["Network", "positive_int"]
+__all__ = ["AUTOTUNE_OPTIMIZERS", "Network", "positive_int"]
+
+#: The opt_einsum optimisers whose paths autotuning times, besides the network's own.
+AUTOTUNE_OPTIMIZERS = ("optimal", "greedy", "branch-2", "dp")
 
 
 def positive_int(value: Any, what: str) -> int:
@@ -74,10 +78,16 @@ class Network:
         The name of the factorisation, shown by :meth:`describe`; the
         presets set it to ``"cp"``, ``"tucker"``, ``"tt"``, ``"tr"`` or
         ``"dense"``.
-    optimize : str, default "auto-hq"
-        The opt_einsum path optimiser used when a plan is first built.
+    optimize : str or path, default "auto-hq"
+        The opt_einsum path optimiser used when a plan is first built, or an
+        explicit path (opt_einsum's format) for the forward contraction of
+        ``(*gates, x, *cores)``; the other contractions then use "auto-hq".
     cache_size : int, default 32
         The most compiled plans this network keeps.
+    autotune : bool, default False
+        Time the candidate plans of :data:`AUTOTUNE_OPTIMIZERS` on the first
+        forward call with each new batch bucket, backend and dtype, and keep
+        the fastest; otherwise use the path of ``optimize``.
 
     Raises
     ------
@@ -107,8 +117,9 @@ class Network:
         rank: RankLike | None = None,
         bias: bool = True,
         format: str = "custom",
-        optimize: str = DEFAULT_OPTIMIZE,
+        optimize: str | Sequence[tuple[int, ...]] = DEFAULT_OPTIMIZE,
         cache_size: int = 32,
+        autotune: bool = False,
     ) -> None:
         parsed = parse_spec(spec)
         n_levels = len(parsed.expert_legs)
@@ -136,6 +147,9 @@ class Network:
         self.bias: bool = bias
         self.format: str = str(format)
         self.optimize = optimize
+        if not isinstance(autotune, bool):
+            raise TypeError(f"autotune must be True or False, got {autotune!r}")
+        self.autotune = autotune
         self.ranks: Mapping[str, int] = MappingProxyType(self._bond_sizes(rank))
 
         sizes = dict(zip(self.expert_legs, dims, strict=True))
@@ -266,7 +280,13 @@ class Network:
 
     # ------------------------------------------------------------------ plans
 
-    def forward_plan(self, batch_size: int, backend: str, dtype: Hashable) -> Plan:
+    def forward_plan(
+        self,
+        batch_size: int,
+        backend: str,
+        dtype: Hashable,
+        timer: Callable[[Plan], float] | None = None,
+    ) -> Plan:
         """The compiled forward contraction for a batch of ``batch_size`` rows.
 
         Plans are cached per ``(batch bucket, backend, dtype)``; the path is
@@ -280,21 +300,42 @@ class Network:
             TensorLy backend name the operands live on.
         dtype : hashable
             The operands' dtype.
+        timer : callable, optional
+            With ``autotune``, measures a candidate plan on the caller's
+            operands (seconds); the fastest candidate is cached.
 
         Returns
         -------
         Plan
             Called with ``(*gates, x, *cores)``: each gate ``(B, N_e)``, ``x``
-            of shape ``(B, I')`` and the cores; returns ``(B, O)``.
+            and the cores; returns ``(B, O)``.  With a bias, ``x`` is
+            ``(B, I)`` when ``plan.program.split`` (the bias is added inside
+            the contraction) and ``(B, I + 1)``, ones last, otherwise.
         """
         bucket = batch_bucket(batch_size)
         key = ("forward", bucket, backend, dtype)
+        if self.autotune and timer is not None:
+            return self._plans.get(key, lambda: self._tune_forward(bucket, timer))
         return self._plans.get(key, lambda: self._build_forward(bucket))
 
-    def _build_forward(self, batch_size: int) -> Plan:
+    def _tune_forward(self, batch_size: int, timer: Callable[[Plan], float]) -> Plan:
+        candidates: dict[tuple[tuple[int, ...], ...], Plan] = {}
+        for optimize in (self.optimize, *AUTOTUNE_OPTIMIZERS):
+            plan = self._build_forward(batch_size, optimize)
+            candidates.setdefault(plan.path, plan)
+        return min(candidates.values(), key=timer)
+
+    def _build_forward(self, batch_size: int, optimize: Any = None) -> Plan:
         shapes: list[Shape] = [(batch_size, n) for n in self.expert_dims]
         shapes += [(batch_size, self.sizes[INPUT]), *self.core_shapes]
-        return Plan.build(self.einsum_equation, shapes, self.optimize)
+        split = self.n_levels if self.bias else None  # x follows the gates
+        return Plan.build(
+            self.einsum_equation,
+            shapes,
+            self.optimize if optimize is None else optimize,
+            lead=self._batch,
+            split=split,
+        )
 
     def materialize_plan(self, backend: str, dtype: Hashable) -> Plan:
         """The compiled contraction of all cores into ``W`` (``weight_shape``)."""
@@ -304,7 +345,7 @@ class Network:
     def _build_materialize(self) -> Plan:
         output = self._term([*self.expert_legs, INPUT, OUTPUT])
         equation = ",".join(map(self._term, self.cores)) + "->" + output
-        return Plan.build(equation, self.core_shapes, self.optimize)
+        return Plan.build(equation, self.core_shapes, self._other_optimize)
 
     def expert_plan(self, backend: str, dtype: Hashable) -> Plan:
         """The compiled contraction of the cores, expert legs sliced away, into ``(I', O)``.
@@ -319,7 +360,12 @@ class Network:
         kept = [[leg for leg in legs if leg not in experts] for legs in self.cores]
         shapes = [[self.sizes[leg] for leg in legs] for legs in kept]
         equation = ",".join(map(self._term, kept)) + "->" + self._term([INPUT, OUTPUT])
-        return Plan.build(equation, shapes, self.optimize)
+        return Plan.build(equation, shapes, self._other_optimize)
+
+    @property
+    def _other_optimize(self) -> str:
+        # An explicit path fits the forward equation only.
+        return self.optimize if isinstance(self.optimize, str) else DEFAULT_OPTIMIZE
 
     @property
     def plans(self) -> PlanCache:
@@ -386,12 +432,14 @@ class Network:
         operands += [f"core {k}" for k in range(self.n_cores)]
         steps = []
         names = list(operands)
-        for n, (contraction, step) in enumerate(zip(plan.path, plan.steps, strict=True), 1):
-            picked = [names[j] for j in contraction]
+        for n, (contraction, step) in enumerate(zip(plan.path, plan.program.steps, strict=True), 1):
+            order = (step.left, step.right) if isinstance(step, PairStep) else contraction
+            picked = [names[j] for j in order]
             for j in sorted(contraction, reverse=True):
                 del names[j]
             names.append(f"({n})")
-            steps.append(f"({n}) {' * '.join(picked)}: {step}")
+            kind = step.kind if isinstance(step, PairStep) else "sum"
+            steps.append(f"({n}) {' * '.join(picked)}: {step.equation}  [{kind}]")
 
         pad = "\n" + " " * 14
         lines = [
@@ -406,8 +454,21 @@ class Network:
             f"  path        batch {batch_size}, opt_einsum {self.optimize!r}:{pad}"
             + pad.join(steps),
             f"  FLOPs       {self._flops(batch_size, plan.path):,} for batch {batch_size}",
+            f"  bias        {self._bias_text(plan)}",
         ]
         return "\n".join(lines)
+
+    def _bias_text(self, plan: Plan) -> str:
+        if not self.bias:
+            return "none"
+        if plan.program.split:
+            step = next(
+                k
+                for k, s in enumerate(plan.program.steps, 1)
+                if isinstance(s, PairStep) and s.split
+            )
+            return f"x @ core[:I] + core[I] in step ({step}); no column of ones"
+        return "a column of ones concatenated to x (the path meets x before its core)"
 
     # ------------------------------------------------------- identity, pickle
 

@@ -1,13 +1,14 @@
 r"""Compiled contractions and the bounded cache that keeps them.
 
-A :class:`Plan` is one einsum equation compiled by opt_einsum for one set of
-operand shapes: the path search runs once, when the plan is built, and every
-call afterwards only executes the pairwise steps.  Plans are stored in a
+A :class:`Plan` is one einsum equation compiled for one set of operand
+shapes: opt_einsum searches the path once, when the plan is built, and
+:mod:`mumoe.contraction` compiles its pairwise steps into matrix multiplies
+with fixed layouts; every call afterwards only executes them.  Plans are stored in a
 :class:`PlanCache`, a small thread-safe LRU owned by each
 :class:`~mumoe.network.Network` and keyed by plain tuples.
 
-An opt_einsum expression stays valid for operands whose sizes differ from the
-ones it was built for, as long as their number of dimensions agrees.  The
+A compiled plan stays valid for operands whose sizes differ from the ones it
+was built for, as long as their number of dimensions agrees.  The
 network uses that to key forward plans on a power-of-two *bucket* of the batch
 size rather than on the exact size, so a data loader whose last batch is
 smaller, or sequences of varying length, do not fill the cache.
@@ -22,6 +23,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import opt_einsum
+
+from mumoe.contraction import Program, compile_program
 
 __all__ = ["DEFAULT_OPTIMIZE", "Plan", "PlanCache", "batch_bucket"]
 
@@ -63,6 +66,8 @@ class Plan:
         Number of elements of the largest intermediate tensor at ``shapes``.
     steps : tuple of str
         The pairwise steps, one einsum sub-equation each.
+    program : mumoe.contraction.Program
+        The steps compiled to matrix multiplies with fixed layouts.
     """
 
     equation: str
@@ -71,7 +76,7 @@ class Plan:
     flops: int
     largest_intermediate: int
     steps: tuple[str, ...]
-    _expression: Any
+    program: Program
 
     @classmethod
     def build(
@@ -79,17 +84,26 @@ class Plan:
         equation: str,
         shapes: Sequence[Sequence[int]],
         optimize: str | Sequence[tuple[int, ...]] = DEFAULT_OPTIMIZE,
+        *,
+        lead: str | None = None,
+        split: int | None = None,
     ) -> Plan:
         """Search a contraction path and compile it.
 
         Parameters
         ----------
         equation : str
-            An einsum equation with an explicit output (``"...->..."``).
+            An einsum equation with an explicit output (``"...->..."``), one
+            character per leg.
         shapes : sequence of shapes
             The operand shapes to optimise for.
         optimize : str or path
             Any optimiser opt_einsum accepts, or an explicit path.
+        lead : str, optional
+            A leg to keep leading in every intermediate (the batch rows).
+        split : int, optional
+            Position of an input operand ``(lead, i)`` that comes without its
+            bias column: see :func:`mumoe.contraction.compile_program`.
 
         Returns
         -------
@@ -97,7 +111,11 @@ class Plan:
         """
         dims = tuple(tuple(int(d) for d in s) for s in shapes)
         path, info = opt_einsum.contract_path(equation, *dims, shapes=True, optimize=optimize)
-        expression = opt_einsum.contract_expression(equation, *dims, optimize=path)
+        inputs, output = equation.split("->")
+        terms = inputs.split(",")
+        sizes = {leg: d for term, shape in zip(terms, dims, strict=True)
+                 for leg, d in zip(term, shape, strict=True)}  # fmt: skip
+        program = compile_program(terms, output, path, sizes, lead=lead, split=split)
         return cls(
             equation=equation,
             shapes=dims,
@@ -105,12 +123,12 @@ class Plan:
             flops=int(info.opt_cost),
             largest_intermediate=int(info.largest_intermediate),
             steps=tuple(step[2] for step in info.contraction_list),
-            _expression=expression,
+            program=program,
         )
 
     def __call__(self, *operands: Any) -> Any:
         """Contract ``operands`` (arrays of one backend) along the compiled path."""
-        return self._expression(*operands)
+        return self.program(operands)
 
 
 class PlanCache:

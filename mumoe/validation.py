@@ -16,7 +16,7 @@ import tensorly as tl
 from mumoe.network import Network
 from mumoe.typing import Shape, Tensor
 
-__all__ = ["check_cores", "check_tensor", "dtype_name", "is_floating"]
+__all__ = ["check_cores", "check_tensor", "dtype_name", "is_floating", "is_tensor"]
 
 
 def dtype_name(dtype: Any) -> str:
@@ -26,8 +26,33 @@ def dtype_name(dtype: Any) -> str:
 
 def is_floating(dtype: Any) -> bool:
     """Whether ``dtype`` is a real or complex floating-point dtype, on any backend."""
-    name = dtype_name(dtype)
-    return "float" in name or "complex" in name
+    known = _FLOATING.get(dtype)
+    if known is None:
+        name = dtype_name(dtype)
+        known = "float" in name or "complex" in name
+        if len(_FLOATING) < 256:  # dtypes are few; the bound is a safeguard
+            _FLOATING[dtype] = known
+    return known
+
+
+def is_tensor(array: Any, backend: str) -> bool:
+    """``tl.is_tensor(array)`` for the active ``backend``, remembered per array type.
+
+    Whether an object is a backend's tensor depends on its type only, so the
+    answer is kept per ``(backend, type)``: a dictionary lookup instead of
+    TensorLy's dispatch on every operand of every call.
+    """
+    key = (backend, type(array))
+    known = _TENSOR_TYPES.get(key)
+    if known is None:
+        known = bool(tl.is_tensor(array))
+        if len(_TENSOR_TYPES) < 256:
+            _TENSOR_TYPES[key] = known
+    return known
+
+
+_FLOATING: dict[Any, bool] = {}
+_TENSOR_TYPES: dict[tuple[str, type], bool] = {}
 
 
 def check_tensor(array: Any, name: str, backend: str, dtype: Any = None, like: str = "x") -> Shape:
@@ -56,7 +81,7 @@ def check_tensor(array: Any, name: str, backend: str, dtype: Any = None, like: s
     TypeError
         If ``array`` is not a tensor of ``backend`` or has the wrong dtype.
     """
-    if not tl.is_tensor(array):
+    if not is_tensor(array, backend):
         raise TypeError(
             f"{name} is a {type(array).__module__}.{type(array).__qualname__}, not a tensor of "
             f"the active TensorLy backend {backend!r}; convert it with tl.tensor(...) or "
@@ -95,7 +120,7 @@ def check_cores(network: Network, cores: Sequence[Tensor], backend: str, dtype: 
     ValueError
         If the number of cores or the shape of a core is wrong.
     """
-    if tl.is_tensor(cores) or not isinstance(cores, Sequence):
+    if is_tensor(cores, backend) or not isinstance(cores, Sequence):
         raise TypeError(
             f"cores must be a list or tuple of {network.n_cores} tensors, "
             f"got {type(cores).__qualname__}"

@@ -388,3 +388,32 @@ def test_learning_reaches_the_loss_of_an_equal_size_linear_model():
     moe_loss, linear_loss = train(layer), train(linear)
     assert moe_loss <= linear_loss
     assert moe_loss < 0.5 * linear_loss
+
+
+@settings(max_examples=30)
+@given(
+    st.integers(1, 300),
+    st.integers(1, 6),
+    st.floats(0.1, 8.0),
+    st.booleans(),
+    st.integers(0, 2**31),
+)
+def test_partial_sort_gates_equal_the_full_sort(n, rows, scale, ties, seed):
+    """The gate's entmax-1.5 / sparsemax (top-k, k doubling) equal entmax's full sort."""
+    from entmax import entmax15, sparsemax
+
+    from mumoe.nn.gating import ACTIVATIONS
+
+    generator = torch.Generator().manual_seed(seed)
+    logits = torch.randn(rows, n, generator=generator, dtype=torch.float64) * scale
+    if ties:  # many equal logits, the support crossing the top-k boundary
+        logits = logits.round()
+    logits.requires_grad_()
+    for name, full in (("entmax15", entmax15), ("sparsemax", sparsemax)):
+        ours = ACTIVATIONS[name](logits)
+        reference = full(logits, dim=-1)
+        torch.testing.assert_close(ours, reference, rtol=1e-12, atol=1e-12)
+        weights = torch.randn(rows, n, generator=generator, dtype=torch.float64)
+        (g_ours,) = torch.autograd.grad((ours * weights).sum(), logits)
+        (g_ref,) = torch.autograd.grad((reference * weights).sum(), logits)
+        torch.testing.assert_close(g_ours, g_ref, rtol=1e-10, atol=1e-12)

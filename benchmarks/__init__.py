@@ -1,0 +1,1 @@
+"""mumoe's benchmark suite: ``python -m benchmarks --help``."""

@@ -1,0 +1,318 @@
+r"""Executing a contraction path as matrix multiplies, on any backend.
+
+opt_einsum finds a good *order* of pairwise contractions; how each pair is
+*dispatched* decides the wall time.  Its default dispatch (``tensordot``,
+or ``einsum`` when a leg is shared by both operands and kept) permutes the
+operands into matrices on every call and returns the batch leg last, so the
+next step becomes a batched multiply with a batch stride of one, which BLAS
+runs sample by sample.
+
+Each pairwise step here is compiled once into a matrix multiply with fixed
+layouts:
+
+* the operand that holds the leading leg (the batch rows) goes on the left,
+  so every intermediate is laid out ``(batch..., left..., right...)`` and is
+  already in matrix layout for the next step;
+* the legs summed over follow the order of the larger operand, so only the
+  smaller one (usually a core) is permuted;
+* a step with no summed leg is a broadcast product (a Hadamard product for
+  CP), and one whose only kept legs are shared is a batched dot product;
+* the bias: with ``split`` the input ``x`` keeps its ``I`` columns and the
+  step that meets the core holding the input leg computes
+  ``x @ core[:I] + core[I]``, instead of concatenating a column of ones to
+  ``x`` on every call.
+
+Only ``tl.transpose``, ``reshape``, ``@``, ``*``, ``+``, ``sum`` and slicing are
+used, so NumPy, CuPy and PyTorch (with autograd) run the same steps.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import tensorly as tl
+
+__all__ = ["PairStep", "Program", "SumStep", "compile_program"]
+
+
+@dataclass(frozen=True)
+class SumStep:
+    """Sum one operand over legs nothing else needs; the result is appended."""
+
+    position: int
+    axes: tuple[int, ...]
+    legs: str
+    equation: str  # e.g. "abc->ab"
+
+
+@dataclass(frozen=True)
+class PairStep:
+    """One pairwise contraction, compiled to a fixed layout.
+
+    The operands at positions ``left`` and ``right`` of the working list are
+    removed and the result appended.  After ``*_sum`` (legs summed away
+    alone) and ``*_perm``, the left operand is ``(batch, M, K)`` and the right
+    one ``(batch, K, N)``, each group possibly several legs.
+    """
+
+    left: int
+    right: int
+    left_sum: tuple[int, ...]
+    right_sum: tuple[int, ...]
+    left_perm: tuple[int, ...] | None
+    right_perm: tuple[int, ...] | None
+    n_batch: int
+    n_m: int
+    n_k: int
+    kind: str  # "matmul", "hadamard", "outer" or "dot"
+    split: bool  # the right operand's K leg holds an extra bias slice
+    legs: str  # the legs of the result
+    #: Whether a matmul needs its operands reshaped into matrices (some group
+    #: has several legs, or a batched matrix-vector product); False: plain ``@``.
+    reshape: bool
+    equation: str  # the step in the compiled layouts, e.g. "ab,be->ae"
+
+
+@dataclass(frozen=True)
+class Program:
+    """A contraction path compiled to :class:`PairStep` s."""
+
+    steps: tuple[PairStep | SumStep, ...]
+    final_perm: tuple[int, ...] | None
+    #: Whether the split of the input's bias was compiled in (see ``compile_program``).
+    split: bool
+
+    def __post_init__(self) -> None:
+        # Each step as a closure over its constants: the per-call work is the
+        # arithmetic, not reading the step description.
+        object.__setattr__(self, "_runners", tuple(map(_runner, self.steps)))
+
+    def __call__(self, operands: Sequence[Any]) -> Any:
+        """Contract ``operands`` (arrays of one backend) along the compiled steps."""
+        ops = list(operands)
+        for run in self._runners:  # type: ignore[attr-defined]
+            run(ops)
+        result = ops[0]
+        return result if self.final_perm is None else _transpose(result, self.final_perm)
+
+
+def _transpose(x: Any, perm: tuple[int, ...]) -> Any:
+    return x.T if perm == (1, 0) else tl.transpose(x, perm)
+
+
+def _runner(step: PairStep | SumStep) -> Any:
+    if isinstance(step, SumStep):
+        position, axes = step.position, step.axes
+
+        def run_sum(ops: list[Any]) -> None:
+            # torch reads an empty dim tuple as "every dim": skip no-op sums
+            operand = ops.pop(position)
+            ops.append(operand.sum(axes) if axes else operand)
+
+        return run_sum
+    left, right = step.left, step.right
+    first, second = max(left, right), min(left, right)
+
+    def run_pair(ops: list[Any]) -> None:
+        a, b = ops[left], ops[right]
+        del ops[first]
+        del ops[second]
+        ops.append(_pair(step, a, b))
+
+    return run_pair
+
+
+def _pair(step: PairStep, a: Any, b: Any) -> Any:
+    if step.left_sum:
+        a = a.sum(step.left_sum)
+    if step.right_sum:
+        b = b.sum(step.right_sum)
+    if step.left_perm is not None:
+        a = _transpose(a, step.left_perm)
+    if step.right_perm is not None:
+        b = _transpose(b, step.right_perm)
+    if step.kind == "hadamard":
+        return a * b
+    if step.kind == "matmul" and not step.reshape:
+        # Every group is at most one leg: the operands are matrices already.
+        if step.split:
+            k = a.shape[-1]
+            return a @ b[..., :k, :] + b[..., k:, :]
+        return a @ b
+    nb, nm, nk = step.n_batch, step.n_m, step.n_k
+    a_shape, b_shape = tuple(a.shape), tuple(b.shape)
+    batch, m_shape = a_shape[:nb], a_shape[nb : nb + nm]
+    n_shape = b_shape[nb + nk :]
+    m, k, n = math.prod(m_shape), math.prod(a_shape[nb + nm :]), math.prod(n_shape)
+    out_shape = (*batch, *m_shape, *n_shape)
+    if step.kind == "outer":
+        return (a.reshape(*batch, m, 1) * b.reshape(*batch, 1, n)).reshape(out_shape)
+    if step.kind == "dot":
+        return (a.reshape(*batch, k) * b.reshape(*batch, k)).sum(-1).reshape(out_shape)
+    lead = (math.prod(batch),) if nb else ()
+    a2 = a.reshape(*lead, m, k)
+    if step.split:
+        b2 = b.reshape(*lead, k + 1, n)
+        c = a2 @ b2[..., :k, :] + b2[..., k:, :]
+    else:
+        c = a2 @ b.reshape(*lead, k, n)
+    return c.reshape(out_shape)
+
+
+def compile_program(
+    inputs: Sequence[str],
+    output: str,
+    path: Sequence[Sequence[int]],
+    sizes: Mapping[str, int],
+    *,
+    lead: str | None = None,
+    split: int | None = None,
+) -> Program:
+    """Compile a pairwise contraction path into matrix-multiply steps.
+
+    Parameters
+    ----------
+    inputs : sequence of str
+        The legs of each operand, one character per leg.
+    output : str
+        The legs of the result.
+    path : sequence of pairs
+        opt_einsum's path (positions in the working list).
+    sizes : mapping
+        The size of every leg at the shapes the path was searched for; used
+        to choose which operand to permute.
+    lead : str, optional
+        The leg to keep leading in every intermediate (the batch rows).
+    split : int, optional
+        Position of the input operand ``x`` whose legs are ``(lead, i)`` with
+        ``i`` one shorter than its partner's (the bias slice).  If the path
+        contracts ``x`` first with an operand holding ``i`` in a matrix
+        multiply, the bias is added there; otherwise the program is compiled
+        without the split and ``Program.split`` is False (concatenate ones).
+
+    Returns
+    -------
+    Program
+    """
+    program = _compile(inputs, output, path, sizes, lead, split)
+    if split is not None and not program.split:
+        program = _compile(inputs, output, path, sizes, lead, None)
+    return program
+
+
+def _compile(
+    inputs: Sequence[str],
+    output: str,
+    path: Sequence[Sequence[int]],
+    sizes: Mapping[str, int],
+    lead: str | None,
+    split: int | None,
+) -> Program:
+    operands = [str(legs) for legs in inputs]
+    origin: list[int | None] = list(range(len(operands)))
+    steps: list[PairStep | SumStep] = []
+    did_split = False
+    for contraction in path:
+        if len(contraction) == 1:
+            (k,) = contraction
+            others = [legs for p, legs in enumerate(operands) if p != k]
+            needed = set(output).union(*others)
+            if split is not None and origin[k] == split:
+                return Program(tuple(steps), None, split=False)
+            legs = operands.pop(k)
+            origin.pop(k)
+            axes = tuple(p for p, leg in enumerate(legs) if leg not in needed)
+            kept = "".join(leg for leg in legs if leg in needed)
+            steps.append(SumStep(k, axes, kept, f"{legs}->{kept}"))
+            operands.append(kept)
+            origin.append(None)
+            continue
+        if len(contraction) != 2:
+            raise ValueError(f"only pairwise paths are compiled, got step {tuple(contraction)}")
+        i, j = contraction
+        others = [legs for k, legs in enumerate(operands) if k not in (i, j)]
+        needed = set(output).union(*others)
+        left, right = i, j
+        if split is not None and origin[j] == split:
+            left, right = j, i
+        elif split is None or origin[i] != split:
+            if lead is not None and lead in operands[j] and lead not in operands[i]:
+                left, right = j, i
+        la, lb = operands[left], operands[right]
+        left_sum = tuple(p for p, leg in enumerate(la) if leg not in lb and leg not in needed)
+        right_sum = tuple(p for p, leg in enumerate(lb) if leg not in la and leg not in needed)
+        la = "".join(leg for p, leg in enumerate(la) if p not in left_sum)
+        lb = "".join(leg for p, leg in enumerate(lb) if p not in right_sum)
+        batch = [leg for leg in la if leg in lb and leg in needed]
+        if lead in batch:
+            batch.remove(lead)
+            batch.insert(0, lead)
+        m = [leg for leg in la if leg not in lb]
+        n = [leg for leg in lb if leg not in la]
+        summed = min(
+            ([leg for leg in la if leg in lb and leg not in needed],
+             [leg for leg in lb if leg in la and leg not in needed]),
+            key=lambda k: _copy_cost(la, [batch, m, k], sizes)
+            + _copy_cost(lb, [batch, k, n], sizes),
+        )  # fmt: skip
+        new_a = "".join(batch + m + summed)
+        new_b = "".join(batch + summed + n)
+        kind = "matmul" if summed and (m or n) else ("dot" if summed else "outer")
+        if kind == "outer" and not m and not n:
+            kind = "hadamard"  # shared legs only, in the same order after the perms
+        plain = len(batch) <= 1 and len(m) == 1 and len(summed) == 1 and len(n) == 1
+        is_split = (
+            split is not None
+            and origin[left] == split
+            and kind == "matmul"
+            and len(summed) == 1
+            and not batch[1:]
+        )
+        if split is not None and split in (origin[left], origin[right]) and not is_split:
+            return Program(tuple(steps), None, split=False)  # the bias cannot be split here
+        did_split = did_split or is_split
+        steps.append(
+            PairStep(
+                left=left,
+                right=right,
+                left_sum=left_sum,
+                right_sum=right_sum,
+                left_perm=_perm(la, new_a),
+                right_perm=_perm(lb, new_b),
+                n_batch=len(batch),
+                n_m=len(m),
+                n_k=len(summed),
+                kind=kind,
+                split=is_split,
+                legs="".join(batch + m + n),
+                reshape=not plain,
+                equation=f"{new_a},{new_b}->{''.join(batch + m + n)}",
+            )
+        )
+        for k in sorted((i, j), reverse=True):
+            del operands[k]
+            del origin[k]
+        operands.append("".join(batch + m + n))
+        origin.append(None)
+    if len(operands) != 1 or sorted(operands[0]) != sorted(output):
+        raise ValueError(f"path {path} does not contract {inputs} into {output!r}")
+    return Program(tuple(steps), _perm(operands[0], output), split=did_split)
+
+
+def _copy_cost(legs: str, groups: Sequence[Sequence[str]], sizes: Mapping[str, int]) -> int:
+    # Elements copied to lay a contiguous operand out as matrices of `groups`
+    # (its legs permuted group after group, each group merged into one axis):
+    # none when every group is a run of consecutive axes in memory order.
+    for group in groups:
+        axes = [legs.index(leg) for leg in group]
+        if axes and axes != list(range(axes[0], axes[0] + len(axes))):
+            return math.prod(sizes[leg] for leg in legs)
+    return 0
+
+
+def _perm(have: str, want: str) -> tuple[int, ...] | None:
+    perm = tuple(have.index(leg) for leg in want)
+    return None if perm == tuple(range(len(perm))) else perm

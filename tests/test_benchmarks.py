@@ -1,0 +1,30 @@
+"""The benchmark suite runs (a smoke test: ``--quick`` shapes; timing is not tested)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+from conftest import ROOT
+
+pytest.importorskip("torch", reason="the benchmarks time torch implementations")
+pytest.importorskip("einops", reason="the reference order is written with einops (mumoe[bench])")
+
+
+def test_quick_run_writes_every_configuration(tmp_path):
+    out = tmp_path / "bench.json"
+    result = subprocess.run(
+        [sys.executable, "-m", "benchmarks", "--quick", "--threads", "1", "--json", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    records = json.loads(out.read_text())["records"]
+    configs = {r["config"] for r in records}
+    assert {"quick-cp", "quick-tr-h2", "quick-tucker", "quick-tt", "tiny-cp", "tiny-tr"} <= configs
+    for record in records:
+        assert record["forward_ms"] > 0 and record["forward_backward_ms"] > 0
+    impls = {r["impl"] for r in records if r["table"] == "contraction"}
+    assert {"mumoe", "reference order", "limit", "opt_einsum optimal"} <= impls
+    assert "## quick-cp" in result.stdout

@@ -1,0 +1,120 @@
+"""The compiled contraction (mumoe.contraction): any path, any network, the bias split."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import tensorly as tl
+from hypothesis import given
+from hypothesis import strategies as st
+
+from mumoe import Network, cp, forward, materialize, random_cores, tr
+from mumoe.contraction import PairStep
+from mumoe.network import AUTOTUNE_OPTIMIZERS
+from mumoe.plan import Plan
+from mumoe.testing import (
+    assert_close,
+    batch_shapes,
+    dense_forward,
+    n_terms,
+    networks,
+    random_inputs,
+)
+
+
+def rebuilt(net, **options):
+    return Network(net.spec, net.expert_dims, net.in_features, net.out_features,
+                   rank=dict(net.ranks), bias=net.bias, **options)  # fmt: skip
+
+
+@given(networks(), batch_shapes(), st.sampled_from(AUTOTUNE_OPTIMIZERS), st.integers(0, 2**31))
+def test_every_optimizers_path_computes_eq1(net, batch_shape, optimize, seed):
+    net = rebuilt(net, optimize=optimize)
+    cores = random_cores(net, random_state=seed)
+    x, gates = random_inputs(net, batch_shape, random_state=seed)
+    expected = dense_forward(materialize(net, cores), x, gates, net.bias)
+    assert_close(forward(net, cores, x, gates), expected, "float64", scale=n_terms(net))
+
+
+def test_the_bias_falls_back_to_a_ones_column_when_x_meets_a_gate_first():
+    base = cp(4, 3, 2, rank=2)
+    # Operands: gate, x, U_n, U_i, U_o. Contract gate with x first: no core holds i there.
+    net = rebuilt(base, optimize=[(0, 1), (0, 1), (0, 1), (0, 1)])
+    plan = net.forward_plan(5, "numpy", np.dtype("float64"))
+    assert not plan.program.split
+    assert "a column of ones" in net.describe(5)
+    cores = random_cores(net, random_state=0)
+    x, gates = random_inputs(net, (5,), random_state=1)
+    expected = dense_forward(materialize(net, cores), x, gates, True)
+    assert_close(forward(net, cores, x, gates), expected, "float64", scale=100)
+
+
+def test_cp_compiles_to_the_hand_written_sequence():
+    plan = cp(16, 8, 4, rank=3).forward_plan(32, "numpy", np.dtype("float64"))
+    kinds = [(s.kind, s.reshape, s.split) for s in plan.program.steps]
+    # gate @ U_n; x @ U_i[:I] + U_i[I]; Hadamard; h @ U_o.T — no reshapes, no copies
+    assert kinds == [("matmul", False, False), ("matmul", False, True),
+                     ("hadamard", True, False), ("matmul", False, False)]  # fmt: skip
+    assert plan.program.steps[-1].right_perm == (1, 0)  # a transposed view
+
+
+def test_intermediates_keep_the_batch_leading():
+    plan = tr((8, 4), 16, 10, rank=3).forward_plan(64, "numpy", np.dtype("float64"))
+    for step in plan.program.steps:
+        if isinstance(step, PairStep) and "a" in step.legs:
+            assert step.legs[0] == "a"  # opt_einsum's symbol for the batch
+
+
+def test_the_smaller_operand_is_the_one_permuted():
+    # TR's last step: (b, r0, r2) with the output core (r2, o, r0). Any order of the
+    # summed legs (r0, r2) copies the core; only (r0, r2) leaves the intermediate a view.
+    plan = tr(128, 768, 1000, rank=(4, 4, 94)).forward_plan(256, "numpy", np.dtype("float32"))
+    last = plan.program.steps[-1]
+    assert last.left_perm is None
+    assert last.equation == "aeg,egd->ad"
+
+
+def test_plans_contract_numpy_arrays_as_einsum_does():
+    plan = Plan.build("abc,cd,bd->ad", [(3, 4, 5), (5, 6), (4, 6)], lead="a")
+    rng = np.random.default_rng(0)
+    ops = [rng.standard_normal(s) for s in plan.shapes]
+    np.testing.assert_allclose(plan(*ops), np.einsum("abc,cd,bd->ad", *ops))
+
+
+def test_autotune_times_each_distinct_path_and_keeps_the_fastest():
+    net = rebuilt(tr((8, 4), 16, 10, rank=3), autotune=True)
+    timed = []
+
+    def timer(plan):
+        timed.append(plan.path)
+        return len(timed)  # the first candidate is the "fastest"
+
+    chosen = net.forward_plan(64, "numpy", np.dtype("float64"), timer)
+    assert len(timed) == len(set(timed)) >= 1
+    assert chosen.path == timed[0]
+    assert net.forward_plan(64, "numpy", np.dtype("float64"), timer) is chosen  # cached
+    assert len(timed) == len(set(timed))
+
+
+def test_autotuned_forward_computes_eq1():
+    net = rebuilt(tr((8, 4), 16, 10, rank=3), autotune=True)
+    cores = random_cores(net, random_state=0)
+    x, gates = random_inputs(net, (20,), random_state=1)
+    expected = dense_forward(materialize(net, cores), x, gates, True)
+    assert_close(forward(net, cores, x, gates), expected, "float64", scale=1000)
+    assert len(net.plans) == 2  # the tuned forward plan and materialize's
+
+
+def test_autotune_must_be_a_bool():
+    with pytest.raises(TypeError, match="autotune must be True or False"):
+        Network("n r, i r, o r", 4, 3, 2, rank=2, autotune="yes")
+
+
+def test_sums_of_legs_no_other_operand_needs():
+    # A path that reduces one operand alone: opt_einsum emits a one-operand step.
+    plan = Plan.build("ab,bc->a", [(3, 4), (4, 5)], optimize=[(1,), (0, 1)])
+    rng = np.random.default_rng(0)
+    a, b = (rng.standard_normal(s) for s in plan.shapes)
+    np.testing.assert_allclose(plan(a, b), np.einsum("ab,bc->a", a, b))
+    with tl.backend_context("numpy"):
+        assert plan.program.steps[0].equation == "bc->b"
