@@ -20,7 +20,10 @@ layouts:
 * the bias: with ``split`` the input ``x`` keeps its ``I`` columns and the
   step that meets the core holding the input leg computes
   ``x @ core[:I] + core[I]``, instead of concatenating a column of ones to
-  ``x`` on every call.
+  ``x``.  That saves copying ``x``, but in a backward pass the two slices of
+  the core each cost a zero-filled gradient of the whole core, so the
+  functional core uses the split only where that is cheaper (see
+  :func:`mumoe.functional.forward`).
 
 Only ``tl.transpose``, ``reshape``, ``@``, ``*``, ``+``, ``sum`` and slicing are
 used, so NumPy, CuPy and PyTorch (with autograd) run the same steps.
@@ -84,6 +87,9 @@ class Program:
     final_perm: tuple[int, ...] | None
     #: Whether the split of the input's bias was compiled in (see ``compile_program``).
     split: bool
+    #: With ``split``: elements of one row of the core slice added as the bias
+    #: (the size of the legs the split step keeps from the core).
+    split_width: int = 0
 
     def __post_init__(self) -> None:
         # Each step as a closure over its constants: the per-call work is the
@@ -215,6 +221,7 @@ def _compile(
     origin: list[int | None] = list(range(len(operands)))
     steps: list[PairStep | SumStep] = []
     did_split = False
+    split_width = 0
     for contraction in path:
         if len(contraction) == 1:
             (k,) = contraction
@@ -273,7 +280,9 @@ def _compile(
         )
         if split is not None and split in (origin[left], origin[right]) and not is_split:
             return Program(tuple(steps), None, split=False)  # the bias cannot be split here
-        did_split = did_split or is_split
+        if is_split:
+            did_split = True
+            split_width = math.prod(sizes[leg] for leg in n)
         steps.append(
             PairStep(
                 left=left,
@@ -299,7 +308,7 @@ def _compile(
         origin.append(None)
     if len(operands) != 1 or sorted(operands[0]) != sorted(output):
         raise ValueError(f"path {path} does not contract {inputs} into {output!r}")
-    return Program(tuple(steps), _perm(operands[0], output), split=did_split)
+    return Program(tuple(steps), _perm(operands[0], output), did_split, split_width)
 
 
 def _copy_cost(legs: str, groups: Sequence[Sequence[str]], sizes: Mapping[str, int]) -> int:

@@ -52,6 +52,11 @@ def forward(
     and :math:`\mathcal{W}` is never formed: the gates, the input and the
     cores are contracted along the network's cached plan.
 
+    The bias is added inside the contraction (``x @ core[:I] + core[I]``, no
+    column of ones) when no core requires a gradient, or when the batch has
+    more than twice as many rows as the bias slice has entries; otherwise
+    ``z = [x, 1]`` is formed, which costs less in a backward pass.
+
     Parameters
     ----------
     network : Network
@@ -134,10 +139,16 @@ def forward(
             tl.reshape(g, (batch_size, n)) for g, n in zip(gates, network.expert_dims, strict=True)
         ]
 
+    # Gradients to the cores make the bias split cost two zero-filled gradients
+    # of the input core; a column of ones costs one copy of x.
+    training = any(getattr(core, "requires_grad", False) for core in cores)
+
     def run(plan: Plan) -> Tensor:
+        split = plan.split_program
+        if split is not None and (not training or batch_size > 2 * split.split_width):
+            return plan(*gates, rows, *cores, split=True)
         z = rows
-        if network.bias and not plan.program.split:
-            # The path could not add the bias inside the contraction: z = [x, 1].
+        if network.bias:  # z = [x, 1]
             ones = tl.ones((batch_size, 1), **_creation_context(x))
             z = tl.concatenate([rows, ones], axis=1)
         return plan(*gates, z, *cores)

@@ -461,14 +461,14 @@ class Network:
     def _bias_text(self, plan: Plan) -> str:
         if not self.bias:
             return "none"
-        if plan.program.split:
-            step = next(
-                k
-                for k, s in enumerate(plan.program.steps, 1)
-                if isinstance(s, PairStep) and s.split
-            )
-            return f"x @ core[:I] + core[I] in step ({step}); no column of ones"
-        return "a column of ones concatenated to x (the path meets x before its core)"
+        split = plan.split_program
+        if split is None:
+            return "a column of ones concatenated to x (the path meets x before its core)"
+        step = next(k for k, s in enumerate(split.steps, 1) if isinstance(s, PairStep) and s.split)
+        return (
+            f"x @ core[:I] + core[I] in step ({step}) without gradients to the cores or for "
+            f"batches over {2 * split.split_width:,} rows; else a column of ones"
+        )
 
     # ------------------------------------------------------- identity, pickle
 

@@ -68,6 +68,10 @@ class Plan:
         The pairwise steps, one einsum sub-equation each.
     program : mumoe.contraction.Program
         The steps compiled to matrix multiplies with fixed layouts.
+    split_program : mumoe.contraction.Program or None
+        With ``split``, the same path compiled to add the input's bias inside
+        the contraction (``x`` without its column of ones); None where the
+        path does not allow it.
     """
 
     equation: str
@@ -77,6 +81,7 @@ class Plan:
     largest_intermediate: int
     steps: tuple[str, ...]
     program: Program
+    split_program: Program | None = None
 
     @classmethod
     def build(
@@ -115,7 +120,11 @@ class Plan:
         terms = inputs.split(",")
         sizes = {leg: d for term, shape in zip(terms, dims, strict=True)
                  for leg, d in zip(term, shape, strict=True)}  # fmt: skip
-        program = compile_program(terms, output, path, sizes, lead=lead, split=split)
+        program = compile_program(terms, output, path, sizes, lead=lead)
+        split_program = None
+        if split is not None:
+            candidate = compile_program(terms, output, path, sizes, lead=lead, split=split)
+            split_program = candidate if candidate.split else None
         return cls(
             equation=equation,
             shapes=dims,
@@ -124,11 +133,16 @@ class Plan:
             largest_intermediate=int(info.largest_intermediate),
             steps=tuple(step[2] for step in info.contraction_list),
             program=program,
+            split_program=split_program,
         )
 
-    def __call__(self, *operands: Any) -> Any:
-        """Contract ``operands`` (arrays of one backend) along the compiled path."""
-        return self.program(operands)
+    def __call__(self, *operands: Any, split: bool = False) -> Any:
+        """Contract ``operands`` (arrays of one backend) along the compiled path.
+
+        With ``split``, the input comes without its column of ones and
+        ``split_program`` runs (it must exist).
+        """
+        return (self.split_program if split else self.program)(operands)  # type: ignore[misc]
 
 
 class PlanCache:
