@@ -70,7 +70,7 @@ def tiny_configs() -> list[Config]:
     ]  # fmt: skip
 
 
-def sweep_configs(ns: tuple[int, ...] = (16, 64, 256, 1024, 4096)) -> list[Config]:
+def sweep_configs(ns: tuple[int, ...] = (16, 64, 256, 1024, 2048, 4096)) -> list[Config]:
     """Experts from 16 to 4096 at a fixed rank (CP 256; TR 4, 4, 64), batch 256."""
     configs = []
     for n in ns:

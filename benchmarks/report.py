@@ -51,18 +51,23 @@ def summary(records: list[dict]) -> str:
 
 
 def gates(records: list[dict]) -> str:
-    """The gate's cost: the layer with entmax-1.5 against the same layer with softmax."""
+    """The gate alone (projection, normalisation, activation): entmax-1.5 against softmax."""
     lines = [
-        "| configuration | entmax-1.5 layer f+b ms | softmax layer f+b ms | ratio |",
-        "|---|---|---|---|",
+        "| configuration | N | entmax-1.5 f+b ms | full-sort entmax f+b ms | softmax f+b ms "
+        "| entmax-1.5 / softmax (fwd) | entmax-1.5 / softmax (f+b) |",
+        "|---|---|---|---|---|---|---|",
     ]
     for config, rows in _index(records).items():
-        a, b = rows.get(("layer", "mumoe")), rows.get(("layer", "mumoe softmax gate"))
-        if a and b:
-            ratio = a["forward_backward_ms"] / b["forward_backward_ms"]
+        ours = rows.get(("contraction", "gate entmax-1.5"))
+        full = rows.get(("contraction", "gate entmax full sort"))
+        soft = rows.get(("contraction", "gate softmax"))
+        if ours and full and soft:
+            n = "x".join(map(str, ours["expert_dims"]))
             lines.append(
-                f"| {config} | {a['forward_backward_ms']:.2f} | "
-                f"{b['forward_backward_ms']:.2f} | {ratio:.2f} |"
+                f"| {config} | {n} | {ours['forward_backward_ms']:.2f} | "
+                f"{full['forward_backward_ms']:.2f} | {soft['forward_backward_ms']:.2f} | "
+                f"{ours['forward_ms'] / soft['forward_ms']:.2f} | "
+                f"{ours['forward_backward_ms'] / soft['forward_backward_ms']:.2f} |"
             )
     return "\n".join(lines)
 

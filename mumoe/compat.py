@@ -68,8 +68,12 @@ class _FactorisedLayer(nn.Module):
 
     def forward(self, z: torch.Tensor, a: Sequence[torch.Tensor]) -> torch.Tensor:
         """Contract input ``z`` ``(b, t, i)`` with coefficients ``a``, each ``(b, t, n_e)``."""
+        factors = list(self.factors)
+        differentiable = torch.is_grad_enabled() and any(f.requires_grad for f in factors)
         with thread_backend("pytorch"):
-            return functional.forward(self.network, list(self.factors), z, list(a))
+            return functional.forward(
+                self.network, factors, z, list(a), differentiable=differentiable
+            )
 
 
 class CPMuMoE(_FactorisedLayer):

@@ -40,6 +40,8 @@ def forward(
     cores: Sequence[Tensor],
     x: Tensor,
     gates: Tensor | Sequence[Tensor],
+    *,
+    differentiable: bool | None = None,
 ) -> Tensor:
     r"""The μMoE layer's output, contracted from its factors (Eq. 1 of the paper).
 
@@ -69,6 +71,10 @@ def forward(
         The expert coefficients of each level, with exactly the leading
         dimensions of ``x``.  With one expert level a single tensor may be
         passed.
+    differentiable : bool, optional
+        Whether gradients will flow to the cores (it chooses how the bias is
+        added, see above); by default, whether a core has ``requires_grad``.
+        The PyTorch modules pass ``torch.is_grad_enabled()`` as well.
 
     Returns
     -------
@@ -141,11 +147,12 @@ def forward(
 
     # Gradients to the cores make the bias split cost two zero-filled gradients
     # of the input core; a column of ones costs one copy of x.
-    training = any(getattr(core, "requires_grad", False) for core in cores)
+    if differentiable is None:
+        differentiable = any(getattr(core, "requires_grad", False) for core in cores)
 
     def run(plan: Plan) -> Tensor:
         split = plan.split_program
-        if split is not None and (not training or batch_size > 2 * split.split_width):
+        if split is not None and (not differentiable or batch_size > 2 * split.split_width):
             return plan(*gates, rows, *cores, split=True)
         z = rows
         if network.bias:  # z = [x, 1]

@@ -196,6 +196,7 @@ def dense(
     bias: bool = True,
     optimize: str = DEFAULT_OPTIMIZE,
     cache_size: int = 32,
+    autotune: bool = False,
 ) -> Network:
     r"""The unfactorised weight: one core of shape ``(N_1, ..., N_E, I', O)``.
 
@@ -207,7 +208,7 @@ def dense(
         :math:`I` and :math:`O`.
     bias : bool, default True
         Whether the input mode has a bias slice (:math:`I' = I + 1`).
-    optimize, cache_size
+    optimize, cache_size, autotune
         Passed to :class:`~mumoe.network.Network`.
 
     Examples
@@ -218,7 +219,7 @@ def dense(
     dims = _expert_dims(expert_dims)
     return _network(
         [_modes(len(dims))], dims, in_features, out_features, {},
-        bias=bias, format="dense", optimize=optimize, cache_size=cache_size,
+        bias=bias, format="dense", optimize=optimize, cache_size=cache_size, autotune=autotune,
     )  # fmt: skip
 
 
@@ -231,6 +232,7 @@ def cp(
     bias: bool = True,
     optimize: str = DEFAULT_OPTIMIZE,
     cache_size: int = 32,
+    autotune: bool = False,
 ) -> Network:
     r"""CP: one factor matrix per mode, all sharing the rank-:math:`R` bond ``r``.
 
@@ -248,7 +250,7 @@ def cp(
         :math:`R`.
     bias : bool, default True
         Whether the input mode has a bias slice (:math:`I' = I + 1`).
-    optimize, cache_size
+    optimize, cache_size, autotune
         Passed to :class:`~mumoe.network.Network`.
 
     Examples
@@ -264,7 +266,7 @@ def cp(
     cores = [[mode, "r"] for mode in _modes(len(dims))]
     return _network(
         cores, dims, in_features, out_features, {"r": r},
-        bias=bias, format="cp", optimize=optimize, cache_size=cache_size,
+        bias=bias, format="cp", optimize=optimize, cache_size=cache_size, autotune=autotune,
     )  # fmt: skip
 
 
@@ -277,6 +279,7 @@ def tucker(
     bias: bool = True,
     optimize: str = DEFAULT_OPTIMIZE,
     cache_size: int = 32,
+    autotune: bool = False,
 ) -> Network:
     r"""Tucker: a factor matrix per mode around a core tensor of shape ``rank``.
 
@@ -294,7 +297,7 @@ def tucker(
         One rank for all modes, or :math:`E + 2` ranks (experts..., input, output).
     bias : bool, default True
         Whether the input mode has a bias slice (:math:`I' = I + 1`).
-    optimize, cache_size
+    optimize, cache_size, autotune
         Passed to :class:`~mumoe.network.Network`.
 
     Examples
@@ -312,7 +315,7 @@ def tucker(
     cores = [[mode, bond] for mode, bond in zip(modes, bonds, strict=True)] + [bonds]
     return _network(
         cores, dims, in_features, out_features, dict(zip(bonds, ranks, strict=True)),
-        bias=bias, format="tucker", optimize=optimize, cache_size=cache_size,
+        bias=bias, format="tucker", optimize=optimize, cache_size=cache_size, autotune=autotune,
     )  # fmt: skip
 
 
@@ -325,6 +328,7 @@ def tt(
     bias: bool = True,
     optimize: str = DEFAULT_OPTIMIZE,
     cache_size: int = 32,
+    autotune: bool = False,
 ) -> Network:
     r"""Tensor train: a chain of third-order cores, experts first, output last.
 
@@ -346,7 +350,7 @@ def tt(
         See :func:`validate_tt_rank`.
     bias : bool, default True
         Whether the input mode has a bias slice (:math:`I' = I + 1`).
-    optimize, cache_size
+    optimize, cache_size, autotune
         Passed to :class:`~mumoe.network.Network`.
 
     Examples
@@ -369,7 +373,7 @@ def tt(
     sizes = {f"r{k}": ranks[k] for k in range(1, d)}
     return _network(
         cores, dims, in_features, out_features, sizes,
-        bias=bias, format="tt", optimize=optimize, cache_size=cache_size,
+        bias=bias, format="tt", optimize=optimize, cache_size=cache_size, autotune=autotune,
     )  # fmt: skip
 
 
@@ -382,6 +386,7 @@ def tr(
     bias: bool = True,
     optimize: str = DEFAULT_OPTIMIZE,
     cache_size: int = 32,
+    autotune: bool = False,
 ) -> Network:
     r"""Tensor ring: third-order cores in a closed chain.
 
@@ -402,7 +407,7 @@ def tr(
         See :func:`validate_tr_rank`.
     bias : bool, default True
         Whether the input mode has a bias slice (:math:`I' = I + 1`).
-    optimize, cache_size
+    optimize, cache_size, autotune
         Passed to :class:`~mumoe.network.Network`.
 
     Examples
@@ -421,7 +426,7 @@ def tr(
     sizes = {f"r{k}": ranks[k] for k in range(d)}
     return _network(
         cores, dims, in_features, out_features, sizes,
-        bias=bias, format="tr", optimize=optimize, cache_size=cache_size,
+        bias=bias, format="tr", optimize=optimize, cache_size=cache_size, autotune=autotune,
     )  # fmt: skip
 
 

@@ -276,8 +276,9 @@ class MuMoE(nn.Module):
             gates = [gates]
         z = self.input_norm(x) if self.input_norm is not None else x
         network, cores = self._weights()
+        differentiable = torch.is_grad_enabled() and any(c.requires_grad for c in cores)
         with thread_backend("pytorch"):
-            y = functional.forward(network, cores, z, gates)
+            y = functional.forward(network, cores, z, gates, differentiable=differentiable)
         return (y, list(gates)) if return_gates else y
 
     def materialize(self) -> torch.Tensor:
