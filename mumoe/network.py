@@ -29,7 +29,7 @@ from mumoe.typing import RankLike, Shape
 __all__ = ["AUTOTUNE_OPTIMIZERS", "Network", "positive_int"]
 
 #: The opt_einsum optimisers whose paths autotuning times, besides the network's own.
-AUTOTUNE_OPTIMIZERS = ("optimal", "greedy", "branch-2", "dp")
+AUTOTUNE_OPTIMIZERS = ("greedy", "branch-2", "dp", "random-greedy-128")
 
 
 def positive_int(value: Any, what: str) -> int:
