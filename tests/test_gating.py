@@ -1,0 +1,84 @@
+"""Backend-agnostic gating (mumoe.gating) against the entmax package and torch."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from mumoe.gating import ACTIVATIONS, batch_norm, entmax15, layer_norm, softmax, sparsemax
+
+torch = pytest.importorskip("torch", reason="the oracles are torch and the entmax package")
+entmax = pytest.importorskip("entmax", reason="the oracle is the entmax package")
+
+logits = st.tuples(
+    st.integers(1, 6),
+    st.integers(1, 2500),
+    st.floats(0.01, 20.0),
+    st.booleans(),
+    st.integers(0, 2**31),
+)
+
+
+def draw_logits(rows, n, scale, ties, seed):
+    z = np.random.default_rng(seed).standard_normal((rows, n)) * scale
+    return np.round(z) if ties else z
+
+
+@settings(max_examples=40)
+@given(logits)
+def test_entmax15_and_sparsemax_equal_the_entmax_package(case):
+    z = draw_logits(*case)
+    reference = {
+        "entmax15": entmax.entmax15(torch.from_numpy(z), dim=-1).numpy(),
+        "sparsemax": entmax.sparsemax(torch.from_numpy(z), dim=-1).numpy(),
+    }
+    for name, fn in (("entmax15", entmax15), ("sparsemax", sparsemax)):
+        p = fn(z)
+        np.testing.assert_allclose(p, reference[name], rtol=1e-9, atol=1e-12)
+        np.testing.assert_allclose(p.sum(-1), 1.0, rtol=1e-12)
+        assert (p >= 0).all()
+
+
+@given(logits)
+def test_softmax_equals_torch(case):
+    z = draw_logits(*case)
+    np.testing.assert_allclose(softmax(z), torch.softmax(torch.from_numpy(z), -1).numpy(),
+                               rtol=1e-12, atol=1e-300)  # fmt: skip
+
+
+def test_activations_run_on_torch_tensors_too():
+    import tensorly as tl
+
+    z = np.random.default_rng(0).standard_normal((3, 50))
+    expected = {name: fn(z) for name, fn in ACTIVATIONS.items()}
+    tl.set_backend("pytorch")
+    try:
+        for name, fn in ACTIVATIONS.items():
+            out = fn(torch.from_numpy(z))
+            assert isinstance(out, torch.Tensor)
+            np.testing.assert_allclose(out.numpy(), expected[name], rtol=1e-12)
+    finally:
+        tl.set_backend("numpy")
+
+
+def test_entmax15_of_a_large_gap_is_one_hot():
+    p = entmax15(np.array([[10.0, 0.0, 0.0, -3.0]]))
+    np.testing.assert_array_equal(p, [[1.0, 0.0, 0.0, 0.0]])
+
+
+def test_norms_equal_torch():
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((5, 7))
+    mean, var = rng.standard_normal(7), rng.random(7) + 0.5
+    bn = torch.nn.BatchNorm1d(7, affine=False).double().eval()
+    bn.running_mean.copy_(torch.from_numpy(mean))
+    bn.running_var.copy_(torch.from_numpy(var))
+    np.testing.assert_allclose(batch_norm(x, mean, var), bn(torch.from_numpy(x)).detach().numpy())
+    ln = torch.nn.LayerNorm(7).double()
+    w, b = rng.standard_normal(7), rng.standard_normal(7)
+    ln.weight.data.copy_(torch.from_numpy(w))
+    ln.bias.data.copy_(torch.from_numpy(b))
+    np.testing.assert_allclose(layer_norm(x, w, b), ln(torch.from_numpy(x)).detach().numpy(),
+                               rtol=1e-12)  # fmt: skip
