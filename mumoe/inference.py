@@ -1,0 +1,364 @@
+r"""Serving μMoE layers on any backend, and portable weight files.
+
+:func:`save` writes a trained :class:`mumoe.nn.MuMoE` (its cores, gate
+projections, batch-norm running statistics, input layer norm, network spec
+and gating configuration) to a ``.npz`` file; :func:`load` reads it back as an
+:class:`InferenceMuMoE` on the active TensorLy backend (NumPy, CuPy,
+PyTorch), which computes the layer in eval mode with :mod:`mumoe.gating` —
+no PyTorch needed.
+
+The file is a NumPy ``.npz`` archive of numeric arrays plus one entry,
+``__mumoe__``, holding the metadata as UTF-8 JSON bytes.  It is read with
+``allow_pickle=False``: reading it executes nothing.  A file that is
+truncated, not an archive, holds object arrays, lacks or adds entries, or
+whose shapes do not match its own spec is refused with a ``ValueError`` that
+says what was expected and what came.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import zipfile
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import tensorly as tl
+
+from mumoe import functional
+from mumoe.gating import ACTIVATIONS, batch_norm, gate_coefficients, layer_norm
+from mumoe.network import Network
+from mumoe.typing import Tensor
+
+__all__ = ["FORMAT", "VERSION", "InferenceMuMoE", "load", "save"]
+
+#: The ``format`` field of the metadata, and its version.
+FORMAT = "mumoe-weights"
+VERSION = 1
+
+PathLike = str | os.PathLike[str]
+
+
+class InferenceMuMoE:
+    r"""A μMoE layer in eval mode on the active TensorLy backend.
+
+    Computes the same function as :class:`mumoe.nn.MuMoE` in ``eval()``
+    mode: gates from the input (batch norm from running statistics, layer
+    norm, or none; then the named activation), the optional input layer norm,
+    and Eq. 1 contracted along the network's plan.
+
+    Parameters
+    ----------
+    network : Network
+    cores : sequence of tensors
+        Of shapes ``network.core_shapes``.
+    projections : sequence of tensors, each (I, N_e), optional
+        The gate projections; without them, calls need ``gates``.
+    normalization : {"bn", "ln", None}
+    running_mean, running_var : sequences of tensors, each (N_e,)
+        With ``"bn"``.
+    activation : {"entmax15", "sparsemax", "softmax"}
+    input_norm : tuple of (weight, bias), optional
+        The input layer norm's affine parameters, each (I,).
+    eps : float
+        Of the gate's normalisation.
+    input_eps : float
+        Of the input layer norm.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from mumoe import cp, random_cores
+    >>> net = cp(8, 6, 4, rank=3)
+    >>> layer = InferenceMuMoE(net, random_cores(net, random_state=0),
+    ...                        projections=[np.zeros((6, 8))], normalization=None)
+    >>> layer(np.ones((5, 6))).shape
+    (5, 4)
+    """
+
+    def __init__(
+        self,
+        network: Network,
+        cores: Sequence[Tensor],
+        *,
+        projections: Sequence[Tensor] | None = None,
+        normalization: str | None = "bn",
+        running_mean: Sequence[Tensor] | None = None,
+        running_var: Sequence[Tensor] | None = None,
+        activation: str = "entmax15",
+        input_norm: tuple[Tensor, Tensor] | None = None,
+        eps: float = 1e-5,
+        input_eps: float = 1e-5,
+    ) -> None:
+        if activation not in ACTIVATIONS:
+            raise ValueError(
+                f"unknown gate activation {activation!r}; choose one of "
+                f"{', '.join(map(repr, ACTIVATIONS))}"
+            )
+        if normalization not in ("bn", "ln", None):
+            raise ValueError(
+                f"unknown gate normalization {normalization!r}; choose 'bn', 'ln' or None"
+            )
+        if (
+            normalization == "bn"
+            and projections is not None
+            and (running_mean is None or running_var is None)
+        ):
+            raise ValueError("batch-norm gating needs running_mean and running_var")
+        self.network = network
+        self.cores = list(cores)
+        self.projections = None if projections is None else list(projections)
+        self.normalization = normalization
+        self.running_mean = None if running_mean is None else list(running_mean)
+        self.running_var = None if running_var is None else list(running_var)
+        self.activation = activation
+        self.input_norm = input_norm
+        self.eps = eps
+        self.input_eps = input_eps
+
+    def gates(self, x: Tensor) -> list[Tensor]:
+        """The coefficients of every level for ``x`` of shape ``(..., I)``."""
+        if self.projections is None:
+            raise ValueError("this layer has no gate: pass gates to the call")
+        norms: list[Any]
+        if self.normalization == "bn" and self.running_mean and self.running_var:
+            norms = [
+                (lambda z, m=m, v=v: batch_norm(z, m, v, self.eps))
+                for m, v in zip(self.running_mean, self.running_var, strict=True)
+            ]
+        elif self.normalization == "ln":
+            norms = [lambda z: layer_norm(z, eps=self.eps)] * len(self.projections)
+        else:
+            norms = [None] * len(self.projections)
+        return gate_coefficients(x, self.projections, norms, ACTIVATIONS[self.activation])
+
+    def __call__(self, x: Tensor, gates: Sequence[Tensor] | None = None) -> Tensor:
+        """The layer's output for ``x`` of shape ``(..., I)``: shape ``(..., O)``."""
+        if (
+            not tl.is_tensor(x)
+            or len(tl.shape(x)) == 0
+            or tl.shape(x)[-1] != (self.network.in_features)
+        ):
+            shape = tuple(tl.shape(x)) if tl.is_tensor(x) else type(x).__qualname__
+            raise ValueError(
+                f"input must be a tensor of the active backend with shape "
+                f"(..., {self.network.in_features}), got {shape}"
+            )
+        if gates is None:
+            gates = self.gates(x)
+        z = x if self.input_norm is None else layer_norm(x, *self.input_norm, eps=self.input_eps)
+        return functional.forward(self.network, self.cores, z, gates, differentiable=False)
+
+    def __repr__(self) -> str:
+        return (
+            f"InferenceMuMoE({self.network!r}, normalization={self.normalization!r}, "
+            f"activation={self.activation!r}, backend={tl.get_backend()!r})"
+        )
+
+
+# ------------------------------------------------------------------ saving
+
+
+def save(layer: Any, path: PathLike) -> None:
+    """Write a :class:`mumoe.nn.MuMoE` to a portable ``.npz`` file.
+
+    Parameters
+    ----------
+    layer : mumoe.nn.MuMoE
+        A torch layer (or a subclass) whose gate uses a named activation.
+    path : str or path-like
+        Written exactly (no extension is added).
+
+    Raises
+    ------
+    TypeError
+        If ``layer`` is not a :class:`mumoe.nn.MuMoE`.
+    ValueError
+        If its gate uses a custom activation callable (code is not saved).
+    """
+    import torch
+
+    from mumoe.nn import MuMoE
+
+    if not isinstance(layer, MuMoE):
+        raise TypeError(f"save takes a mumoe.nn.MuMoE, got {type(layer).__qualname__}")
+    network = layer.network
+    arrays: dict[str, np.ndarray] = {}
+
+    def host(t: torch.Tensor | None) -> np.ndarray:
+        if t is None:  # batch norm built without running statistics
+            raise ValueError("the gate's batch norm tracks no running statistics to save")
+        return t.detach().cpu().numpy()
+
+    for k, core in enumerate(layer._weights()[1]):
+        arrays[f"cores.{k}"] = host(core)
+    gate_meta = None
+    if layer.gate is not None:
+        name = layer.gate.activation_name
+        if name not in ACTIVATIONS:
+            raise ValueError(
+                f"the gate's activation {name!r} is a custom callable and cannot be saved; "
+                f"portable layers use one of {', '.join(map(repr, ACTIVATIONS))}"
+            )
+        eps = 1e-5
+        for e, projection in enumerate(layer.gate.projections):
+            arrays[f"gate.projections.{e}"] = host(projection)
+        for e, norm in enumerate(layer.gate.norms):
+            if isinstance(norm, torch.nn.BatchNorm1d):
+                arrays[f"gate.running_mean.{e}"] = host(norm.running_mean)
+                arrays[f"gate.running_var.{e}"] = host(norm.running_var)
+                eps = norm.eps
+            elif isinstance(norm, torch.nn.LayerNorm):
+                eps = norm.eps
+        gate_meta = {"normalization": layer.gate.normalization, "activation": name, "eps": eps}
+    norm_meta = None
+    if layer.input_norm is not None:
+        arrays["input_norm.weight"] = host(layer.input_norm.weight)
+        arrays["input_norm.bias"] = host(layer.input_norm.bias)
+        norm_meta = {"eps": layer.input_norm.eps}
+    meta = {
+        "format": FORMAT,
+        "version": VERSION,
+        "kind": "layer",
+        "spec": network.spec,
+        "expert_dims": list(network.expert_dims),
+        "in_features": network.in_features,
+        "out_features": network.out_features,
+        "rank": dict(network.ranks),
+        "bias": network.bias,
+        "network_format": network.format,
+        "gate": gate_meta,
+        "input_norm": norm_meta,
+        "arrays": sorted(arrays),
+    }
+    arrays["__mumoe__"] = np.frombuffer(json.dumps(meta).encode("utf-8"), dtype=np.uint8)
+    with open(path, "wb") as f:
+        np.savez(f, **arrays)  # type: ignore[arg-type]
+
+
+# ----------------------------------------------------------------- loading
+
+
+def _read(path: PathLike) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+        with np.load(io.BytesIO(data), allow_pickle=False) as archive:
+            if not isinstance(archive, np.lib.npyio.NpzFile):
+                raise ValueError("a single .npy array, not an .npz archive")
+            arrays = {name: archive[name] for name in archive.files}
+    except (zipfile.BadZipFile, EOFError, OSError, ValueError, KeyError) as error:
+        raise ValueError(
+            f"{os.fspath(path)!r} is not a readable mumoe weights file (expected an .npz archive "
+            f"of numeric arrays written by mumoe.inference.save; it may be truncated or "
+            f"corrupt): {error}"
+        ) from error
+    raw = arrays.pop("__mumoe__", None)
+    if raw is None:
+        raise ValueError(f"{os.fspath(path)!r} has no '__mumoe__' metadata entry")
+    try:
+        meta = json.loads(raw.tobytes().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(f"{os.fspath(path)!r} has unreadable metadata: {error}") from error
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise ValueError(f"{os.fspath(path)!r} is not a {FORMAT} file")
+    if meta.get("version") != VERSION:
+        raise ValueError(
+            f"{os.fspath(path)!r} has version {meta.get('version')!r}; this mumoe reads "
+            f"version {VERSION}"
+        )
+    return meta, arrays
+
+
+def _expected(network: Network, meta: dict[str, Any]) -> dict[str, tuple[int, ...]]:
+    shapes = {f"cores.{k}": s for k, s in enumerate(network.core_shapes)}
+    gate = meta.get("gate")
+    if gate is not None:
+        for e, n in enumerate(network.expert_dims):
+            shapes[f"gate.projections.{e}"] = (network.in_features, n)
+            if gate.get("normalization") == "bn":
+                shapes[f"gate.running_mean.{e}"] = (n,)
+                shapes[f"gate.running_var.{e}"] = (n,)
+    if meta.get("input_norm") is not None:
+        shapes["input_norm.weight"] = (network.in_features,)
+        shapes["input_norm.bias"] = (network.in_features,)
+    return shapes
+
+
+def load(path: PathLike, *, dtype: Any = None) -> InferenceMuMoE:
+    """Read a file written by :func:`save` onto the active TensorLy backend.
+
+    Parameters
+    ----------
+    path : str or path-like
+    dtype : backend dtype, optional
+        Cast every array to it (e.g. ``tl.backend.float64``); by default the
+        saved dtype.
+
+    Returns
+    -------
+    InferenceMuMoE
+
+    Raises
+    ------
+    ValueError
+        If the file is not a readable mumoe weights file, or its entries or
+        shapes do not match its own spec.
+    """
+    meta, arrays = _read(path)
+    if meta.get("kind") != "layer":
+        raise ValueError(f"{os.fspath(path)!r} holds a {meta.get('kind')!r}; load reads layers")
+    try:
+        network = Network(
+            meta["spec"], meta["expert_dims"], meta["in_features"], meta["out_features"],
+            rank=meta["rank"] or None, bias=meta["bias"],
+            format=meta.get("network_format", "custom"),
+        )  # fmt: skip
+    except (KeyError, TypeError, ValueError) as error:
+        raise ValueError(f"{os.fspath(path)!r} describes an invalid network: {error}") from error
+    expected = _expected(network, meta)
+    missing = sorted(set(expected) - set(arrays))
+    extra = sorted(set(arrays) - set(expected))
+    if missing or extra:
+        raise ValueError(
+            f"{os.fspath(path)!r} does not match its spec {network.spec!r}: "
+            f"missing entries {missing}, unexpected entries {extra}"
+        )
+    for name, shape in expected.items():
+        if arrays[name].shape != shape:
+            raise ValueError(
+                f"{os.fspath(path)!r}: entry {name!r} must have shape {shape} for spec "
+                f"{network.spec!r}, got {arrays[name].shape}"
+            )
+        if arrays[name].dtype.kind != "f":
+            raise ValueError(
+                f"{os.fspath(path)!r}: entry {name!r} must be floating point, got "
+                f"{arrays[name].dtype}"
+            )
+
+    def tensor(name: str) -> Tensor:
+        array = arrays[name]
+        return tl.tensor(array) if dtype is None else tl.tensor(array, dtype=dtype)
+
+    gate = meta.get("gate")
+    levels = range(network.n_levels)
+    return InferenceMuMoE(
+        network,
+        [tensor(f"cores.{k}") for k in range(network.n_cores)],
+        projections=None if gate is None else [tensor(f"gate.projections.{e}") for e in levels],
+        normalization=None if gate is None else gate["normalization"],
+        running_mean=[tensor(f"gate.running_mean.{e}") for e in levels]
+        if gate is not None and gate["normalization"] == "bn"
+        else None,
+        running_var=[tensor(f"gate.running_var.{e}") for e in levels]
+        if gate is not None and gate["normalization"] == "bn"
+        else None,
+        activation="entmax15" if gate is None else gate["activation"],
+        input_norm=None
+        if meta.get("input_norm") is None
+        else (tensor("input_norm.weight"), tensor("input_norm.bias")),
+        eps=1e-5 if gate is None else float(gate["eps"]),
+        input_eps=1e-5 if meta.get("input_norm") is None else float(meta["input_norm"]["eps"]),
+    )

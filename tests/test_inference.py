@@ -1,0 +1,187 @@
+"""Portable weights: train in torch, save, load on NumPy (or any backend), same predictions."""
+
+from __future__ import annotations
+
+import json
+import zipfile
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch", reason="the layers are trained in torch")
+
+import tensorly as tl  # noqa: E402
+from conftest import AVAILABLE, use_backend  # noqa: E402
+
+from mumoe.inference import InferenceMuMoE, load, save  # noqa: E402
+from mumoe.nn import CPMuMoE, MuMoE, TRMuMoE, TuckerMuMoE  # noqa: E402
+from mumoe.testing import to_numpy64  # noqa: E402
+
+
+def trained(layer, steps=5, seed=0):
+    """A few optimiser steps in train mode: the cores, the gate and the statistics move."""
+    torch.manual_seed(seed)
+    opt = torch.optim.SGD(layer.parameters(), lr=0.05)
+    for _ in range(steps):
+        x = torch.randn(32, layer.in_features, dtype=next(layer.parameters()).dtype) * 2 + 0.5
+        opt.zero_grad()
+        layer(x).square().mean().backward()
+        opt.step()
+    return layer.eval()
+
+
+LAYERS = {
+    "cp-bn-entmax": lambda **kw: CPMuMoE(12, 5, (6, 3), rank=4, **kw),
+    "tr-ln-sparsemax": lambda **kw: TRMuMoE(12, 5, 6, rank=(2, 3, 2), normalization="ln",
+                                            activation="sparsemax", **kw),
+    "tucker-none-softmax-inputnorm": lambda **kw: TuckerMuMoE(
+        12, 5, 6, rank=(2, 3, 2), normalization=None, activation="softmax", input_norm=True, **kw),
+    "custom-nobias": lambda **kw: MuMoE(12, 5, "n1 a, a n2 b, i b c, o c", expert_dims=(4, 3),
+                                        rank=2, bias=False, **kw),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("name", list(LAYERS))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
+def test_train_save_load_on_numpy_gives_the_same_predictions(tmp_path, name, dtype):
+    layer = trained(LAYERS[name](dtype=dtype))
+    path = tmp_path / "layer.mumoe.npz"
+    save(layer, path)
+    assert path.exists()  # written exactly there, no extension added
+    x = torch.randn(7, 3, 12, dtype=dtype) * 2
+    with torch.no_grad():
+        expected = layer(x).numpy()
+    served = load(path)
+    assert isinstance(served, InferenceMuMoE)
+    y = served(x.numpy())
+    assert isinstance(y, np.ndarray) and y.dtype == expected.dtype and y.shape == (7, 3, 5)
+    tol = 1e-5 if dtype == torch.float32 else 1e-10
+    np.testing.assert_allclose(y, expected, rtol=tol, atol=tol)
+    np.testing.assert_array_equal(np.argmax(y, -1), np.argmax(expected, -1))
+
+
+@pytest.mark.parametrize("backend_name", ["numpy", "pytorch"])
+def test_load_on_each_backend(tmp_path, backend_name):
+    if backend_name not in AVAILABLE:
+        pytest.skip(f"{backend_name} is not usable here")
+    layer = trained(CPMuMoE(12, 5, 8, rank=3, dtype=torch.float64))
+    save(layer, tmp_path / "w.npz")
+    x = np.random.default_rng(0).standard_normal((4, 12))
+    with torch.no_grad():
+        expected = layer(torch.from_numpy(x)).numpy()
+    with use_backend(backend_name):
+        served = load(tmp_path / "w.npz")
+        y = served(tl.tensor(x))
+        assert tl.is_tensor(y)
+    np.testing.assert_allclose(to_numpy64(y), expected, rtol=1e-10, atol=1e-12)
+
+
+def test_load_casts_to_a_requested_dtype(tmp_path):
+    save(trained(CPMuMoE(12, 5, 8, rank=3)), tmp_path / "w.npz")
+    served = load(tmp_path / "w.npz", dtype=tl.backend.float64)
+    assert served.cores[0].dtype == np.float64
+    assert served(np.ones((2, 12))).dtype == np.float64
+
+
+def test_custom_activations_are_not_saved(tmp_path):
+    layer = CPMuMoE(12, 5, 8, rank=3, activation=lambda t: torch.softmax(t, -1))
+    with pytest.raises(ValueError, match="custom callable and cannot be saved"):
+        save(layer, tmp_path / "w.npz")
+    with pytest.raises(TypeError, match="save takes a mumoe.nn.MuMoE, got Linear"):
+        save(torch.nn.Linear(3, 2), tmp_path / "w.npz")
+
+
+# ------------------------------------------------------------------ bad files
+
+
+@pytest.fixture
+def saved(tmp_path):
+    path = tmp_path / "w.npz"
+    save(trained(CPMuMoE(12, 5, (6, 3), rank=4)), path)
+    return path
+
+
+def rewrite(path, change):
+    with np.load(path, allow_pickle=False) as archive:
+        arrays = {k: archive[k] for k in archive.files}
+    meta = json.loads(arrays["__mumoe__"].tobytes())
+    change(arrays, meta)
+    arrays["__mumoe__"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
+    with open(path, "wb") as f:
+        np.savez(f, **arrays)
+
+
+def test_truncated_file_is_refused(saved):
+    data = saved.read_bytes()
+    saved.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match="is not a readable mumoe weights file"):
+        load(saved)
+
+
+def test_garbage_is_refused(saved):
+    saved.write_bytes(b"not an archive at all")
+    with pytest.raises(ValueError, match="is not a readable mumoe weights file"):
+        load(saved)
+
+
+def test_object_arrays_are_refused_without_unpickling(tmp_path):
+    path = tmp_path / "evil.npz"
+    np.savez(path, __mumoe__=np.array([{"executes": "nothing"}], dtype=object))
+    with pytest.raises(ValueError, match="is not a readable mumoe weights file.*allow_pickle"):
+        load(path)
+
+
+def test_missing_metadata(tmp_path):
+    path = tmp_path / "plain.npz"
+    np.savez(path, a=np.zeros(3))
+    with pytest.raises(ValueError, match="has no '__mumoe__' metadata entry"):
+        load(path)
+
+
+def test_unreadable_metadata(saved):
+    with np.load(saved) as archive:
+        arrays = {k: archive[k] for k in archive.files}
+    arrays["__mumoe__"] = np.frombuffer(b"{not json", dtype=np.uint8)
+    with open(saved, "wb") as f:
+        np.savez(f, **arrays)
+    with pytest.raises(ValueError, match="has unreadable metadata"):
+        load(saved)
+
+
+@pytest.mark.parametrize(
+    ("change", "match"),
+    [
+        (lambda a, m: a.__setitem__("cores.1", np.zeros((4, 4), np.float32)),
+         r"entry 'cores.1' must have shape \(3, 4\) for spec .*, got \(4, 4\)"),
+        (lambda a, m: a.pop("gate.running_var.1"),
+         r"missing entries \['gate.running_var.1'\], unexpected entries \[\]"),
+        (lambda a, m: a.__setitem__("cores.9", np.zeros(2, np.float32)),
+         r"missing entries \[\], unexpected entries \['cores.9'\]"),
+        (lambda a, m: m.__setitem__("spec", "n1 r, n2 q, i r, o r"),
+         r"describes an invalid network: bond 'q' appears only in core 1"),
+        (lambda a, m: m.__setitem__("version", 99), r"has version 99; this mumoe reads version 1"),
+        (lambda a, m: m.__setitem__("format", "other"), r"is not a mumoe-weights file"),
+        (lambda a, m: a.__setitem__("cores.0", np.zeros((6, 4), np.int64)),
+         r"entry 'cores.0' must be floating point, got int64"),
+        (lambda a, m: m.__setitem__("kind", "block"), r"holds a 'block'; load reads layers"),
+    ],
+)  # fmt: skip
+def test_mismatched_files_are_refused(saved, change, match):
+    rewrite(saved, change)
+    with pytest.raises(ValueError, match=match):
+        load(saved)
+
+
+def test_inference_layer_checks_its_input(saved):
+    served = load(saved)
+    with pytest.raises(ValueError, match=r"shape \(\.\.\., 12\), got \(3, 11\)"):
+        served(np.ones((3, 11)))
+    with pytest.raises(ValueError, match=r"got list"):
+        served([[1.0] * 12])
+
+
+def test_zip_with_a_bad_member_is_refused(saved):
+    with zipfile.ZipFile(saved, "a") as archive:
+        archive.writestr("cores.7.npy", b"\x93NUMPY broken")
+    with pytest.raises(ValueError, match="is not a readable mumoe weights file"):
+        load(saved)
