@@ -1,4 +1,10 @@
-"""Switching TensorLy's backend for the current thread only.
+"""Array backends: their declarations, and switching TensorLy's for one thread.
+
+The backends mumoe supports are declared once, one TOML file each, in the
+repository's ``backends/`` folder (shipped inside the wheel as
+``mumoe/_backends``): :func:`declared_backends` reads them, and
+:func:`unavailable_reason` says why one cannot run here.  The test suite and
+``mumoe backends`` both use them, so adding a backend means adding a file.
 
 mumoe never calls ``tl.set_backend`` on the user's behalf: the functional core
 runs on whatever backend is active.  The PyTorch modules are the one place
@@ -13,12 +19,23 @@ default of every other thread.
 from __future__ import annotations
 
 import contextlib
+import importlib
+import importlib.util
+import sys
 from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
 
 import tensorly as tl
 from tensorly.backend import BackendManager
 
-__all__ = ["preserved_backend", "thread_backend"]
+__all__ = [
+    "BackendDeclaration",
+    "declared_backends",
+    "preserved_backend",
+    "thread_backend",
+    "unavailable_reason",
+]
 
 
 @contextlib.contextmanager
@@ -87,3 +104,83 @@ def preserved_backend() -> Iterator[None]:
             local.pop("backend", None)
         else:
             local["backend"] = previous
+
+
+@dataclass(frozen=True)
+class BackendDeclaration:
+    """One array backend, as declared in ``backends/<name>.toml``.
+
+    Attributes
+    ----------
+    name : str
+        The TensorLy backend name (``tl.set_backend(name)``).
+    module : str
+        The module that must import for the backend to be usable.
+    extra : str
+        The mumoe extra that installs it (empty for a core dependency).
+    device : str
+        ``"cpu"``, or ``"cuda"`` when it needs a CUDA device.
+    differentiable : bool
+        Whether gradients flow through mumoe's functions on it.
+    dtypes : tuple of str
+        The floating dtypes the tests run on it.
+    """
+
+    name: str
+    module: str
+    extra: str
+    device: str
+    differentiable: bool
+    dtypes: tuple[str, ...]
+
+
+def _declarations_dir() -> Path:
+    packaged = Path(__file__).parent / "_backends"  # in an installed wheel
+    return packaged if packaged.is_dir() else Path(__file__).parent.parent / "backends"
+
+
+def declared_backends() -> list[BackendDeclaration]:
+    """The backends declared in ``backends/*.toml``, NumPy first.
+
+    Examples
+    --------
+    >>> [b.name for b in declared_backends()][:2]
+    ['numpy', 'cupy']
+    """
+    if sys.version_info >= (3, 11):
+        import tomllib
+    else:  # pragma: no cover
+        import tomli as tomllib
+    declarations = []
+    for path in sorted(_declarations_dir().glob("*.toml")):
+        data = tomllib.loads(path.read_text())
+        try:
+            declarations.append(
+                BackendDeclaration(
+                    name=str(data["name"]),
+                    module=str(data["module"]),
+                    extra=str(data["extra"]),
+                    device=str(data["device"]),
+                    differentiable=bool(data["differentiable"]),
+                    dtypes=tuple(data["dtypes"]),
+                )
+            )
+        except KeyError as error:
+            raise ValueError(f"backend declaration {path} lacks the key {error}") from None
+    return sorted(declarations, key=lambda b: (b.name != "numpy", b.name))
+
+
+def unavailable_reason(backend: BackendDeclaration) -> str | None:
+    """Why ``backend`` cannot run on this machine, or None if it can."""
+    if importlib.util.find_spec(backend.module) is None:
+        extra = f" (pip install 'mumoe[{backend.extra}]')" if backend.extra else ""
+        return f"{backend.module} is not installed{extra}"
+    if backend.device == "cuda":
+        try:
+            module = importlib.import_module(backend.module)
+            count = module.cuda.runtime.getDeviceCount()
+        except Exception as error:  # no driver, no runtime: the same for the user
+            return f"{backend.module} cannot reach a CUDA device: {error}"
+        if count < 1:
+            return f"{backend.module} sees no CUDA device"
+    return None

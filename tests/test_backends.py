@@ -37,7 +37,7 @@ seeds = st.integers(0, 2**32 - 1)
 def test_expected_backends_are_usable():
     """CI names the backends it installed; a silently skipped backend fails here."""
     expected = [n for n in os.environ.get("MUMOE_EXPECT_BACKENDS", "").split(",") if n]
-    declared = {s["name"] for s in BACKENDS}
+    declared = {s.name for s in BACKENDS}
     for name in expected:
         assert name in declared, f"MUMOE_EXPECT_BACKENDS names {name!r}, not in backends/"
         assert name in AVAILABLE, f"backend {name!r} was expected but is not usable here"

@@ -49,6 +49,8 @@ def worker(rank, port, out):
             model.eval()
             model(batch(rank, STEPS)[0])  # an eval forward broadcasts rank 0's buffers
             torch.save(model.module.state_dict(), os.path.join(out, f"{normalization}-{rank}.pt"))
+        # Both ranks leave together: gloo aborts a process whose peer tears down first.
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 

@@ -87,7 +87,7 @@ def test_custom_activations_are_not_saved(tmp_path):
     layer = CPMuMoE(12, 5, 8, rank=3, activation=lambda t: torch.softmax(t, -1))
     with pytest.raises(ValueError, match="custom callable and cannot be saved"):
         save(layer, tmp_path / "w.npz")
-    with pytest.raises(TypeError, match="save takes a mumoe.nn.MuMoE, got Linear"):
+    with pytest.raises(TypeError, match=r"save takes a mumoe\.nn\.MuMoE, got Linear"):
         save(torch.nn.Linear(3, 2), tmp_path / "w.npz")
 
 
@@ -127,7 +127,7 @@ def test_garbage_is_refused(saved):
 def test_object_arrays_are_refused_without_unpickling(tmp_path):
     path = tmp_path / "evil.npz"
     np.savez(path, __mumoe__=np.array([{"executes": "nothing"}], dtype=object))
-    with pytest.raises(ValueError, match="is not a readable mumoe weights file.*allow_pickle"):
+    with pytest.raises(ValueError, match=r"is not a readable mumoe weights file.*allow_pickle"):
         load(path)
 
 

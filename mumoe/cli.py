@@ -1,0 +1,96 @@
+"""The ``mumoe`` command line: ``mumoe backends``, ``mumoe describe``.
+
+Run ``mumoe --help`` (or ``python -m mumoe --help``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from mumoe.backend import declared_backends, unavailable_reason
+from mumoe.network import Network
+from mumoe.presets import PRESETS
+
+__all__ = ["main"]
+
+
+def _backends(_: argparse.Namespace) -> int:
+    rows = [("backend", "usable here", "install", "device", "autograd", "dtypes tested")]
+    for backend in declared_backends():
+        reason = unavailable_reason(backend)
+        extra = f"mumoe[{backend.extra}]" if backend.extra else "(core)"
+        rows.append(
+            (
+                backend.name,
+                "yes" if reason is None else f"no: {reason}",
+                extra,
+                backend.device,
+                "yes" if backend.differentiable else "no",
+                ", ".join(backend.dtypes),
+            )
+        )
+    widths = [max(len(row[k]) for row in rows) for k in range(len(rows[0]))]
+    for row in rows:
+        cells = (cell.ljust(width) for cell, width in zip(row, widths, strict=True))
+        print("  ".join(cells).rstrip())
+    print("\nChoose one with tensorly.set_backend(name); mumoe never switches it for you.")
+    return 0
+
+
+def _rank(values: Sequence[str] | None) -> Any:
+    if not values:
+        return None
+    if all("=" in v for v in values):
+        pairs = (v.split("=", 1) for v in values)
+        return {name: int(size) for name, size in pairs}
+    numbers = [int(v) for v in values]
+    return numbers[0] if len(numbers) == 1 else tuple(numbers)
+
+
+def _describe(args: argparse.Namespace) -> int:
+    experts = args.experts[0] if len(args.experts) == 1 else tuple(args.experts)
+    rank = _rank(args.rank)
+    options: dict[str, Any] = {"bias": not args.no_bias}
+    if args.network in PRESETS:
+        if rank is None and args.network != "dense":
+            raise ValueError(f"the {args.network} network needs --rank")
+        if rank is not None:
+            options["rank"] = rank
+        net = PRESETS[args.network](experts, args.in_features, args.out_features, **options)
+    else:
+        net = Network(args.network, experts, args.in_features, args.out_features, rank=rank,
+                      **options)  # fmt: skip
+    print(net.describe(batch_size=args.batch))
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``mumoe`` command line; returns the exit status."""
+    parser = argparse.ArgumentParser(
+        prog="mumoe", description="Multilinear Mixture-of-Experts layers as tensor networks."
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+    backends = commands.add_parser("backends", help="the array backends and which are usable here")
+    backends.set_defaults(run=_backends)
+    describe = commands.add_parser(
+        "describe", help="a network's cores, parameters, contraction path and FLOPs"
+    )
+    describe.add_argument("network", help="a preset (cp, tucker, tt, tr, dense) or a spec string")
+    describe.add_argument("--experts", type=int, nargs="+", required=True,
+                          help="experts per level, e.g. --experts 32 4")  # fmt: skip
+    describe.add_argument("--in-features", type=int, required=True)
+    describe.add_argument("--out-features", type=int, required=True)
+    describe.add_argument("--rank", nargs="*",
+                          help="one rank, one per bond, or NAME=SIZE pairs")  # fmt: skip
+    describe.add_argument("--batch", type=int, default=1, help="batch size of the path and FLOPs")
+    describe.add_argument("--no-bias", action="store_true", help="experts without a bias")
+    describe.set_defaults(run=_describe)
+    args = parser.parse_args(argv)
+    try:
+        return int(args.run(args))
+    except (ValueError, TypeError) as error:
+        print(f"mumoe {args.command}: error: {error}", file=sys.stderr)
+        return 2

@@ -1,0 +1,61 @@
+"""The command line: ``mumoe backends`` and ``mumoe describe``."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from mumoe import tr
+from mumoe.cli import main
+
+
+def test_backends_lists_every_declaration_and_why_one_is_unusable(capsys):
+    assert main(["backends"]) == 0
+    out = capsys.readouterr().out
+    lines = {line.split()[0]: line for line in out.splitlines() if line.strip()}
+    assert lines["numpy"].split()[1] == "yes"
+    assert "cupy" in lines and ("yes" in lines["cupy"] or "no: " in lines["cupy"])
+    assert "tensorly.set_backend" in out
+
+
+def test_describe_a_preset_matches_the_network(capsys):
+    argv = ["describe", "tr", "--experts", "32", "4", "--in-features", "768",
+            "--out-features", "1000", "--rank", "4", "4", "4", "64", "--batch", "256"]  # fmt: skip
+    assert main(argv) == 0
+    expected = tr((32, 4), 768, 1000, rank=(4, 4, 4, 64)).describe(batch_size=256)
+    assert capsys.readouterr().out.strip() == expected
+
+
+def test_describe_a_spec_with_named_bonds(capsys):
+    argv = ["describe", "n1 a, a n2 b, i b c, o c", "--experts", "8", "4", "--in-features", "16",
+            "--out-features", "10", "--rank", "a=3", "b=5", "c=5", "--no-bias"]  # fmt: skip
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "Network 'custom': 2 expert levels, 8 x 4 = 32 experts, no bias" in out
+    assert "a=3, b=5, c=5" in out
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["describe", "n r, i r, o q", "--experts", "8", "--in-features", "4",
+          "--out-features", "2", "--rank", "3"], "bond 'q' appears only in core 2"),
+        (["describe", "cp", "--experts", "8", "--in-features", "4", "--out-features", "2"],
+         "the cp network needs --rank"),
+        (["describe", "tr", "--experts", "8", "--in-features", "4", "--out-features", "2",
+          "--rank", "2", "3", "2", "5"], r"TR ranks must close the ring"),
+    ],
+)  # fmt: skip
+def test_bad_networks_exit_2_with_the_reason(capsys, argv, message):
+    assert main(argv) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_python_dash_m_and_console_script():
+    result = subprocess.run([sys.executable, "-m", "mumoe", "backends"], capture_output=True,
+                            text=True)  # fmt: skip
+    assert result.returncode == 0 and "numpy" in result.stdout
+    result = subprocess.run([sys.executable, "-m", "mumoe"], capture_output=True, text=True)
+    assert result.returncode == 2 and "usage: mumoe" in result.stderr
