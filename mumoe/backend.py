@@ -25,12 +25,14 @@ import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import tensorly as tl
 from tensorly.backend import BackendManager
 
 __all__ = [
     "BackendDeclaration",
+    "backend_erf",
     "declared_backends",
     "preserved_backend",
     "thread_backend",
@@ -124,6 +126,8 @@ class BackendDeclaration:
         Whether gradients flow through mumoe's functions on it.
     dtypes : tuple of str
         The floating dtypes the tests run on it.
+    erf : str
+        ``"module:function"`` of its error function, which TensorLy lacks.
     """
 
     name: str
@@ -132,6 +136,7 @@ class BackendDeclaration:
     device: str
     differentiable: bool
     dtypes: tuple[str, ...]
+    erf: str
 
 
 def _declarations_dir() -> Path:
@@ -163,6 +168,7 @@ def declared_backends() -> list[BackendDeclaration]:
                     device=str(data["device"]),
                     differentiable=bool(data["differentiable"]),
                     dtypes=tuple(data["dtypes"]),
+                    erf=str(data["erf"]),
                 )
             )
         except KeyError as error:
@@ -184,3 +190,28 @@ def unavailable_reason(backend: BackendDeclaration) -> str | None:
         if count < 1:
             return f"{backend.module} sees no CUDA device"
     return None
+
+
+def backend_erf(backend: str | None = None) -> Any:
+    """The error function of ``backend`` (default: the active one), as declared.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> float(backend_erf("numpy")(np.array(0.5)))  # doctest: +ELLIPSIS
+    0.5204998778...
+    """
+    name = tl.get_backend() if backend is None else backend
+    function = _ERF.get(name)
+    if function is None:
+        declaration = next((b for b in declared_backends() if b.name == name), None)
+        if declaration is None:
+            raise ValueError(f"backend {name!r} is not declared in backends/; add a file for it")
+        module, _, attribute = declaration.erf.partition(":")
+        function = getattr(importlib.import_module(module), attribute)
+        _ERF[name] = function
+    return function
+
+
+# Resolved error functions, one per declared backend.
+_ERF: dict[str, Any] = {}

@@ -36,6 +36,7 @@ __all__ = [
     "batch_norm",
     "entmax15",
     "gate_coefficients",
+    "gelu",
     "layer_norm",
     "softmax",
     "sparsemax",
@@ -123,6 +124,25 @@ ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
     "sparsemax": sparsemax,
     "softmax": softmax,
 }
+
+
+def gelu(x: Tensor) -> Tensor:
+    r"""GELU, exactly as ``torch.nn.GELU()``.
+
+    :math:`x \Phi(x) = \tfrac{x}{2}(1 + \mathrm{erf}(x/\sqrt{2}))`.
+
+    The error function is the active backend's, as declared in ``backends/``
+    (TensorLy has none).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> gelu(np.array([0.0, 1.0]))  # doctest: +ELLIPSIS
+    array([0.        , 0.841344...])
+    """
+    from mumoe.backend import backend_erf
+
+    return x * (1 + backend_erf()(x * 0.7071067811865476)) / 2
 
 
 def batch_norm(logits: Tensor, mean: Tensor, var: Tensor, eps: float = 1e-5) -> Tensor:

@@ -1,11 +1,12 @@
 r"""Serving μMoE layers on any backend, and portable weight files.
 
-:func:`save` writes a trained :class:`mumoe.nn.MuMoE` (its cores, gate
-projections, batch-norm running statistics, input layer norm, network spec
-and gating configuration) to a ``.npz`` file; :func:`load` reads it back as an
-:class:`InferenceMuMoE` on the active TensorLy backend (NumPy, CuPy,
-PyTorch), which computes the layer in eval mode with :mod:`mumoe.gating` —
-no PyTorch needed.
+:func:`save` writes a trained :class:`mumoe.nn.MuMoE` or
+:class:`mumoe.nn.MuMoEBlock` (cores, gate projections, batch-norm running
+statistics, input layer norm, network specs and gating configuration) to a
+``.npz`` file; :func:`load` reads it back as an :class:`InferenceMuMoE` or
+:class:`InferenceMuMoEBlock` on the active TensorLy backend (NumPy, CuPy,
+PyTorch), which computes it in eval mode with :mod:`mumoe.gating` — no
+PyTorch needed.
 
 The file is a NumPy ``.npz`` archive of numeric arrays plus one entry,
 ``__mumoe__``, holding the metadata as UTF-8 JSON bytes.  It is read with
@@ -28,11 +29,11 @@ import numpy as np
 import tensorly as tl
 
 from mumoe import functional
-from mumoe.gating import ACTIVATIONS, batch_norm, gate_coefficients, layer_norm
+from mumoe.gating import ACTIVATIONS, batch_norm, gate_coefficients, gelu, layer_norm
 from mumoe.network import Network
 from mumoe.typing import Tensor
 
-__all__ = ["FORMAT", "VERSION", "InferenceMuMoE", "load", "save"]
+__all__ = ["FORMAT", "VERSION", "InferenceMuMoE", "InferenceMuMoEBlock", "load", "save"]
 
 #: The ``format`` field of the metadata, and its version.
 FORMAT = "mumoe-weights"
@@ -134,18 +135,18 @@ class InferenceMuMoE:
             norms = [None] * len(self.projections)
         return gate_coefficients(x, self.projections, norms, ACTIVATIONS[self.activation])
 
-    def __call__(self, x: Tensor, gates: Sequence[Tensor] | None = None) -> Tensor:
-        """The layer's output for ``x`` of shape ``(..., I)``: shape ``(..., O)``."""
-        if (
-            not tl.is_tensor(x)
-            or len(tl.shape(x)) == 0
-            or tl.shape(x)[-1] != (self.network.in_features)
-        ):
+    def _check(self, x: Tensor) -> None:
+        n_in = self.network.in_features
+        if not tl.is_tensor(x) or len(tl.shape(x)) == 0 or tl.shape(x)[-1] != n_in:
             shape = tuple(tl.shape(x)) if tl.is_tensor(x) else type(x).__qualname__
             raise ValueError(
-                f"input must be a tensor of the active backend with shape "
-                f"(..., {self.network.in_features}), got {shape}"
+                f"input must be a tensor of the active backend with shape (..., {n_in}), "
+                f"got {shape}"
             )
+
+    def __call__(self, x: Tensor, gates: Sequence[Tensor] | None = None) -> Tensor:
+        """The layer's output for ``x`` of shape ``(..., I)``: shape ``(..., O)``."""
+        self._check(x)
         if gates is None:
             gates = self.gates(x)
         z = x if self.input_norm is None else layer_norm(x, *self.input_norm, eps=self.input_eps)
@@ -158,70 +159,56 @@ class InferenceMuMoE:
         )
 
 
-# ------------------------------------------------------------------ saving
+class InferenceMuMoEBlock:
+    r"""The two-layer μMoE block in eval mode on the active TensorLy backend.
 
-
-def save(layer: Any, path: PathLike) -> None:
-    """Write a :class:`mumoe.nn.MuMoE` to a portable ``.npz`` file.
+    ``fc2(gelu(fc1(norm(x), a)), a)`` with ``a = fc1.gates(x)``, as
+    :class:`mumoe.nn.MuMoEBlock`; GELU is exact (see :func:`mumoe.gating.gelu`).
 
     Parameters
     ----------
-    layer : mumoe.nn.MuMoE
-        A torch layer (or a subclass) whose gate uses a named activation.
-    path : str or path-like
-        Written exactly (no extension is added).
-
-    Raises
-    ------
-    TypeError
-        If ``layer`` is not a :class:`mumoe.nn.MuMoE`.
-    ValueError
-        If its gate uses a custom activation callable (code is not saved).
+    fc1 : InferenceMuMoE
+        The first layer, which holds the block's gate.
+    fc2 : InferenceMuMoE
+        The second layer.
+    input_norm : tuple of (weight, bias), optional
+        The block's input layer norm.
+    input_eps : float
     """
-    import torch
 
-    from mumoe.nn import MuMoE
-
-    if not isinstance(layer, MuMoE):
-        raise TypeError(f"save takes a mumoe.nn.MuMoE, got {type(layer).__qualname__}")
-    network = layer.network
-    arrays: dict[str, np.ndarray] = {}
-
-    def host(t: torch.Tensor | None) -> np.ndarray:
-        if t is None:  # batch norm built without running statistics
-            raise ValueError("the gate's batch norm tracks no running statistics to save")
-        return t.detach().cpu().numpy()
-
-    for k, core in enumerate(layer._weights()[1]):
-        arrays[f"cores.{k}"] = host(core)
-    gate_meta = None
-    if layer.gate is not None:
-        name = layer.gate.activation_name
-        if name not in ACTIVATIONS:
+    def __init__(
+        self,
+        fc1: InferenceMuMoE,
+        fc2: InferenceMuMoE,
+        *,
+        input_norm: tuple[Tensor, Tensor] | None = None,
+        input_eps: float = 1e-5,
+    ) -> None:
+        if fc1.network.out_features != fc2.network.in_features:
             raise ValueError(
-                f"the gate's activation {name!r} is a custom callable and cannot be saved; "
-                f"portable layers use one of {', '.join(map(repr, ACTIVATIONS))}"
+                f"fc1 gives {fc1.network.out_features} features but fc2 takes "
+                f"{fc2.network.in_features}"
             )
-        eps = 1e-5
-        for e, projection in enumerate(layer.gate.projections):
-            arrays[f"gate.projections.{e}"] = host(projection)
-        for e, norm in enumerate(layer.gate.norms):
-            if isinstance(norm, torch.nn.BatchNorm1d):
-                arrays[f"gate.running_mean.{e}"] = host(norm.running_mean)
-                arrays[f"gate.running_var.{e}"] = host(norm.running_var)
-                eps = norm.eps
-            elif isinstance(norm, torch.nn.LayerNorm):
-                eps = norm.eps
-        gate_meta = {"normalization": layer.gate.normalization, "activation": name, "eps": eps}
-    norm_meta = None
-    if layer.input_norm is not None:
-        arrays["input_norm.weight"] = host(layer.input_norm.weight)
-        arrays["input_norm.bias"] = host(layer.input_norm.bias)
-        norm_meta = {"eps": layer.input_norm.eps}
-    meta = {
-        "format": FORMAT,
-        "version": VERSION,
-        "kind": "layer",
+        self.fc1, self.fc2 = fc1, fc2
+        self.input_norm = input_norm
+        self.input_eps = input_eps
+
+    def __call__(self, x: Tensor) -> Tensor:
+        """The block's output for ``x`` of shape ``(..., I)``: shape ``(..., O)``."""
+        self.fc1._check(x)
+        gates = self.fc1.gates(x)
+        z = x if self.input_norm is None else layer_norm(x, *self.input_norm, eps=self.input_eps)
+        return self.fc2(gelu(self.fc1(z, gates)), gates)
+
+    def __repr__(self) -> str:
+        return f"InferenceMuMoEBlock(fc1={self.fc1!r}, fc2={self.fc2!r})"
+
+
+# ------------------------------------------------------------------ saving
+
+
+def _network_meta(network: Network) -> dict[str, Any]:
+    return {
         "spec": network.spec,
         "expert_dims": list(network.expert_dims),
         "in_features": network.in_features,
@@ -229,10 +216,83 @@ def save(layer: Any, path: PathLike) -> None:
         "rank": dict(network.ranks),
         "bias": network.bias,
         "network_format": network.format,
-        "gate": gate_meta,
-        "input_norm": norm_meta,
-        "arrays": sorted(arrays),
     }
+
+
+def save(module: Any, path: PathLike) -> None:
+    """Write a :class:`mumoe.nn.MuMoE` or :class:`mumoe.nn.MuMoEBlock` to a portable file.
+
+    Parameters
+    ----------
+    module : mumoe.nn.MuMoE or mumoe.nn.MuMoEBlock
+        A torch layer or block whose gate uses a named activation.
+    path : str or path-like
+        Written exactly (no extension is added).
+
+    Raises
+    ------
+    TypeError
+        If ``module`` is neither.
+    ValueError
+        If its gate uses a custom activation callable (code is not saved).
+    """
+    import torch
+
+    from mumoe.nn import MuMoE, MuMoEBlock
+
+    def host(t: torch.Tensor | None) -> np.ndarray:
+        if t is None:  # batch norm built without running statistics
+            raise ValueError("the gate's batch norm tracks no running statistics to save")
+        return t.detach().cpu().numpy()
+
+    arrays: dict[str, np.ndarray] = {}
+    meta: dict[str, Any] = {"format": FORMAT, "version": VERSION}
+    if isinstance(module, MuMoE):
+        meta["kind"] = "layer"
+        meta.update(_network_meta(module.network))
+        layers = {"": module}
+    elif isinstance(module, MuMoEBlock):
+        meta["kind"] = "block"
+        meta["fc1"] = _network_meta(module.fc1.network)
+        meta["fc2"] = _network_meta(module.fc2.network)
+        layers = {"fc1.": module.fc1, "fc2.": module.fc2}
+    else:
+        raise TypeError(
+            f"save takes a mumoe.nn.MuMoE or MuMoEBlock, got {type(module).__qualname__}"
+        )
+    for prefix, layer in layers.items():
+        for k, core in enumerate(layer._weights()[1]):
+            arrays[f"{prefix}cores.{k}"] = host(core)
+
+    meta["gate"] = None
+    if module.gate is not None:
+        gate = module.gate
+        if gate.activation_name not in ACTIVATIONS:
+            raise ValueError(
+                f"the gate's activation {gate.activation_name!r} is a custom callable and "
+                f"cannot be saved; portable layers use one of {', '.join(map(repr, ACTIVATIONS))}"
+            )
+        eps = 1e-5
+        for e, projection in enumerate(gate.projections):
+            arrays[f"gate.projections.{e}"] = host(projection)
+        for e, norm in enumerate(gate.norms):
+            if isinstance(norm, torch.nn.BatchNorm1d):
+                arrays[f"gate.running_mean.{e}"] = host(norm.running_mean)
+                arrays[f"gate.running_var.{e}"] = host(norm.running_var)
+                eps = norm.eps
+            elif isinstance(norm, torch.nn.LayerNorm):
+                eps = norm.eps
+        meta["gate"] = {
+            "normalization": gate.normalization,
+            "activation": gate.activation_name,
+            "eps": eps,
+        }
+    meta["input_norm"] = None
+    if module.input_norm is not None:
+        arrays["input_norm.weight"] = host(module.input_norm.weight)
+        arrays["input_norm.bias"] = host(module.input_norm.bias)
+        meta["input_norm"] = {"eps": module.input_norm.eps}
+    meta["arrays"] = sorted(arrays)
     arrays["__mumoe__"] = np.frombuffer(json.dumps(meta).encode("utf-8"), dtype=np.uint8)
     with open(path, "wb") as f:
         np.savez(f, **arrays)  # type: ignore[arg-type]
@@ -272,22 +332,36 @@ def _read(path: PathLike) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     return meta, arrays
 
 
-def _expected(network: Network, meta: dict[str, Any]) -> dict[str, tuple[int, ...]]:
-    shapes = {f"cores.{k}": s for k, s in enumerate(network.core_shapes)}
+def _network(meta: dict[str, Any], path: PathLike) -> Network:
+    try:
+        return Network(
+            meta["spec"], meta["expert_dims"], meta["in_features"], meta["out_features"],
+            rank=meta["rank"] or None, bias=meta["bias"],
+            format=meta.get("network_format", "custom"),
+        )  # fmt: skip
+    except (KeyError, TypeError, ValueError) as error:
+        raise ValueError(f"{os.fspath(path)!r} describes an invalid network: {error}") from error
+
+
+def _expected(networks: dict[str, Network], meta: dict[str, Any]) -> dict[str, tuple[int, ...]]:
+    shapes: dict[str, tuple[int, ...]] = {}
+    for prefix, network in networks.items():
+        shapes.update({f"{prefix}cores.{k}": s for k, s in enumerate(network.core_shapes)})
+    first = next(iter(networks.values()))
     gate = meta.get("gate")
     if gate is not None:
-        for e, n in enumerate(network.expert_dims):
-            shapes[f"gate.projections.{e}"] = (network.in_features, n)
+        for e, n in enumerate(first.expert_dims):
+            shapes[f"gate.projections.{e}"] = (first.in_features, n)
             if gate.get("normalization") == "bn":
                 shapes[f"gate.running_mean.{e}"] = (n,)
                 shapes[f"gate.running_var.{e}"] = (n,)
     if meta.get("input_norm") is not None:
-        shapes["input_norm.weight"] = (network.in_features,)
-        shapes["input_norm.bias"] = (network.in_features,)
+        shapes["input_norm.weight"] = (first.in_features,)
+        shapes["input_norm.bias"] = (first.in_features,)
     return shapes
 
 
-def load(path: PathLike, *, dtype: Any = None) -> InferenceMuMoE:
+def load(path: PathLike, *, dtype: Any = None) -> InferenceMuMoE | InferenceMuMoEBlock:
     """Read a file written by :func:`save` onto the active TensorLy backend.
 
     Parameters
@@ -299,7 +373,8 @@ def load(path: PathLike, *, dtype: Any = None) -> InferenceMuMoE:
 
     Returns
     -------
-    InferenceMuMoE
+    InferenceMuMoE or InferenceMuMoEBlock
+        As the file holds a layer or a block.
 
     Raises
     ------
@@ -308,29 +383,28 @@ def load(path: PathLike, *, dtype: Any = None) -> InferenceMuMoE:
         shapes do not match its own spec.
     """
     meta, arrays = _read(path)
-    if meta.get("kind") != "layer":
-        raise ValueError(f"{os.fspath(path)!r} holds a {meta.get('kind')!r}; load reads layers")
-    try:
-        network = Network(
-            meta["spec"], meta["expert_dims"], meta["in_features"], meta["out_features"],
-            rank=meta["rank"] or None, bias=meta["bias"],
-            format=meta.get("network_format", "custom"),
-        )  # fmt: skip
-    except (KeyError, TypeError, ValueError) as error:
-        raise ValueError(f"{os.fspath(path)!r} describes an invalid network: {error}") from error
-    expected = _expected(network, meta)
+    kind = meta.get("kind")
+    if kind == "layer":
+        networks = {"": _network(meta, path)}
+    elif kind == "block":
+        networks = {"fc1.": _network(meta.get("fc1", {}), path),
+                    "fc2.": _network(meta.get("fc2", {}), path)}  # fmt: skip
+    else:
+        raise ValueError(f"{os.fspath(path)!r} holds a {kind!r}; mumoe reads layers and blocks")
+    spec = " / ".join(network.spec for network in networks.values())
+    expected = _expected(networks, meta)
     missing = sorted(set(expected) - set(arrays))
     extra = sorted(set(arrays) - set(expected))
     if missing or extra:
         raise ValueError(
-            f"{os.fspath(path)!r} does not match its spec {network.spec!r}: "
+            f"{os.fspath(path)!r} does not match its spec {spec!r}: "
             f"missing entries {missing}, unexpected entries {extra}"
         )
     for name, shape in expected.items():
         if arrays[name].shape != shape:
             raise ValueError(
                 f"{os.fspath(path)!r}: entry {name!r} must have shape {shape} for spec "
-                f"{network.spec!r}, got {arrays[name].shape}"
+                f"{spec!r}, got {arrays[name].shape}"
             )
         if arrays[name].dtype.kind != "f":
             raise ValueError(
@@ -342,23 +416,28 @@ def load(path: PathLike, *, dtype: Any = None) -> InferenceMuMoE:
         array = arrays[name]
         return tl.tensor(array) if dtype is None else tl.tensor(array, dtype=dtype)
 
+    def cores(prefix: str) -> list[Tensor]:
+        return [tensor(f"{prefix}cores.{k}") for k in range(networks[prefix].n_cores)]
+
     gate = meta.get("gate")
-    levels = range(network.n_levels)
-    return InferenceMuMoE(
-        network,
-        [tensor(f"cores.{k}") for k in range(network.n_cores)],
-        projections=None if gate is None else [tensor(f"gate.projections.{e}") for e in levels],
-        normalization=None if gate is None else gate["normalization"],
-        running_mean=[tensor(f"gate.running_mean.{e}") for e in levels]
-        if gate is not None and gate["normalization"] == "bn"
-        else None,
-        running_var=[tensor(f"gate.running_var.{e}") for e in levels]
-        if gate is not None and gate["normalization"] == "bn"
-        else None,
-        activation="entmax15" if gate is None else gate["activation"],
-        input_norm=None
-        if meta.get("input_norm") is None
-        else (tensor("input_norm.weight"), tensor("input_norm.bias")),
-        eps=1e-5 if gate is None else float(gate["eps"]),
-        input_eps=1e-5 if meta.get("input_norm") is None else float(meta["input_norm"]["eps"]),
-    )
+    first = next(iter(networks.values()))
+    levels = range(first.n_levels)
+    bn = gate is not None and gate["normalization"] == "bn"
+    gate_options: dict[str, Any] = {
+        "projections": None if gate is None else [tensor(f"gate.projections.{e}") for e in levels],
+        "normalization": None if gate is None else gate["normalization"],
+        "running_mean": [tensor(f"gate.running_mean.{e}") for e in levels] if bn else None,
+        "running_var": [tensor(f"gate.running_var.{e}") for e in levels] if bn else None,
+        "activation": "entmax15" if gate is None else gate["activation"],
+        "eps": 1e-5 if gate is None else float(gate["eps"]),
+    }
+    norm = meta.get("input_norm")
+    input_norm = None if norm is None else (tensor("input_norm.weight"), tensor("input_norm.bias"))
+    input_eps = 1e-5 if norm is None else float(norm["eps"])
+    if kind == "layer":
+        return InferenceMuMoE(
+            first, cores(""), input_norm=input_norm, input_eps=input_eps, **gate_options
+        )
+    fc1 = InferenceMuMoE(first, cores("fc1."), **gate_options)
+    fc2 = InferenceMuMoE(networks["fc2."], cores("fc2."), projections=None)
+    return InferenceMuMoEBlock(fc1, fc2, input_norm=input_norm, input_eps=input_eps)

@@ -87,7 +87,7 @@ def test_custom_activations_are_not_saved(tmp_path):
     layer = CPMuMoE(12, 5, 8, rank=3, activation=lambda t: torch.softmax(t, -1))
     with pytest.raises(ValueError, match="custom callable and cannot be saved"):
         save(layer, tmp_path / "w.npz")
-    with pytest.raises(TypeError, match=r"save takes a mumoe\.nn\.MuMoE, got Linear"):
+    with pytest.raises(TypeError, match=r"save takes a mumoe\.nn\.MuMoE or MuMoEBlock, got Linear"):
         save(torch.nn.Linear(3, 2), tmp_path / "w.npz")
 
 
@@ -163,7 +163,9 @@ def test_unreadable_metadata(saved):
         (lambda a, m: m.__setitem__("format", "other"), r"is not a mumoe-weights file"),
         (lambda a, m: a.__setitem__("cores.0", np.zeros((6, 4), np.int64)),
          r"entry 'cores.0' must be floating point, got int64"),
-        (lambda a, m: m.__setitem__("kind", "block"), r"holds a 'block'; load reads layers"),
+        (lambda a, m: m.__setitem__("kind", "stack"),
+         r"holds a 'stack'; mumoe reads layers and blocks"),
+        (lambda a, m: m.__setitem__("kind", "block"), r"describes an invalid network: 'spec'"),
     ],
 )  # fmt: skip
 def test_mismatched_files_are_refused(saved, change, match):
@@ -185,3 +187,31 @@ def test_zip_with_a_bad_member_is_refused(saved):
         archive.writestr("cores.7.npy", b"\x93NUMPY broken")
     with pytest.raises(ValueError, match="is not a readable mumoe weights file"):
         load(saved)
+
+
+@pytest.mark.parametrize("network", ["cp", "tr"])
+def test_blocks_save_and_serve_on_numpy(tmp_path, network):
+    from mumoe.inference import InferenceMuMoEBlock
+    from mumoe.nn import MuMoEBlock
+
+    rank = 3 if network == "cp" else (2, 2, 3)
+    block = trained(MuMoEBlock(12, 20, 7, network=network, expert_dims=6, rank=rank,
+                               input_norm=True, dtype=torch.float64))  # fmt: skip
+    save(block, tmp_path / "block.npz")
+    served = load(tmp_path / "block.npz")
+    assert isinstance(served, InferenceMuMoEBlock)
+    x = torch.randn(5, 4, 12, dtype=torch.float64)
+    with torch.no_grad():
+        expected = block(x).numpy()
+    np.testing.assert_allclose(served(x.numpy()), expected, rtol=1e-10, atol=1e-12)
+
+
+def test_gelu_is_torchs_on_every_usable_backend():
+    from mumoe.gating import gelu
+
+    x = np.linspace(-6, 6, 101)
+    expected = torch.nn.functional.gelu(torch.from_numpy(x)).numpy()
+    for name in AVAILABLE:
+        with use_backend(name):
+            np.testing.assert_allclose(to_numpy64(gelu(tl.tensor(x))), expected, rtol=1e-12,
+                                       atol=1e-15)  # fmt: skip

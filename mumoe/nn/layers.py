@@ -389,6 +389,9 @@ class MuMoEBlock(nn.Module):
     ) -> None:
         super().__init__()
         out_features = in_features if out_features is None else out_features
+        self.in_features = in_features
+        self.hidden_features = hidden_features
+        self.out_features = out_features
         factory: dict[str, Any] = {"device": device, "dtype": dtype}
         first = build_network(
             in_features, hidden_features, network,
