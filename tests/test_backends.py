@@ -170,29 +170,67 @@ def test_arrays_of_another_backend_are_refused(active, foreign):
 # --------------------------------------------------------------- differentiable
 
 
-@pytest.fixture(params=backend_params(differentiable=True))
-def autograd_backend(request):
-    with use_backend(request.param):
-        yield request.param
-
-
-@pytest.mark.parametrize(
+GRAD_NETWORKS = pytest.mark.parametrize(
     "net",
     [cp((3, 2), 3, 2, rank=2), tr(3, 2, 2, rank=2), tucker(3, 2, 2, rank=2, bias=False)],
     ids=["cp-2-levels", "tr", "tucker-no-bias"],
 )
-def test_gradcheck_through_cores_input_and_gates(autograd_backend, net):
-    torch = pytest.importorskip("torch")
-    cores = [c.requires_grad_() for c in random_cores(net, random_state=0)]
-    x, gates = random_inputs(net, (2, 2), random_state=1)
-    x.requires_grad_()
-    gates = [g.requires_grad_() for g in gates]
+
+
+@GRAD_NETWORKS
+def test_torch_gradcheck_through_cores_input_and_gates(net):
+    torch = pytest.importorskip("torch", reason="torch is not installed")
+    with use_backend("pytorch"):
+        cores = [c.requires_grad_() for c in random_cores(net, random_state=0)]
+        x, gates = random_inputs(net, (2, 2), random_state=1)
+        x.requires_grad_()
+        gates = [g.requires_grad_() for g in gates]
+        n_cores = len(cores)
+
+        def fn(*args):
+            return forward(net, list(args[:n_cores]), args[n_cores], list(args[n_cores + 1 :]))
+
+        assert torch.autograd.gradcheck(fn, (*cores, x, *gates))
+
+
+def _gradients(backend, net, cores, x, gates):
+    """d sum(forward) / d (cores, x, gates) on ``backend``, as float64 NumPy arrays."""
     n_cores = len(cores)
+    with use_backend(backend):
+        args = [tl.tensor(a, dtype=backend_dtype("float32")) for a in (*cores, x, *gates)]
 
-    def fn(*args):
-        return forward(net, list(args[:n_cores]), args[n_cores], list(args[n_cores + 1 :]))
+        def loss(*args):
+            y = forward(net, list(args[:n_cores]), args[n_cores], list(args[n_cores + 1 :]))
+            return (y * y).sum()
 
-    assert torch.autograd.gradcheck(fn, (*cores, x, *gates))
+        if backend == "pytorch":
+            import torch
+
+            args = [a.requires_grad_() for a in args]
+            return [to_numpy64(g) for g in torch.autograd.grad(loss(*args), args)]
+        if backend == "jax":
+            import jax
+
+            grads = jax.grad(loss, argnums=tuple(range(len(args))))(*args)
+            return [to_numpy64(g) for g in grads]
+    raise NotImplementedError(f"no gradient oracle for {backend}")
+
+
+@pytest.mark.parametrize(
+    "backend_name",
+    [p for p in backend_params(differentiable=True) if p.id != "pytorch"],
+)
+@GRAD_NETWORKS
+def test_gradients_agree_with_pytorch(backend_name, net):
+    if "pytorch" not in AVAILABLE:
+        pytest.skip("the oracle is pytorch, which is not usable here")
+    rng = np.random.RandomState(0)
+    cores = [rng.uniform(-1, 1, s) for s in net.core_shapes]
+    x = rng.uniform(-1, 1, (4, net.in_features))
+    gates = [rng.uniform(0, 1, (4, n)) for n in net.expert_dims]
+    expected = _gradients("pytorch", net, cores, x, gates)
+    for got, want in zip(_gradients(backend_name, net, cores, x, gates), expected, strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
 
 
 def test_non_contiguous_torch_input_gives_the_same_numbers():
