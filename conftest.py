@@ -1,8 +1,13 @@
-"""Shared fixtures: the backend matrix read from backends/, and hypothesis profiles."""
+"""pytest configuration for the whole suite: tests/, the doctests of mumoe/ and docs/.
+
+Shared fixtures (the backend matrix read from backends/), hypothesis profiles,
+and what to leave out where an optional framework is missing.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,7 +19,19 @@ from hypothesis import HealthCheck, settings
 
 from mumoe.backend import declared_backends, unavailable_reason
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parent
+
+# Without torch, the doctests of the torch modules cannot even be imported;
+# their tests skip themselves with the reason.
+collect_ignore_glob = []
+if importlib.util.find_spec("torch") is None:
+    collect_ignore_glob += [
+        "mumoe/nn/*",
+        "mumoe/compat.py",
+        "mumoe/backend.py",
+        "docs/torch.rst",
+        "benchmarks/*",
+    ]  # mumoe/backend.py: its examples switch to pytorch
 
 # CI: reproducible examples, no deadline on a shared machine. dev: fresh examples each run.
 settings.register_profile(
@@ -59,6 +76,7 @@ def backend_dtype_params() -> list[Any]:
 
 
 def pytest_report_header(config: pytest.Config) -> list[str]:
+    """Say which backends the run can use (compare with MUMOE_EXPECT_BACKENDS in CI)."""
     declared = ", ".join(s.name for s in BACKENDS)
     return [
         f"mumoe backends: declared {declared}; usable here: {', '.join(AVAILABLE)}",
