@@ -13,10 +13,10 @@ import threading
 import numpy as np
 import pytest
 import tensorly as tl
-from conftest import AVAILABLE, BACKENDS, backend_dtype_params, backend_params, use_backend
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from conftest import AVAILABLE, BACKENDS, backend_dtype_params, backend_params, use_backend
 from mumoe import cp, expert_weight, forward, materialize, random_cores, tr, tucker
 from mumoe.testing import (
     assert_close,

@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+
 from conftest import ROOT
 
 pytest.importorskip("torch", reason="the benchmarks time torch implementations")

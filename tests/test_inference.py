@@ -11,8 +11,8 @@ import pytest
 torch = pytest.importorskip("torch", reason="the layers are trained in torch")
 
 import tensorly as tl  # noqa: E402
-from conftest import AVAILABLE, use_backend  # noqa: E402
 
+from conftest import AVAILABLE, use_backend  # noqa: E402
 from mumoe.inference import InferenceMuMoE, load, save  # noqa: E402
 from mumoe.nn import CPMuMoE, MuMoE, TRMuMoE, TuckerMuMoE  # noqa: E402
 from mumoe.testing import to_numpy64  # noqa: E402
