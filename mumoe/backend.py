@@ -33,6 +33,7 @@ from tensorly.backend import BackendManager
 __all__ = [
     "BackendDeclaration",
     "backend_erf",
+    "creation_context",
     "declared_backends",
     "preserved_backend",
     "thread_backend",
@@ -215,3 +216,14 @@ def backend_erf(backend: str | None = None) -> Any:
 
 # Resolved error functions, one per declared backend.
 _ERF: dict[str, Any] = {}
+
+
+def creation_context(tensor: Any) -> dict[str, Any]:
+    """``tl.context(tensor)`` without ``requires_grad``: the dtype and device for new arrays.
+
+    Arrays mumoe creates (a column of ones, masks) take their context from an
+    input, but must not become leaves that ask for gradients.
+    """
+    context = dict(tl.context(tensor))
+    context.pop("requires_grad", None)
+    return context

@@ -31,11 +31,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from mumoe import functional
-from mumoe.backend import thread_backend
 from mumoe.network import Network
 from mumoe.nn.gating import gate_coefficients, resolve_activation
 from mumoe.nn.init import init_cores_
+from mumoe.nn.layers import torch_forward
 from mumoe.presets import cp, tr
 
 __all__ = ["CPMuMoE", "MuMoE", "TRMuMoE"]
@@ -68,12 +67,7 @@ class _FactorisedLayer(nn.Module):
 
     def forward(self, z: torch.Tensor, a: Sequence[torch.Tensor]) -> torch.Tensor:
         """Contract input ``z`` ``(b, t, i)`` with coefficients ``a``, each ``(b, t, n_e)``."""
-        factors = list(self.factors)
-        differentiable = torch.is_grad_enabled() and any(f.requires_grad for f in factors)
-        with thread_backend("pytorch"):
-            return functional.forward(
-                self.network, factors, z, list(a), differentiable=differentiable
-            )
+        return torch_forward(self.network, list(self.factors), z, list(a))
 
 
 class CPMuMoE(_FactorisedLayer):

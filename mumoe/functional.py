@@ -20,19 +20,13 @@ from typing import Any, NamedTuple
 import numpy as np
 import tensorly as tl
 
+from mumoe.backend import creation_context
 from mumoe.network import Network
 from mumoe.plan import Plan
 from mumoe.typing import Tensor
 from mumoe.validation import check_cores, check_tensor, is_tensor
 
 __all__ = ["ExpertWeight", "expert_weight", "forward", "materialize", "random_cores"]
-
-
-def _creation_context(tensor: Tensor) -> dict[str, Any]:
-    # dtype and device of ``tensor``, without copying its requires_grad flag.
-    context = dict(tl.context(tensor))
-    context.pop("requires_grad", None)
-    return context
 
 
 def forward(
@@ -156,7 +150,7 @@ def forward(
             return plan(*gates, rows, *cores, split=True)
         z = rows
         if network.bias:  # z = [x, 1]
-            ones = tl.ones((batch_size, 1), **_creation_context(x))
+            ones = tl.ones((batch_size, 1), **creation_context(x))
             z = tl.concatenate([rows, ones], axis=1)
         return plan(*gates, z, *cores)
 

@@ -29,6 +29,7 @@ from collections.abc import Callable, Sequence
 
 import tensorly as tl
 
+from mumoe.backend import creation_context
 from mumoe.typing import Tensor
 
 __all__ = [
@@ -49,9 +50,7 @@ def _keep(reduced: Tensor, like: Tensor) -> Tensor:
 
 
 def _ones(z: Tensor) -> Tensor:
-    context = dict(tl.context(z))
-    context.pop("requires_grad", None)
-    return tl.ones(tl.shape(z), **context)
+    return tl.ones(tl.shape(z), **creation_context(z))
 
 
 def _zeros(z: Tensor) -> Tensor:

@@ -325,9 +325,13 @@ class Network:
             candidates.setdefault(plan.path, plan)
         return min(candidates.values(), key=timer)
 
-    def _build_forward(self, batch_size: int, optimize: Any = None) -> Plan:
+    def _forward_shapes(self, batch_size: int) -> list[Shape]:
+        # Operands of the forward contraction: gates, x (with its bias column), cores.
         shapes: list[Shape] = [(batch_size, n) for n in self.expert_dims]
-        shapes += [(batch_size, self.sizes[INPUT]), *self.core_shapes]
+        return [*shapes, (batch_size, self.sizes[INPUT]), *self.core_shapes]
+
+    def _build_forward(self, batch_size: int, optimize: Any = None) -> Plan:
+        shapes = self._forward_shapes(batch_size)
         split = self.n_levels if self.bias else None  # x follows the gates
         return Plan.build(
             self.einsum_equation,
@@ -388,10 +392,11 @@ class Network:
         return self._flops(batch_size, self._build_forward(batch_bucket(batch_size)).path)
 
     def _flops(self, batch_size: int, path: Sequence[tuple[int, ...]]) -> int:
-        shapes: list[Shape] = [(batch_size, n) for n in self.expert_dims]
-        shapes += [(batch_size, self.sizes[INPUT]), *self.core_shapes]
         _, info = opt_einsum.contract_path(
-            self.einsum_equation, *shapes, shapes=True, optimize=list(path)
+            self.einsum_equation,
+            *self._forward_shapes(batch_size),
+            shapes=True,
+            optimize=list(path),
         )
         return int(info.opt_cost)
 

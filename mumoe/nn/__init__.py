@@ -17,6 +17,7 @@ from mumoe.nn.layers import (
     TuckerMuMoE,
     build_network,
     record_gates,
+    torch_forward,
 )
 
 __all__ = [
@@ -37,4 +38,5 @@ __all__ = [
     "record_gates",
     "resolve_activation",
     "to_factorized_tensor",
+    "torch_forward",
 ]

@@ -37,6 +37,7 @@ __all__ = [
     "TuckerMuMoE",
     "build_network",
     "record_gates",
+    "torch_forward",
 ]
 
 RankOrBudget = Rank | dict[str, int] | str | float
@@ -111,6 +112,23 @@ def build_network(
             "give a spec string its bond sizes"
         )
     return Network(network, expert_dims, in_features, out_features, rank=rank, bias=bias)  # type: ignore[arg-type]
+
+
+def torch_forward(
+    network: Network,
+    cores: Sequence[torch.Tensor],
+    x: torch.Tensor,
+    gates: Sequence[torch.Tensor],
+) -> torch.Tensor:
+    """:func:`mumoe.functional.forward` from torch: pytorch backend, grad mode respected.
+
+    The one path every torch module takes into the functional core: TensorLy's
+    ``pytorch`` backend for this thread only, and ``differentiable`` from
+    torch's grad mode (it chooses how the bias is added).
+    """
+    differentiable = torch.is_grad_enabled() and any(c.requires_grad for c in cores)
+    with thread_backend("pytorch"):
+        return functional.forward(network, cores, x, gates, differentiable=differentiable)
 
 
 class MuMoE(nn.Module):
@@ -272,14 +290,10 @@ class MuMoE(nn.Module):
             if self.gate is None:
                 raise ValueError("this layer has no gate (gated=False): pass gates to forward")
             gates = self.gate(x)
-        elif isinstance(gates, torch.Tensor):
-            gates = [gates]
+        coefficients = [gates] if isinstance(gates, torch.Tensor) else list(gates)
         z = self.input_norm(x) if self.input_norm is not None else x
-        network, cores = self._weights()
-        differentiable = torch.is_grad_enabled() and any(c.requires_grad for c in cores)
-        with thread_backend("pytorch"):
-            y = functional.forward(network, cores, z, gates, differentiable=differentiable)
-        return (y, list(gates)) if return_gates else y
+        y = torch_forward(*self._weights(), z, coefficients)
+        return (y, coefficients) if return_gates else y
 
     def materialize(self) -> torch.Tensor:
         """The dense weight tensor, shape ``(N_1, ..., N_E, I', O)`` (for inspection)."""
