@@ -28,6 +28,7 @@ if importlib.util.find_spec("torch") is None:
     collect_ignore_glob += [
         "mumoe/nn/*",
         "mumoe/compat.py",
+        "mumoe/analysis.py",
         "mumoe/backend.py",
         "docs/torch.rst",
         "benchmarks/*",

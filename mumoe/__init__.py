@@ -17,7 +17,14 @@ Examples
 121408
 """
 
-from mumoe.functional import ExpertWeight, expert_weight, forward, materialize, random_cores
+from mumoe.functional import (
+    ExpertWeight,
+    expert_weight,
+    forward,
+    materialize,
+    random_cores,
+    scale_experts,
+)
 from mumoe.network import Network
 from mumoe.plan import Plan, PlanCache
 from mumoe.presets import (
@@ -52,6 +59,7 @@ __all__ = [
     "parse_spec",
     "preset",
     "random_cores",
+    "scale_experts",
     "tr",
     "tt",
     "tucker",

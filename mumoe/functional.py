@@ -26,7 +26,14 @@ from mumoe.plan import Plan
 from mumoe.typing import Tensor
 from mumoe.validation import check_cores, check_tensor, is_tensor
 
-__all__ = ["ExpertWeight", "expert_weight", "forward", "materialize", "random_cores"]
+__all__ = [
+    "ExpertWeight",
+    "expert_weight",
+    "forward",
+    "materialize",
+    "random_cores",
+    "scale_experts",
+]
 
 
 def forward(
@@ -268,6 +275,79 @@ def expert_weight(
     if not network.bias:
         return ExpertWeight(matrix, None)
     return ExpertWeight(matrix[: network.in_features], matrix[network.in_features])
+
+
+def scale_experts(
+    network: Network, cores: Sequence[Tensor], level: int, scales: Any
+) -> list[Tensor]:
+    r"""Cores whose weight tensor has the experts of one level rescaled.
+
+    Returns the cores of
+    :math:`\mathcal{W}'[\dots, n_e, \dots] = s_{n_e}\,\mathcal{W}[\dots, n_e, \dots]`.
+    An expert leg lives in exactly one core, and :math:`\mathcal{W}` is linear
+    in that core, so multiplying that core along the leg is exact for every
+    network; the other cores are returned as they are (not copied).  A scale
+    of 0 switches an expert off; it is then as if its gate coefficient were 0
+    (the other coefficients are *not* renormalised).
+
+    Parameters
+    ----------
+    network : Network
+    cores : sequence of tensors
+        One tensor per core, of shapes ``network.core_shapes``.
+    level : int
+        The expert level ``e`` (0-based; ``n1`` is level 0).
+    scales : array-like, shape (N_e,)
+        One factor per expert of that level (converted to the cores' backend,
+        dtype and device).
+
+    Returns
+    -------
+    list of tensors
+        New cores; the inputs are not modified.
+
+    Raises
+    ------
+    ValueError
+        If ``level`` is out of range, or ``scales`` does not have shape
+        ``(N_e,)`` or holds a non-finite value.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from mumoe import cp, random_cores
+    >>> net = cp(4, 3, 2, rank=5)
+    >>> cores = random_cores(net, random_state=0)
+    >>> off = scale_experts(net, cores, 0, [1, 0, 1, 1])  # switch expert 1 off
+    >>> bool(np.all(materialize(net, off)[1] == 0))
+    True
+    """
+    check_cores(network, cores, tl.get_backend())
+    if isinstance(level, bool) or not isinstance(level, int | np.integer):
+        raise TypeError(f"level must be an int, got {level!r}")
+    if not 0 <= level < network.n_levels:
+        raise ValueError(
+            f"level must be in [0, {network.n_levels}) for the expert legs "
+            f"{network.expert_legs}, got {level}"
+        )
+    leg = network.expert_legs[level]
+    n = network.expert_dims[level]
+    if is_tensor(scales, tl.get_backend()):
+        scales = tl.to_numpy(scales)
+    host = np.asarray(scales, dtype=np.float64)
+    if host.shape != (n,):
+        raise ValueError(f"scales for {leg} must have shape ({n},), got {host.shape}")
+    if not np.all(np.isfinite(host)):
+        raise ValueError(f"scales for {leg} must be finite, got {host.tolist()}")
+    index = next(k for k, legs in enumerate(network.cores) if leg in legs)
+    core = cores[index]
+    axis = network.cores[index].index(leg)
+    shape = [1] * tl.ndim(core)
+    shape[axis] = n
+    factor = tl.tensor(host.reshape(shape), **creation_context(core))
+    scaled = list(cores)
+    scaled[index] = core * factor
+    return scaled
 
 
 def random_cores(

@@ -17,7 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from conftest import AVAILABLE, BACKENDS, backend_dtype_params, backend_params, use_backend
-from mumoe import cp, expert_weight, forward, materialize, random_cores, tr, tucker
+from mumoe import cp, expert_weight, forward, materialize, random_cores, scale_experts, tr, tucker
 from mumoe.testing import (
     assert_close,
     backend_dtype,
@@ -57,6 +57,21 @@ def operands(net, batch_shape, seed, dtype):
     x_host, gates_host = to_numpy64(x), [to_numpy64(g) for g in gates]
     cast = lambda a: tl.tensor(a, dtype=backend_dtype(dtype))  # noqa: E731
     return [cast(c) for c in host], cast(x_host), [cast(g) for g in gates_host], host
+
+
+@fixture_ok
+@given(networks(max_levels=2), seeds, st.data())
+def test_scale_experts_matches_the_scaled_w(backend_and_dtype, net, seed, data):
+    _, dtype = backend_and_dtype
+    level = data.draw(st.integers(0, net.n_levels - 1))
+    scales = np.random.RandomState(seed).uniform(-2, 2, net.expert_dims[level])
+    cores, _, _, host = operands(net, (), seed, dtype)
+    scaled = scale_experts(net, cores, level, scales)
+    assert all(dtype_name(c.dtype) == dtype and tl.is_tensor(c) for c in scaled)
+    shape = [1] * (net.n_levels + 2)
+    shape[level] = -1
+    expected = to_numpy64(materialize(net, [tl.tensor(c) for c in host])) * scales.reshape(shape)
+    assert_close(materialize(net, scaled), expected, dtype, scale=n_terms(net))
 
 
 @fixture_ok

@@ -94,6 +94,18 @@ def test_paper_init_in_place():
     assert torch.equal(untouched.factors[0], before)
 
 
+def test_a_factorized_layer_is_edited_in_a_block_but_not_for_good():
+    from mumoe.analysis import edit_experts, edit_experts_
+
+    with thread_backend("pytorch"):
+        tensor = tltorch.FactorizedTensor.new((4, 7, 3), rank=2, factorization="CP")
+    layer = FactorizedMuMoE(tensor, init=True).eval()
+    with edit_experts(layer, [0.0] * 4):
+        assert torch.all(layer(torch.randn(5, 6)) == 0)
+    with pytest.raises(TypeError, match="FactorizedMuMoE does not own its cores"):
+        edit_experts_(layer, [0.0] * 4)
+
+
 def test_tensor_dropout_acts_on_the_layer():
     torch.manual_seed(0)
     layer = randomise(FactorizedMuMoE(to_factorized_tensor(CPMuMoE(8, 5, 6, rank=16))))

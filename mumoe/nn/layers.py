@@ -229,11 +229,17 @@ class MuMoE(nn.Module):
             else None
         )
         self.input_norm = nn.LayerNorm(in_features, **factory) if input_norm else None
+        self.expert_scales = {}
         self.reset_parameters()
 
     #: Whether the cores are this module's own parameters (``self.cores``);
     #: subclasses that take them from elsewhere set it to False.
     _owns_cores = True
+
+    #: Factors applied to the experts of some levels, ``{level: (N_e,)}``, set
+    #: by :func:`mumoe.analysis.edit_experts` for the duration of an edit.  They
+    #: act as ``W[.., n_e, ..] * s[n_e]``; the stored cores are not touched.
+    expert_scales: dict[int, torch.Tensor]
 
     def reset_parameters(self) -> None:
         """Initialise the cores as the paper does (see :mod:`mumoe.nn.init`) and zero the gate."""
@@ -291,8 +297,15 @@ class MuMoE(nn.Module):
                 raise ValueError("this layer has no gate (gated=False): pass gates to forward")
             gates = self.gate(x)
         coefficients = [gates] if isinstance(gates, torch.Tensor) else list(gates)
+        mixed = coefficients
+        if self.expert_scales:
+            # W is linear in each expert mode: scaling a_e[n] is scaling W[.., n, ..].
+            mixed = [
+                a * self.expert_scales[e].to(a) if e in self.expert_scales else a
+                for e, a in enumerate(coefficients)
+            ]
         z = self.input_norm(x) if self.input_norm is not None else x
-        y = torch_forward(*self._weights(), z, coefficients)
+        y = torch_forward(*self._weights(), z, mixed)
         return (y, coefficients) if return_gates else y
 
     def materialize(self) -> torch.Tensor:
