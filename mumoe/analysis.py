@@ -40,6 +40,7 @@ if TYPE_CHECKING:  # torch is optional: only the model-facing functions need it
 
 __all__ = [
     "class_histogram",
+    "class_mass",
     "collect_gates",
     "counterfactual_histogram",
     "edit_experts",
@@ -194,6 +195,33 @@ def class_histogram(
     return processed.T @ onehot
 
 
+def class_mass(coefficients: Any, labels: Any, *, n_classes: int | None = None) -> np.ndarray:
+    r"""Per expert, the gate coefficient it receives from each class.
+
+    .. math::
+        M_{nc} = \sum_{s : y_s = c} a_{sn}
+
+    The soft counterpart of :func:`class_histogram`, with no threshold: an
+    expert that takes part in many mixtures at small coefficients is
+    counted too.  ``M.sum(1)`` is each expert's share of the routing, in
+    samples (the rows of ``M`` sum to the number of samples when the
+    coefficients of each sample sum to one).
+
+    Parameters
+    ----------
+    coefficients : array, shape (S, N)
+    labels : array of int, shape (S,)
+    n_classes : int, optional
+
+    Returns
+    -------
+    numpy.ndarray of float, shape (N, C)
+    """
+    matrix = _matrix(coefficients)
+    classes, n_classes = _labels(labels, matrix.shape[0], n_classes)
+    return matrix.T @ np.eye(n_classes, dtype=matrix.dtype)[classes]
+
+
 def polysemanticity(histogram: Any, *, min_count: int = 1) -> np.ndarray:
     r"""Class-level polysemanticity of each expert (lower is more specialised).
 
@@ -217,7 +245,9 @@ def polysemanticity(histogram: Any, *, min_count: int = 1) -> np.ndarray:
 
     Parameters
     ----------
-    histogram : array of int, shape (N, C)
+    histogram : array, shape (N, C)
+        Counts (:func:`class_histogram`, :func:`counterfactual_histogram`) or
+        coefficient mass (:func:`class_mass`).
     min_count : int, default 1
         Experts whose histogram sums to less are NaN.
 

@@ -1,4 +1,4 @@
-"""The ``mumoe`` command line: ``mumoe backends``, ``mumoe describe``.
+"""The ``mumoe`` command line: ``mumoe demo``, ``mumoe backends``, ``mumoe describe``.
 
 Run ``mumoe --help`` (or ``python -m mumoe --help``).
 """
@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from importlib.util import find_spec
 from typing import Any
 
 from mumoe.backend import declared_backends, unavailable_reason
@@ -67,12 +68,59 @@ def _describe(args: argparse.Namespace) -> int:
     return 0
 
 
+#: ``mumoe demo --fast``: a smoke run (the test suite's).
+FAST_EXPERTS, FAST_EPOCHS = [4, 16], 3
+
+
+def _demo(args: argparse.Namespace) -> int:
+    missing = [m for m in ("torch", "sklearn", "matplotlib", "tqdm") if find_spec(m) is None]
+    if missing:
+        raise ValueError(
+            f"mumoe demo needs {', '.join(missing)}: pip install torch==2.13.0 "
+            "(or another torch build) and pip install 'mumoe[torch,demo]'"
+        )
+    from mumoe.demo import run
+
+    experts = args.experts or (FAST_EXPERTS if args.fast else [8, 32, 128, 512])
+    epochs = args.epochs if args.epochs is not None else (FAST_EPOCHS if args.fast else 40)
+    run(
+        experts=experts, network=args.network, budget=args.budget, epochs=epochs,
+        seed=args.seed, edit_class=args.edit_class, output=args.output,
+        progress=not args.no_progress,
+    )  # fmt: skip
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``mumoe`` command line; returns the exit status."""
     parser = argparse.ArgumentParser(
         prog="mumoe", description="Multilinear Mixture-of-Experts layers as tensor networks."
     )
     commands = parser.add_subparsers(dest="command", required=True)
+    demo = commands.add_parser(
+        "demo",
+        help="train μMoE heads on scikit-learn's digits and show their experts specialise",
+        description="Train a linear classifier and μMoE heads with more and more experts on "
+        "scikit-learn's bundled digits (CPU, no download), print accuracy and class-level "
+        "polysemanticity per expert count, switch off the experts of one digit, and write "
+        "PNG figures.",
+    )
+    demo.add_argument("--experts", type=int, nargs="+", metavar="N",
+                      help="expert counts of the heads (default: 8 32 128 512)")  # fmt: skip
+    demo.add_argument("--network", default="cp", choices=["cp", "tucker", "tt", "tr"],
+                      help="factorisation of the heads (default: cp)")  # fmt: skip
+    demo.add_argument("--budget", type=int, default=8,
+                      help="expert parameters, in linear classifiers (default: 8)")  # fmt: skip
+    demo.add_argument("--epochs", type=int, help="training epochs per head (default: 40)")
+    demo.add_argument("--seed", type=int, default=0, help="seed of the split, init and batches")
+    demo.add_argument("--edit-class", type=int, metavar="DIGIT",
+                      help="digit whose experts to switch off (default: most tied)")  # fmt: skip
+    demo.add_argument("--output", default="mumoe-demo",
+                      help="folder for the figures (default: ./mumoe-demo)")  # fmt: skip
+    demo.add_argument("--fast", action="store_true",
+                      help="a smoke run: experts 4 16, 3 epochs (unless given)")  # fmt: skip
+    demo.add_argument("--no-progress", action="store_true", help="no progress bars")
+    demo.set_defaults(run=_demo)
     backends = commands.add_parser("backends", help="the array backends and which are usable here")
     backends.set_defaults(run=_backends)
     describe = commands.add_parser(
