@@ -29,10 +29,14 @@ if importlib.util.find_spec("torch") is None:
         "mumoe/nn/*",
         "mumoe/compat.py",
         "mumoe/analysis.py",
+        "mumoe/inference.py",
         "mumoe/backend.py",
         "docs/torch.rst",
         "benchmarks/*",
     ]  # mumoe/backend.py: its examples switch to pytorch
+
+if importlib.util.find_spec("matplotlib") is None:
+    collect_ignore_glob += ["mumoe/plotting.py"]
 
 # CI: reproducible examples, no deadline on a shared machine. dev: fresh examples each run.
 settings.register_profile(

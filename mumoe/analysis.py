@@ -161,6 +161,12 @@ def expert_load(coefficients: Any, threshold: float = 0.5) -> np.ndarray:
     Returns
     -------
     numpy.ndarray of int, shape (N,)
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> expert_load(np.array([[0.7, 0.3], [0.5, 0.5], [0.2, 0.8]]))
+    array([2, 2])
     """
     matrix = _matrix(coefficients)
     return (matrix >= _threshold(threshold)).sum(axis=0)
@@ -187,6 +193,14 @@ def class_histogram(
     Returns
     -------
     numpy.ndarray of int, shape (N, C)
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> coefficients = np.array([[0.7, 0.3], [0.6, 0.4], [0.2, 0.8]])
+    >>> class_histogram(coefficients, [0, 1, 1], n_classes=3)
+    array([[1, 1, 0],
+           [0, 1, 0]])
     """
     matrix = _matrix(coefficients)
     classes, n_classes = _labels(labels, matrix.shape[0], n_classes)
@@ -216,6 +230,13 @@ def class_mass(coefficients: Any, labels: Any, *, n_classes: int | None = None) 
     Returns
     -------
     numpy.ndarray of float, shape (N, C)
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> class_mass(np.array([[0.7, 0.3], [0.6, 0.4], [0.2, 0.8]]), [0, 1, 1])
+    array([[0.7, 0.8],
+           [0.3, 1.2]])
     """
     matrix = _matrix(coefficients)
     classes, n_classes = _labels(labels, matrix.shape[0], n_classes)
@@ -254,6 +275,12 @@ def polysemanticity(histogram: Any, *, min_count: int = 1) -> np.ndarray:
     Returns
     -------
     numpy.ndarray of float, shape (N,)
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> polysemanticity(np.array([[5, 0, 0], [2, 2, 2], [0, 0, 0]])).round(3)
+    array([0.   , 0.816,   nan])
     """
     counts = _host(histogram)
     if counts.ndim != 2:
@@ -276,6 +303,22 @@ def mean_polysemanticity(histogram: Any, *, min_count: int = 1) -> float:
     """The mean of :func:`polysemanticity` over experts with at least ``min_count`` samples.
 
     Returns NaN when no expert has that many.
+
+    Parameters
+    ----------
+    histogram : array, shape (N, C)
+        As for :func:`polysemanticity`.
+    min_count : int, default 1
+
+    Returns
+    -------
+    float
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> round(mean_polysemanticity(np.array([[5, 0], [1, 1], [0, 1]]), min_count=2), 3)
+    0.354
     """
     psi = polysemanticity(histogram, min_count=min_count)
     kept = psi[~np.isnan(psi)]
@@ -296,6 +339,13 @@ def top_samples(coefficients: Any, k: int = 8) -> np.ndarray:
     numpy.ndarray of int, shape (N, k)
         Sample indices; ties keep the sample order.  Check the coefficients
         themselves to tell an expert's true favourites from zeros.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> top_samples(np.array([[0.1, 0.9], [0.8, 0.2], [0.6, 0.4]]), k=2)
+    array([[1, 2],
+           [0, 2]])
     """
     matrix = _matrix(coefficients)
     if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= matrix.shape[0]:
@@ -438,6 +488,15 @@ def edit_experts_(model: torch.nn.Module, scales: Scales, *, level: int = 0) -> 
         If a layer does not own its cores (a
         :class:`~mumoe.nn.FactorizedMuMoE` takes them from its tensorly-torch
         tensor): edit that tensor's factors instead.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from mumoe.nn import CPMuMoE
+    >>> layer = CPMuMoE(8, 3, 4, rank=2)
+    >>> edit_experts_(layer, {2: 0.0})
+    >>> bool(torch.all(layer.cores[0][2] == 0))  # expert 2's row of the expert factor
+    True
     """
     import torch
 
@@ -580,6 +639,16 @@ def counterfactual_histogram(
     Returns
     -------
     numpy.ndarray of int, shape (N_level, C)
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import torch
+    >>> from mumoe.nn import CPMuMoE
+    >>> torch.manual_seed(0) and None
+    >>> layer = CPMuMoE(8, 3, 4, rank=2).eval()
+    >>> counterfactual_histogram(layer, torch.randn(20, 8), np.zeros(20, dtype=int)).shape
+    (4, 1)
     """
     layers, _ = _resolve(model, {}, level)
     n = layers[0].network.expert_dims[level]

@@ -113,7 +113,7 @@ def preserved_backend() -> Iterator[None]:
 class BackendDeclaration:
     """One array backend, as declared in ``backends/<name>.toml``.
 
-    Attributes
+    Parameters
     ----------
     name : str
         The TensorLy backend name (``tl.set_backend(name)``).
@@ -129,6 +129,12 @@ class BackendDeclaration:
         The floating dtypes the tests run on it.
     erf : str
         ``"module:function"`` of its error function, which TensorLy lacks.
+
+    Examples
+    --------
+    >>> numpy = next(b for b in declared_backends() if b.name == "numpy")
+    >>> numpy.module, numpy.device, numpy.differentiable, numpy.dtypes
+    ('numpy', 'cpu', False, ('float64', 'float32'))
     """
 
     name: str
@@ -147,6 +153,15 @@ def _declarations_dir() -> Path:
 
 def declared_backends() -> list[BackendDeclaration]:
     """The backends declared in ``backends/*.toml``, NumPy first.
+
+    Returns
+    -------
+    list of BackendDeclaration
+
+    Raises
+    ------
+    ValueError
+        If a declaration file is malformed or misses a key.
 
     Examples
     --------
@@ -178,7 +193,22 @@ def declared_backends() -> list[BackendDeclaration]:
 
 
 def unavailable_reason(backend: BackendDeclaration) -> str | None:
-    """Why ``backend`` cannot run on this machine, or None if it can."""
+    """Why ``backend`` cannot run on this machine, or None if it can.
+
+    Parameters
+    ----------
+    backend : BackendDeclaration
+
+    Returns
+    -------
+    str or None
+        The reason, naming the extra to install where one is missing.
+
+    Examples
+    --------
+    >>> unavailable_reason(next(b for b in declared_backends() if b.name == "numpy")) is None
+    True
+    """
     if importlib.util.find_spec(backend.module) is None:
         extra = f" (pip install 'mumoe[{backend.extra}]')" if backend.extra else ""
         return f"{backend.module} is not installed{extra}"
@@ -194,7 +224,22 @@ def unavailable_reason(backend: BackendDeclaration) -> str | None:
 
 
 def backend_erf(backend: str | None = None) -> Any:
-    """The error function of ``backend`` (default: the active one), as declared.
+    r"""The error function of ``backend`` (default: the active one), as declared.
+
+    Parameters
+    ----------
+    backend : str, optional
+        A declared backend's name; the active TensorLy backend by default.
+
+    Returns
+    -------
+    callable
+        Elementwise :math:`\mathrm{erf}` on that backend's tensors.
+
+    Raises
+    ------
+    ValueError
+        If the backend is not declared in ``backends/``.
 
     Examples
     --------
@@ -223,6 +268,22 @@ def creation_context(tensor: Any) -> dict[str, Any]:
 
     Arrays mumoe creates (a column of ones, masks) take their context from an
     input, but must not become leaves that ask for gradients.
+
+    Parameters
+    ----------
+    tensor : tensor of the active backend
+
+    Returns
+    -------
+    dict
+        Keyword arguments for ``tl.tensor``.
+
+    Examples
+    --------
+    >>> import torch
+    >>> with thread_backend("pytorch"):  # tl.context asks the active backend
+    ...     creation_context(torch.zeros(2, requires_grad=True))
+    {'dtype': torch.float32, 'device': device(type='cpu')}
     """
     context = dict(tl.context(tensor))
     context.pop("requires_grad", None)

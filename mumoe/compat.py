@@ -66,12 +66,34 @@ class _FactorisedLayer(nn.Module):
         init_cores_(network, list(self.factors))
 
     def forward(self, z: torch.Tensor, a: Sequence[torch.Tensor]) -> torch.Tensor:
-        """Contract input ``z`` ``(b, t, i)`` with coefficients ``a``, each ``(b, t, n_e)``."""
+        """Contract input ``z`` with coefficients ``a``, as the reference's ``forward(z, a)``.
+
+        Parameters
+        ----------
+        z : torch.Tensor, shape (b, t, i)
+        a : sequence of torch.Tensor, each (b, t, n_e)
+
+        Returns
+        -------
+        torch.Tensor, shape (b, t, o)
+        """
         return torch_forward(self.network, list(self.factors), z, list(a))
 
 
 class CPMuMoE(_FactorisedLayer):
     """The reference ``CPMuMoE(input_dim, output_dim, expert_dims, rank, use_bias, hierarchy)``.
+
+    Parameters
+    ----------
+    input_dim, output_dim : int
+        :math:`I` and :math:`O`.
+    expert_dims : sequence of int
+        Experts per level; its length must equal ``hierarchy``.
+    rank : int
+        The CP rank.
+    use_bias : bool, default True
+    hierarchy : int, default 1
+        The number of expert levels.
 
     Examples
     --------
@@ -106,6 +128,19 @@ class TRMuMoE(_FactorisedLayer):
     entries are ignored (the reference overwrites them with the sizes), and
     each core's right rank must equal the next core's left rank, the last
     closing the ring.  ``act`` is accepted and unused, as in the reference.
+
+    Parameters
+    ----------
+    input_dim, output_dim : int
+        :math:`I` and :math:`O`.
+    expert_dims : sequence of int
+        Experts per level; its length must equal ``hierarchy``.
+    ranks : sequence of [r_left, size, r_right]
+        One triple per core (experts..., input, output), as above.
+    act : callable, optional
+        Unused.
+    use_bias : bool, default True
+    hierarchy : int, default 1
 
     Examples
     --------
@@ -225,7 +260,17 @@ class MuMoE(nn.Module):
         self.a: list[torch.Tensor] = []
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``(b, i)`` or ``(b, t, i)`` to ``(b, 1, o)`` or ``(b, t, o)``, as the reference."""
+        """Gate and mix the experts, as the reference's ``MuMoE.forward``.
+
+        Parameters
+        ----------
+        x : torch.Tensor, shape (b, i) or (b, t, i)
+
+        Returns
+        -------
+        torch.Tensor, shape (b, 1, o) or (b, t, o)
+            The reference's shapes: a token axis of 1 for 2-D input.
+        """
         if x.dim() == 2:
             x = x.unsqueeze(1)
         norms = self.bn if self.normalization == "bn" else self.ln

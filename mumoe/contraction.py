@@ -43,12 +43,31 @@ __all__ = ["PairStep", "Program", "SumStep", "compile_program"]
 
 @dataclass(frozen=True)
 class SumStep:
-    """Sum one operand over legs nothing else needs; the result is appended."""
+    """Sum one operand over legs nothing else needs; the result is appended.
+
+    Parameters
+    ----------
+    position : int
+        The operand's position in the working list.
+    axes : tuple of int
+        The axes summed away.
+    legs : str
+        The legs of the result.
+    equation : str
+        The step as an einsum, e.g. ``"abc->ab"``.
+
+    Examples
+    --------
+    >>> sizes = dict(a=2, b=3, c=4, d=5)
+    >>> program = compile_program(["abc", "ad"], "ad", [(0,), (0, 1)], sizes, lead="a")
+    >>> program.steps[0]
+    SumStep(position=0, axes=(1, 2), legs='a', equation='abc->a')
+    """
 
     position: int
     axes: tuple[int, ...]
     legs: str
-    equation: str  # e.g. "abc->ab"
+    equation: str
 
 
 @dataclass(frozen=True)
@@ -59,6 +78,34 @@ class PairStep:
     removed and the result appended.  After ``*_sum`` (legs summed away
     alone) and ``*_perm``, the left operand is ``(batch, M, K)`` and the right
     one ``(batch, K, N)``, each group possibly several legs.
+
+    Parameters
+    ----------
+    left, right : int
+        Positions of the operands in the working list.
+    left_sum, right_sum : tuple of int
+        Axes each operand sums away alone, before the product.
+    left_perm, right_perm : tuple of int or None
+        The permutation that brings each operand to its layout (None: none).
+    n_batch, n_m, n_k : int
+        How many legs form the batch, M and K groups.
+    kind : {"matmul", "hadamard", "outer", "dot"}
+        The operation.
+    split : bool
+        Whether the right operand's K group holds an extra bias slice.
+    legs : str
+        The legs of the result.
+    reshape : bool
+        Whether a matmul needs its operands reshaped into matrices (some group
+        has several legs, or a batched matrix-vector product); False: plain ``@``.
+    equation : str
+        The step in the compiled layouts, e.g. ``"ab,be->ae"``.
+
+    Examples
+    --------
+    >>> step = compile_program(["ab", "cb"], "ac", [(0, 1)], dict(a=8, b=3, c=2), lead="a").steps[0]
+    >>> step.equation, step.kind, step.right_perm  # the right operand is read as (b, c)
+    ('ab,bc->ac', 'matmul', (1, 0))
     """
 
     left: int
@@ -70,25 +117,40 @@ class PairStep:
     n_batch: int
     n_m: int
     n_k: int
-    kind: str  # "matmul", "hadamard", "outer" or "dot"
-    split: bool  # the right operand's K leg holds an extra bias slice
-    legs: str  # the legs of the result
-    #: Whether a matmul needs its operands reshaped into matrices (some group
-    #: has several legs, or a batched matrix-vector product); False: plain ``@``.
+    kind: str
+    split: bool
+    legs: str
     reshape: bool
-    equation: str  # the step in the compiled layouts, e.g. "ab,be->ae"
+    equation: str
 
 
 @dataclass(frozen=True)
 class Program:
-    """A contraction path compiled to :class:`PairStep` s."""
+    """A contraction path compiled to :class:`PairStep` s; call it on the operands.
+
+    Parameters
+    ----------
+    steps : tuple of PairStep and SumStep
+    final_perm : tuple of int or None
+        The permutation of the last result into the output's leg order.
+    split : bool
+        Whether the split of the input's bias was compiled in (see
+        :func:`compile_program`).
+    split_width : int, default 0
+        With ``split``: elements of one row of the core slice added as the
+        bias (the size of the legs the split step keeps from the core).
+
+    Examples
+    --------
+    >>> from mumoe import tr
+    >>> program = tr(8, 6, 4, rank=(2, 2, 3)).forward_plan(32, "numpy", "float64").program
+    >>> len(program.steps), program.split
+    (4, False)
+    """
 
     steps: tuple[PairStep | SumStep, ...]
     final_perm: tuple[int, ...] | None
-    #: Whether the split of the input's bias was compiled in (see ``compile_program``).
     split: bool
-    #: With ``split``: elements of one row of the core slice added as the bias
-    #: (the size of the legs the split step keeps from the core).
     split_width: int = 0
 
     def __post_init__(self) -> None:
@@ -202,6 +264,12 @@ def compile_program(
     Returns
     -------
     Program
+
+    Examples
+    --------
+    >>> program = compile_program(["ab", "bc"], "ac", [(0, 1)], {"a": 4, "b": 3, "c": 2}, lead="a")
+    >>> [(step.kind, step.equation) for step in program.steps]
+    [('matmul', 'ab,bc->ac')]
     """
     program = _compile(inputs, output, path, sizes, lead, split)
     if split is not None and not program.split:

@@ -42,7 +42,7 @@ TIED_SHARE = 0.8
 class HeadResult:
     """What one trained head scored.
 
-    Attributes
+    Parameters
     ----------
     name : str
         ``"linear"`` or ``"cp N=128"``.
@@ -63,6 +63,14 @@ class HeadResult:
         How many experts that is.
     histogram : numpy.ndarray, shape (N, 10)
         Class histogram of every expert, over all samples.
+
+    Examples
+    --------
+    >>> import io, tempfile
+    >>> result = run(experts=(4,), epochs=1, progress=False, output=tempfile.mkdtemp(),
+    ...              stream=io.StringIO())
+    >>> [(head.name, head.n_experts, head.expert_params) for head in result.heads]
+    [('linear', 0, 650), ('cp N=4', 4, 5135)]
     """
 
     name: str
@@ -79,7 +87,29 @@ class HeadResult:
 
 @dataclass
 class DemoResult:
-    """Every head's result, the edit, and the files written."""
+    """Every head's result, the edit, and the files written.
+
+    Parameters
+    ----------
+    heads : list of HeadResult
+        The linear baseline first, then the μMoE heads.
+    edit_class : int or None
+        The digit whose experts were switched off (None: no edit).
+    edited_experts : list of int
+        Those experts, in the head with the most experts.
+    accuracy_before, accuracy_after : numpy.ndarray, shape (10,), or None
+        That head's per-digit test accuracy without and with the edit.
+    figures : list of pathlib.Path
+        The PNG files written.
+
+    Examples
+    --------
+    >>> import io, tempfile
+    >>> result = run(experts=(4,), epochs=1, progress=False, output=tempfile.mkdtemp(),
+    ...              stream=io.StringIO(), edit_class=0)
+    >>> result.edit_class, [path.name for path in result.figures]
+    (0, ['polysemanticity.png', 'experts_N4.png', 'edit.png'])
+    """
 
     heads: list[HeadResult]
     edit_class: int | None
@@ -187,6 +217,15 @@ def run(
     Returns
     -------
     DemoResult
+
+    Examples
+    --------
+    >>> import io, tempfile
+    >>> report = io.StringIO()
+    >>> result = run(experts=(4, 8), epochs=2, progress=False, output=tempfile.mkdtemp(),
+    ...              stream=report)
+    >>> print(report.getvalue().splitlines()[4])  # the table's header
+    head    rank  experts+gate params  test accuracy  polysemanticity  counted
     """
     import torch
     from tqdm.auto import tqdm

@@ -208,7 +208,22 @@ def materialize(network: Network, cores: Sequence[Tensor]) -> Tensor:
 
 
 class ExpertWeight(NamedTuple):
-    """The affine map of one expert: ``y = x @ weight + bias``."""
+    """The affine map of one expert: ``y = x @ weight + bias``.
+
+    Parameters
+    ----------
+    weight : tensor, shape (I, O)
+    bias : tensor, shape (O,), or None
+        None for a network without bias.
+
+    Examples
+    --------
+    >>> from mumoe import cp, expert_weight, random_cores
+    >>> net = cp(4, 3, 2, rank=5)
+    >>> w = expert_weight(net, random_cores(net, random_state=0), 1)
+    >>> w.weight.shape, w.bias.shape
+    ((3, 2), (2,))
+    """
 
     #: shape (I, O)
     weight: Tensor

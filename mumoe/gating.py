@@ -64,6 +64,15 @@ def _sorted_desc(z: Tensor) -> Tensor:
 def softmax(logits: Tensor) -> Tensor:
     """Softmax over the last axis.
 
+    Parameters
+    ----------
+    logits : tensor, shape (..., N)
+
+    Returns
+    -------
+    tensor, shape (..., N)
+        Non-negative, summing to one over the last axis.
+
     Examples
     --------
     >>> import numpy as np
@@ -76,6 +85,16 @@ def softmax(logits: Tensor) -> Tensor:
 
 def sparsemax(logits: Tensor) -> Tensor:
     """Sparsemax over the last axis: the Euclidean projection onto the simplex.
+
+    Parameters
+    ----------
+    logits : tensor, shape (..., N)
+
+    Returns
+    -------
+    tensor, shape (..., N)
+        Non-negative, summing to one over the last axis.
+        Exact zeros where a logit is far enough below the largest.
 
     Examples
     --------
@@ -96,6 +115,16 @@ def sparsemax(logits: Tensor) -> Tensor:
 
 def entmax15(logits: Tensor) -> Tensor:
     """entmax-1.5 over the last axis: sparse, and smoother than sparsemax.
+
+    Parameters
+    ----------
+    logits : tensor, shape (..., N)
+
+    Returns
+    -------
+    tensor, shape (..., N)
+        Non-negative, summing to one over the last axis.
+        Exact zeros where a logit is far enough below the largest.
 
     Examples
     --------
@@ -133,6 +162,15 @@ def gelu(x: Tensor) -> Tensor:
     The error function is the active backend's, as declared in ``backends/``
     (TensorLy has none).
 
+    Parameters
+    ----------
+    x : tensor
+
+    Returns
+    -------
+    tensor
+        Of the shape and dtype of ``x``.
+
     Examples
     --------
     >>> import numpy as np
@@ -145,14 +183,52 @@ def gelu(x: Tensor) -> Tensor:
 
 
 def batch_norm(logits: Tensor, mean: Tensor, var: Tensor, eps: float = 1e-5) -> Tensor:
-    """Batch normalisation without affine parameters, from running statistics (eval mode)."""
+    """Batch normalisation without affine parameters, from running statistics (eval mode).
+
+    Parameters
+    ----------
+    logits : tensor, shape (B, N)
+    mean, var : tensor, shape (N,)
+        The running mean and (unbiased) variance, as ``torch.nn.BatchNorm1d``
+        keeps them.
+    eps : float, default 1e-5
+
+    Returns
+    -------
+    tensor, shape (B, N)
+        ``(logits - mean) / sqrt(var + eps)``.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> batch_norm(np.array([[1.0, 4.0]]), np.array([1.0, 2.0]), np.array([1.0, 4.0]), eps=0.0)
+    array([[0., 1.]])
+    """
     return (logits - mean) / tl.sqrt(var + eps)
 
 
 def layer_norm(
     x: Tensor, weight: Tensor | None = None, bias: Tensor | None = None, eps: float = 1e-5
 ) -> Tensor:
-    """Layer normalisation over the last axis (biased variance, as ``torch.nn.LayerNorm``)."""
+    """Layer normalisation over the last axis (biased variance, as ``torch.nn.LayerNorm``).
+
+    Parameters
+    ----------
+    x : tensor, shape (..., D)
+    weight, bias : tensor, shape (D,), optional
+        The affine parameters; none by default.
+    eps : float, default 1e-5
+
+    Returns
+    -------
+    tensor, shape (..., D)
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> layer_norm(np.array([[1.0, 3.0]]), eps=0.0)
+    array([[-1.,  1.]])
+    """
     mean = _keep(tl.mean(x, axis=-1), x)
     centred = x - mean
     var = _keep(tl.mean(centred * centred, axis=-1), x)
@@ -170,7 +246,29 @@ def gate_coefficients(
     norms: Sequence[Callable[[Tensor], Tensor] | None],
     activation: Callable[[Tensor], Tensor],
 ) -> list[Tensor]:
-    """``activation(norm(x @ G_e))`` for every level; shapes ``(..., I) -> [(..., N_e)]``."""
+    """The gate coefficients ``activation(norm(x @ G_e))`` of every level.
+
+    Parameters
+    ----------
+    x : tensor, shape (..., I)
+    projections : sequence of tensors, each (I, N_e)
+        The gate projections :math:`G_e`.
+    norms : sequence of callables or None
+        Applied to the logits flattened to ``(B, N_e)`` (None: no norm).
+    activation : callable
+        From logits ``(B, N_e)`` to coefficients, such as :func:`entmax15`.
+
+    Returns
+    -------
+    list of tensors, each (..., N_e)
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> x = np.ones((2, 3, 4))
+    >>> [a.shape for a in gate_coefficients(x, [np.zeros((4, 5))], [None], softmax)]
+    [(2, 3, 5)]
+    """
     rows = tl.reshape(x, (-1, tl.shape(x)[-1]))
     gates = []
     for projection, norm in zip(projections, norms, strict=True):

@@ -120,7 +120,21 @@ class InferenceMuMoE:
         self.input_eps = input_eps
 
     def gates(self, x: Tensor) -> list[Tensor]:
-        """The coefficients of every level for ``x`` of shape ``(..., I)``."""
+        """The gate coefficients of every level.
+
+        Parameters
+        ----------
+        x : tensor, shape (..., I)
+
+        Returns
+        -------
+        list of tensors, each (..., N_e)
+
+        Raises
+        ------
+        ValueError
+            If the layer has no gate.
+        """
         if self.projections is None:
             raise ValueError("this layer has no gate: pass gates to the call")
         norms: list[Any]
@@ -174,6 +188,17 @@ class InferenceMuMoEBlock:
     input_norm : tuple of (weight, bias), optional
         The block's input layer norm.
     input_eps : float
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from mumoe import cp, random_cores
+    >>> first, second = cp(4, 6, 10, rank=2), cp(4, 10, 6, rank=2)
+    >>> fc1 = InferenceMuMoE(first, random_cores(first), projections=[np.zeros((6, 4))],
+    ...                      normalization=None)
+    >>> fc2 = InferenceMuMoE(second, random_cores(second))
+    >>> InferenceMuMoEBlock(fc1, fc2)(np.ones((2, 6))).shape
+    (2, 6)
     """
 
     def __init__(
@@ -235,6 +260,16 @@ def save(module: Any, path: PathLike) -> None:
         If ``module`` is neither.
     ValueError
         If its gate uses a custom activation callable (code is not saved).
+
+    Examples
+    --------
+    >>> import os, tempfile
+    >>> from mumoe.nn import CPMuMoE
+    >>> path = os.path.join(tempfile.mkdtemp(), "head.npz")
+    >>> save(CPMuMoE(16, 4, 8, rank=3).eval(), path)
+    >>> served = load(path)
+    >>> served.network, served.activation
+    (Network('n1 r, i r, o r', 8, 16, 4, rank={'r': 3}, bias=True, format='cp'), 'entmax15')
     """
     import torch
 
@@ -381,6 +416,17 @@ def load(path: PathLike, *, dtype: Any = None) -> InferenceMuMoE | InferenceMuMo
     ValueError
         If the file is not a readable mumoe weights file, or its entries or
         shapes do not match its own spec.
+
+    Examples
+    --------
+    >>> import os, tempfile
+    >>> import numpy as np
+    >>> from mumoe.nn import MuMoEBlock
+    >>> path = os.path.join(tempfile.mkdtemp(), "block.npz")
+    >>> save(MuMoEBlock(8, 32, expert_dims=4, rank=2).eval(), path)
+    >>> block = load(path, dtype=np.float32)
+    >>> block(np.ones((3, 8), dtype=np.float32)).shape
+    (3, 8)
     """
     meta, arrays = _read(path)
     kind = meta.get("kind")

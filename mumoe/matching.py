@@ -32,6 +32,15 @@ __all__ = ["gate_params", "linear_params", "match_rank", "resolve_budget"]
 def linear_params(in_features: int, out_features: int, bias: bool = True) -> int:
     """Parameters of ``torch.nn.Linear(in_features, out_features, bias=bias)``.
 
+    Parameters
+    ----------
+    in_features, out_features : int
+    bias : bool, default True
+
+    Returns
+    -------
+    int
+
     Examples
     --------
     >>> linear_params(768, 1000)
@@ -41,7 +50,24 @@ def linear_params(in_features: int, out_features: int, bias: bool = True) -> int
 
 
 def gate_params(in_features: int, expert_dims: int | Sequence[int]) -> int:
-    r"""Parameters of the gate projections, :math:`I \sum_e N_e`."""
+    r"""Parameters of the gate projections, :math:`I \sum_e N_e`.
+
+    Parameters
+    ----------
+    in_features : int
+        :math:`I`.
+    expert_dims : int or sequence of int
+        :math:`N_1, \dots, N_E`.
+
+    Returns
+    -------
+    int
+
+    Examples
+    --------
+    >>> gate_params(768, (32, 4))
+    27648
+    """
     dims = [expert_dims] if isinstance(expert_dims, int) else list(expert_dims)
     return in_features * sum(dims)
 
@@ -58,6 +84,15 @@ def resolve_budget(
         a float: that fraction of it; an int: a parameter count.
     in_features, out_features : int
     bias : bool
+
+    Returns
+    -------
+    int
+
+    Raises
+    ------
+    ValueError
+        For a non-positive budget or an unknown string.
 
     Examples
     --------

@@ -37,6 +37,33 @@ def positive_int(value: Any, what: str) -> int:
 
     Integers of any library (``numpy.int64`` ...) are accepted; ``bool``,
     floats and non-positive values are not.
+
+    Parameters
+    ----------
+    value : int-like
+    what : str
+        How the error message names ``value``.
+
+    Returns
+    -------
+    int
+
+    Raises
+    ------
+    TypeError
+        If ``value`` is a bool or not an integer.
+    ValueError
+        If it is not positive.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> positive_int(np.int64(3), "rank")
+    3
+    >>> positive_int(0, "rank")
+    Traceback (most recent call last):
+        ...
+    ValueError: rank must be a positive int, got 0
     """
     if isinstance(value, bool):
         raise TypeError(f"{what} must be a positive int, got the bool {value!r}")
@@ -342,7 +369,19 @@ class Network:
         )
 
     def materialize_plan(self, backend: str, dtype: Hashable) -> Plan:
-        """The compiled contraction of all cores into ``W`` (``weight_shape``)."""
+        """The compiled contraction of all cores into ``W`` (``weight_shape``).
+
+        Parameters
+        ----------
+        backend : str
+            The TensorLy backend the plan is for.
+        dtype : hashable
+            The cores' dtype.
+
+        Returns
+        -------
+        Plan
+        """
         key = ("materialize", backend, dtype)
         return self._plans.get(key, self._build_materialize)
 
@@ -355,6 +394,15 @@ class Network:
         """The compiled contraction of the cores, expert legs sliced away, into ``(I', O)``.
 
         Called with the cores after indexing each expert leg at one expert.
+
+        Parameters
+        ----------
+        backend : str
+        dtype : hashable
+
+        Returns
+        -------
+        Plan
         """
         key = ("expert", backend, dtype)
         return self._plans.get(key, self._build_expert)
@@ -382,6 +430,14 @@ class Network:
         Counts the contraction of gates, input and cores along the path a
         plan for this batch size uses (a multiply-add counts as two).  The
         gates themselves and the bias column are not included.
+
+        Parameters
+        ----------
+        batch_size : int, default 1
+
+        Returns
+        -------
+        int
 
         Examples
         --------

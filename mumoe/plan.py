@@ -51,7 +51,9 @@ def batch_bucket(batch_size: int) -> int:
 class Plan:
     """An einsum equation compiled for one set of operand shapes.
 
-    Attributes
+    Built by :meth:`Plan.build` (and cached by :class:`mumoe.Network`), not by hand.
+
+    Parameters
     ----------
     equation : str
         The einsum equation, in opt_einsum's symbols.
@@ -72,6 +74,15 @@ class Plan:
         With ``split``, the same path compiled to add the input's bias inside
         the contraction (``x`` without its column of ones); None where the
         path does not allow it.
+
+    Examples
+    --------
+    >>> from mumoe import cp
+    >>> plan = cp(16, 8, 4, rank=3).forward_plan(16, "numpy", "float64")  # batch 16
+    >>> plan.equation, plan.path, plan.flops
+    ('ab,ac,be,ce,de->ad', ((0, 2), (0, 1), (1, 2), (0, 1)), 2832)
+    >>> [step.kind for step in plan.program.steps]
+    ['matmul', 'matmul', 'hadamard', 'matmul']
     """
 
     equation: str
@@ -159,6 +170,14 @@ class PlanCache:
     never formatted strings or hash values.  A plan is built outside the lock,
     so a slow path search does not stall other threads; if two threads build
     the same plan at once, the first one stored wins and both use it.
+
+    Examples
+    --------
+    >>> cache = PlanCache(maxsize=2)
+    >>> cache.get(("a",), lambda: "plan a"), cache.get(("a",), lambda: "never built")
+    ('plan a', 'plan a')
+    >>> cache
+    PlanCache(size=1, maxsize=2, hits=1, misses=1)
     """
 
     def __init__(self, maxsize: int = 32) -> None:
@@ -171,7 +190,18 @@ class PlanCache:
         self.misses = 0
 
     def get(self, key: Hashable, build: Callable[[], Plan]) -> Plan:
-        """Return the plan stored under ``key``, building and storing it if absent."""
+        """Return the plan stored under ``key``, building and storing it if absent.
+
+        Parameters
+        ----------
+        key : hashable
+        build : callable
+            Called without arguments, outside the lock, on a miss.
+
+        Returns
+        -------
+        Plan
+        """
         with self._lock:
             plan = self._plans.get(key)
             if plan is not None:
@@ -188,7 +218,12 @@ class PlanCache:
         return plan
 
     def keys(self) -> list[Hashable]:
-        """The keys held, least recently used first."""
+        """The keys held, least recently used first.
+
+        Returns
+        -------
+        list
+        """
         with self._lock:
             return list(self._plans)
 

@@ -65,6 +65,21 @@ def _rank_tuple(rank: Rank, name: str) -> tuple[int, ...]:
 def validate_cp_rank(rank: Rank) -> int:
     """Return a CP rank as a positive int.
 
+    Parameters
+    ----------
+    rank : int
+
+    Returns
+    -------
+    int
+
+    Raises
+    ------
+    TypeError
+        If ``rank`` is a sequence, a bool or not an integer.
+    ValueError
+        If ``rank`` is not positive.
+
     Examples
     --------
     >>> validate_cp_rank(8)
@@ -84,6 +99,16 @@ def validate_tucker_rank(rank: Rank, n_modes: int) -> tuple[int, ...]:
         One rank for all modes, or ``n_modes`` ranks (experts..., input, output).
     n_modes : int
         :math:`d = E + 2`.
+
+    Returns
+    -------
+    tuple of int
+        ``n_modes`` ranks.
+
+    Raises
+    ------
+    ValueError
+        If a sequence has the wrong length or a rank is not positive.
 
     Examples
     --------
@@ -111,6 +136,17 @@ def validate_tt_rank(rank: Rank, n_modes: int) -> tuple[int, ...]:
         ``d + 1`` ranks whose first and last entries must be 1.
     n_modes : int
         :math:`d = E + 2`.
+
+    Returns
+    -------
+    tuple of int
+        ``n_modes + 1`` ranks, 1 at both ends.
+
+    Raises
+    ------
+    ValueError
+        If the sequence has the wrong length, a boundary rank is not 1, or a
+        rank is not positive.
 
     Examples
     --------
@@ -147,6 +183,17 @@ def validate_tr_rank(rank: Rank, n_modes: int) -> tuple[int, ...]:
         full ``d + 1`` ranks whose last entry must equal the first.
     n_modes : int
         :math:`d = E + 2`.
+
+    Returns
+    -------
+    tuple of int
+        ``n_modes + 1`` ranks, the last equal to the first.
+
+    Raises
+    ------
+    ValueError
+        If the sequence has the wrong length, the ring does not close, or a rank
+        is not positive.
 
     Examples
     --------
@@ -211,6 +258,10 @@ def dense(
     optimize, cache_size, autotune
         Passed to :class:`~mumoe.network.Network`.
 
+    Returns
+    -------
+    Network
+
     Examples
     --------
     >>> dense(4, 3, 2).core_shapes
@@ -252,6 +303,10 @@ def cp(
         Whether the input mode has a bias slice (:math:`I' = I + 1`).
     optimize, cache_size, autotune
         Passed to :class:`~mumoe.network.Network`.
+
+    Returns
+    -------
+    Network
 
     Examples
     --------
@@ -299,6 +354,10 @@ def tucker(
         Whether the input mode has a bias slice (:math:`I' = I + 1`).
     optimize, cache_size, autotune
         Passed to :class:`~mumoe.network.Network`.
+
+    Returns
+    -------
+    Network
 
     Examples
     --------
@@ -352,6 +411,10 @@ def tt(
         Whether the input mode has a bias slice (:math:`I' = I + 1`).
     optimize, cache_size, autotune
         Passed to :class:`~mumoe.network.Network`.
+
+    Returns
+    -------
+    Network
 
     Examples
     --------
@@ -410,6 +473,10 @@ def tr(
     optimize, cache_size, autotune
         Passed to :class:`~mumoe.network.Network`.
 
+    Returns
+    -------
+    Network
+
     Examples
     --------
     >>> net = tr(8, 16, 10, rank=(2, 3, 4))
@@ -457,6 +524,10 @@ def preset(
         As for every preset.
     **options
         The preset's keyword arguments (``rank``, ``bias``, ...).
+
+    Returns
+    -------
+    Network
 
     Examples
     --------

@@ -33,7 +33,21 @@ _EXPERT = re.compile(r"n([1-9][0-9]*)?\Z")
 
 
 def is_expert_leg(leg: str) -> bool:
-    """Return whether ``leg`` names an expert mode (``n`` or ``n1``, ``n2``, ...)."""
+    """Return whether ``leg`` names an expert mode (``n`` or ``n1``, ``n2``, ...).
+
+    Parameters
+    ----------
+    leg : str
+
+    Returns
+    -------
+    bool
+
+    Examples
+    --------
+    >>> [is_expert_leg(leg) for leg in ("n", "n2", "n0", "i", "r")]
+    [True, True, False, False, False]
+    """
     return _EXPERT.match(leg) is not None
 
 
@@ -41,7 +55,7 @@ def is_expert_leg(leg: str) -> bool:
 class ParsedSpec:
     """The structure of a tensor network, as written in its spec.
 
-    Attributes
+    Parameters
     ----------
     cores : tuple of tuple of str
         The legs of each core, in storage order.
@@ -50,6 +64,11 @@ class ParsedSpec:
         writes a single ``n`` is normalised to ``("n1",)``.
     bonds : tuple of str
         The summed legs, in order of first appearance.
+
+    Examples
+    --------
+    >>> parse_spec("n r, i r, o r")
+    ParsedSpec(cores=(('n1', 'r'), ('i', 'r'), ('o', 'r')), expert_legs=('n1',), bonds=('r',))
     """
 
     cores: tuple[tuple[str, ...], ...]

@@ -55,7 +55,22 @@ TOLERANCES: dict[str, tuple[float, float]] = {
 
 
 def to_numpy64(tensor: Tensor) -> np.ndarray:
-    """Copy a tensor of any backend into a float64 NumPy array (detached)."""
+    """Copy a tensor of any backend into a float64 NumPy array (detached).
+
+    Parameters
+    ----------
+    tensor : tensor of any backend, or array-like
+
+    Returns
+    -------
+    numpy.ndarray of float64
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> to_numpy64(np.ones(2, dtype=np.float32)).dtype
+    dtype('float64')
+    """
     if hasattr(tensor, "detach"):
         tensor = tensor.detach()
     array = tl.to_numpy(tensor) if tl.is_tensor(tensor) else np.asarray(tensor)
@@ -75,6 +90,15 @@ def assert_close(actual: Tensor, desired: Any, dtype: str = "float64", scale: fl
     scale : float
         Multiplies ``atol``: the number of terms summed per output entry is a
         good choice, since rounding errors grow with it.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> assert_close(np.float32([1.0, 2.0]), [1.0, 2.0 + 1e-7], "float32")
+    >>> assert_close(np.ones(2), np.ones(3))
+    Traceback (most recent call last):
+        ...
+    AssertionError: shapes differ: (2,) != (3,)
     """
     rtol, atol = TOLERANCES[dtype]
     a, d = to_numpy64(actual), to_numpy64(desired)
@@ -102,6 +126,13 @@ def dense_forward(weight: Any, x: Any, gates: Sequence[Any], bias: bool) -> np.n
     Returns
     -------
     numpy.ndarray, shape (..., O)
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> weight = np.arange(2 * 3 * 2, dtype=float).reshape(2, 3, 2)  # 2 experts, I' = 3, O = 2
+    >>> dense_forward(weight, np.array([[1.0, 1.0]]), [np.array([[0.5, 0.5]])], bias=True)
+    array([[15., 18.]])
     """
     w = to_numpy64(weight)
     z = to_numpy64(x)
@@ -119,6 +150,22 @@ def backend_dtype(name: str) -> Any:
     Use this rather than ``tl.float64``: TensorLy 0.8-0.10 export NumPy's
     ``float64`` at top level whatever the backend, while ``tl.backend.float64``
     follows the active one.
+
+    Parameters
+    ----------
+    name : str
+        ``"float32"``, ``"float64"``, ...
+
+    Returns
+    -------
+    dtype
+        The active backend's own dtype object.
+
+    Examples
+    --------
+    >>> import tensorly as tl
+    >>> tl.tensor([1.0, 2.0], dtype=backend_dtype("float32")).dtype  # NumPy active
+    dtype('float32')
     """
     return getattr(tl.backend, name)
 
@@ -132,10 +179,26 @@ def random_inputs(
 ) -> tuple[Tensor, list[Tensor]]:
     """An input and gates for ``network``, uniform in [-1, 1], on the active backend.
 
+    Parameters
+    ----------
+    network : Network
+    batch_shape : tuple of int
+        The leading dimensions.
+    random_state : None, int or numpy.random.RandomState
+    **context
+        Passed to ``tl.tensor`` (``dtype``, ``device``, ...).
+
     Returns
     -------
     x : tensor, shape batch_shape + (I,)
     gates : list of tensors, each of shape batch_shape + (N_e,)
+
+    Examples
+    --------
+    >>> from mumoe import tr
+    >>> x, gates = random_inputs(tr((4, 3), 5, 2, rank=2), (6, 7), random_state=0)
+    >>> x.shape, [g.shape for g in gates]
+    ((6, 7, 5), [(6, 7, 4), (6, 7, 3)])
     """
     rng = tl.check_random_state(random_state)
     x = tl.tensor(rng.uniform(-1, 1, (*batch_shape, network.in_features)), **context)
@@ -152,7 +215,25 @@ _ranks = st.integers(1, 4)
 
 
 def batch_shapes(max_dims: int = 2, max_side: int = 3) -> st.SearchStrategy[Shape]:
-    """Leading batch shapes: zero to ``max_dims`` dimensions of size 1 to ``max_side``."""
+    """Leading batch shapes: zero to ``max_dims`` dimensions of size 1 to ``max_side``.
+
+    Parameters
+    ----------
+    max_dims : int, default 2
+    max_side : int, default 3
+
+    Returns
+    -------
+    hypothesis.strategies.SearchStrategy of tuple of int
+
+    Examples
+    --------
+    >>> from hypothesis import given
+    >>> @given(batch_shapes(max_dims=2, max_side=3))
+    ... def test(shape):
+    ...     assert len(shape) <= 2 and all(1 <= side <= 3 for side in shape)
+    >>> test()
+    """
     return st.lists(st.integers(1, max_side), max_size=max_dims).map(tuple)
 
 
@@ -162,7 +243,16 @@ def preset_networks(
     formats: Sequence[str] = tuple(PRESETS),
     max_levels: int = 3,
 ) -> Network:
-    """Networks of the presets, for E in 1..``max_levels``, random sizes and ranks."""
+    """Networks of the presets, for E in 1..``max_levels``, random sizes and ranks.
+
+    Examples
+    --------
+    >>> from hypothesis import given
+    >>> @given(preset_networks(max_levels=2))
+    ... def test(net):
+    ...     assert net.format in ("dense", "cp", "tucker", "tt", "tr") and net.n_levels <= 2
+    >>> test()
+    """
     fmt = draw(st.sampled_from(list(formats)))
     n_levels = draw(st.integers(1, max_levels))
     dims = draw(st.lists(_sizes, min_size=n_levels, max_size=n_levels))
@@ -187,6 +277,15 @@ def custom_specs(draw: st.DrawFn, max_levels: int = 3, max_cores: int = 4) -> st
     The cores are connected by a random spanning tree of bonds, plus up to
     two extra bonds that may join any number of cores (hyperedges, as in
     CP).  Legs are shuffled within each core.
+
+    Examples
+    --------
+    >>> from hypothesis import given
+    >>> from mumoe import parse_spec
+    >>> @given(custom_specs(max_levels=2, max_cores=3))
+    ... def test(spec):
+    ...     assert len(parse_spec(spec).cores) <= 3
+    >>> test()
     """
     n_levels = draw(st.integers(1, max_levels))
     n_cores = draw(st.integers(1, max_cores))
@@ -210,7 +309,16 @@ def custom_specs(draw: st.DrawFn, max_levels: int = 3, max_cores: int = 4) -> st
 
 @st.composite
 def custom_networks(draw: st.DrawFn, max_levels: int = 3, max_cores: int = 4) -> Network:
-    """Networks of :func:`custom_specs` with random sizes 1-5 and bond sizes 1-4."""
+    """Networks of :func:`custom_specs` with random sizes 1-5 and bond sizes 1-4.
+
+    Examples
+    --------
+    >>> from hypothesis import given
+    >>> @given(custom_networks())
+    ... def test(net):
+    ...     assert net.format == "custom" and all(1 <= r <= 4 for r in net.ranks.values())
+    >>> test()
+    """
     from mumoe.spec import parse_spec
 
     spec = draw(custom_specs(max_levels, max_cores))
@@ -223,10 +331,49 @@ def custom_networks(draw: st.DrawFn, max_levels: int = 3, max_cores: int = 4) ->
 
 
 def networks(max_levels: int = 3) -> st.SearchStrategy[Network]:
-    """Preset and custom networks alike."""
+    """Preset and custom networks alike.
+
+    Parameters
+    ----------
+    max_levels : int, default 3
+        The most expert levels.
+
+    Returns
+    -------
+    hypothesis.strategies.SearchStrategy of Network
+
+    Examples
+    --------
+    >>> from hypothesis import given, settings
+    >>> from mumoe import forward, materialize, random_cores
+    >>> @settings(max_examples=20)
+    ... @given(networks(), batch_shapes())
+    ... def test(net, batch_shape):
+    ...     cores = random_cores(net, random_state=0)
+    ...     x, gates = random_inputs(net, batch_shape, random_state=0)
+    ...     expected = dense_forward(materialize(net, cores), x, gates, net.bias)
+    ...     assert_close(forward(net, cores, x, gates), expected, scale=n_terms(net))
+    >>> test()
+    """
     return st.one_of(preset_networks(max_levels=max_levels), custom_networks(max_levels))
 
 
 def n_terms(network: Network) -> int:
-    """Terms summed per output entry of Eq. (1): a scale for :func:`assert_close`."""
+    r"""Terms summed per output entry of Eq. (1): a scale for :func:`assert_close`.
+
+    Parameters
+    ----------
+    network : Network
+
+    Returns
+    -------
+    int
+        :math:`\prod_e N_e \cdot I' \cdot \prod_b R_b`.
+
+    Examples
+    --------
+    >>> from mumoe import cp
+    >>> n_terms(cp(8, 5, 3, rank=2))  # N * I' * R
+    96
+    """
     return math.prod(network.expert_dims) * network.sizes["i"] * math.prod(network.ranks.values())

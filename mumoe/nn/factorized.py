@@ -52,6 +52,16 @@ def network_of(tensor: Any, bias: bool = True) -> Network:
     Returns
     -------
     Network
+
+    Examples
+    --------
+    >>> from mumoe.backend import preserved_backend, thread_backend
+    >>> with preserved_backend():  # importing tltorch would switch TensorLy's backend
+    ...     import tltorch
+    >>> with thread_backend("pytorch"):
+    ...     tensor = tltorch.FactorizedTensor.new((32, 17, 10), rank=4, factorization="cp")
+    >>> network_of(tensor)
+    Network('n1 r, i r, o r', 32, 16, 10, rank={'r': 4}, bias=True, format='cp')
     """
     tltorch = _tltorch()
     shape = tuple(tensor.shape)

@@ -63,7 +63,28 @@ NORMALIZATIONS = ("bn", "ln", None)
 
 
 def resolve_activation(activation: str | Activation) -> Activation:
-    """The activation called ``activation``, or ``activation`` itself if callable."""
+    """The activation called ``activation``, or ``activation`` itself if callable.
+
+    Parameters
+    ----------
+    activation : {"entmax15", "sparsemax", "softmax"} or callable
+
+    Returns
+    -------
+    callable
+        From logits ``(B, N)`` to coefficients ``(B, N)``.
+
+    Raises
+    ------
+    ValueError
+        For an unknown name.
+
+    Examples
+    --------
+    >>> import torch
+    >>> resolve_activation("sparsemax")(torch.tensor([[3.0, 1.0, 0.0]]))
+    tensor([[1., 0., 0.]])
+    """
     if callable(activation):
         return activation
     try:
@@ -105,6 +126,15 @@ def gate_coefficients(
     Returns
     -------
     list of torch.Tensor, each (..., N_e)
+
+    Examples
+    --------
+    >>> import torch
+    >>> from torch import nn
+    >>> gates = gate_coefficients(torch.randn(2, 3, 8), [torch.zeros(8, 4)], [nn.Identity()],
+    ...                           resolve_activation("softmax"))
+    >>> gates[0].shape, gates[0][0, 0]
+    (torch.Size([2, 3, 4]), tensor([0.2500, 0.2500, 0.2500, 0.2500]))
     """
     rows = x.reshape(-1, x.shape[-1])
     gates = []
@@ -179,7 +209,16 @@ class MuMoEGate(nn.Module):
                 norm.reset_running_stats()
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
-        """The coefficients of every level for input ``x`` of shape ``(..., I)``."""
+        """The gate coefficients of every level.
+
+        Parameters
+        ----------
+        x : torch.Tensor, shape (..., I)
+
+        Returns
+        -------
+        list of torch.Tensor, each (..., N_e)
+        """
         return gate_coefficients(x, list(self.projections), list(self.norms), self.activation)
 
     def extra_repr(self) -> str:

@@ -127,6 +127,17 @@ def init_cores_(network: Network, cores: Sequence[torch.Tensor]) -> str:
     -------
     str
         The scheme used: a preset name, or ``"custom"``.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from mumoe import cp
+    >>> net = cp(8, 16, 4, rank=3)
+    >>> cores = [torch.empty(shape) for shape in net.core_shapes]
+    >>> init_cores_(net, cores)
+    'cp'
+    >>> bool(cores[1].abs().max() <= 0.25)  # input factor: U(±sqrt(1/I))
+    True
     """
     fmt = preset_format(network)
     with torch.no_grad():

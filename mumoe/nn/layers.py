@@ -75,6 +75,13 @@ def build_network(
     Returns
     -------
     Network
+
+    Examples
+    --------
+    >>> dict(build_network(768, 1000, "cp", expert_dims=128, rank="same").ranks)
+    {'r': 353}
+    >>> build_network(16, 4, "n1 a, i a b, o b", expert_dims=8, rank={"a": 2, "b": 3}).core_shapes
+    ((8, 2), (17, 2, 3), (4, 3))
     """
     if isinstance(network, Network):
         if (network.in_features, network.out_features) != (in_features, out_features):
@@ -125,6 +132,28 @@ def torch_forward(
     The one path every torch module takes into the functional core: TensorLy's
     ``pytorch`` backend for this thread only, and ``differentiable`` from
     torch's grad mode (it chooses how the bias is added).
+
+    Parameters
+    ----------
+    network : Network
+    cores : sequence of torch.Tensor
+        Of shapes ``network.core_shapes``.
+    x : torch.Tensor, shape (..., I)
+    gates : sequence of torch.Tensor, each (..., N_e)
+
+    Returns
+    -------
+    torch.Tensor, shape (..., O)
+
+    Examples
+    --------
+    >>> import torch
+    >>> from mumoe import cp
+    >>> net = cp(4, 3, 2, rank=5)
+    >>> cores = [torch.randn(s, requires_grad=True) for s in net.core_shapes]
+    >>> y = torch_forward(net, cores, torch.randn(6, 3), [torch.rand(6, 4)])
+    >>> y.shape, y.requires_grad
+    (torch.Size([6, 2]), True)
     """
     differentiable = torch.is_grad_enabled() and any(c.requires_grad for c in cores)
     with thread_backend("pytorch"):
@@ -309,12 +338,29 @@ class MuMoE(nn.Module):
         return (y, coefficients) if return_gates else y
 
     def materialize(self) -> torch.Tensor:
-        """The dense weight tensor, shape ``(N_1, ..., N_E, I', O)`` (for inspection)."""
+        """The dense weight tensor, for inspection.
+
+        Returns
+        -------
+        torch.Tensor, shape (N_1, ..., N_E, I', O)
+            Differentiable with respect to the cores.
+        """
         with thread_backend("pytorch"):
             return functional.materialize(*self._weights())
 
     def expert_weight(self, index: int | Sequence[int]) -> functional.ExpertWeight:
-        """One expert's ``weight`` (I, O) and ``bias`` (O,), without materialising W."""
+        """One expert's affine map, without materialising W.
+
+        Parameters
+        ----------
+        index : int or sequence of int
+            One index per expert level (an int with one level).
+
+        Returns
+        -------
+        mumoe.ExpertWeight
+            ``weight`` (I, O) and ``bias`` (O,) (None without bias).
+        """
         with thread_backend("pytorch"):
             return functional.expert_weight(*self._weights(), index)
 
@@ -350,6 +396,17 @@ def _preset_layer(format: str) -> type[MuMoE]:
     ``MuMoE(in_features, out_features, "{format}", expert_dims=..., rank=...)``;
     see :class:`MuMoE` for the other options and :func:`mumoe.{format}` for
     the rank format (``"same"`` or a float chooses it by parameter budget).
+
+    Parameters
+    ----------
+    in_features, out_features : int
+    expert_dims : int or sequence of int
+        Experts per level.
+    rank : int, tuple, "same" or float
+        The {format} rank, or a parameter budget.
+    **options
+        The other keyword arguments of :class:`MuMoE` (``bias``,
+        ``normalization``, ``activation``, ``device``, ``dtype``, ...).
 
     Examples
     --------
@@ -448,7 +505,19 @@ class MuMoEBlock(nn.Module):
     def forward(
         self, x: torch.Tensor, *, return_gates: bool = False
     ) -> torch.Tensor | tuple[torch.Tensor, list[torch.Tensor]]:
-        """``fc2(gelu(fc1(x, a)), a)`` with ``a = gate(x)``; shapes ``(..., I) -> (..., O)``."""
+        """``fc2(gelu(fc1(x, a)), a)`` with ``a = gate(x)``.
+
+        Parameters
+        ----------
+        x : torch.Tensor, shape (..., I)
+        return_gates : bool, default False
+            Also return the coefficients used.
+
+        Returns
+        -------
+        torch.Tensor, shape (..., O)
+            And the list of gates when ``return_gates``.
+        """
         self.fc1._check_input(x)
         gates = self.gate(x)
         z = self.input_norm(x) if self.input_norm is not None else x
@@ -457,7 +526,17 @@ class MuMoEBlock(nn.Module):
 
 
 class GateRecord(dict[str, list[torch.Tensor]]):
-    """Detached gate coefficients of the last forward, by gate module name."""
+    """Detached gate coefficients of the last forward, by gate module name.
+
+    Examples
+    --------
+    >>> import torch
+    >>> block = MuMoEBlock(8, 16, expert_dims=(4, 2), rank=3)
+    >>> with record_gates(block) as record:
+    ...     _ = block(torch.randn(5, 8))
+    >>> {name: [tuple(a.shape) for a in gates] for name, gates in record.items()}
+    {'gate': [(5, 4), (5, 2)]}
+    """
 
 
 @contextmanager
@@ -468,6 +547,16 @@ def record_gates(model: nn.Module) -> Iterator[GateRecord]:
     ``"blocks.3.gate"``, ...) to the list of coefficients of its last call,
     each ``(..., N_e)``.  Nothing is stored on the modules, and the hooks are
     removed on exit.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        Any module; every :class:`MuMoEGate` inside it is recorded.
+
+    Yields
+    ------
+    GateRecord
+        Filled by each forward pass inside the block.
 
     Examples
     --------

@@ -1,0 +1,145 @@
+"""Tensor-network diagrams of :class:`~mumoe.Network` objects, drawn with matplotlib.
+
+Needs matplotlib (``pip install "mumoe[demo]"``); nothing else in mumoe
+imports this module.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from matplotlib.axes import Axes
+from matplotlib.figure import Figure
+from matplotlib.patches import Circle, FancyArrowPatch
+
+from mumoe.network import Network
+
+__all__ = ["draw_network"]
+
+OPEN = {"i": "tab:blue", "o": "tab:green"}  # expert legs: tab:orange
+RADIUS = 0.22
+
+
+def _positions(network: Network) -> dict[int, np.ndarray]:
+    k = network.n_cores
+    # A core joined to every other by its own bonds (Tucker's) goes in the middle.
+    pairwise = {b for b in network.bonds if sum(b in legs for legs in network.cores) == 2}
+    shared = [
+        {j for j, other in enumerate(network.cores) if j != c and set(legs) & set(other) & pairwise}
+        for c, legs in enumerate(network.cores)
+    ]
+    hub = next((c for c in range(k) if k >= 4 and len(shared[c]) == k - 1), None)
+    ring = [c for c in range(k) if c != hub]
+    positions = {hub: np.zeros(2)} if hub is not None else {}
+    for m, c in enumerate(ring):
+        angle = math.pi / 2 + 2 * math.pi * m / len(ring) if len(ring) > 2 else math.pi * m
+        positions[c] = 1.1 * np.array([math.cos(angle), math.sin(angle)])
+    return positions
+
+
+def _xy(point: np.ndarray) -> tuple[float, float]:
+    return float(point[0]), float(point[1])
+
+
+def draw_network(network: Network, ax: Axes | None = None, title: str | None = None) -> Figure:
+    r"""Draw the tensor network of ``network``.
+
+    Cores are circles numbered as in ``network.cores``.  A bond held by two
+    cores is a line between them, one held by three or more (a hyperedge, as
+    in CP) a small black node joined to each; the open legs of
+    :math:`\mathcal{W}` (the expert modes ``n_e`` in orange, the input ``i``
+    in blue, the output ``o`` in green) are free lines labelled with their
+    sizes.  A core joined to every other by its own bonds (Tucker's) is drawn
+    in the middle, the others on a circle.
+
+    Parameters
+    ----------
+    network : Network
+    ax : matplotlib.axes.Axes, optional
+        Where to draw; by default on a new :class:`matplotlib.figure.Figure`
+        (not registered with pyplot).
+    title : str, optional
+        Defaults to the format and the spec.
+
+    Returns
+    -------
+    matplotlib.figure.Figure
+        The figure that holds ``ax``.
+
+    Examples
+    --------
+    >>> from mumoe import tr
+    >>> fig = draw_network(tr((8, 4), 16, 10, rank=(2, 2, 2, 3)))
+    >>> len(fig.axes[0].patches)  # four cores and four bonds
+    8
+    """
+    if ax is None:
+        fig = Figure(figsize=(3.6, 3.4), layout="constrained")
+        ax = fig.subplots()
+    figure = ax.figure
+    while not isinstance(figure, Figure):  # the Axes of a SubFigure
+        figure = figure.figure
+    pos = _positions(network)
+    centre = np.mean(list(pos.values()), axis=0)
+    sizes = network.sizes
+
+    pairs: dict[tuple[int, int], int] = {}
+    for bond in network.bonds:
+        holders = [c for c, legs in enumerate(network.cores) if bond in legs]
+        label = f"{bond}={sizes[bond]}"
+        if len(holders) == 2:
+            a, b = holders
+            seen = pairs.get((a, b), 0)
+            pairs[(a, b)] = seen + 1
+            bend = 0.35 * ((seen + 1) // 2) * (-1) ** seen
+            ax.add_patch(
+                FancyArrowPatch(
+                    _xy(pos[a]), _xy(pos[b]), arrowstyle="-", connectionstyle=f"arc3,rad={bend}",
+                    color="0.3", lw=1.6, zorder=1, shrinkA=0, shrinkB=0,
+                )
+            )  # fmt: skip
+            middle = (pos[a] + pos[b]) / 2
+            normal = np.array([pos[a][1] - pos[b][1], pos[b][0] - pos[a][0]])
+            normal /= np.linalg.norm(normal) + 1e-12
+            x, y = middle + normal * (0.12 - bend * 0.5)
+            ax.text(x, y, label, fontsize=8,
+                    ha="center", va="center", color="0.25")  # fmt: skip
+        else:
+            node = np.mean([pos[c] for c in holders], axis=0)
+            if np.linalg.norm(node - centre) < 1e-9 and any(
+                np.linalg.norm(pos[c]) < 1e-9 for c in holders
+            ):
+                node = node + np.array([0.0, -0.45])
+            for c in holders:
+                ax.plot(*zip(pos[c], node, strict=True), color="0.3", lw=1.6, zorder=1)
+            ax.add_patch(Circle(_xy(node), 0.05, color="black", zorder=3))
+            ax.text(node[0] + 0.08, node[1] - 0.14, label, fontsize=8, color="0.25")
+
+    for c, legs in enumerate(network.cores):
+        ax.add_patch(
+            Circle(_xy(pos[c]), RADIUS, facecolor="white", edgecolor="black", lw=1.6, zorder=2)
+        )
+        ax.text(pos[c][0], pos[c][1], f"#{c}", ha="center", va="center", fontsize=9, zorder=4)
+        opened = [leg for leg in legs if leg not in network.bonds]
+        outward = pos[c] - centre
+        base = (
+            math.atan2(outward[1], outward[0]) if np.linalg.norm(outward) > 1e-9 else -math.pi / 2
+        )
+        spread = 0.7 if network.n_cores > 1 else 2 * math.pi / len(opened)
+        for m, leg in enumerate(opened):
+            angle = base + (m - (len(opened) - 1) / 2) * spread
+            direction = np.array([math.cos(angle), math.sin(angle)])
+            start, end = pos[c] + RADIUS * direction, pos[c] + 0.7 * direction
+            color = OPEN.get(leg, "tab:orange")
+            ax.plot(*zip(start, end, strict=True), color=color, lw=2.2, zorder=1)
+            x, y = pos[c] + 0.9 * direction
+            ax.text(x, y, f"{leg}={sizes[leg]}", fontsize=8.5,
+                    ha="center", va="center", color=color)  # fmt: skip
+
+    ax.set_xlim(-2.2, 2.2)
+    ax.set_ylim(-2.2, 2.2)
+    ax.set_aspect("equal")
+    ax.axis("off")
+    ax.set_title(title if title is not None else f"{network.format}: {network.spec}", fontsize=9)
+    return figure

@@ -1,0 +1,39 @@
+"""Network diagrams: every core, bond and open leg of any network is drawn."""
+
+from __future__ import annotations
+
+import pytest
+
+pytest.importorskip("matplotlib", reason="matplotlib is not installed (pip install 'mumoe[demo]')")
+
+from hypothesis import given, settings
+from matplotlib.figure import Figure
+from matplotlib.patches import Circle, FancyArrowPatch
+
+from mumoe.plotting import draw_network
+from mumoe.testing import networks
+
+
+@settings(max_examples=25)
+@given(networks())
+def test_every_core_bond_and_open_leg_is_drawn(net):
+    fig = draw_network(net)
+    ax = fig.axes[0]
+    holders = {b: sum(b in legs for legs in net.cores) for b in net.bonds}
+    circles = [p for p in ax.patches if isinstance(p, Circle)]
+    lines = [p for p in ax.patches if isinstance(p, FancyArrowPatch)]
+    assert len(circles) == net.n_cores + sum(n > 2 for n in holders.values())
+    assert len(lines) == sum(n == 2 for n in holders.values())
+    texts = {t.get_text() for t in ax.texts}
+    for leg in (*net.expert_legs, "i", "o", *net.bonds):
+        assert f"{leg}={net.sizes[leg]}" in texts
+    assert ax.get_title() == f"{net.format}: {net.spec}"
+
+
+def test_it_draws_on_the_axes_it_is_given():
+    from mumoe import cp
+
+    fig = Figure()
+    ax = fig.subplots()
+    assert draw_network(cp(4, 3, 2, rank=2), ax, title="mine") is fig
+    assert ax.get_title() == "mine"
