@@ -320,8 +320,8 @@ def _report(heads: list[HeadResult], budget: int, out: IO[str]) -> None:
     print(
         f"μMoE heads on scikit-learn's digits (1,797 8x8 images, 10 classes; 25% held out).\n"
         f"Every head's experts have {budget:,} parameters; the gate (64 x N) comes on top.\n"
-        f"Polysemanticity: mean over the experts that receive >= {MIN_COUNT} samples at "
-        f"coefficient >= {THRESHOLD} (0 = one digit per expert).\n",
+        f"Polysemanticity, over all 1,797 digits: mean over the experts that receive >= "
+        f"{MIN_COUNT} of them at coefficient >= {THRESHOLD} (0 = one digit per expert).\n",
         file=out,
     )
     rows = [("head", "rank", "experts+gate params", "test accuracy", "polysemanticity", "counted")]

@@ -46,4 +46,3 @@ def test_every_public_name_is_in_the_api_reference(module):
     missing = {f"{module}.{name}" for name in public} - documented()
     missing -= {f"{module}.{name}" for name in constants}
     assert not missing, f"add to docs/api.rst: {sorted(missing)}"
-
