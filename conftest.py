@@ -37,6 +37,8 @@ if importlib.util.find_spec("torch") is None:
 
 if importlib.util.find_spec("matplotlib") is None:
     collect_ignore_glob += ["mumoe/plotting.py"]
+if any(importlib.util.find_spec(m) is None for m in ("torch", "sklearn", "matplotlib", "tqdm")):
+    collect_ignore_glob += ["mumoe/demo.py"]  # its examples run the demo
 
 # CI: reproducible examples, no deadline on a shared machine. dev: fresh examples each run.
 settings.register_profile(
