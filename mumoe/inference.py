@@ -6,7 +6,8 @@ statistics, input layer norm, network specs and gating configuration) to a
 ``.npz`` file; :func:`load` reads it back as an :class:`InferenceMuMoE` or
 :class:`InferenceMuMoEBlock` on the active TensorLy backend (NumPy, CuPy,
 PyTorch), which computes it in eval mode with :mod:`mumoe.gating` — no
-PyTorch needed.
+PyTorch needed — and :func:`load_into` reads it into an existing torch
+module, all or nothing.
 
 The file is a NumPy ``.npz`` archive of numeric arrays plus one entry,
 ``__mumoe__``, holding the metadata as UTF-8 JSON bytes.  It is read with
@@ -33,7 +34,15 @@ from mumoe.gating import ACTIVATIONS, batch_norm, gate_coefficients, gelu, layer
 from mumoe.network import Network
 from mumoe.typing import Tensor
 
-__all__ = ["FORMAT", "VERSION", "InferenceMuMoE", "InferenceMuMoEBlock", "load", "save"]
+__all__ = [
+    "FORMAT",
+    "VERSION",
+    "InferenceMuMoE",
+    "InferenceMuMoEBlock",
+    "load",
+    "load_into",
+    "save",
+]
 
 #: The ``format`` field of the metadata, and its version.
 FORMAT = "mumoe-weights"
@@ -244,6 +253,63 @@ def _network_meta(network: Network) -> dict[str, Any]:
     }
 
 
+def _describe(module: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The metadata of a torch layer or block, and its tensors by file entry name."""
+    import torch
+
+    from mumoe.nn import MuMoE, MuMoEBlock
+
+    meta: dict[str, Any] = {"format": FORMAT, "version": VERSION}
+    if isinstance(module, MuMoE):
+        meta["kind"] = "layer"
+        meta.update(_network_meta(module.network))
+        layers = {"": module}
+    elif isinstance(module, MuMoEBlock):
+        meta["kind"] = "block"
+        meta["fc1"] = _network_meta(module.fc1.network)
+        meta["fc2"] = _network_meta(module.fc2.network)
+        layers = {"fc1.": module.fc1, "fc2.": module.fc2}
+    else:
+        raise TypeError(
+            "save and load_into take a mumoe.nn.MuMoE or MuMoEBlock, "
+            f"got {type(module).__qualname__}"
+        )
+    tensors: dict[str, Any] = {}
+    for prefix, layer in layers.items():
+        for k, core in enumerate(layer._weights()[1]):
+            tensors[f"{prefix}cores.{k}"] = core
+
+    meta["gate"] = None
+    if module.gate is not None:
+        gate = module.gate
+        if gate.activation_name not in ACTIVATIONS:
+            raise ValueError(
+                f"the gate's activation {gate.activation_name!r} is a custom callable and "
+                f"cannot be saved; portable layers use one of {', '.join(map(repr, ACTIVATIONS))}"
+            )
+        eps = 1e-5
+        for e, projection in enumerate(gate.projections):
+            tensors[f"gate.projections.{e}"] = projection
+        for e, norm in enumerate(gate.norms):
+            if isinstance(norm, torch.nn.BatchNorm1d):
+                tensors[f"gate.running_mean.{e}"] = norm.running_mean
+                tensors[f"gate.running_var.{e}"] = norm.running_var
+                eps = norm.eps
+            elif isinstance(norm, torch.nn.LayerNorm):
+                eps = norm.eps
+        meta["gate"] = {
+            "normalization": gate.normalization,
+            "activation": gate.activation_name,
+            "eps": eps,
+        }
+    meta["input_norm"] = None
+    if module.input_norm is not None:
+        tensors["input_norm.weight"] = module.input_norm.weight
+        tensors["input_norm.bias"] = module.input_norm.bias
+        meta["input_norm"] = {"eps": module.input_norm.eps}
+    return meta, tensors
+
+
 def save(module: Any, path: PathLike) -> None:
     """Write a :class:`mumoe.nn.MuMoE` or :class:`mumoe.nn.MuMoEBlock` to a portable file.
 
@@ -273,60 +339,15 @@ def save(module: Any, path: PathLike) -> None:
     """
     import torch
 
-    from mumoe.nn import MuMoE, MuMoEBlock
-
-    def host(t: torch.Tensor | None) -> np.ndarray:
-        if t is None:  # batch norm built without running statistics
-            raise ValueError("the gate's batch norm tracks no running statistics to save")
-        return t.detach().cpu().numpy()
-
+    meta, tensors = _describe(module)
     arrays: dict[str, np.ndarray] = {}
-    meta: dict[str, Any] = {"format": FORMAT, "version": VERSION}
-    if isinstance(module, MuMoE):
-        meta["kind"] = "layer"
-        meta.update(_network_meta(module.network))
-        layers = {"": module}
-    elif isinstance(module, MuMoEBlock):
-        meta["kind"] = "block"
-        meta["fc1"] = _network_meta(module.fc1.network)
-        meta["fc2"] = _network_meta(module.fc2.network)
-        layers = {"fc1.": module.fc1, "fc2.": module.fc2}
-    else:
-        raise TypeError(
-            f"save takes a mumoe.nn.MuMoE or MuMoEBlock, got {type(module).__qualname__}"
-        )
-    for prefix, layer in layers.items():
-        for k, core in enumerate(layer._weights()[1]):
-            arrays[f"{prefix}cores.{k}"] = host(core)
-
-    meta["gate"] = None
-    if module.gate is not None:
-        gate = module.gate
-        if gate.activation_name not in ACTIVATIONS:
-            raise ValueError(
-                f"the gate's activation {gate.activation_name!r} is a custom callable and "
-                f"cannot be saved; portable layers use one of {', '.join(map(repr, ACTIVATIONS))}"
-            )
-        eps = 1e-5
-        for e, projection in enumerate(gate.projections):
-            arrays[f"gate.projections.{e}"] = host(projection)
-        for e, norm in enumerate(gate.norms):
-            if isinstance(norm, torch.nn.BatchNorm1d):
-                arrays[f"gate.running_mean.{e}"] = host(norm.running_mean)
-                arrays[f"gate.running_var.{e}"] = host(norm.running_var)
-                eps = norm.eps
-            elif isinstance(norm, torch.nn.LayerNorm):
-                eps = norm.eps
-        meta["gate"] = {
-            "normalization": gate.normalization,
-            "activation": gate.activation_name,
-            "eps": eps,
-        }
-    meta["input_norm"] = None
-    if module.input_norm is not None:
-        arrays["input_norm.weight"] = host(module.input_norm.weight)
-        arrays["input_norm.bias"] = host(module.input_norm.bias)
-        meta["input_norm"] = {"eps": module.input_norm.eps}
+    for name, tensor in tensors.items():
+        if tensor is None:  # batch norm built without running statistics
+            raise ValueError("the gate's batch norm tracks no running statistics to save")
+        host = tensor.detach().cpu()
+        if host.dtype == torch.bfloat16:  # NumPy has no bfloat16: widen, exactly
+            host = host.float()
+        arrays[name] = host.numpy()
     meta["arrays"] = sorted(arrays)
     arrays["__mumoe__"] = np.frombuffer(json.dumps(meta).encode("utf-8"), dtype=np.uint8)
     with open(path, "wb") as f:
@@ -396,6 +417,42 @@ def _expected(networks: dict[str, Network], meta: dict[str, Any]) -> dict[str, t
     return shapes
 
 
+def _read_checked(
+    path: PathLike,
+) -> tuple[dict[str, Any], dict[str, Network], dict[str, np.ndarray]]:
+    """The metadata, networks and arrays of a file, checked against its own spec."""
+    meta, arrays = _read(path)
+    kind = meta.get("kind")
+    if kind == "layer":
+        networks = {"": _network(meta, path)}
+    elif kind == "block":
+        networks = {"fc1.": _network(meta.get("fc1", {}), path),
+                    "fc2.": _network(meta.get("fc2", {}), path)}  # fmt: skip
+    else:
+        raise ValueError(f"{os.fspath(path)!r} holds a {kind!r}; mumoe reads layers and blocks")
+    spec = " / ".join(network.spec for network in networks.values())
+    expected = _expected(networks, meta)
+    missing = sorted(set(expected) - set(arrays))
+    extra = sorted(set(arrays) - set(expected))
+    if missing or extra:
+        raise ValueError(
+            f"{os.fspath(path)!r} does not match its spec {spec!r}: "
+            f"missing entries {missing}, unexpected entries {extra}"
+        )
+    for name, shape in expected.items():
+        if arrays[name].shape != shape:
+            raise ValueError(
+                f"{os.fspath(path)!r}: entry {name!r} must have shape {shape} for spec "
+                f"{spec!r}, got {arrays[name].shape}"
+            )
+        if arrays[name].dtype.kind != "f":
+            raise ValueError(
+                f"{os.fspath(path)!r}: entry {name!r} must be floating point, got "
+                f"{arrays[name].dtype}"
+            )
+    return meta, networks, arrays
+
+
 def load(path: PathLike, *, dtype: Any = None) -> InferenceMuMoE | InferenceMuMoEBlock:
     """Read a file written by :func:`save` onto the active TensorLy backend.
 
@@ -428,35 +485,8 @@ def load(path: PathLike, *, dtype: Any = None) -> InferenceMuMoE | InferenceMuMo
     >>> block(np.ones((3, 8), dtype=np.float32)).shape
     (3, 8)
     """
-    meta, arrays = _read(path)
-    kind = meta.get("kind")
-    if kind == "layer":
-        networks = {"": _network(meta, path)}
-    elif kind == "block":
-        networks = {"fc1.": _network(meta.get("fc1", {}), path),
-                    "fc2.": _network(meta.get("fc2", {}), path)}  # fmt: skip
-    else:
-        raise ValueError(f"{os.fspath(path)!r} holds a {kind!r}; mumoe reads layers and blocks")
-    spec = " / ".join(network.spec for network in networks.values())
-    expected = _expected(networks, meta)
-    missing = sorted(set(expected) - set(arrays))
-    extra = sorted(set(arrays) - set(expected))
-    if missing or extra:
-        raise ValueError(
-            f"{os.fspath(path)!r} does not match its spec {spec!r}: "
-            f"missing entries {missing}, unexpected entries {extra}"
-        )
-    for name, shape in expected.items():
-        if arrays[name].shape != shape:
-            raise ValueError(
-                f"{os.fspath(path)!r}: entry {name!r} must have shape {shape} for spec "
-                f"{spec!r}, got {arrays[name].shape}"
-            )
-        if arrays[name].dtype.kind != "f":
-            raise ValueError(
-                f"{os.fspath(path)!r}: entry {name!r} must be floating point, got "
-                f"{arrays[name].dtype}"
-            )
+    meta, networks, arrays = _read_checked(path)
+    kind = meta["kind"]
 
     def tensor(name: str) -> Tensor:
         array = arrays[name]
@@ -487,3 +517,70 @@ def load(path: PathLike, *, dtype: Any = None) -> InferenceMuMoE | InferenceMuMo
     fc1 = InferenceMuMoE(first, cores("fc1."), **gate_options)
     fc2 = InferenceMuMoE(networks["fc2."], cores("fc2."), projections=None)
     return InferenceMuMoEBlock(fc1, fc2, input_norm=input_norm, input_eps=input_eps)
+
+
+def load_into(module: Any, path: PathLike) -> None:
+    """Read a file written by :func:`save` into a torch layer or block, all or nothing.
+
+    Everything is checked before anything is written: the file itself (as
+    :func:`load` checks it), and that it describes ``module`` — the same kind
+    (layer or block), networks, gate (normalisation, activation, eps) and
+    input norm.  Only then are the values copied into the module's
+    parameters and buffers (converted to their dtype and device).  If a check
+    fails, the module is left exactly as it was.
+
+    Parameters
+    ----------
+    module : mumoe.nn.MuMoE or mumoe.nn.MuMoEBlock
+        A module whose cores are its own parameters.
+    path : str or path-like
+
+    Raises
+    ------
+    ValueError
+        If the file is unreadable or inconsistent, or describes another
+        module; the message names the first difference.
+    TypeError
+        If ``module`` is not a μMoE layer or block, or does not own its cores
+        (a :class:`mumoe.nn.FactorizedMuMoE`).
+
+    Examples
+    --------
+    >>> import os, tempfile
+    >>> import torch
+    >>> from mumoe.nn import TRMuMoE
+    >>> path = os.path.join(tempfile.mkdtemp(), "layer.npz")
+    >>> trained = TRMuMoE(8, 4, 6, rank=(2, 2, 3)).eval()
+    >>> save(trained, path)
+    >>> fresh = TRMuMoE(8, 4, 6, rank=(2, 2, 3)).eval()
+    >>> load_into(fresh, path)
+    >>> x = torch.randn(3, 8)
+    >>> torch.equal(fresh(x), trained(x))
+    True
+    """
+    import torch
+
+    meta, _, arrays = _read_checked(path)
+    own, tensors = _describe(module)
+    layers = [module] if own["kind"] == "layer" else [module.fc1, module.fc2]
+    if not all(layer._owns_cores for layer in layers):
+        raise TypeError(
+            f"{type(module).__qualname__} takes its cores from elsewhere; load_into writes "
+            "the cores of a MuMoE or MuMoEBlock"
+        )
+    for key in ("kind", "spec", "expert_dims", "in_features", "out_features", "rank", "bias",
+                "network_format", "fc1", "fc2", "gate", "input_norm"):  # fmt: skip
+        if meta.get(key) != own.get(key):
+            raise ValueError(
+                f"{os.fspath(path)!r} holds a different module: its {key} is "
+                f"{meta.get(key)!r}, the module's is {own.get(key)!r}"
+            )
+    for name, tensor in tensors.items():  # the same networks: the same shapes
+        if tensor is None or tuple(tensor.shape) != arrays[name].shape:
+            raise ValueError(
+                f"{os.fspath(path)!r}: entry {name!r} has shape {arrays[name].shape}, "
+                f"the module's is {None if tensor is None else tuple(tensor.shape)}"
+            )
+    with torch.no_grad():
+        for name, tensor in tensors.items():
+            tensor.copy_(torch.from_numpy(arrays[name]))

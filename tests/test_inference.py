@@ -87,7 +87,9 @@ def test_custom_activations_are_not_saved(tmp_path):
     layer = CPMuMoE(12, 5, 8, rank=3, activation=lambda t: torch.softmax(t, -1))
     with pytest.raises(ValueError, match="custom callable and cannot be saved"):
         save(layer, tmp_path / "w.npz")
-    with pytest.raises(TypeError, match=r"save takes a mumoe\.nn\.MuMoE or MuMoEBlock, got Linear"):
+    with pytest.raises(
+        TypeError, match=r"save and load_into take a mumoe\.nn\.MuMoE or MuMoEBlock, got Linear"
+    ):
         save(torch.nn.Linear(3, 2), tmp_path / "w.npz")
 
 

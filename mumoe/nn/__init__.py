@@ -5,7 +5,13 @@ The one place in mumoe that imports torch (with :mod:`mumoe.compat`):
 """
 
 from mumoe.nn.factorized import FactorizedMuMoE, network_of, to_factorized_tensor
-from mumoe.nn.gating import ACTIVATIONS, MuMoEGate, gate_coefficients, resolve_activation
+from mumoe.nn.gating import (
+    ACTIVATIONS,
+    MuMoEGate,
+    gate_coefficients,
+    gate_dtype,
+    resolve_activation,
+)
 from mumoe.nn.init import init_cores_
 from mumoe.nn.layers import (
     CPMuMoE,
@@ -33,6 +39,7 @@ __all__ = [
     "TuckerMuMoE",
     "build_network",
     "gate_coefficients",
+    "gate_dtype",
     "init_cores_",
     "network_of",
     "record_gates",

@@ -10,16 +10,33 @@ where ``norm`` is batch normalisation without affine parameters (statistics
 over the batch and token dimensions), layer normalisation without affine
 parameters, or nothing, and :math:`\phi` is entmax-1.5 (the default),
 sparsemax, softmax or any callable mapping ``(..., N_e)`` to ``(..., N_e)``.
+
+Gating runs in float32 at least, whatever the input's dtype and whether
+``torch.autocast`` is on: the logits, their normalisation (whose running
+statistics are kept in float32) and the activation.  The coefficients are
+then cast to the input's dtype.  In float16, logits of a few tens of
+thousands overflow entmax-1.5's squares and the ``entmax`` package returns
+NaNs or fails (deep-spin/entmax#30); half-precision running variances lose
+the precision batch norm needs.
 """
 
 from __future__ import annotations
 
+import contextlib
+import math
 from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
 
-__all__ = ["ACTIVATIONS", "NORMALIZATIONS", "MuMoEGate", "gate_coefficients", "resolve_activation"]
+__all__ = [
+    "ACTIVATIONS",
+    "NORMALIZATIONS",
+    "MuMoEGate",
+    "gate_coefficients",
+    "gate_dtype",
+    "resolve_activation",
+]
 
 Activation = Callable[[torch.Tensor], torch.Tensor]
 
@@ -35,12 +52,39 @@ def _partial_sort(n: int) -> int | None:
     return PARTIAL_SORT if n > PARTIAL_SORT else None
 
 
+def _nan_safe(activation: Activation) -> Activation:
+    """``activation``, with NaN coefficients for rows whose logits are not all finite.
+
+    The ``entmax`` package fails on such rows (an index error inside its
+    threshold search) instead of returning NaNs as softmax does; rows are
+    independent, so the finite ones are computed as usual.  The check runs
+    only when the activation fails: nothing is added to the common path.
+    """
+
+    def safe(logits: torch.Tensor) -> torch.Tensor:
+        try:
+            return activation(logits)
+        except (RuntimeError, IndexError):
+            finite = torch.isfinite(logits).all(dim=-1)
+            if bool(finite.all()):
+                raise
+        out = torch.full_like(logits, math.nan)
+        if bool(finite.any()):
+            out[finite] = activation(logits[finite])
+        return out
+
+    safe.__name__ = activation.__name__
+    return safe
+
+
+@_nan_safe
 def _entmax15(logits: torch.Tensor) -> torch.Tensor:
     from entmax import entmax15
 
     return entmax15(logits, dim=-1, k=_partial_sort(logits.shape[-1]))
 
 
+@_nan_safe
 def _sparsemax(logits: torch.Tensor) -> torch.Tensor:
     from entmax import sparsemax
 
@@ -96,7 +140,29 @@ def resolve_activation(activation: str | Activation) -> Activation:
         ) from None
 
 
-def _norm(kind: str | None, n: int, device: object, dtype: object) -> nn.Module:
+def gate_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype gating computes in for inputs of ``dtype``: float32 at least.
+
+    Parameters
+    ----------
+    dtype : torch.dtype
+
+    Returns
+    -------
+    torch.dtype
+        ``float32`` for 16-bit floats, ``dtype`` itself otherwise.
+
+    Examples
+    --------
+    >>> import torch
+    >>> gate_dtype(torch.bfloat16), gate_dtype(torch.float64)
+    (torch.float32, torch.float64)
+    """
+    return torch.promote_types(dtype, torch.float32)
+
+
+def _norm(kind: str | None, n: int, device: object, dtype: torch.dtype | None) -> nn.Module:
+    dtype = gate_dtype(dtype or torch.get_default_dtype())
     if kind == "bn":
         return nn.BatchNorm1d(n, affine=False, device=device, dtype=dtype)
     if kind == "ln":
@@ -136,11 +202,21 @@ def gate_coefficients(
     >>> gates[0].shape, gates[0][0, 0]
     (torch.Size([2, 3, 4]), tensor([0.2500, 0.2500, 0.2500, 0.2500]))
     """
+    compute = gate_dtype(x.dtype)
     rows = x.reshape(-1, x.shape[-1])
+    if compute != x.dtype:
+        rows = rows.to(compute)
+    autocast = torch.is_autocast_enabled(x.device.type)
     gates = []
-    for projection, norm in zip(projections, norms, strict=True):
-        logits = norm(rows @ projection)
-        gates.append(activation(logits).reshape(*x.shape[:-1], projection.shape[-1]))
+    with torch.autocast(x.device.type, enabled=False) if autocast else contextlib.nullcontext():
+        for projection, norm in zip(projections, norms, strict=True):
+            logits = norm(
+                rows @ (projection if projection.dtype == compute else projection.to(compute))
+            )
+            coefficients = activation(logits)
+            if coefficients.dtype != x.dtype:
+                coefficients = coefficients.to(x.dtype)
+            gates.append(coefficients.reshape(*x.shape[:-1], projection.shape[-1]))
     return gates
 
 
@@ -199,6 +275,16 @@ class MuMoEGate(nn.Module):
             [_norm(normalization, n, device, dtype) for n in self.expert_dims]
         )
         self.reset_parameters()
+
+    def _apply(self, fn, recurse=True):  # type: ignore[no-untyped-def]
+        # .half(), .to(torch.bfloat16), ...: the projections follow, the norms'
+        # running statistics stay in float32 (see the module docstring).
+        super()._apply(fn, recurse)
+        for norm in self.norms:
+            for name, buffer in list(norm.named_buffers(recurse=False)):
+                if buffer.is_floating_point() and buffer.dtype != gate_dtype(buffer.dtype):
+                    setattr(norm, name, buffer.to(gate_dtype(buffer.dtype)))
+        return self
 
     def reset_parameters(self) -> None:
         """Zero the projections (every expert starts equally weighted) and reset norms."""

@@ -131,7 +131,9 @@ def torch_forward(
 
     The one path every torch module takes into the functional core: TensorLy's
     ``pytorch`` backend for this thread only, and ``differentiable`` from
-    torch's grad mode (it chooses how the bias is added).
+    torch's grad mode (it chooses how the bias is added).  Under
+    ``torch.autocast``, every operand is cast to the autocast dtype, and so is
+    the result, as for ``torch.nn.Linear``.
 
     Parameters
     ----------
@@ -155,6 +157,11 @@ def torch_forward(
     >>> y.shape, y.requires_grad
     (torch.Size([6, 2]), True)
     """
+    if torch.is_autocast_enabled(x.device.type):
+        # Autocast casts the operands of torch's own matmuls; mumoe's operands
+        # must share one dtype, so they are cast together, to autocast's dtype.
+        dtype = torch.get_autocast_dtype(x.device.type)
+        x, cores, gates = x.to(dtype), [c.to(dtype) for c in cores], [g.to(dtype) for g in gates]
     differentiable = torch.is_grad_enabled() and any(c.requires_grad for c in cores)
     with thread_backend("pytorch"):
         return functional.forward(network, cores, x, gates, differentiable=differentiable)
@@ -207,6 +214,18 @@ class MuMoE(nn.Module):
         One parameter per core, of shapes ``network.core_shapes``.
     gate : MuMoEGate or None
     input_norm : torch.nn.LayerNorm or None
+
+    Notes
+    -----
+    The input must have the parameters' dtype and device (a ``TypeError`` or
+    ``ValueError`` says which differs); nothing is converted silently.  Under
+    ``torch.autocast`` the contraction runs in the autocast dtype and returns
+    it, as ``torch.nn.Linear`` does.  Gating always computes in float32 at
+    least (:mod:`mumoe.nn.gating`), so float16 and bfloat16 layers cannot get
+    NaNs from it; the coefficients are cast to the input's dtype.  An empty
+    batch gives an empty output; NaN or inf in a row of the input gives NaN
+    in that row's output (in eval mode; in training, batch norm spreads them
+    over the batch, as it does in torch).
 
     Examples
     --------
@@ -295,6 +314,24 @@ class MuMoE(nn.Module):
             raise ValueError(
                 f"input must have shape (..., {self.in_features}) (in_features), "
                 f"got {tuple(x.shape)}"
+            )
+        if not x.is_floating_point():
+            raise TypeError(
+                f"input has dtype {x.dtype}; μMoE layers compute in floating point: cast it "
+                "(x.float(), x.to(layer's dtype))"
+            )
+        weight = next(self.parameters(), None)
+        if weight is None:
+            return
+        if x.device != weight.device:
+            raise ValueError(
+                f"input is on {x.device} but the layer's parameters are on {weight.device}; "
+                "move one of them (x.to(...) or layer.to(...))"
+            )
+        if x.dtype != weight.dtype and not torch.is_autocast_enabled(x.device.type):
+            raise TypeError(
+                f"input has dtype {x.dtype} but the layer's parameters are {weight.dtype}; "
+                "cast one of them (x.to(dtype) or layer.to(dtype)), or run under torch.autocast"
             )
 
     def forward(
