@@ -90,6 +90,20 @@ def test_autocast_runs_the_contraction_in_its_dtype():
     assert all(c.grad.dtype == torch.float32 and torch.isfinite(c.grad).all() for c in layer.cores)
 
 
+def test_autocast_takes_inputs_and_parameters_of_different_dtypes():
+    """bfloat16 parameters, float32 input: autocast's business, so mumoe casts them together."""
+    torch.manual_seed(0)
+    reference = trained_like(CPMuMoE(24, 12, 16, rank=8)).eval()
+    layer = copy.deepcopy(reference).to(torch.bfloat16)
+    x = torch.randn(64, 24)
+    with pytest.raises(TypeError, match="parameters are torch.bfloat16"):
+        layer(x)  # outside autocast: refused, not converted
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x)
+    assert y.dtype == torch.bfloat16
+    assert relative(y, reference(x)) <= HALF_PRECISION_TOLERANCES["bfloat16"][0]
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
 def test_outputs_and_gates_keep_the_inputs_dtype(dtype):
     block = trained_like(MuMoEBlock(8, 16, expert_dims=(4, 2), rank=3)).to(dtype).eval()
