@@ -96,7 +96,7 @@ def test_autocast_takes_inputs_and_parameters_of_different_dtypes():
     reference = trained_like(CPMuMoE(24, 12, 16, rank=8)).eval()
     layer = copy.deepcopy(reference).to(torch.bfloat16)
     x = torch.randn(64, 24)
-    with pytest.raises(TypeError, match="parameters are torch.bfloat16"):
+    with pytest.raises(TypeError, match=r"parameters are torch\.bfloat16"):
         layer(x)  # outside autocast: refused, not converted
     with torch.autocast("cpu", dtype=torch.bfloat16):
         y = layer(x)
