@@ -1,4 +1,4 @@
-"""Reliability (issue 8): global state, hostile input, concurrency, determinism, on NumPy.
+"""Reliability: global state, hostile input, concurrency, determinism, on NumPy.
 
 The torch side (mixed precision, autocast, the layers' input checks, loading
 into a module) is in ``tests/test_reliability_torch.py``; the file checks of
