@@ -1,4 +1,4 @@
-"""Reliability (#8) of the torch modules: mixed precision, input checks, files, threads."""
+"""Reliability of the torch modules: mixed precision, input checks, files, threads."""
 
 from __future__ import annotations
 
