@@ -158,7 +158,10 @@ def gate_dtype(dtype: torch.dtype) -> torch.dtype:
     >>> gate_dtype(torch.bfloat16), gate_dtype(torch.float64)
     (torch.float32, torch.float64)
     """
-    return torch.promote_types(dtype, torch.float32)
+    return _GATE_DTYPES.get(dtype, dtype)
+
+
+_GATE_DTYPES = {torch.float16: torch.float32, torch.bfloat16: torch.float32}
 
 
 def _norm(kind: str | None, n: int, device: object, dtype: torch.dtype | None) -> nn.Module:

@@ -320,10 +320,11 @@ class MuMoE(nn.Module):
                 f"input has dtype {x.dtype}; μMoE layers compute in floating point: cast it "
                 "(x.float(), x.to(layer's dtype))"
             )
-        weight = next(self.parameters(), None)
-        if weight is None:
-            return
-        if x.device != weight.device:
+
+    @staticmethod
+    def _check_weights(x: torch.Tensor, weight: torch.Tensor) -> None:
+        # get_device() is an int (-1 on CPU): a cheaper test than comparing devices.
+        if x.get_device() != weight.get_device():
             raise ValueError(
                 f"input is on {x.device} but the layer's parameters are on {weight.device}; "
                 "move one of them (x.to(...) or layer.to(...))"
@@ -358,6 +359,8 @@ class MuMoE(nn.Module):
             And the list of gates when ``return_gates``.
         """
         self._check_input(x)
+        network, cores = self._weights()
+        self._check_weights(x, cores[0])
         if gates is None:
             if self.gate is None:
                 raise ValueError("this layer has no gate (gated=False): pass gates to forward")
@@ -371,7 +374,7 @@ class MuMoE(nn.Module):
                 for e, a in enumerate(coefficients)
             ]
         z = self.input_norm(x) if self.input_norm is not None else x
-        y = torch_forward(*self._weights(), z, mixed)
+        y = torch_forward(network, cores, z, mixed)
         return (y, coefficients) if return_gates else y
 
     def materialize(self) -> torch.Tensor:
