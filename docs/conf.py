@@ -43,6 +43,7 @@ sphinx_gallery_conf = {
     "examples_dirs": "../examples",
     "gallery_dirs": "auto_examples",
     "filename_pattern": r".*\.py",  # execute every tutorial, not only plot_*.py
+    "within_subsection_order": "FileNameSortKey",  # 01_..., 02_..., in reading order
     "abort_on_example_error": True,
     "download_all_examples": False,
     "remove_config_comments": True,

@@ -50,16 +50,25 @@ print(half.network.ranks, f"{sum(p.numel() for p in half.parameters()):,}")
 counts = [2**k for k in range(1, 10)]  # 1,024 experts: the gate alone would exceed the budget
 fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.4), layout="constrained")
 left.plot(counts, [mumoe.dense(n, 768, 1000).n_params for n in counts], "o-", label="dense MoE")
-left.plot(counts, [mumoe.cp(n, 768, 1000, rank=256).n_params for n in counts], "o-",
-          label="CP, rank 256")  # fmt: skip
-left.plot(counts, [mumoe.tr(n, 768, 1000, rank=(4, 4, 64)).n_params for n in counts], "o-",
-          label="TR, ranks 4, 4, 64")  # fmt: skip
+left.plot(
+    counts, [mumoe.cp(n, 768, 1000, rank=256).n_params for n in counts], "o-", label="CP, rank 256"
+)
+left.plot(
+    counts,
+    [mumoe.tr(n, 768, 1000, rank=(4, 4, 64)).n_params for n in counts],
+    "o-",
+    label="TR, ranks 4, 4, 64",
+)
 left.axhline(budget, color="gray", ls="--", label="nn.Linear(768, 1000)")
 left.set(xscale="log", yscale="log", xlabel="experts N", ylabel="parameters (no gate)")
 left.legend(fontsize=8)
 right.plot(counts, [match_rank("cp", n, 768, 1000) for n in counts], "o-", label="CP rank")
-right.plot(counts, [match_rank("tr", n, 768, 1000)[-1] for n in counts], "o-",
-           label="TR rank (input-output bond)")  # fmt: skip
+right.plot(
+    counts,
+    [match_rank("tr", n, 768, 1000)[-1] for n in counts],
+    "o-",
+    label="TR rank (input-output bond)",
+)
 right.set(xscale="log", xlabel="experts N", ylabel="rank at the linear layer's budget")
 right.legend(fontsize=8)
 

@@ -25,9 +25,13 @@ from mumoe.nn import CPMuMoE
 digits = load_digits()
 x = (digits.data - digits.data.mean(0)) / (digits.data.std(0) + 1e-6)
 x_train, x_test, y_train, y_test, img_train, img_test = train_test_split(
-    x.astype(np.float32), digits.target, digits.images, test_size=0.25, random_state=0,
+    x.astype(np.float32),
+    digits.target,
+    digits.images,
+    test_size=0.25,
+    random_state=0,
     stratify=digits.target,
-)  # fmt: skip
+)
 x_train, x_test = torch.from_numpy(x_train), torch.from_numpy(x_test)
 
 torch.manual_seed(0)
