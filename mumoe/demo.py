@@ -419,6 +419,6 @@ def _plot_edit(before: np.ndarray, after: np.ndarray, digit: int, n: int, path: 
     ax.bar(positions + 0.2, after, 0.4, label=f"experts of digit {digit} off")
     ax.set(xticks=positions, xlabel="digit", ylabel="test accuracy", ylim=(0, 1.05),
            title=f"Editing the N={n} head")  # fmt: skip
-    ax.legend(loc="lower left")
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=2, frameon=False)
     fig.savefig(path, dpi=110)
     return path
