@@ -61,8 +61,8 @@ html_theme_options = {"navigation_with_keys": False}
 exclude_patterns = ["_build", "auto_examples/*.ipynb", "auto_examples/*.py"]
 nitpicky = False
 
-# Every public docstring documents its parameters and what it returns.
-numpydoc_validation_checks = {"PR01", "PR02", "PR10", "RT01"}
+# Every public docstring documents its parameters and what it returns, with an example.
+numpydoc_validation_checks = {"PR01", "PR02", "PR10", "RT01", "EX01"}
 # Hypothesis's @composite wrappers have no source for numpydoc to inspect.
 numpydoc_validation_exclude = {
     r"\.__\w+__$",
@@ -71,5 +71,5 @@ numpydoc_validation_exclude = {
     # What torch.nn.Module, dict and tuple give the classes; their own methods are checked.
     r"^mumoe\.(nn|compat)\.\w+\.(?!forward$|materialize$|expert_weight$|reset_parameters$)\w+$",
     r"^mumoe\.nn\.GateRecord\.",
-    r"^mumoe\.ExpertWeight\.(count|index)$",
+    r"^mumoe\.ExpertWeight\.(count|index|weight|bias)$",  # tuple methods; fields are documented
 }

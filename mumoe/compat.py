@@ -76,6 +76,14 @@ class _FactorisedLayer(nn.Module):
         Returns
         -------
         torch.Tensor, shape (b, t, o)
+
+        Examples
+        --------
+        >>> import torch
+        >>> layer = CPMuMoE(4, 8, [6, 2], 3, hierarchy=2)
+        >>> a = [torch.softmax(torch.randn(2, 1, n), -1) for n in (6, 2)]
+        >>> layer(torch.randn(2, 1, 4), a).shape
+        torch.Size([2, 1, 8])
         """
         return torch_forward(self.network, list(self.factors), z, list(a))
 
@@ -270,6 +278,13 @@ class MuMoE(nn.Module):
         -------
         torch.Tensor, shape (b, 1, o) or (b, t, o)
             The reference's shapes: a token axis of 1 for 2-D input.
+
+        Examples
+        --------
+        >>> import torch
+        >>> layer = MuMoE(CPMuMoE, input_dim=4, output_dim=8, expert_dims=[6], ranks=3)
+        >>> layer(torch.randn(2, 4)).shape  # a token axis of 1, as the reference
+        torch.Size([2, 1, 8])
         """
         if x.dim() == 2:
             x = x.unsqueeze(1)

@@ -143,6 +143,17 @@ class InferenceMuMoE:
         ------
         ValueError
             If the layer has no gate.
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> from mumoe import cp, random_cores
+        >>> net = cp((3, 2), 4, 5, rank=2)
+        >>> projections = [np.zeros((4, 3)), np.zeros((4, 2))]
+        >>> layer = InferenceMuMoE(net, random_cores(net), projections=projections,
+        ...                        normalization=None, activation="softmax")
+        >>> layer.gates(np.ones((1, 4)))
+        [array([[0.33333333, 0.33333333, 0.33333333]]), array([[0.5, 0.5]])]
         """
         if self.projections is None:
             raise ValueError("this layer has no gate: pass gates to the call")

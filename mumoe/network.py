@@ -227,37 +227,79 @@ class Network:
 
     @property
     def n_levels(self) -> int:
-        """:math:`E`, the number of expert levels."""
+        """:math:`E`, the number of expert levels.
+
+        Examples
+        --------
+        >>> Network("n1 a, n2 a, i a, o a", (4, 3), 5, 2, rank=2).n_levels
+        2
+        """
         return len(self.expert_legs)
 
     @property
     def n_experts(self) -> int:
-        r""":math:`\prod_e N_e`, the total number of experts."""
+        r""":math:`\prod_e N_e`, the total number of experts.
+
+        Examples
+        --------
+        >>> Network("n1 a, n2 a, i a, o a", (4, 3), 5, 2, rank=2).n_experts
+        12
+        """
         return math.prod(self.expert_dims)
 
     @property
     def n_cores(self) -> int:
-        """The number of cores."""
+        """The number of cores.
+
+        Examples
+        --------
+        >>> Network("n1 a, n2 a, i a, o a", (4, 3), 5, 2, rank=2).n_cores
+        4
+        """
         return len(self.cores)
 
     @property
     def weight_shape(self) -> Shape:
-        """Shape of the dense weight tensor: ``(N_1, …, N_E, I', O)``."""
+        """Shape of the dense weight tensor: ``(N_1, …, N_E, I', O)``.
+
+        Examples
+        --------
+        >>> Network("n r, i r, o r", 8, 5, 2, rank=3).weight_shape  # I' = 5 + 1 with the bias
+        (8, 6, 2)
+        """
         return (*self.expert_dims, self.sizes[INPUT], self.out_features)
 
     @property
     def core_shapes(self) -> tuple[Shape, ...]:
-        """The shape of each core, its legs in spec order."""
+        """The shape of each core, its legs in spec order.
+
+        Examples
+        --------
+        >>> Network("r0 n r1, r1 i r2, r2 o r0", 8, 5, 2, rank=3).core_shapes
+        ((3, 8, 3), (3, 6, 3), (3, 2, 3))
+        """
         return self._core_shapes
 
     @property
     def n_params(self) -> int:
-        """The number of parameters of all cores together."""
+        """The number of parameters of all cores together.
+
+        Examples
+        --------
+        >>> Network("n r, i r, o r", 8, 5, 2, rank=3).n_params  # 3 * (8 + 6 + 2)
+        48
+        """
         return sum(math.prod(shape) for shape in self.core_shapes)
 
     @property
     def n_dense_params(self) -> int:
-        """The number of entries of the dense weight tensor ``W``."""
+        """The number of entries of the dense weight tensor ``W``.
+
+        Examples
+        --------
+        >>> Network("n r, i r, o r", 8, 5, 2, rank=3).n_dense_params  # 8 * 6 * 2
+        96
+        """
         return math.prod(self.weight_shape)
 
     # -------------------------------------------------------------- equations
@@ -276,6 +318,11 @@ class Network:
         Operands in order: the gates ``(batch, N_e)``, the input
         ``(batch, I')`` and the cores; output ``(batch, O)``.  The symbols are
         opt_einsum's.
+
+        Examples
+        --------
+        >>> Network("n r, i r, o r", 8, 5, 2, rank=3).einsum_equation
+        'ab,ac,be,ce,de->ad'
         """
         return ",".join(self._forward_operands()) + "->" + self._term([OUTPUT], batch=True)
 
@@ -296,7 +343,13 @@ class Network:
 
     @property
     def dense_equation(self) -> str:
-        """Eq. (1) over the dense weight as one einsum: ``W``, the gates, the input."""
+        """Eq. (1) over the dense weight as one einsum: ``W``, the gates, the input.
+
+        Examples
+        --------
+        >>> Network("n r, i r, o r", 8, 5, 2, rank=3).dense_equation
+        'bcd,ab,ac->ad'
+        """
         weight = self._term([*self.expert_legs, INPUT, OUTPUT])
         gates = [self._term([leg], batch=True) for leg in self.expert_legs]
         return (
@@ -338,6 +391,13 @@ class Network:
             and the cores; returns ``(B, O)``.  With a bias, ``x`` is
             ``(B, I)`` when ``plan.program.split`` (the bias is added inside
             the contraction) and ``(B, I + 1)``, ones last, otherwise.
+
+        Examples
+        --------
+        >>> net = Network("n r, i r, o r", 8, 5, 2, rank=3)
+        >>> plan = net.forward_plan(100, "numpy", "float64")
+        >>> plan.shapes[0], net.forward_plan(70, "numpy", "float64") is plan  # bucket 128
+        ((128, 8), True)
         """
         bucket = batch_bucket(batch_size)
         key = ("forward", bucket, backend, dtype)
@@ -381,6 +441,13 @@ class Network:
         Returns
         -------
         Plan
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> net = Network("n r, i r, o r", 8, 5, 2, rank=3)
+        >>> net.materialize_plan("numpy", "float64")(*[np.ones(s) for s in net.core_shapes]).shape
+        (8, 6, 2)
         """
         key = ("materialize", backend, dtype)
         return self._plans.get(key, self._build_materialize)
@@ -403,6 +470,14 @@ class Network:
         Returns
         -------
         Plan
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> net = Network("n r, i r, o r", 8, 5, 2, rank=3)
+        >>> sliced = [np.ones(3), np.ones((6, 3)), np.ones((2, 3))]  # expert leg indexed away
+        >>> net.expert_plan("numpy", "float64")(*sliced)[0]
+        array([3., 3.])
         """
         key = ("expert", backend, dtype)
         return self._plans.get(key, self._build_expert)
@@ -421,7 +496,17 @@ class Network:
 
     @property
     def plans(self) -> PlanCache:
-        """The cache of compiled plans of this network (bounded, thread-safe)."""
+        """The cache of compiled plans of this network (bounded, thread-safe).
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> from mumoe import forward, random_cores
+        >>> net = Network("n r, i r, o r", 8, 5, 2, rank=3, cache_size=4)
+        >>> _ = forward(net, random_cores(net), np.ones((3, 5)), [np.ones((3, 8))])
+        >>> net.plans
+        PlanCache(size=1, maxsize=4, hits=0, misses=1)
+        """
         return self._plans
 
     def flops(self, batch_size: int = 1) -> int:
@@ -469,6 +554,16 @@ class Network:
         Returns
         -------
         str
+
+        Examples
+        --------
+        >>> net = Network("n r, i r, o r", 8, 5, 2, rank=3)
+        >>> print(net.describe(batch_size=4))  # doctest: +ELLIPSIS
+        Network 'custom': 1 expert level, 8 experts, with bias
+          spec        n1 r, i r, o r
+          ...
+          FLOPs       ... for batch 4
+          ...
         """
         batch_size = positive_int(batch_size, "batch_size")
         plan = self._build_forward(batch_bucket(batch_size))

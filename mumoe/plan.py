@@ -124,6 +124,12 @@ class Plan:
         Returns
         -------
         Plan
+
+        Examples
+        --------
+        >>> plan = Plan.build("ab,bc->ac", [(4, 3), (3, 2)])
+        >>> plan.path, plan.flops
+        (((0, 1),), 48)
         """
         dims = tuple(tuple(int(d) for d in s) for s in shapes)
         path, info = opt_einsum.contract_path(equation, *dims, shapes=True, optimize=optimize)
@@ -201,6 +207,12 @@ class PlanCache:
         Returns
         -------
         Plan
+
+        Examples
+        --------
+        >>> cache = PlanCache(maxsize=1)
+        >>> cache.get("a", lambda: "plan a"), cache.get("b", lambda: "plan b"), cache.keys()
+        ('plan a', 'plan b', ['b'])
         """
         with self._lock:
             plan = self._plans.get(key)
@@ -223,12 +235,29 @@ class PlanCache:
         Returns
         -------
         list
+
+        Examples
+        --------
+        >>> cache = PlanCache()
+        >>> for key in ("a", "b", "a"):
+        ...     _ = cache.get(key, lambda: key)
+        >>> cache.keys()
+        ['b', 'a']
         """
         with self._lock:
             return list(self._plans)
 
     def clear(self) -> None:
-        """Drop every plan and reset the hit and miss counters."""
+        """Drop every plan and reset the hit and miss counters.
+
+        Examples
+        --------
+        >>> cache = PlanCache()
+        >>> _ = cache.get("key", lambda: "plan")
+        >>> cache.clear()
+        >>> cache
+        PlanCache(size=0, maxsize=32, hits=0, misses=0)
+        """
         with self._lock:
             self._plans.clear()
             self.hits = 0

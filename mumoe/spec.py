@@ -77,7 +77,13 @@ class ParsedSpec:
 
     @property
     def spec(self) -> str:
-        """The canonical spec string (single spaces, ``", "`` between cores)."""
+        """The canonical spec string (single spaces, ``", "`` between cores).
+
+        Examples
+        --------
+        >>> parse_spec("n   r,i r ,  o r").spec
+        'n1 r, i r, o r'
+        """
         return ", ".join(" ".join(legs) for legs in self.cores)
 
 

@@ -290,7 +290,16 @@ class MuMoEGate(nn.Module):
         return self
 
     def reset_parameters(self) -> None:
-        """Zero the projections (every expert starts equally weighted) and reset norms."""
+        """Zero the projections (every expert starts equally weighted) and reset norms.
+
+        Examples
+        --------
+        >>> import torch
+        >>> gate = MuMoEGate(4, (3,))
+        >>> gate.reset_parameters()
+        >>> gate(torch.randn(5, 4))[0][0]  # equal logits: equal coefficients
+        tensor([0.3333, 0.3333, 0.3333], grad_fn=<SelectBackward0>)
+        """
         for projection in self.projections:
             nn.init.zeros_(projection)
         for norm in self.norms:
@@ -307,6 +316,12 @@ class MuMoEGate(nn.Module):
         Returns
         -------
         list of torch.Tensor, each (..., N_e)
+
+        Examples
+        --------
+        >>> import torch
+        >>> [tuple(a.shape) for a in MuMoEGate(4, (3, 2))(torch.randn(5, 4))]
+        [(5, 3), (5, 2)]
         """
         return gate_coefficients(x, list(self.projections), list(self.norms), self.activation)
 

@@ -290,7 +290,18 @@ class MuMoE(nn.Module):
     expert_scales: dict[int, torch.Tensor]
 
     def reset_parameters(self) -> None:
-        """Initialise the cores as the paper does (see :mod:`mumoe.nn.init`) and zero the gate."""
+        """Initialise the cores as the paper does (see :mod:`mumoe.nn.init`) and zero the gate.
+
+        Examples
+        --------
+        >>> import torch
+        >>> layer = MuMoE(8, 4, "cp", expert_dims=6, rank=3)
+        >>> with torch.no_grad():
+        ...     _ = layer.gate.projections[0].fill_(1.0)
+        >>> layer.reset_parameters()
+        >>> bool(layer.gate.projections[0].eq(0).all()), layer.init_scheme
+        (True, 'cp')
+        """
         self._init_weights_()
         if self.gate is not None:
             self.gate.reset_parameters()
@@ -357,6 +368,14 @@ class MuMoE(nn.Module):
         -------
         torch.Tensor, shape (..., O)
             And the list of gates when ``return_gates``.
+
+        Examples
+        --------
+        >>> import torch
+        >>> layer = MuMoE(8, 4, "tr", expert_dims=(6, 2), rank=2)
+        >>> y, gates = layer(torch.randn(3, 5, 8), return_gates=True)
+        >>> y.shape, [tuple(a.shape) for a in gates]
+        (torch.Size([3, 5, 4]), [(3, 5, 6), (3, 5, 2)])
         """
         self._check_input(x)
         network, cores = self._weights()
@@ -384,6 +403,11 @@ class MuMoE(nn.Module):
         -------
         torch.Tensor, shape (N_1, ..., N_E, I', O)
             Differentiable with respect to the cores.
+
+        Examples
+        --------
+        >>> MuMoE(8, 4, "cp", expert_dims=(6, 2), rank=3).materialize().shape
+        torch.Size([6, 2, 9, 4])
         """
         with thread_backend("pytorch"):
             return functional.materialize(*self._weights())
@@ -400,6 +424,12 @@ class MuMoE(nn.Module):
         -------
         mumoe.ExpertWeight
             ``weight`` (I, O) and ``bias`` (O,) (None without bias).
+
+        Examples
+        --------
+        >>> w = MuMoE(8, 4, "cp", expert_dims=(6, 2), rank=3).expert_weight((5, 1))
+        >>> w.weight.shape, w.bias.shape
+        (torch.Size([8, 4]), torch.Size([4]))
         """
         with thread_backend("pytorch"):
             return functional.expert_weight(*self._weights(), index)
@@ -535,7 +565,15 @@ class MuMoEBlock(nn.Module):
         self.fc2 = MuMoE(hidden_features, out_features, second, bias=bias, gated=False, **factory)
 
     def reset_parameters(self) -> None:
-        """Re-initialise both layers and the gate."""
+        """Re-initialise both layers and the gate.
+
+        Examples
+        --------
+        >>> block = MuMoEBlock(8, 16, expert_dims=4, rank=2)
+        >>> block.reset_parameters()
+        >>> block.fc1.init_scheme, block.fc2.init_scheme
+        ('cp', 'cp')
+        """
         self.gate.reset_parameters()
         self.fc1.reset_parameters()
         self.fc2.reset_parameters()
@@ -557,6 +595,14 @@ class MuMoEBlock(nn.Module):
         -------
         torch.Tensor, shape (..., O)
             And the list of gates when ``return_gates``.
+
+        Examples
+        --------
+        >>> import torch
+        >>> block = MuMoEBlock(8, 16, 6, expert_dims=4, rank=2)
+        >>> y, gates = block(torch.randn(2, 3, 8), return_gates=True)
+        >>> y.shape, gates[0].shape
+        (torch.Size([2, 3, 6]), torch.Size([2, 3, 4]))
         """
         self.fc1._check_input(x)
         gates = self.gate(x)
