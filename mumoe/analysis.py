@@ -35,6 +35,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from mumoe.network import positive_int
+
 if TYPE_CHECKING:  # torch is optional: only the model-facing functions need it
     import torch
 
@@ -285,8 +287,7 @@ def polysemanticity(histogram: Any, *, min_count: int = 1) -> np.ndarray:
     counts = _host(histogram)
     if counts.ndim != 2:
         raise ValueError(f"histogram must be 2-D (experts, classes), got shape {counts.shape}")
-    if isinstance(min_count, bool) or not isinstance(min_count, int) or min_count < 1:
-        raise ValueError(f"min_count must be a positive int, got {min_count!r}")
+    min_count = positive_int(min_count, "min_count")
     if np.any(counts < 0):
         raise ValueError("histogram counts must be non-negative")
     totals = counts.sum(axis=1).astype(np.float64)
@@ -389,14 +390,13 @@ def _scale_vector(scales: Scales, n: int, level: int) -> np.ndarray:
 
 def _resolve(model: torch.nn.Module, scales: Scales, level: int) -> tuple[list[Any], np.ndarray]:
     layers = _layers(model)
-    dims = {layer.network.expert_dims for layer in layers}
     for layer in layers:
         if not 0 <= level < layer.network.n_levels:
             raise ValueError(
                 f"level must be in [0, {layer.network.n_levels}) for a layer with "
                 f"expert_dims {layer.network.expert_dims}, got {level}"
             )
-    sizes = {d[level] for d in dims}
+    sizes = {layer.network.expert_dims[level] for layer in layers}
     if len(sizes) != 1:
         raise ValueError(
             f"the model's μMoE layers have {sorted(sizes)} experts at level {level}; "
@@ -521,8 +521,7 @@ def edit_experts_(model: torch.nn.Module, scales: Scales, *, level: int = 0) -> 
 
 
 def _batches(inputs: torch.Tensor, batch_size: int) -> Iterator[torch.Tensor]:
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    batch_size = positive_int(batch_size, "batch_size")
     for start in range(0, inputs.shape[0], batch_size):
         yield inputs[start : start + batch_size]
 

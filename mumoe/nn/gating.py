@@ -285,8 +285,9 @@ class MuMoEGate(nn.Module):
         super()._apply(fn, recurse)
         for norm in self.norms:
             for name, buffer in list(norm.named_buffers(recurse=False)):
-                if buffer.is_floating_point() and buffer.dtype != gate_dtype(buffer.dtype):
-                    setattr(norm, name, buffer.to(gate_dtype(buffer.dtype)))
+                wanted = gate_dtype(buffer.dtype)
+                if buffer.is_floating_point() and buffer.dtype != wanted:
+                    setattr(norm, name, buffer.to(wanted))
         return self
 
     def reset_parameters(self) -> None:
