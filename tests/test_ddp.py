@@ -53,6 +53,10 @@ def worker(rank, port, out):
         dist.barrier()
     finally:
         dist.destroy_process_group()
+    # Under load, the interpreter's teardown in a spawned process sometimes aborts on a
+    # gloo thread ("terminate called without an active exception", SIGABRT) after all
+    # the work is done. The results are on disk: leave without that teardown.
+    os._exit(0)
 
 
 def free_port():
