@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from mumoe.matching import match_rank
+from mumoe.budget import match_rank
 
 
 @dataclass(frozen=True)

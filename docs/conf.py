@@ -72,4 +72,7 @@ numpydoc_validation_exclude = {
     r"^mumoe\.(nn|compat)\.\w+\.(?!forward$|materialize$|expert_weight$|reset_parameters$)\w+$",
     r"^mumoe\.nn\.GateRecord\.",
     r"^mumoe\.ExpertWeight\.(count|index|weight|bias)$",  # tuple methods; fields are documented
+    # Deprecated aliases: a one-line pointer to the new name.
+    r"\.(cores|steps|split_program|split|split_width|input_norm)$",
+    r"^mumoe\.(nn\.)?\w+\.(cores|steps|split_program|split|split_width|input_norm)$",
 }

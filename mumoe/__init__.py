@@ -2,12 +2,14 @@ r"""mumoe: Multilinear Mixture-of-Experts layers as factorised tensor networks.
 
 The data flow, one module per step::
 
-    spec  ->  Network  ->  Plan (cached)  ->  contraction on the active backend
-    mumoe.spec  mumoe.network  mumoe.plan     mumoe.functional
+    spec  ->  Network  ->  Plan (cached)  ->  contraction  ->  layer recipe  ->  layers
+    mumoe.spec  mumoe.network  mumoe.planner  mumoe.functional  mumoe.recipe   mumoe.nn,
+                               mumoe.plan                                      mumoe.serving
 
-Presets (:mod:`mumoe.presets`) build the networks of the standard
-factorisations; the functional core runs on any TensorLy backend chosen with
-``tl.set_backend``.
+The formats (cp, tucker, tt, tr, dense) are records of
+:data:`mumoe.formats.FORMATS`, built by the presets of :mod:`mumoe.presets`;
+the functional core runs on any TensorLy backend chosen with
+``tl.set_backend``.  See the Architecture page of the docs.
 
 Examples
 --------
@@ -17,6 +19,7 @@ Examples
 121408
 """
 
+from mumoe.formats import FORMATS, Format
 from mumoe.functional import (
     ExpertWeight,
     expert_weight,
@@ -29,6 +32,7 @@ from mumoe.network import Network
 from mumoe.plan import Plan, PlanCache
 from mumoe.presets import (
     PRESETS,
+    build_network,
     cp,
     dense,
     preset,
@@ -45,12 +49,15 @@ from mumoe.spec import parse_spec
 __version__ = "0.1.0.dev0"
 
 __all__ = [
+    "FORMATS",
     "PRESETS",
     "ExpertWeight",
+    "Format",
     "Network",
     "Plan",
     "PlanCache",
     "__version__",
+    "build_network",
     "cp",
     "dense",
     "expert_weight",

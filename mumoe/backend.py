@@ -33,6 +33,7 @@ from tensorly.backend import BackendManager
 __all__ = [
     "BackendDeclaration",
     "backend_erf",
+    "cast",
     "creation_context",
     "declared_backends",
     "preserved_backend",
@@ -288,3 +289,27 @@ def creation_context(tensor: Any) -> dict[str, Any]:
     context = dict(tl.context(tensor))
     context.pop("requires_grad", None)
     return context
+
+
+def cast(tensor: Any, dtype: Any) -> Any:
+    """``tensor`` in ``dtype``, on its own backend and device, differentiably.
+
+    ``astype`` for NumPy, CuPy and JAX arrays, ``to`` for torch tensors
+    (TensorLy's ``tl.tensor`` would copy and detach).
+
+    Parameters
+    ----------
+    tensor : tensor of any backend
+    dtype : dtype of that backend
+
+    Returns
+    -------
+    tensor
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> cast(np.ones(2), np.float32).dtype
+    dtype('float32')
+    """
+    return tensor.astype(dtype) if hasattr(tensor, "astype") else tensor.to(dtype)

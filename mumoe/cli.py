@@ -12,8 +12,7 @@ from importlib.util import find_spec
 from typing import Any
 
 from mumoe.backend import declared_backends, unavailable_reason
-from mumoe.network import Network
-from mumoe.presets import PRESETS
+from mumoe.presets import build_network
 
 __all__ = ["main"]
 
@@ -41,29 +40,42 @@ def _backends(_: argparse.Namespace) -> int:
     return 0
 
 
+def _int(text: str, what: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise TypeError(f"{what} must be an int, got {text!r}") from None
+
+
 def _rank(values: Sequence[str] | None) -> Any:
+    # "--rank 8", "--rank 2 3 4", "--rank a=2 b=3", or a budget: "--rank same", "--rank 0.5".
     if not values:
         return None
+    if len(values) == 1 and values[0] == "same":
+        return "same"
+    if len(values) == 1 and "." in values[0]:
+        try:
+            return float(values[0])
+        except ValueError:
+            raise TypeError(f"--rank must be numbers, got {values[0]!r}") from None
     if all("=" in v for v in values):
         pairs = (v.split("=", 1) for v in values)
-        return {name: int(size) for name, size in pairs}
-    numbers = [int(v) for v in values]
+        return {name: _int(size, f"--rank {name}") for name, size in pairs}
+    numbers = [_int(v, "--rank") for v in values]
     return numbers[0] if len(numbers) == 1 else tuple(numbers)
 
 
 def _describe(args: argparse.Namespace) -> int:
-    experts = args.experts[0] if len(args.experts) == 1 else tuple(args.experts)
-    rank = _rank(args.rank)
-    options: dict[str, Any] = {"bias": not args.no_bias}
-    if args.network in PRESETS:
-        if rank is None and args.network != "dense":
-            raise ValueError(f"the {args.network} network needs --rank")
-        if rank is not None:
-            options["rank"] = rank
-        net = PRESETS[args.network](experts, args.in_features, args.out_features, **options)
-    else:
-        net = Network(args.network, experts, args.in_features, args.out_features, rank=rank,
-                      **options)  # fmt: skip
+    if args.experts is not None:
+        print("mumoe describe: --experts is deprecated; use --expert-dims", file=sys.stderr)
+    dims = args.expert_dims if args.expert_dims is not None else args.experts
+    if dims is None:
+        raise ValueError("mumoe describe needs --expert-dims (experts per level, e.g. 32 4)")
+    net = build_network(
+        args.in_features, args.out_features, args.network,
+        expert_dims=dims[0] if len(dims) == 1 else tuple(dims),
+        rank=_rank(args.rank), bias=not args.no_bias,
+    )  # fmt: skip
     print(net.describe(batch_size=args.batch))
     return 0
 
@@ -92,7 +104,26 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the ``mumoe`` command line; returns the exit status."""
+    """Run the ``mumoe`` command line.
+
+    Parameters
+    ----------
+    argv : sequence of str, optional
+        The arguments; ``sys.argv[1:]`` by default.
+
+    Returns
+    -------
+    int
+        The exit status: 0, or 2 for bad arguments (the reason on stderr).
+
+    Examples
+    --------
+    >>> main(["describe", "cp", "--expert-dims", "8", "--in-features", "4",
+    ...       "--out-features", "2", "--rank", "3"])  # doctest: +ELLIPSIS
+    Network 'cp': 1 expert level, 8 experts, with bias
+    ...
+    0
+    """
     parser = argparse.ArgumentParser(
         prog="mumoe", description="Multilinear Mixture-of-Experts layers as tensor networks."
     )
@@ -126,13 +157,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     describe = commands.add_parser(
         "describe", help="a network's cores, parameters, contraction path and FLOPs"
     )
-    describe.add_argument("network", help="a preset (cp, tucker, tt, tr, dense) or a spec string")
-    describe.add_argument("--experts", type=int, nargs="+", required=True,
-                          help="experts per level, e.g. --experts 32 4")  # fmt: skip
+    describe.add_argument("network", help="a format (cp, tucker, tt, tr, dense) or a spec string")
+    describe.add_argument("--expert-dims", type=int, nargs="+", metavar="N",
+                          help="experts per level, e.g. --expert-dims 32 4")  # fmt: skip
+    describe.add_argument("--experts", type=int, nargs="+", help=argparse.SUPPRESS)
     describe.add_argument("--in-features", type=int, required=True)
     describe.add_argument("--out-features", type=int, required=True)
     describe.add_argument("--rank", nargs="*",
-                          help="one rank, one per bond, or NAME=SIZE pairs")  # fmt: skip
+                          help="one rank, one per bond, NAME=SIZE pairs, or a budget: "
+                          "'same' or a fraction such as 0.5 (formats only)")  # fmt: skip
     describe.add_argument("--batch", type=int, default=1, help="batch size of the path and FLOPs")
     describe.add_argument("--no-bias", action="store_true", help="experts without a bias")
     describe.set_defaults(run=_describe)

@@ -31,11 +31,13 @@ from typing import Any
 import torch
 from torch import nn
 
+from mumoe.backend import thread_backend
 from mumoe.network import Network
-from mumoe.nn.gating import gate_coefficients, resolve_activation
+from mumoe.nn.contract import module_contract, torch_forward
+from mumoe.nn.gating import resolve_activation, torch_gate_coefficients
 from mumoe.nn.init import init_cores_
-from mumoe.nn.layers import torch_forward
 from mumoe.presets import cp, tr
+from mumoe.recipe import block_forward, layer_forward
 
 __all__ = ["CPMuMoE", "MuMoE", "TRMuMoE"]
 
@@ -288,10 +290,23 @@ class MuMoE(nn.Module):
         """
         if x.dim() == 2:
             x = x.unsqueeze(1)
-        norms = self.bn if self.normalization == "bn" else self.ln
-        a = gate_coefficients(x, list(self.projs), list(norms), self.act)
-        self.a = [coefficients.detach() for coefficients in a]
-        x = self.MuMoE(self.input_ln(x), a)
         if self.second_dim:
-            x = self.MuMoE2(self.gelu(x), a)
-        return x
+            y, _ = block_forward(
+                self.MuMoE, self.MuMoE2, x, gate=self._gate, activation=self.gelu,
+                input_norm=self.input_ln,
+            )  # fmt: skip
+            return y
+        layer = self.MuMoE
+        with thread_backend("pytorch"):
+            y, _ = layer_forward(
+                layer.network, list(layer.factors), x, gate=self._gate,
+                input_norm=self.input_ln, contract=module_contract,
+            )  # fmt: skip
+        return y
+
+    def _gate(self, x: torch.Tensor) -> list[torch.Tensor]:
+        # The reference keeps the last coefficients as .a: kept detached here.
+        norms = self.bn if self.normalization == "bn" else self.ln
+        a = torch_gate_coefficients(x, list(self.projs), list(norms), self.act)
+        self.a = [coefficients.detach() for coefficients in a]
+        return a

@@ -17,26 +17,30 @@ layouts:
   smaller one (usually a core) is permuted;
 * a step with no summed leg is a broadcast product (a Hadamard product for
   CP), and one whose only kept legs are shared is a batched dot product;
-* the bias: with ``split`` the input ``x`` keeps its ``I`` columns and the
-  step that meets the core holding the input leg computes
+* the bias: with ``bias_input`` the input ``x`` keeps its ``I`` columns and
+  the step that meets the core holding the input leg computes
   ``x @ core[:I] + core[I]``, instead of concatenating a column of ones to
   ``x``.  That saves copying ``x``, but in a backward pass the two slices of
-  the core each cost a zero-filled gradient of the whole core, so the
-  functional core uses the split only where that is cheaper (see
-  :func:`mumoe.functional.forward`).
+  the core each cost a zero-filled gradient of the whole core, so the forward
+  pass adds the bias inside only where that is cheaper (the bias rule,
+  :meth:`mumoe.plan.Plan.bias_inside`).
 
-Only ``tl.transpose``, ``reshape``, ``@``, ``*``, ``+``, ``sum`` and slicing are
-used, so NumPy, CuPy and PyTorch (with autograd) run the same steps.
+Each step is compiled into a closure specialised to its kind, so a call runs
+only the arithmetic: per-call overhead matters for one-row calls (decoding).
+Only ``tl.transpose``, ``reshape``, ``.T``, ``@``, ``*``, ``+``, ``sum`` and slicing
+are used, so NumPy, CuPy, JAX and PyTorch (with autograd) run the same steps.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import tensorly as tl
+
+from mumoe._deprecation import deprecated_property
 
 __all__ = ["PairStep", "Program", "SumStep", "compile_program"]
 
@@ -91,7 +95,7 @@ class PairStep:
         How many legs form the batch, M and K groups.
     kind : {"matmul", "hadamard", "outer", "dot"}
         The operation.
-    split : bool
+    bias : bool
         Whether the right operand's K group holds an extra bias slice.
     legs : str
         The legs of the result.
@@ -118,7 +122,7 @@ class PairStep:
     n_m: int
     n_k: int
     kind: str
-    split: bool
+    bias: bool
     legs: str
     reshape: bool
     equation: str
@@ -133,25 +137,28 @@ class Program:
     steps : tuple of PairStep and SumStep
     final_perm : tuple of int or None
         The permutation of the last result into the output's leg order.
-    split : bool
-        Whether the split of the input's bias was compiled in (see
+    bias_inside : bool
+        Whether the input's bias is added inside the contraction (see
         :func:`compile_program`).
-    split_width : int, default 0
-        With ``split``: elements of one row of the core slice added as the
-        bias (the size of the legs the split step keeps from the core).
+    bias_width : int, default 0
+        With ``bias_inside``: elements of one row of the core slice added as
+        the bias (the size of the legs that step keeps from the core).
 
     Examples
     --------
     >>> from mumoe import tr
     >>> program = tr(8, 6, 4, rank=(2, 2, 3)).forward_plan(32, "numpy", "float64").program
-    >>> len(program.steps), program.split
+    >>> len(program.steps), program.bias_inside
     (4, False)
     """
 
     steps: tuple[PairStep | SumStep, ...]
     final_perm: tuple[int, ...] | None
-    split: bool
-    split_width: int = 0
+    bias_inside: bool
+    bias_width: int = 0
+
+    split = deprecated_property("split", "bias_inside")
+    split_width = deprecated_property("split_width", "bias_width")
 
     def __post_init__(self) -> None:
         # Each step as a closure over its constants: the per-call work is the
@@ -171,7 +178,7 @@ def _transpose(x: Any, perm: tuple[int, ...]) -> Any:
     return x.T if perm == (1, 0) else tl.transpose(x, perm)
 
 
-def _runner(step: PairStep | SumStep) -> Any:
+def _runner(step: PairStep | SumStep) -> Callable[[list[Any]], None]:
     if isinstance(step, SumStep):
         position, axes = step.position, step.axes
 
@@ -183,51 +190,76 @@ def _runner(step: PairStep | SumStep) -> Any:
         return run_sum
     left, right = step.left, step.right
     first, second = max(left, right), min(left, right)
+    pair = _pair(step)
 
     def run_pair(ops: list[Any]) -> None:
         a, b = ops[left], ops[right]
         del ops[first]
         del ops[second]
-        ops.append(_pair(step, a, b))
+        ops.append(pair(a, b))
 
     return run_pair
 
 
-def _pair(step: PairStep, a: Any, b: Any) -> Any:
-    if step.left_sum:
-        a = a.sum(step.left_sum)
-    if step.right_sum:
-        b = b.sum(step.right_sum)
-    if step.left_perm is not None:
-        a = _transpose(a, step.left_perm)
-    if step.right_perm is not None:
-        b = _transpose(b, step.right_perm)
+def _prepare(axes: tuple[int, ...], perm: tuple[int, ...] | None) -> Callable[[Any], Any] | None:
+    # What one operand needs before the product: sums over its own legs, a permutation.
+    if not axes and perm is None:
+        return None
+    if perm is None:
+        return lambda t: t.sum(axes)
+    if not axes:
+        return (lambda t: t.T) if perm == (1, 0) else (lambda t: tl.transpose(t, perm))
+    return lambda t: _transpose(t.sum(axes), perm)
+
+
+def _pair(step: PairStep) -> Callable[[Any, Any], Any]:
+    """The step's product as a closure specialised to its kind and layouts."""
+    product = _product(step)
+    prep_a = _prepare(step.left_sum, step.left_perm)
+    prep_b = _prepare(step.right_sum, step.right_perm)
+    if prep_a is None and prep_b is None:
+        return product
+    if prep_a is None:
+        return lambda a, b: product(a, prep_b(b))  # type: ignore[misc]
+    if prep_b is None:
+        return lambda a, b: product(prep_a(a), b)
+    return lambda a, b: product(prep_a(a), prep_b(b))
+
+
+def _product(step: PairStep) -> Callable[[Any, Any], Any]:
     if step.kind == "hadamard":
-        return a * b
+        return lambda a, b: a * b
     if step.kind == "matmul" and not step.reshape:
         # Every group is at most one leg: the operands are matrices already.
-        if step.split:
-            k = a.shape[-1]
-            return a @ b[..., :k, :] + b[..., k:, :]
-        return a @ b
+        if step.bias:
+            return lambda a, b: _biased_matmul(a, b, a.shape[-1])
+        return lambda a, b: a @ b
     nb, nm, nk = step.n_batch, step.n_m, step.n_k
-    a_shape, b_shape = tuple(a.shape), tuple(b.shape)
-    batch, m_shape = a_shape[:nb], a_shape[nb : nb + nm]
-    n_shape = b_shape[nb + nk :]
-    m, k, n = math.prod(m_shape), math.prod(a_shape[nb + nm :]), math.prod(n_shape)
-    out_shape = (*batch, *m_shape, *n_shape)
-    if step.kind == "outer":
-        return (a.reshape(*batch, m, 1) * b.reshape(*batch, 1, n)).reshape(out_shape)
-    if step.kind == "dot":
-        return (a.reshape(*batch, k) * b.reshape(*batch, k)).sum(-1).reshape(out_shape)
-    lead = (math.prod(batch),) if nb else ()
-    a2 = a.reshape(*lead, m, k)
-    if step.split:
-        b2 = b.reshape(*lead, k + 1, n)
-        c = a2 @ b2[..., :k, :] + b2[..., k:, :]
-    else:
-        c = a2 @ b.reshape(*lead, k, n)
-    return c.reshape(out_shape)
+
+    def grouped(a: Any, b: Any) -> Any:
+        a_shape, b_shape = tuple(a.shape), tuple(b.shape)
+        batch, m_shape = a_shape[:nb], a_shape[nb : nb + nm]
+        n_shape = b_shape[nb + nk :]
+        m, k, n = math.prod(m_shape), math.prod(a_shape[nb + nm :]), math.prod(n_shape)
+        out_shape = (*batch, *m_shape, *n_shape)
+        if step.kind == "outer":
+            return (a.reshape(*batch, m, 1) * b.reshape(*batch, 1, n)).reshape(out_shape)
+        if step.kind == "dot":
+            return (a.reshape(*batch, k) * b.reshape(*batch, k)).sum(-1).reshape(out_shape)
+        lead = (math.prod(batch),) if nb else ()
+        a2 = a.reshape(*lead, m, k)
+        if step.bias:
+            c = _biased_matmul(a2, b.reshape(*lead, k + 1, n), k)
+        else:
+            c = a2 @ b.reshape(*lead, k, n)
+        return c.reshape(out_shape)
+
+    return grouped
+
+
+def _biased_matmul(a: Any, b: Any, k: int) -> Any:
+    # a @ b[:k] + b[k]: the rows of b past k are the bias slice.
+    return a @ b[..., :k, :] + b[..., k:, :]
 
 
 def compile_program(
@@ -237,7 +269,7 @@ def compile_program(
     sizes: Mapping[str, int],
     *,
     lead: str | None = None,
-    split: int | None = None,
+    bias_input: int | None = None,
 ) -> Program:
     """Compile a pairwise contraction path into matrix-multiply steps.
 
@@ -254,12 +286,12 @@ def compile_program(
         to choose which operand to permute.
     lead : str, optional
         The leg to keep leading in every intermediate (the batch rows).
-    split : int, optional
+    bias_input : int, optional
         Position of the input operand ``x`` whose legs are ``(lead, i)`` with
         ``i`` one shorter than its partner's (the bias slice).  If the path
         contracts ``x`` first with an operand holding ``i`` in a matrix
         multiply, the bias is added there; otherwise the program is compiled
-        without the split and ``Program.split`` is False (concatenate ones).
+        without it and ``Program.bias_inside`` is False (concatenate ones).
 
     Returns
     -------
@@ -271,8 +303,8 @@ def compile_program(
     >>> [(step.kind, step.equation) for step in program.steps]
     [('matmul', 'ab,bc->ac')]
     """
-    program = _compile(inputs, output, path, sizes, lead, split)
-    if split is not None and not program.split:
+    program = _compile(inputs, output, path, sizes, lead, bias_input)
+    if bias_input is not None and not program.bias_inside:
         program = _compile(inputs, output, path, sizes, lead, None)
     return program
 
@@ -283,20 +315,20 @@ def _compile(
     path: Sequence[Sequence[int]],
     sizes: Mapping[str, int],
     lead: str | None,
-    split: int | None,
+    bias_input: int | None,
 ) -> Program:
     operands = [str(legs) for legs in inputs]
     origin: list[int | None] = list(range(len(operands)))
     steps: list[PairStep | SumStep] = []
-    did_split = False
-    split_width = 0
+    did_bias = False
+    bias_width = 0
     for contraction in path:
         if len(contraction) == 1:
             (k,) = contraction
             others = [legs for p, legs in enumerate(operands) if p != k]
             needed = set(output).union(*others)
-            if split is not None and origin[k] == split:
-                return Program(tuple(steps), None, split=False)
+            if bias_input is not None and origin[k] == bias_input:
+                return Program(tuple(steps), None, bias_inside=False)
             legs = operands.pop(k)
             origin.pop(k)
             axes = tuple(p for p, leg in enumerate(legs) if leg not in needed)
@@ -311,9 +343,9 @@ def _compile(
         others = [legs for k, legs in enumerate(operands) if k not in (i, j)]
         needed = set(output).union(*others)
         left, right = i, j
-        if split is not None and origin[j] == split:
+        if bias_input is not None and origin[j] == bias_input:
             left, right = j, i
-        elif split is None or origin[i] != split:
+        elif bias_input is None or origin[i] != bias_input:
             if lead is not None and lead in operands[j] and lead not in operands[i]:
                 left, right = j, i
         la, lb = operands[left], operands[right]
@@ -339,18 +371,20 @@ def _compile(
         if kind == "outer" and not m and not n:
             kind = "hadamard"  # shared legs only, in the same order after the perms
         plain = len(batch) <= 1 and len(m) == 1 and len(summed) == 1 and len(n) == 1
-        is_split = (
-            split is not None
-            and origin[left] == split
+        is_bias = (
+            bias_input is not None
+            and origin[left] == bias_input
             and kind == "matmul"
             and len(summed) == 1
             and not batch[1:]
         )
-        if split is not None and split in (origin[left], origin[right]) and not is_split:
-            return Program(tuple(steps), None, split=False)  # the bias cannot be split here
-        if is_split:
-            did_split = True
-            split_width = math.prod(sizes[leg] for leg in n)
+        if bias_input is not None and bias_input in (origin[left], origin[right]) and not is_bias:
+            return Program(
+                tuple(steps), None, bias_inside=False
+            )  # the bias cannot be bias_input here
+        if is_bias:
+            did_bias = True
+            bias_width = math.prod(sizes[leg] for leg in n)
         steps.append(
             PairStep(
                 left=left,
@@ -363,7 +397,7 @@ def _compile(
                 n_m=len(m),
                 n_k=len(summed),
                 kind=kind,
-                split=is_split,
+                bias=is_bias,
                 legs="".join(batch + m + n),
                 reshape=not plain,
                 equation=f"{new_a},{new_b}->{''.join(batch + m + n)}",
@@ -376,7 +410,7 @@ def _compile(
         origin.append(None)
     if len(operands) != 1 or sorted(operands[0]) != sorted(output):
         raise ValueError(f"path {path} does not contract {inputs} into {output!r}")
-    return Program(tuple(steps), _perm(operands[0], output), did_split, split_width)
+    return Program(tuple(steps), _perm(operands[0], output), did_bias, bias_width)
 
 
 def _copy_cost(legs: str, groups: Sequence[Sequence[str]], sizes: Mapping[str, int]) -> int:

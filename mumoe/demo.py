@@ -27,7 +27,7 @@ from typing import IO, Any
 import numpy as np
 
 from mumoe import analysis
-from mumoe.matching import gate_params, linear_params, match_rank
+from mumoe.budget import gate_params, linear_params, match_rank
 
 __all__ = ["DemoResult", "HeadResult", "run"]
 
@@ -199,7 +199,7 @@ def run(
     budget : int, default 8
         Every head's experts get as many parameters as ``budget`` linear
         classifiers (``budget * 650``); the rank is chosen by
-        :func:`mumoe.matching.match_rank`.  The gate (``64 * N``) comes on top.
+        :func:`mumoe.budget.match_rank`.  The gate (``64 * N``) comes on top.
     epochs : int, default 40
     seed : int, default 0
         Seeds the split, the initialisation and the batches; the global

@@ -28,6 +28,7 @@ from mumoe.validation import check_cores, check_tensor, is_tensor
 
 __all__ = [
     "ExpertWeight",
+    "contract",
     "expert_weight",
     "forward",
     "materialize",
@@ -58,7 +59,8 @@ def forward(
     The bias is added inside the contraction (``x @ core[:I] + core[I]``, no
     column of ones) when no core requires a gradient, or when the batch has
     more than twice as many rows as the bias slice has entries; otherwise
-    ``z = [x, 1]`` is formed, which costs less in a backward pass.
+    ``z = [x, 1]`` is formed, which costs less in a backward pass (the bias
+    rule, :meth:`mumoe.plan.Plan.bias_inside`).
 
     Parameters
     ----------
@@ -103,14 +105,108 @@ def forward(
     (7, 2)
     """
     backend = tl.get_backend()
+    rows, flat_gates, batch_shape = _operands(network, x, gates, backend)
+    check_cores(network, cores, backend, x.dtype)
+    return _contract(network, cores, x, rows, flat_gates, batch_shape, differentiable, backend)
+
+
+def contract(
+    network: Network,
+    cores: Sequence[Tensor],
+    x: Tensor,
+    gates: Tensor | Sequence[Tensor],
+    *,
+    differentiable: bool | None = None,
+    backend: str | None = None,
+) -> Tensor:
+    """:func:`forward` for callers that checked the cores already: no per-call walk over them.
+
+    The layers check their cores once, at construction (and their input's
+    dtype and device against them on each call); ``x`` and the gates are
+    checked here as in :func:`forward`.
+
+    Parameters
+    ----------
+    network, cores, x, gates, differentiable
+        As for :func:`forward`; the cores must fit ``network`` and share the
+        dtype and backend of ``x``.
+    backend : str, optional
+        The active TensorLy backend, if the caller knows it.
+
+    Returns
+    -------
+    tensor, shape (..., O)
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from mumoe import cp, random_cores
+    >>> net = cp(4, 3, 2, rank=5)
+    >>> contract(net, random_cores(net, random_state=0), np.ones((7, 3)), np.ones((7, 4))).shape
+    (7, 2)
+    """
+    if backend is None:
+        backend = tl.get_backend()
+    rows, flat_gates, batch_shape = _operands(network, x, gates, backend)
+    return _contract(network, cores, x, rows, flat_gates, batch_shape, differentiable, backend)
+
+
+def _operands(
+    network: Network, x: Tensor, gates: Any, backend: str
+) -> tuple[Tensor, list[Tensor], tuple[int, ...]]:
+    # x and the gates checked, their leading dimensions flattened into rows.
     shape = check_tensor(x, "x", backend)
-    dtype = x.dtype
     if len(shape) == 0 or shape[-1] != network.in_features:
         raise ValueError(
             f"x must have shape (..., {network.in_features}) (in_features), got {shape}"
         )
     batch_shape = shape[:-1]
+    gates = _check_gates(network, gates, batch_shape, backend, x.dtype)
+    if len(batch_shape) == 1:
+        return x, gates, batch_shape
+    # Plans contract one batch dimension: flatten the leading ones (a view
+    # where the layout allows), and skip the reshapes when there is exactly one.
+    batch_size = math.prod(batch_shape)
+    rows = tl.reshape(x, (batch_size, network.in_features))
+    gates = [
+        tl.reshape(g, (batch_size, n)) for g, n in zip(gates, network.expert_dims, strict=True)
+    ]
+    return rows, gates, batch_shape
 
+
+def _contract(
+    network: Network,
+    cores: Sequence[Tensor],
+    x: Tensor,
+    rows: Tensor,
+    gates: list[Tensor],
+    batch_shape: tuple[int, ...],
+    differentiable: bool | None,
+    backend: str,
+) -> Tensor:
+    batch_size = rows.shape[0]
+    if differentiable is None:
+        differentiable = any(getattr(core, "requires_grad", False) for core in cores)
+
+    def run(plan: Plan) -> Tensor:
+        if plan.bias_inside(batch_size, differentiable):
+            return plan(*gates, rows, *cores, bias_inside=True)
+        z = rows
+        if network.bias:  # z = [x, 1]
+            ones = tl.ones((batch_size, 1), **creation_context(x))
+            z = tl.concatenate([rows, ones], axis=1)
+        return plan(*gates, z, *cores)
+
+    timer = (lambda plan: _time(run, plan)) if network.autotune else None
+    out = run(network.planner.forward(batch_size, backend, x.dtype, timer))
+    if len(batch_shape) == 1:
+        return out
+    return tl.reshape(out, (*batch_shape, network.out_features))
+
+
+def _check_gates(
+    network: Network, gates: Any, batch_shape: tuple[int, ...], backend: str, dtype: Any
+) -> list[Tensor]:
     if is_tensor(gates, backend):
         if network.n_levels != 1:
             raise TypeError(
@@ -134,36 +230,7 @@ def forward(
                 f"gates[{e}] must have shape {(*batch_shape, n)} (the batch shape of x, "
                 f"{batch_shape}, then {network.expert_legs[e]}={n}), got {gate_shape}"
             )
-    check_cores(network, cores, backend, dtype)
-
-    # Plans contract one batch dimension: flatten the leading ones (a view
-    # where the layout allows), and skip the reshapes when there is exactly one.
-    batch_size = math.prod(batch_shape)
-    flat = len(batch_shape) == 1
-    rows = x if flat else tl.reshape(x, (batch_size, network.in_features))
-    if not flat:
-        gates = [
-            tl.reshape(g, (batch_size, n)) for g, n in zip(gates, network.expert_dims, strict=True)
-        ]
-
-    # Gradients to the cores make the bias split cost two zero-filled gradients
-    # of the input core; a column of ones costs one copy of x.
-    if differentiable is None:
-        differentiable = any(getattr(core, "requires_grad", False) for core in cores)
-
-    def run(plan: Plan) -> Tensor:
-        split = plan.split_program
-        if split is not None and (not differentiable or batch_size > 2 * split.split_width):
-            return plan(*gates, rows, *cores, split=True)
-        z = rows
-        if network.bias:  # z = [x, 1]
-            ones = tl.ones((batch_size, 1), **creation_context(x))
-            z = tl.concatenate([rows, ones], axis=1)
-        return plan(*gates, z, *cores)
-
-    timer = (lambda plan: _time(run, plan)) if network.autotune else None
-    out = run(network.forward_plan(batch_size, backend, dtype, timer))
-    return out if flat else tl.reshape(out, (*batch_shape, network.out_features))
+    return list(gates)
 
 
 def _time(run: Callable[[Plan], Tensor], plan: Plan, repeats: int = 3) -> float:
@@ -204,7 +271,7 @@ def materialize(network: Network, cores: Sequence[Tensor]) -> Tensor:
     (4, 3, 2)
     """
     dtype = check_cores(network, cores, tl.get_backend())
-    return network.materialize_plan(tl.get_backend(), dtype)(*cores)
+    return network.planner.materialize(tl.get_backend(), dtype)(*cores)
 
 
 class ExpertWeight(NamedTuple):
@@ -283,10 +350,10 @@ def expert_weight(
         position[leg] = int(idx) % n
 
     sliced = []
-    for core, legs in zip(cores, network.cores, strict=True):
+    for core, legs in zip(cores, network.core_legs, strict=True):
         key = tuple(position.get(leg, slice(None)) for leg in legs)
         sliced.append(core[key] if any(leg in position for leg in legs) else core)
-    matrix = network.expert_plan(tl.get_backend(), dtype)(*sliced)
+    matrix = network.planner.expert(tl.get_backend(), dtype)(*sliced)
     if not network.bias:
         return ExpertWeight(matrix, None)
     return ExpertWeight(matrix[: network.in_features], matrix[network.in_features])
@@ -354,9 +421,9 @@ def scale_experts(
         raise ValueError(f"scales for {leg} must have shape ({n},), got {host.shape}")
     if not np.all(np.isfinite(host)):
         raise ValueError(f"scales for {leg} must be finite, got {host.tolist()}")
-    index = next(k for k, legs in enumerate(network.cores) if leg in legs)
+    index = next(k for k, legs in enumerate(network.core_legs) if leg in legs)
     core = cores[index]
-    axis = network.cores[index].index(leg)
+    axis = network.core_legs[index].index(leg)
     shape = [1] * tl.ndim(core)
     shape[axis] = n
     factor = tl.tensor(host.reshape(shape), **creation_context(core))

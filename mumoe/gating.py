@@ -1,13 +1,24 @@
-r"""Gating on any TensorLy backend: the activations and normalisations, inference mode.
+r"""Gating on any backend: the one vocabulary of gate activations and normalisations.
 
-The same gate as :class:`mumoe.nn.MuMoEGate`, written with TensorLy operations
-so that a model trained in PyTorch serves on NumPy or CuPy:
+For each expert level :math:`e` (Section 3 of the paper),
 
 .. math::
-    a^{(e)} = \phi\bigl(\mathrm{norm}(x G_e)\bigr)
+    a^{(e)} = \phi\bigl(\mathrm{norm}(x G_e)\bigr), \qquad
+    G_e \in \mathbb{R}^{I \times N_e} \text{ zero-initialised},
 
-with ``norm`` batch normalisation from running statistics (eval mode), layer
-normalisation, or nothing, and :math:`\phi` one of :data:`ACTIVATIONS`.
+computed by :func:`gate_coefficients`, the gate step of the layer recipe
+(:mod:`mumoe.recipe`).  ``norm`` is one of :data:`NORMALIZATIONS` (batch
+normalisation without affine parameters, layer normalisation without affine
+parameters, or nothing) and :math:`\phi` one of :data:`ACTIVATIONS` or any
+callable.  Those names are the whole vocabulary: the PyTorch modules
+(:mod:`mumoe.nn.gating`) run the same names with torch kernels (the
+``entmax`` package's, with exact gradients) and the serving layers with the
+TensorLy kernels written here.
+
+Gating computes in float32 at least: 16-bit inputs are widened for the
+logits, their normalisation and the activation, and the coefficients cast
+back (:func:`gate_dtype`).  In float16, logits of a few tens of thousands
+overflow entmax-1.5's squares.
 
 entmax-1.5 and sparsemax use the sort-based exact algorithms (Peters et al.,
 2019; Martins & Astudillo, 2016): for logits sorted in decreasing order
@@ -25,23 +36,34 @@ entmax-1.5 and sparsemax use the sort-based exact algorithms (Peters et al.,
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import sys
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
+import numpy as np
 import tensorly as tl
 
-from mumoe.backend import creation_context
+from mumoe.backend import cast, creation_context
 from mumoe.typing import Tensor
+from mumoe.validation import dtype_name
 
 __all__ = [
     "ACTIVATIONS",
+    "NORMALIZATIONS",
+    "activation_name",
     "batch_norm",
+    "check_normalization",
     "entmax15",
     "gate_coefficients",
+    "gate_dtype",
     "gelu",
     "layer_norm",
+    "resolve_activation",
     "softmax",
     "sparsemax",
 ]
+
+Activation = Callable[[Tensor], Tensor]
 
 
 def _keep(reduced: Tensor, like: Tensor) -> Tensor:
@@ -146,12 +168,136 @@ def entmax15(logits: Tensor) -> Tensor:
     return p * p
 
 
-#: The gate activations by name, as in :data:`mumoe.nn.ACTIVATIONS`.
-ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
+#: The gate activations by name, with their kernels on any TensorLy backend; each
+#: maps logits ``(..., N)`` to coefficients on the simplex.  The vocabulary of every
+#: layer: :mod:`mumoe.nn.gating` gives the same names torch kernels.
+ACTIVATIONS: dict[str, Activation] = {
     "entmax15": entmax15,
     "sparsemax": sparsemax,
     "softmax": softmax,
 }
+
+#: The normalisations of the gate logits: batch norm and layer norm without
+#: affine parameters, or none.
+NORMALIZATIONS: tuple[str | None, ...] = ("bn", "ln", None)
+
+
+def resolve_activation(
+    activation: str | Activation, kernels: Mapping[str, Activation] | None = None
+) -> Activation:
+    """The kernel of the activation called ``activation``, or ``activation`` itself if callable.
+
+    Parameters
+    ----------
+    activation : {"entmax15", "sparsemax", "softmax"} or callable
+    kernels : mapping, optional
+        Kernels for the names of :data:`ACTIVATIONS` (the torch modules pass
+        theirs); :data:`ACTIVATIONS` itself by default.
+
+    Returns
+    -------
+    callable
+        From logits ``(B, N)`` to coefficients ``(B, N)``.
+
+    Raises
+    ------
+    ValueError
+        For a name outside the vocabulary.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> resolve_activation("sparsemax")(np.array([[3.0, 1.0, 0.0]]))
+    array([[1., 0., 0.]])
+    """
+    if callable(activation):
+        return activation
+    if isinstance(activation, str) and activation in ACTIVATIONS:
+        return (ACTIVATIONS if kernels is None else kernels)[activation]
+    raise ValueError(
+        f"unknown gate activation {activation!r}; choose one of "
+        f"{', '.join(map(repr, ACTIVATIONS))} or pass a callable"
+    )
+
+
+def activation_name(activation: str | Activation) -> str:
+    """The name a layer reports (and a weights file stores) for ``activation``.
+
+    Parameters
+    ----------
+    activation : str or callable
+
+    Returns
+    -------
+    str
+        The name itself, or a callable's ``__name__`` (``"custom"`` without one).
+
+    Examples
+    --------
+    >>> activation_name("softmax"), activation_name(lambda z: z)
+    ('softmax', '<lambda>')
+    """
+    if isinstance(activation, str):
+        return activation
+    return str(getattr(activation, "__name__", "custom"))
+
+
+def check_normalization(normalization: Any) -> str | None:
+    """Return ``normalization`` if it is one of :data:`NORMALIZATIONS`, else raise.
+
+    Parameters
+    ----------
+    normalization : {"bn", "ln", None}
+
+    Returns
+    -------
+    str or None
+
+    Raises
+    ------
+    ValueError
+        For anything else.
+
+    Examples
+    --------
+    >>> check_normalization("ln")
+    'ln'
+    """
+    if normalization not in NORMALIZATIONS:
+        raise ValueError(f"unknown gate normalization {normalization!r}; choose 'bn', 'ln' or None")
+    return normalization
+
+
+#: Dtypes gating widens to float32 (by name, on every backend).
+_NARROW = frozenset({"float16", "bfloat16"})
+
+
+def gate_dtype(dtype: Any) -> Any:
+    """The dtype gating computes in for inputs of ``dtype``: float32 at least.
+
+    Parameters
+    ----------
+    dtype : dtype of any backend
+
+    Returns
+    -------
+    dtype
+        ``float32`` of the same library for 16-bit floats, ``dtype`` itself otherwise.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> gate_dtype(np.dtype("float16")), gate_dtype(np.dtype("float64"))
+    (<class 'numpy.float32'>, dtype('float64'))
+    >>> import torch
+    >>> gate_dtype(torch.bfloat16)
+    torch.float32
+    """
+    if dtype_name(dtype) not in _NARROW:
+        return dtype
+    # float32 of the dtype's own library (torch.float32 for torch.float16, ...).
+    library = sys.modules.get(type(dtype).__module__.partition(".")[0])
+    return getattr(library, "float32", np.float32)
 
 
 def gelu(x: Tensor) -> Tensor:
@@ -248,13 +394,18 @@ def gate_coefficients(
 ) -> list[Tensor]:
     """The gate coefficients ``activation(norm(x @ G_e))`` of every level.
 
+    The gate step of the layer recipe, on any backend (torch modules are
+    valid ``norms``).  Computes in :func:`gate_dtype` of the input's dtype
+    and returns the input's dtype.
+
     Parameters
     ----------
     x : tensor, shape (..., I)
     projections : sequence of tensors, each (I, N_e)
         The gate projections :math:`G_e`.
     norms : sequence of callables or None
-        Applied to the logits flattened to ``(B, N_e)`` (None: no norm).
+        Applied to the logits flattened to ``(B, N_e)``, so that batch norm
+        takes its statistics over every leading dimension (None: no norm).
     activation : callable
         From logits ``(B, N_e)`` to coefficients, such as :func:`entmax15`.
 
@@ -269,11 +420,18 @@ def gate_coefficients(
     >>> [a.shape for a in gate_coefficients(x, [np.zeros((4, 5))], [None], softmax)]
     [(2, 3, 5)]
     """
-    rows = tl.reshape(x, (-1, tl.shape(x)[-1]))
+    lead = tuple(x.shape[:-1])
+    rows = x.reshape(-1, x.shape[-1])
+    compute = gate_dtype(x.dtype)
+    if compute != x.dtype:
+        rows = cast(rows, compute)
     gates = []
     for projection, norm in zip(projections, norms, strict=True):
-        logits = tl.dot(rows, projection)
+        logits = rows @ (projection if projection.dtype == compute else cast(projection, compute))
         if norm is not None:
             logits = norm(logits)
-        gates.append(tl.reshape(activation(logits), (*tl.shape(x)[:-1], tl.shape(projection)[-1])))
+        coefficients = activation(logits)
+        if coefficients.dtype != x.dtype:
+            coefficients = cast(coefficients, x.dtype)
+        gates.append(coefficients.reshape(*lead, projection.shape[-1]))
     return gates

@@ -3,9 +3,11 @@ r"""Declarative tensor networks that store the weight tensor of a μMoE layer.
 A :class:`Network` is a spec (see :mod:`mumoe.spec`) plus sizes: the expert
 dimensions :math:`N_1, \dots, N_E`, the input and output sizes :math:`I` and
 :math:`O`, whether the input mode carries a bias slice, and the size (rank) of
-every bond.  It knows the shape of each core, the parameter count, the einsum
-equations of the factorised forward pass and of the dense weight, and it owns
-the cache of compiled contraction plans for those equations.
+every bond.  It knows the shape of each core, the parameter count and the
+einsum equation of the factorised forward pass.  It is immutable (change a
+size with :meth:`Network.replace`); the compiled contraction plans live in
+its :class:`~mumoe.planner.Planner`, and :mod:`mumoe.report` writes
+:meth:`Network.describe`.
 
 The network stores no arrays: the cores are passed to the functions of
 :mod:`mumoe.functional`, so one network serves NumPy, CuPy and PyTorch alike.
@@ -14,66 +16,26 @@ The network stores no arrays: the cores are passed to the functions of
 from __future__ import annotations
 
 import math
-import operator
 from collections.abc import Callable, Hashable, Mapping, Sequence
 from types import MappingProxyType
 from typing import Any
 
 import opt_einsum
 
-from mumoe.contraction import PairStep
-from mumoe.plan import DEFAULT_OPTIMIZE, Plan, PlanCache, batch_bucket
+from mumoe._deprecation import deprecated_property, warn_renamed
+from mumoe.formats import format_of
+from mumoe.plan import DEFAULT_OPTIMIZE, Plan, PlanCache
+from mumoe.planner import AUTOTUNE_OPTIMIZERS, Planner
 from mumoe.spec import INPUT, OUTPUT, parse_spec
 from mumoe.typing import RankLike, Shape
+from mumoe.validation import check_bool, positive_int, positive_ints
 
 __all__ = ["AUTOTUNE_OPTIMIZERS", "Network", "positive_int"]
 
-#: The opt_einsum optimisers whose paths autotuning times, besides the network's own.
-AUTOTUNE_OPTIMIZERS = ("greedy", "branch-2", "dp", "random-greedy-128")
-
-
-def positive_int(value: Any, what: str) -> int:
-    """Return ``value`` as a positive int, or raise naming ``what``.
-
-    Integers of any library (``numpy.int64`` ...) are accepted; ``bool``,
-    floats and non-positive values are not.
-
-    Parameters
-    ----------
-    value : int-like
-    what : str
-        How the error message names ``value``.
-
-    Returns
-    -------
-    int
-
-    Raises
-    ------
-    TypeError
-        If ``value`` is a bool or not an integer.
-    ValueError
-        If it is not positive.
-
-    Examples
-    --------
-    >>> import numpy as np
-    >>> positive_int(np.int64(3), "rank")
-    3
-    >>> positive_int(0, "rank")
-    Traceback (most recent call last):
-        ...
-    ValueError: rank must be a positive int, got 0
-    """
-    if isinstance(value, bool):
-        raise TypeError(f"{what} must be a positive int, got the bool {value!r}")
-    try:
-        size = operator.index(value)
-    except TypeError:
-        raise TypeError(f"{what} must be a positive int, got {value!r}") from None
-    if size < 1:
-        raise ValueError(f"{what} must be a positive int, got {size}")
-    return size
+_FIELDS = (
+    "spec", "expert_dims", "in_features", "out_features", "rank", "bias",
+    "optimize", "cache_size", "autotune",
+)  # fmt: skip
 
 
 class Network:
@@ -82,7 +44,8 @@ class Network:
     The network stores, in factorised form, the weight tensor
     :math:`\mathcal{W}` of shape ``(N_1, ..., N_E, I', O)`` with
     ``I' = I + 1`` when ``bias`` is true (the last input slice is the bias of
-    every expert) and ``I' = I`` otherwise.
+    every expert) and ``I' = I`` otherwise.  Networks are immutable and
+    hashable; :meth:`replace` makes a changed copy.
 
     Parameters
     ----------
@@ -101,10 +64,9 @@ class Network:
         to size that names each bond.  Needed whenever the spec has bonds.
     bias : bool, default True
         Whether the input mode has an extra bias slice.
-    format : str, default "custom"
-        The name of the factorisation, shown by :meth:`describe`; the
-        presets set it to ``"cp"``, ``"tucker"``, ``"tt"``, ``"tr"`` or
-        ``"dense"``.
+    format : str, optional
+        Deprecated and ignored: the format is read from the spec
+        (:attr:`format`).
     optimize : str or path, default "auto-hq"
         The opt_einsum path optimiser used when a plan is first built, or an
         explicit path (opt_einsum's format) for the forward contraction of
@@ -120,19 +82,37 @@ class Network:
     ------
     ValueError
         If the spec is invalid (see :func:`~mumoe.spec.parse_spec`), a size
-        is missing or not positive, the number of expert dimensions does not
-        match the expert legs, or ``rank`` names a bond the spec lacks.
+        is not positive, the number of expert dimensions does not match the
+        expert legs, or ``rank`` is missing or names a bond the spec lacks.
     TypeError
-        If a size is not an integer.
+        If a size is not an integer or a flag not a bool.
 
     Examples
     --------
     >>> net = Network("n r, i r, o r", 16, 8, 4, rank=3)
     >>> net.core_shapes
     ((16, 3), (9, 3), (4, 3))
-    >>> net.n_params
-    87
+    >>> net.n_params, net.format
+    (87, 'cp')
+    >>> net.replace(in_features=7).core_shapes
+    ((16, 3), (8, 3), (4, 3))
     """
+
+    spec: str
+    core_legs: tuple[tuple[str, ...], ...]
+    expert_legs: tuple[str, ...]
+    bonds: tuple[str, ...]
+    expert_dims: tuple[int, ...]
+    in_features: int
+    out_features: int
+    bias: bool
+    format: str
+    ranks: Mapping[str, int]
+    sizes: Mapping[str, int]
+    planner: Planner
+    _core_shapes: tuple[Shape, ...]
+    _symbol: dict[str, str]
+    _batch: str
 
     def __init__(
         self,
@@ -143,54 +123,59 @@ class Network:
         *,
         rank: RankLike | None = None,
         bias: bool = True,
-        format: str = "custom",
+        format: str | None = None,
         optimize: str | Sequence[tuple[int, ...]] = DEFAULT_OPTIMIZE,
         cache_size: int = 32,
         autotune: bool = False,
     ) -> None:
         parsed = parse_spec(spec)
         n_levels = len(parsed.expert_legs)
-
-        if isinstance(expert_dims, Sequence) and not isinstance(expert_dims, str):
-            dims = tuple(positive_int(d, f"expert_dims[{e}]") for e, d in enumerate(expert_dims))
-        else:
-            dims = (positive_int(expert_dims, "expert_dims"),)
+        dims = positive_ints(expert_dims, "expert_dims")
         if len(dims) != n_levels:
             raise ValueError(
                 f"spec {parsed.spec!r} has {n_levels} expert level(s) "
                 f"({', '.join(parsed.expert_legs)}) but expert_dims has {len(dims)} "
                 f"entries: {dims}"
             )
-        if not isinstance(bias, bool):
-            raise TypeError(f"bias must be True or False, got {bias!r}")
-
-        self.spec: str = parsed.spec
-        self.cores: tuple[tuple[str, ...], ...] = parsed.cores
-        self.expert_legs: tuple[str, ...] = parsed.expert_legs
-        self.bonds: tuple[str, ...] = parsed.bonds
-        self.expert_dims: tuple[int, ...] = dims
-        self.in_features: int = positive_int(in_features, "in_features")
-        self.out_features: int = positive_int(out_features, "out_features")
-        self.bias: bool = bias
-        self.format: str = str(format)
-        self.optimize = optimize
-        if not isinstance(autotune, bool):
-            raise TypeError(f"autotune must be True or False, got {autotune!r}")
-        self.autotune = autotune
-        self.ranks: Mapping[str, int] = MappingProxyType(self._bond_sizes(rank))
+        derived = format_of(parsed.spec, n_levels)
+        if format is not None:
+            warn_renamed("Network(format=...)", "Network.format, read from the spec")
+        put = object.__setattr__
+        put(self, "spec", parsed.spec)
+        put(self, "core_legs", parsed.core_legs)
+        put(self, "expert_legs", parsed.expert_legs)
+        put(self, "bonds", parsed.bonds)
+        put(self, "expert_dims", dims)
+        put(self, "in_features", positive_int(in_features, "in_features"))
+        put(self, "out_features", positive_int(out_features, "out_features"))
+        put(self, "bias", check_bool(bias, "bias"))
+        put(self, "format", derived)
+        put(self, "ranks", MappingProxyType(self._bond_sizes(rank)))
 
         sizes = dict(zip(self.expert_legs, dims, strict=True))
         sizes[INPUT] = self.in_features + int(bias)
         sizes[OUTPUT] = self.out_features
         sizes.update(self.ranks)
-        self.sizes: Mapping[str, int] = MappingProxyType(sizes)
-        self._core_shapes = tuple(tuple(sizes[leg] for leg in legs) for legs in self.cores)
-
+        put(self, "sizes", MappingProxyType(sizes))
+        put(
+            self,
+            "_core_shapes",
+            tuple(tuple(sizes[leg] for leg in legs) for legs in self.core_legs),
+        )
         # Einsum symbols: the batch first, then every leg in order of appearance.
         legs = [*self.expert_legs, INPUT, OUTPUT, *self.bonds]
-        self._symbol = {leg: opt_einsum.get_symbol(k + 1) for k, leg in enumerate(legs)}
-        self._batch = opt_einsum.get_symbol(0)
-        self._plans = PlanCache(cache_size)
+        put(self, "_symbol", {leg: opt_einsum.get_symbol(k + 1) for k, leg in enumerate(legs)})
+        put(self, "_batch", opt_einsum.get_symbol(0))
+        put(self, "planner", Planner(self, optimize=optimize, cache_size=cache_size,
+                                     autotune=autotune))  # fmt: skip
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise AttributeError(
+            f"Network is immutable: make a changed copy with network.replace({name}=...)"
+        )
+
+    def __delattr__(self, name: str) -> None:
+        raise AttributeError("Network is immutable")
 
     def _bond_sizes(self, rank: RankLike | None) -> dict[str, int]:
         if not self.bonds:
@@ -222,6 +207,72 @@ class Network:
             return {b: positive_int(rank[b], f"rank[{b!r}]") for b in self.bonds}
         size = positive_int(rank, "rank")
         return dict.fromkeys(self.bonds, size)
+
+    def replace(self, **changes: Any) -> Network:
+        """A copy of this network with some constructor arguments changed.
+
+        Parameters
+        ----------
+        **changes
+            Any of ``spec``, ``expert_dims``, ``in_features``,
+            ``out_features``, ``rank``, ``bias``, ``optimize``,
+            ``cache_size``, ``autotune``.  The copy starts with an empty plan
+            cache.
+
+        Returns
+        -------
+        Network
+
+        Raises
+        ------
+        TypeError
+            For an argument that is not one of those.
+
+        Examples
+        --------
+        >>> net = Network("n r, i r, o r", 8, 5, 2, rank=3)
+        >>> net.replace(rank=4, bias=False).core_shapes
+        ((8, 4), (5, 4), (2, 4))
+        """
+        unknown = sorted(set(changes) - set(_FIELDS))
+        if unknown:
+            raise TypeError(f"replace() got unknown arguments {unknown}; it takes {_FIELDS}")
+        args = {**self._arguments(), **changes}
+        return Network(args.pop("spec"), args.pop("expert_dims"), args.pop("in_features"),
+                       args.pop("out_features"), **args)  # fmt: skip
+
+    def _arguments(self) -> dict[str, Any]:
+        dims = self.expert_dims[0] if self.n_levels == 1 else self.expert_dims
+        return {
+            "spec": self.spec, "expert_dims": dims, "in_features": self.in_features,
+            "out_features": self.out_features, "rank": dict(self.ranks) or None,
+            "bias": self.bias, "optimize": self.planner.optimize,
+            "cache_size": self.planner.cache.maxsize, "autotune": self.planner.autotune,
+        }  # fmt: skip
+
+    cores = deprecated_property("cores", "core_legs")
+
+    @property
+    def optimize(self) -> str | Sequence[tuple[int, ...]]:
+        """The path optimiser of new plans (see :class:`~mumoe.planner.Planner`).
+
+        Examples
+        --------
+        >>> Network("n r, i r, o r", 8, 5, 2, rank=3).optimize
+        'auto-hq'
+        """
+        return self.planner.optimize
+
+    @property
+    def autotune(self) -> bool:
+        """Whether forward plans are timed and the fastest kept.
+
+        Examples
+        --------
+        >>> Network("n r, i r, o r", 8, 5, 2, rank=3).autotune
+        False
+        """
+        return self.planner.autotune
 
     # ------------------------------------------------------------------ sizes
 
@@ -256,7 +307,7 @@ class Network:
         >>> Network("n1 a, n2 a, i a, o a", (4, 3), 5, 2, rank=2).n_cores
         4
         """
-        return len(self.cores)
+        return len(self.core_legs)
 
     @property
     def weight_shape(self) -> Shape:
@@ -309,7 +360,12 @@ class Network:
 
     def _forward_operands(self) -> list[str]:
         gates = [self._term([leg], batch=True) for leg in self.expert_legs]
-        return [*gates, self._term([INPUT], batch=True), *map(self._term, self.cores)]
+        return [*gates, self._term([INPUT], batch=True), *map(self._term, self.core_legs)]
+
+    def _forward_shapes(self, batch_size: int) -> list[Shape]:
+        # Operands of the forward contraction: gates, x (with its bias column), cores.
+        shapes: list[Shape] = [(batch_size, n) for n in self.expert_dims]
+        return [*shapes, (batch_size, self.sizes[INPUT]), *self.core_shapes]
 
     @property
     def einsum_equation(self) -> str:
@@ -338,25 +394,8 @@ class Network:
         '...n1, ...i, n1 r, i r, o r -> ...o'
         """
         inputs = [f"...{leg}" for leg in (*self.expert_legs, INPUT)]
-        inputs += [" ".join(legs) for legs in self.cores]
+        inputs += [" ".join(legs) for legs in self.core_legs]
         return ", ".join(inputs) + f" -> ...{OUTPUT}"
-
-    @property
-    def dense_equation(self) -> str:
-        """Eq. (1) over the dense weight as one einsum: ``W``, the gates, the input.
-
-        Examples
-        --------
-        >>> Network("n r, i r, o r", 8, 5, 2, rank=3).dense_equation
-        'bcd,ab,ac->ad'
-        """
-        weight = self._term([*self.expert_legs, INPUT, OUTPUT])
-        gates = [self._term([leg], batch=True) for leg in self.expert_legs]
-        return (
-            ",".join([weight, *gates, self._term([INPUT], batch=True)])
-            + "->"
-            + (self._term([OUTPUT], batch=True))
-        )
 
     # ------------------------------------------------------------------ plans
 
@@ -367,76 +406,34 @@ class Network:
         dtype: Hashable,
         timer: Callable[[Plan], float] | None = None,
     ) -> Plan:
-        """The compiled forward contraction for a batch of ``batch_size`` rows.
-
-        Plans are cached per ``(batch bucket, backend, dtype)``; the path is
-        searched at the bucket size, the next power of two.
+        """The compiled forward contraction (:meth:`mumoe.planner.Planner.forward`).
 
         Parameters
         ----------
         batch_size : int
-            Number of rows once the leading dimensions are flattened.
         backend : str
-            TensorLy backend name the operands live on.
         dtype : hashable
-            The operands' dtype.
         timer : callable, optional
-            With ``autotune``, measures a candidate plan on the caller's
-            operands (seconds); the fastest candidate is cached.
 
         Returns
         -------
         Plan
-            Called with ``(*gates, x, *cores)``: each gate ``(B, N_e)``, ``x``
-            and the cores; returns ``(B, O)``.  With a bias, ``x`` is
-            ``(B, I)`` when ``plan.program.split`` (the bias is added inside
-            the contraction) and ``(B, I + 1)``, ones last, otherwise.
 
         Examples
         --------
         >>> net = Network("n r, i r, o r", 8, 5, 2, rank=3)
-        >>> plan = net.forward_plan(100, "numpy", "float64")
-        >>> plan.shapes[0], net.forward_plan(70, "numpy", "float64") is plan  # bucket 128
-        ((128, 8), True)
+        >>> net.forward_plan(100, "numpy", "float64").shapes[0]  # bucket 128
+        (128, 8)
         """
-        bucket = batch_bucket(batch_size)
-        key = ("forward", bucket, backend, dtype)
-        if self.autotune and timer is not None:
-            return self._plans.get(key, lambda: self._tune_forward(bucket, timer))
-        return self._plans.get(key, lambda: self._build_forward(bucket))
-
-    def _tune_forward(self, batch_size: int, timer: Callable[[Plan], float]) -> Plan:
-        candidates: dict[tuple[tuple[int, ...], ...], Plan] = {}
-        for optimize in (self.optimize, *AUTOTUNE_OPTIMIZERS):
-            plan = self._build_forward(batch_size, optimize)
-            candidates.setdefault(plan.path, plan)
-        return min(candidates.values(), key=timer)
-
-    def _forward_shapes(self, batch_size: int) -> list[Shape]:
-        # Operands of the forward contraction: gates, x (with its bias column), cores.
-        shapes: list[Shape] = [(batch_size, n) for n in self.expert_dims]
-        return [*shapes, (batch_size, self.sizes[INPUT]), *self.core_shapes]
-
-    def _build_forward(self, batch_size: int, optimize: Any = None) -> Plan:
-        shapes = self._forward_shapes(batch_size)
-        split = self.n_levels if self.bias else None  # x follows the gates
-        return Plan.build(
-            self.einsum_equation,
-            shapes,
-            self.optimize if optimize is None else optimize,
-            lead=self._batch,
-            split=split,
-        )
+        return self.planner.forward(batch_size, backend, dtype, timer)
 
     def materialize_plan(self, backend: str, dtype: Hashable) -> Plan:
-        """The compiled contraction of all cores into ``W`` (``weight_shape``).
+        """The contraction of all cores into ``W`` (:meth:`mumoe.planner.Planner.materialize`).
 
         Parameters
         ----------
         backend : str
-            The TensorLy backend the plan is for.
         dtype : hashable
-            The cores' dtype.
 
         Returns
         -------
@@ -444,23 +441,13 @@ class Network:
 
         Examples
         --------
-        >>> import numpy as np
-        >>> net = Network("n r, i r, o r", 8, 5, 2, rank=3)
-        >>> net.materialize_plan("numpy", "float64")(*[np.ones(s) for s in net.core_shapes]).shape
-        (8, 6, 2)
+        >>> Network("n r, i r, o r", 8, 5, 2, rank=3).materialize_plan("numpy", "float64").shapes
+        ((8, 3), (6, 3), (2, 3))
         """
-        key = ("materialize", backend, dtype)
-        return self._plans.get(key, self._build_materialize)
-
-    def _build_materialize(self) -> Plan:
-        output = self._term([*self.expert_legs, INPUT, OUTPUT])
-        equation = ",".join(map(self._term, self.cores)) + "->" + output
-        return Plan.build(equation, self.core_shapes, self._other_optimize)
+        return self.planner.materialize(backend, dtype)
 
     def expert_plan(self, backend: str, dtype: Hashable) -> Plan:
-        """The compiled contraction of the cores, expert legs sliced away, into ``(I', O)``.
-
-        Called with the cores after indexing each expert leg at one expert.
+        """The contraction of one expert's matrix (:meth:`mumoe.planner.Planner.expert`).
 
         Parameters
         ----------
@@ -473,26 +460,10 @@ class Network:
 
         Examples
         --------
-        >>> import numpy as np
-        >>> net = Network("n r, i r, o r", 8, 5, 2, rank=3)
-        >>> sliced = [np.ones(3), np.ones((6, 3)), np.ones((2, 3))]  # expert leg indexed away
-        >>> net.expert_plan("numpy", "float64")(*sliced)[0]
-        array([3., 3.])
+        >>> Network("n r, i r, o r", 8, 5, 2, rank=3).expert_plan("numpy", "float64").shapes
+        ((3,), (6, 3), (2, 3))
         """
-        key = ("expert", backend, dtype)
-        return self._plans.get(key, self._build_expert)
-
-    def _build_expert(self) -> Plan:
-        experts = set(self.expert_legs)
-        kept = [[leg for leg in legs if leg not in experts] for legs in self.cores]
-        shapes = [[self.sizes[leg] for leg in legs] for legs in kept]
-        equation = ",".join(map(self._term, kept)) + "->" + self._term([INPUT, OUTPUT])
-        return Plan.build(equation, shapes, self._other_optimize)
-
-    @property
-    def _other_optimize(self) -> str:
-        # An explicit path fits the forward equation only.
-        return self.optimize if isinstance(self.optimize, str) else DEFAULT_OPTIMIZE
+        return self.planner.expert(backend, dtype)
 
     @property
     def plans(self) -> PlanCache:
@@ -507,14 +478,16 @@ class Network:
         >>> net.plans
         PlanCache(size=1, maxsize=4, hits=0, misses=1)
         """
-        return self._plans
+        return self.planner.cache
 
     def flops(self, batch_size: int = 1) -> int:
         """Floating-point operations of one forward pass over ``batch_size`` rows.
 
-        Counts the contraction of gates, input and cores along the path a
-        plan for this batch size uses (a multiply-add counts as two).  The
-        gates themselves and the bias column are not included.
+        Counts the contraction of gates, input and cores along the path the
+        forward pass uses for this batch size (the autotuned one, once timed;
+        see :meth:`Planner.chosen <mumoe.planner.Planner.chosen>`); a
+        multiply-add counts as two.  The gates themselves and the bias column
+        are not included.
 
         Parameters
         ----------
@@ -529,22 +502,12 @@ class Network:
         >>> Network("n r, i r, o r", 16, 8, 4, rank=3).flops(batch_size=10)
         1770
         """
-        batch_size = positive_int(batch_size, "batch_size")
-        return self._flops(batch_size, self._build_forward(batch_bucket(batch_size)).path)
-
-    def _flops(self, batch_size: int, path: Sequence[tuple[int, ...]]) -> int:
-        _, info = opt_einsum.contract_path(
-            self.einsum_equation,
-            *self._forward_shapes(batch_size),
-            shapes=True,
-            optimize=list(path),
-        )
-        return int(info.opt_cost)
-
-    # ------------------------------------------------------------ description
+        return self.planner.flops(positive_int(batch_size, "batch_size"))
 
     def describe(self, batch_size: int = 1) -> str:
         """A readable account of the network: sizes, cores, equation, path and costs.
+
+        Written by :func:`mumoe.report.describe`.
 
         Parameters
         ----------
@@ -559,72 +522,15 @@ class Network:
         --------
         >>> net = Network("n r, i r, o r", 8, 5, 2, rank=3)
         >>> print(net.describe(batch_size=4))  # doctest: +ELLIPSIS
-        Network 'custom': 1 expert level, 8 experts, with bias
+        Network 'cp': 1 expert level, 8 experts, with bias
           spec        n1 r, i r, o r
           ...
           FLOPs       ... for batch 4
           ...
         """
-        batch_size = positive_int(batch_size, "batch_size")
-        plan = self._build_forward(batch_bucket(batch_size))
-        levels = f"{self.n_levels} expert level{'s' if self.n_levels > 1 else ''}"
-        experts = f"{self.n_experts:,} experts"
-        if self.n_levels > 1:
-            experts = f"{' x '.join(map(str, self.expert_dims))} = {experts}"
-        sizes = [f"{leg}={self.sizes[leg]}" for leg in self.expert_legs]
-        in_size = f"{INPUT}={self.sizes[INPUT]}"
-        if self.bias:
-            in_size += f" ({self.in_features} + bias)"
-        sizes += [in_size, f"{OUTPUT}={self.out_features}"]
-        sizes += [f"{bond}={size}" for bond, size in self.ranks.items()]
+        from mumoe.report import describe
 
-        width = max(len(" ".join(legs)) for legs in self.cores)
-        cores = [
-            f"#{k} {' '.join(legs):<{width}}  {shape!s:<18} {math.prod(shape):>12,}"
-            for k, (legs, shape) in enumerate(zip(self.cores, self.core_shapes, strict=True))
-        ]
-        ratio = self.n_dense_params / self.n_params
-        operands = [*(f"gate {leg}" for leg in self.expert_legs), "input"]
-        operands += [f"core {k}" for k in range(self.n_cores)]
-        steps = []
-        names = list(operands)
-        for n, (contraction, step) in enumerate(zip(plan.path, plan.program.steps, strict=True), 1):
-            order = (step.left, step.right) if isinstance(step, PairStep) else contraction
-            picked = [names[j] for j in order]
-            for j in sorted(contraction, reverse=True):
-                del names[j]
-            names.append(f"({n})")
-            kind = step.kind if isinstance(step, PairStep) else "sum"
-            steps.append(f"({n}) {' * '.join(picked)}: {step.equation}  [{kind}]")
-
-        pad = "\n" + " " * 14
-        lines = [
-            f"Network '{self.format}': {levels}, {experts}, {'with' if self.bias else 'no'} bias",
-            f"  spec        {self.spec}",
-            f"  sizes       {', '.join(sizes)}",
-            f"  cores       {pad.join(cores)}",
-            f"  parameters  {self.n_params:,} (dense W {self.weight_shape}: "
-            f"{self.n_dense_params:,}, {ratio:,.1f}x more)",
-            f"  equation    {self.equation}",
-            f"  einsum      {self.einsum_equation}",
-            f"  path        batch {batch_size}, opt_einsum {self.optimize!r}:{pad}"
-            + pad.join(steps),
-            f"  FLOPs       {self._flops(batch_size, plan.path):,} for batch {batch_size}",
-            f"  bias        {self._bias_text(plan)}",
-        ]
-        return "\n".join(lines)
-
-    def _bias_text(self, plan: Plan) -> str:
-        if not self.bias:
-            return "none"
-        split = plan.split_program
-        if split is None:
-            return "a column of ones concatenated to x (the path meets x before its core)"
-        step = next(k for k, s in enumerate(split.steps, 1) if isinstance(s, PairStep) and s.split)
-        return (
-            f"x @ core[:I] + core[I] in step ({step}) without gradients to the cores or for "
-            f"batches over {2 * split.split_width:,} rows; else a column of ones"
-        )
+        return describe(self, batch_size)
 
     # ------------------------------------------------------- identity, pickle
 
@@ -651,19 +557,17 @@ class Network:
         dims = self.expert_dims[0] if self.n_levels == 1 else self.expert_dims
         return (
             f"Network({self.spec!r}, {dims}, {self.in_features}, {self.out_features}"
-            f"{rank}, bias={self.bias}, format={self.format!r})"
+            f"{rank}, bias={self.bias})"
         )
 
-    def __getstate__(self) -> dict[str, Any]:
-        # Compiled plans are never pickled: they are rebuilt on first use.
-        state = self.__dict__.copy()
-        state["ranks"] = dict(self.ranks)
-        state["sizes"] = dict(self.sizes)
-        state["_plans"] = self._plans.maxsize
-        return state
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Rebuilt from its arguments: compiled plans are never pickled.
+        args = self._arguments()
+        positional = tuple(
+            args.pop(k) for k in ("spec", "expert_dims", "in_features", "out_features")
+        )
+        return (_rebuild, (positional, args))
 
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        state["ranks"] = MappingProxyType(state["ranks"])
-        state["sizes"] = MappingProxyType(state["sizes"])
-        state["_plans"] = PlanCache(state["_plans"])
-        self.__dict__.update(state)
+
+def _rebuild(positional: tuple[Any, ...], options: dict[str, Any]) -> Network:
+    return Network(*positional, **options)

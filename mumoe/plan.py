@@ -24,9 +24,11 @@ from typing import Any
 
 import opt_einsum
 
+from mumoe._deprecation import deprecated_property
 from mumoe.contraction import Program, compile_program
+from mumoe.validation import positive_int
 
-__all__ = ["DEFAULT_OPTIMIZE", "Plan", "PlanCache", "batch_bucket"]
+__all__ = ["BIAS_INSIDE_ROWS", "DEFAULT_OPTIMIZE", "Plan", "PlanCache", "batch_bucket"]
 
 #: opt_einsum's optimiser for new plans: the optimal path up to eight operands,
 #: dynamic programming up to twenty.  Plans are cached, so quality wins over
@@ -34,10 +36,27 @@ __all__ = ["DEFAULT_OPTIMIZE", "Plan", "PlanCache", "batch_bucket"]
 DEFAULT_OPTIMIZE = "auto-hq"
 
 
+#: The bias rule.  Where a plan can add the bias inside the contraction
+#: (``x @ core[:I] + core[I]``, no column of ones), it does so when no gradient
+#: flows to the cores, or when the batch has more than this many rows per entry
+#: of the bias slice; otherwise ``z = [x, 1]`` is formed.  In a backward pass
+#: the two slices of the core each cost a zero-filled gradient of the whole
+#: core, which only a large batch repays against one copy of ``x``.
+BIAS_INSIDE_ROWS = 2
+
+
 def batch_bucket(batch_size: int) -> int:
     """Return the power of two at or above ``batch_size`` (1 for an empty batch).
 
     Forward plans are keyed and path-searched at this size.
+
+    Parameters
+    ----------
+    batch_size : int
+
+    Returns
+    -------
+    int
 
     Examples
     --------
@@ -66,14 +85,14 @@ class Plan:
         counts as two).
     largest_intermediate : int
         Number of elements of the largest intermediate tensor at ``shapes``.
-    steps : tuple of str
-        The pairwise steps, one einsum sub-equation each.
+    step_equations : tuple of str
+        The pairwise steps as opt_einsum writes them, one einsum each.
     program : mumoe.contraction.Program
         The steps compiled to matrix multiplies with fixed layouts.
-    split_program : mumoe.contraction.Program or None
-        With ``split``, the same path compiled to add the input's bias inside
-        the contraction (``x`` without its column of ones); None where the
-        path does not allow it.
+    bias_program : mumoe.contraction.Program or None
+        With ``bias_input``, the same path compiled to add the input's bias
+        inside the contraction (``x`` without its column of ones); None where
+        the path does not allow it.
 
     Examples
     --------
@@ -90,9 +109,12 @@ class Plan:
     path: tuple[tuple[int, ...], ...]
     flops: int
     largest_intermediate: int
-    steps: tuple[str, ...]
+    step_equations: tuple[str, ...]
     program: Program
-    split_program: Program | None = None
+    bias_program: Program | None = None
+
+    steps = deprecated_property("steps", "step_equations")
+    split_program = deprecated_property("split_program", "bias_program")
 
     @classmethod
     def build(
@@ -102,7 +124,7 @@ class Plan:
         optimize: str | Sequence[tuple[int, ...]] = DEFAULT_OPTIMIZE,
         *,
         lead: str | None = None,
-        split: int | None = None,
+        bias_input: int | None = None,
     ) -> Plan:
         """Search a contraction path and compile it.
 
@@ -117,9 +139,9 @@ class Plan:
             Any optimiser opt_einsum accepts, or an explicit path.
         lead : str, optional
             A leg to keep leading in every intermediate (the batch rows).
-        split : int, optional
-            Position of an input operand ``(lead, i)`` that comes without its
-            bias column: see :func:`mumoe.contraction.compile_program`.
+        bias_input : int, optional
+            Position of an input operand ``(lead, i)`` that may come without
+            its bias column: see :func:`mumoe.contraction.compile_program`.
 
         Returns
         -------
@@ -138,28 +160,60 @@ class Plan:
         sizes = {leg: d for term, shape in zip(terms, dims, strict=True)
                  for leg, d in zip(term, shape, strict=True)}  # fmt: skip
         program = compile_program(terms, output, path, sizes, lead=lead)
-        split_program = None
-        if split is not None:
-            candidate = compile_program(terms, output, path, sizes, lead=lead, split=split)
-            split_program = candidate if candidate.split else None
+        bias_program = None
+        if bias_input is not None:
+            candidate = compile_program(
+                terms, output, path, sizes, lead=lead, bias_input=bias_input
+            )
+            bias_program = candidate if candidate.bias_inside else None
         return cls(
             equation=equation,
             shapes=dims,
             path=tuple(tuple(step) for step in path),
             flops=int(info.opt_cost),
             largest_intermediate=int(info.largest_intermediate),
-            steps=tuple(step[2] for step in info.contraction_list),
+            step_equations=tuple(step[2] for step in info.contraction_list),
             program=program,
-            split_program=split_program,
+            bias_program=bias_program,
         )
 
-    def __call__(self, *operands: Any, split: bool = False) -> Any:
+    def bias_inside(self, batch_size: int, differentiable: bool) -> bool:
+        """Whether a call adds the bias inside the contraction: the bias rule.
+
+        True where :attr:`bias_program` exists and either no gradient flows
+        to the cores or the batch has more than :data:`BIAS_INSIDE_ROWS` rows
+        per entry of the bias slice.
+
+        Parameters
+        ----------
+        batch_size : int
+            Rows of the call.
+        differentiable : bool
+            Whether gradients flow to the cores.
+
+        Returns
+        -------
+        bool
+
+        Examples
+        --------
+        >>> from mumoe import cp
+        >>> plan = cp(8, 5, 2, rank=3).forward_plan(4, "numpy", "float64")
+        >>> plan.bias_inside(4, differentiable=False), plan.bias_inside(4, differentiable=True)
+        (True, False)
+        """
+        program = self.bias_program
+        return program is not None and (
+            not differentiable or batch_size > BIAS_INSIDE_ROWS * program.bias_width
+        )
+
+    def __call__(self, *operands: Any, bias_inside: bool = False) -> Any:
         """Contract ``operands`` (arrays of one backend) along the compiled path.
 
-        With ``split``, the input comes without its column of ones and
-        ``split_program`` runs (it must exist).
+        With ``bias_inside``, the input comes without its column of ones and
+        :attr:`bias_program` runs (it must exist).
         """
-        return (self.split_program if split else self.program)(operands)  # type: ignore[misc]
+        return (self.bias_program if bias_inside else self.program)(operands)  # type: ignore[misc]
 
 
 class PlanCache:
@@ -187,9 +241,7 @@ class PlanCache:
     """
 
     def __init__(self, maxsize: int = 32) -> None:
-        if isinstance(maxsize, bool) or not isinstance(maxsize, int) or maxsize < 1:
-            raise ValueError(f"maxsize must be a positive int, got {maxsize!r}")
-        self.maxsize = maxsize
+        self.maxsize = positive_int(maxsize, "maxsize")
         self._plans: OrderedDict[Hashable, Plan] = OrderedDict()
         self._lock = threading.Lock()
         self.hits = 0
@@ -228,6 +280,27 @@ class PlanCache:
             while len(self._plans) > self.maxsize:
                 self._plans.popitem(last=False)
         return plan
+
+    def peek(self, key: Hashable) -> Plan | None:
+        """The plan stored under ``key``, or None; neither counted nor moved.
+
+        Parameters
+        ----------
+        key : hashable
+
+        Returns
+        -------
+        Plan or None
+
+        Examples
+        --------
+        >>> cache = PlanCache()
+        >>> _ = cache.get("a", lambda: "plan a")
+        >>> cache.peek("a"), cache.peek("b"), cache.hits
+        ('plan a', None, 0)
+        """
+        with self._lock:
+            return self._plans.get(key)
 
     def keys(self) -> list[Hashable]:
         """The keys held, least recently used first.

@@ -24,10 +24,14 @@ RADIUS = 0.22
 def _positions(network: Network) -> dict[int, np.ndarray]:
     k = network.n_cores
     # A core joined to every other by its own bonds (Tucker's) goes in the middle.
-    pairwise = {b for b in network.bonds if sum(b in legs for legs in network.cores) == 2}
+    pairwise = {b for b in network.bonds if sum(b in legs for legs in network.core_legs) == 2}
     shared = [
-        {j for j, other in enumerate(network.cores) if j != c and set(legs) & set(other) & pairwise}
-        for c, legs in enumerate(network.cores)
+        {
+            j
+            for j, other in enumerate(network.core_legs)
+            if j != c and set(legs) & set(other) & pairwise
+        }
+        for c, legs in enumerate(network.core_legs)
     ]
     hub = next((c for c in range(k) if k >= 4 and len(shared[c]) == k - 1), None)
     ring = [c for c in range(k) if c != hub]
@@ -45,7 +49,7 @@ def _xy(point: np.ndarray) -> tuple[float, float]:
 def draw_network(network: Network, ax: Axes | None = None, title: str | None = None) -> Figure:
     r"""Draw the tensor network of ``network``.
 
-    Cores are circles numbered as in ``network.cores``.  A bond held by two
+    Cores are circles numbered as in ``network.core_legs``.  A bond held by two
     cores is a line between them, one held by three or more (a hyperedge, as
     in CP) a small black node joined to each; the open legs of
     :math:`\mathcal{W}` (the expert modes ``n_e`` in orange, the input ``i``
@@ -86,7 +90,7 @@ def draw_network(network: Network, ax: Axes | None = None, title: str | None = N
 
     pairs: dict[tuple[int, int], int] = {}
     for bond in network.bonds:
-        holders = [c for c, legs in enumerate(network.cores) if bond in legs]
+        holders = [c for c, legs in enumerate(network.core_legs) if bond in legs]
         label = f"{bond}={sizes[bond]}"
         if len(holders) == 2:
             a, b = holders
@@ -116,7 +120,7 @@ def draw_network(network: Network, ax: Axes | None = None, title: str | None = N
             ax.add_patch(Circle(_xy(node), 0.05, color="black", zorder=3))
             ax.text(node[0] + 0.08, node[1] - 0.14, label, fontsize=8, color="0.25")
 
-    for c, legs in enumerate(network.cores):
+    for c, legs in enumerate(network.core_legs):
         ax.add_patch(
             Circle(_xy(pos[c]), RADIUS, facecolor="white", edgecolor="black", lw=1.6, zorder=2)
         )

@@ -1,39 +1,34 @@
 r"""Networks for the standard factorisations, for any number of expert levels.
 
-Each preset writes the spec of one factorisation of the weight tensor
-:math:`\mathcal{W} \in \mathbb{R}^{N_1 \times \dots \times N_E \times I' \times O}`
-with its modes in the reference order (experts, input, output) and returns a
-:class:`~mumoe.network.Network`.  With :math:`d = E + 2` modes
-:math:`m_1, \dots, m_d` of sizes :math:`D_1, \dots, D_d`:
-
-========  ==================================  =============================================
-format    spec (E = 1)                        parameters
-========  ==================================  =============================================
-dense     ``n1 i o``                          :math:`\prod_k D_k`
-cp        ``n1 r, i r, o r``                  :math:`R \sum_k D_k`
-tucker    ``n1 r1, i ri, o ro, r1 ri ro``     :math:`\sum_k D_k R_k + \prod_k R_k`
-tt        ``n1 r1, r1 i r2, r2 o``            :math:`\sum_k R_{k-1} D_k R_k`, :math:`R_0 = R_d = 1`
-tr        ``r0 n1 r1, r1 i r2, r2 o r0``      :math:`\sum_k R_{k-1} D_k R_k`, :math:`R_d = R_0`
-========  ==================================  =============================================
-
-Ranks follow TensorLy's conventions (``validate_tt_rank``, ``validate_tr_rank``):
-TT and TR ranks are given either as one int or as the full tuple of
-:math:`d + 1` bond sizes; the shorter tuple of only the bonds actually
-present is accepted too.
+Each preset writes the spec of one format of :data:`mumoe.formats.FORMATS`,
+with its modes in the reference order (experts, input, output), and returns a
+:class:`~mumoe.network.Network`; the table of specs and parameter counts is
+in :mod:`mumoe.formats`.  :func:`build_network` is the one way a layer gets
+its network: from a :class:`~mumoe.network.Network`, a format name or a spec
+string, a parameter budget choosing the rank.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from mumoe.network import Network, positive_int
+from mumoe.formats import (
+    FORMATS,
+    format_of,
+    validate_cp_rank,
+    validate_tr_rank,
+    validate_tt_rank,
+    validate_tucker_rank,
+)
+from mumoe.network import Network
 from mumoe.plan import DEFAULT_OPTIMIZE
-from mumoe.spec import INPUT, OUTPUT
-from mumoe.typing import Rank
+from mumoe.typing import Rank, RankOrBudget
+from mumoe.validation import positive_ints
 
 __all__ = [
     "PRESETS",
+    "build_network",
     "cp",
     "dense",
     "preset",
@@ -48,191 +43,19 @@ __all__ = [
 ]
 
 
-def _expert_dims(expert_dims: int | Sequence[int]) -> tuple[int, ...]:
-    if isinstance(expert_dims, Sequence) and not isinstance(expert_dims, str):
-        if len(expert_dims) == 0:
-            raise ValueError("expert_dims is empty; give at least one expert level, e.g. 16")
-        return tuple(positive_int(d, f"expert_dims[{e}]") for e, d in enumerate(expert_dims))
-    return (positive_int(expert_dims, "expert_dims"),)
-
-
-def _rank_tuple(rank: Rank, name: str) -> tuple[int, ...]:
-    if isinstance(rank, Sequence) and not isinstance(rank, str):
-        return tuple(positive_int(r, f"{name} rank[{k}]") for k, r in enumerate(rank))
-    raise TypeError(f"{name} rank must be an int or a sequence of ints, got {rank!r}")
-
-
-def validate_cp_rank(rank: Rank) -> int:
-    """Return a CP rank as a positive int.
-
-    Parameters
-    ----------
-    rank : int
-
-    Returns
-    -------
-    int
-
-    Raises
-    ------
-    TypeError
-        If ``rank`` is a sequence, a bool or not an integer.
-    ValueError
-        If ``rank`` is not positive.
-
-    Examples
-    --------
-    >>> validate_cp_rank(8)
-    8
-    """
-    if isinstance(rank, Sequence) and not isinstance(rank, str):
-        raise TypeError(f"a CP rank is one positive int, got the sequence {rank!r}")
-    return positive_int(rank, "CP rank")
-
-
-def validate_tucker_rank(rank: Rank, n_modes: int) -> tuple[int, ...]:
-    """Return Tucker ranks as one positive int per mode.
-
-    Parameters
-    ----------
-    rank : int or sequence of int
-        One rank for all modes, or ``n_modes`` ranks (experts..., input, output).
-    n_modes : int
-        :math:`d = E + 2`.
-
-    Returns
-    -------
-    tuple of int
-        ``n_modes`` ranks.
-
-    Raises
-    ------
-    ValueError
-        If a sequence has the wrong length or a rank is not positive.
-
-    Examples
-    --------
-    >>> validate_tucker_rank(4, 3)
-    (4, 4, 4)
-    """
-    if not isinstance(rank, Sequence) or isinstance(rank, str):
-        return (positive_int(rank, "Tucker rank"),) * n_modes
-    ranks = _rank_tuple(rank, "Tucker")
-    if len(ranks) != n_modes:
-        raise ValueError(
-            f"Tucker rank needs one entry per mode ({n_modes}: experts..., input, output), "
-            f"got {len(ranks)}: {ranks}"
-        )
-    return ranks
-
-
-def validate_tt_rank(rank: Rank, n_modes: int) -> tuple[int, ...]:
-    """Return TT ranks as TensorLy's full tuple ``(1, R_1, ..., R_{d-1}, 1)``.
-
-    Parameters
-    ----------
-    rank : int or sequence of int
-        One rank for every inner bond; the ``d - 1`` inner ranks; or the full
-        ``d + 1`` ranks whose first and last entries must be 1.
-    n_modes : int
-        :math:`d = E + 2`.
-
-    Returns
-    -------
-    tuple of int
-        ``n_modes + 1`` ranks, 1 at both ends.
-
-    Raises
-    ------
-    ValueError
-        If the sequence has the wrong length, a boundary rank is not 1, or a
-        rank is not positive.
-
-    Examples
-    --------
-    >>> validate_tt_rank(3, 3)
-    (1, 3, 3, 1)
-    >>> validate_tt_rank((2, 5), 3)
-    (1, 2, 5, 1)
-    """
-    if not isinstance(rank, Sequence) or isinstance(rank, str):
-        return (1, *(positive_int(rank, "TT rank"),) * (n_modes - 1), 1)
-    ranks = _rank_tuple(rank, "TT")
-    if len(ranks) == n_modes - 1:
-        return (1, *ranks, 1)
-    if len(ranks) != n_modes + 1:
-        raise ValueError(
-            f"TT rank for {n_modes} modes needs {n_modes - 1} inner ranks or {n_modes + 1} "
-            f"ranks with boundary 1s, got {len(ranks)}: {ranks}"
-        )
-    if ranks[0] != 1 or ranks[-1] != 1:
-        raise ValueError(
-            f"TT boundary ranks must be 1: rank[0]={ranks[0]}, rank[-1]={ranks[-1]}; "
-            "for a closed chain use the 'tr' format"
-        )
-    return ranks
-
-
-def validate_tr_rank(rank: Rank, n_modes: int) -> tuple[int, ...]:
-    """Return TR ranks as TensorLy's full tuple ``(R_0, R_1, ..., R_{d-1}, R_0)``.
-
-    Parameters
-    ----------
-    rank : int or sequence of int
-        One rank for every bond; the ``d`` bond ranks ``R_0 ... R_{d-1}``; or the
-        full ``d + 1`` ranks whose last entry must equal the first.
-    n_modes : int
-        :math:`d = E + 2`.
-
-    Returns
-    -------
-    tuple of int
-        ``n_modes + 1`` ranks, the last equal to the first.
-
-    Raises
-    ------
-    ValueError
-        If the sequence has the wrong length, the ring does not close, or a rank
-        is not positive.
-
-    Examples
-    --------
-    >>> validate_tr_rank(3, 3)
-    (3, 3, 3, 3)
-    >>> validate_tr_rank((2, 4, 5), 3)
-    (2, 4, 5, 2)
-    """
-    if not isinstance(rank, Sequence) or isinstance(rank, str):
-        return (positive_int(rank, "TR rank"),) * (n_modes + 1)
-    ranks = _rank_tuple(rank, "TR")
-    if len(ranks) == n_modes:
-        return (*ranks, ranks[0])
-    if len(ranks) != n_modes + 1:
-        raise ValueError(
-            f"TR rank for {n_modes} modes needs {n_modes} bond ranks or {n_modes + 1} ranks "
-            f"closing the ring, got {len(ranks)}: {ranks}"
-        )
-    if ranks[-1] != ranks[0]:
-        raise ValueError(
-            f"TR ranks must close the ring: rank[-1]={ranks[-1]} != rank[0]={ranks[0]}"
-        )
-    return ranks
-
-
-def _modes(n_levels: int) -> list[str]:
-    return [*(f"n{e}" for e in range(1, n_levels + 1)), INPUT, OUTPUT]
-
-
-def _network(
-    cores: Sequence[Sequence[str]],
-    dims: tuple[int, ...],
+def _build(
+    format: str,
+    expert_dims: int | Sequence[int],
     in_features: int,
     out_features: int,
-    rank: dict[str, int],
+    rank: Rank | None,
     **options: Any,
 ) -> Network:
-    spec = ", ".join(" ".join(legs) for legs in cores)
-    return Network(spec, dims, in_features, out_features, rank=rank, **options)
+    record = FORMATS[format]
+    dims = positive_ints(expert_dims, "expert_dims")
+    bonds = record.bond_sizes(rank, len(dims))
+    spec = record.spec(len(dims))
+    return Network(spec, dims, in_features, out_features, rank=bonds or None, **options)
 
 
 def dense(
@@ -267,10 +90,9 @@ def dense(
     >>> dense(4, 3, 2).core_shapes
     ((4, 4, 2),)
     """
-    dims = _expert_dims(expert_dims)
-    return _network(
-        [_modes(len(dims))], dims, in_features, out_features, {},
-        bias=bias, format="dense", optimize=optimize, cache_size=cache_size, autotune=autotune,
+    return _build(
+        "dense", expert_dims, in_features, out_features, None,
+        bias=bias, optimize=optimize, cache_size=cache_size, autotune=autotune,
     )  # fmt: skip
 
 
@@ -316,12 +138,9 @@ def cp(
     >>> net.n_params == 5 * (8 + 4 + 17 + 10)
     True
     """
-    dims = _expert_dims(expert_dims)
-    r = validate_cp_rank(rank)
-    cores = [[mode, "r"] for mode in _modes(len(dims))]
-    return _network(
-        cores, dims, in_features, out_features, {"r": r},
-        bias=bias, format="cp", optimize=optimize, cache_size=cache_size, autotune=autotune,
+    return _build(
+        "cp", expert_dims, in_features, out_features, rank,
+        bias=bias, optimize=optimize, cache_size=cache_size, autotune=autotune,
     )  # fmt: skip
 
 
@@ -367,14 +186,9 @@ def tucker(
     >>> net.core_shapes
     ((8, 2), (17, 3), (10, 4), (2, 3, 4))
     """
-    dims = _expert_dims(expert_dims)
-    modes = _modes(len(dims))
-    ranks = validate_tucker_rank(rank, len(modes))
-    bonds = [f"r{e}" for e in range(1, len(dims) + 1)] + ["ri", "ro"]
-    cores = [[mode, bond] for mode, bond in zip(modes, bonds, strict=True)] + [bonds]
-    return _network(
-        cores, dims, in_features, out_features, dict(zip(bonds, ranks, strict=True)),
-        bias=bias, format="tucker", optimize=optimize, cache_size=cache_size, autotune=autotune,
+    return _build(
+        "tucker", expert_dims, in_features, out_features, rank,
+        bias=bias, optimize=optimize, cache_size=cache_size, autotune=autotune,
     )  # fmt: skip
 
 
@@ -424,19 +238,9 @@ def tt(
     >>> net.core_shapes
     ((8, 3), (3, 17, 4), (4, 10))
     """
-    dims = _expert_dims(expert_dims)
-    modes = _modes(len(dims))
-    d = len(modes)
-    ranks = validate_tt_rank(rank, d)
-    cores = []
-    for k, mode in enumerate(modes):
-        left = [f"r{k}"] if k > 0 else []
-        right = [f"r{k + 1}"] if k < d - 1 else []
-        cores.append([*left, mode, *right])
-    sizes = {f"r{k}": ranks[k] for k in range(1, d)}
-    return _network(
-        cores, dims, in_features, out_features, sizes,
-        bias=bias, format="tt", optimize=optimize, cache_size=cache_size, autotune=autotune,
+    return _build(
+        "tt", expert_dims, in_features, out_features, rank,
+        bias=bias, optimize=optimize, cache_size=cache_size, autotune=autotune,
     )  # fmt: skip
 
 
@@ -485,19 +289,13 @@ def tr(
     >>> net.core_shapes
     ((2, 8, 3), (3, 17, 4), (4, 10, 2))
     """
-    dims = _expert_dims(expert_dims)
-    modes = _modes(len(dims))
-    d = len(modes)
-    ranks = validate_tr_rank(rank, d)
-    cores = [[f"r{k}", mode, f"r{(k + 1) % d}"] for k, mode in enumerate(modes)]
-    sizes = {f"r{k}": ranks[k] for k in range(d)}
-    return _network(
-        cores, dims, in_features, out_features, sizes,
-        bias=bias, format="tr", optimize=optimize, cache_size=cache_size, autotune=autotune,
+    return _build(
+        "tr", expert_dims, in_features, out_features, rank,
+        bias=bias, optimize=optimize, cache_size=cache_size, autotune=autotune,
     )  # fmt: skip
 
 
-#: The presets by format name.
+#: The presets by format name, one per record of :data:`mumoe.formats.FORMATS`.
 PRESETS: dict[str, Callable[..., Network]] = {
     "dense": dense,
     "cp": cp,
@@ -519,7 +317,7 @@ def preset(
     Parameters
     ----------
     format : {"dense", "cp", "tucker", "tt", "tr"}
-        The factorisation.
+        The factorisation, a key of :data:`mumoe.formats.FORMATS`.
     expert_dims, in_features, out_features
         As for every preset.
     **options
@@ -547,7 +345,16 @@ def preset_format(network: Network) -> str | None:
     """The preset whose structure ``network`` has, or ``None`` for a custom network.
 
     The structure is the spec (cores and their legs); sizes may be anything.
-    Used to pick initialisations that assume a preset's core layout.
+    The same as :attr:`Network.format <mumoe.network.Network.format>`, with
+    ``None`` for ``"custom"``.
+
+    Parameters
+    ----------
+    network : Network
+
+    Returns
+    -------
+    str or None
 
     Examples
     --------
@@ -558,9 +365,98 @@ def preset_format(network: Network) -> str | None:
     >>> preset_format(Network("n i r, r o", 8, 16, 10, rank=2)) is None
     True
     """
-    dims, n_in, n_out = network.expert_dims, network.in_features, network.out_features
-    for name, build in PRESETS.items():
-        options: dict[str, Any] = {} if name == "dense" else {"rank": 1}
-        if build(dims, n_in, n_out, bias=network.bias, **options).spec == network.spec:
-            return name
-    return None
+    name = format_of(network.spec, network.n_levels)
+    return None if name == "custom" else name
+
+
+def build_network(
+    in_features: int,
+    out_features: int,
+    network: Network | str,
+    *,
+    expert_dims: int | Sequence[int] | None = None,
+    rank: RankOrBudget | None = None,
+    bias: bool = True,
+    count_gates: bool = True,
+) -> Network:
+    """The network of a layer, from a Network, a format name or a spec string.
+
+    The one place that turns a layer's arguments into its network: the
+    PyTorch layers, the compatibility layer and ``mumoe describe`` call it.
+
+    Parameters
+    ----------
+    in_features, out_features : int
+    network : Network or str
+        A :class:`~mumoe.Network` (whose sizes must agree and which then
+        takes no ``expert_dims``/``rank``), a format name (``"cp"``,
+        ``"tucker"``, ``"tt"``, ``"tr"``, ``"dense"``) or a spec string.
+    expert_dims : int or sequence of int
+        Experts per level; required with a format or a spec.
+    rank : int, tuple, mapping, "same" or float
+        The format's or spec's rank.  With a format, ``"same"`` or a float
+        chooses the rank by :func:`mumoe.budget.match_rank` (the parameters
+        of ``nn.Linear(in_features, out_features)``, or that fraction of them).
+    bias : bool, default True
+    count_gates : bool, default True
+        Whether a budget counts the gate projections.
+
+    Returns
+    -------
+    Network
+
+    Raises
+    ------
+    TypeError
+        If ``network`` is neither a Network nor a string.
+    ValueError
+        If sizes disagree with a given Network, ``expert_dims`` is missing, a
+        format needs a rank that is missing (or has none and one is given),
+        or a budget is given for a spec string.
+
+    Examples
+    --------
+    >>> dict(build_network(768, 1000, "cp", expert_dims=128, rank="same").ranks)
+    {'r': 353}
+    >>> build_network(16, 4, "n1 a, i a b, o b", expert_dims=8, rank={"a": 2, "b": 3}).core_shapes
+    ((8, 2), (17, 2, 3), (4, 3))
+    """
+    if isinstance(network, Network):
+        if (network.in_features, network.out_features) != (in_features, out_features):
+            raise ValueError(
+                f"network has in_features={network.in_features}, out_features="
+                f"{network.out_features}, but the layer was given {in_features}, {out_features}"
+            )
+        if expert_dims is not None or rank is not None:
+            raise ValueError("expert_dims and rank come from the Network; do not pass them as well")
+        if network.bias != bias:
+            raise ValueError(f"network has bias={network.bias} but the layer was given bias={bias}")
+        return network
+    if not isinstance(network, str):
+        raise TypeError(
+            f"network must be a Network, a format name or a spec string, got {network!r}"
+        )
+    if expert_dims is None:
+        raise ValueError(f"network {network!r} needs expert_dims (experts per level)")
+    record = FORMATS.get(network)
+    if record is not None:
+        if record.has_rank and rank is None:
+            raise ValueError(f"the {network} network needs a rank (an int, 'same' or a float)")
+        if isinstance(rank, str | float):
+            from mumoe.budget import match_rank
+
+            rank = match_rank(
+                network, expert_dims, in_features, out_features,
+                budget=rank, bias=bias, gates=count_gates,
+            )  # fmt: skip
+        return _build(network, expert_dims, in_features, out_features, rank, bias=bias)  # type: ignore[arg-type]
+    if isinstance(rank, str | float):
+        raise ValueError(
+            "a parameter budget ('same' or a float) chooses the rank of a format only; "
+            "give a spec string its bond sizes"
+        )
+    if rank is not None and not isinstance(rank, int | Mapping):
+        raise TypeError(
+            f"the rank of a spec string is an int or a mapping of bond sizes, got {rank!r}"
+        )
+    return Network(network, expert_dims, in_features, out_features, rank=rank, bias=bias)

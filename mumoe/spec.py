@@ -24,6 +24,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from mumoe._deprecation import deprecated_property
+
 __all__ = ["INPUT", "OUTPUT", "ParsedSpec", "is_expert_leg", "parse_spec"]
 
 INPUT = "i"
@@ -57,7 +59,7 @@ class ParsedSpec:
 
     Parameters
     ----------
-    cores : tuple of tuple of str
+    core_legs : tuple of tuple of str
         The legs of each core, in storage order.
     expert_legs : tuple of str
         The expert legs ``("n1", ..., "nE")``, in level order.  A spec that
@@ -68,12 +70,14 @@ class ParsedSpec:
     Examples
     --------
     >>> parse_spec("n r, i r, o r")
-    ParsedSpec(cores=(('n1', 'r'), ('i', 'r'), ('o', 'r')), expert_legs=('n1',), bonds=('r',))
+    ParsedSpec(core_legs=(('n1', 'r'), ('i', 'r'), ('o', 'r')), expert_legs=('n1',), bonds=('r',))
     """
 
-    cores: tuple[tuple[str, ...], ...]
+    core_legs: tuple[tuple[str, ...], ...]
     expert_legs: tuple[str, ...]
     bonds: tuple[str, ...]
+
+    cores = deprecated_property("cores", "core_legs")
 
     @property
     def spec(self) -> str:
@@ -84,7 +88,7 @@ class ParsedSpec:
         >>> parse_spec("n   r,i r ,  o r").spec
         'n1 r, i r, o r'
         """
-        return ", ".join(" ".join(legs) for legs in self.cores)
+        return ", ".join(" ".join(legs) for legs in self.core_legs)
 
 
 def parse_spec(spec: str) -> ParsedSpec:
@@ -113,7 +117,7 @@ def parse_spec(spec: str) -> ParsedSpec:
 
     Examples
     --------
-    >>> parse_spec("n r, i r, o r").cores
+    >>> parse_spec("n r, i r, o r").core_legs
     (('n1', 'r'), ('i', 'r'), ('o', 'r'))
     >>> parse_spec("r0 n1 r1, r1 n2 r2, r2 i r3, r3 o r0").bonds
     ('r0', 'r1', 'r2', 'r3')
@@ -193,4 +197,4 @@ def parse_spec(spec: str) -> ParsedSpec:
         expert_legs: tuple[str, ...] = ("n1",)
     else:
         expert_legs = tuple(f"n{e}" for e in levels)
-    return ParsedSpec(cores=tuple(cores), expert_legs=expert_legs, bonds=bonds)
+    return ParsedSpec(core_legs=tuple(cores), expert_legs=expert_legs, bonds=bonds)

@@ -25,8 +25,9 @@ import numpy as np
 import tensorly as tl
 from hypothesis import strategies as st
 
+from mumoe.formats import FORMATS
 from mumoe.network import Network
-from mumoe.presets import PRESETS
+from mumoe.spec import parse_spec
 from mumoe.typing import Shape, Tensor
 
 __all__ = [
@@ -250,7 +251,7 @@ def batch_shapes(max_dims: int = 2, max_side: int = 3) -> st.SearchStrategy[Shap
 @st.composite
 def preset_networks(
     draw: st.DrawFn,
-    formats: Sequence[str] = tuple(PRESETS),
+    formats: Sequence[str] = tuple(FORMATS),
     max_levels: int = 3,
 ) -> Network:
     """Networks of the presets, for E in 1..``max_levels``, random sizes and ranks.
@@ -267,17 +268,11 @@ def preset_networks(
     n_levels = draw(st.integers(1, max_levels))
     dims = draw(st.lists(_sizes, min_size=n_levels, max_size=n_levels))
     in_features, out_features = draw(_sizes), draw(_sizes)
-    options: dict[str, Any] = {"bias": draw(st.booleans())}
-    n_modes = n_levels + 2
-    if fmt == "cp":
-        options["rank"] = draw(_ranks)
-    elif fmt == "tucker":
-        options["rank"] = tuple(draw(st.lists(_ranks, min_size=n_modes, max_size=n_modes)))
-    elif fmt == "tt":
-        options["rank"] = tuple(draw(st.lists(_ranks, min_size=n_modes - 1, max_size=n_modes - 1)))
-    elif fmt == "tr":
-        options["rank"] = tuple(draw(st.lists(_ranks, min_size=n_modes, max_size=n_modes)))
-    return PRESETS[fmt](dims, in_features, out_features, **options)
+    bias = draw(st.booleans())
+    # Every bond of the format's spec gets its own size: the formats' full rank tuples.
+    spec = FORMATS[fmt].spec(n_levels)
+    rank = {bond: draw(_ranks) for bond in parse_spec(spec).bonds}
+    return Network(spec, dims, in_features, out_features, rank=rank or None, bias=bias)
 
 
 @st.composite
@@ -294,7 +289,7 @@ def custom_specs(draw: st.DrawFn, max_levels: int = 3, max_cores: int = 4) -> st
     >>> from mumoe import parse_spec
     >>> @given(custom_specs(max_levels=2, max_cores=3))
     ... def test(spec):
-    ...     assert len(parse_spec(spec).cores) <= 3
+    ...     assert len(parse_spec(spec).core_legs) <= 3
     >>> test()
     """
     n_levels = draw(st.integers(1, max_levels))
@@ -326,11 +321,9 @@ def custom_networks(draw: st.DrawFn, max_levels: int = 3, max_cores: int = 4) ->
     >>> from hypothesis import given
     >>> @given(custom_networks())
     ... def test(net):
-    ...     assert net.format == "custom" and all(1 <= r <= 4 for r in net.ranks.values())
+    ...     assert all(1 <= r <= 4 for r in net.ranks.values())
     >>> test()
     """
-    from mumoe.spec import parse_spec
-
     spec = draw(custom_specs(max_levels, max_cores))
     parsed = parse_spec(spec)
     dims = draw(

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any, TypeAlias
 
-__all__ = ["Rank", "RankLike", "Shape", "Tensor"]
+__all__ = ["Rank", "RankLike", "RankOrBudget", "Shape", "Tensor"]
 
 #: An array of the active TensorLy backend (``numpy.ndarray``, ``torch.Tensor``,
 #: ``cupy.ndarray``, ...).  TensorLy has no common base class, hence ``Any``.
@@ -19,3 +19,7 @@ RankLike: TypeAlias = int | Mapping[str, int]
 
 #: The rank of a preset: one int, or one int per bond (Tucker: per mode).
 Rank: TypeAlias = int | Sequence[int]
+
+#: The ``rank`` of a layer: a preset's rank, a spec's bond sizes, or a parameter
+#: budget (``"same"``: as many parameters as ``nn.Linear``; a float: that fraction).
+RankOrBudget: TypeAlias = Rank | Mapping[str, int] | str | float

@@ -1,5 +1,7 @@
-"""Checks of the arrays handed to the functional core.
+"""Checks of user input: sizes and flags, and the arrays handed to the functional core.
 
+The one home of mumoe's argument checks: a wrong type raises ``TypeError``, a
+wrong value ``ValueError``, each naming what was expected and what came.
 Every check names the operand (``x``, ``gates[1]``, ``cores[0]``), what was
 expected and what came, so that a wrong call fails at the boundary rather
 than deep inside an einsum.  Nothing here converts or broadcasts: an array on
@@ -8,24 +10,168 @@ another backend, of another dtype or of another shape is an error.
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import tensorly as tl
 
-from mumoe.network import Network
 from mumoe.typing import Shape, Tensor
 
-__all__ = ["check_cores", "check_tensor", "dtype_name", "is_floating", "is_tensor"]
+if TYPE_CHECKING:
+    from mumoe.network import Network
+
+__all__ = [
+    "check_bool",
+    "check_cores",
+    "check_tensor",
+    "dtype_name",
+    "is_floating",
+    "is_tensor",
+    "positive_int",
+    "positive_ints",
+]
+
+
+def positive_int(value: Any, what: str) -> int:
+    """Return ``value`` as a positive int, or raise naming ``what``.
+
+    Integers of any library (``numpy.int64`` ...) are accepted; ``bool``,
+    floats and non-positive values are not.
+
+    Parameters
+    ----------
+    value : int-like
+    what : str
+        How the error message names ``value``.
+
+    Returns
+    -------
+    int
+
+    Raises
+    ------
+    TypeError
+        If ``value`` is a bool or not an integer.
+    ValueError
+        If it is not positive.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> positive_int(np.int64(3), "rank")
+    3
+    >>> positive_int(0, "rank")
+    Traceback (most recent call last):
+        ...
+    ValueError: rank must be a positive int, got 0
+    """
+    if isinstance(value, bool):
+        raise TypeError(f"{what} must be a positive int, got the bool {value!r}")
+    try:
+        size = operator.index(value)
+    except TypeError:
+        raise TypeError(f"{what} must be a positive int, got {value!r}") from None
+    if size < 1:
+        raise ValueError(f"{what} must be a positive int, got {size}")
+    return size
+
+
+def positive_ints(values: Any, what: str, *, allow_empty: bool = False) -> tuple[int, ...]:
+    """Return one int or a sequence of ints as a tuple of positive ints.
+
+    Parameters
+    ----------
+    values : int-like or sequence of int-like
+    what : str
+        How error messages name ``values``; entries are named ``what[k]``.
+    allow_empty : bool, default False
+
+    Returns
+    -------
+    tuple of int
+
+    Raises
+    ------
+    TypeError
+        If an entry is not an integer, or ``values`` is a string.
+    ValueError
+        If an entry is not positive, or the sequence is empty.
+
+    Examples
+    --------
+    >>> positive_ints(4, "expert_dims"), positive_ints([8, 2], "expert_dims")
+    ((4,), (8, 2))
+    """
+    if isinstance(values, str | bytes):
+        raise TypeError(f"{what} must be an int or a sequence of ints, got {values!r}")
+    if not isinstance(values, Sequence):
+        return (positive_int(values, what),)
+    if not values and not allow_empty:
+        raise ValueError(f"{what} is empty; give at least one size")
+    return tuple(positive_int(v, f"{what}[{k}]") for k, v in enumerate(values))
+
+
+def check_bool(value: Any, what: str) -> bool:
+    """Return ``value`` if it is ``True`` or ``False``, else raise ``TypeError``.
+
+    Parameters
+    ----------
+    value : object
+    what : str
+        How the error message names ``value``.
+
+    Returns
+    -------
+    bool
+
+    Examples
+    --------
+    >>> check_bool(True, "bias")
+    True
+    """
+    if not isinstance(value, bool):
+        raise TypeError(f"{what} must be True or False, got {value!r}")
+    return value
 
 
 def dtype_name(dtype: Any) -> str:
-    """The backend-neutral name of a dtype: ``"float32"`` for NumPy's and torch's alike."""
+    """The backend-neutral name of a dtype: ``"float32"`` for NumPy's and torch's alike.
+
+    Parameters
+    ----------
+    dtype : dtype of any backend
+
+    Returns
+    -------
+    str
+
+    Examples
+    --------
+    >>> import numpy as np, torch
+    >>> dtype_name(np.dtype("float32")), dtype_name(torch.bfloat16)
+    ('float32', 'bfloat16')
+    """
     return str(dtype).rsplit(".", 1)[-1]
 
 
 def is_floating(dtype: Any) -> bool:
-    """Whether ``dtype`` is a real or complex floating-point dtype, on any backend."""
+    """Whether ``dtype`` is a real or complex floating-point dtype, on any backend.
+
+    Parameters
+    ----------
+    dtype : dtype of any backend
+
+    Returns
+    -------
+    bool
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> is_floating(np.dtype("float16")), is_floating(np.dtype("int64"))
+    (True, False)
+    """
     known = _FLOATING.get(dtype)
     if known is None:
         name = dtype_name(dtype)
@@ -41,6 +187,22 @@ def is_tensor(array: Any, backend: str) -> bool:
     Whether an object is a backend's tensor depends on its type only, so the
     answer is kept per ``(backend, type)``: a dictionary lookup instead of
     TensorLy's dispatch on every operand of every call.
+
+    Parameters
+    ----------
+    array : object
+    backend : str
+        The active TensorLy backend's name.
+
+    Returns
+    -------
+    bool
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> is_tensor(np.ones(2), "numpy"), is_tensor([1.0], "numpy")
+    (True, False)
     """
     key = (backend, type(array))
     known = _TENSOR_TYPES.get(key)
@@ -80,6 +242,16 @@ def check_tensor(array: Any, name: str, backend: str, dtype: Any = None, like: s
     ------
     TypeError
         If ``array`` is not a tensor of ``backend`` or has the wrong dtype.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> check_tensor(np.ones((2, 3)), "x", "numpy")
+    (2, 3)
+    >>> check_tensor(np.ones(2, dtype=int), "x", "numpy")  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+        ...
+    TypeError: x has dtype int64; μMoE layers compute in a floating-point dtype ...
     """
     if not is_tensor(array, backend):
         raise TypeError(
@@ -107,6 +279,14 @@ def check_cores(network: Network, cores: Sequence[Tensor], backend: str, dtype: 
     The cores must have ``dtype`` (that of ``x``) if it is given, else the
     dtype of ``cores[0]``.
 
+    Parameters
+    ----------
+    network : Network
+    cores : sequence of tensors
+    backend : str
+        The active TensorLy backend's name.
+    dtype : dtype, optional
+
     Returns
     -------
     dtype
@@ -119,6 +299,14 @@ def check_cores(network: Network, cores: Sequence[Tensor], backend: str, dtype: 
         one dtype.
     ValueError
         If the number of cores or the shape of a core is wrong.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from mumoe import cp
+    >>> net = cp(4, 3, 2, rank=2)
+    >>> check_cores(net, [np.ones(s) for s in net.core_shapes], "numpy")
+    dtype('float64')
     """
     if is_tensor(cores, backend) or not isinstance(cores, Sequence):
         raise TypeError(
@@ -131,7 +319,7 @@ def check_cores(network: Network, cores: Sequence[Tensor], backend: str, dtype: 
         )
     like = "x" if dtype is not None else "cores[0]"
     for k, (core, legs, expected) in enumerate(
-        zip(cores, network.cores, network.core_shapes, strict=True)
+        zip(cores, network.core_legs, network.core_shapes, strict=True)
     ):
         shape = check_tensor(core, f"cores[{k}]", backend, dtype, like)
         if dtype is None:

@@ -21,7 +21,7 @@ def test_backends_lists_every_declaration_and_why_one_is_unusable(capsys):
 
 
 def test_describe_a_preset_matches_the_network(capsys):
-    argv = ["describe", "tr", "--experts", "32", "4", "--in-features", "768",
+    argv = ["describe", "tr", "--expert-dims", "32", "4", "--in-features", "768",
             "--out-features", "1000", "--rank", "4", "4", "4", "64", "--batch", "256"]  # fmt: skip
     assert main(argv) == 0
     expected = tr((32, 4), 768, 1000, rank=(4, 4, 4, 64)).describe(batch_size=256)
@@ -29,8 +29,9 @@ def test_describe_a_preset_matches_the_network(capsys):
 
 
 def test_describe_a_spec_with_named_bonds(capsys):
-    argv = ["describe", "n1 a, a n2 b, i b c, o c", "--experts", "8", "4", "--in-features", "16",
-            "--out-features", "10", "--rank", "a=3", "b=5", "c=5", "--no-bias"]  # fmt: skip
+    argv = ["describe", "n1 a, a n2 b, i b c, o c", "--expert-dims", "8", "4",
+            "--in-features", "16", "--out-features", "10",
+            "--rank", "a=3", "b=5", "c=5", "--no-bias"]  # fmt: skip
     assert main(argv) == 0
     out = capsys.readouterr().out
     assert "Network 'custom': 2 expert levels, 8 x 4 = 32 experts, no bias" in out
@@ -40,11 +41,11 @@ def test_describe_a_spec_with_named_bonds(capsys):
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
-        (["describe", "n r, i r, o q", "--experts", "8", "--in-features", "4",
+        (["describe", "n r, i r, o q", "--expert-dims", "8", "--in-features", "4",
           "--out-features", "2", "--rank", "3"], "bond 'q' appears only in core 2"),
-        (["describe", "cp", "--experts", "8", "--in-features", "4", "--out-features", "2"],
-         "the cp network needs --rank"),
-        (["describe", "tr", "--experts", "8", "--in-features", "4", "--out-features", "2",
+        (["describe", "cp", "--expert-dims", "8", "--in-features", "4", "--out-features", "2"],
+         "the cp network needs a rank"),
+        (["describe", "tr", "--expert-dims", "8", "--in-features", "4", "--out-features", "2",
           "--rank", "2", "3", "2", "5"], r"TR ranks must close the ring"),
     ],
 )  # fmt: skip

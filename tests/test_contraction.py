@@ -41,7 +41,7 @@ def test_the_bias_falls_back_to_a_ones_column_when_x_meets_a_gate_first():
     # Operands: gate, x, U_n, U_i, U_o. Contract gate with x first: no core holds i there.
     net = rebuilt(base, optimize=[(0, 1), (0, 1), (0, 1), (0, 1)])
     plan = net.forward_plan(5, "numpy", np.dtype("float64"))
-    assert plan.split_program is None
+    assert plan.bias_program is None
     assert "a column of ones" in net.describe(5)
     cores = random_cores(net, random_state=0)
     x, gates = random_inputs(net, (5,), random_state=1)
@@ -51,13 +51,13 @@ def test_the_bias_falls_back_to_a_ones_column_when_x_meets_a_gate_first():
 
 def test_cp_compiles_to_the_hand_written_sequence():
     plan = cp(16, 8, 4, rank=3).forward_plan(32, "numpy", np.dtype("float64"))
-    kinds = [(s.kind, s.reshape, s.split) for s in plan.split_program.steps]
+    kinds = [(s.kind, s.reshape, s.bias) for s in plan.bias_program.steps]
     # gate @ U_n; x @ U_i[:I] + U_i[I]; Hadamard; h @ U_o.T — no reshapes, no copies
     assert kinds == [("matmul", False, False), ("matmul", False, True),
                      ("hadamard", True, False), ("matmul", False, False)]  # fmt: skip
-    assert plan.split_program.steps[-1].right_perm == (1, 0)  # a transposed view
-    assert plan.split_program.split_width == 3
-    assert not any(s.split for s in plan.program.steps)  # [x, 1] @ U_i
+    assert plan.bias_program.steps[-1].right_perm == (1, 0)  # a transposed view
+    assert plan.bias_program.bias_width == 3
+    assert not any(s.bias for s in plan.program.steps)  # [x, 1] @ U_i
 
 
 def test_intermediates_keep_the_batch_leading():
@@ -87,8 +87,8 @@ def test_the_bias_split_and_the_ones_column_agree(net, batch_shape, seed):
     plan = net.forward_plan(rows.shape[0], "numpy", np.dtype("float64"))
     ones = np.concatenate([rows, np.ones((rows.shape[0], 1))], axis=1)
     concat = plan(*gates, ones, *cores)
-    if plan.split_program is not None:
-        assert_close(plan(*gates, rows, *cores, split=True), concat, "float64", n_terms(net))
+    if plan.bias_program is not None:
+        assert_close(plan(*gates, rows, *cores, bias_inside=True), concat, "float64", n_terms(net))
     expected = dense_forward(materialize(net, cores), rows, gates, True)
     assert_close(concat, expected, "float64", scale=n_terms(net))
 

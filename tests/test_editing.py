@@ -53,7 +53,7 @@ def test_an_edit_computes_with_that_mode_of_w_scaled(net, seed, data):
     for a, b in zip(gates, edited_gates, strict=True):  # the routing is reported unedited
         assert torch.equal(a, b)
     assert torch.equal(layer(x), before)  # restored exactly
-    assert layer.expert_scales == {}
+    assert layer._expert_scales == {}
 
     edit_experts_(layer, scales, level=level)  # for good: the same numbers from the cores
     assert_close(layer(x), edited.detach().numpy(), scale=n_terms(net))
@@ -77,7 +77,7 @@ def test_an_edit_is_undone_when_the_block_raises():
     layer = CPMuMoE(6, 3, 5, rank=3)
     with pytest.raises(RuntimeError, match="boom"), edit_experts(layer, {0: 0.0}):
         raise RuntimeError("boom")
-    assert layer.expert_scales == {}
+    assert layer._expert_scales == {}
 
 
 def test_editing_a_block_edits_both_layers():

@@ -118,7 +118,7 @@ def test_permuting_experts_leaves_output_unchanged(net, data, seed):
     leg = net.expert_legs[level]
     perm = np.array(data.draw(st.permutations(range(net.expert_dims[level]))))
     permuted_cores = []
-    for core, legs in zip(cores, net.cores, strict=True):
+    for core, legs in zip(cores, net.core_legs, strict=True):
         permuted_cores.append(np.take(core, perm, axis=legs.index(leg)) if leg in legs else core)
     permuted_gates = list(gates)
     permuted_gates[level] = gates[level][:, perm]

@@ -17,7 +17,7 @@ def run(code):
 def test_import_without_torch():
     code = (
         "import sys; sys.modules['torch'] = None\n"  # makes `import torch` fail
-        "import mumoe, mumoe.functional, mumoe.matching, mumoe.presets\n"
+        "import mumoe, mumoe.functional, mumoe.budget, mumoe.presets\n"
         "net = mumoe.cp(4, 3, 2, rank=2)\n"
         "import numpy as np\n"
         "y = mumoe.forward(net, mumoe.random_cores(net), np.ones((2, 3)), np.ones((2, 4)))\n"

@@ -165,7 +165,6 @@ def test_equations_of_cp():
     net = cp(4, 3, 2, rank=5)
     assert net.equation == "...n1, ...i, n1 r, i r, o r -> ...o"
     assert net.einsum_equation == "ab,ac,be,ce,de->ad"
-    assert net.dense_equation == "bcd,ab,ac->ad"
 
 
 @given(networks())
@@ -220,7 +219,7 @@ def test_equality_and_repr():
     assert cp(4, 3, 2, rank=2) != cp(4, 3, 2, rank=3)
     assert cp(4, 3, 2, rank=2) != cp(4, 3, 2, rank=2, bias=False)
     assert repr(cp(4, 3, 2, rank=2)) == (
-        "Network('n1 r, i r, o r', 4, 3, 2, rank={'r': 2}, bias=True, format='cp')"
+        "Network('n1 r, i r, o r', 4, 3, 2, rank={'r': 2}, bias=True)"
     )
 
 

@@ -16,7 +16,7 @@ from hypothesis import strategies as st  # noqa: E402
 from torch.func import functional_call  # noqa: E402
 
 from mumoe import Network, cp  # noqa: E402
-from mumoe.matching import gate_params, linear_params  # noqa: E402
+from mumoe.budget import gate_params, linear_params  # noqa: E402
 from mumoe.nn import (  # noqa: E402
     CPMuMoE,
     MuMoE,
@@ -331,20 +331,20 @@ def test_tt_init_is_the_tr_scheme_with_boundary_ranks_one():
         (lambda: MuMoE(12, 5, "cp", rank=3), ValueError, r"network 'cp' needs expert_dims"),
         (lambda: MuMoE(12, 5, "tr", expert_dims=4), ValueError, r"the tr network needs a rank"),
         (lambda: MuMoE(12, 5, "dense", expert_dims=4, rank=3), ValueError,
-         r"the dense network has no rank"),
+         r"the dense format has no rank"),
         (lambda: MuMoE(12, 5, cp(4, 12, 6, rank=2)), ValueError,
          r"network has in_features=12, out_features=6, but the layer was given 12, 5"),
         (lambda: MuMoE(12, 5, cp(4, 12, 5, rank=2), rank=3), ValueError,
          r"expert_dims and rank come from the Network"),
         (lambda: MuMoE(12, 5, "n i r, r o", expert_dims=4, rank="same"), ValueError,
-         r"a parameter budget \('same' or a float\) chooses the rank of a preset only"),
-        (lambda: MuMoE(12, 5, 3), TypeError, r"network must be a Network, a preset name"),
+         r"a parameter budget \('same' or a float\) chooses the rank of a format only"),
+        (lambda: MuMoE(12, 5, 3), TypeError, r"network must be a Network, a format name"),
         (lambda: CPMuMoE(12, 5, 4, rank=3, normalization="batch"), ValueError,
          r"unknown gate normalization 'batch'; choose 'bn', 'ln' or None"),
         (lambda: CPMuMoE(12, 5, 4, rank=3, activation="relu"), ValueError,
          r"unknown gate activation 'relu'; choose one of 'entmax15', 'sparsemax', 'softmax'"),
         (lambda: MuMoE(12, 5, cp(4, 12, 5, rank=2), gated=False)(torch.randn(2, 12)), ValueError,
-         r"this layer has no gate \(gated=False\): pass gates to forward"),
+         r"this layer has no gate \(gated=False\): pass gates to the call"),
     ],
 )  # fmt: skip
 def test_bad_input_raises_clear_errors(call, error, match):
@@ -402,7 +402,7 @@ def test_partial_sort_gates_equal_the_full_sort(n, rows, scale, ties, seed):
     """The gate's entmax-1.5 / sparsemax (top-k, k doubling) equal entmax's full sort."""
     from entmax import entmax15, sparsemax
 
-    from mumoe.nn.gating import ACTIVATIONS
+    from mumoe.nn.gating import TORCH_KERNELS
 
     generator = torch.Generator().manual_seed(seed)
     logits = torch.randn(rows, n, generator=generator, dtype=torch.float64) * scale
@@ -410,7 +410,7 @@ def test_partial_sort_gates_equal_the_full_sort(n, rows, scale, ties, seed):
         logits = logits.round()
     logits.requires_grad_()
     for name, full in (("entmax15", entmax15), ("sparsemax", sparsemax)):
-        ours = ACTIVATIONS[name](logits)
+        ours = TORCH_KERNELS[name](logits)
         reference = full(logits, dim=-1)
         torch.testing.assert_close(ours, reference, rtol=1e-12, atol=1e-12)
         weights = torch.randn(rows, n, generator=generator, dtype=torch.float64)

@@ -19,7 +19,7 @@ from mumoe.testing import networks
 def test_every_core_bond_and_open_leg_is_drawn(net):
     fig = draw_network(net)
     ax = fig.axes[0]
-    holders = {b: sum(b in legs for legs in net.cores) for b in net.bonds}
+    holders = {b: sum(b in legs for legs in net.core_legs) for b in net.bonds}
     circles = [p for p in ax.patches if isinstance(p, Circle)]
     lines = [p for p in ax.patches if isinstance(p, FancyArrowPatch)]
     assert len(circles) == net.n_cores + sum(n > 2 for n in holders.values())

@@ -30,7 +30,7 @@ seeds = st.integers(0, 2**32 - 1)
 MODULES = [
     "mumoe", "mumoe.analysis", "mumoe.backend", "mumoe.cli", "mumoe.compat",
     "mumoe.contraction", "mumoe.demo", "mumoe.functional", "mumoe.gating",
-    "mumoe.inference", "mumoe.matching", "mumoe.network", "mumoe.nn", "mumoe.plan",
+    "mumoe.inference", "mumoe.budget", "mumoe.network", "mumoe.nn", "mumoe.plan",
     "mumoe.plotting", "mumoe.presets", "mumoe.spec", "mumoe.testing", "mumoe.validation",
 ]  # fmt: skip
 

@@ -23,7 +23,7 @@ from mumoe.testing import custom_specs
 )  # fmt: skip
 def test_parse_valid(spec, cores, experts, bonds):
     parsed = parse_spec(spec)
-    assert parsed.cores == cores
+    assert parsed.core_legs == cores
     assert parsed.expert_legs == experts
     assert parsed.bonds == bonds
 
@@ -75,7 +75,7 @@ def test_spec_must_be_a_string(spec):
 @given(custom_specs())
 def test_generated_specs_parse(spec):
     parsed = parse_spec(spec)
-    legs = [leg for core in parsed.cores for leg in core]
+    legs = [leg for core in parsed.core_legs for leg in core]
     assert legs.count("i") == 1
     assert legs.count("o") == 1
     for leg in parsed.expert_legs:
@@ -90,11 +90,11 @@ def test_dropping_a_bond_occurrence_is_caught(spec, data):
     if not parsed.bonds:
         return
     bond = data.draw(st.sampled_from(parsed.bonds))
-    holders = [k for k, core in enumerate(parsed.cores) if bond in core]
+    holders = [k for k, core in enumerate(parsed.core_legs) if bond in core]
     # Keep the bond in one core only: it becomes a dangling leg.
     cores = [
         [leg for leg in core if leg != bond or k == holders[0]]
-        for k, core in enumerate(parsed.cores)
+        for k, core in enumerate(parsed.core_legs)
     ]
     if any(not core for core in cores):
         return
@@ -106,7 +106,7 @@ def test_dropping_a_bond_occurrence_is_caught(spec, data):
 @given(custom_specs(), st.sampled_from(["i", "o", "n1"]))
 def test_removing_a_role_leg_is_caught(spec, role):
     parsed = parse_spec(spec)
-    cores = [[leg for leg in core if leg != role] for core in parsed.cores]
+    cores = [[leg for leg in core if leg != role] for core in parsed.core_legs]
     if any(not core for core in cores):
         return
     mutated = ", ".join(" ".join(core) for core in cores)

@@ -1,12 +1,18 @@
-"""PyTorch modules: μMoE layers, the two-layer block, gating and initialisation.
+"""PyTorch modules: μMoE layers, the two-layer block, gating, initialisation and I/O.
 
-The one place in mumoe that imports torch (with :mod:`mumoe.compat`):
+The modules hold parameters and state and call the backend-agnostic layer
+recipe (:mod:`mumoe.recipe`).  This package, :mod:`mumoe.compat` and
+:mod:`mumoe.demo` are the only places in mumoe that import torch:
 ``import mumoe`` works without it.
 """
 
+from mumoe._deprecation import module_getattr
+from mumoe.nn.analysis import GateRecord, record_gates
+from mumoe.nn.block import MuMoEBlock
+from mumoe.nn.contract import torch_forward
 from mumoe.nn.factorized import FactorizedMuMoE, network_of, to_factorized_tensor
 from mumoe.nn.gating import (
-    ACTIVATIONS,
+    TORCH_KERNELS,
     MuMoEGate,
     gate_coefficients,
     gate_dtype,
@@ -15,19 +21,15 @@ from mumoe.nn.gating import (
 from mumoe.nn.init import init_cores_
 from mumoe.nn.layers import (
     CPMuMoE,
-    GateRecord,
     MuMoE,
-    MuMoEBlock,
     TRMuMoE,
     TTMuMoE,
     TuckerMuMoE,
-    build_network,
-    record_gates,
-    torch_forward,
 )
+from mumoe.presets import build_network
 
 __all__ = [
-    "ACTIVATIONS",
+    "TORCH_KERNELS",
     "CPMuMoE",
     "FactorizedMuMoE",
     "GateRecord",
@@ -47,3 +49,7 @@ __all__ = [
     "to_factorized_tensor",
     "torch_forward",
 ]
+
+# mumoe.nn.ACTIVATIONS held the torch kernels under the vocabulary's names; the
+# vocabulary is mumoe.gating.ACTIVATIONS and the kernels mumoe.nn.TORCH_KERNELS.
+__getattr__ = module_getattr(__name__, {"ACTIVATIONS": ("mumoe.nn.gating", "TORCH_KERNELS")})

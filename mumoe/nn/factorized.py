@@ -61,7 +61,7 @@ def network_of(tensor: Any, bias: bool = True) -> Network:
     >>> with thread_backend("pytorch"):
     ...     tensor = tltorch.FactorizedTensor.new((32, 17, 10), rank=4, factorization="cp")
     >>> network_of(tensor)
-    Network('n1 r, i r, o r', 32, 16, 10, rank={'r': 4}, bias=True, format='cp')
+    Network('n1 r, i r, o r', 32, 16, 10, rank={'r': 4}, bias=True)
     """
     tltorch = _tltorch()
     shape = tuple(tensor.shape)

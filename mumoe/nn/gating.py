@@ -1,15 +1,18 @@
-r"""Gating: the expert coefficients of each level, computed from the input.
+r"""The gate as a torch module: :class:`MuMoEGate`, and torch kernels for the gate activations.
 
-For each expert level :math:`e` (Section 3 of the paper),
+The gate's recipe and vocabulary are :mod:`mumoe.gating`'s: for each expert
+level :math:`e`,
 
 .. math::
     a^{(e)} = \phi\bigl(\mathrm{norm}(x G_e)\bigr), \qquad
     G_e \in \mathbb{R}^{I \times N_e} \text{ zero-initialised},
 
-where ``norm`` is batch normalisation without affine parameters (statistics
-over the batch and token dimensions), layer normalisation without affine
-parameters, or nothing, and :math:`\phi` is entmax-1.5 (the default),
-sparsemax, softmax or any callable mapping ``(..., N_e)`` to ``(..., N_e)``.
+with ``norm`` one of :data:`mumoe.gating.NORMALIZATIONS` and :math:`\phi`
+one of :data:`mumoe.gating.ACTIVATIONS` or any callable.  This module holds
+the torch state (projections, batch-norm statistics) and
+:data:`TORCH_KERNELS`, the torch implementations of those names: the
+``entmax`` package's entmax-1.5 and sparsemax (exact gradients, a partial
+sort), and ``torch.softmax``.
 
 Gating runs in float32 at least, whatever the input's dtype and whether
 ``torch.autocast`` is on: the logits, their normalisation (whose running
@@ -29,13 +32,24 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
+from mumoe.gating import (
+    NORMALIZATIONS,
+    activation_name,
+    check_normalization,
+    gate_coefficients,
+    gate_dtype,
+)
+from mumoe.gating import resolve_activation as _resolve
+
 __all__ = [
-    "ACTIVATIONS",
     "NORMALIZATIONS",
+    "PARTIAL_SORT",
+    "TORCH_KERNELS",
     "MuMoEGate",
     "gate_coefficients",
     "gate_dtype",
     "resolve_activation",
+    "torch_gate_coefficients",
 ]
 
 Activation = Callable[[torch.Tensor], torch.Tensor]
@@ -95,19 +109,16 @@ def _softmax(logits: torch.Tensor) -> torch.Tensor:
     return torch.softmax(logits, dim=-1)
 
 
-#: Activations by name; each maps logits ``(..., N)`` to coefficients on the simplex.
-ACTIVATIONS: dict[str, Activation] = {
+#: The torch kernels of the names of :data:`mumoe.gating.ACTIVATIONS` (the same keys).
+TORCH_KERNELS: dict[str, Activation] = {
     "entmax15": _entmax15,
     "sparsemax": _sparsemax,
     "softmax": _softmax,
 }
 
-#: Normalisations of the gate logits by name (``None``: none).
-NORMALIZATIONS = ("bn", "ln", None)
-
 
 def resolve_activation(activation: str | Activation) -> Activation:
-    """The activation called ``activation``, or ``activation`` itself if callable.
+    """The torch kernel of the activation called ``activation``, or ``activation`` if callable.
 
     Parameters
     ----------
@@ -121,7 +132,7 @@ def resolve_activation(activation: str | Activation) -> Activation:
     Raises
     ------
     ValueError
-        For an unknown name.
+        For a name outside :data:`mumoe.gating.ACTIVATIONS`.
 
     Examples
     --------
@@ -129,67 +140,23 @@ def resolve_activation(activation: str | Activation) -> Activation:
     >>> resolve_activation("sparsemax")(torch.tensor([[3.0, 1.0, 0.0]]))
     tensor([[1., 0., 0.]])
     """
-    if callable(activation):
-        return activation
-    try:
-        return ACTIVATIONS[activation]
-    except (KeyError, TypeError):
-        raise ValueError(
-            f"unknown gate activation {activation!r}; choose one of "
-            f"{', '.join(map(repr, ACTIVATIONS))} or pass a callable"
-        ) from None
+    return _resolve(activation, TORCH_KERNELS)
 
 
-def gate_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The dtype gating computes in for inputs of ``dtype``: float32 at least.
-
-    Parameters
-    ----------
-    dtype : torch.dtype
-
-    Returns
-    -------
-    torch.dtype
-        ``float32`` for 16-bit floats, ``dtype`` itself otherwise.
-
-    Examples
-    --------
-    >>> import torch
-    >>> gate_dtype(torch.bfloat16), gate_dtype(torch.float64)
-    (torch.float32, torch.float64)
-    """
-    return _GATE_DTYPES.get(dtype, dtype)
-
-
-_GATE_DTYPES = {torch.float16: torch.float32, torch.bfloat16: torch.float32}
-
-
-def _norm(kind: str | None, n: int, device: object, dtype: torch.dtype | None) -> nn.Module:
-    dtype = gate_dtype(dtype or torch.get_default_dtype())
-    if kind == "bn":
-        return nn.BatchNorm1d(n, affine=False, device=device, dtype=dtype)
-    if kind == "ln":
-        return nn.LayerNorm(n, elementwise_affine=False, bias=False, device=device, dtype=dtype)
-    if kind is None:
-        return nn.Identity()
-    raise ValueError(f"unknown gate normalization {kind!r}; choose 'bn', 'ln' or None")
-
-
-def gate_coefficients(
+def torch_gate_coefficients(
     x: torch.Tensor,
     projections: Sequence[torch.Tensor],
-    norms: Sequence[nn.Module],
+    norms: Sequence[nn.Module | None],
     activation: Activation,
 ) -> list[torch.Tensor]:
-    """The coefficients ``act(norm(x @ G_e))`` of every level.
+    """:func:`mumoe.gating.gate_coefficients` with ``torch.autocast`` off (float32 at least).
 
     Parameters
     ----------
     x : torch.Tensor, shape (..., I)
     projections : sequence of torch.Tensor, each (I, N_e)
-    norms : sequence of modules
-        Applied to the logits flattened to ``(B, N_e)``, so that batch norm
-        takes its statistics over every leading dimension (batch and tokens).
+    norms : sequence of modules or None
+        ``nn.Identity`` counts as none.
     activation : callable
 
     Returns
@@ -199,28 +166,25 @@ def gate_coefficients(
     Examples
     --------
     >>> import torch
-    >>> from torch import nn
-    >>> gates = gate_coefficients(torch.randn(2, 3, 8), [torch.zeros(8, 4)], [nn.Identity()],
-    ...                           resolve_activation("softmax"))
-    >>> gates[0].shape, gates[0][0, 0]
-    (torch.Size([2, 3, 4]), tensor([0.2500, 0.2500, 0.2500, 0.2500]))
+    >>> with torch.autocast("cpu", dtype=torch.bfloat16):
+    ...     gates = torch_gate_coefficients(torch.randn(2, 8), [torch.zeros(8, 4)], [None],
+    ...                                     resolve_activation("softmax"))
+    >>> gates[0].dtype
+    torch.float32
     """
-    compute = gate_dtype(x.dtype)
-    rows = x.reshape(-1, x.shape[-1])
-    if compute != x.dtype:
-        rows = rows.to(compute)
+    kept = [None if isinstance(n, nn.Identity) else n for n in norms]
     autocast = torch.is_autocast_enabled(x.device.type)
-    gates = []
     with torch.autocast(x.device.type, enabled=False) if autocast else contextlib.nullcontext():
-        for projection, norm in zip(projections, norms, strict=True):
-            logits = norm(
-                rows @ (projection if projection.dtype == compute else projection.to(compute))
-            )
-            coefficients = activation(logits)
-            if coefficients.dtype != x.dtype:
-                coefficients = coefficients.to(x.dtype)
-            gates.append(coefficients.reshape(*x.shape[:-1], projection.shape[-1]))
-    return gates
+        return gate_coefficients(x, projections, kept, activation)
+
+
+def _norm(kind: str | None, n: int, device: object, dtype: torch.dtype | None) -> nn.Module:
+    dtype = gate_dtype(dtype or torch.get_default_dtype())
+    if kind == "bn":
+        return nn.BatchNorm1d(n, affine=False, device=device, dtype=dtype)
+    if kind == "ln":
+        return nn.LayerNorm(n, elementwise_affine=False, bias=False, device=device, dtype=dtype)
+    return nn.Identity()
 
 
 class MuMoEGate(nn.Module):
@@ -240,7 +204,8 @@ class MuMoEGate(nn.Module):
 
     Notes
     -----
-    Maps an input ``(..., I)`` to ``[(..., N_1), ..., (..., N_E)]``.
+    Maps an input ``(..., I)`` to ``[(..., N_1), ..., (..., N_E)]`` with
+    :func:`mumoe.gating.gate_coefficients`, autocast off.
 
     Examples
     --------
@@ -263,11 +228,9 @@ class MuMoEGate(nn.Module):
         super().__init__()
         self.in_features = in_features
         self.expert_dims = tuple(expert_dims)
-        self.normalization = normalization
+        self.normalization = check_normalization(normalization)
         self.activation = resolve_activation(activation)
-        self.activation_name = (
-            activation if isinstance(activation, str) else getattr(activation, "__name__", "custom")
-        )
+        self.activation_name = activation_name(activation)
         self.projections = nn.ParameterList(
             [
                 nn.Parameter(torch.empty(in_features, n, device=device, dtype=dtype))
@@ -324,7 +287,8 @@ class MuMoEGate(nn.Module):
         >>> [tuple(a.shape) for a in MuMoEGate(4, (3, 2))(torch.randn(5, 4))]
         [(5, 3), (5, 2)]
         """
-        return gate_coefficients(x, list(self.projections), list(self.norms), self.activation)
+        projections = list(self.projections._parameters.values())
+        return torch_gate_coefficients(x, projections, list(self.norms), self.activation)  # type: ignore[arg-type]
 
     def extra_repr(self) -> str:
         """Sizes and options, for ``repr``."""

@@ -1,7 +1,9 @@
 r"""Initialisation of the cores of a μMoE layer (in place, on torch tensors).
 
-The paper's schemes (the reference implementation's) make the layer start
-close to a linear layer whose experts differ only by scale:
+Each format's scheme is data in its record (:data:`mumoe.formats.FORMATS`,
+``init``): one distribution per core, applied here in core order.  The
+paper's schemes (the reference implementation's) make the layer start close
+to a linear layer whose experts differ only by scale:
 
 ``cp``
     first expert level :math:`U_1 \sim \mathcal{N}(1, 1)`, further levels
@@ -29,7 +31,7 @@ Analogues for the other formats:
 custom networks
     every core :math:`\mathcal{N}(0, \sigma^2)` with :math:`\sigma` chosen as
     in :func:`mumoe.random_cores` so that the entries of :math:`\mathcal{W}`
-    have variance :math:`1/(3I)`.
+    have variance :math:`1/(3I)` (:func:`mumoe.formats.custom_init`).
 """
 
 from __future__ import annotations
@@ -39,79 +41,65 @@ from collections.abc import Sequence
 
 import torch
 
+from mumoe.formats import (
+    FORMATS,
+    Constant,
+    CoreInit,
+    DiagonalSlices,
+    Normal,
+    Uniform,
+    custom_init,
+)
 from mumoe.network import Network
-from mumoe.presets import preset_format
 
-__all__ = ["init_cores_"]
-
-
-def _uniform_(tensor: torch.Tensor, fan_in: int) -> None:
-    bound = math.sqrt(1.0 / fan_in)
-    tensor.uniform_(-bound, bound)
+__all__ = ["apply_init_", "init_cores_"]
 
 
-def _expert_factor_(tensor: torch.Tensor, level: int) -> None:
-    # CP and Tucker expert factors: N(1, 1) for the first level, ones after.
-    if level == 0:
-        tensor.normal_(1.0, 1.0)
-    else:
-        tensor.fill_(1.0)
-
-
-def _diagonal_expert_core_(core: torch.Tensor, level: int) -> None:
-    # core: (R_left, N, R_right); each slice diagonal with N(1, var) entries.
-    left, n, right = core.shape
-    var = 1.0 if level == 0 else 0.0
-    core.zero_()
+def _diagonal_slices_(core: torch.Tensor, init: DiagonalSlices) -> None:
+    # The core as (left, N, right) around its expert leg; each slice diagonal, N(1, std^2).
+    n = core.shape[init.axis]
+    left, right = math.prod(core.shape[: init.axis]), math.prod(core.shape[init.axis + 1 :])
+    view = core.view(left, n, right)
+    view.zero_()
     diagonal = torch.eye(left, right, device=core.device, dtype=core.dtype)
     for k in range(n):
         noise = torch.randn(left, right, device=core.device, dtype=core.dtype)
-        core[:, k, :] = diagonal * (noise * math.sqrt(var) + 1.0)
+        view[:, k, :] = diagonal * (noise * init.std + 1.0)
 
 
-def _init_cp(network: Network, cores: Sequence[torch.Tensor]) -> None:
-    for level in range(network.n_levels):
-        _expert_factor_(cores[level], level)
-    _uniform_(cores[-2], network.in_features)
-    _uniform_(cores[-1], network.ranks["r"])
+def apply_init_(tensor: torch.Tensor, init: CoreInit) -> None:
+    """Fill ``tensor`` in place from the distribution ``init``.
 
+    Parameters
+    ----------
+    tensor : torch.Tensor
+        Written under ``torch.no_grad()`` by the caller.
+    init : Normal, Uniform, Constant or DiagonalSlices
 
-def _init_ring(network: Network, cores: Sequence[torch.Tensor], ring: bool) -> None:
-    # TR cores are (R_k, D_k, R_k+1); TT boundary cores lack their size-1 bond.
-    shaped = list(cores)
-    if not ring:
-        shaped[0] = cores[0].unsqueeze(0)
-        shaped[-1] = cores[-1].unsqueeze(-1)
-    for level in range(network.n_levels):
-        _diagonal_expert_core_(shaped[level], level)
-    _uniform_(shaped[-2], network.in_features)
-    out = shaped[-1]
-    _uniform_(out, out.shape[0] * out.shape[2])
+    Raises
+    ------
+    TypeError
+        For another kind of ``init``.
 
-
-def _init_tucker(network: Network, cores: Sequence[torch.Tensor]) -> None:
-    levels = network.n_levels
-    for level in range(levels):
-        _expert_factor_(cores[level], level)
-    _uniform_(cores[levels], network.in_features)
-    _uniform_(cores[levels + 1], network.ranks["ro"])
-    expert_mass = math.prod(
-        (2 if level == 0 else 1) * network.ranks[f"r{level + 1}"] for level in range(levels)
-    )
-    bound = 3.0 / math.sqrt(network.ranks["ri"] * expert_mass)
-    cores[-1].uniform_(-bound, bound)
-
-
-def _init_dense(network: Network, cores: Sequence[torch.Tensor]) -> None:
-    _uniform_(cores[0], network.in_features)
-
-
-def _init_custom(network: Network, cores: Sequence[torch.Tensor]) -> None:
-    variance = 1.0 / (3 * network.in_features)
-    n_terms = math.prod(network.ranks.values())
-    scale = (variance / n_terms) ** (1.0 / (2 * network.n_cores))
-    for core in cores:
-        core.normal_(0.0, scale)
+    Examples
+    --------
+    >>> import torch
+    >>> from mumoe.formats import Constant
+    >>> t = torch.empty(2)
+    >>> apply_init_(t, Constant(3.0))
+    >>> t
+    tensor([3., 3.])
+    """
+    if isinstance(init, Normal):
+        tensor.normal_(init.mean, init.std)
+    elif isinstance(init, Uniform):
+        tensor.uniform_(-init.bound, init.bound)
+    elif isinstance(init, Constant):
+        tensor.fill_(init.value)
+    elif isinstance(init, DiagonalSlices):
+        _diagonal_slices_(tensor, init)
+    else:
+        raise TypeError(f"unknown core initialisation {init!r}")
 
 
 def init_cores_(network: Network, cores: Sequence[torch.Tensor]) -> str:
@@ -126,7 +114,7 @@ def init_cores_(network: Network, cores: Sequence[torch.Tensor]) -> str:
     Returns
     -------
     str
-        The scheme used: a preset name, or ``"custom"``.
+        The scheme used: the format's name, or ``"custom"``.
 
     Examples
     --------
@@ -139,18 +127,9 @@ def init_cores_(network: Network, cores: Sequence[torch.Tensor]) -> str:
     >>> bool(cores[1].abs().max() <= 0.25)  # input factor: U(±sqrt(1/I))
     True
     """
-    fmt = preset_format(network)
+    record = FORMATS.get(network.format)
+    inits = custom_init(network) if record is None else record.init(network)
     with torch.no_grad():
-        if fmt == "cp":
-            _init_cp(network, cores)
-        elif fmt == "tr":
-            _init_ring(network, cores, ring=True)
-        elif fmt == "tt":
-            _init_ring(network, cores, ring=False)
-        elif fmt == "tucker":
-            _init_tucker(network, cores)
-        elif fmt == "dense":
-            _init_dense(network, cores)
-        else:
-            _init_custom(network, cores)
-    return fmt or "custom"
+        for core, init in zip(cores, inits, strict=True):
+            apply_init_(core, init)
+    return network.format

@@ -1,0 +1,592 @@
+r"""The registry of factorisation formats: one record per format, all it knows in one place.
+
+A :class:`Format` holds everything mumoe knows about one factorisation of
+the weight tensor :math:`\mathcal{W}` of shape ``(N_1, ..., N_E, I', O)``:
+
+* ``core_legs(E)`` — the legs of each core for :math:`E` expert levels, in
+  the reference mode order (experts, input, output);
+* ``bond_sizes(rank, E)`` — the rank validator: a user's ``rank`` checked and
+  turned into one size per bond;
+* ``init(network)`` — the default initialisation of each core, as data
+  (:class:`Normal`, :class:`Uniform`, :class:`Constant`,
+  :class:`DiagonalSlices`) that :mod:`mumoe.nn.init` applies to torch tensors;
+* ``free_rank(E, expert_rank, r)`` — the budget hook: which one integer a
+  parameter budget solves for (:func:`mumoe.budget.match_rank`);
+* ``label`` — the name in prose.
+
+The presets (:mod:`mumoe.presets`), the budget solver, the torch
+initialisation, the test strategies and the command line all read
+:data:`FORMATS`, so adding a format is one record here plus its tests and
+theory page.  With :math:`d = E + 2` modes of sizes :math:`D_1, \dots, D_d`:
+
+========  ==================================  =============================================
+format    spec (E = 1)                        parameters
+========  ==================================  =============================================
+dense     ``n1 i o``                          :math:`\prod_k D_k`
+cp        ``n1 r, i r, o r``                  :math:`R \sum_k D_k`
+tucker    ``n1 r1, i ri, o ro, r1 ri ro``     :math:`\sum_k D_k R_k + \prod_k R_k`
+tt        ``n1 r1, r1 i r2, r2 o``            :math:`\sum_k R_{k-1} D_k R_k`, :math:`R_0 = R_d = 1`
+tr        ``r0 n1 r1, r1 i r2, r2 o r0``      :math:`\sum_k R_{k-1} D_k R_k`, :math:`R_d = R_0`
+========  ==================================  =============================================
+
+Ranks follow TensorLy's conventions (``validate_tt_rank``, ``validate_tr_rank``):
+TT and TR ranks are given either as one int or as the full tuple of
+:math:`d + 1` bond sizes; the shorter tuple of only the bonds actually
+present is accepted too.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from mumoe.spec import INPUT, OUTPUT
+from mumoe.typing import Rank
+from mumoe.validation import positive_int
+
+if TYPE_CHECKING:
+    from mumoe.network import Network
+
+__all__ = [
+    "FORMATS",
+    "Constant",
+    "DiagonalSlices",
+    "Format",
+    "Normal",
+    "Uniform",
+    "custom_init",
+    "format_of",
+    "validate_cp_rank",
+    "validate_tr_rank",
+    "validate_tt_rank",
+    "validate_tucker_rank",
+]
+
+Legs = tuple[tuple[str, ...], ...]
+
+
+# ------------------------------------------------------------ initialisation
+
+
+@dataclass(frozen=True)
+class Normal:
+    r"""Every entry drawn from :math:`\mathcal{N}(\mathrm{mean}, \mathrm{std}^2)`.
+
+    Parameters
+    ----------
+    mean, std : float
+
+    Examples
+    --------
+    >>> Normal(1.0, 1.0)
+    Normal(mean=1.0, std=1.0)
+    """
+
+    mean: float
+    std: float
+
+
+@dataclass(frozen=True)
+class Uniform:
+    r"""Every entry drawn from :math:`\mathcal{U}(-\mathrm{bound}, \mathrm{bound})`.
+
+    Parameters
+    ----------
+    bound : float
+
+    Examples
+    --------
+    >>> Uniform.fan_in(4)
+    Uniform(bound=0.5)
+    """
+
+    bound: float
+
+    @classmethod
+    def fan_in(cls, fan_in: int) -> Uniform:
+        r""":math:`\mathcal{U}(\pm\sqrt{1/\mathrm{fan\_in}})`, as ``nn.Linear``.
+
+        Parameters
+        ----------
+        fan_in : int
+
+        Returns
+        -------
+        Uniform
+
+        Examples
+        --------
+        >>> Uniform.fan_in(16).bound
+        0.25
+        """
+        return cls(math.sqrt(1.0 / fan_in))
+
+
+@dataclass(frozen=True)
+class Constant:
+    r"""Every entry equal to ``value``.
+
+    Parameters
+    ----------
+    value : float
+
+    Examples
+    --------
+    >>> Constant(1.0)
+    Constant(value=1.0)
+    """
+
+    value: float
+
+
+@dataclass(frozen=True)
+class DiagonalSlices:
+    r"""An expert core whose every slice along the expert leg is diagonal.
+
+    The core is read as ``(left, N, right)`` around its expert leg at
+    ``axis`` (a missing side has size 1); slice ``n`` is the ``(left,
+    right)`` identity with its diagonal drawn from :math:`\mathcal{N}(1,
+    \mathrm{std}^2)`.  The reference's TR initialisation.
+
+    Parameters
+    ----------
+    axis : int
+        The position of the expert leg in the core.
+    std : float
+
+    Examples
+    --------
+    >>> DiagonalSlices(axis=1, std=1.0)
+    DiagonalSlices(axis=1, std=1.0)
+    """
+
+    axis: int
+    std: float
+
+
+CoreInit = Normal | Uniform | Constant | DiagonalSlices
+
+
+def _expert_factor(level: int) -> CoreInit:
+    # CP and Tucker expert factors: N(1, 1) for the first level, ones after.
+    return Normal(1.0, 1.0) if level == 0 else Constant(1.0)
+
+
+def custom_init(network: Network) -> list[CoreInit]:
+    r"""Every core :math:`\mathcal{N}(0, \sigma^2)`: ``W`` gets entries of variance ``1/(3I)``.
+
+    :math:`\sigma = (1 / (3 I \prod_b R_b))^{1/(2K)}` for :math:`K` cores, the
+    variance of an ``nn.Linear`` weight, as :func:`mumoe.random_cores` does.
+
+    Parameters
+    ----------
+    network : Network
+
+    Returns
+    -------
+    list of Normal, one per core
+
+    Examples
+    --------
+    >>> from mumoe import Network
+    >>> custom_init(Network("n i r, r o", 4, 3, 2, rank=1))[0].std  # doctest: +ELLIPSIS
+    0.577...
+    """
+    variance = 1.0 / (3 * network.in_features)
+    n_terms = math.prod(network.ranks.values())
+    scale = (variance / n_terms) ** (1.0 / (2 * network.n_cores))
+    return [Normal(0.0, scale)] * network.n_cores
+
+
+# ---------------------------------------------------------- rank validators
+
+
+def _rank_tuple(rank: Rank, name: str) -> tuple[int, ...]:
+    if isinstance(rank, Sequence) and not isinstance(rank, str):
+        return tuple(positive_int(r, f"{name} rank[{k}]") for k, r in enumerate(rank))
+    raise TypeError(f"{name} rank must be an int or a sequence of ints, got {rank!r}")
+
+
+def _is_sequence(rank: Any) -> bool:
+    return isinstance(rank, Sequence) and not isinstance(rank, str)
+
+
+def validate_cp_rank(rank: Rank) -> int:
+    """Return a CP rank as a positive int.
+
+    Parameters
+    ----------
+    rank : int
+
+    Returns
+    -------
+    int
+
+    Raises
+    ------
+    TypeError
+        If ``rank`` is a sequence, a bool or not an integer.
+    ValueError
+        If ``rank`` is not positive.
+
+    Examples
+    --------
+    >>> validate_cp_rank(8)
+    8
+    """
+    if _is_sequence(rank):
+        raise TypeError(f"a CP rank is one positive int, got the sequence {rank!r}")
+    return positive_int(rank, "CP rank")
+
+
+def validate_tucker_rank(rank: Rank, n_modes: int) -> tuple[int, ...]:
+    """Return Tucker ranks as one positive int per mode.
+
+    Parameters
+    ----------
+    rank : int or sequence of int
+        One rank for all modes, or ``n_modes`` ranks (experts..., input, output).
+    n_modes : int
+        :math:`d = E + 2`.
+
+    Returns
+    -------
+    tuple of int
+        ``n_modes`` ranks.
+
+    Raises
+    ------
+    ValueError
+        If a sequence has the wrong length or a rank is not positive.
+
+    Examples
+    --------
+    >>> validate_tucker_rank(4, 3)
+    (4, 4, 4)
+    """
+    if not _is_sequence(rank):
+        return (positive_int(rank, "Tucker rank"),) * n_modes
+    ranks = _rank_tuple(rank, "Tucker")
+    if len(ranks) != n_modes:
+        raise ValueError(
+            f"Tucker rank needs one entry per mode ({n_modes}: experts..., input, output), "
+            f"got {len(ranks)}: {ranks}"
+        )
+    return ranks
+
+
+def validate_tt_rank(rank: Rank, n_modes: int) -> tuple[int, ...]:
+    """Return TT ranks as TensorLy's full tuple ``(1, R_1, ..., R_{d-1}, 1)``.
+
+    Parameters
+    ----------
+    rank : int or sequence of int
+        One rank for every inner bond; the ``d - 1`` inner ranks; or the full
+        ``d + 1`` ranks whose first and last entries must be 1.
+    n_modes : int
+        :math:`d = E + 2`.
+
+    Returns
+    -------
+    tuple of int
+        ``n_modes + 1`` ranks, 1 at both ends.
+
+    Raises
+    ------
+    ValueError
+        If the sequence has the wrong length, a boundary rank is not 1, or a
+        rank is not positive.
+
+    Examples
+    --------
+    >>> validate_tt_rank(3, 3)
+    (1, 3, 3, 1)
+    >>> validate_tt_rank((2, 5), 3)
+    (1, 2, 5, 1)
+    """
+    if not _is_sequence(rank):
+        return (1, *(positive_int(rank, "TT rank"),) * (n_modes - 1), 1)
+    ranks = _rank_tuple(rank, "TT")
+    if len(ranks) == n_modes - 1:
+        return (1, *ranks, 1)
+    if len(ranks) != n_modes + 1:
+        raise ValueError(
+            f"TT rank for {n_modes} modes needs {n_modes - 1} inner ranks or {n_modes + 1} "
+            f"ranks with boundary 1s, got {len(ranks)}: {ranks}"
+        )
+    if ranks[0] != 1 or ranks[-1] != 1:
+        raise ValueError(
+            f"TT boundary ranks must be 1: rank[0]={ranks[0]}, rank[-1]={ranks[-1]}; "
+            "for a closed chain use the 'tr' format"
+        )
+    return ranks
+
+
+def validate_tr_rank(rank: Rank, n_modes: int) -> tuple[int, ...]:
+    """Return TR ranks as TensorLy's full tuple ``(R_0, R_1, ..., R_{d-1}, R_0)``.
+
+    Parameters
+    ----------
+    rank : int or sequence of int
+        One rank for every bond; the ``d`` bond ranks ``R_0 ... R_{d-1}``; or the
+        full ``d + 1`` ranks whose last entry must equal the first.
+    n_modes : int
+        :math:`d = E + 2`.
+
+    Returns
+    -------
+    tuple of int
+        ``n_modes + 1`` ranks, the last equal to the first.
+
+    Raises
+    ------
+    ValueError
+        If the sequence has the wrong length, the ring does not close, or a rank
+        is not positive.
+
+    Examples
+    --------
+    >>> validate_tr_rank(3, 3)
+    (3, 3, 3, 3)
+    >>> validate_tr_rank((2, 4, 5), 3)
+    (2, 4, 5, 2)
+    """
+    if not _is_sequence(rank):
+        return (positive_int(rank, "TR rank"),) * (n_modes + 1)
+    ranks = _rank_tuple(rank, "TR")
+    if len(ranks) == n_modes:
+        return (*ranks, ranks[0])
+    if len(ranks) != n_modes + 1:
+        raise ValueError(
+            f"TR rank for {n_modes} modes needs {n_modes} bond ranks or {n_modes + 1} ranks "
+            f"closing the ring, got {len(ranks)}: {ranks}"
+        )
+    if ranks[-1] != ranks[0]:
+        raise ValueError(
+            f"TR ranks must close the ring: rank[-1]={ranks[-1]} != rank[0]={ranks[0]}"
+        )
+    return ranks
+
+
+# ------------------------------------------------------------------ formats
+
+
+def _modes(n_levels: int) -> list[str]:
+    return [*(f"n{e}" for e in range(1, n_levels + 1)), INPUT, OUTPUT]
+
+
+def _dense_legs(n_levels: int) -> Legs:
+    return (tuple(_modes(n_levels)),)
+
+
+def _dense_bonds(rank: Any, n_levels: int) -> dict[str, int]:
+    if rank is not None:
+        raise ValueError(f"the dense format has no rank, got rank={rank!r}")
+    return {}
+
+
+def _dense_init(network: Network) -> list[CoreInit]:
+    return [Uniform.fan_in(network.in_features)]
+
+
+def _cp_legs(n_levels: int) -> Legs:
+    return tuple((mode, "r") for mode in _modes(n_levels))
+
+
+def _cp_bonds(rank: Any, n_levels: int) -> dict[str, int]:
+    return {"r": validate_cp_rank(rank)}
+
+
+def _cp_init(network: Network) -> list[CoreInit]:
+    # Experts ~ the first level N(1, 1), ones after; input U(±sqrt(1/I)); output U(±sqrt(1/R)).
+    experts = [_expert_factor(level) for level in range(network.n_levels)]
+    return [*experts, Uniform.fan_in(network.in_features), Uniform.fan_in(network.ranks["r"])]
+
+
+def _tucker_bonds_names(n_levels: int) -> list[str]:
+    return [f"r{e}" for e in range(1, n_levels + 1)] + ["ri", "ro"]
+
+
+def _tucker_legs(n_levels: int) -> Legs:
+    bonds = _tucker_bonds_names(n_levels)
+    factors = tuple((mode, bond) for mode, bond in zip(_modes(n_levels), bonds, strict=True))
+    return (*factors, tuple(bonds))
+
+
+def _tucker_bonds(rank: Any, n_levels: int) -> dict[str, int]:
+    ranks = validate_tucker_rank(rank, n_levels + 2)
+    return dict(zip(_tucker_bonds_names(n_levels), ranks, strict=True))
+
+
+def _tucker_init(network: Network) -> list[CoreInit]:
+    # The core U(±c), c = 3 / sqrt(R_I prod_e m_e R_e), m_1 = 2 and m_{e>1} = 1 (the
+    # mean squares of the expert factors): each expert's matrix then has entries of
+    # variance 1/(3I), that of an nn.Linear weight.
+    levels = network.n_levels
+    mass = math.prod(
+        (2 if level == 0 else 1) * network.ranks[f"r{level + 1}"] for level in range(levels)
+    )
+    return [
+        *(_expert_factor(level) for level in range(levels)),
+        Uniform.fan_in(network.in_features),
+        Uniform.fan_in(network.ranks["ro"]),
+        Uniform(3.0 / math.sqrt(network.ranks["ri"] * mass)),
+    ]
+
+
+def _tt_legs(n_levels: int) -> Legs:
+    modes = _modes(n_levels)
+    d = len(modes)
+    return tuple(
+        (*([f"r{k}"] if k > 0 else []), mode, *([f"r{k + 1}"] if k < d - 1 else []))
+        for k, mode in enumerate(modes)
+    )
+
+
+def _tt_bonds(rank: Any, n_levels: int) -> dict[str, int]:
+    ranks = validate_tt_rank(rank, n_levels + 2)
+    return {f"r{k}": ranks[k] for k in range(1, n_levels + 2)}
+
+
+def _tr_legs(n_levels: int) -> Legs:
+    modes = _modes(n_levels)
+    return tuple((f"r{k}", mode, f"r{(k + 1) % len(modes)}") for k, mode in enumerate(modes))
+
+
+def _tr_bonds(rank: Any, n_levels: int) -> dict[str, int]:
+    ranks = validate_tr_rank(rank, n_levels + 2)
+    return {f"r{k}": ranks[k] for k in range(n_levels + 2)}
+
+
+def _chain_init(network: Network) -> list[CoreInit]:
+    # TR (and TT, whose boundary cores lack their size-1 bond): diagonal expert
+    # slices N(1, v), v = 1 for the first level and 0 after; input U(±sqrt(1/I));
+    # output U(±sqrt(1/fan)), fan the product of its bonds.
+    levels = network.n_levels
+    experts = [
+        DiagonalSlices(axis=legs.index(f"n{level + 1}"), std=1.0 if level == 0 else 0.0)
+        for level, legs in enumerate(network.core_legs[:levels])
+    ]
+    out_shape = network.core_shapes[-1]
+    fan = math.prod(out_shape) // network.out_features
+    return [*experts, Uniform.fan_in(network.in_features), Uniform.fan_in(fan)]
+
+
+@dataclass(frozen=True)
+class Format:
+    """One factorisation format: its structure, ranks, initialisation and budget hook.
+
+    Parameters
+    ----------
+    name : str
+        The format's name (``"cp"``): the preset, ``Network.format``, the
+        ``network=`` argument of the layers.
+    label : str
+        Its name in prose (``"CP"``).
+    core_legs : callable
+        ``core_legs(E)``: the legs of each core for ``E`` expert levels.
+    bond_sizes : callable
+        ``bond_sizes(rank, E)``: the rank validator; returns one size per
+        bond (an empty dict for a format without rank).
+    init : callable
+        ``init(network)``: the default initialisation of each core.
+    free_rank : callable or None
+        The budget hook ``free_rank(E, expert_rank, r)``: the ``rank`` with
+        one free integer ``r``, bonds that touch expert cores fixed at
+        ``expert_rank`` (None: no rank to solve for).
+
+    Examples
+    --------
+    >>> FORMATS["tt"].spec(2)
+    'n1 r1, r1 n2 r2, r2 i r3, r3 o'
+    """
+
+    name: str
+    label: str
+    core_legs: Callable[[int], Legs]
+    bond_sizes: Callable[[Any, int], dict[str, int]]
+    init: Callable[[Network], list[CoreInit]]
+    free_rank: Callable[[int, int, int], Rank] | None
+
+    def spec(self, n_levels: int) -> str:
+        """The canonical spec of this format for ``n_levels`` expert levels.
+
+        Parameters
+        ----------
+        n_levels : int
+
+        Returns
+        -------
+        str
+
+        Examples
+        --------
+        >>> FORMATS["cp"].spec(1)
+        'n1 r, i r, o r'
+        """
+        return _spec(self.name, n_levels)
+
+    @property
+    def has_rank(self) -> bool:
+        """Whether the format has bonds, hence a ``rank``.
+
+        Examples
+        --------
+        >>> FORMATS["dense"].has_rank, FORMATS["cp"].has_rank
+        (False, True)
+        """
+        return self.free_rank is not None
+
+
+@functools.lru_cache(maxsize=64)
+def _spec(name: str, n_levels: int) -> str:
+    return ", ".join(" ".join(legs) for legs in FORMATS[name].core_legs(n_levels))
+
+
+#: The formats by name; the presets of :mod:`mumoe.presets` are built from them.
+FORMATS: dict[str, Format] = {
+    f.name: f
+    for f in (
+        Format("dense", "dense", _dense_legs, _dense_bonds, _dense_init, None),
+        Format(
+            "cp", "CP", _cp_legs, _cp_bonds, _cp_init,
+            lambda levels, expert_rank, r: r,
+        ),
+        Format(
+            "tucker", "Tucker", _tucker_legs, _tucker_bonds, _tucker_init,
+            lambda levels, expert_rank, r: (expert_rank,) * levels + (r, r),
+        ),
+        Format(
+            "tt", "TT", _tt_legs, _tt_bonds, _chain_init,
+            lambda levels, expert_rank, r: (expert_rank,) * levels + (r,),
+        ),
+        Format(
+            "tr", "TR", _tr_legs, _tr_bonds, _chain_init,
+            lambda levels, expert_rank, r: (expert_rank,) * (levels + 1) + (r,),
+        ),
+    )
+}  # fmt: skip
+
+
+def format_of(spec: str, n_levels: int) -> str:
+    """The format whose canonical spec ``spec`` is, or ``"custom"``.
+
+    Parameters
+    ----------
+    spec : str
+        A canonical spec (:attr:`mumoe.spec.ParsedSpec.spec`).
+    n_levels : int
+
+    Returns
+    -------
+    str
+
+    Examples
+    --------
+    >>> format_of("n1 r, i r, o r", 1), format_of("n1 i r, r o", 1)
+    ('cp', 'custom')
+    """
+    return next((name for name in FORMATS if _spec(name, n_levels) == spec), "custom")

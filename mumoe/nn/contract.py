@@ -1,0 +1,107 @@
+"""The contraction step from torch: autocast, grad mode and TensorLy's ``pytorch`` backend.
+
+The one path every torch module takes into the functional core
+(:func:`mumoe.functional.forward` / :func:`~mumoe.functional.contract`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from mumoe import functional
+from mumoe.backend import thread_backend
+from mumoe.network import Network
+
+__all__ = ["module_contract", "torch_forward"]
+
+
+def _autocast(
+    x: torch.Tensor, cores: Sequence[torch.Tensor], gates: Sequence[torch.Tensor]
+) -> tuple[torch.Tensor, Sequence[torch.Tensor], Sequence[torch.Tensor]]:
+    # Autocast casts the operands of torch's own matmuls; mumoe's operands
+    # must share one dtype, so they are cast together, to autocast's dtype.
+    if not torch.is_autocast_enabled(x.device.type):
+        return x, cores, gates
+    dtype = torch.get_autocast_dtype(x.device.type)
+    return x.to(dtype), [c.to(dtype) for c in cores], [g.to(dtype) for g in gates]
+
+
+def torch_forward(
+    network: Network,
+    cores: Sequence[torch.Tensor],
+    x: torch.Tensor,
+    gates: Sequence[torch.Tensor],
+) -> torch.Tensor:
+    """:func:`mumoe.functional.forward` from torch: pytorch backend, grad mode respected.
+
+    TensorLy's ``pytorch`` backend for this thread only, and ``differentiable``
+    from torch's grad mode (it chooses how the bias is added).  Under
+    ``torch.autocast``, every operand is cast to the autocast dtype, and so is
+    the result, as for ``torch.nn.Linear``.
+
+    Parameters
+    ----------
+    network : Network
+    cores : sequence of torch.Tensor
+        Of shapes ``network.core_shapes``.
+    x : torch.Tensor, shape (..., I)
+    gates : sequence of torch.Tensor, each (..., N_e)
+
+    Returns
+    -------
+    torch.Tensor, shape (..., O)
+
+    Examples
+    --------
+    >>> import torch
+    >>> from mumoe import cp
+    >>> net = cp(4, 3, 2, rank=5)
+    >>> cores = [torch.randn(s, requires_grad=True) for s in net.core_shapes]
+    >>> y = torch_forward(net, cores, torch.randn(6, 3), [torch.rand(6, 4)])
+    >>> y.shape, y.requires_grad
+    (torch.Size([6, 2]), True)
+    """
+    x, cores, gates = _autocast(x, cores, gates)
+    differentiable = torch.is_grad_enabled() and any(c.requires_grad for c in cores)
+    with thread_backend("pytorch"):
+        return functional.forward(network, cores, x, gates, differentiable=differentiable)
+
+
+def module_contract(
+    network: Network, cores: Sequence[torch.Tensor], x: torch.Tensor, gates: Sequence[Any]
+) -> torch.Tensor:
+    """The recipe's contraction step for modules: :func:`torch_forward` without the core checks.
+
+    The modules check their cores at construction and their input's dtype
+    and device against them on every call, so the per-call walk over the
+    cores is skipped; the caller has made ``pytorch`` TensorLy's backend for
+    this thread.
+
+    Parameters
+    ----------
+    network, cores, x, gates
+        As for :func:`torch_forward`.
+
+    Returns
+    -------
+    torch.Tensor, shape (..., O)
+
+    Examples
+    --------
+    >>> import torch
+    >>> from mumoe import cp
+    >>> from mumoe.backend import thread_backend
+    >>> net = cp(4, 3, 2, rank=5)
+    >>> cores = [torch.randn(s) for s in net.core_shapes]
+    >>> with thread_backend("pytorch"):
+    ...     module_contract(net, cores, torch.randn(6, 3), [torch.rand(6, 4)]).shape
+    torch.Size([6, 2])
+    """
+    x, cores, gates = _autocast(x, cores, gates)
+    differentiable = torch.is_grad_enabled() and any(c.requires_grad for c in cores)
+    return functional.contract(
+        network, cores, x, gates, differentiable=differentiable, backend="pytorch"
+    )
