@@ -19,7 +19,7 @@ import tensorly as tl
 import mumoe
 
 net = mumoe.tr((32, 4), 256, 256, rank=(4, 4, 4, 48))
-plan = net.forward_plan(128, tl.get_backend(), "float64")
+plan = net.planner.forward(128, tl.get_backend(), "float64")
 print(f"einsum {plan.equation}")
 print(f"path   {plan.path}  ({plan.flops:,} FLOPs)")
 for step in plan.program.steps:  # one GEMM (or Hadamard/outer product) per step
@@ -61,8 +61,8 @@ tuned = mumoe.tr((32, 4), 256, 256, rank=(4, 4, 4, 48), autotune=True)
 x = rng.standard_normal((256, 256))
 gates = [rng.dirichlet(np.ones(n), size=256) for n in net.expert_dims]
 mumoe.forward(tuned, cores, x, gates)  # the first call tunes
-print("chosen:", tuned.forward_plan(256, tl.get_backend(), "float64").path)
-print("default:", net.forward_plan(256, tl.get_backend(), "float64").path)
+print("chosen:", tuned.planner.forward(256, tl.get_backend(), "float64").path)
+print("default:", net.planner.forward(256, tl.get_backend(), "float64").path)
 
 
 def best_of(network, repeats=20):

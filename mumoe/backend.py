@@ -33,6 +33,7 @@ from tensorly.backend import BackendManager
 __all__ = [
     "BackendDeclaration",
     "backend_erf",
+    "backend_function",
     "cast",
     "creation_context",
     "declared_backends",
@@ -42,9 +43,12 @@ __all__ = [
 ]
 
 
-@contextlib.contextmanager
-def thread_backend(name: str) -> Iterator[None]:
+class thread_backend:
     """Make ``name`` the TensorLy backend of the calling thread, then restore it.
+
+    A class rather than a generator: the torch modules enter it on every
+    call, and this costs a fraction of a microsecond when the backend is
+    already ``name``.
 
     Parameters
     ----------
@@ -60,22 +64,32 @@ def thread_backend(name: str) -> Iterator[None]:
     >>> tl.get_backend()
     'numpy'
     """
-    if tl.get_backend() == name:
-        yield
-        return
-    # TensorLy keeps the per-thread choice in this threading.local; the global
-    # default stays untouched with local_threadsafe=True.
-    local = BackendManager._THREAD_LOCAL_DATA.__dict__
-    missing = object()
-    previous = local.get("backend", missing)
-    tl.set_backend(name, local_threadsafe=True)
-    try:
-        yield
-    finally:
-        if previous is missing:
+
+    __slots__ = ("_name", "_previous")
+
+    def __init__(self, name: str) -> None:
+        self._name = name
+        self._previous: Any = _MISSING
+
+    def __enter__(self) -> None:
+        # TensorLy keeps the per-thread choice in this threading.local; the
+        # global default stays untouched with local_threadsafe=True.
+        local = BackendManager._THREAD_LOCAL_DATA.__dict__
+        previous = local.get("backend", _MISSING)
+        self._previous = previous
+        active = BackendManager._backend if previous is _MISSING else previous
+        if active.backend_name != self._name:
+            tl.set_backend(self._name, local_threadsafe=True)
+
+    def __exit__(self, *exc: object) -> None:
+        local = BackendManager._THREAD_LOCAL_DATA.__dict__
+        if self._previous is _MISSING:
             local.pop("backend", None)
         else:
-            local["backend"] = previous
+            local["backend"] = self._previous
+
+
+_MISSING = object()
 
 
 @contextlib.contextmanager
@@ -130,6 +144,10 @@ class BackendDeclaration:
         The floating dtypes the tests run on it.
     erf : str
         ``"module:function"`` of its error function, which TensorLy lacks.
+    addmm : str, default ""
+        ``"module:function"`` computing ``c + a @ b`` in one call
+        (``torch.addmm``'s signature), or empty: the compiled plans add a
+        bias inside the contraction with it.
 
     Examples
     --------
@@ -145,6 +163,7 @@ class BackendDeclaration:
     differentiable: bool
     dtypes: tuple[str, ...]
     erf: str
+    addmm: str = ""
 
 
 def _declarations_dir() -> Path:
@@ -186,6 +205,7 @@ def declared_backends() -> list[BackendDeclaration]:
                     differentiable=bool(data["differentiable"]),
                     dtypes=tuple(data["dtypes"]),
                     erf=str(data["erf"]),
+                    addmm=str(data.get("addmm", "")),
                 )
             )
         except KeyError as error:
@@ -249,19 +269,46 @@ def backend_erf(backend: str | None = None) -> Any:
     0.5204998778...
     """
     name = tl.get_backend() if backend is None else backend
-    function = _ERF.get(name)
+    function = backend_function(name, "erf")
     if function is None:
-        declaration = next((b for b in declared_backends() if b.name == name), None)
-        if declaration is None:
-            raise ValueError(f"backend {name!r} is not declared in backends/; add a file for it")
-        module, _, attribute = declaration.erf.partition(":")
-        function = getattr(importlib.import_module(module), attribute)
-        _ERF[name] = function
+        raise ValueError(f"backend {name!r} is not declared in backends/; add a file for it")
     return function
 
 
-# Resolved error functions, one per declared backend.
-_ERF: dict[str, Any] = {}
+def backend_function(backend: str, kind: str) -> Any:
+    """The function a backend declares for ``kind`` (``"erf"``, ``"addmm"``), or None.
+
+    Parameters
+    ----------
+    backend : str
+        A TensorLy backend name.
+    kind : str
+        A ``module:function`` key of the declarations.
+
+    Returns
+    -------
+    callable or None
+        None where the backend is not declared or declares nothing for ``kind``.
+
+    Examples
+    --------
+    >>> backend_function("numpy", "addmm") is None
+    True
+    """
+    key = (backend, kind)
+    if key not in _FUNCTIONS:
+        declaration = next((b for b in declared_backends() if b.name == backend), None)
+        target = "" if declaration is None else getattr(declaration, kind)
+        function = None
+        if target:
+            module, _, attribute = target.partition(":")
+            function = getattr(importlib.import_module(module), attribute)
+        _FUNCTIONS[key] = function
+    return _FUNCTIONS[key]
+
+
+# Resolved declared functions, by (backend, kind).
+_FUNCTIONS: dict[tuple[str, str], Any] = {}
 
 
 def creation_context(tensor: Any) -> dict[str, Any]:

@@ -33,7 +33,7 @@ from torch import nn
 
 from mumoe.backend import thread_backend
 from mumoe.network import Network
-from mumoe.nn.contract import module_contract, torch_forward
+from mumoe.nn.contract import torch_forward
 from mumoe.nn.gating import resolve_activation, torch_gate_coefficients
 from mumoe.nn.init import init_cores_
 from mumoe.presets import cp, tr
@@ -300,7 +300,7 @@ class MuMoE(nn.Module):
         with thread_backend("pytorch"):
             y, _ = layer_forward(
                 layer.network, list(layer.factors), x, gate=self._gate,
-                input_norm=self.input_ln, contract=module_contract,
+                input_norm=self.input_ln, contract=torch_forward,
             )  # fmt: skip
         return y
 

@@ -33,9 +33,11 @@ are used, so NumPy, CuPy, JAX and PyTorch (with autograd) run the same steps.
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import math
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import tensorly as tl
@@ -143,11 +145,15 @@ class Program:
     bias_width : int, default 0
         With ``bias_inside``: elements of one row of the core slice added as
         the bias (the size of the legs that step keeps from the core).
+    addmm : callable, optional
+        The backend's fused ``addmm(c, a, b) = c + a @ b``
+        (:func:`mumoe.backend.backend_function`), used to add the bias;
+        ``a @ b + c`` without.
 
     Examples
     --------
     >>> from mumoe import tr
-    >>> program = tr(8, 6, 4, rank=(2, 2, 3)).forward_plan(32, "numpy", "float64").program
+    >>> program = tr(8, 6, 4, rank=(2, 2, 3)).planner.forward(32, "numpy", "float64").program
     >>> len(program.steps), program.bias_inside
     (4, False)
     """
@@ -156,49 +162,67 @@ class Program:
     final_perm: tuple[int, ...] | None
     bias_inside: bool
     bias_width: int = 0
+    addmm: Callable[[Any, Any, Any], Any] | None = field(default=None, compare=False, repr=False)
 
     split = deprecated_property("split", "bias_inside")
     split_width = deprecated_property("split_width", "bias_width")
 
-    def __post_init__(self) -> None:
-        # Each step as a closure over its constants: the per-call work is the
-        # arithmetic, not reading the step description.
-        object.__setattr__(self, "_runners", tuple(map(_runner, self.steps)))
+    @functools.cached_property
+    def _run(self) -> Callable[[Sequence[Any]], Any]:
+        # Generated on the first call (the compiler also makes partial programs).
+        return _generate(self)
 
     def __call__(self, operands: Sequence[Any]) -> Any:
         """Contract ``operands`` (arrays of one backend) along the compiled steps."""
-        ops = list(operands)
-        for run in self._runners:  # type: ignore[attr-defined]
-            run(ops)
-        result = ops[0]
-        return result if self.final_perm is None else _transpose(result, self.final_perm)
+        return self._run(operands)
 
 
 def _transpose(x: Any, perm: tuple[int, ...]) -> Any:
     return x.T if perm == (1, 0) else tl.transpose(x, perm)
 
 
-def _runner(step: PairStep | SumStep) -> Callable[[list[Any]], None]:
-    if isinstance(step, SumStep):
-        position, axes = step.position, step.axes
+def _generate(program: Program) -> Callable[[Sequence[Any]], Any]:
+    """The program as one straight-line Python function over registers.
 
-        def run_sum(ops: list[Any]) -> None:
-            # torch reads an empty dim tuple as "every dim": skip no-op sums
-            operand = ops.pop(position)
-            ops.append(operand.sum(axes) if axes else operand)
+    Each step becomes a closure specialised to its kind and layouts, and the
+    steps one line each: ``r5 = step0(r1, r3)``.  The operands and results
+    are registers that never move (the steps address opt_einsum's working
+    list, translated once here), so a call runs the arithmetic and nothing
+    else: per-call overhead decides the time of one-row calls (decoding).
+    """
+    steps = program.steps
+    n_operands = 1 + sum(isinstance(step, PairStep) for step in steps)
+    working = list(range(n_operands))
+    namespace: dict[str, Any] = {}
+    lines = [
+        "def run(operands):",
+        f"    ({''.join(f'r{k}, ' for k in range(n_operands))}) = operands",
+    ]
+    result = n_operands - 1
+    for k, step in enumerate(steps):
+        result = n_operands + k
+        if isinstance(step, SumStep):
+            namespace[f"step{k}"] = _sum(step.axes)
+            lines.append(f"    r{result} = step{k}(r{working.pop(step.position)})")
+        else:
+            left, right = working[step.left], working[step.right]
+            for position in sorted((step.left, step.right), reverse=True):
+                del working[position]
+            namespace[f"step{k}"] = _pair(step, program.addmm)
+            lines.append(f"    r{result} = step{k}(r{left}, r{right})")
+        working.append(result)
+    if program.final_perm is None:
+        lines.append(f"    return r{result}")
+    else:
+        namespace["final"] = _prepare((), program.final_perm)
+        lines.append(f"    return final(r{result})")
+    exec("\n".join(lines), namespace)
+    return namespace["run"]
 
-        return run_sum
-    left, right = step.left, step.right
-    first, second = max(left, right), min(left, right)
-    pair = _pair(step)
 
-    def run_pair(ops: list[Any]) -> None:
-        a, b = ops[left], ops[right]
-        del ops[first]
-        del ops[second]
-        ops.append(pair(a, b))
-
-    return run_pair
+def _sum(axes: tuple[int, ...]) -> Callable[[Any], Any]:
+    # torch reads an empty dim tuple as "every dim": skip no-op sums
+    return (lambda t: t.sum(axes)) if axes else (lambda t: t)
 
 
 def _prepare(axes: tuple[int, ...], perm: tuple[int, ...] | None) -> Callable[[Any], Any] | None:
@@ -212,9 +236,11 @@ def _prepare(axes: tuple[int, ...], perm: tuple[int, ...] | None) -> Callable[[A
     return lambda t: _transpose(t.sum(axes), perm)
 
 
-def _pair(step: PairStep) -> Callable[[Any, Any], Any]:
+def _pair(
+    step: PairStep, addmm: Callable[[Any, Any, Any], Any] | None
+) -> Callable[[Any, Any], Any]:
     """The step's product as a closure specialised to its kind and layouts."""
-    product = _product(step)
+    product = _product(step, addmm)
     prep_a = _prepare(step.left_sum, step.left_perm)
     prep_b = _prepare(step.right_sum, step.right_perm)
     if prep_a is None and prep_b is None:
@@ -226,11 +252,18 @@ def _pair(step: PairStep) -> Callable[[Any, Any], Any]:
     return lambda a, b: product(prep_a(a), prep_b(b))
 
 
-def _product(step: PairStep) -> Callable[[Any, Any], Any]:
+def _product(
+    step: PairStep, addmm: Callable[[Any, Any, Any], Any] | None
+) -> Callable[[Any, Any], Any]:
     if step.kind == "hadamard":
         return lambda a, b: a * b
     if step.kind == "matmul" and not step.reshape:
         # Every group is at most one leg: the operands are matrices already.
+        if step.bias and not step.n_batch:
+            # x (B, I) @ core (I + 1, N): the core's last row is the bias.
+            if addmm is not None:
+                return lambda a, b: addmm(b[a.shape[-1]], a, b[: a.shape[-1]])
+            return lambda a, b: a @ b[: a.shape[-1]] + b[a.shape[-1]]
         if step.bias:
             return lambda a, b: _biased_matmul(a, b, a.shape[-1])
         return lambda a, b: a @ b
@@ -270,6 +303,7 @@ def compile_program(
     *,
     lead: str | None = None,
     bias_input: int | None = None,
+    addmm: Callable[[Any, Any, Any], Any] | None = None,
 ) -> Program:
     """Compile a pairwise contraction path into matrix-multiply steps.
 
@@ -292,6 +326,8 @@ def compile_program(
         contracts ``x`` first with an operand holding ``i`` in a matrix
         multiply, the bias is added there; otherwise the program is compiled
         without it and ``Program.bias_inside`` is False (concatenate ones).
+    addmm : callable, optional
+        The backend's fused ``c + a @ b`` for the bias (see :class:`Program`).
 
     Returns
     -------
@@ -306,7 +342,7 @@ def compile_program(
     program = _compile(inputs, output, path, sizes, lead, bias_input)
     if bias_input is not None and not program.bias_inside:
         program = _compile(inputs, output, path, sizes, lead, None)
-    return program
+    return program if addmm is None else dataclasses.replace(program, addmm=addmm)
 
 
 def _compile(

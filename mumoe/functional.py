@@ -118,6 +118,7 @@ def contract(
     *,
     differentiable: bool | None = None,
     backend: str | None = None,
+    check_x: bool = True,
 ) -> Tensor:
     """:func:`forward` for callers that checked the cores already: no per-call walk over them.
 
@@ -132,6 +133,9 @@ def contract(
         dtype and backend of ``x``.
     backend : str, optional
         The active TensorLy backend, if the caller knows it.
+    check_x : bool, default True
+        False where the caller has checked that ``x`` is a floating tensor of
+        the backend with the cores' dtype (its shape is checked anyway).
 
     Returns
     -------
@@ -147,15 +151,15 @@ def contract(
     """
     if backend is None:
         backend = tl.get_backend()
-    rows, flat_gates, batch_shape = _operands(network, x, gates, backend)
+    rows, flat_gates, batch_shape = _operands(network, x, gates, backend, check_x)
     return _contract(network, cores, x, rows, flat_gates, batch_shape, differentiable, backend)
 
 
 def _operands(
-    network: Network, x: Tensor, gates: Any, backend: str
+    network: Network, x: Tensor, gates: Any, backend: str, check_x: bool = True
 ) -> tuple[Tensor, list[Tensor], tuple[int, ...]]:
     # x and the gates checked, their leading dimensions flattened into rows.
-    shape = check_tensor(x, "x", backend)
+    shape = check_tensor(x, "x", backend) if check_x else tuple(x.shape)
     if len(shape) == 0 or shape[-1] != network.in_features:
         raise ValueError(
             f"x must have shape (..., {network.in_features}) (in_features), got {shape}"
@@ -187,27 +191,44 @@ def _contract(
     batch_size = rows.shape[0]
     if differentiable is None:
         differentiable = any(getattr(core, "requires_grad", False) for core in cores)
-
-    def run(plan: Plan) -> Tensor:
-        if plan.bias_inside(batch_size, differentiable):
-            return plan(*gates, rows, *cores, bias_inside=True)
-        z = rows
-        if network.bias:  # z = [x, 1]
-            ones = tl.ones((batch_size, 1), **creation_context(x))
-            z = tl.concatenate([rows, ones], axis=1)
-        return plan(*gates, z, *cores)
-
-    timer = (lambda plan: _time(run, plan)) if network.autotune else None
-    out = run(network.planner.forward(batch_size, backend, x.dtype, timer))
+    args = (network, gates, rows, cores, batch_size, differentiable)
+    if network.autotune:
+        timer = lambda plan: _time(_run, plan, *args)  # noqa: E731
+        out = _run(network.planner.forward(batch_size, backend, x.dtype, timer), *args)
+    else:
+        out = _run(network.planner.forward(batch_size, backend, x.dtype), *args)
     if len(batch_shape) == 1:
         return out
     return tl.reshape(out, (*batch_shape, network.out_features))
 
 
+def _run(
+    plan: Plan,
+    network: Network,
+    gates: list[Tensor],
+    rows: Tensor,
+    cores: Sequence[Tensor],
+    batch_size: int,
+    differentiable: bool,
+) -> Tensor:
+    # One call of a plan: the bias inside the contraction, or z = [x, 1] (the bias rule).
+    if plan.bias_inside(batch_size, differentiable):
+        return plan.bias_program((*gates, rows, *cores))  # type: ignore[misc]
+    if not network.bias:
+        return plan.program((*gates, rows, *cores))
+    ones = tl.ones((batch_size, 1), **creation_context(rows))
+    return plan.program((*gates, tl.concatenate([rows, ones], axis=1), *cores))
+
+
 def _check_gates(
     network: Network, gates: Any, batch_shape: tuple[int, ...], backend: str, dtype: Any
 ) -> list[Tensor]:
-    if is_tensor(gates, backend):
+    if type(gates) is list or type(gates) is tuple:
+        if len(gates) == len(network.expert_dims) and _fits(
+            gates, network, batch_shape, backend, dtype
+        ):
+            return list(gates)  # the common case, checked without building messages
+    elif is_tensor(gates, backend):
         if network.n_levels != 1:
             raise TypeError(
                 f"gates must be a list of {network.n_levels} tensors, one per expert level "
@@ -233,13 +254,31 @@ def _check_gates(
     return list(gates)
 
 
-def _time(run: Callable[[Plan], Tensor], plan: Plan, repeats: int = 3) -> float:
+def _fits(
+    gates: Sequence[Any], network: Network, batch_shape: tuple[int, ...], backend: str, dtype: Any
+) -> bool:
+    # Is every gate a tensor of the backend and dtype of x, shaped (*batch_shape, N_e)?
+    for gate, n in zip(gates, network.expert_dims, strict=True):
+        if not is_tensor(gate, backend):
+            return False
+        shape = gate.shape
+        if (
+            gate.dtype != dtype
+            or len(shape) != len(batch_shape) + 1
+            or shape[-1] != n
+            or tuple(shape[:-1]) != batch_shape
+        ):
+            return False
+    return True
+
+
+def _time(run: Callable[..., Tensor], plan: Plan, *args: Any, repeats: int = 3) -> float:
     # Autotuning: the best of a few runs of a candidate plan on the real operands.
-    run(plan)  # warm-up
+    run(plan, *args)  # warm-up
     best = math.inf
     for _ in range(repeats):
         start = time.perf_counter()
-        run(plan)
+        run(plan, *args)
         best = min(best, time.perf_counter() - start)
     return best
 

@@ -289,9 +289,6 @@ def gate_dtype(dtype: Any) -> Any:
     >>> import numpy as np
     >>> gate_dtype(np.dtype("float16")), gate_dtype(np.dtype("float64"))
     (<class 'numpy.float32'>, dtype('float64'))
-    >>> import torch
-    >>> gate_dtype(torch.bfloat16)
-    torch.float32
     """
     if dtype_name(dtype) not in _NARROW:
         return dtype

@@ -16,7 +16,7 @@ The network stores no arrays: the cores are passed to the functions of
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Hashable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from types import MappingProxyType
 from typing import Any
 
@@ -399,71 +399,21 @@ class Network:
 
     # ------------------------------------------------------------------ plans
 
-    def forward_plan(
-        self,
-        batch_size: int,
-        backend: str,
-        dtype: Hashable,
-        timer: Callable[[Plan], float] | None = None,
-    ) -> Plan:
-        """The compiled forward contraction (:meth:`mumoe.planner.Planner.forward`).
+    def _deprecated_plan(self, old: str, new: str, *args: Any) -> Plan:
+        warn_renamed(f"Network.{old}", f"Network.planner.{new}", stacklevel=4)
+        return getattr(self.planner, new)(*args)
 
-        Parameters
-        ----------
-        batch_size : int
-        backend : str
-        dtype : hashable
-        timer : callable, optional
+    def forward_plan(self, *args: Any) -> Plan:
+        """Deprecated: :meth:`network.planner.forward <mumoe.planner.Planner.forward>`."""
+        return self._deprecated_plan("forward_plan", "forward", *args)
 
-        Returns
-        -------
-        Plan
+    def materialize_plan(self, *args: Any) -> Plan:
+        """Deprecated: :meth:`network.planner.materialize <mumoe.planner.Planner.materialize>`."""
+        return self._deprecated_plan("materialize_plan", "materialize", *args)
 
-        Examples
-        --------
-        >>> net = Network("n r, i r, o r", 8, 5, 2, rank=3)
-        >>> net.forward_plan(100, "numpy", "float64").shapes[0]  # bucket 128
-        (128, 8)
-        """
-        return self.planner.forward(batch_size, backend, dtype, timer)
-
-    def materialize_plan(self, backend: str, dtype: Hashable) -> Plan:
-        """The contraction of all cores into ``W`` (:meth:`mumoe.planner.Planner.materialize`).
-
-        Parameters
-        ----------
-        backend : str
-        dtype : hashable
-
-        Returns
-        -------
-        Plan
-
-        Examples
-        --------
-        >>> Network("n r, i r, o r", 8, 5, 2, rank=3).materialize_plan("numpy", "float64").shapes
-        ((8, 3), (6, 3), (2, 3))
-        """
-        return self.planner.materialize(backend, dtype)
-
-    def expert_plan(self, backend: str, dtype: Hashable) -> Plan:
-        """The contraction of one expert's matrix (:meth:`mumoe.planner.Planner.expert`).
-
-        Parameters
-        ----------
-        backend : str
-        dtype : hashable
-
-        Returns
-        -------
-        Plan
-
-        Examples
-        --------
-        >>> Network("n r, i r, o r", 8, 5, 2, rank=3).expert_plan("numpy", "float64").shapes
-        ((3,), (6, 3), (2, 3))
-        """
-        return self.planner.expert(backend, dtype)
+    def expert_plan(self, *args: Any) -> Plan:
+        """Deprecated: :meth:`network.planner.expert <mumoe.planner.Planner.expert>`."""
+        return self._deprecated_plan("expert_plan", "expert", *args)
 
     @property
     def plans(self) -> PlanCache:

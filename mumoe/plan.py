@@ -97,7 +97,7 @@ class Plan:
     Examples
     --------
     >>> from mumoe import cp
-    >>> plan = cp(16, 8, 4, rank=3).forward_plan(16, "numpy", "float64")  # batch 16
+    >>> plan = cp(16, 8, 4, rank=3).planner.forward(16, "numpy", "float64")  # batch 16
     >>> plan.equation, plan.path, plan.flops
     ('ab,ac,be,ce,de->ad', ((0, 2), (0, 1), (1, 2), (0, 1)), 2832)
     >>> [step.kind for step in plan.program.steps]
@@ -125,6 +125,7 @@ class Plan:
         *,
         lead: str | None = None,
         bias_input: int | None = None,
+        addmm: Callable[[Any, Any, Any], Any] | None = None,
     ) -> Plan:
         """Search a contraction path and compile it.
 
@@ -142,6 +143,8 @@ class Plan:
         bias_input : int, optional
             Position of an input operand ``(lead, i)`` that may come without
             its bias column: see :func:`mumoe.contraction.compile_program`.
+        addmm : callable, optional
+            The backend's fused ``c + a @ b``, for adding that bias.
 
         Returns
         -------
@@ -163,7 +166,7 @@ class Plan:
         bias_program = None
         if bias_input is not None:
             candidate = compile_program(
-                terms, output, path, sizes, lead=lead, bias_input=bias_input
+                terms, output, path, sizes, lead=lead, bias_input=bias_input, addmm=addmm
             )
             bias_program = candidate if candidate.bias_inside else None
         return cls(
@@ -198,7 +201,7 @@ class Plan:
         Examples
         --------
         >>> from mumoe import cp
-        >>> plan = cp(8, 5, 2, rank=3).forward_plan(4, "numpy", "float64")
+        >>> plan = cp(8, 5, 2, rank=3).planner.forward(4, "numpy", "float64")
         >>> plan.bias_inside(4, differentiable=False), plan.bias_inside(4, differentiable=True)
         (True, False)
         """

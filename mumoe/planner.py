@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 import opt_einsum
 
+from mumoe.backend import backend_function
 from mumoe.plan import DEFAULT_OPTIMIZE, Plan, PlanCache, batch_bucket
 from mumoe.spec import INPUT, OUTPUT
 from mumoe.validation import check_bool
@@ -112,17 +113,19 @@ class Planner:
         bucket = batch_bucket(batch_size)
         key = ("forward", bucket, backend, dtype)
         if self.autotune and timer is not None:
-            return self.cache.get(key, lambda: self._tune(bucket, timer))
-        return self.cache.get(key, lambda: self.build_forward(bucket))
+            return self.cache.get(key, lambda: self._tune(bucket, backend, timer))
+        return self.cache.get(key, lambda: self.build_forward(bucket, backend=backend))
 
-    def _tune(self, batch_size: int, timer: Callable[[Plan], float]) -> Plan:
+    def _tune(self, batch_size: int, backend: str, timer: Callable[[Plan], float]) -> Plan:
         candidates: dict[tuple[tuple[int, ...], ...], Plan] = {}
         for optimize in (self.optimize, *AUTOTUNE_OPTIMIZERS):
-            plan = self.build_forward(batch_size, optimize)
+            plan = self.build_forward(batch_size, optimize, backend=backend)
             candidates.setdefault(plan.path, plan)
         return min(candidates.values(), key=timer)
 
-    def build_forward(self, batch_size: int, optimize: Any = None) -> Plan:
+    def build_forward(
+        self, batch_size: int, optimize: Any = None, *, backend: str | None = None
+    ) -> Plan:
         """Build (without caching) the forward plan for ``batch_size`` rows.
 
         Parameters
@@ -130,6 +133,9 @@ class Planner:
         batch_size : int
         optimize : str or path, optional
             The optimiser; this planner's by default.
+        backend : str, optional
+            The backend the plan runs on, for its fused ``addmm`` where it
+            declares one (``backends/``).
 
         Returns
         -------
@@ -148,6 +154,7 @@ class Planner:
             self.optimize if optimize is None else optimize,
             lead=net._batch,
             bias_input=net.n_levels if net.bias else None,  # x follows the gates
+            addmm=None if backend is None else backend_function(backend, "addmm"),
         )
 
     def chosen(

@@ -140,7 +140,7 @@ def layer_forward(
         if gate is None:
             raise ValueError("this layer has no gate (gated=False): pass gates to the call")
         coefficients = list(gate(x))
-    elif isinstance(gates, list | tuple):
+    elif type(gates) in (list, tuple):
         coefficients = list(gates)
     else:
         coefficients = [gates]

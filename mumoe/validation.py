@@ -148,9 +148,9 @@ def dtype_name(dtype: Any) -> str:
 
     Examples
     --------
-    >>> import numpy as np, torch
-    >>> dtype_name(np.dtype("float32")), dtype_name(torch.bfloat16)
-    ('float32', 'bfloat16')
+    >>> import numpy as np
+    >>> dtype_name(np.dtype("float32")), dtype_name(np.dtype("float16"))
+    ('float32', 'float16')
     """
     return str(dtype).rsplit(".", 1)[-1]
 

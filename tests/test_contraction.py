@@ -40,7 +40,7 @@ def test_the_bias_falls_back_to_a_ones_column_when_x_meets_a_gate_first():
     base = cp(4, 3, 2, rank=2)
     # Operands: gate, x, U_n, U_i, U_o. Contract gate with x first: no core holds i there.
     net = rebuilt(base, optimize=[(0, 1), (0, 1), (0, 1), (0, 1)])
-    plan = net.forward_plan(5, "numpy", np.dtype("float64"))
+    plan = net.planner.forward(5, "numpy", np.dtype("float64"))
     assert plan.bias_program is None
     assert "a column of ones" in net.describe(5)
     cores = random_cores(net, random_state=0)
@@ -50,7 +50,7 @@ def test_the_bias_falls_back_to_a_ones_column_when_x_meets_a_gate_first():
 
 
 def test_cp_compiles_to_the_hand_written_sequence():
-    plan = cp(16, 8, 4, rank=3).forward_plan(32, "numpy", np.dtype("float64"))
+    plan = cp(16, 8, 4, rank=3).planner.forward(32, "numpy", np.dtype("float64"))
     kinds = [(s.kind, s.reshape, s.bias) for s in plan.bias_program.steps]
     # gate @ U_n; x @ U_i[:I] + U_i[I]; Hadamard; h @ U_o.T — no reshapes, no copies
     assert kinds == [("matmul", False, False), ("matmul", False, True),
@@ -61,7 +61,7 @@ def test_cp_compiles_to_the_hand_written_sequence():
 
 
 def test_intermediates_keep_the_batch_leading():
-    plan = tr((8, 4), 16, 10, rank=3).forward_plan(64, "numpy", np.dtype("float64"))
+    plan = tr((8, 4), 16, 10, rank=3).planner.forward(64, "numpy", np.dtype("float64"))
     for step in plan.program.steps:
         if isinstance(step, PairStep) and "a" in step.legs:
             assert step.legs[0] == "a"  # opt_einsum's symbol for the batch
@@ -70,7 +70,7 @@ def test_intermediates_keep_the_batch_leading():
 def test_the_smaller_operand_is_the_one_permuted():
     # TR's last step: (b, r0, r2) with the output core (r2, o, r0). Any order of the
     # summed legs (r0, r2) copies the core; only (r0, r2) leaves the intermediate a view.
-    plan = tr(128, 768, 1000, rank=(4, 4, 94)).forward_plan(256, "numpy", np.dtype("float32"))
+    plan = tr(128, 768, 1000, rank=(4, 4, 94)).planner.forward(256, "numpy", np.dtype("float32"))
     last = plan.program.steps[-1]
     assert last.left_perm is None
     assert last.equation == "aeg,egd->ad"
@@ -84,7 +84,7 @@ def test_the_bias_split_and_the_ones_column_agree(net, batch_shape, seed):
     x, gates = random_inputs(net, batch_shape, random_state=seed)
     rows = x.reshape(-1, net.in_features)
     gates = [g.reshape(rows.shape[0], -1) for g in gates]
-    plan = net.forward_plan(rows.shape[0], "numpy", np.dtype("float64"))
+    plan = net.planner.forward(rows.shape[0], "numpy", np.dtype("float64"))
     ones = np.concatenate([rows, np.ones((rows.shape[0], 1))], axis=1)
     concat = plan(*gates, ones, *cores)
     if plan.bias_program is not None:
@@ -108,10 +108,10 @@ def test_autotune_times_each_distinct_path_and_keeps_the_fastest():
         timed.append(plan.path)
         return len(timed)  # the first candidate is the "fastest"
 
-    chosen = net.forward_plan(64, "numpy", np.dtype("float64"), timer)
+    chosen = net.planner.forward(64, "numpy", np.dtype("float64"), timer)
     assert len(timed) == len(set(timed)) >= 1
     assert chosen.path == timed[0]
-    assert net.forward_plan(64, "numpy", np.dtype("float64"), timer) is chosen  # cached
+    assert net.planner.forward(64, "numpy", np.dtype("float64"), timer) is chosen  # cached
     assert len(timed) == len(set(timed))
 
 

@@ -316,7 +316,7 @@ def test_materialize_rejects_mixed_dtypes():
 
 def test_flops_match_the_executed_plan():
     net = cp(16, 8, 4, rank=3)
-    plan = net.forward_plan(10, "numpy", np.dtype("float64"))
+    plan = net.planner.forward(10, "numpy", np.dtype("float64"))
     assert plan.shapes[0] == (16, 16)  # searched at the bucket size
     assert net.flops(16) == plan.flops
     assert math.isclose(net.flops(10) / net.flops(16), 10 / 16)

@@ -15,7 +15,27 @@ from mumoe import functional
 from mumoe.backend import thread_backend
 from mumoe.network import Network
 
-__all__ = ["module_contract", "torch_forward"]
+__all__ = ["device_type", "module_contract", "torch_forward"]
+
+
+def device_type(x: torch.Tensor) -> str:
+    """``x.device.type``, without building a device object for CPU tensors.
+
+    Parameters
+    ----------
+    x : torch.Tensor
+
+    Returns
+    -------
+    str
+
+    Examples
+    --------
+    >>> import torch
+    >>> device_type(torch.zeros(1))
+    'cpu'
+    """
+    return "cpu" if x.is_cpu else x.device.type
 
 
 def _autocast(
@@ -23,9 +43,10 @@ def _autocast(
 ) -> tuple[torch.Tensor, Sequence[torch.Tensor], Sequence[torch.Tensor]]:
     # Autocast casts the operands of torch's own matmuls; mumoe's operands
     # must share one dtype, so they are cast together, to autocast's dtype.
-    if not torch.is_autocast_enabled(x.device.type):
+    device = device_type(x)
+    if not torch.is_autocast_enabled(device):
         return x, cores, gates
-    dtype = torch.get_autocast_dtype(x.device.type)
+    dtype = torch.get_autocast_dtype(device)
     return x.to(dtype), [c.to(dtype) for c in cores], [g.to(dtype) for g in gates]
 
 
@@ -103,5 +124,5 @@ def module_contract(
     x, cores, gates = _autocast(x, cores, gates)
     differentiable = torch.is_grad_enabled() and any(c.requires_grad for c in cores)
     return functional.contract(
-        network, cores, x, gates, differentiable=differentiable, backend="pytorch"
+        network, cores, x, gates, differentiable=differentiable, backend="pytorch", check_x=False
     )

@@ -40,6 +40,9 @@ from mumoe.gating import (
     gate_dtype,
 )
 from mumoe.gating import resolve_activation as _resolve
+from mumoe.nn.contract import device_type
+
+NO_CONTEXT = contextlib.nullcontext()
 
 __all__ = [
     "NORMALIZATIONS",
@@ -173,8 +176,8 @@ def torch_gate_coefficients(
     torch.float32
     """
     kept = [None if isinstance(n, nn.Identity) else n for n in norms]
-    autocast = torch.is_autocast_enabled(x.device.type)
-    with torch.autocast(x.device.type, enabled=False) if autocast else contextlib.nullcontext():
+    device = device_type(x)
+    with torch.autocast(device, enabled=False) if torch.is_autocast_enabled(device) else NO_CONTEXT:
         return gate_coefficients(x, projections, kept, activation)
 
 

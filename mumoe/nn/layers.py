@@ -23,7 +23,7 @@ from torch import nn
 from mumoe import functional
 from mumoe.backend import thread_backend
 from mumoe.network import Network
-from mumoe.nn.contract import module_contract
+from mumoe.nn.contract import device_type, module_contract
 from mumoe.nn.gating import Activation, MuMoEGate
 from mumoe.nn.init import init_cores_
 from mumoe.presets import build_network
@@ -176,9 +176,11 @@ class MuMoE(nn.Module):
     def _weights(self) -> tuple[Network, list[torch.Tensor]]:
         # The network and cores to contract; subclasses that hold their
         # weights differently (mumoe.nn.factorized) override this.
-        # ParameterList's own iterator formats an index string per item: read
-        # the parameters directly (a tenth of the time at small sizes).
-        return self.network, list(self.cores._parameters.values())  # type: ignore[arg-type]
+        # Per-call cost matters for one-row calls: read the submodule and its
+        # parameters from their dicts (nn.Module.__getattr__ and ParameterList's
+        # iterator, which formats an index string per item, cost microseconds).
+        cores = self._modules["cores"]._parameters.values()  # type: ignore[union-attr]
+        return self.network, list(cores)
 
     @contextmanager
     def scaled_experts(self, level: int, factors: Any) -> Iterator[None]:
@@ -232,7 +234,8 @@ class MuMoE(nn.Module):
         finally:
             self._expert_scales = previous
 
-    def _check_input(self, x: Any) -> None:
+    def _check_input(self, x: Any, weight: torch.Tensor | None = None) -> None:
+        # The input against the layer, and its device and dtype against ``weight``.
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"input must be a torch.Tensor, got {type(x).__qualname__}")
         if x.dim() == 0 or x.shape[-1] != self.in_features:
@@ -245,16 +248,15 @@ class MuMoE(nn.Module):
                 f"input has dtype {x.dtype}; μMoE layers compute in floating point: cast it "
                 "(x.float(), x.to(layer's dtype))"
             )
-
-    @staticmethod
-    def _check_weights(x: torch.Tensor, weight: torch.Tensor) -> None:
+        if weight is None:
+            return
         # get_device() is an int (-1 on CPU): a cheaper test than comparing devices.
         if x.get_device() != weight.get_device():
             raise ValueError(
                 f"input is on {x.device} but the layer's parameters are on {weight.device}; "
                 "move one of them (x.to(...) or layer.to(...))"
             )
-        if x.dtype != weight.dtype and not torch.is_autocast_enabled(x.device.type):
+        if x.dtype != weight.dtype and not torch.is_autocast_enabled(device_type(x)):
             raise TypeError(
                 f"input has dtype {x.dtype} but the layer's parameters are {weight.dtype}; "
                 "cast one of them (x.to(dtype) or layer.to(dtype)), or run under torch.autocast"
@@ -295,9 +297,8 @@ class MuMoE(nn.Module):
         >>> y.shape, [tuple(a.shape) for a in gates]
         (torch.Size([3, 5, 4]), [(3, 5, 6), (3, 5, 2)])
         """
-        self._check_input(x)
         network, cores = self._weights()
-        self._check_weights(x, cores[0])
+        self._check_input(x, cores[0])
         scales = self._expert_scales
         if expert_scales:
             scales = {
@@ -306,10 +307,13 @@ class MuMoE(nn.Module):
             }
         if scales:
             scales = {e: s.to(x) for e, s in scales.items()}
+        # Submodules from the dict, not through nn.Module.__getattr__ (see _weights).
+        modules = self._modules
         with thread_backend("pytorch"):
             y, coefficients = layer_forward(
-                network, cores, x, gate=self.gate, gates=gates, input_norm=self.input_norm,
-                expert_scales=scales, contract=module_contract,
+                network, cores, x, gate=modules.get("gate") if gates is None else None,
+                gates=gates, input_norm=modules.get("input_norm"), expert_scales=scales,
+                contract=module_contract,
             )  # fmt: skip
         return (y, coefficients) if return_gates else y
 
