@@ -9,6 +9,13 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import os
+
+# Each pytest-xdist worker gets one core's worth of threads: BLAS and torch
+# pools of every worker together would oversubscribe the machine (set before
+# NumPy or torch start their pools).
+if "PYTEST_XDIST_WORKER" in os.environ:
+    for _variable in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ.setdefault(_variable, "1")
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -89,6 +96,44 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
         f"mumoe backends: declared {declared}; usable here: {', '.join(AVAILABLE)}",
         f"TensorLy default backend: {tl.get_backend()}",
     ]
+
+
+def public_modules() -> list[str]:
+    """Every module of the package whose dotted name has no leading underscore."""
+    import pkgutil
+
+    import mumoe
+
+    found = ["mumoe"]
+    for info in pkgutil.walk_packages(mumoe.__path__, "mumoe."):
+        if not any(part.startswith("_") for part in info.name.split(".")):
+            found.append(info.name)
+    return sorted(found)
+
+
+def randomise(
+    module: Any, seed: int = 0, *, scale: float = 1.0, normal: bool = False, only: str = ""
+) -> Any:
+    """Random values in a torch module's parameters (whose names contain ``only``), in place.
+
+    Uniform in [-scale, scale), or normal with standard deviation ``scale``:
+    gate projections start at zero and levels past the first at ones, so a
+    module straight from its constructor hides many mistakes.  Returns the
+    module.
+    """
+    import torch
+
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if only not in name:
+                continue
+            if normal:
+                values = torch.randn(p.shape, generator=generator, dtype=p.dtype) * scale
+            else:
+                values = torch.rand(p.shape, generator=generator, dtype=p.dtype) * 2 * scale - scale
+            p.copy_(values)
+    return module
 
 
 @contextlib.contextmanager

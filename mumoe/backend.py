@@ -30,10 +30,13 @@ from typing import Any
 import tensorly as tl
 from tensorly.backend import BackendManager
 
+from mumoe.contraction import Kernels
+
 __all__ = [
     "BackendDeclaration",
     "backend_erf",
     "backend_function",
+    "backend_kernels",
     "cast",
     "creation_context",
     "declared_backends",
@@ -148,6 +151,12 @@ class BackendDeclaration:
         ``"module:function"`` computing ``c + a @ b`` in one call
         (``torch.addmm``'s signature), or empty: the compiled plans add a
         bias inside the contraction with it.
+    jit : str, default ""
+        ``"module:function"`` compiling a function of arrays once per shape
+        (``jax.jit``), or empty: compiled plans are wrapped in it.
+    max_examples : int, default 0
+        Hypothesis examples per property test on this backend (0: the
+        profile's); for backends that compile every new shape.
 
     Examples
     --------
@@ -164,6 +173,8 @@ class BackendDeclaration:
     dtypes: tuple[str, ...]
     erf: str
     addmm: str = ""
+    jit: str = ""
+    max_examples: int = 0
 
 
 def _declarations_dir() -> Path:
@@ -206,6 +217,8 @@ def declared_backends() -> list[BackendDeclaration]:
                     dtypes=tuple(data["dtypes"]),
                     erf=str(data["erf"]),
                     addmm=str(data.get("addmm", "")),
+                    jit=str(data.get("jit", "")),
+                    max_examples=int(data.get("max_examples", 0)),
                 )
             )
         except KeyError as error:
@@ -305,6 +318,26 @@ def backend_function(backend: str, kind: str) -> Any:
             function = getattr(importlib.import_module(module), attribute)
         _FUNCTIONS[key] = function
     return _FUNCTIONS[key]
+
+
+def backend_kernels(backend: str) -> Kernels:
+    """The kernels ``backend`` declares for compiled programs (none if undeclared).
+
+    Parameters
+    ----------
+    backend : str
+        A TensorLy backend name.
+
+    Returns
+    -------
+    mumoe.contraction.Kernels
+
+    Examples
+    --------
+    >>> backend_kernels("numpy")
+    Kernels(addmm=None, jit=None)
+    """
+    return Kernels(addmm=backend_function(backend, "addmm"), jit=backend_function(backend, "jit"))
 
 
 # Resolved declared functions, by (backend, kind).

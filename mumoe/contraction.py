@@ -44,7 +44,33 @@ import tensorly as tl
 
 from mumoe._deprecation import deprecated_property
 
-__all__ = ["PairStep", "Program", "SumStep", "compile_program"]
+__all__ = ["Kernels", "PairStep", "Program", "SumStep", "compile_program"]
+
+
+@dataclass(frozen=True)
+class Kernels:
+    """A backend's own kernels that compiled programs use where it declares them.
+
+    Read from ``backends/*.toml`` by :func:`mumoe.backend.backend_kernels`.
+
+    Parameters
+    ----------
+    addmm : callable, optional
+        ``addmm(c, a, b) = c + a @ b`` in one call (``torch.addmm``): adds the
+        input's bias inside the contraction; ``a @ b + c`` without.
+    jit : callable, optional
+        Compiles a function of arrays once per shape (``jax.jit``): the whole
+        program becomes one compiled function instead of one dispatch per
+        operation.
+
+    Examples
+    --------
+    >>> Kernels()
+    Kernels(addmm=None, jit=None)
+    """
+
+    addmm: Callable[[Any, Any, Any], Any] | None = None
+    jit: Callable[[Callable[..., Any]], Callable[..., Any]] | None = None
 
 
 @dataclass(frozen=True)
@@ -145,10 +171,8 @@ class Program:
     bias_width : int, default 0
         With ``bias_inside``: elements of one row of the core slice added as
         the bias (the size of the legs that step keeps from the core).
-    addmm : callable, optional
-        The backend's fused ``addmm(c, a, b) = c + a @ b``
-        (:func:`mumoe.backend.backend_function`), used to add the bias;
-        ``a @ b + c`` without.
+    kernels : Kernels, optional
+        The backend's own kernels the steps may use (none by default).
 
     Examples
     --------
@@ -162,7 +186,7 @@ class Program:
     final_perm: tuple[int, ...] | None
     bias_inside: bool
     bias_width: int = 0
-    addmm: Callable[[Any, Any, Any], Any] | None = field(default=None, compare=False, repr=False)
+    kernels: Kernels = field(default_factory=lambda: Kernels(), compare=False, repr=False)
 
     split = deprecated_property("split", "bias_inside")
     split_width = deprecated_property("split_width", "bias_width")
@@ -208,7 +232,7 @@ def _generate(program: Program) -> Callable[[Sequence[Any]], Any]:
             left, right = working[step.left], working[step.right]
             for position in sorted((step.left, step.right), reverse=True):
                 del working[position]
-            namespace[f"step{k}"] = _pair(step, program.addmm)
+            namespace[f"step{k}"] = _pair(step, program.kernels.addmm)
             lines.append(f"    r{result} = step{k}(r{left}, r{right})")
         working.append(result)
     if program.final_perm is None:
@@ -216,8 +240,9 @@ def _generate(program: Program) -> Callable[[Sequence[Any]], Any]:
     else:
         namespace["final"] = _prepare((), program.final_perm)
         lines.append(f"    return final(r{result})")
-    exec("\n".join(lines), namespace)
-    return namespace["run"]
+    exec("\n".join(lines), namespace)  # code built here from integers and names only
+    jit = program.kernels.jit
+    return namespace["run"] if jit is None else jit(namespace["run"])
 
 
 def _sum(axes: tuple[int, ...]) -> Callable[[Any], Any]:
@@ -303,7 +328,7 @@ def compile_program(
     *,
     lead: str | None = None,
     bias_input: int | None = None,
-    addmm: Callable[[Any, Any, Any], Any] | None = None,
+    kernels: Kernels | None = None,
 ) -> Program:
     """Compile a pairwise contraction path into matrix-multiply steps.
 
@@ -326,8 +351,8 @@ def compile_program(
         contracts ``x`` first with an operand holding ``i`` in a matrix
         multiply, the bias is added there; otherwise the program is compiled
         without it and ``Program.bias_inside`` is False (concatenate ones).
-    addmm : callable, optional
-        The backend's fused ``c + a @ b`` for the bias (see :class:`Program`).
+    kernels : Kernels, optional
+        The backend's own kernels (see :class:`Kernels`).
 
     Returns
     -------
@@ -342,7 +367,7 @@ def compile_program(
     program = _compile(inputs, output, path, sizes, lead, bias_input)
     if bias_input is not None and not program.bias_inside:
         program = _compile(inputs, output, path, sizes, lead, None)
-    return program if addmm is None else dataclasses.replace(program, addmm=addmm)
+    return program if kernels is None else dataclasses.replace(program, kernels=kernels)
 
 
 def _compile(

@@ -66,11 +66,10 @@ class HeadResult:
 
     Examples
     --------
-    >>> import io, tempfile
-    >>> result = run(experts=(4,), epochs=1, progress=False, output=tempfile.mkdtemp(),
-    ...              stream=io.StringIO())
-    >>> [(head.name, head.n_experts, head.expert_params) for head in result.heads]
-    [('linear', 0, 650), ('cp N=4', 4, 5135)]
+    >>> import numpy as np
+    >>> head = HeadResult("cp N=4", 4, 19, 5135, 256, 0.95, np.full(10, 0.95))
+    >>> head.expert_params + head.gate_params, head.polysemanticity
+    (5391, nan)
     """
 
     name: str
@@ -104,11 +103,10 @@ class DemoResult:
 
     Examples
     --------
-    >>> import io, tempfile
-    >>> result = run(experts=(4,), epochs=1, progress=False, output=tempfile.mkdtemp(),
-    ...              stream=io.StringIO(), edit_class=0)
-    >>> result.edit_class, [path.name for path in result.figures]
-    (0, ['polysemanticity.png', 'experts_N4.png', 'edit.png'])
+    >>> import numpy as np
+    >>> linear = HeadResult("linear", 0, None, 650, 0, 0.9, np.full(10, 0.9))
+    >>> DemoResult([linear], None, [], None, None, []).heads[0].name
+    'linear'
     """
 
     heads: list[HeadResult]
@@ -222,10 +220,14 @@ def run(
     --------
     >>> import io, tempfile
     >>> report = io.StringIO()
-    >>> result = run(experts=(4, 8), epochs=2, progress=False, output=tempfile.mkdtemp(),
-    ...              stream=report)
+    >>> result = run(experts=(4,), epochs=1, progress=False, output=tempfile.mkdtemp(),
+    ...              stream=report, edit_class=0)
     >>> print(report.getvalue().splitlines()[4])  # the table's header
     head    rank  experts+gate params  test accuracy  polysemanticity  counted
+    >>> [(head.name, head.n_experts, head.expert_params) for head in result.heads]
+    [('linear', 0, 650), ('cp N=4', 4, 5135)]
+    >>> [path.name for path in result.figures]
+    ['polysemanticity.png', 'experts_N4.png', 'edit.png']
     """
     import torch
     from tqdm.auto import tqdm

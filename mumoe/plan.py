@@ -25,7 +25,7 @@ from typing import Any
 import opt_einsum
 
 from mumoe._deprecation import deprecated_property
-from mumoe.contraction import Program, compile_program
+from mumoe.contraction import Kernels, Program, compile_program
 from mumoe.validation import positive_int
 
 __all__ = ["BIAS_INSIDE_ROWS", "DEFAULT_OPTIMIZE", "Plan", "PlanCache", "batch_bucket"]
@@ -125,7 +125,7 @@ class Plan:
         *,
         lead: str | None = None,
         bias_input: int | None = None,
-        addmm: Callable[[Any, Any, Any], Any] | None = None,
+        kernels: Kernels | None = None,
     ) -> Plan:
         """Search a contraction path and compile it.
 
@@ -143,8 +143,8 @@ class Plan:
         bias_input : int, optional
             Position of an input operand ``(lead, i)`` that may come without
             its bias column: see :func:`mumoe.contraction.compile_program`.
-        addmm : callable, optional
-            The backend's fused ``c + a @ b``, for adding that bias.
+        kernels : mumoe.contraction.Kernels, optional
+            The backend's own kernels for the compiled steps.
 
         Returns
         -------
@@ -162,11 +162,11 @@ class Plan:
         terms = inputs.split(",")
         sizes = {leg: d for term, shape in zip(terms, dims, strict=True)
                  for leg, d in zip(term, shape, strict=True)}  # fmt: skip
-        program = compile_program(terms, output, path, sizes, lead=lead)
+        program = compile_program(terms, output, path, sizes, lead=lead, kernels=kernels)
         bias_program = None
         if bias_input is not None:
             candidate = compile_program(
-                terms, output, path, sizes, lead=lead, bias_input=bias_input, addmm=addmm
+                terms, output, path, sizes, lead=lead, bias_input=bias_input, kernels=kernels
             )
             bias_program = candidate if candidate.bias_inside else None
         return cls(

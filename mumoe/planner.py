@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 import opt_einsum
 
-from mumoe.backend import backend_function
+from mumoe.backend import backend_kernels
 from mumoe.plan import DEFAULT_OPTIMIZE, Plan, PlanCache, batch_bucket
 from mumoe.spec import INPUT, OUTPUT
 from mumoe.validation import check_bool
@@ -134,8 +134,8 @@ class Planner:
         optimize : str or path, optional
             The optimiser; this planner's by default.
         backend : str, optional
-            The backend the plan runs on, for its fused ``addmm`` where it
-            declares one (``backends/``).
+            The backend the plan runs on, for the kernels it declares
+            (:func:`mumoe.backend.backend_kernels`).
 
         Returns
         -------
@@ -154,7 +154,7 @@ class Planner:
             self.optimize if optimize is None else optimize,
             lead=net._batch,
             bias_input=net.n_levels if net.bias else None,  # x follows the gates
-            addmm=None if backend is None else backend_function(backend, "addmm"),
+            kernels=None if backend is None else backend_kernels(backend),
         )
 
     def chosen(
@@ -251,13 +251,15 @@ class Planner:
         >>> net.planner.materialize("numpy", "float64")(*cores).shape
         (8, 6, 2)
         """
-        return self.cache.get(("materialize", backend, dtype), self._build_materialize)
+        return self.cache.get(("materialize", backend, dtype), lambda: self._materialize(backend))
 
-    def _build_materialize(self) -> Plan:
+    def _materialize(self, backend: str) -> Plan:
         net = self.network
         output = net._term([*net.expert_legs, INPUT, OUTPUT])
         equation = ",".join(map(net._term, net.core_legs)) + "->" + output
-        return Plan.build(equation, net.core_shapes, self._other_optimize)
+        return Plan.build(
+            equation, net.core_shapes, self._other_optimize, kernels=backend_kernels(backend)
+        )
 
     def expert(self, backend: str, dtype: Hashable) -> Plan:
         """The compiled contraction of the cores, expert legs sliced away, into ``(I', O)``.
@@ -281,15 +283,15 @@ class Planner:
         >>> cp(8, 5, 2, rank=3).planner.expert("numpy", "float64")(*sliced)[0]
         array([3., 3.])
         """
-        return self.cache.get(("expert", backend, dtype), self._build_expert)
+        return self.cache.get(("expert", backend, dtype), lambda: self._expert(backend))
 
-    def _build_expert(self) -> Plan:
+    def _expert(self, backend: str) -> Plan:
         net = self.network
         experts = set(net.expert_legs)
         kept = [[leg for leg in legs if leg not in experts] for legs in net.core_legs]
         shapes = [[net.sizes[leg] for leg in legs] for legs in kept]
         equation = ",".join(map(net._term, kept)) + "->" + net._term([INPUT, OUTPUT])
-        return Plan.build(equation, shapes, self._other_optimize)
+        return Plan.build(equation, shapes, self._other_optimize, kernels=backend_kernels(backend))
 
     @property
     def _other_optimize(self) -> str:

@@ -43,6 +43,7 @@ __all__ = [
     "networks",
     "preset_networks",
     "random_inputs",
+    "seeds",
     "to_numpy64",
 ]
 
@@ -223,6 +224,26 @@ def random_inputs(
 
 _sizes = st.integers(1, 5)
 _ranks = st.integers(1, 4)
+
+
+def seeds() -> st.SearchStrategy[int]:
+    """Seeds for the generators that draw values: NumPy's and torch's alike.
+
+    Below :math:`2^{31} - 1`, so that ``seed + 1`` is a seed too.
+
+    Returns
+    -------
+    hypothesis.strategies.SearchStrategy of int
+
+    Examples
+    --------
+    >>> from hypothesis import given
+    >>> @given(seeds())
+    ... def test(seed):
+    ...     assert 0 <= seed + 1 < 2**31
+    >>> test()
+    """
+    return st.integers(0, 2**31 - 2)
 
 
 def batch_shapes(max_dims: int = 2, max_side: int = 3) -> st.SearchStrategy[Shape]:

@@ -20,16 +20,14 @@ from mumoe.analysis import (
     polysemanticity,
     top_samples,
 )
-from mumoe.testing import networks
-
-seeds = st.integers(0, 2**32 - 1)
+from mumoe.testing import networks, seeds
 
 
 @st.composite
 def gated_samples(draw: st.DrawFn) -> tuple[np.ndarray, np.ndarray, int]:
     """Coefficients (S, N) on the simplex (some exact zeros), labels (S,), and C."""
     s, n, c = draw(st.integers(1, 30)), draw(st.integers(1, 12)), draw(st.integers(1, 6))
-    rng = np.random.RandomState(draw(seeds))
+    rng = np.random.RandomState(draw(seeds()))
     raw = rng.exponential(size=(s, n)) * (rng.uniform(size=(s, n)) < 0.6)
     raw[np.arange(s), rng.randint(n, size=s)] += rng.exponential(size=s) * 3
     return raw / raw.sum(1, keepdims=True), rng.randint(c, size=s), c
@@ -98,7 +96,7 @@ def test_top_samples_are_each_experts_largest_coefficients(sample, k):
         assert rest.size == 0 or rest.max() <= chosen.min()
 
 
-@given(st.lists(st.integers(1, 4), min_size=1, max_size=3), st.integers(1, 4), seeds)
+@given(st.lists(st.integers(1, 4), min_size=1, max_size=3), st.integers(1, 4), seeds())
 def test_joint_coefficients_are_the_products_in_c_order(dims, s, seed):
     rng = np.random.RandomState(seed)
     gates = [rng.uniform(size=(s, 2, n)) for n in dims]  # samples and tokens
@@ -171,7 +169,7 @@ def test_statistics_refuse_bad_input(call, error, match):
 # ------------------------------------------------- scaling experts in the cores
 
 
-@given(networks(max_levels=2), seeds, st.data())
+@given(networks(max_levels=2), seeds(), st.data())
 def test_scale_experts_scales_that_mode_of_w(net, seed, data):
     # NumPy here; tests/test_backends.py runs it on every backend and dtype.
     level = data.draw(st.integers(0, net.n_levels - 1))

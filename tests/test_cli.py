@@ -47,11 +47,28 @@ def test_describe_a_spec_with_named_bonds(capsys):
          "the cp network needs a rank"),
         (["describe", "tr", "--expert-dims", "8", "--in-features", "4", "--out-features", "2",
           "--rank", "2", "3", "2", "5"], r"TR ranks must close the ring"),
+        (["describe", "dense", "--expert-dims", "8", "--in-features", "4", "--out-features",
+          "2", "--rank", "3"], "the dense format has no rank, got rank=3"),
+        (["describe", "cp", "--expert-dims", "8", "--in-features", "4", "--out-features", "2",
+          "--rank", "x"], "--rank must be an int, got 'x'"),
+        (["describe", "cp", "--in-features", "4", "--out-features", "2", "--rank", "3"],
+         "needs --expert-dims"),
+        (["describe", "n r, i r, o r", "--expert-dims", "8", "--in-features", "4",
+          "--out-features", "2", "--rank", "same"], "chooses the rank of a format only"),
     ],
 )  # fmt: skip
 def test_bad_networks_exit_2_with_the_reason(capsys, argv, message):
     assert main(argv) == 2
     assert message in capsys.readouterr().err
+
+
+def test_describe_takes_a_budget_and_the_old_experts_flag(capsys):
+    argv = ["describe", "cp", "--in-features", "768", "--out-features", "1000", "--rank", "same"]
+    assert main([*argv, "--expert-dims", "128"]) == 0
+    assert "r=353" in capsys.readouterr().out  # the parameters of nn.Linear(768, 1000)
+    assert main([*argv, "--experts", "128"]) == 0
+    captured = capsys.readouterr()
+    assert "r=353" in captured.out and "--experts is deprecated" in captured.err
 
 
 def test_python_dash_m_and_console_script():

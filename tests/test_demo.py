@@ -1,6 +1,13 @@
-"""``mumoe demo``, the main job, in its fast mode: it trains, reports, edits and draws."""
+"""``mumoe demo``, the main job, in its fast mode: it trains, reports, edits and draws.
+
+The demo is trained once through the command line and once more to check
+that a seed gives the same numbers, in one test (one pytest-xdist worker).
+"""
 
 from __future__ import annotations
+
+import contextlib
+import io
 
 import numpy as np
 import pytest
@@ -12,33 +19,37 @@ for _module in ("torch", "sklearn", "matplotlib", "tqdm"):
 
 import torch  # noqa: E402
 
-from mumoe.cli import main  # noqa: E402
+import mumoe.demo  # noqa: E402
+from mumoe.cli import FAST_EPOCHS, FAST_EXPERTS, main  # noqa: E402
 from mumoe.demo import run  # noqa: E402
 
 PNG = b"\x89PNG\r\n\x1a\n"
+SEED, EDIT_CLASS = 3, 1
 
 
-def test_the_command_trains_reports_and_draws(tmp_path, capsys):
-    status = main(["demo", "--fast", "--no-progress", "--edit-class", "1",
-                   "--output", str(tmp_path / "out")])  # fmt: skip
-    assert status == 0
-    printed = capsys.readouterr().out
-    for row in ("linear ", "cp N=4 ", "cp N=16 "):
-        assert row in printed
-    assert "Edit: in the N=16 head, switch off the" in printed
-    assert "digit 1:" in printed
-    names = sorted(p.name for p in (tmp_path / "out").iterdir())
-    assert names == ["edit.png", "experts_N16.png", "experts_N4.png", "polysemanticity.png"]
-    for name in names:
-        assert (tmp_path / "out" / name).read_bytes().startswith(PNG)
+def test_the_command_trains_reports_edits_draws_and_repeats_itself(tmp_path):
+    """``mumoe demo --fast`` once through the command line, then again from Python."""
+    results, real = [], mumoe.demo.run
 
+    def recording(**options):
+        results.append(real(**options))
+        return results[-1]
 
-def test_the_same_seed_gives_the_same_numbers_and_leaves_torch_rng_alone(tmp_path):
-    state = torch.get_rng_state()
-    options = {"experts": (3, 6), "epochs": 2, "progress": False, "edit_class": 0}
-    first = run(seed=3, output=tmp_path / "a", **options)
-    assert torch.equal(torch.get_rng_state(), state)
-    second = run(seed=3, output=tmp_path / "b", **options)
+    printed = io.StringIO()
+    rng = torch.get_rng_state()
+    argv = ["demo", "--fast", "--no-progress", "--seed", str(SEED),
+            "--edit-class", str(EDIT_CLASS), "--output", str(tmp_path / "cli")]  # fmt: skip
+    with pytest.MonkeyPatch.context() as patch, contextlib.redirect_stdout(printed):
+        patch.setattr(mumoe.demo, "run", recording)  # the command imports it when run
+        assert main(argv) == 0
+    assert torch.equal(torch.get_rng_state(), rng), "the demo changed torch's global RNG"
+    (first,) = results
+    check_the_report(printed.getvalue(), first)
+    check_the_figures(tmp_path / "cli")
+
+    # The same seed gives the same numbers.
+    second = run(experts=FAST_EXPERTS, epochs=FAST_EPOCHS, seed=SEED, edit_class=EDIT_CLASS,
+                 progress=False, output=tmp_path / "again", stream=io.StringIO())  # fmt: skip
     for a, b in zip(first.heads, second.heads, strict=True):
         assert (a.name, a.rank, a.accuracy) == (b.name, b.rank, b.accuracy)
         np.testing.assert_array_equal(a.class_accuracy, b.class_accuracy)
@@ -48,15 +59,29 @@ def test_the_same_seed_gives_the_same_numbers_and_leaves_torch_rng_alone(tmp_pat
     np.testing.assert_array_equal(first.accuracy_after, second.accuracy_after)
 
 
-def test_the_result_holds_what_the_table_prints(tmp_path):
-    result = run(experts=(4,), epochs=2, progress=False, output=tmp_path)
-    linear, head = result.heads
+def check_the_report(printed, result):
+    for row in ("linear ", *(f"cp N={n} " for n in FAST_EXPERTS)):
+        assert row in printed
+    assert f"Edit: in the N={max(FAST_EXPERTS)} head, switch off the" in printed
+    assert f"digit {EDIT_CLASS}:" in printed
+    linear, *heads = result.heads
     assert (linear.n_experts, linear.expert_params, linear.gate_params) == (0, 650, 0)
-    assert head.n_experts == 4 and head.gate_params == 64 * 4
-    assert head.expert_params <= 8 * 650
-    assert head.histogram.shape == (4, 10)
-    assert 0 <= head.accuracy <= 1 and head.class_accuracy.shape == (10,)
-    assert 0 <= head.polysemanticity <= np.sqrt(0.9) or head.experts_counted == 0
+    assert [head.n_experts for head in heads] == FAST_EXPERTS
+    for head in heads:
+        assert head.gate_params == 64 * head.n_experts
+        assert head.expert_params <= 8 * 650
+        assert head.histogram.shape == (head.n_experts, 10)
+        assert 0 <= head.accuracy <= 1 and head.class_accuracy.shape == (10,)
+        assert 0 <= head.polysemanticity <= np.sqrt(0.9) or head.experts_counted == 0
+        assert f"{head.accuracy:.3f}" in printed
+
+
+def check_the_figures(folder):
+    names = sorted(p.name for p in folder.iterdir())
+    experts = [f"experts_N{n}.png" for n in FAST_EXPERTS]
+    assert names == sorted(["edit.png", "polysemanticity.png", *experts])
+    for name in names:
+        assert (folder / name).read_bytes().startswith(PNG)
 
 
 @pytest.mark.parametrize(

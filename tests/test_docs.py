@@ -4,25 +4,14 @@ from __future__ import annotations
 
 import importlib
 import inspect
-import pkgutil
 import re
 import typing
 
 import pytest
 
-import mumoe
-from conftest import ROOT
+from conftest import ROOT, public_modules
 
 API = (ROOT / "docs" / "api.rst").read_text()
-
-
-def public_modules() -> list[str]:
-    """Every module of the package whose dotted name has no leading underscore."""
-    found = ["mumoe"]
-    for info in pkgutil.walk_packages(mumoe.__path__, "mumoe."):
-        if not any(part.startswith("_") for part in info.name.split(".")):
-            found.append(info.name)
-    return sorted(found)
 
 
 def documented() -> dict[str, object]:

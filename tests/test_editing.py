@@ -12,6 +12,7 @@ torch = pytest.importorskip("torch", reason="torch is not installed (pip install
 from hypothesis import given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
+from conftest import randomise  # noqa: E402
 from mumoe.analysis import (  # noqa: E402
     collect_gates,
     counterfactual_histogram,
@@ -19,22 +20,16 @@ from mumoe.analysis import (  # noqa: E402
     edit_experts_,
 )
 from mumoe.nn import CPMuMoE, MuMoE, MuMoEBlock, TRMuMoE  # noqa: E402
-from mumoe.testing import assert_close, dense_forward, n_terms, networks  # noqa: E402
-
-seeds = st.integers(0, 2**31 - 1)
+from mumoe.testing import assert_close, dense_forward, n_terms, networks, seeds  # noqa: E402
 
 
 def trained_like(layer, seed):
     """Random cores and gate projections, so that gates and experts differ."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in layer.parameters():
-            p.copy_(torch.randn(p.shape, generator=gen, dtype=p.dtype))
-    return layer.eval()
+    return randomise(layer, seed, normal=True).eval()
 
 
 @settings(max_examples=30)
-@given(networks(max_levels=2), seeds, st.data())
+@given(networks(max_levels=2), seeds(), st.data())
 def test_an_edit_computes_with_that_mode_of_w_scaled(net, seed, data):
     layer = MuMoE(net.in_features, net.out_features, net, bias=net.bias, dtype=torch.float64)
     layer = trained_like(layer, seed)
@@ -165,7 +160,7 @@ def test_collect_gates_asks_which_gate_when_there_are_several():
 
 
 @settings(max_examples=10)
-@given(seeds)
+@given(seeds())
 def test_counterfactual_histogram_counts_the_changed_predictions(seed):
     layer = trained_like(CPMuMoE(6, 4, 5, rank=3, dtype=torch.float64), seed)
     with torch.no_grad():

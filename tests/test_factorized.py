@@ -14,6 +14,7 @@ if importlib.util.find_spec("tltorch") is None:  # importorskip would switch Ten
 
 import tensorly as tl  # noqa: E402
 
+from conftest import randomise  # noqa: E402
 from mumoe.backend import preserved_backend, thread_backend  # noqa: E402
 from mumoe.nn import (  # noqa: E402
     CPMuMoE,
@@ -30,14 +31,6 @@ with preserved_backend():
     import tltorch  # sets TensorLy's backend to pytorch at import
 
 
-def randomise(module, seed=0):
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in module.parameters():
-            p.copy_(torch.rand(p.shape, generator=generator, dtype=p.dtype) - 0.5)
-    return module
-
-
 LAYERS = {
     "cp": lambda: CPMuMoE(8, 5, (6, 3), rank=4),
     "tucker": lambda: TuckerMuMoE(8, 5, 6, rank=(2, 3, 4)),
@@ -47,7 +40,7 @@ LAYERS = {
 
 @pytest.mark.parametrize("name", list(LAYERS))
 def test_export_and_rebuild_give_the_same_layer(name):
-    layer = randomise(LAYERS[name]()).eval()
+    layer = randomise(LAYERS[name](), scale=0.5).eval()
     tensor = to_factorized_tensor(layer)
     assert tuple(tensor.shape) == layer.network.weight_shape
     with thread_backend("pytorch"):  # tltorch's own methods compute with TensorLy
@@ -71,7 +64,7 @@ def test_layer_from_a_tltorch_tensor_computes_eq1(factorization, rank):
         tensor.normal_(0, 0.5)
         full = tensor.to_tensor().detach()
     layer = FactorizedMuMoE(tensor, normalization="ln")
-    randomise(layer.gate)
+    randomise(layer.gate, scale=0.5)
     # the tensor's parameters are the layer's own
     assert any(p is tensor.factors[0] for p in layer.parameters())
     x = torch.randn(4, 8)
@@ -108,7 +101,7 @@ def test_a_factorized_layer_is_edited_in_a_block_but_not_for_good():
 
 def test_tensor_dropout_acts_on_the_layer():
     torch.manual_seed(0)
-    layer = randomise(FactorizedMuMoE(to_factorized_tensor(CPMuMoE(8, 5, 6, rank=16))))
+    layer = randomise(FactorizedMuMoE(to_factorized_tensor(CPMuMoE(8, 5, 6, rank=16))), scale=0.5)
     x = torch.randn(4, 8)
     layer.eval()
     reference = layer(x)

@@ -30,9 +30,8 @@ from mumoe.testing import (
     networks,
     preset_networks,
     random_inputs,
+    seeds,
 )
-
-seeds = st.integers(0, 2**32 - 2)  # a test may use seed + 1
 
 
 def setup(net, batch_shape, seed):
@@ -42,7 +41,7 @@ def setup(net, batch_shape, seed):
     return cores, x, gates
 
 
-@given(networks(), batch_shapes(), seeds)
+@given(networks(), batch_shapes(), seeds())
 def test_forward_equals_eq1_over_materialized_weight(net, batch_shape, seed):
     cores, x, gates = setup(net, batch_shape, seed)
     y = forward(net, cores, x, gates)
@@ -67,7 +66,7 @@ def to_tensorly(net, cores):
     return cores[0]
 
 
-@given(preset_networks(), seeds)
+@given(preset_networks(), seeds())
 def test_materialize_equals_tensorly_reconstructions(net, seed):
     cores, _, _ = setup(net, (), seed)
     weight = materialize(net, cores)
@@ -75,7 +74,7 @@ def test_materialize_equals_tensorly_reconstructions(net, seed):
     assert_close(weight, to_tensorly(net, cores), "float64", scale=n_terms(net))
 
 
-@given(networks(), batch_shapes(), seeds, st.floats(-2, 2), st.floats(-2, 2))
+@given(networks(), batch_shapes(), seeds(), st.floats(-2, 2), st.floats(-2, 2))
 def test_forward_is_linear_in_x_without_bias_and_affine_with(net, batch_shape, seed, a, b):
     cores, x1, gates = setup(net, batch_shape, seed)
     x2, _ = random_inputs(net, batch_shape, random_state=seed + 1)
@@ -89,7 +88,7 @@ def test_forward_is_linear_in_x_without_bias_and_affine_with(net, batch_shape, s
     assert_close(actual, expected, "float64", scale=10 * n_terms(net))
 
 
-@given(networks(), st.data(), seeds)
+@given(networks(), st.data(), seeds())
 def test_one_hot_gates_give_that_experts_affine_map(net, data, seed):
     index = tuple(data.draw(st.integers(0, n - 1)) for n in net.expert_dims)
     cores, x, _ = setup(net, (3,), seed)
@@ -111,7 +110,7 @@ def test_one_hot_gates_give_that_experts_affine_map(net, data, seed):
     assert_close(y, mapped, "float64", scale=n_terms(net))
 
 
-@given(networks(), st.data(), seeds)
+@given(networks(), st.data(), seeds())
 def test_permuting_experts_leaves_output_unchanged(net, data, seed):
     cores, x, gates = setup(net, (4,), seed)
     level = data.draw(st.integers(0, net.n_levels - 1))
@@ -130,7 +129,7 @@ def test_permuting_experts_leaves_output_unchanged(net, data, seed):
     )
 
 
-@given(networks(), batch_shapes(), seeds)
+@given(networks(), batch_shapes(), seeds())
 def test_cached_plan_gives_the_same_result_as_a_fresh_one(net, batch_shape, seed):
     cores, x, gates = setup(net, batch_shape, seed)
     first = forward(net, cores, x, gates)
@@ -144,7 +143,7 @@ def test_cached_plan_gives_the_same_result_as_a_fresh_one(net, batch_shape, seed
     np.testing.assert_array_equal(forward(rebuilt, cores, x, gates), first)
 
 
-@given(networks(), st.integers(1, 3), seeds)
+@given(networks(), st.integers(1, 3), seeds())
 def test_empty_batch_gives_empty_output(net, leading, seed):
     cores, _, _ = setup(net, (), seed)
     x, gates = random_inputs(net, (0, leading), random_state=seed)
@@ -167,7 +166,7 @@ def test_single_gate_tensor_for_one_level():
     np.testing.assert_array_equal(forward(net, cores, x, gates[0]), forward(net, cores, x, gates))
 
 
-@given(networks(), st.data(), seeds)
+@given(networks(), st.data(), seeds())
 def test_negative_expert_indices_count_from_the_end(net, data, seed):
     index = tuple(data.draw(st.integers(-n, -1)) for n in net.expert_dims)
     cores, _, _ = setup(net, (), seed)

@@ -229,3 +229,46 @@ def test_sizes_are_read_only():
         net.ranks["r"] = 3
     with pytest.raises(TypeError):
         net.sizes["i"] = 3
+
+
+# ------------------------------------------------------------- immutability
+
+
+def test_a_network_is_immutable_and_replace_makes_changed_copies():
+    net = cp(8, 5, 2, rank=3)
+    with pytest.raises(AttributeError, match=r"immutable.*replace\(in_features=\.\.\.\)"):
+        net.in_features = 7
+    with pytest.raises(AttributeError, match="immutable"):
+        del net.spec
+    wider = net.replace(in_features=7)
+    assert wider.core_shapes == ((8, 3), (8, 3), (2, 3)) and net.core_shapes[1] == (6, 3)
+    assert wider != net and hash(wider) != hash(net)
+    assert net.replace() == net and net.replace().planner is not net.planner
+    assert net.replace(spec="n i r, r o").format == "custom"
+    with pytest.raises(TypeError, match="unknown arguments \\['width'\\]"):
+        net.replace(width=3)
+
+
+def test_a_pickled_network_keeps_its_policy_but_not_its_plans():
+    net = cp(8, 5, 2, rank=3, cache_size=4, autotune=True, optimize="greedy")
+    net.planner.forward(4, "numpy", np.dtype("float64"))
+    copy = pickle.loads(pickle.dumps(net))
+    assert copy == net and len(copy.plans) == 0
+    assert (copy.optimize, copy.autotune, copy.plans.maxsize) == ("greedy", True, 4)
+
+
+def test_describe_and_flops_report_the_path_the_forward_pass_uses():
+    import tensorly as tl
+
+    from mumoe import forward, random_cores
+    from mumoe.testing import random_inputs
+
+    net = tucker((4, 3), 6, 5, rank=(2, 2, 3, 3), autotune=True)
+    assert "autotune: not timed yet" in net.describe(batch_size=16)
+    x, gates = random_inputs(net, (16,), random_state=0)
+    forward(net, random_cores(net), x, gates)
+    plan, source = net.planner.chosen(16, tl.get_backend(), x.dtype)
+    assert source == "autotuned"
+    text = net.describe(batch_size=16)
+    assert "autotuned" in text and f"{net.flops(16):,} for batch 16" in text
+    assert net.flops(16) == net.planner.flops(16, plan)

@@ -15,6 +15,7 @@ from hypothesis import given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 from torch.func import functional_call  # noqa: E402
 
+from conftest import randomise  # noqa: E402
 from mumoe import Network, cp  # noqa: E402
 from mumoe.budget import gate_params, linear_params  # noqa: E402
 from mumoe.nn import (  # noqa: E402
@@ -28,15 +29,6 @@ from mumoe.nn import (  # noqa: E402
     record_gates,
 )
 from mumoe.testing import assert_close, dense_forward, n_terms, networks  # noqa: E402
-
-
-def randomise(module, seed=0, scale=1.0):
-    """Random values in every parameter (gate projections start at zero)."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in module.parameters():
-            p.copy_(torch.rand(p.shape, generator=generator, dtype=p.dtype) * 2 * scale - scale)
-    return module
 
 
 @settings(max_examples=40)
@@ -103,14 +95,16 @@ class TestTorchConventions:
         def fn(x, *params):
             return functional_call(layer, dict(zip(names, params, strict=True)), (x,))
 
-        assert torch.autograd.gradcheck(fn, (x, *params))
+        assert torch.autograd.gradcheck(fn, (x, *params), fast_mode=True)
 
     def test_gradcheck_through_given_gates(self, build):
         layer = randomise(build(dtype=torch.float64), scale=0.5)
         x = torch.randn(3, 12, dtype=torch.float64, requires_grad=True)
         gates = [torch.rand(3, n, dtype=torch.float64, requires_grad=True)
                  for n in layer.network.expert_dims]  # fmt: skip
-        assert torch.autograd.gradcheck(lambda x, *g: layer(x, list(g)), (x, *gates))
+        assert torch.autograd.gradcheck(
+            lambda x, *g: layer(x, list(g)), (x, *gates), fast_mode=True
+        )
 
     def test_extra_repr(self, build):
         text = repr(build())
@@ -121,10 +115,9 @@ class TestTorchConventions:
 def test_torch_compile_gives_the_same_output():
     layer = randomise(CPMuMoE(12, 5, (4, 3), rank=3)).eval()
     x = torch.randn(7, 12)
+    # Dynamo's and AOTAutograd's tracing through the layer; codegen is torch's own concern.
     compiled = torch.compile(layer, backend="aot_eager")
     torch.testing.assert_close(compiled(x), layer(x))
-    x3 = torch.randn(2, 5, 12)
-    torch.testing.assert_close(compiled(x3), layer(x3))
 
 
 def test_batch_norm_train_and_eval():

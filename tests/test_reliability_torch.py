@@ -15,6 +15,7 @@ import tensorly as tl  # noqa: E402
 from hypothesis import given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
+from conftest import randomise  # noqa: E402
 from mumoe import compat, cp, forward, random_cores  # noqa: E402
 from mumoe.backend import thread_backend  # noqa: E402
 from mumoe.inference import load_into, save  # noqa: E402
@@ -27,12 +28,7 @@ HALF = [torch.float16, torch.bfloat16]
 
 def trained_like(module, seed=0, scale=1.0):
     """Random gate projections (zero at init) so that the gates are far from uniform."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in module.named_parameters():
-            if "projections" in name:
-                p.copy_(torch.randn(p.shape, generator=gen) * scale)
-    return module
+    return randomise(module, seed, scale=scale, normal=True, only="projections")
 
 
 def relative(a, b):

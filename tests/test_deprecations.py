@@ -1,0 +1,110 @@
+"""Every renamed public name still works, with a DeprecationWarning naming its new home."""
+
+from __future__ import annotations
+
+import importlib
+
+import numpy as np
+import pytest
+
+from mumoe import Network, cp, parse_spec, random_cores
+from mumoe.inference import InferenceMuMoE, InferenceMuMoEBlock
+
+
+@pytest.mark.parametrize("name", ["gate_params", "linear_params", "match_rank", "resolve_budget"])
+def test_mumoe_matching_is_mumoe_budget(name):
+    matching = importlib.import_module("mumoe.matching")
+    with pytest.warns(DeprecationWarning, match=f"mumoe.budget.{name}"):
+        old = getattr(matching, name)
+    assert old is getattr(importlib.import_module("mumoe.budget"), name)
+
+
+def test_old_attribute_names():
+    net = cp(4, 3, 2, rank=2)
+    with pytest.warns(DeprecationWarning, match="Network.core_legs"):
+        assert net.cores == net.core_legs
+    with pytest.warns(DeprecationWarning, match="ParsedSpec.core_legs"):
+        assert parse_spec("n r, i r, o r").cores == (("n1", "r"), ("i", "r"), ("o", "r"))
+    plan = net.planner.forward(4, "numpy", np.dtype("float64"))
+    with pytest.warns(DeprecationWarning, match="Plan.step_equations"):
+        assert plan.steps == plan.step_equations
+    with pytest.warns(DeprecationWarning, match="Plan.bias_program"):
+        assert plan.split_program is plan.bias_program
+    with pytest.warns(DeprecationWarning, match="Program.bias_inside"):
+        assert plan.bias_program.split is True
+    with pytest.warns(DeprecationWarning, match="Program.bias_width"):
+        assert plan.bias_program.split_width == plan.bias_program.bias_width
+
+
+@pytest.mark.parametrize(
+    ("old", "new"),
+    [("forward_plan", "forward"), ("materialize_plan", "materialize"), ("expert_plan", "expert")],
+)
+def test_network_plan_methods_are_the_planners(old, new):
+    net = cp(4, 3, 2, rank=2)
+    args = (8, "numpy", np.dtype("float64")) if new == "forward" else ("numpy", np.dtype("float64"))
+    with pytest.warns(DeprecationWarning, match=f"Network.planner.{new}"):
+        plan = getattr(net, old)(*args)
+    assert plan is getattr(net.planner, new)(*args)
+
+
+def test_network_format_argument_is_read_from_the_spec():
+    with pytest.warns(DeprecationWarning, match="read from the spec"):
+        net = Network("n r, i r, o r", 4, 3, 2, rank=2, format="custom")
+    assert net.format == "cp"
+
+
+def test_inference_input_norm_is_input_norm_affine():
+    net = cp(4, 3, 2, rank=2)
+    affine = (np.ones(3), np.zeros(3))
+    with pytest.warns(DeprecationWarning, match="input_norm_affine"):
+        layer = InferenceMuMoE(net, random_cores(net), input_norm=affine)
+    assert layer.input_norm_affine is affine
+    with pytest.warns(DeprecationWarning, match="input_norm_affine"):
+        assert layer.input_norm is affine
+    first = InferenceMuMoE(net, random_cores(net), projections=[np.zeros((3, 4))],
+                           normalization=None)  # fmt: skip
+    second = InferenceMuMoE(cp(4, 2, 3, rank=2), random_cores(cp(4, 2, 3, rank=2)))
+    with pytest.warns(DeprecationWarning, match="input_norm_affine"):
+        block = InferenceMuMoEBlock(first, second, input_norm=affine)
+    assert block.input_norm_affine is affine
+    with pytest.raises(TypeError, match="unexpected keyword arguments"):
+        InferenceMuMoE(net, random_cores(net), input_normalisation=affine)
+
+
+def test_torch_activation_table():
+    pytest.importorskip("torch", reason="torch is not installed")
+    import mumoe.nn
+    from mumoe.nn.gating import TORCH_KERNELS
+
+    with pytest.warns(DeprecationWarning, match="mumoe.nn.gating.TORCH_KERNELS"):
+        assert mumoe.nn.ACTIVATIONS is TORCH_KERNELS
+
+
+def test_torch_names_stay_importable_from_their_old_modules():
+    pytest.importorskip("torch", reason="torch is not installed")
+    from mumoe.analysis import collect_gates, counterfactual_histogram, edit_experts, edit_experts_
+    from mumoe.inference import load_into, save
+    from mumoe.nn import (
+        GateRecord,
+        analysis,
+        build_network,
+        contract,
+        io,
+        record_gates,
+        torch_forward,
+    )
+
+    assert (save, load_into) == (io.save, io.load_into)
+    assert (collect_gates, counterfactual_histogram, edit_experts, edit_experts_) == (
+        analysis.collect_gates, analysis.counterfactual_histogram,
+        analysis.edit_experts, analysis.edit_experts_,
+    )  # fmt: skip
+    assert (GateRecord, record_gates) == (analysis.GateRecord, analysis.record_gates)
+    assert torch_forward is contract.torch_forward
+    assert build_network is importlib.import_module("mumoe").build_network
+
+
+def test_unknown_names_still_raise_attribute_error():
+    with pytest.raises(AttributeError, match="has no attribute 'nothing'"):
+        importlib.import_module("mumoe.inference").nothing  # noqa: B018
