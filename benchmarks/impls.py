@@ -36,7 +36,7 @@ from tensorly import plugins
 
 from benchmarks.configs import Config
 from mumoe.backend import thread_backend
-from mumoe.nn import ACTIVATIONS, MuMoE, gate_coefficients
+from mumoe.nn import TORCH_KERNELS, MuMoE, torch_gate_coefficients
 
 Fn = Callable[[], torch.Tensor]
 
@@ -316,16 +316,16 @@ def contraction_impls(setup: Setup) -> dict[str, Fn]:
 
     def gate_with(activation: Callable[[torch.Tensor], torch.Tensor]) -> Fn:
         def run() -> torch.Tensor:
-            coefficients = gate_coefficients(
+            coefficients = torch_gate_coefficients(
                 x_rows, list(gate.projections), list(gate.norms), activation
             )
             return torch.cat([a.reshape(-1) for a in coefficients])
 
         return run
 
-    impls["gate entmax-1.5"] = gate_with(ACTIVATIONS["entmax15"])
+    impls["gate entmax-1.5"] = gate_with(TORCH_KERNELS["entmax15"])
     impls["gate entmax full sort"] = gate_with(lambda t: entmax15(t, dim=-1))
-    impls["gate softmax"] = gate_with(ACTIVATIONS["softmax"])
+    impls["gate softmax"] = gate_with(TORCH_KERNELS["softmax"])
     return impls
 
 

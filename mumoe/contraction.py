@@ -42,7 +42,7 @@ from typing import Any
 
 import tensorly as tl
 
-from mumoe._deprecation import deprecated_property
+from mumoe._deprecation import deprecated_property, warn_renamed
 
 __all__ = ["Kernels", "PairStep", "Program", "SumStep", "compile_program"]
 
@@ -329,6 +329,7 @@ def compile_program(
     lead: str | None = None,
     bias_input: int | None = None,
     kernels: Kernels | None = None,
+    split: int | None = None,
 ) -> Program:
     """Compile a pairwise contraction path into matrix-multiply steps.
 
@@ -353,6 +354,8 @@ def compile_program(
         without it and ``Program.bias_inside`` is False (concatenate ones).
     kernels : Kernels, optional
         The backend's own kernels (see :class:`Kernels`).
+    split : int, optional
+        Deprecated name of ``bias_input``.
 
     Returns
     -------
@@ -364,6 +367,9 @@ def compile_program(
     >>> [(step.kind, step.equation) for step in program.steps]
     [('matmul', 'ab,bc->ac')]
     """
+    if split is not None:
+        warn_renamed("compile_program(split=...)", "compile_program(bias_input=...)")
+        bias_input = split
     program = _compile(inputs, output, path, sizes, lead, bias_input)
     if bias_input is not None and not program.bias_inside:
         program = _compile(inputs, output, path, sizes, lead, None)

@@ -24,7 +24,7 @@ from typing import Any
 
 import opt_einsum
 
-from mumoe._deprecation import deprecated_property
+from mumoe._deprecation import deprecated_property, warn_renamed
 from mumoe.contraction import Kernels, Program, compile_program
 from mumoe.validation import positive_int
 
@@ -126,6 +126,7 @@ class Plan:
         lead: str | None = None,
         bias_input: int | None = None,
         kernels: Kernels | None = None,
+        split: int | None = None,
     ) -> Plan:
         """Search a contraction path and compile it.
 
@@ -145,6 +146,8 @@ class Plan:
             its bias column: see :func:`mumoe.contraction.compile_program`.
         kernels : mumoe.contraction.Kernels, optional
             The backend's own kernels for the compiled steps.
+        split : int, optional
+            Deprecated name of ``bias_input``.
 
         Returns
         -------
@@ -156,6 +159,9 @@ class Plan:
         >>> plan.path, plan.flops
         (((0, 1),), 48)
         """
+        if split is not None:
+            warn_renamed("Plan.build(split=...)", "Plan.build(bias_input=...)")
+            bias_input = split
         dims = tuple(tuple(int(d) for d in s) for s in shapes)
         path, info = opt_einsum.contract_path(equation, *dims, shapes=True, optimize=optimize)
         inputs, output = equation.split("->")
@@ -210,12 +216,15 @@ class Plan:
             not differentiable or batch_size > BIAS_INSIDE_ROWS * program.bias_width
         )
 
-    def __call__(self, *operands: Any, bias_inside: bool = False) -> Any:
+    def __call__(self, *operands: Any, bias_inside: bool = False, split: bool = False) -> Any:
         """Contract ``operands`` (arrays of one backend) along the compiled path.
 
         With ``bias_inside``, the input comes without its column of ones and
-        :attr:`bias_program` runs (it must exist).
+        :attr:`bias_program` runs (it must exist); ``split`` is its deprecated name.
         """
+        if split:
+            warn_renamed("Plan.__call__(split=True)", "Plan.__call__(bias_inside=True)")
+            bias_inside = True
         return (self.bias_program if bias_inside else self.program)(operands)  # type: ignore[misc]
 
 

@@ -296,3 +296,46 @@ def test_non_contiguous_torch_input_gives_the_same_numbers():
         torch.testing.assert_close(
             forward(net, cores_t, x_t, gates), forward(net, cores, x, gates), rtol=1e-12, atol=0
         )
+
+
+# ------------------------------------------------------------------ CUDA torch
+
+
+def _torch_cuda():
+    torch = pytest.importorskip("torch", reason="torch is not installed")
+    if not torch.cuda.is_available():
+        pytest.skip("torch sees no CUDA device")
+    return torch
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("network", ["cp", "tr", "tucker"])
+def test_torch_layers_on_cuda_equal_the_cpu_layers(network):
+    """Outputs and gradients on CUDA equal the CPU's; every result stays on the device."""
+    torch = _torch_cuda()
+    from mumoe.nn import MuMoE, MuMoEBlock
+
+    rank = {"cp": 6, "tr": (2, 3, 2, 4), "tucker": (2, 3, 4, 4)}[network]
+    torch.manual_seed(0)
+    for cpu in (
+        MuMoE(12, 5, network, expert_dims=(6, 3), rank=rank, dtype=torch.float64),
+        MuMoEBlock(12, 16, 5, network=network, expert_dims=(6, 3), rank=rank,
+                   input_norm=True, dtype=torch.float64),
+    ):  # fmt: skip
+        for p in cpu.parameters():
+            p.data.uniform_(-1, 1)
+        gpu = __import__("copy").deepcopy(cpu).cuda()
+        for rows in (1, 64):  # the bias inside the contraction (addmm), then a ones column
+            x = torch.randn(rows, 3, 12, dtype=torch.float64)
+            y_cpu, y_gpu = cpu(x), gpu(x.cuda())
+            assert y_gpu.device.type == "cuda"
+            torch.testing.assert_close(y_gpu.cpu(), y_cpu, rtol=1e-10, atol=1e-10)
+            y_cpu.square().sum().backward()
+            y_gpu.square().sum().backward()
+            for (name, a), b in zip(cpu.named_parameters(), gpu.parameters(), strict=True):
+                assert b.grad.device.type == "cuda", name
+                torch.testing.assert_close(b.grad.cpu(), a.grad, rtol=1e-8, atol=1e-8)
+            cpu.zero_grad(), gpu.zero_grad()
+        with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+            y = gpu.float()(x.float().cuda())
+        assert y.dtype == torch.bfloat16 and y.device.type == "cuda"

@@ -36,6 +36,23 @@ def test_old_attribute_names():
         assert plan.bias_program.split_width == plan.bias_program.bias_width
 
 
+def test_the_split_keyword_is_the_bias_keyword():
+    from mumoe import Plan
+    from mumoe.contraction import compile_program
+
+    sizes = {"a": 4, "b": 3, "c": 2}
+    with pytest.warns(DeprecationWarning, match="bias_input"):
+        program = compile_program(
+            ["ab", "bc"], "ac", [(0, 1)], {**sizes, "b": 4}, lead="a", split=0
+        )
+    assert program.bias_inside
+    with pytest.warns(DeprecationWarning, match="bias_input"):
+        plan = Plan.build("ab,bc->ac", [(4, 4), (4, 2)], lead="a", split=0)
+    x, core = np.ones((4, 3)), np.arange(8.0).reshape(4, 2)
+    with pytest.warns(DeprecationWarning, match="bias_inside=True"):
+        np.testing.assert_array_equal(plan(x, core, split=True), plan(x, core, bias_inside=True))
+
+
 @pytest.mark.parametrize(
     ("old", "new"),
     [("forward_plan", "forward"), ("materialize_plan", "materialize"), ("expert_plan", "expert")],
@@ -75,10 +92,15 @@ def test_inference_input_norm_is_input_norm_affine():
 def test_torch_activation_table():
     pytest.importorskip("torch", reason="torch is not installed")
     import mumoe.nn
-    from mumoe.nn.gating import TORCH_KERNELS
+    from mumoe.nn.gating import TORCH_KERNELS, torch_gate_coefficients
 
     with pytest.warns(DeprecationWarning, match="mumoe.nn.gating.TORCH_KERNELS"):
         assert mumoe.nn.ACTIVATIONS is TORCH_KERNELS
+    with pytest.warns(DeprecationWarning, match="mumoe.nn.gating.TORCH_KERNELS"):
+        assert mumoe.nn.gating.ACTIVATIONS is TORCH_KERNELS
+    for module in (mumoe.nn, mumoe.nn.gating):
+        with pytest.warns(DeprecationWarning, match="torch_gate_coefficients"):
+            assert module.gate_coefficients is torch_gate_coefficients
 
 
 def test_torch_names_stay_importable_from_their_old_modules():

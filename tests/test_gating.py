@@ -82,3 +82,26 @@ def test_norms_equal_torch():
     ln.bias.data.copy_(torch.from_numpy(b))
     np.testing.assert_allclose(layer_norm(x, w, b), ln(torch.from_numpy(x)).detach().numpy(),
                                rtol=1e-12)  # fmt: skip
+
+
+def test_gating_widens_16_bit_inputs_and_returns_their_dtype():
+    from mumoe.gating import gate_coefficients, gate_dtype
+
+    assert gate_dtype(np.dtype("float16")) == np.float32
+    assert (
+        gate_dtype(torch.bfloat16) == torch.float32 and gate_dtype(torch.float64) == torch.float64
+    )
+    x = np.full((2, 3), 300.0, dtype=np.float16)  # logits of 30,000: squares overflow float16
+    (a,) = gate_coefficients(x, [np.eye(3, 4) * 100], [None], entmax15)
+    assert a.dtype == np.float16 and np.isfinite(a).all()
+    np.testing.assert_allclose(a.astype(np.float64).sum(-1), 1.0, rtol=1e-3)
+
+
+def test_the_vocabulary_refuses_unknown_names():
+    from mumoe.gating import check_normalization, resolve_activation
+
+    with pytest.raises(ValueError, match="unknown gate activation 'relu'; choose one of"):
+        resolve_activation("relu")
+    with pytest.raises(ValueError, match="unknown gate normalization 'gn'"):
+        check_normalization("gn")
+    assert resolve_activation(np.tanh) is np.tanh

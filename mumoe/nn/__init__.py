@@ -14,9 +14,9 @@ from mumoe.nn.factorized import FactorizedMuMoE, network_of, to_factorized_tenso
 from mumoe.nn.gating import (
     TORCH_KERNELS,
     MuMoEGate,
-    gate_coefficients,
     gate_dtype,
     resolve_activation,
+    torch_gate_coefficients,
 )
 from mumoe.nn.init import init_cores_
 from mumoe.nn.layers import (
@@ -40,7 +40,6 @@ __all__ = [
     "TTMuMoE",
     "TuckerMuMoE",
     "build_network",
-    "gate_coefficients",
     "gate_dtype",
     "init_cores_",
     "network_of",
@@ -48,8 +47,15 @@ __all__ = [
     "resolve_activation",
     "to_factorized_tensor",
     "torch_forward",
+    "torch_gate_coefficients",
 ]
 
 # mumoe.nn.ACTIVATIONS held the torch kernels under the vocabulary's names; the
 # vocabulary is mumoe.gating.ACTIVATIONS and the kernels mumoe.nn.TORCH_KERNELS.
-__getattr__ = module_getattr(__name__, {"ACTIVATIONS": ("mumoe.nn.gating", "TORCH_KERNELS")})
+__getattr__ = module_getattr(
+    __name__,
+    {
+        "ACTIVATIONS": ("mumoe.nn.gating", "TORCH_KERNELS"),
+        "gate_coefficients": ("mumoe.nn.gating", "torch_gate_coefficients"),
+    },
+)

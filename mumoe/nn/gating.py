@@ -32,13 +32,14 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
+from mumoe._deprecation import module_getattr
 from mumoe.gating import (
     NORMALIZATIONS,
     activation_name,
     check_normalization,
-    gate_coefficients,
     gate_dtype,
 )
+from mumoe.gating import gate_coefficients as _gate_coefficients
 from mumoe.gating import resolve_activation as _resolve
 from mumoe.nn.contract import device_type
 
@@ -49,7 +50,6 @@ __all__ = [
     "PARTIAL_SORT",
     "TORCH_KERNELS",
     "MuMoEGate",
-    "gate_coefficients",
     "gate_dtype",
     "resolve_activation",
     "torch_gate_coefficients",
@@ -178,7 +178,7 @@ def torch_gate_coefficients(
     kept = [None if isinstance(n, nn.Identity) else n for n in norms]
     device = device_type(x)
     with torch.autocast(device, enabled=False) if torch.is_autocast_enabled(device) else NO_CONTEXT:
-        return gate_coefficients(x, projections, kept, activation)
+        return _gate_coefficients(x, projections, kept, activation)
 
 
 def _norm(kind: str | None, n: int, device: object, dtype: torch.dtype | None) -> nn.Module:
@@ -299,3 +299,14 @@ class MuMoEGate(nn.Module):
             f"in_features={self.in_features}, expert_dims={self.expert_dims}, "
             f"normalization={self.normalization!r}, activation={self.activation_name!r}"
         )
+
+
+# The old names: the torch kernels were ACTIVATIONS here (the vocabulary is
+# mumoe.gating.ACTIVATIONS), and the torch gate step was gate_coefficients.
+__getattr__ = module_getattr(
+    __name__,
+    {
+        "ACTIVATIONS": ("mumoe.nn.gating", "TORCH_KERNELS"),
+        "gate_coefficients": ("mumoe.nn.gating", "torch_gate_coefficients"),
+    },
+)

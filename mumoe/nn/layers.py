@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from mumoe import functional
+from mumoe._deprecation import module_getattr
 from mumoe.backend import thread_backend
 from mumoe.network import Network
 from mumoe.nn.contract import device_type, module_contract
@@ -499,3 +500,17 @@ class TRMuMoE(_PresetMuMoE):
     """
 
     format = "tr"
+
+
+# Names this module held before the block, the recording and the torch
+# contraction got modules of their own; still importable from here.
+__getattr__ = module_getattr(
+    __name__,
+    {},
+    lazy={
+        "MuMoEBlock": "mumoe.nn.block",
+        "GateRecord": "mumoe.nn.analysis",
+        "record_gates": "mumoe.nn.analysis",
+        "torch_forward": "mumoe.nn.contract",
+    },
+)
