@@ -353,7 +353,8 @@ def top_samples(coefficients: Any, k: int = 8) -> np.ndarray:
            [0, 2]])
     """
     matrix = _matrix(coefficients)
-    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= matrix.shape[0]:
+    k = positive_int(k, "k")
+    if k > matrix.shape[0]:
         raise ValueError(f"k must be an int in [1, {matrix.shape[0]}] (the samples), got {k!r}")
     order = np.argsort(-matrix, axis=0, kind="stable")[:k]
     return order.T.copy()

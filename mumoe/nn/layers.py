@@ -216,7 +216,9 @@ class MuMoE(nn.Module):
         0.0
         """
         n_levels = self.network.n_levels
-        if isinstance(level, bool) or not isinstance(level, int) or not 0 <= level < n_levels:
+        if isinstance(level, bool) or not isinstance(level, int):
+            raise TypeError(f"level must be an int in [0, {n_levels}), got {level!r}")
+        if not 0 <= level < n_levels:
             raise ValueError(f"level must be an int in [0, {n_levels}), got {level!r}")
         n = self.network.expert_dims[level]
         weight = next(iter(self.parameters()), None)
