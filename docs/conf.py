@@ -73,6 +73,6 @@ numpydoc_validation_exclude = {
     r"^mumoe\.nn\.GateRecord\.",
     r"^mumoe\.ExpertWeight\.(count|index|weight|bias)$",  # tuple methods; fields are documented
     # Deprecated aliases: a one-line pointer to the new name.
-    r"\.(cores|steps|split_program|split|split_width|input_norm)$",
+    r"\.(cores|steps|split_program|split|split_width|input_norm|forward_plan|materialize_plan|expert_plan)$",
     r"^mumoe\.(nn\.)?\w+\.(cores|steps|split_program|split|split_width|input_norm)$",
 }
