@@ -34,6 +34,26 @@ _LEG = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 _EXPERT = re.compile(r"n([1-9][0-9]*)?\Z")
 
 
+#: Commas of other scripts that look like ','.
+_LOOKALIKE_COMMAS = ("\uff0c", "\u3001", "\ufe50", "\u060c")
+
+
+def _refuse_glued_legs(spec: str, where: dict[str, list[int]]) -> None:
+    # "nr, ir, or": a role leg glued to a bond reads as one bond and the role goes
+    # missing; say so, rather than that the spec has no input leg.
+    roles = [INPUT, OUTPUT] if any(is_expert_leg(leg) for leg in where) else ["n", INPUT, OUTPUT]
+    for role in roles:
+        if role in where:
+            continue
+        glued = next((leg for leg in where if leg.startswith(role) and len(leg) > 1), None)
+        if glued is not None and not is_expert_leg(glued):
+            raise ValueError(
+                f"spec {spec!r} has no {role!r} leg but a leg {glued!r} in core "
+                f"{where[glued][0]}: legs are separated by white space, e.g. "
+                f"'{role} {glued[len(role) :]}'"
+            )
+
+
 def is_expert_leg(leg: str) -> bool:
     """Return whether ``leg`` names an expert mode (``n`` or ``n1``, ``n2``, ...).
 
@@ -127,6 +147,12 @@ def parse_spec(spec: str) -> ParsedSpec:
     if not spec.strip():
         raise ValueError("the network spec is empty; expected cores such as 'n r, i r, o r'")
 
+    for mark in _LOOKALIKE_COMMAS:
+        if mark in spec:
+            raise ValueError(
+                f"spec {spec!r} separates cores with {mark!r} (U+{ord(mark):04X}); cores are "
+                "separated by the ASCII comma ',', e.g. 'n r, i r, o r'"
+            )
     cores: list[tuple[str, ...]] = []
     for k, text in enumerate(spec.split(",")):
         legs = tuple(text.split())
@@ -138,7 +164,8 @@ def parse_spec(spec: str) -> ParsedSpec:
             if not _LEG.match(leg):
                 raise ValueError(
                     f"core {k} ({text.strip()!r}) has an invalid leg name {leg!r}: "
-                    "legs are identifiers such as 'n1', 'i', 'o' or 'r2'"
+                    "legs are ASCII identifiers (letters, digits and '_', not starting "
+                    "with a digit) such as 'n1', 'i', 'o' or 'r2'"
                 )
         repeated = sorted({leg for leg in legs if legs.count(leg) > 1})
         if repeated:
@@ -153,6 +180,7 @@ def parse_spec(spec: str) -> ParsedSpec:
         for leg in legs:
             where.setdefault(leg, []).append(k)
 
+    _refuse_glued_legs(spec, where)
     expert_names = [leg for leg in where if is_expert_leg(leg)]
     if not expert_names:
         raise ValueError(

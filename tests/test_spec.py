@@ -59,8 +59,15 @@ def test_is_expert_leg(leg, expected):
         ("n i r, i r, o r", r"role leg 'i' appears in cores \[0, 1\]"),
         ("n r, n r2, i r r2, o r", r"role leg 'n' appears in cores \[0, 1\]"),
         ("n r, i r, o q", r"bond 'q' appears only in core 2"),
+        ("nr,ir,or", r"no 'n' leg but a leg 'nr' in core 0: legs are separated by white "
+                     r"space, e\.g\. 'n r'"),
+        ("n1 r, n2 r, ir, o r", r"no 'i' leg but a leg 'ir' in core 2.*'i r'"),
+        ("n r, i r, or", r"no 'o' leg but a leg 'or' in core 2"),
+        ("n r\uff0c i r\uff0c o r", r"separates cores with '\uff0c' \(U\+FF0C\); cores are "
+                                   r"separated by the ASCII comma ','"),
+        ("n r, i r, o r\u00e9", r"invalid leg name 'r\u00e9': legs are ASCII identifiers"),
     ],
-)
+)  # fmt: skip
 def test_invalid_specs_name_the_problem(spec, match):
     with pytest.raises(ValueError, match=match):
         parse_spec(spec)
