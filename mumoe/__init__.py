@@ -19,6 +19,7 @@ Examples
 121408
 """
 
+from mumoe.build import build_network
 from mumoe.formats import FORMATS, Format
 from mumoe.functional import (
     ExpertWeight,
@@ -32,9 +33,10 @@ from mumoe.network import Network
 from mumoe.plan import Plan, PlanCache
 from mumoe.presets import (
     PRESETS,
-    build_network,
     cp,
     dense,
+    lowrank,
+    mxd,
     preset,
     tr,
     tt,
@@ -62,7 +64,9 @@ __all__ = [
     "dense",
     "expert_weight",
     "forward",
+    "lowrank",
     "materialize",
+    "mxd",
     "parse_spec",
     "preset",
     "random_cores",

@@ -12,7 +12,7 @@ from importlib.util import find_spec
 from typing import Any
 
 from mumoe.backend import declared_backends, unavailable_reason
-from mumoe.presets import build_network
+from mumoe.build import build_network
 
 __all__ = ["main"]
 

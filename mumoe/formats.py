@@ -27,7 +27,14 @@ cp        ``n1 r, i r, o r``                  :math:`R \sum_k D_k`
 tucker    ``n1 r1, i ri, o ro, r1 ri ro``     :math:`\sum_k D_k R_k + \prod_k R_k`
 tt        ``n1 r1, r1 i r2, r2 o``            :math:`\sum_k R_{k-1} D_k R_k`, :math:`R_0 = R_d = 1`
 tr        ``r0 n1 r1, r1 i r2, r2 o r0``      :math:`\sum_k R_{k-1} D_k R_k`, :math:`R_d = R_0`
+mxd       ``n1 o, i o``                       :math:`O (\sum_e N_e + I')`
+lowrank   ``n1 i r, n1 o r``                  :math:`R \prod_e N_e (I' + O)`
 ========  ==================================  =============================================
+
+``mxd`` is the Hadamard factorisation of Mixture of Decoders (Oldfield et al.,
+2025): :math:`\mathcal{W}[n, i, o] = C[n, o] D[i, o]`, the output leg an open
+hyperedge shared by every core; ``lowrank`` gives every expert its own rank-:math:`R`
+matrix :math:`U_n V_n^\top` (the expert legs shared by both cores).
 
 The rank validators of the records live in :mod:`mumoe.ranks`.
 """
@@ -48,6 +55,7 @@ from mumoe.ranks import (
 )
 from mumoe.spec import INPUT, OUTPUT
 from mumoe.typing import Rank
+from mumoe.validation import positive_int
 
 if TYPE_CHECKING:
     from mumoe.network import Network
@@ -214,12 +222,6 @@ def _dense_legs(n_levels: int) -> Legs:
     return (tuple(_modes(n_levels)),)
 
 
-def _dense_bonds(rank: Any, n_levels: int) -> dict[str, int]:
-    if rank is not None:
-        raise ValueError(f"the dense format has no rank, got rank={rank!r}")
-    return {}
-
-
 def _dense_init(network: Network) -> list[CoreInit]:
     return [Uniform.fan_in(network.in_features)]
 
@@ -291,6 +293,40 @@ def _tr_legs(n_levels: int) -> Legs:
 def _tr_bonds(rank: Any, n_levels: int) -> dict[str, int]:
     ranks = validate_tr_rank(rank, n_levels + 2)
     return {f"r{k}": ranks[k] for k in range(n_levels + 2)}
+
+
+def _mxd_legs(n_levels: int) -> Legs:
+    # W[n1, ..., nE, i, o] = C1[n1, o] ... CE[nE, o] D[i, o]: the output leg shared, open.
+    return (*((f"n{e}", OUTPUT) for e in range(1, n_levels + 1)), (INPUT, OUTPUT))
+
+
+def _no_bonds(name: str) -> Callable[[Any, int], dict[str, int]]:
+    def bond_sizes(rank: Any, n_levels: int) -> dict[str, int]:
+        if rank is not None:
+            raise ValueError(f"the {name} format has no rank, got rank={rank!r}")
+        return {}
+
+    return bond_sizes
+
+
+def _mxd_init(network: Network) -> list[CoreInit]:
+    # The first level's C ~ N(1/sqrt2, 1/2), so that E[C^2] = 1 and experts differ by
+    # scale (as CP's N(1, 1)), later levels ones, D ~ U(±sqrt(1/I)): every entry of W
+    # then has the variance 1/(3I) of an nn.Linear weight.
+    half = math.sqrt(0.5)
+    experts = [Normal(half, half) if level == 0 else Constant(1.0)
+               for level in range(network.n_levels)]  # fmt: skip
+    return [*experts, Uniform.fan_in(network.in_features)]
+
+
+def _lowrank_legs(n_levels: int) -> Legs:
+    # W[n1, ..., nE] = U[n1, ..., nE] V[n1, ..., nE]^T: every expert its own rank-R matrix.
+    experts = tuple(f"n{e}" for e in range(1, n_levels + 1))
+    return ((*experts, INPUT, "r"), (*experts, OUTPUT, "r"))
+
+
+def _lowrank_bonds(rank: Any, n_levels: int) -> dict[str, int]:
+    return {"r": positive_int(rank, "lowrank rank")}
 
 
 def _chain_init(network: Network) -> list[CoreInit]:
@@ -382,7 +418,7 @@ def _spec(name: str, n_levels: int) -> str:
 FORMATS: dict[str, Format] = {
     f.name: f
     for f in (
-        Format("dense", "dense", _dense_legs, _dense_bonds, _dense_init, None),
+        Format("dense", "dense", _dense_legs, _no_bonds("dense"), _dense_init, None),
         Format(
             "cp", "CP", _cp_legs, _cp_bonds, _cp_init,
             lambda levels, expert_rank, r: r,
@@ -398,6 +434,11 @@ FORMATS: dict[str, Format] = {
         Format(
             "tr", "TR", _tr_legs, _tr_bonds, _chain_init,
             lambda levels, expert_rank, r: (expert_rank,) * (levels + 1) + (r,),
+        ),
+        Format("mxd", "MxD", _mxd_legs, _no_bonds("mxd"), _mxd_init, None),
+        Format(
+            "lowrank", "per-expert low-rank", _lowrank_legs, _lowrank_bonds, custom_init,
+            lambda levels, expert_rank, r: r,
         ),
     )
 }  # fmt: skip

@@ -3,14 +3,13 @@ r"""Networks for the standard factorisations, for any number of expert levels.
 Each preset writes the spec of one format of :data:`mumoe.formats.FORMATS`,
 with its modes in the reference order (experts, input, output), and returns a
 :class:`~mumoe.network.Network`; the table of specs and parameter counts is
-in :mod:`mumoe.formats`.  :func:`build_network` is the one way a layer gets
-its network: from a :class:`~mumoe.network.Network`, a format name or a spec
-string, a parameter budget choosing the rank.
+in :mod:`mumoe.formats`.  :func:`mumoe.build.build_network` is the one way a
+layer gets its network.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from mumoe.formats import (
@@ -23,14 +22,15 @@ from mumoe.formats import (
 )
 from mumoe.network import Network
 from mumoe.plan import DEFAULT_OPTIMIZE
-from mumoe.typing import Rank, RankOrBudget
+from mumoe.typing import Rank
 from mumoe.validation import positive_ints
 
 __all__ = [
     "PRESETS",
-    "build_network",
     "cp",
     "dense",
+    "lowrank",
+    "mxd",
     "preset",
     "preset_format",
     "tr",
@@ -295,6 +295,101 @@ def tr(
     )  # fmt: skip
 
 
+def mxd(
+    expert_dims: int | Sequence[int],
+    in_features: int,
+    out_features: int,
+    *,
+    bias: bool = True,
+    optimize: str = DEFAULT_OPTIMIZE,
+    cache_size: int = 32,
+    autotune: bool = False,
+) -> Network:
+    r"""MxD's Hadamard experts: the output leg shared, open, by every core.
+
+    .. math::
+        \mathcal{W}[n_1, \dots, n_E, i, o]
+        = C_1[n_1, o] \cdots C_E[n_E, o]\, D[i, o]
+
+    so that :math:`y = (C_1^\top a^{(1)}) * \cdots * (C_E^\top a^{(E)}) * (D^\top z)`
+    (Mixture of Decoders, Oldfield et al., 2025).  Every expert's matrix
+    :math:`D \operatorname{diag}(c_n)` is full rank where :math:`D` is.
+
+    Parameters
+    ----------
+    expert_dims : int or sequence of int
+        Experts per level, :math:`N_1, \dots, N_E`.
+    in_features, out_features : int
+        :math:`I` and :math:`O`.
+    bias : bool, default True
+        Whether the input mode has a bias slice (:math:`I' = I + 1`).
+    optimize, cache_size, autotune
+        Passed to :class:`~mumoe.network.Network`.
+
+    Returns
+    -------
+    Network
+
+    Examples
+    --------
+    >>> net = mxd(16, 12, 8)
+    >>> net.spec, net.core_shapes, net.n_params  # O * (N + I')
+    ('n1 o, i o', ((16, 8), (13, 8)), 232)
+    """
+    return _build(
+        "mxd", expert_dims, in_features, out_features, None,
+        bias=bias, optimize=optimize, cache_size=cache_size, autotune=autotune,
+    )  # fmt: skip
+
+
+def lowrank(
+    expert_dims: int | Sequence[int],
+    in_features: int,
+    out_features: int,
+    *,
+    rank: int,
+    bias: bool = True,
+    optimize: str = DEFAULT_OPTIMIZE,
+    cache_size: int = 32,
+    autotune: bool = False,
+) -> Network:
+    r"""Per-expert low-rank matrices: the expert legs shared, open, by both cores.
+
+    .. math::
+        \mathcal{W}[n_1, \dots, n_E, i, o]
+        = \sum_{r=1}^{R} U[n_1, \dots, n_E, i, r]\, V[n_1, \dots, n_E, o, r]
+
+    Every (joint) expert has its own rank-:math:`R` matrix :math:`U_n V_n^\top`.
+
+    Parameters
+    ----------
+    expert_dims : int or sequence of int
+        Experts per level, :math:`N_1, \dots, N_E`.
+    in_features, out_features : int
+        :math:`I` and :math:`O`.
+    rank : int
+        :math:`R`.
+    bias : bool, default True
+        Whether the input mode has a bias slice (:math:`I' = I + 1`).
+    optimize, cache_size, autotune
+        Passed to :class:`~mumoe.network.Network`.
+
+    Returns
+    -------
+    Network
+
+    Examples
+    --------
+    >>> net = lowrank(8, 16, 10, rank=2)
+    >>> net.spec, net.core_shapes
+    ('n1 i r, n1 o r', ((8, 17, 2), (8, 10, 2)))
+    """
+    return _build(
+        "lowrank", expert_dims, in_features, out_features, rank,
+        bias=bias, optimize=optimize, cache_size=cache_size, autotune=autotune,
+    )  # fmt: skip
+
+
 #: The presets by format name, one per record of :data:`mumoe.formats.FORMATS`.
 PRESETS: dict[str, Callable[..., Network]] = {
     "dense": dense,
@@ -302,6 +397,8 @@ PRESETS: dict[str, Callable[..., Network]] = {
     "tucker": tucker,
     "tt": tt,
     "tr": tr,
+    "mxd": mxd,
+    "lowrank": lowrank,
 }
 
 
@@ -316,7 +413,7 @@ def preset(
 
     Parameters
     ----------
-    format : {"dense", "cp", "tucker", "tt", "tr"}
+    format : {"dense", "cp", "tucker", "tt", "tr", "mxd", "lowrank"}
         The factorisation, a key of :data:`mumoe.formats.FORMATS`.
     expert_dims, in_features, out_features
         As for every preset.
@@ -367,96 +464,3 @@ def preset_format(network: Network) -> str | None:
     """
     name = format_of(network.spec, network.n_levels)
     return None if name == "custom" else name
-
-
-def build_network(
-    in_features: int,
-    out_features: int,
-    network: Network | str,
-    *,
-    expert_dims: int | Sequence[int] | None = None,
-    rank: RankOrBudget | None = None,
-    bias: bool = True,
-    count_gates: bool = True,
-) -> Network:
-    """The network of a layer, from a Network, a format name or a spec string.
-
-    The one place that turns a layer's arguments into its network: the
-    PyTorch layers, the compatibility layer and ``mumoe describe`` call it.
-
-    Parameters
-    ----------
-    in_features, out_features : int
-    network : Network or str
-        A :class:`~mumoe.Network` (whose sizes must agree and which then
-        takes no ``expert_dims``/``rank``), a format name (``"cp"``,
-        ``"tucker"``, ``"tt"``, ``"tr"``, ``"dense"``) or a spec string.
-    expert_dims : int or sequence of int
-        Experts per level; required with a format or a spec.
-    rank : int, tuple, mapping, "same" or float
-        The format's or spec's rank.  With a format, ``"same"`` or a float
-        chooses the rank by :func:`mumoe.budget.match_rank` (the parameters
-        of ``nn.Linear(in_features, out_features)``, or that fraction of them).
-    bias : bool, default True
-    count_gates : bool, default True
-        Whether a budget counts the gate projections.
-
-    Returns
-    -------
-    Network
-
-    Raises
-    ------
-    TypeError
-        If ``network`` is neither a Network nor a string.
-    ValueError
-        If sizes disagree with a given Network, ``expert_dims`` is missing, a
-        format needs a rank that is missing (or has none and one is given),
-        or a budget is given for a spec string.
-
-    Examples
-    --------
-    >>> dict(build_network(768, 1000, "cp", expert_dims=128, rank="same").ranks)
-    {'r': 353}
-    >>> build_network(16, 4, "n1 a, i a b, o b", expert_dims=8, rank={"a": 2, "b": 3}).core_shapes
-    ((8, 2), (17, 2, 3), (4, 3))
-    """
-    if isinstance(network, Network):
-        if (network.in_features, network.out_features) != (in_features, out_features):
-            raise ValueError(
-                f"network has in_features={network.in_features}, out_features="
-                f"{network.out_features}, but the layer was given {in_features}, {out_features}"
-            )
-        if expert_dims is not None or rank is not None:
-            raise ValueError("expert_dims and rank come from the Network; do not pass them as well")
-        if network.bias != bias:
-            raise ValueError(f"network has bias={network.bias} but the layer was given bias={bias}")
-        return network
-    if not isinstance(network, str):
-        raise TypeError(
-            f"network must be a Network, a format name or a spec string, got {network!r}"
-        )
-    if expert_dims is None:
-        raise ValueError(f"network {network!r} needs expert_dims (experts per level)")
-    record = FORMATS.get(network)
-    if record is not None:
-        if record.has_rank and rank is None:
-            raise ValueError(f"the {network} network needs a rank (an int, 'same' or a float)")
-        if isinstance(rank, str | float):
-            from mumoe.budget import match_rank
-
-            rank = match_rank(
-                network, expert_dims, in_features, out_features,
-                budget=rank, bias=bias, gates=count_gates,
-            )  # fmt: skip
-        return _build(network, expert_dims, in_features, out_features, rank, bias=bias)  # type: ignore[arg-type]
-    if isinstance(rank, str | float):
-        raise ValueError(
-            "a parameter budget ('same' or a float) chooses the rank of a format only; "
-            "give a spec string its bond sizes"
-        )
-    if rank is not None and not isinstance(rank, int | Mapping):
-        raise TypeError(
-            f"the rank of a spec string is an int or a mapping of bond sizes, got {rank!r}"
-        )
-    return Network(network, expert_dims, in_features, out_features, rank=rank, bias=bias)

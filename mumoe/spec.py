@@ -15,8 +15,12 @@ role in Eq. (1) of the paper:
 
 Every other name is a *bond*: it is summed over, appears in two or more
 cores (three or more makes a hyperedge, as in CP), and takes its size from
-the ranks.  This module knows only the structure; sizes live in
-:class:`mumoe.network.Network`.
+the ranks.  A role leg may appear in several cores too (an *open
+hyperedge*): it is shared like a bond but stays open, so the cores act
+elementwise along it.  ``"n o, i o"`` is MxD's Hadamard factorisation
+:math:`\mathcal{W}[n, i, o] = C[n, o] D[i, o]`, and ``"n i r, n o r"`` gives
+every expert a low-rank matrix :math:`U_n V_n^\top`.  This module knows only
+the structure; sizes live in :class:`mumoe.network.Network`.
 """
 
 from __future__ import annotations
@@ -130,10 +134,11 @@ def parse_spec(spec: str) -> ParsedSpec:
     TypeError
         If ``spec`` is not a string.
     ValueError
-        If a core is empty, a leg is not an identifier, a leg is repeated in
-        one core, a role leg (``i``, ``o``, ``n``/``nK``) is missing or
-        appears in more than one core, expert legs skip a level or mix ``n``
-        with ``nK``, or a bond appears in only one core.
+        If a core is empty, cores are separated by anything but ASCII commas,
+        a leg is not an ASCII identifier, a leg is repeated in one core, a
+        role leg (``i``, ``o``, ``n``/``nK``) is missing (or glued to the next
+        leg), expert legs skip a level or mix ``n`` with ``nK``, or a bond
+        appears in only one core.
 
     Examples
     --------
@@ -141,6 +146,8 @@ def parse_spec(spec: str) -> ParsedSpec:
     (('n1', 'r'), ('i', 'r'), ('o', 'r'))
     >>> parse_spec("r0 n1 r1, r1 n2 r2, r2 i r3, r3 o r0").bonds
     ('r0', 'r1', 'r2', 'r3')
+    >>> parse_spec("n o, i o").core_legs  # MxD: the output leg shared, kept open
+    (('n1', 'o'), ('i', 'o'))
     """
     if not isinstance(spec, str):
         raise TypeError(f"a network spec must be a str such as 'n r, i r, o r', got {spec!r}")
@@ -201,15 +208,10 @@ def parse_spec(spec: str) -> ParsedSpec:
             f"n{missing[0]}; expert levels must be numbered n1..nE without gaps"
         )
 
-    for leg in [*expert_names, INPUT, OUTPUT]:
+    for leg in (INPUT, OUTPUT):
         if leg not in where:
             role = "input" if leg == INPUT else "output"
             raise ValueError(f"spec {spec!r} has no {role} leg {leg!r}; every μMoE network has one")
-        if len(where[leg]) > 1:
-            raise ValueError(
-                f"the role leg {leg!r} appears in cores {where[leg]} of spec {spec!r}; "
-                "a role leg is an open mode of W and must appear in exactly one core"
-            )
 
     bonds = tuple(leg for leg in where if leg not in {INPUT, OUTPUT} and not is_expert_leg(leg))
     for bond in bonds:

@@ -282,7 +282,7 @@ def preset_networks(
     >>> from hypothesis import given
     >>> @given(preset_networks(max_levels=2))
     ... def test(net):
-    ...     assert net.format in ("dense", "cp", "tucker", "tt", "tr") and net.n_levels <= 2
+    ...     assert net.format in FORMATS and net.n_levels <= 2
     >>> test()
     """
     fmt = draw(st.sampled_from(list(formats)))
@@ -300,9 +300,11 @@ def preset_networks(
 def custom_specs(draw: st.DrawFn, max_levels: int = 3, max_cores: int = 4) -> str:
     """Random valid specs: role legs spread over cores, joined by a random bond graph.
 
-    The cores are connected by a random spanning tree of bonds, plus up to
-    two extra bonds that may join any number of cores (hyperedges, as in
-    CP).  Legs are shuffled within each core.
+    Each role leg sits in one core or is shared by two (an open hyperedge,
+    as in MxD's ``"n o, i o"``).  The cores are connected by a random
+    spanning tree of bonds, plus up to two extra bonds that may join any
+    number of cores (hyperedges, as in CP).  Legs are shuffled within each
+    core.
 
     Examples
     --------
@@ -321,7 +323,10 @@ def custom_specs(draw: st.DrawFn, max_levels: int = 3, max_cores: int = 4) -> st
         experts = [f"n{e}" for e in range(1, n_levels + 1)]
     legs: list[list[str]] = [[] for _ in range(n_cores)]
     for role in [*experts, "i", "o"]:
-        legs[draw(st.integers(0, n_cores - 1))].append(role)
+        # Most role legs in one core; some shared by several (open hyperedges).
+        holders = st.lists(st.integers(0, n_cores - 1), min_size=1, max_size=2, unique=True)
+        for k in draw(holders):
+            legs[k].append(role)
     groups = [[draw(st.integers(0, k - 1)), k] for k in range(1, n_cores)]
     if n_cores > 1:
         extra = st.lists(st.integers(0, n_cores - 1), min_size=2, max_size=n_cores, unique=True)

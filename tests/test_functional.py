@@ -63,6 +63,18 @@ def to_tensorly(net, cores):
         return tl.tt_to_tensor(padded)
     if net.format == "tr":
         return tl.tr_to_tensor(list(cores))
+    host = [tl.to_numpy(c) for c in cores]
+    if net.format == "mxd":  # no TensorLy form: the Hadamard product by broadcasting
+        *experts, d = host
+        weight = d.reshape((1,) * net.n_levels + d.shape)
+        for e, c in enumerate(experts):
+            shape = [1] * (net.n_levels + 2)
+            shape[e], shape[-1] = c.shape
+            weight = weight * c.reshape(shape)
+        return weight
+    if net.format == "lowrank":  # one U_n V_n^T per expert, by a batched matmul
+        u, v = host
+        return u @ np.swapaxes(v, -1, -2)
     return cores[0]
 
 

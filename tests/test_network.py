@@ -59,6 +59,10 @@ def test_parameter_counts_equal_the_closed_forms(net):
     elif net.format == "tt":
         ranks = [1, *(net.ranks[f"r{k}"] for k in range(1, d)), 1]
         expected = sum(ranks[k] * dims[k] * ranks[k + 1] for k in range(d))
+    elif net.format == "mxd":
+        expected = net.out_features * (sum(net.expert_dims) + net.sizes["i"])
+    elif net.format == "lowrank":
+        expected = net.ranks["r"] * net.n_experts * (net.sizes["i"] + net.out_features)
     else:
         ranks = [net.ranks[f"r{k}"] for k in range(d)] + [net.ranks["r0"]]
         expected = sum(ranks[k] * dims[k] * ranks[k + 1] for k in range(d))
@@ -89,7 +93,7 @@ def test_preset_specs_for_two_levels(build, spec):
 def test_presets_any_number_of_levels(n_levels):
     dims = tuple(range(2, 2 + n_levels))
     for name in mumoe.PRESETS:
-        options = {} if name == "dense" else {"rank": 2}
+        options = {"rank": 2} if mumoe.FORMATS[name].has_rank else {}
         net = preset(name, dims, 3, 4, **options)
         assert net.expert_legs == tuple(f"n{e}" for e in range(1, n_levels + 1))
         assert net.weight_shape == (*dims, 4, 4)

@@ -7,6 +7,7 @@ recipe (:mod:`mumoe.recipe`).  This package, :mod:`mumoe.compat` and
 """
 
 from mumoe._deprecation import module_getattr
+from mumoe.build import build_network
 from mumoe.nn.analysis import GateRecord, record_gates
 from mumoe.nn.block import MuMoEBlock
 from mumoe.nn.contract import torch_forward
@@ -26,7 +27,6 @@ from mumoe.nn.layers import (
     TTMuMoE,
     TuckerMuMoE,
 )
-from mumoe.presets import build_network
 
 __all__ = [
     "TORCH_KERNELS",

@@ -8,9 +8,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from mumoe.build import build_network
 from mumoe.nn.gating import Activation, MuMoEGate
 from mumoe.nn.layers import MuMoE
-from mumoe.presets import build_network
 from mumoe.recipe import block_forward
 from mumoe.typing import RankOrBudget
 

@@ -23,11 +23,11 @@ from torch import nn
 from mumoe import functional
 from mumoe._deprecation import module_getattr
 from mumoe.backend import thread_backend
+from mumoe.build import build_network
 from mumoe.network import Network
 from mumoe.nn.contract import device_type, module_contract
 from mumoe.nn.gating import Activation, MuMoEGate
 from mumoe.nn.init import init_cores_
-from mumoe.presets import build_network
 from mumoe.recipe import layer_forward
 from mumoe.typing import Rank, RankOrBudget
 
@@ -54,11 +54,11 @@ class MuMoE(nn.Module):
         :math:`O`.
     network : Network or str, default "cp"
         A :class:`~mumoe.Network`, a format name or a spec string (see
-        :func:`mumoe.presets.build_network`).
+        :func:`mumoe.build_network`).
     expert_dims : int or sequence of int, optional
         :math:`N_1, \dots, N_E`; required unless ``network`` is a Network.
     rank : int, tuple, mapping, "same" or float, optional
-        The rank (see :func:`mumoe.presets.build_network`).
+        The rank (see :func:`mumoe.build_network`).
     bias : bool, default True
         Whether every expert has a bias (the input mode's extra slice).
     normalization : {"bn", "ln", None}, default "bn"
