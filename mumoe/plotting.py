@@ -46,6 +46,28 @@ def _xy(point: np.ndarray) -> tuple[float, float]:
     return float(point[0]), float(point[1])
 
 
+def _open_hyperedge(
+    ax: Axes, leg: str, holders: list[np.ndarray], centre: np.ndarray, k: int, size: int
+) -> None:
+    # An open leg shared by several cores: a node in the leg's colour joined to each,
+    # with one free line, set off the line between the cores (where a bond may run).
+    color = OPEN.get(leg, "tab:orange")
+    node = np.mean(holders, axis=0)
+    direction = node - centre
+    if np.linalg.norm(direction) < 1e-9:
+        first, last = holders[0], holders[-1]
+        direction = np.array([first[1] - last[1], last[0] - first[0]])
+    direction = direction / (np.linalg.norm(direction) + 1e-12) * (-1) ** k
+    node = node + (0.55 + 0.25 * (k // 2)) * direction
+    for point in holders:
+        ax.plot(*zip(point, node, strict=True), color=color, lw=2.2, zorder=1)
+    end = node + 0.45 * direction
+    ax.plot(*zip(node, end, strict=True), color=color, lw=2.2, zorder=1)
+    ax.add_patch(Circle(_xy(node), 0.06, color=color, zorder=3))
+    x, y = node + 0.7 * direction
+    ax.text(x, y, f"{leg}={size}", fontsize=8.5, ha="center", va="center", color=color)
+
+
 def draw_network(network: Network, ax: Axes | None = None, title: str | None = None) -> Figure:
     r"""Draw the tensor network of ``network``.
 
@@ -54,7 +76,9 @@ def draw_network(network: Network, ax: Axes | None = None, title: str | None = N
     in CP) a small black node joined to each; the open legs of
     :math:`\mathcal{W}` (the expert modes ``n_e`` in orange, the input ``i``
     in blue, the output ``o`` in green) are free lines labelled with their
-    sizes.  A core joined to every other by its own bonds (Tucker's) is drawn
+    sizes, and an open leg shared by several cores (an open hyperedge, as
+    MxD's ``o``) a node of its colour joined to each, with one free line.  A
+    core joined to every other by its own bonds (Tucker's) is drawn
     in the middle, the others on a circle.
 
     Parameters
@@ -120,12 +144,20 @@ def draw_network(network: Network, ax: Axes | None = None, title: str | None = N
             ax.add_patch(Circle(_xy(node), 0.05, color="black", zorder=3))
             ax.text(node[0] + 0.08, node[1] - 0.14, label, fontsize=8, color="0.25")
 
+    open_holders = {
+        leg: [c for c, legs in enumerate(network.core_legs) if leg in legs]
+        for leg in (*network.expert_legs, "i", "o")
+    }
+    shared = [leg for leg, cores in open_holders.items() if len(cores) > 1]
+    for k, leg in enumerate(shared):
+        _open_hyperedge(ax, leg, [pos[c] for c in open_holders[leg]], centre, k, sizes[leg])
+
     for c, legs in enumerate(network.core_legs):
         ax.add_patch(
             Circle(_xy(pos[c]), RADIUS, facecolor="white", edgecolor="black", lw=1.6, zorder=2)
         )
         ax.text(pos[c][0], pos[c][1], f"#{c}", ha="center", va="center", fontsize=9, zorder=4)
-        opened = [leg for leg in legs if leg not in network.bonds]
+        opened = [leg for leg in legs if leg not in network.bonds and leg not in shared]
         outward = pos[c] - centre
         base = (
             math.atan2(outward[1], outward[0]) if np.linalg.norm(outward) > 1e-9 else -math.pi / 2

@@ -38,6 +38,13 @@ _LEG = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 _EXPERT = re.compile(r"n([1-9][0-9]*)?\Z")
 
 
+#: A role leg glued to the next leg: the role, then the rest.
+_GLUED = {
+    "n": re.compile(r"(n[1-9][0-9]*|n)([A-Za-z_][A-Za-z0-9_]*)\Z"),
+    INPUT: re.compile(r"(i)([A-Za-z0-9_]+)\Z"),
+    OUTPUT: re.compile(r"(o)([A-Za-z0-9_]+)\Z"),
+}
+
 #: Commas of other scripts that look like ','.
 _LOOKALIKE_COMMAS = ("\uff0c", "\u3001", "\ufe50", "\u060c")
 
@@ -49,13 +56,14 @@ def _refuse_glued_legs(spec: str, where: dict[str, list[int]]) -> None:
     for role in roles:
         if role in where:
             continue
-        glued = next((leg for leg in where if leg.startswith(role) and len(leg) > 1), None)
-        if glued is not None and not is_expert_leg(glued):
-            raise ValueError(
-                f"spec {spec!r} has no {role!r} leg but a leg {glued!r} in core "
-                f"{where[glued][0]}: legs are separated by white space, e.g. "
-                f"'{role} {glued[len(role) :]}'"
-            )
+        for leg in where:
+            glued = _GLUED[role].match(leg)
+            if glued is not None and not is_expert_leg(leg):
+                raise ValueError(
+                    f"spec {spec!r} has no {role!r} leg but a leg {leg!r} in core "
+                    f"{where[leg][0]}: legs are separated by white space, e.g. "
+                    f"'{glued.group(1)} {glued.group(2)}'"
+                )
 
 
 def is_expert_leg(leg: str) -> bool:
