@@ -182,7 +182,7 @@ def run(
     epochs: int = 40,
     seed: int = 0,
     edit_class: int | None = None,
-    output: str | Path = "mumoe-demo",
+    output: str | Path | None = "mumoe-demo",
     progress: bool = True,
     stream: IO[str] | None = None,
 ) -> DemoResult:
@@ -205,8 +205,9 @@ def run(
     edit_class : int, optional
         The digit whose experts are switched off in the head with the most
         experts; by default the digit with the most experts tied to it.
-    output : path, default "mumoe-demo"
-        Folder for the PNG figures (created).
+    output : path or None, default "mumoe-demo"
+        Folder for the PNG figures (created); None draws no figures (the
+        report and the result are the same).
     progress : bool, default True
         Show tqdm progress bars (on stderr).
     stream : text stream, optional
@@ -220,14 +221,14 @@ def run(
     --------
     >>> import io, tempfile
     >>> report = io.StringIO()
-    >>> result = run(experts=(4,), epochs=1, progress=False, output=tempfile.mkdtemp(),
+    >>> result = run(experts=(4,), epochs=1, progress=False, output=None,  # no figures
     ...              stream=report, edit_class=0)
     >>> print(report.getvalue().splitlines()[4])  # the table's header
     head    rank  experts+gate params  test accuracy  polysemanticity  counted
     >>> [(head.name, head.n_experts, head.expert_params) for head in result.heads]
     [('linear', 0, 650), ('cp N=4', 4, 5135)]
-    >>> [path.name for path in result.figures]
-    ['polysemanticity.png', 'experts_N4.png', 'edit.png']
+    >>> result.figures
+    []
     """
     import torch
     from tqdm.auto import tqdm
@@ -242,8 +243,9 @@ def run(
         raise ValueError(f"edit_class must be a digit 0-9, got {edit_class}")
     if epochs < 1:
         raise ValueError(f"epochs must be at least 1, got {epochs}")
-    folder = Path(output)
-    folder.mkdir(parents=True, exist_ok=True)
+    folder = None if output is None else Path(output)
+    if folder is not None:
+        folder.mkdir(parents=True, exist_ok=True)
 
     # The statistics of the experts use every sample (train, then test): they
     # describe what the gate routes, not how well the head generalises.
@@ -307,14 +309,16 @@ def run(
     else:
         print(f"\nNo expert of the N={largest} head is tied to one digit: no edit.", file=out)
 
-    figures = [_plot_trend(heads, folder / "polysemanticity.png")]
-    for n in sorted({min(models), largest}):
-        figures.append(
-            _plot_experts(models[n][1], n, images, y_all, folder / f"experts_N{n}.png", seed)
-        )
-    if before is not None and after is not None and digit is not None:
-        figures.append(_plot_edit(before, after, digit, largest, folder / "edit.png"))
-    print("\nFigures: " + ", ".join(str(f) for f in figures), file=out)
+    figures: list[Path] = []
+    if folder is not None:
+        figures.append(_plot_trend(heads, folder / "polysemanticity.png"))
+        for n in sorted({min(models), largest}):
+            figures.append(
+                _plot_experts(models[n][1], n, images, y_all, folder / f"experts_N{n}.png", seed)
+            )
+        if before is not None and after is not None and digit is not None:
+            figures.append(_plot_edit(before, after, digit, largest, folder / "edit.png"))
+        print("\nFigures: " + ", ".join(str(f) for f in figures), file=out)
     return DemoResult(heads, digit, edited, before, after, figures)
 
 

@@ -405,9 +405,10 @@ def scale_experts(
 
     Returns the cores of
     :math:`\mathcal{W}'[\dots, n_e, \dots] = s_{n_e}\,\mathcal{W}[\dots, n_e, \dots]`.
-    An expert leg lives in exactly one core, and :math:`\mathcal{W}` is linear
-    in that core, so multiplying that core along the leg is exact for every
-    network; the other cores are returned as they are (not copied).  A scale
+    :math:`\mathcal{W}` is linear in each core, so multiplying one core that
+    holds the expert leg (the first, where several share it as an open
+    hyperedge) along the leg is exact for every network; the other cores are
+    returned as they are (not copied).  A scale
     of 0 switches an expert off; it is then as if its gate coefficient were 0
     (the other coefficients are *not* renormalised).
 

@@ -38,6 +38,8 @@ LAYERS = {
         12, 5, 6, rank=(2, 3, 2), normalization=None, activation="softmax", input_norm=True, **kw),
     "custom-nobias": lambda **kw: MuMoE(12, 5, "n1 a, a n2 b, i b c, o c", expert_dims=(4, 3),
                                         rank=2, bias=False, **kw),
+    "mxd-2-levels": lambda **kw: MuMoE(12, 5, "n1 o, n2 o, i o", expert_dims=(6, 3), **kw),
+    "lowrank": lambda **kw: MuMoE(12, 5, "lowrank", expert_dims=6, rank=2, **kw),
 }  # fmt: skip
 
 

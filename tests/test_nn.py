@@ -54,8 +54,10 @@ def test_module_equals_eq1_with_its_own_gates(net, batch_shape, normalization):
         lambda **kw: TRMuMoE(12, 5, 4, rank=(2, 3, 2), **kw),
         lambda **kw: MuMoE(12, 5, "dense", expert_dims=4, **kw),
         lambda **kw: MuMoE(12, 5, "n1 a, a n2 b, i b c, o c", expert_dims=(4, 3), rank=2, **kw),
+        lambda **kw: MuMoE(12, 5, "mxd", expert_dims=(4, 3), **kw),
+        lambda **kw: MuMoE(12, 5, "n i r, n o r", expert_dims=4, rank=2, **kw),
     ],
-    ids=["cp", "tucker", "tt", "tr", "dense", "custom"],
+    ids=["cp", "tucker", "tt", "tr", "dense", "custom", "mxd", "lowrank"],
 )
 class TestTorchConventions:
     def test_state_dict_round_trip(self, build):
