@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from mumoe.budget import match_rank
+from mumoe.formats import FORMATS
 
 
 @dataclass(frozen=True)
@@ -30,7 +31,7 @@ class Config:
 
     def resolved_rank(self) -> object:
         """The rank to build the layer with (matched to ``nn.Linear`` when ``rank`` is None)."""
-        if self.rank is not None:
+        if self.rank is not None or not FORMATS[self.format].has_rank:
             return self.rank
         return match_rank(self.format, self.expert_dims, self.in_features, self.out_features)
 
@@ -70,6 +71,11 @@ def tiny_configs() -> list[Config]:
     ]  # fmt: skip
 
 
+def mxd_configs() -> list[Config]:
+    """MxD's Hadamard experts at GPT-2 small's decoder: 2,048 experts, 3072 -> 768, 256 tokens."""
+    return [Config("gpt2-mxd-N2048", "mxd", 3072, 768, (2048,), (256,), group="mxd")]
+
+
 def sweep_configs(ns: tuple[int, ...] = (16, 64, 256, 1024, 2048, 4096)) -> list[Config]:
     """Experts from 16 to 4096 at a fixed rank (CP 256; TR 4, 4, 64), batch 256."""
     configs = []
@@ -88,5 +94,6 @@ def quick_configs() -> list[Config]:
         Config("quick-tr-h2", "tr", 32, 24, (8, 2), (4, 3), rank=(2, 2, 2, 4), group="quick"),
         Config("quick-tucker", "tucker", 32, 24, (8,), (8,), rank=4, group="quick"),
         Config("quick-tt", "tt", 32, 24, (8, 2), (8,), rank=3, group="quick"),
+        Config("quick-mxd", "mxd", 32, 24, (16,), (8,), group="quick"),
         *tiny_configs(),
     ]

@@ -195,6 +195,16 @@ def limit_contraction(fmt: str, network: object) -> Callable:
 
         return tt
 
+    if fmt == "mxd":
+
+        def mxd(x: torch.Tensor, a: list[torch.Tensor], c: list[torch.Tensor]) -> torch.Tensor:
+            h = input_matrix(x, c[levels])  # z @ D[:I] + D[I]
+            for e in range(levels):
+                h = h * (a[e] @ c[e])  # (a @ C) * (z @ D + d)
+            return h
+
+        return mxd
+
     if fmt == "tucker":
 
         def tucker(x: torch.Tensor, a: list[torch.Tensor], c: list[torch.Tensor]) -> torch.Tensor:

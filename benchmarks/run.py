@@ -26,7 +26,14 @@ from collections.abc import Callable, Iterable
 import tensorly as tl
 import torch
 
-from benchmarks.configs import Config, paper_configs, quick_configs, sweep_configs, tiny_configs
+from benchmarks.configs import (
+    Config,
+    mxd_configs,
+    paper_configs,
+    quick_configs,
+    sweep_configs,
+    tiny_configs,
+)
 from benchmarks.impls import Setup, contraction_impls, layer_impls, plugins
 from mumoe.backend import thread_backend
 
@@ -195,8 +202,8 @@ def main(argv: list[str] | None = None) -> int:
     description = __doc__.split("\n")[0]
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=description)
     parser.add_argument("--quick", action="store_true", help="small shapes, few rounds")
-    parser.add_argument("--groups", default="paper,tiny,sweep",
-                        help="comma-separated: paper, tiny, sweep")  # fmt: skip
+    parser.add_argument("--groups", default="paper,tiny,mxd,sweep",
+                        help="comma-separated: paper, tiny, mxd, sweep")  # fmt: skip
     parser.add_argument("--filter", default="", help="only configurations whose name has this")
     parser.add_argument("--rounds", type=int, default=None, help="timing rounds (default 7)")
     parser.add_argument("--json", default=None, help="write the records to this file")
@@ -214,6 +221,8 @@ def main(argv: list[str] | None = None) -> int:
             configs += paper_configs()
         if "tiny" in groups:
             configs += tiny_configs()
+        if "mxd" in groups:
+            configs += mxd_configs()
         if "sweep" in groups:
             configs += sweep_configs()
         rounds, min_sample = args.rounds or 7, 0.02

@@ -23,7 +23,8 @@ def test_quick_run_writes_every_configuration(tmp_path):
     assert result.returncode == 0, result.stderr
     records = json.loads(out.read_text())["records"]
     configs = {r["config"] for r in records}
-    assert {"quick-cp", "quick-tr-h2", "quick-tucker", "quick-tt", "tiny-cp", "tiny-tr"} <= configs
+    assert {"quick-cp", "quick-tr-h2", "quick-tucker", "quick-tt", "quick-mxd", "tiny-cp",
+            "tiny-tr"} <= configs  # fmt: skip
     for record in records:
         assert record["forward_ms"] > 0 and record["forward_backward_ms"] > 0
     impls = {r["impl"] for r in records if r["table"] == "contraction"}
