@@ -24,7 +24,7 @@ from mumoe.backend import creation_context
 from mumoe.network import Network
 from mumoe.plan import Plan
 from mumoe.typing import Tensor
-from mumoe.validation import check_cores, check_tensor, is_tensor
+from mumoe.validation import check_cores, check_level, check_tensor, is_tensor
 
 __all__ = [
     "ExpertWeight",
@@ -445,13 +445,7 @@ def scale_experts(
     True
     """
     check_cores(network, cores, tl.get_backend())
-    if isinstance(level, bool) or not isinstance(level, int | np.integer):
-        raise TypeError(f"level must be an int, got {level!r}")
-    if not 0 <= level < network.n_levels:
-        raise ValueError(
-            f"level must be in [0, {network.n_levels}) for the expert legs "
-            f"{network.expert_legs}, got {level}"
-        )
+    level = check_level(level, network)
     leg = network.expert_legs[level]
     n = network.expert_dims[level]
     if is_tensor(scales, tl.get_backend()):

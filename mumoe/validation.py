@@ -24,6 +24,7 @@ if TYPE_CHECKING:
 __all__ = [
     "check_bool",
     "check_cores",
+    "check_level",
     "check_tensor",
     "dtype_name",
     "is_floating",
@@ -133,6 +134,43 @@ def check_bool(value: Any, what: str) -> bool:
     if not isinstance(value, bool):
         raise TypeError(f"{what} must be True or False, got {value!r}")
     return value
+
+
+def check_level(level: Any, network: Network) -> int:
+    """Return ``level`` if it names an expert level of ``network`` (0-based), else raise.
+
+    Parameters
+    ----------
+    level : int-like
+    network : Network
+
+    Returns
+    -------
+    int
+
+    Raises
+    ------
+    TypeError
+        If ``level`` is a bool or not an integer.
+    ValueError
+        If it is out of range.
+
+    Examples
+    --------
+    >>> from mumoe import cp
+    >>> check_level(1, cp((4, 3), 5, 2, rank=2))
+    1
+    """
+    where = f"in [0, {network.n_levels}), got {level!r} (expert legs {network.expert_legs})"
+    if isinstance(level, bool):
+        raise TypeError(f"level must be an int {where}")
+    try:
+        index = operator.index(level)
+    except TypeError:
+        raise TypeError(f"level must be an int {where}") from None
+    if not 0 <= index < network.n_levels:
+        raise ValueError(f"level must be an int {where}")
+    return index
 
 
 def dtype_name(dtype: Any) -> str:

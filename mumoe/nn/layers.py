@@ -30,6 +30,7 @@ from mumoe.nn.gating import Activation, MuMoEGate
 from mumoe.nn.init import init_cores_
 from mumoe.recipe import layer_forward
 from mumoe.typing import Rank, RankOrBudget
+from mumoe.validation import check_level
 
 __all__ = ["CPMuMoE", "MuMoE", "TRMuMoE", "TTMuMoE", "TuckerMuMoE"]
 
@@ -215,11 +216,7 @@ class MuMoE(nn.Module):
         ...     layer(torch.randn(5, 8)).abs().max().item()
         0.0
         """
-        n_levels = self.network.n_levels
-        if isinstance(level, bool) or not isinstance(level, int):
-            raise TypeError(f"level must be an int in [0, {n_levels}), got {level!r}")
-        if not 0 <= level < n_levels:
-            raise ValueError(f"level must be an int in [0, {n_levels}), got {level!r}")
+        level = check_level(level, self.network)
         n = self.network.expert_dims[level]
         weight = next(iter(self.parameters()), None)
         device = None if weight is None else weight.device
