@@ -17,7 +17,7 @@ from typing import Any
 
 import tensorly as tl
 
-from mumoe._deprecation import warn_renamed
+from mumoe._deprecation import deprecated_property, warn_renamed
 from mumoe.gating import (
     ACTIVATIONS,
     batch_norm,
@@ -133,11 +133,7 @@ class InferenceMuMoE:
         self.eps = eps
         self.input_eps = input_eps
 
-    @property
-    def input_norm(self) -> Affine | None:
-        """Deprecated alias of :attr:`input_norm_affine`."""
-        warn_renamed("InferenceMuMoE.input_norm", "InferenceMuMoE.input_norm_affine")
-        return self.input_norm_affine
+    input_norm = deprecated_property("input_norm", "input_norm_affine")
 
     def _norms(self) -> list[Callable[[Tensor], Tensor] | None]:
         levels = len(self.projections or ())
@@ -282,11 +278,7 @@ class InferenceMuMoEBlock:
         self.input_norm_affine = input_norm_affine
         self.input_eps = input_eps
 
-    @property
-    def input_norm(self) -> Affine | None:
-        """Deprecated alias of :attr:`input_norm_affine`."""
-        warn_renamed("InferenceMuMoEBlock.input_norm", "InferenceMuMoEBlock.input_norm_affine")
-        return self.input_norm_affine
+    input_norm = deprecated_property("input_norm", "input_norm_affine")
 
     def __call__(self, x: Tensor) -> Tensor:
         """The block's output for ``x`` of shape ``(..., I)``: shape ``(..., O)``.
