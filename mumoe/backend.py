@@ -151,6 +151,10 @@ class BackendDeclaration:
         ``"module:function"`` computing ``c + a @ b`` in one call
         (``torch.addmm``'s signature), or empty: the compiled plans add a
         bias inside the contraction with it.
+    bias_matmul : str, default ""
+        ``"module:function"`` computing ``x @ core[:I] + core[I]`` with its
+        own gradient (:func:`mumoe.nn.kernels.bias_matmul`), or empty;
+        preferred to ``addmm``.
     jit : str, default ""
         ``"module:function"`` compiling a function of arrays once per shape
         (``jax.jit``), or empty: compiled plans are wrapped in it.
@@ -173,6 +177,7 @@ class BackendDeclaration:
     dtypes: tuple[str, ...]
     erf: str
     addmm: str = ""
+    bias_matmul: str = ""
     jit: str = ""
     max_examples: int = 0
 
@@ -217,6 +222,7 @@ def declared_backends() -> list[BackendDeclaration]:
                     dtypes=tuple(data["dtypes"]),
                     erf=str(data["erf"]),
                     addmm=str(data.get("addmm", "")),
+                    bias_matmul=str(data.get("bias_matmul", "")),
                     jit=str(data.get("jit", "")),
                     max_examples=int(data.get("max_examples", 0)),
                 )
@@ -289,7 +295,7 @@ def backend_erf(backend: str | None = None) -> Any:
 
 
 def backend_function(backend: str, kind: str) -> Any:
-    """The function a backend declares for ``kind`` (``"erf"``, ``"addmm"``), or None.
+    """The function a backend declares for ``kind`` (``"erf"``, ``"bias_matmul"``), or None.
 
     Parameters
     ----------
@@ -335,9 +341,13 @@ def backend_kernels(backend: str) -> Kernels:
     Examples
     --------
     >>> backend_kernels("numpy")
-    Kernels(addmm=None, jit=None)
+    Kernels(addmm=None, jit=None, bias_matmul=None)
     """
-    return Kernels(addmm=backend_function(backend, "addmm"), jit=backend_function(backend, "jit"))
+    return Kernels(
+        addmm=backend_function(backend, "addmm"),
+        jit=backend_function(backend, "jit"),
+        bias_matmul=backend_function(backend, "bias_matmul"),
+    )
 
 
 # Resolved declared functions, by (backend, kind).

@@ -62,15 +62,23 @@ class Kernels:
         Compiles a function of arrays once per shape (``jax.jit``): the whole
         program becomes one compiled function instead of one dispatch per
         operation.
+    bias_matmul : callable, optional
+        ``bias_matmul(x, core) = x @ core[:I] + core[I]`` for ``x`` of shape
+        ``(B, I)``, differentiable with a gradient that does not slice the
+        core (:func:`mumoe.nn.kernels.bias_matmul`).  Preferred to ``addmm``;
+        where a backend declares it, plans add the bias inside the
+        contraction for every batch (the bias rule,
+        :meth:`mumoe.plan.Plan.bias_inside`).
 
     Examples
     --------
     >>> Kernels()
-    Kernels(addmm=None, jit=None)
+    Kernels(addmm=None, jit=None, bias_matmul=None)
     """
 
     addmm: Callable[[Any, Any, Any], Any] | None = None
     jit: Callable[[Callable[..., Any]], Callable[..., Any]] | None = None
+    bias_matmul: Callable[[Any, Any], Any] | None = None
 
 
 @dataclass(frozen=True)
@@ -232,7 +240,7 @@ def _generate(program: Program) -> Callable[[Sequence[Any]], Any]:
             left, right = working[step.left], working[step.right]
             for position in sorted((step.left, step.right), reverse=True):
                 del working[position]
-            namespace[f"step{k}"] = _pair(step, program.kernels.addmm)
+            namespace[f"step{k}"] = _pair(step, program.kernels)
             lines.append(f"    r{result} = step{k}(r{left}, r{right})")
         working.append(result)
     if program.final_perm is None:
@@ -261,11 +269,9 @@ def _prepare(axes: tuple[int, ...], perm: tuple[int, ...] | None) -> Callable[[A
     return lambda t: _transpose(t.sum(axes), perm)
 
 
-def _pair(
-    step: PairStep, addmm: Callable[[Any, Any, Any], Any] | None
-) -> Callable[[Any, Any], Any]:
+def _pair(step: PairStep, kernels: Kernels) -> Callable[[Any, Any], Any]:
     """The step's product as a closure specialised to its kind and layouts."""
-    product = _product(step, addmm)
+    product = _product(step, kernels)
     prep_a = _prepare(step.left_sum, step.left_perm)
     prep_b = _prepare(step.right_sum, step.right_perm)
     if prep_a is None and prep_b is None:
@@ -277,15 +283,16 @@ def _pair(
     return lambda a, b: product(prep_a(a), prep_b(b))
 
 
-def _product(
-    step: PairStep, addmm: Callable[[Any, Any, Any], Any] | None
-) -> Callable[[Any, Any], Any]:
+def _product(step: PairStep, kernels: Kernels) -> Callable[[Any, Any], Any]:
     if step.kind == "hadamard":
         return lambda a, b: a * b
     if step.kind == "matmul" and not step.reshape:
         # Every group is at most one leg: the operands are matrices already.
         if step.bias and not step.n_batch:
             # x (B, I) @ core (I + 1, N): the core's last row is the bias.
+            if kernels.bias_matmul is not None:
+                return kernels.bias_matmul
+            addmm = kernels.addmm
             if addmm is not None:
                 return lambda a, b: addmm(b[a.shape[-1]], a, b[: a.shape[-1]])
             return lambda a, b: a @ b[: a.shape[-1]] + b[a.shape[-1]]

@@ -38,10 +38,12 @@ DEFAULT_OPTIMIZE = "auto-hq"
 
 #: The bias rule.  Where a plan can add the bias inside the contraction
 #: (``x @ core[:I] + core[I]``, no column of ones), it does so when no gradient
-#: flows to the cores, or when the batch has more than this many rows per entry
-#: of the bias slice; otherwise ``z = [x, 1]`` is formed.  In a backward pass
-#: the two slices of the core each cost a zero-filled gradient of the whole
-#: core, which only a large batch repays against one copy of ``x``.
+#: flows to the cores, when the backend declares a ``bias_matmul`` kernel
+#: (which writes the core's gradient once), or when the batch has more than
+#: this many rows per entry of the bias slice; otherwise ``z = [x, 1]`` is
+#: formed.  Without the kernel, the two slices of the core each cost a
+#: zero-filled gradient of the whole core in the backward pass, which only a
+#: large batch repays against one copy of ``x``.
 BIAS_INSIDE_ROWS = 2
 
 
@@ -190,8 +192,9 @@ class Plan:
         """Whether a call adds the bias inside the contraction: the bias rule.
 
         True where :attr:`bias_program` exists and either no gradient flows
-        to the cores or the batch has more than :data:`BIAS_INSIDE_ROWS` rows
-        per entry of the bias slice.
+        to the cores, the backend declares a ``bias_matmul`` kernel, or the
+        batch has more than :data:`BIAS_INSIDE_ROWS` rows per entry of the
+        bias slice.
 
         Parameters
         ----------
@@ -213,7 +216,9 @@ class Plan:
         """
         program = self.bias_program
         return program is not None and (
-            not differentiable or batch_size > BIAS_INSIDE_ROWS * program.bias_width
+            not differentiable
+            or program.kernels.bias_matmul is not None
+            or batch_size > BIAS_INSIDE_ROWS * program.bias_width
         )
 
     def __call__(self, *operands: Any, bias_inside: bool = False, split: bool = False) -> Any:

@@ -118,6 +118,8 @@ def _bias_text(net: Network, plan: Plan) -> str:
     if program is None:
         return "a column of ones concatenated to x (the path meets x before its core)"
     step = next(k for k, s in enumerate(program.steps, 1) if isinstance(s, PairStep) and s.bias)
+    if program.kernels.bias_matmul is not None:
+        return f"x @ core[:I] + core[I] in step ({step}), by the backend's bias_matmul kernel"
     return (
         f"x @ core[:I] + core[I] in step ({step}) without gradients to the cores or for "
         f"batches over {BIAS_INSIDE_ROWS * program.bias_width:,} rows; else a column of ones"

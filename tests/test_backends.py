@@ -130,9 +130,10 @@ def test_plans_use_the_kernels_their_backend_declares(backend):
     assert plan.program.kernels == kernels and plan.bias_program.kernels == kernels
     declared = next(b for b in BACKENDS if b.name == backend)
     assert (kernels.addmm is None) == (not declared.addmm)
+    assert (kernels.bias_matmul is None) == (not declared.bias_matmul)
     assert (kernels.jit is None) == (not declared.jit)
     cores = random_cores(net, random_state=1)
-    y = forward(net, cores, x, gates)  # the bias added inside, with the declared addmm if any
+    y = forward(net, cores, x, gates)  # the bias added inside, with the declared kernel if any
     expected = dense_forward(materialize(net, cores), x, gates, net.bias)
     assert_close(y, expected, dtype_name(x.dtype), scale=n_terms(net))
 
@@ -325,7 +326,7 @@ def test_torch_layers_on_cuda_equal_the_cpu_layers(network):
         for p in cpu.parameters():
             p.data.uniform_(-1, 1)
         gpu = __import__("copy").deepcopy(cpu).cuda()
-        for rows in (1, 64):  # the bias inside the contraction (addmm), then a ones column
+        for rows in (1, 64):  # the bias inside the contraction (bias_matmul), small and large
             x = torch.randn(rows, 3, 12, dtype=torch.float64)
             y_cpu, y_gpu = cpu(x), gpu(x.cuda())
             assert y_gpu.device.type == "cuda"

@@ -1,0 +1,95 @@
+"""The torch kernels compiled plans call: values, gradients, memory kept, and the bias rule."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch", reason="torch is not installed (pip install 'mumoe[torch]')")
+
+from mumoe import Network, mxd  # noqa: E402
+from mumoe.backend import backend_kernels  # noqa: E402
+from mumoe.contraction import Kernels  # noqa: E402
+from mumoe.nn import MuMoE  # noqa: E402
+from mumoe.nn.kernels import bias_matmul  # noqa: E402
+from mumoe.plan import Plan  # noqa: E402
+from mumoe.report import describe  # noqa: E402
+
+
+def _operands(rows: int = 5, k: int = 4, n: int = 3) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(rows, k, dtype=torch.float64, generator=generator, requires_grad=True)
+    core = torch.randn(k + 1, n, dtype=torch.float64, generator=generator, requires_grad=True)
+    return x, core
+
+
+def test_bias_matmul_is_x_at_the_core_plus_its_last_row():
+    x, core = _operands()
+    torch.testing.assert_close(bias_matmul(x, core), x @ core[:-1] + core[-1])
+
+
+def test_bias_matmul_gradients_and_second_derivatives():
+    x, core = _operands()
+    assert torch.autograd.gradcheck(bias_matmul, (x, core))
+    assert torch.autograd.gradgradcheck(bias_matmul, (x, core))
+    y = bias_matmul(x.detach(), core)  # no gradient asked for x
+    (grad,) = torch.autograd.grad(y.square().sum(), core)
+    (expected,) = torch.autograd.grad((x.detach() @ core[:-1] + core[-1]).square().sum(), core)
+    torch.testing.assert_close(grad, expected)
+
+
+@pytest.mark.parametrize(
+    ("x_shape", "core_shape"), [((5, 4), (4, 3)), ((5, 4), (6, 3)), ((2, 5, 4), (5, 3)), ((5, 4), (5,))]
+)
+def test_bias_matmul_names_the_shapes_it_expects(x_shape, core_shape):
+    with pytest.raises(ValueError, match=r"x of shape \(B, I\) and core of shape \(I \+ 1, N\)"):
+        bias_matmul(torch.zeros(x_shape), torch.zeros(core_shape))
+
+
+def test_torch_plans_add_the_bias_inside_for_every_batch():
+    net = mxd(6, 5, 4)
+    torch_plan = net.planner.forward(1, "pytorch", torch.float64)
+    numpy_plan = net.planner.forward(1, "numpy", np.dtype("float64"))
+    assert torch_plan.bias_program.kernels.bias_matmul is bias_matmul
+    assert torch_plan.bias_inside(1, differentiable=True)
+    assert not numpy_plan.bias_inside(1, differentiable=True)  # numpy keeps the batch rule
+    assert "bias_matmul kernel" in describe(net, 1, backend="pytorch", dtype=torch.float64)
+
+
+@pytest.mark.parametrize(
+    ("spec", "experts", "rank"),
+    [("n o, i o", 6, None), ("n r, i r, o r", 6, 3), ("n1 n2 a, a i b, b o", (2, 3), 3)],
+)
+def test_training_keeps_no_copy_of_the_input(spec, experts, rank):
+    # The memory kept for backward: the input itself, never [x, 1] or a slice's gradient.
+    net = Network(spec, experts, 7, 5, rank=rank)
+    layer = MuMoE(7, 5, net, dtype=torch.float64)
+    x = torch.randn(3, 7, dtype=torch.float64)
+    kept: list[torch.Size] = []
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        kept.append(t.shape)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        y = layer(x)
+    assert (3, 8) not in kept, kept
+    y.square().sum().backward()
+    assert all(p.grad is not None for p in layer.parameters())
+
+
+def test_declared_addmm_without_bias_matmul_still_adds_the_bias_inside():
+    plan = Plan.build("ab,bc->ac", [(3, 5), (5, 2)], lead="a", bias_input=0)
+    calls = []
+
+    def addmm(c, a, b):
+        calls.append(1)
+        return torch.addmm(c, a, b)
+
+    program = dataclasses.replace(plan.bias_program, kernels=Kernels(addmm=addmm))
+    x, core = torch.randn(3, 4), torch.randn(5, 2)
+    torch.testing.assert_close(program([x, core]), x @ core[:4] + core[4])
+    assert calls == [1]
+    assert backend_kernels("pytorch").addmm is None  # pytorch declares bias_matmul instead
