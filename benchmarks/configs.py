@@ -72,8 +72,11 @@ def tiny_configs() -> list[Config]:
 
 
 def mxd_configs() -> list[Config]:
-    """MxD's Hadamard experts at GPT-2 small's decoder: 2,048 experts, 3072 -> 768, 256 tokens."""
-    return [Config("gpt2-mxd-N2048", "mxd", 3072, 768, (2048,), (256,), group="mxd")]
+    """MxD's Hadamard experts at GPT-2 small's decoder: 2,048 and 24,576 experts, 3072 -> 768, 256 tokens."""
+    return [
+        Config("gpt2-mxd-N2048", "mxd", 3072, 768, (2048,), (256,), group="mxd"),
+        Config("gpt2-mxd-N24576", "mxd", 3072, 768, (24576,), (256,), group="mxd"),
+    ]
 
 
 def sweep_configs(ns: tuple[int, ...] = (16, 64, 256, 1024, 2048, 4096)) -> list[Config]:

@@ -23,6 +23,8 @@ layer (the gate computed from the input)
 
 from __future__ import annotations
 
+import functools
+
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -336,7 +338,29 @@ def contraction_impls(setup: Setup) -> dict[str, Fn]:
     impls["gate entmax-1.5"] = gate_with(TORCH_KERNELS["entmax15"])
     impls["gate entmax full sort"] = gate_with(lambda t: entmax15(t, dim=-1))
     impls["gate softmax"] = gate_with(TORCH_KERNELS["softmax"])
+    for k in TOP_K:
+        impls[f"gate top-{k}"] = gate_with(functools.partial(TORCH_KERNELS["topk"], k=k))
+
+    # The activation alone, on the normalised logits (the projection dominates the gate at
+    # large N and hides the activation's own cost).
+    generator = torch.Generator().manual_seed(0)
+    logits = [
+        torch.randn(config.rows, n, generator=generator, dtype=x_rows.dtype).requires_grad_()
+        for n in config.expert_dims
+    ]
+
+    def alone(activation: Callable[[torch.Tensor], torch.Tensor]) -> Fn:
+        return lambda: torch.cat([activation(z).reshape(-1) for z in logits])
+
+    impls["activation softmax"] = alone(TORCH_KERNELS["softmax"])
+    impls["activation entmax-1.5"] = alone(TORCH_KERNELS["entmax15"])
+    for k in TOP_K:
+        impls[f"activation top-{k}"] = alone(functools.partial(TORCH_KERNELS["topk"], k=k))
     return impls
+
+
+#: The k of the top-k gate rows: a sparse MoE's 2 and MxD's 32.
+TOP_K = (2, 32)
 
 
 def layer_impls(setup: Setup) -> dict[str, Fn]:

@@ -51,24 +51,30 @@ def summary(records: list[dict]) -> str:
 
 
 def gates(records: list[dict]) -> str:
-    """The gate alone (projection, normalisation, activation): entmax-1.5 against softmax."""
+    """The gate (projection, normalisation, activation) and the activation alone, against softmax."""
+    columns = [("gate", "entmax-1.5"), ("gate", "entmax full sort"), ("activation", "entmax-1.5"),
+               ("activation", "top-2"), ("activation", "top-32")]  # fmt: skip
     lines = [
-        "| configuration | N | entmax-1.5 f+b ms | full-sort entmax f+b ms | softmax f+b ms "
-        "| entmax-1.5 / softmax (fwd) | entmax-1.5 / softmax (f+b) |",
-        "|---|---|---|---|---|---|---|",
+        "| configuration | N | gate softmax f+b ms | "
+        + " | ".join(f"{what} {name} / softmax (fwd, f+b)" for what, name in columns) + " |",
+        "|---|---|---|" + "---|" * len(columns),
     ]
     for config, rows in _index(records).items():
-        ours = rows.get(("contraction", "gate entmax-1.5"))
-        full = rows.get(("contraction", "gate entmax full sort"))
-        soft = rows.get(("contraction", "gate softmax"))
-        if ours and full and soft:
-            n = "x".join(map(str, ours["expert_dims"]))
-            lines.append(
-                f"| {config} | {n} | {ours['forward_backward_ms']:.2f} | "
-                f"{full['forward_backward_ms']:.2f} | {soft['forward_backward_ms']:.2f} | "
-                f"{ours['forward_ms'] / soft['forward_ms']:.2f} | "
-                f"{ours['forward_backward_ms'] / soft['forward_backward_ms']:.2f} |"
+        soft = {what: rows.get(("contraction", f"{what} softmax")) for what in ("gate", "activation")}
+        if not soft["gate"]:
+            continue
+        cells = []
+        for what, name in columns:
+            row, base = rows.get(("contraction", f"{what} {name}")), soft[what]
+            cells.append(
+                "-" if row is None or base is None else f"{row['forward_ms'] / base['forward_ms']:.2f}, "
+                f"{row['forward_backward_ms'] / base['forward_backward_ms']:.2f}"
             )
+        n = "x".join(map(str, soft["gate"]["expert_dims"]))
+        lines.append(
+            f"| {config} | {n} | {soft['gate']['forward_backward_ms']:.2f} | "
+            + " | ".join(cells) + " |"
+        )
     return "\n".join(lines)
 
 

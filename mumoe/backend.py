@@ -151,6 +151,10 @@ class BackendDeclaration:
         ``"module:function"`` computing ``c + a @ b`` in one call
         (``torch.addmm``'s signature), or empty: the compiled plans add a
         bias inside the contraction with it.
+    kth_largest : str, default ""
+        ``"module:function"`` returning the ``k``-th largest entry of each row,
+        ``(..., N) -> (..., 1)``, by a selection rather than a sort: what
+        top-k gating (:func:`mumoe.gating.topk`) needs of the backend.
     bias_matmul : str, default ""
         ``"module:function"`` computing ``x @ core[:I] + core[I]`` with its
         own gradient (:func:`mumoe.nn.kernels.bias_matmul`), or empty;
@@ -177,6 +181,7 @@ class BackendDeclaration:
     dtypes: tuple[str, ...]
     erf: str
     addmm: str = ""
+    kth_largest: str = ""
     bias_matmul: str = ""
     jit: str = ""
     max_examples: int = 0
@@ -222,6 +227,7 @@ def declared_backends() -> list[BackendDeclaration]:
                     dtypes=tuple(data["dtypes"]),
                     erf=str(data["erf"]),
                     addmm=str(data.get("addmm", "")),
+                    kth_largest=str(data.get("kth_largest", "")),
                     bias_matmul=str(data.get("bias_matmul", "")),
                     jit=str(data.get("jit", "")),
                     max_examples=int(data.get("max_examples", 0)),

@@ -3,7 +3,7 @@ r"""The portable weights file: one reader, one writer, no PyTorch.
 A file is a NumPy ``.npz`` archive of numeric arrays plus one entry,
 ``__mumoe__``, holding the metadata as UTF-8 JSON bytes: the format name and
 version, the kind (``"layer"`` or ``"block"``), each layer's network (spec,
-sizes, ranks, bias), the gate (normalisation, activation, eps) and the input
+sizes, ranks, bias), the gate (normalisation, activation, top_k, eps) and the input
 norm.  It is read with ``allow_pickle=False``: reading it executes nothing.
 A file that is truncated, not an archive, holds object arrays, lacks or adds
 entries, or whose shapes do not match its own spec is refused with a
@@ -288,6 +288,7 @@ def load(path: PathLike, *, dtype: Any = None) -> InferenceMuMoE | InferenceMuMo
         "running_mean": [tensor(f"gate.running_mean.{e}") for e in levels] if bn else None,
         "running_var": [tensor(f"gate.running_var.{e}") for e in levels] if bn else None,
         "activation": "entmax15" if gate is None else gate["activation"],
+        "top_k": None if gate is None else gate.get("top_k"),
         "eps": 1e-5 if gate is None else float(gate["eps"]),
     }
     norm = meta.get("input_norm")

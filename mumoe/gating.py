@@ -36,6 +36,7 @@ entmax-1.5 and sparsemax use the sort-based exact algorithms (Peters et al.,
 
 from __future__ import annotations
 
+import functools
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -43,7 +44,7 @@ from typing import Any
 import numpy as np
 import tensorly as tl
 
-from mumoe.backend import cast, creation_context
+from mumoe.backend import backend_function, cast, creation_context
 from mumoe.typing import Tensor
 from mumoe.validation import dtype_name
 
@@ -53,14 +54,18 @@ __all__ = [
     "activation_name",
     "batch_norm",
     "check_normalization",
+    "check_top_k",
     "entmax15",
     "gate_coefficients",
     "gate_dtype",
     "gelu",
+    "kth_largest_by_partition",
+    "kth_largest_by_top_k",
     "layer_norm",
     "resolve_activation",
     "softmax",
     "sparsemax",
+    "topk",
 ]
 
 Activation = Callable[[Tensor], Tensor]
@@ -168,13 +173,153 @@ def entmax15(logits: Tensor) -> Tensor:
     return p * p
 
 
+def kth_largest_by_partition(z: Tensor, k: int) -> Tensor:
+    """The ``k``-th largest entry of each row, by the array library's ``partition``.
+
+    ``numpy.partition`` selects in linear time (introselect) without sorting
+    the row; CuPy arrays dispatch to ``cupy.partition``.  The ``kth_largest``
+    kernel ``backends/numpy.toml`` and ``backends/cupy.toml`` declare.
+
+    Parameters
+    ----------
+    z : array, shape (..., N)
+    k : int
+        From 1 to N.
+
+    Returns
+    -------
+    array, shape (..., 1)
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> kth_largest_by_partition(np.array([[3.0, 9.0, 1.0, 7.0]]), 2)
+    array([[7.]])
+    """
+    n = z.shape[-1]
+    return np.partition(z, n - k, axis=-1)[..., n - k : n - k + 1]
+
+
+def kth_largest_by_top_k(z: Tensor, k: int) -> Tensor:
+    """The ``k``-th largest entry of each row, by ``jax.lax.top_k`` (no full sort).
+
+    The ``kth_largest`` kernel ``backends/jax.toml`` declares.
+
+    Parameters
+    ----------
+    z : jax array, shape (..., N)
+    k : int
+        From 1 to N.
+
+    Returns
+    -------
+    jax array, shape (..., 1)
+    """
+    import jax
+
+    return jax.lax.top_k(jax.lax.stop_gradient(z), k)[0][..., k - 1 : k]
+
+
+def check_top_k(activation: Any, top_k: Any) -> int | None:
+    """Return ``top_k`` as an int if ``activation`` is ``"topk"``, None if it is not given.
+
+    Parameters
+    ----------
+    activation : str or callable
+    top_k : int or None
+        The number of experts each row keeps, for ``activation="topk"`` only.
+
+    Returns
+    -------
+    int or None
+
+    Raises
+    ------
+    ValueError
+        If ``"topk"`` comes without ``top_k`` or with ``top_k < 1``, or
+        ``top_k`` comes with another activation.
+    TypeError
+        If ``top_k`` is not an int.
+
+    Examples
+    --------
+    >>> check_top_k("topk", 2), check_top_k("entmax15", None)
+    (2, None)
+    """
+    if activation == "topk":
+        if top_k is None:
+            raise ValueError("activation='topk' needs top_k, the number of experts each row keeps")
+        if isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer)):
+            raise TypeError(f"top_k must be an int, got {top_k!r}")
+        if top_k < 1:
+            raise ValueError(f"top_k must be at least 1, got {top_k}")
+        return int(top_k)
+    if top_k is not None:
+        raise ValueError(
+            f"top_k={top_k!r} is for activation='topk'; the activation is {activation_name(activation)!r}"
+        )
+    return None
+
+
+def topk(logits: Tensor, k: int) -> Tensor:
+    """Top-k gating: softmax over the ``k`` largest logits of each row, exact zeros elsewhere.
+
+    A row keeps the logits at or above its ``k``-th largest value, so logits
+    tied with it are all kept: the rule treats every expert alike (permuting
+    the logits permutes the coefficients) and is the same on every backend.
+    A row keeps more than ``k`` experts only on such exact ties, such as the
+    equal logits of a zero-initialised gate, where top-k is softmax.
+    ``k >= N`` is softmax.  The ``k``-th largest value comes from the
+    backend's declared ``kth_largest`` kernel, a selection rather than a
+    sort of the row; the rest is elementwise and differentiable where the
+    backend is (the selection carries no gradient, as in any top-k router).
+
+    Parameters
+    ----------
+    logits : tensor, shape (..., N)
+    k : int
+        Experts kept per row, at least 1.
+
+    Returns
+    -------
+    tensor, shape (..., N)
+        Non-negative, summing to one over the last axis, zero outside the
+        ``k`` largest logits (and their ties).
+
+    Raises
+    ------
+    ValueError
+        If ``k < 1``, or the backend declares no ``kth_largest`` kernel.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> topk(np.array([[0.0, 2.0, 1.0, 2.0]]), 2)
+    array([[0. , 0.5, 0. , 0.5]])
+    >>> topk(np.array([[3.0, 1.0, 1.0, 0.0]]), 2)[0].round(3)  # a tie at the 2nd: both kept
+    array([0.787, 0.107, 0.107, 0.   ])
+    """
+    k = check_top_k("topk", k)  # type: ignore[assignment]
+    if k >= tl.shape(logits)[-1]:
+        return softmax(logits)
+    backend = tl.get_backend()
+    select = backend_function(backend, "kth_largest")
+    if select is None:
+        raise ValueError(f"top-k gating on backend {backend!r} needs a kth_largest kernel in backends/")
+    e = tl.exp(logits - _keep(tl.max(logits, axis=-1), logits))
+    e = tl.where(logits >= select(logits, k), e, _zeros(e))
+    return e / _keep(tl.sum(e, axis=-1), e)
+
+
 #: The gate activations by name, with their kernels on any TensorLy backend; each
 #: maps logits ``(..., N)`` to coefficients on the simplex.  The vocabulary of every
-#: layer: :mod:`mumoe.nn.gating` gives the same names torch kernels.
-ACTIVATIONS: dict[str, Activation] = {
+#: layer: :mod:`mumoe.nn.gating` gives the same names torch kernels.  ``"topk"``
+#: also takes ``k``, the layer's ``top_k`` (:func:`resolve_activation`).
+ACTIVATIONS: dict[str, Callable[..., Tensor]] = {
     "entmax15": entmax15,
     "sparsemax": sparsemax,
     "softmax": softmax,
+    "topk": topk,
 }
 
 #: The normalisations of the gate logits: batch norm and layer norm without
@@ -183,16 +328,22 @@ NORMALIZATIONS: tuple[str | None, ...] = ("bn", "ln", None)
 
 
 def resolve_activation(
-    activation: str | Activation, kernels: Mapping[str, Activation] | None = None
+    activation: str | Activation,
+    kernels: Mapping[str, Callable[..., Tensor]] | None = None,
+    *,
+    top_k: int | None = None,
 ) -> Activation:
     """The kernel of the activation called ``activation``, or ``activation`` itself if callable.
 
     Parameters
     ----------
-    activation : {"entmax15", "sparsemax", "softmax"} or callable
+    activation : {"entmax15", "sparsemax", "softmax", "topk"} or callable
     kernels : mapping, optional
         Kernels for the names of :data:`ACTIVATIONS` (the torch modules pass
         theirs); :data:`ACTIVATIONS` itself by default.
+    top_k : int, optional
+        With ``"topk"`` (and only then): the experts each row keeps
+        (:func:`check_top_k`).
 
     Returns
     -------
@@ -202,18 +353,23 @@ def resolve_activation(
     Raises
     ------
     ValueError
-        For a name outside the vocabulary.
+        For a name outside the vocabulary, or ``top_k`` missing for
+        ``"topk"`` or given for anything else.
 
     Examples
     --------
     >>> import numpy as np
     >>> resolve_activation("sparsemax")(np.array([[3.0, 1.0, 0.0]]))
     array([[1., 0., 0.]])
+    >>> resolve_activation("topk", top_k=1)(np.array([[3.0, 1.0, 0.0]]))
+    array([[1., 0., 0.]])
     """
+    k = check_top_k(activation, top_k)
     if callable(activation):
         return activation
     if isinstance(activation, str) and activation in ACTIVATIONS:
-        return (ACTIVATIONS if kernels is None else kernels)[activation]
+        kernel = (ACTIVATIONS if kernels is None else kernels)[activation]
+        return kernel if k is None else functools.partial(kernel, k=k)
     raise ValueError(
         f"unknown gate activation {activation!r}; choose one of "
         f"{', '.join(map(repr, ACTIVATIONS))} or pass a callable"

@@ -25,6 +25,7 @@ from mumoe.gating import (
     gate_coefficients,
     gelu,
     layer_norm,
+    resolve_activation,
 )
 from mumoe.network import Network
 from mumoe.recipe import block_forward, layer_forward
@@ -69,7 +70,9 @@ class InferenceMuMoE:
     normalization : {"bn", "ln", None}
     running_mean, running_var : sequences of tensors, each (N_e,)
         With ``"bn"``.
-    activation : {"entmax15", "sparsemax", "softmax"}
+    activation : {"entmax15", "sparsemax", "softmax", "topk"}
+    top_k : int, optional
+        With ``activation="topk"``: the experts each row keeps.
     input_norm_affine : tuple of (weight, bias), optional
         The input layer norm's affine parameters, each (I,); no input norm
         without.  (Formerly ``input_norm``, still accepted with a warning.)
@@ -101,6 +104,7 @@ class InferenceMuMoE:
         running_mean: Sequence[Tensor] | None = None,
         running_var: Sequence[Tensor] | None = None,
         activation: str = "entmax15",
+        top_k: int | None = None,
         input_norm_affine: Affine | None = None,
         eps: float = 1e-5,
         input_eps: float = 1e-5,
@@ -109,11 +113,12 @@ class InferenceMuMoE:
         input_norm_affine = _affine(input_norm_affine, deprecated)
         if deprecated:
             raise TypeError(f"unexpected keyword arguments {sorted(deprecated)}")
-        if activation not in ACTIVATIONS:
+        if not isinstance(activation, str) or activation not in ACTIVATIONS:
             raise ValueError(
                 f"unknown gate activation {activation!r}; choose one of "
                 f"{', '.join(map(repr, ACTIVATIONS))}"
             )
+        self._activation = resolve_activation(activation, top_k=top_k)
         check_normalization(normalization)
         if (
             normalization == "bn"
@@ -129,6 +134,7 @@ class InferenceMuMoE:
         self.running_mean = None if running_mean is None else list(running_mean)
         self.running_var = None if running_var is None else list(running_var)
         self.activation = activation
+        self.top_k = top_k
         self.input_norm_affine = input_norm_affine
         self.eps = eps
         self.input_eps = input_eps
@@ -175,7 +181,7 @@ class InferenceMuMoE:
         """
         if self.projections is None:
             raise ValueError("this layer has no gate: pass gates to the call")
-        return gate_coefficients(x, self.projections, self._norms(), ACTIVATIONS[self.activation])
+        return gate_coefficients(x, self.projections, self._norms(), self._activation)
 
     def _check(self, x: Tensor) -> None:
         n_in = self.network.in_features
@@ -220,7 +226,9 @@ class InferenceMuMoE:
     def __repr__(self) -> str:
         return (
             f"InferenceMuMoE({self.network!r}, normalization={self.normalization!r}, "
-            f"activation={self.activation!r}, backend={tl.get_backend()!r})"
+            f"activation={self.activation!r}"
+            + ("" if self.top_k is None else f", top_k={self.top_k}")
+            + f", backend={tl.get_backend()!r})"
         )
 
 

@@ -340,3 +340,16 @@ def test_torch_layers_on_cuda_equal_the_cpu_layers(network):
         with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
             y = gpu.float()(x.float().cuda())
         assert y.dtype == torch.bfloat16 and y.device.type == "cuda"
+
+
+def test_topk_gating_on_every_backend(backend_and_dtype):
+    from mumoe.gating import topk
+
+    name, dtype = backend_and_dtype
+    z = np.random.default_rng(0).standard_normal((4, 40))
+    z[0, :5] = 3.0  # a tie across the boundary: all five kept
+    with use_backend("numpy"):
+        expected = topk(z, 3)
+    out = to_numpy64(topk(tl.tensor(z.astype(dtype), dtype=backend_dtype(dtype)), 3))
+    np.testing.assert_array_equal(out > 0, expected > 0)
+    np.testing.assert_allclose(out, expected, rtol=1e-5 if dtype == "float32" else 1e-12)

@@ -7,7 +7,17 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mumoe.gating import ACTIVATIONS, batch_norm, entmax15, layer_norm, softmax, sparsemax
+from mumoe.gating import (
+    ACTIVATIONS,
+    batch_norm,
+    entmax15,
+    layer_norm,
+    resolve_activation,
+    softmax,
+    sparsemax,
+    topk,
+)
+from mumoe.nn.gating import TORCH_KERNELS
 
 torch = pytest.importorskip("torch", reason="the oracles are torch and the entmax package")
 entmax = pytest.importorskip("entmax", reason="the oracle is the entmax package")
@@ -52,10 +62,12 @@ def test_activations_run_on_torch_tensors_too():
     import tensorly as tl
 
     z = np.random.default_rng(0).standard_normal((3, 50))
-    expected = {name: fn(z) for name, fn in ACTIVATIONS.items()}
+    kernels = {name: resolve_activation(name, top_k=3 if name == "topk" else None)
+               for name in ACTIVATIONS}  # fmt: skip
+    expected = {name: fn(z) for name, fn in kernels.items()}
     tl.set_backend("pytorch")
     try:
-        for name, fn in ACTIVATIONS.items():
+        for name, fn in kernels.items():
             out = fn(torch.from_numpy(z))
             assert isinstance(out, torch.Tensor)
             np.testing.assert_allclose(out.numpy(), expected[name], rtol=1e-12)
@@ -105,3 +117,65 @@ def test_the_vocabulary_refuses_unknown_names():
     with pytest.raises(ValueError, match="unknown gate normalization 'gn'"):
         check_normalization("gn")
     assert resolve_activation(np.tanh) is np.tanh
+
+
+def _kept(z: np.ndarray, k: int) -> np.ndarray:
+    # The rule, by a full sort: the logits at or above each row's k-th largest.
+    kth = -np.sort(-z, axis=-1)[:, min(k, z.shape[1]) - 1 : min(k, z.shape[1])]
+    return z >= kth
+
+
+@settings(max_examples=60)
+@given(logits, st.integers(1, 40))
+def test_topk_is_softmax_over_the_k_largest_and_their_ties(case, k):
+    z = draw_logits(*case)
+    p = topk(z, k)
+    kept = _kept(z, k)
+    masked = np.where(kept, z, -np.inf)
+    np.testing.assert_allclose(p, softmax(masked), rtol=1e-12, atol=1e-300)
+    assert ((p > 0) <= kept).all() and (p[~kept] == 0).all()
+    if not case[3]:  # no ties drawn: exactly min(k, N) experts per row
+        assert (kept.sum(-1) == min(k, z.shape[1])).all()
+    torch_p = TORCH_KERNELS["topk"](torch.from_numpy(z), k)
+    np.testing.assert_allclose(torch_p.numpy(), p, rtol=1e-12, atol=1e-300)
+
+
+def test_topk_gradients_and_the_rules_edges():
+    z = torch.tensor([[3.0, 1.2, 1.0, 0.0], [0.5, 2.0, -1.0, 4.0]], dtype=torch.float64,
+                     requires_grad=True)  # fmt: skip
+    kernel = TORCH_KERNELS["topk"]
+    assert torch.autograd.gradcheck(lambda t: kernel(t, 2), (z,))
+    tied = torch.tensor([[3.0, 1.0, 1.0, 0.0]], dtype=torch.float64, requires_grad=True)
+    weights = torch.tensor([[1.0, 2.0, -1.0, 5.0]], dtype=torch.float64)
+    (grad,) = torch.autograd.grad((kernel(tied, 2) * weights).sum(), tied)
+    masked = tied.masked_fill(torch.tensor([[False, False, False, True]]), -torch.inf)
+    (expected,) = torch.autograd.grad((torch.softmax(masked, -1) * weights).sum(), tied)
+    torch.testing.assert_close(grad, expected)  # the tie path: softmax over the kept
+    np.testing.assert_allclose(topk(np.zeros((2, 5)), 2), np.full((2, 5), 0.2))  # ties: all kept
+    np.testing.assert_allclose(topk(z.detach().numpy(), 9), softmax(z.detach().numpy()))  # k >= N
+    neg = np.array([[0.0, -np.inf, -np.inf, 1.0]])  # fewer finite logits than k
+    np.testing.assert_allclose(topk(neg, 3), softmax(neg))
+    np.testing.assert_allclose(kernel(torch.from_numpy(neg), 3).numpy(), softmax(neg))
+    with pytest.raises(ValueError, match="top_k must be at least 1, got 0"):
+        topk(np.zeros((1, 3)), 0)
+    with pytest.raises(ValueError, match="activation='topk' needs top_k"):
+        resolve_activation("topk")
+    with pytest.raises(ValueError, match="top_k=2 is for activation='topk'; the activation is 'softmax'"):
+        resolve_activation("softmax", top_k=2)
+    with pytest.raises(TypeError, match="top_k must be an int, got 2.5"):
+        resolve_activation("topk", top_k=2.5)
+
+
+def test_topk_selects_without_sorting_the_row(monkeypatch):
+    # The generic kernel asks the backend for one k-th largest value; it never sorts.
+    import tensorly as tl
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("top-k gating sorted a row")
+
+    monkeypatch.setattr(tl, "sort", refuse)
+    monkeypatch.setattr(np, "sort", refuse)
+    monkeypatch.setattr(torch, "sort", refuse)
+    z = np.random.default_rng(0).standard_normal((4, 300))
+    assert (np.count_nonzero(topk(z, 5), axis=-1) == 5).all()
+    assert (torch.count_nonzero(TORCH_KERNELS["topk"](torch.from_numpy(z), 5), -1) == 5).all()

@@ -40,7 +40,29 @@ LAYERS = {
                                         rank=2, bias=False, **kw),
     "mxd-2-levels": lambda **kw: MuMoE(12, 5, "n1 o, n2 o, i o", expert_dims=(6, 3), **kw),
     "lowrank": lambda **kw: MuMoE(12, 5, "lowrank", expert_dims=6, rank=2, **kw),
+    "mxd-topk": lambda **kw: MuMoE(12, 5, "mxd", expert_dims=16, activation="topk", top_k=3, **kw),
 }  # fmt: skip
+
+
+def test_top_k_travels_with_the_file_and_must_match(tmp_path):
+    from mumoe.inference import load_into
+
+    layer = trained(LAYERS["mxd-topk"](dtype=torch.float64))
+    save(layer, tmp_path / "topk.npz")
+    served = load(tmp_path / "topk.npz")
+    assert (served.activation, served.top_k) == ("topk", 3)
+    assert (np.count_nonzero(served.gates(np.ones((2, 12)))[0], axis=-1) == 3).all()
+    other = MuMoE(12, 5, "mxd", expert_dims=16, activation="topk", top_k=2, dtype=torch.float64)
+    with pytest.raises(ValueError, match="holds a different module: its gate is"):
+        load_into(other, tmp_path / "topk.npz")
+    same = MuMoE(12, 5, "mxd", expert_dims=16, activation="topk", top_k=3, dtype=torch.float64)
+    load_into(same.eval(), tmp_path / "topk.npz")
+    x = torch.randn(4, 12, dtype=torch.float64)
+    torch.testing.assert_close(same(x), layer(x))
+    save(trained(CPMuMoE(12, 5, 8, rank=3)), tmp_path / "cp.npz")  # other gates: no top_k key
+    with np.load(tmp_path / "cp.npz") as arrays:
+        meta = json.loads(arrays["__mumoe__"].tobytes())
+    assert "top_k" not in meta["gate"]
 
 
 @pytest.mark.parametrize("name", list(LAYERS))

@@ -412,3 +412,20 @@ def test_partial_sort_gates_equal_the_full_sort(n, rows, scale, ties, seed):
         (g_ours,) = torch.autograd.grad((ours * weights).sum(), logits)
         (g_ref,) = torch.autograd.grad((reference * weights).sum(), logits)
         torch.testing.assert_close(g_ours, g_ref, rtol=1e-10, atol=1e-12)
+
+
+def test_top_k_gating_routes_each_token_to_k_experts_and_trains():
+    torch.manual_seed(0)
+    layer = MuMoE(12, 8, "n o, i o", expert_dims=16, activation="topk", top_k=2)
+    torch.nn.init.normal_(layer.gate.projections[0])
+    x = torch.randn(32, 12)
+    with record_gates(layer) as record:
+        layer(x).square().mean().backward()
+    assert (torch.count_nonzero(record["gate"][0], -1) == 2).all()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in layer.parameters())
+    block = MuMoEBlock(12, 16, network="mxd", expert_dims=8, activation="topk", top_k=3)
+    assert block.gate.top_k == 3 and "top_k=3" in repr(block)
+    with pytest.raises(ValueError, match="activation='topk' needs top_k"):
+        MuMoE(12, 8, "mxd", expert_dims=16, activation="topk")
+    with pytest.raises(ValueError, match="top_k=2 is for activation='topk'"):
+        MuMoE(12, 8, "mxd", expert_dims=16, top_k=2)

@@ -112,20 +112,41 @@ def _softmax(logits: torch.Tensor) -> torch.Tensor:
     return torch.softmax(logits, dim=-1)
 
 
+def _topk(logits: torch.Tensor, k: int) -> torch.Tensor:
+    # mumoe.gating.topk's rule: the k largest logits and any tied with the k-th.
+    # One torch.topk of k + 1 (no sort of the row) gives the kept values and
+    # shows the rows where a tie crosses the boundary; only those take the
+    # elementwise threshold, which touches every entry.
+    n = logits.shape[-1]
+    if k >= n:
+        return torch.softmax(logits, dim=-1)
+    values, index = torch.topk(logits, k + 1, dim=-1)
+    out = torch.zeros_like(logits).scatter(-1, index[..., :k], torch.softmax(values[..., :k], -1))
+    tied = values[..., k - 1] == values[..., k]
+    if bool(tied.any()):
+        kept = logits >= values[..., k - 1 : k].detach()
+        e = torch.exp(logits - values[..., :1].detach()).masked_fill(~kept, 0.0)
+        out = torch.where(tied.unsqueeze(-1), e / e.sum(-1, keepdim=True), out)
+    return out
+
+
 #: The torch kernels of the names of :data:`mumoe.gating.ACTIVATIONS` (the same keys).
-TORCH_KERNELS: dict[str, Activation] = {
+TORCH_KERNELS: dict[str, Callable[..., torch.Tensor]] = {
     "entmax15": _entmax15,
     "sparsemax": _sparsemax,
     "softmax": _softmax,
+    "topk": _topk,
 }
 
 
-def resolve_activation(activation: str | Activation) -> Activation:
+def resolve_activation(activation: str | Activation, *, top_k: int | None = None) -> Activation:
     """The torch kernel of the activation called ``activation``, or ``activation`` if callable.
 
     Parameters
     ----------
-    activation : {"entmax15", "sparsemax", "softmax"} or callable
+    activation : {"entmax15", "sparsemax", "softmax", "topk"} or callable
+    top_k : int, optional
+        With ``"topk"`` (and only then): the experts each row keeps.
 
     Returns
     -------
@@ -135,7 +156,8 @@ def resolve_activation(activation: str | Activation) -> Activation:
     Raises
     ------
     ValueError
-        For a name outside :data:`mumoe.gating.ACTIVATIONS`.
+        For a name outside :data:`mumoe.gating.ACTIVATIONS`, or ``top_k``
+        missing for ``"topk"`` or given for anything else.
 
     Examples
     --------
@@ -143,7 +165,7 @@ def resolve_activation(activation: str | Activation) -> Activation:
     >>> resolve_activation("sparsemax")(torch.tensor([[3.0, 1.0, 0.0]]))
     tensor([[1., 0., 0.]])
     """
-    return _resolve(activation, TORCH_KERNELS)
+    return _resolve(activation, TORCH_KERNELS, top_k=top_k)
 
 
 def torch_gate_coefficients(
@@ -201,7 +223,10 @@ class MuMoEGate(nn.Module):
         :math:`N_1, \dots, N_E`.
     normalization : {"bn", "ln", None}, default "bn"
         Of the logits: batch norm or layer norm without affine parameters.
-    activation : {"entmax15", "sparsemax", "softmax"} or callable, default "entmax15"
+    activation : {"entmax15", "sparsemax", "softmax", "topk"} or callable, default "entmax15"
+    top_k : int, optional
+        With ``activation="topk"``: the experts each row keeps
+        (:func:`mumoe.gating.topk`).
     device, dtype
         Of the parameters, as for ``torch.nn.Linear``.
 
@@ -225,6 +250,7 @@ class MuMoEGate(nn.Module):
         *,
         normalization: str | None = "bn",
         activation: str | Activation = "entmax15",
+        top_k: int | None = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
@@ -232,7 +258,8 @@ class MuMoEGate(nn.Module):
         self.in_features = in_features
         self.expert_dims = tuple(expert_dims)
         self.normalization = check_normalization(normalization)
-        self.activation = resolve_activation(activation)
+        self.activation = resolve_activation(activation, top_k=top_k)
+        self.top_k = top_k
         self.activation_name = activation_name(activation)
         self.projections = nn.ParameterList(
             [
@@ -298,6 +325,7 @@ class MuMoEGate(nn.Module):
         return (
             f"in_features={self.in_features}, expert_dims={self.expert_dims}, "
             f"normalization={self.normalization!r}, activation={self.activation_name!r}"
+            + ("" if self.top_k is None else f", top_k={self.top_k}")
         )
 
 

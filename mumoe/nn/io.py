@@ -104,6 +104,8 @@ def module_entries(module: MuMoE | MuMoEBlock) -> tuple[dict[str, Any], dict[str
         meta["gate"] = {
             "normalization": gate.normalization,
             "activation": gate.activation_name,
+            # top_k only where set, so files of other gates stay as they were
+            **({} if gate.top_k is None else {"top_k": gate.top_k}),
             "eps": eps,
         }
     meta["input_norm"] = None
@@ -159,7 +161,7 @@ def load_into(module: MuMoE | MuMoEBlock, path: PathLike) -> None:
 
     Everything is checked before anything is written: the file itself (as
     :func:`load` checks it), and that it describes ``module`` — the same kind
-    (layer or block), networks, gate (normalisation, activation, eps) and
+    (layer or block), networks, gate (normalisation, activation, top_k, eps) and
     input norm.  Only then are the values copied into the module's
     parameters and buffers (converted to their dtype and device).  If a check
     fails, the module is left exactly as it was.

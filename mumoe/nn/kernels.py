@@ -1,4 +1,4 @@
-"""Torch kernels the compiled plans call where ``backends/pytorch.toml`` declares them.
+"""Torch kernels that ``backends/pytorch.toml`` declares for the backend-agnostic core.
 
 :func:`bias_matmul` adds the input's bias inside the contraction,
 ``x @ core[:I] + core[I]``, with a backward pass that writes the core's
@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["bias_matmul"]
+__all__ = ["bias_matmul", "kth_largest"]
 
 
 class _BiasMatmul(torch.autograd.Function):
@@ -75,3 +75,27 @@ def bias_matmul(x: torch.Tensor, core: torch.Tensor) -> torch.Tensor:
             f"got {tuple(x.shape)} and {tuple(core.shape)}"
         )
     return _BiasMatmul.apply(x, core)  # type: ignore[no-any-return]
+
+
+def kth_largest(z: torch.Tensor, k: int) -> torch.Tensor:
+    """The ``k``-th largest entry of each row, by ``torch.topk`` (no full sort), detached.
+
+    The ``kth_largest`` kernel of top-k gating (:func:`mumoe.gating.topk`).
+
+    Parameters
+    ----------
+    z : torch.Tensor, shape (..., N)
+    k : int
+        From 1 to N.
+
+    Returns
+    -------
+    torch.Tensor, shape (..., 1)
+
+    Examples
+    --------
+    >>> import torch
+    >>> kth_largest(torch.tensor([[3.0, 9.0, 1.0, 7.0]]), 2)
+    tensor([[7.]])
+    """
+    return torch.topk(z.detach(), k, dim=-1).values[..., k - 1 : k]

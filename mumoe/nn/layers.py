@@ -64,8 +64,11 @@ class MuMoE(nn.Module):
         Whether every expert has a bias (the input mode's extra slice).
     normalization : {"bn", "ln", None}, default "bn"
         Of the gate logits.
-    activation : {"entmax15", "sparsemax", "softmax"} or callable, default "entmax15"
+    activation : {"entmax15", "sparsemax", "softmax", "topk"} or callable, default "entmax15"
         Of the gate logits.
+    top_k : int, optional
+        With ``activation="topk"``: the experts each token keeps
+        (:func:`mumoe.gating.topk`).
     input_norm : bool, default False
         Apply ``nn.LayerNorm(in_features)`` to the input of the contraction
         (after the gates are computed from the raw input), as the reference's
@@ -116,6 +119,7 @@ class MuMoE(nn.Module):
         bias: bool = True,
         normalization: str | None = "bn",
         activation: str | Activation = "entmax15",
+        top_k: int | None = None,
         input_norm: bool = False,
         gated: bool = True,
         device: torch.device | str | None = None,
@@ -139,6 +143,7 @@ class MuMoE(nn.Module):
                 self.network.expert_dims,
                 normalization=normalization,
                 activation=activation,
+                top_k=top_k,
                 **factory,
             )
             if gated
@@ -381,6 +386,7 @@ class _PresetMuMoE(MuMoE):
         bias: bool = True,
         normalization: str | None = "bn",
         activation: str | Activation = "entmax15",
+        top_k: int | None = None,
         input_norm: bool = False,
         gated: bool = True,
         device: torch.device | str | None = None,
@@ -388,7 +394,7 @@ class _PresetMuMoE(MuMoE):
     ) -> None:
         super().__init__(
             in_features, out_features, self.format, expert_dims=expert_dims, rank=rank,
-            bias=bias, normalization=normalization, activation=activation,
+            bias=bias, normalization=normalization, activation=activation, top_k=top_k,
             input_norm=input_norm, gated=gated, device=device, dtype=dtype,
         )  # fmt: skip
 
@@ -406,7 +412,7 @@ class CPMuMoE(_PresetMuMoE):
         Experts per level.
     rank : int, "same" or float
         The CP rank (:func:`mumoe.validate_cp_rank`), or a parameter budget.
-    bias, normalization, activation, input_norm, gated, device, dtype
+    bias, normalization, activation, top_k, input_norm, gated, device, dtype
         As for :class:`MuMoE`.
 
     Examples
@@ -433,7 +439,7 @@ class TuckerMuMoE(_PresetMuMoE):
         Experts per level.
     rank : int or tuple of int, "same" or float
         The Tucker rank (:func:`mumoe.validate_tucker_rank`), or a parameter budget.
-    bias, normalization, activation, input_norm, gated, device, dtype
+    bias, normalization, activation, top_k, input_norm, gated, device, dtype
         As for :class:`MuMoE`.
 
     Examples
@@ -460,7 +466,7 @@ class TTMuMoE(_PresetMuMoE):
         Experts per level.
     rank : int or tuple of int, "same" or float
         The TT rank (:func:`mumoe.validate_tt_rank`), or a parameter budget.
-    bias, normalization, activation, input_norm, gated, device, dtype
+    bias, normalization, activation, top_k, input_norm, gated, device, dtype
         As for :class:`MuMoE`.
 
     Examples
@@ -487,7 +493,7 @@ class TRMuMoE(_PresetMuMoE):
         Experts per level.
     rank : int or tuple of int, "same" or float
         The TR rank (:func:`mumoe.validate_tr_rank`), or a parameter budget.
-    bias, normalization, activation, input_norm, gated, device, dtype
+    bias, normalization, activation, top_k, input_norm, gated, device, dtype
         As for :class:`MuMoE`.
 
     Examples
