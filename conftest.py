@@ -39,6 +39,7 @@ if importlib.util.find_spec("torch") is None:
         "mumoe/inference.py",
         "mumoe/backend.py",
         "docs/torch.rst",
+        "docs/theory/mxd.rst",
         "benchmarks/*",
     ]  # mumoe/backend.py: its examples switch to pytorch
 

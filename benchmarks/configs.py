@@ -72,7 +72,10 @@ def tiny_configs() -> list[Config]:
 
 
 def mxd_configs() -> list[Config]:
-    """MxD's Hadamard experts at GPT-2 small's decoder: 2,048 and 24,576 experts, 3072 -> 768, 256 tokens."""
+    """MxD's Hadamard experts at GPT-2 small's decoder, 3072 -> 768, 256 tokens.
+
+    2,048 experts, and MxD's own 24,576 (where the gate's activations are compared).
+    """
     return [
         Config("gpt2-mxd-N2048", "mxd", 3072, 768, (2048,), (256,), group="mxd"),
         Config("gpt2-mxd-N24576", "mxd", 3072, 768, (24576,), (256,), group="mxd"),

@@ -24,7 +24,6 @@ layer (the gate computed from the input)
 from __future__ import annotations
 
 import functools
-
 import math
 from collections.abc import Callable
 from dataclasses import dataclass

@@ -51,29 +51,35 @@ def summary(records: list[dict]) -> str:
 
 
 def gates(records: list[dict]) -> str:
-    """The gate (projection, normalisation, activation) and the activation alone, against softmax."""
+    """The gate (projection, norm, activation) and the activation alone, against softmax."""
     columns = [("gate", "entmax-1.5"), ("gate", "entmax full sort"), ("activation", "entmax-1.5"),
                ("activation", "top-2"), ("activation", "top-32")]  # fmt: skip
     lines = [
         "| configuration | N | gate softmax f+b ms | "
-        + " | ".join(f"{what} {name} / softmax (fwd, f+b)" for what, name in columns) + " |",
+        + " | ".join(f"{what} {name} / softmax (fwd, f+b)" for what, name in columns)
+        + " |",
         "|---|---|---|" + "---|" * len(columns),
     ]
     for config, rows in _index(records).items():
-        soft = {what: rows.get(("contraction", f"{what} softmax")) for what in ("gate", "activation")}
+        soft = {
+            what: rows.get(("contraction", f"{what} softmax")) for what in ("gate", "activation")
+        }
         if not soft["gate"]:
             continue
         cells = []
         for what, name in columns:
             row, base = rows.get(("contraction", f"{what} {name}")), soft[what]
             cells.append(
-                "-" if row is None or base is None else f"{row['forward_ms'] / base['forward_ms']:.2f}, "
+                "-"
+                if row is None or base is None
+                else f"{row['forward_ms'] / base['forward_ms']:.2f}, "
                 f"{row['forward_backward_ms'] / base['forward_backward_ms']:.2f}"
             )
         n = "x".join(map(str, soft["gate"]["expert_dims"]))
         lines.append(
             f"| {config} | {n} | {soft['gate']['forward_backward_ms']:.2f} | "
-            + " | ".join(cells) + " |"
+            + " | ".join(cells)
+            + " |"
         )
     return "\n".join(lines)
 

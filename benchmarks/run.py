@@ -133,7 +133,9 @@ def run_config(config: Config, rounds: int, min_sample: float) -> list[dict]:
         for module in modules:
             module.eval()
         agreeing = {
-            k: v for k, v in fns.items() if not k.startswith(("sparse", "nn.Linear", "gate", "activation"))
+            k: v
+            for k, v in fns.items()
+            if not k.startswith(("sparse", "nn.Linear", "gate", "activation"))
         }
         if table == "layer":
             agreeing = {k: v for k, v in agreeing.items() if k in ("mumoe", "reference")}

@@ -154,7 +154,7 @@ class BackendDeclaration:
     kth_largest : str, default ""
         ``"module:function"`` returning the ``k``-th largest entry of each row,
         ``(..., N) -> (..., 1)``, by a selection rather than a sort: what
-        top-k gating (:func:`mumoe.gating.topk`) needs of the backend.
+        top-k gating (:func:`mumoe.activations.topk`) needs of the backend.
     bias_matmul : str, default ""
         ``"module:function"`` computing ``x @ core[:I] + core[I]`` with its
         own gradient (:func:`mumoe.nn.kernels.bias_matmul`), or empty;

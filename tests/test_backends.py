@@ -345,7 +345,7 @@ def test_torch_layers_on_cuda_equal_the_cpu_layers(network):
 def test_topk_gating_on_every_backend(backend_and_dtype):
     from mumoe.gating import topk
 
-    name, dtype = backend_and_dtype
+    _, dtype = backend_and_dtype
     z = np.random.default_rng(0).standard_normal((4, 40))
     z[0, :5] = 3.0  # a tie across the boundary: all five kept
     with use_backend("numpy"):

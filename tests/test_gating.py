@@ -160,9 +160,11 @@ def test_topk_gradients_and_the_rules_edges():
         topk(np.zeros((1, 3)), 0)
     with pytest.raises(ValueError, match="activation='topk' needs top_k"):
         resolve_activation("topk")
-    with pytest.raises(ValueError, match="top_k=2 is for activation='topk'; the activation is 'softmax'"):
+    with pytest.raises(
+        ValueError, match="top_k=2 is for activation='topk'; the activation is 'softmax'"
+    ):
         resolve_activation("softmax", top_k=2)
-    with pytest.raises(TypeError, match="top_k must be an int, got 2.5"):
+    with pytest.raises(TypeError, match=r"top_k must be an int, got 2\.5"):
         resolve_activation("topk", top_k=2.5)
 
 

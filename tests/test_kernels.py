@@ -41,7 +41,8 @@ def test_bias_matmul_gradients_and_second_derivatives():
 
 
 @pytest.mark.parametrize(
-    ("x_shape", "core_shape"), [((5, 4), (4, 3)), ((5, 4), (6, 3)), ((2, 5, 4), (5, 3)), ((5, 4), (5,))]
+    ("x_shape", "core_shape"),
+    [((5, 4), (4, 3)), ((5, 4), (6, 3)), ((2, 5, 4), (5, 3)), ((5, 4), (5,))],
 )
 def test_bias_matmul_names_the_shapes_it_expects(x_shape, core_shape):
     with pytest.raises(ValueError, match=r"x of shape \(B, I\) and core of shape \(I \+ 1, N\)"):

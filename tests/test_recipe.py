@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from mumoe import cp, materialize, random_cores
-from mumoe.gating import ACTIVATIONS, gate_coefficients, gelu, layer_norm
+from mumoe.gating import ACTIVATIONS, gate_coefficients, gelu, layer_norm, resolve_activation
 from mumoe.recipe import block_forward, layer_forward, scale_gates
 from mumoe.testing import (
     assert_close,
@@ -23,9 +23,8 @@ from mumoe.testing import (
 
 def gate_of(net, rng, activation="softmax"):
     projections = [rng.uniform(-1, 1, (net.in_features, n)) for n in net.expert_dims]
-    return lambda x: gate_coefficients(
-        x, projections, [None] * net.n_levels, ACTIVATIONS[activation]
-    )
+    kernel = resolve_activation(activation, top_k=2 if activation == "topk" else None)
+    return lambda x: gate_coefficients(x, projections, [None] * net.n_levels, kernel)
 
 
 @settings(max_examples=40)

@@ -113,7 +113,7 @@ def _softmax(logits: torch.Tensor) -> torch.Tensor:
 
 
 def _topk(logits: torch.Tensor, k: int) -> torch.Tensor:
-    # mumoe.gating.topk's rule: the k largest logits and any tied with the k-th.
+    # mumoe.activations.topk's rule: the k largest logits and any tied with the k-th.
     # One torch.topk of k + 1 (no sort of the row) gives the kept values and
     # shows the rows where a tie crosses the boundary; only those take the
     # elementwise threshold, which touches every entry.
@@ -226,7 +226,7 @@ class MuMoEGate(nn.Module):
     activation : {"entmax15", "sparsemax", "softmax", "topk"} or callable, default "entmax15"
     top_k : int, optional
         With ``activation="topk"``: the experts each row keeps
-        (:func:`mumoe.gating.topk`).
+        (:func:`mumoe.activations.topk`).
     device, dtype
         Of the parameters, as for ``torch.nn.Linear``.
 

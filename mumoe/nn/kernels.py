@@ -19,7 +19,7 @@ __all__ = ["bias_matmul", "kth_largest"]
 
 class _BiasMatmul(torch.autograd.Function):
     @staticmethod
-    def forward(x: torch.Tensor, core: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+    def forward(x: torch.Tensor, core: torch.Tensor) -> torch.Tensor:
         k = x.shape[-1]
         return torch.addmm(core[k], x, core[:k])
 
@@ -28,7 +28,7 @@ class _BiasMatmul(torch.autograd.Function):
         ctx.save_for_backward(*inputs)
 
     @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:  # type: ignore[override]
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         x, core = ctx.saved_tensors
         k = x.shape[-1]
         grad_x = grad @ core[:k].T if ctx.needs_input_grad[0] else None
@@ -74,13 +74,13 @@ def bias_matmul(x: torch.Tensor, core: torch.Tensor) -> torch.Tensor:
             f"bias_matmul expects x of shape (B, I) and core of shape (I + 1, N); "
             f"got {tuple(x.shape)} and {tuple(core.shape)}"
         )
-    return _BiasMatmul.apply(x, core)  # type: ignore[no-any-return]
+    return _BiasMatmul.apply(x, core)
 
 
 def kth_largest(z: torch.Tensor, k: int) -> torch.Tensor:
     """The ``k``-th largest entry of each row, by ``torch.topk`` (no full sort), detached.
 
-    The ``kth_largest`` kernel of top-k gating (:func:`mumoe.gating.topk`).
+    The ``kth_largest`` kernel of top-k gating (:func:`mumoe.activations.topk`).
 
     Parameters
     ----------

@@ -68,7 +68,7 @@ class MuMoE(nn.Module):
         Of the gate logits.
     top_k : int, optional
         With ``activation="topk"``: the experts each token keeps
-        (:func:`mumoe.gating.topk`).
+        (:func:`mumoe.activations.topk`).
     input_norm : bool, default False
         Apply ``nn.LayerNorm(in_features)`` to the input of the contraction
         (after the gates are computed from the raw input), as the reference's
