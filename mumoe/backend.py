@@ -34,6 +34,7 @@ from mumoe.contraction import Kernels
 
 __all__ = [
     "BackendDeclaration",
+    "array_device",
     "backend_erf",
     "backend_function",
     "backend_kernels",
@@ -385,6 +386,32 @@ def creation_context(tensor: Any) -> dict[str, Any]:
     context = dict(tl.context(tensor))
     context.pop("requires_grad", None)
     return context
+
+
+def array_device(tensor: Any) -> str:
+    """The device an array lives on, as a string: ``"cpu"``, ``"cuda:0"``, ...
+
+    Keys autotuned plans (:meth:`mumoe.planner.Planner.forward`): a path timed
+    on one device is not reused on another.
+
+    Parameters
+    ----------
+    tensor : array of any backend
+
+    Returns
+    -------
+    str
+        ``str(tensor.device)`` (torch, CuPy, JAX, NumPy 2), ``"cpu"`` for
+        arrays without a device.
+
+    Examples
+    --------
+    >>> import numpy as np, torch
+    >>> array_device(np.zeros(2)), array_device(torch.zeros(2))
+    ('cpu', 'cpu')
+    """
+    device = getattr(tensor, "device", None)
+    return "cpu" if device is None or callable(device) else str(device)
 
 
 def cast(tensor: Any, dtype: Any) -> Any:

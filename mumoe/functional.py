@@ -20,7 +20,7 @@ from typing import Any, NamedTuple
 import numpy as np
 import tensorly as tl
 
-from mumoe.backend import creation_context
+from mumoe.backend import array_device, creation_context
 from mumoe.network import Network
 from mumoe.plan import Plan
 from mumoe.typing import Tensor
@@ -194,7 +194,8 @@ def _contract(
     args = (network, gates, rows, cores, batch_size, differentiable)
     if network.autotune:
         timer = lambda plan: _time(_run, plan, *args)  # noqa: E731
-        out = _run(network.planner.forward(batch_size, backend, x.dtype, timer), *args)
+        plan = network.planner.forward(batch_size, backend, x.dtype, timer, array_device(x))
+        out = _run(plan, *args)
     else:
         out = _run(network.planner.forward(batch_size, backend, x.dtype), *args)
     if len(batch_shape) == 1:

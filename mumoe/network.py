@@ -67,10 +67,13 @@ class Network:
     format : str, optional
         Deprecated and ignored: the format is read from the spec
         (:attr:`format`).
-    optimize : str or path, default "auto-hq"
-        The opt_einsum path optimiser used when a plan is first built, or an
-        explicit path (opt_einsum's format) for the forward contraction of
-        ``(*gates, x, *cores)``; the other contractions then use "auto-hq".
+    optimize : str or path, default "flop-optimal"
+        The path search used when a plan is first built: ``"flop-optimal"``
+        (the least FLOPs, exactly, up to :data:`mumoe.paths.OPTIMAL_OPERANDS`
+        operands; opt_einsum's ``"auto-hq"`` above), any opt_einsum
+        optimiser, or an explicit path (opt_einsum's format) for the forward
+        contraction of ``(*gates, x, *cores)``; the other contractions then
+        use "flop-optimal".
     cache_size : int, default 32
         The most compiled plans this network keeps.
     autotune : bool, default False
@@ -259,7 +262,7 @@ class Network:
         Examples
         --------
         >>> Network("n r, i r, o r", 8, 5, 2, rank=3).optimize
-        'auto-hq'
+        'flop-optimal'
         """
         return self.planner.optimize
 

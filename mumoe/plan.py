@@ -26,14 +26,11 @@ import opt_einsum
 
 from mumoe._deprecation import deprecated_property, warn_renamed
 from mumoe.contraction import Kernels, Program, compile_program
+from mumoe.paths import DEFAULT_OPTIMIZE, path_optimizer
 from mumoe.validation import positive_int
 
 __all__ = ["BIAS_INSIDE_ROWS", "DEFAULT_OPTIMIZE", "Plan", "PlanCache", "batch_bucket"]
-
-#: opt_einsum's optimiser for new plans: the optimal path up to eight operands,
-#: dynamic programming up to twenty.  Plans are cached, so quality wins over
-#: search time.
-DEFAULT_OPTIMIZE = "auto-hq"
+# DEFAULT_OPTIMIZE is mumoe.paths's, kept importable from here.
 
 
 #: The bias rule.  Where a plan can add the bias inside the contraction
@@ -139,8 +136,9 @@ class Plan:
             character per leg.
         shapes : sequence of shapes
             The operand shapes to optimise for.
-        optimize : str or path
-            Any optimiser opt_einsum accepts, or an explicit path.
+        optimize : str or path, default "flop-optimal"
+            ``"flop-optimal"`` (:class:`mumoe.paths.FlopOptimal`), any
+            optimiser opt_einsum accepts, or an explicit path.
         lead : str, optional
             A leg to keep leading in every intermediate (the batch rows).
         bias_input : int, optional
@@ -165,7 +163,9 @@ class Plan:
             warn_renamed("Plan.build(split=...)", "Plan.build(bias_input=...)")
             bias_input = split
         dims = tuple(tuple(int(d) for d in s) for s in shapes)
-        path, info = opt_einsum.contract_path(equation, *dims, shapes=True, optimize=optimize)
+        path, info = opt_einsum.contract_path(
+            equation, *dims, shapes=True, optimize=path_optimizer(optimize)
+        )
         inputs, output = equation.split("->")
         terms = inputs.split(",")
         sizes = {leg: d for term, shape in zip(terms, dims, strict=True)

@@ -36,7 +36,7 @@ class Planner:
     Parameters
     ----------
     network : Network
-    optimize : str or path, default "auto-hq"
+    optimize : str or path, default "flop-optimal"
         See :class:`~mumoe.network.Network`.
     cache_size : int, default 32
         The most plans kept.
@@ -76,11 +76,14 @@ class Planner:
         backend: str,
         dtype: Hashable,
         timer: Callable[[Plan], float] | None = None,
+        device: Hashable = None,
     ) -> Plan:
         """The compiled forward contraction for a batch of ``batch_size`` rows.
 
-        Plans are cached per ``(batch bucket, backend, dtype)``; the path is
-        searched at the bucket size, the next power of two.
+        Plans are cached per ``(batch bucket, backend, dtype)``, and with
+        ``autotune`` per device too (a path timed on one device is not the
+        fastest on another); the path is searched at the bucket size, the
+        next power of two.
 
         Parameters
         ----------
@@ -93,6 +96,9 @@ class Planner:
         timer : callable, optional
             With ``autotune``, measures a candidate plan on the caller's
             operands (seconds); the fastest candidate is cached.
+        device : hashable, optional
+            With ``autotune``, the device of the operands
+            (:func:`mumoe.backend.array_device`): part of the cache key.
 
         Returns
         -------
@@ -113,7 +119,8 @@ class Planner:
         bucket = batch_bucket(batch_size)
         key = ("forward", bucket, backend, dtype)
         if self.autotune and timer is not None:
-            return self.cache.get(key, lambda: self._tune(bucket, backend, timer))
+            tuned = (*key, device)
+            return self.cache.get(tuned, lambda: self._tune(bucket, backend, timer))
         return self.cache.get(key, lambda: self.build_forward(bucket, backend=backend))
 
     def _tune(self, batch_size: int, backend: str, timer: Callable[[Plan], float]) -> Plan:

@@ -15,6 +15,7 @@ from collections.abc import Hashable
 from typing import TYPE_CHECKING
 
 from mumoe.contraction import PairStep
+from mumoe.paths import DEFAULT_OPTIMIZE, OPTIMAL_OPERANDS
 from mumoe.plan import BIAS_INSIDE_ROWS, Plan
 from mumoe.spec import INPUT, OUTPUT
 from mumoe.validation import positive_int
@@ -51,7 +52,7 @@ def describe(
     Network 'cp': 1 expert level, 8 experts, with bias
       spec        n1 r, i r, o r
       ...
-      path        batch 4, opt_einsum 'auto-hq':
+      path        batch 4, FLOP-optimal:
                   (1) gate n1 * core 0: ...
     """
     net = network
@@ -76,6 +77,9 @@ def describe(
     ratio = net.n_dense_params / net.n_params
     pad = "\n" + " " * 14
     optimizer = f"opt_einsum {net.optimize!r}"
+    if net.optimize == DEFAULT_OPTIMIZE:
+        exact = len(plan.shapes) <= OPTIMAL_OPERANDS
+        optimizer = "FLOP-optimal" if exact else "opt_einsum 'auto-hq' (too many operands to prove)"
     if source == "autotuned":
         optimizer = "autotuned (the fastest candidate timed on the first call)"
     elif net.autotune:

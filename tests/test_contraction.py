@@ -124,6 +124,21 @@ def test_autotuned_forward_computes_eq1():
     assert len(net.plans) == 2  # the tuned forward plan and materialize's
 
 
+def test_autotuned_plans_are_kept_per_device():
+    # A path timed on one device is not reused on another: the device is in the key.
+    net = rebuilt(tr((8, 4), 16, 10, rank=3), autotune=True)
+    cores = random_cores(net, random_state=0)
+    x, gates = random_inputs(net, (20,), random_state=1)
+    forward(net, cores, x, gates)
+    (key,) = [k for k in net.plans.keys() if k[0] == "forward"]
+    assert key[-1] == "cpu"
+    timed = []
+    dtype = np.dtype("float64")
+    other = net.planner.forward(20, "numpy", dtype, lambda p: timed.append(p) or 0.0, "cuda:0")
+    assert timed and other is not net.plans.peek(key)
+    assert ("forward", 32, "numpy", dtype, "cuda:0") in net.plans.keys()
+
+
 def test_autotune_must_be_a_bool():
     with pytest.raises(TypeError, match="autotune must be True or False"):
         Network("n r, i r, o r", 4, 3, 2, rank=2, autotune="yes")

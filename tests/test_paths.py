@@ -1,0 +1,123 @@
+"""FLOP-optimal paths (mumoe.paths): as cheap as opt_einsum's exhaustive search, always."""
+
+from __future__ import annotations
+
+import opt_einsum
+import pytest
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
+
+from mumoe import Network, tr, tucker
+from mumoe.paths import DEFAULT_OPTIMIZE, OPTIMAL_OPERANDS, FlopOptimal, optimal_path
+from mumoe.testing import networks
+
+
+def cost(equation, shapes, optimize):
+    return int(
+        opt_einsum.contract_path(equation, *shapes, shapes=True, optimize=optimize)[1].opt_cost
+    )
+
+
+@st.composite
+def equations(draw, max_operands=6):
+    """Random einsum problems as networks make them: shared, open and hyper-legs, outer products.
+
+    Every summed leg is held by two operands or more, as in any :class:`mumoe.Network`
+    (a bond must join two cores): a leg one operand alone sums could be cheaper with a
+    single-operand step first, which a pairwise search does not consider.
+    """
+    letters = "abcdefgh"
+    n = draw(st.integers(2, max_operands))
+    terms = [
+        "".join(draw(st.lists(st.sampled_from(letters), min_size=1, max_size=3, unique=True)))
+        for _ in range(n)
+    ]
+    used = sorted(set("".join(terms)))
+    output = "".join(draw(st.lists(st.sampled_from(used), max_size=3, unique=True)))
+    lone = {leg for leg in used if "".join(terms).count(leg) == 1}
+    output += "".join(sorted(lone - set(output)))
+    sizes = {leg: draw(st.integers(1, 6)) for leg in used}
+    shapes = [tuple(sizes[leg] for leg in term) for term in terms]
+    return f"{','.join(terms)}->{output}", shapes
+
+
+def every_path(n):
+    """Every pairwise contraction sequence of ``n`` operands (opt_einsum's convention)."""
+    if n == 1:
+        yield []
+        return
+    for i in range(n):
+        for j in range(i + 1, n):
+            for rest in every_path(n - 1):
+                yield [(i, j), *rest]
+
+
+@settings(max_examples=150)
+@given(equations(max_operands=5))
+def test_the_path_is_the_cheapest_of_all_paths(problem):
+    # The oracle: every contraction sequence, costed by opt_einsum itself.
+    equation, shapes = problem
+    ours = cost(equation, shapes, FlopOptimal())
+    n = len(shapes)
+    assert ours == min(cost(equation, shapes, path) for path in every_path(n))
+    # opt_einsum's own searches are never cheaper; "optimal" can be dearer, since its
+    # search ignores the sum over a leg only one operand holds, which opt_cost counts.
+    assert ours <= cost(equation, shapes, "optimal")
+    assert ours <= cost(equation, shapes, "auto-hq")
+
+
+@settings(max_examples=60)
+@given(equations(max_operands=7))
+def test_the_path_is_never_dearer_than_the_exhaustive_search(problem):
+    equation, shapes = problem
+    ours = cost(equation, shapes, FlopOptimal())
+    assert ours <= cost(equation, shapes, "optimal")
+    assert ours <= cost(equation, shapes, "auto-hq")
+
+
+@settings(max_examples=30)
+@given(networks(), st.sampled_from([1, 8, 256]))
+def test_network_plans_are_flop_optimal(net, rows):
+    # Presets and custom specs, open hyperedges included, at the default optimiser.
+    shapes = net._forward_shapes(rows)
+    assume(len(shapes) <= 7)  # the exhaustive search takes seconds beyond
+    plan = net.planner.build_forward(rows)
+    assert net.optimize == DEFAULT_OPTIMIZE
+    assert plan.flops <= cost(net.einsum_equation, shapes, "optimal")
+    if len(shapes) <= 5:
+        every = every_path(len(shapes))
+        assert plan.flops == min(cost(net.einsum_equation, shapes, path) for path in every)
+
+
+@pytest.mark.parametrize(
+    ("net", "auto_hq_excess"),
+    [
+        (tucker((4, 3), 16, 8, rank=(2, 3, 4, 4)), 0.08),  # 8 operands
+        (tucker((8, 8), 768, 1000, rank=(8, 8, 64, 64)), 0.009),
+        (tr((4, 3, 2), 10, 10, rank=3), 0.04),  # 9 operands
+        (tucker((4, 3, 2), 10, 10, rank=3), 0.2),  # 10 operands
+    ],
+    ids=["tucker-2-levels-small", "tucker-2-levels-clip", "tr-3-levels", "tucker-3-levels"],
+)
+def test_the_cases_auto_hq_misses(net, auto_hq_excess):
+    equation, shapes = net.einsum_equation, net._forward_shapes(256)
+    ours = net.planner.build_forward(256).flops
+    assert ours == cost(equation, shapes, FlopOptimal(max_operands=12))
+    assert cost(equation, shapes, "auto-hq") > ours * (1 + auto_hq_excess)
+    if len(shapes) <= 8:
+        assert ours <= cost(equation, shapes, "optimal")
+
+
+def test_past_the_limit_the_fallback_searches():
+    net = tucker((4, 3, 2, 2), 10, 10, rank=2)  # 12 operands
+    assert len(net._forward_shapes(4)) > OPTIMAL_OPERANDS
+    plan = net.planner.build_forward(4)
+    assert plan.flops == cost(net.einsum_equation, net._forward_shapes(4), "auto-hq")
+    assert "too many operands" in net.describe(4)
+
+
+def test_small_problems_and_explicit_optimisers():
+    assert optimal_path(["ab"], "a", {"a": 2, "b": 3}) == [(0,)]
+    assert optimal_path([], "", {}) == []
+    net = Network("n r, i r, o r", 8, 5, 2, rank=3, optimize="greedy")
+    assert "opt_einsum 'greedy'" in net.describe(4)
