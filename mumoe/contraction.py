@@ -179,6 +179,8 @@ class Program:
     bias_width : int, default 0
         With ``bias_inside``: elements of one row of the core slice added as
         the bias (the size of the legs that step keeps from the core).
+    bias_features : int, default 0
+        With ``bias_inside``: ``I``, the input's columns without the bias.
     kernels : Kernels, optional
         The backend's own kernels the steps may use (none by default).
 
@@ -194,6 +196,7 @@ class Program:
     final_perm: tuple[int, ...] | None
     bias_inside: bool
     bias_width: int = 0
+    bias_features: int = 0
     kernels: Kernels = field(default_factory=lambda: Kernels(), compare=False, repr=False)
 
     split = deprecated_property("split", "bias_inside")
@@ -395,7 +398,7 @@ def _compile(
     origin: list[int | None] = list(range(len(operands)))
     steps: list[PairStep | SumStep] = []
     did_bias = False
-    bias_width = 0
+    bias_width = bias_features = 0
     for contraction in path:
         if len(contraction) == 1:
             (k,) = contraction
@@ -459,6 +462,7 @@ def _compile(
         if is_bias:
             did_bias = True
             bias_width = math.prod(sizes[leg] for leg in n)
+            bias_features = sizes[summed[0]] - 1
         steps.append(
             PairStep(
                 left=left,
@@ -484,7 +488,7 @@ def _compile(
         origin.append(None)
     if len(operands) != 1 or sorted(operands[0]) != sorted(output):
         raise ValueError(f"path {path} does not contract {inputs} into {output!r}")
-    return Program(tuple(steps), _perm(operands[0], output), did_bias, bias_width)
+    return Program(tuple(steps), _perm(operands[0], output), did_bias, bias_width, bias_features)
 
 
 def _copy_cost(legs: str, groups: Sequence[Sequence[str]], sizes: Mapping[str, int]) -> int:

@@ -29,19 +29,32 @@ from mumoe.contraction import Kernels, Program, compile_program
 from mumoe.paths import DEFAULT_OPTIMIZE, path_optimizer
 from mumoe.validation import positive_int
 
-__all__ = ["BIAS_INSIDE_ROWS", "DEFAULT_OPTIMIZE", "Plan", "PlanCache", "batch_bucket"]
+__all__ = [
+    "BIAS_INSIDE_ROWS",
+    "BIAS_KERNEL_ELEMENTS",
+    "DEFAULT_OPTIMIZE",
+    "Plan",
+    "PlanCache",
+    "batch_bucket",
+]
 # DEFAULT_OPTIMIZE is mumoe.paths's, kept importable from here.
 
 
 #: The bias rule.  Where a plan can add the bias inside the contraction
 #: (``x @ core[:I] + core[I]``, no column of ones), it does so when no gradient
-#: flows to the cores, when the backend declares a ``bias_matmul`` kernel
-#: (which writes the core's gradient once), or when the batch has more than
-#: this many rows per entry of the bias slice; otherwise ``z = [x, 1]`` is
+#: flows to the cores; when the backend declares a ``bias_matmul`` kernel (which
+#: writes the core's gradient once and keeps no copy of ``x``) and ``x`` has at
+#: least :data:`BIAS_KERNEL_ELEMENTS` entries; or when the batch has more than
+#: this many rows per entry of the bias slice.  Otherwise ``z = [x, 1]`` is
 #: formed.  Without the kernel, the two slices of the core each cost a
 #: zero-filled gradient of the whole core in the backward pass, which only a
 #: large batch repays against one copy of ``x``.
 BIAS_INSIDE_ROWS = 2
+
+#: The smallest input (rows x I) for which a ``bias_matmul`` kernel is used in
+#: training: its backward runs in Python (about 0.1 ms a call on a 2-core CPU,
+#: ``benchmarks/README.md``), which a copy of a smaller ``x`` undercuts.
+BIAS_KERNEL_ELEMENTS = 1 << 16
 
 
 def batch_bucket(batch_size: int) -> int:
@@ -192,7 +205,8 @@ class Plan:
         """Whether a call adds the bias inside the contraction: the bias rule.
 
         True where :attr:`bias_program` exists and either no gradient flows
-        to the cores, the backend declares a ``bias_matmul`` kernel, or the
+        to the cores, the backend declares a ``bias_matmul`` kernel and the
+        input has at least :data:`BIAS_KERNEL_ELEMENTS` entries, or the
         batch has more than :data:`BIAS_INSIDE_ROWS` rows per entry of the
         bias slice.
 
@@ -217,8 +231,11 @@ class Plan:
         program = self.bias_program
         return program is not None and (
             not differentiable
-            or program.kernels.bias_matmul is not None
             or batch_size > BIAS_INSIDE_ROWS * program.bias_width
+            or (
+                program.kernels.bias_matmul is not None
+                and batch_size * program.bias_features >= BIAS_KERNEL_ELEMENTS
+            )
         )
 
     def __call__(self, *operands: Any, bias_inside: bool = False, split: bool = False) -> Any:

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 
 from mumoe.contraction import PairStep
 from mumoe.paths import DEFAULT_OPTIMIZE, OPTIMAL_OPERANDS
-from mumoe.plan import BIAS_INSIDE_ROWS, Plan
+from mumoe.plan import BIAS_INSIDE_ROWS, BIAS_KERNEL_ELEMENTS, Plan
 from mumoe.spec import INPUT, OUTPUT
 from mumoe.validation import positive_int
 
@@ -122,9 +122,15 @@ def _bias_text(net: Network, plan: Plan) -> str:
     if program is None:
         return "a column of ones concatenated to x (the path meets x before its core)"
     step = next(k for k, s in enumerate(program.steps, 1) if isinstance(s, PairStep) and s.bias)
+    rows = BIAS_INSIDE_ROWS * program.bias_width + 1
     if program.kernels.bias_matmul is not None:
-        return f"x @ core[:I] + core[I] in step ({step}), by the backend's bias_matmul kernel"
+        kernel_rows = -(-BIAS_KERNEL_ELEMENTS // program.bias_features)
+        return (
+            f"x @ core[:I] + core[I] in step ({step}) without gradients to the cores, by the "
+            f"bias_matmul kernel for batches of {min(rows, kernel_rows):,} rows or more; "
+            "else a column of ones"
+        )
     return (
         f"x @ core[:I] + core[I] in step ({step}) without gradients to the cores or for "
-        f"batches over {BIAS_INSIDE_ROWS * program.bias_width:,} rows; else a column of ones"
+        f"batches over {rows - 1:,} rows; else a column of ones"
     )

@@ -14,7 +14,7 @@ from mumoe.backend import backend_kernels  # noqa: E402
 from mumoe.contraction import Kernels  # noqa: E402
 from mumoe.nn import MuMoE  # noqa: E402
 from mumoe.nn.kernels import bias_matmul  # noqa: E402
-from mumoe.plan import Plan  # noqa: E402
+from mumoe.plan import BIAS_KERNEL_ELEMENTS, Plan  # noqa: E402
 from mumoe.report import describe  # noqa: E402
 
 
@@ -49,14 +49,18 @@ def test_bias_matmul_names_the_shapes_it_expects(x_shape, core_shape):
         bias_matmul(torch.zeros(x_shape), torch.zeros(core_shape))
 
 
-def test_torch_plans_add_the_bias_inside_for_every_batch():
-    net = mxd(6, 5, 4)
-    torch_plan = net.planner.forward(1, "pytorch", torch.float64)
-    numpy_plan = net.planner.forward(1, "numpy", np.dtype("float64"))
+def test_torch_plans_use_the_kernel_for_inputs_of_the_threshold_size():
+    net = mxd(6, 512, 100)
+    rows = BIAS_KERNEL_ELEMENTS // 512  # 128 rows of 512: the threshold
+    torch_plan = net.planner.forward(rows, "pytorch", torch.float64)
+    numpy_plan = net.planner.forward(rows, "numpy", np.dtype("float64"))
     assert torch_plan.bias_program.kernels.bias_matmul is bias_matmul
-    assert torch_plan.bias_inside(1, differentiable=True)
-    assert not numpy_plan.bias_inside(1, differentiable=True)  # numpy keeps the batch rule
-    assert "bias_matmul kernel" in describe(net, 1, backend="pytorch", dtype=torch.float64)
+    assert torch_plan.bias_inside(rows, differentiable=True)
+    assert not torch_plan.bias_inside(rows - 1, differentiable=True)  # a small x: ones column
+    assert torch_plan.bias_inside(1, differentiable=False)
+    assert not numpy_plan.bias_inside(rows, differentiable=True)  # numpy keeps the batch rule
+    text = describe(net, rows, backend="pytorch", dtype=torch.float64)
+    assert "by the bias_matmul kernel for batches of 128 rows or more" in text
 
 
 @pytest.mark.parametrize(
@@ -65,9 +69,9 @@ def test_torch_plans_add_the_bias_inside_for_every_batch():
 )
 def test_training_keeps_no_copy_of_the_input(spec, experts, rank):
     # The memory kept for backward: the input itself, never [x, 1] or a slice's gradient.
-    net = Network(spec, experts, 7, 5, rank=rank)
-    layer = MuMoE(7, 5, net, dtype=torch.float64)
-    x = torch.randn(3, 7, dtype=torch.float64)
+    net = Network(spec, experts, 512, 5, rank=rank)
+    layer = MuMoE(512, 5, net, dtype=torch.float64)
+    x = torch.randn(128, 512, dtype=torch.float64)  # BIAS_KERNEL_ELEMENTS
     kept: list[torch.Size] = []
 
     def pack(t: torch.Tensor) -> torch.Tensor:
@@ -76,7 +80,7 @@ def test_training_keeps_no_copy_of_the_input(spec, experts, rank):
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         y = layer(x)
-    assert (3, 8) not in kept, kept
+    assert (128, 513) not in kept, kept
     y.square().sum().backward()
     assert all(p.grad is not None for p in layer.parameters())
 

@@ -74,6 +74,9 @@ def bias_matmul(x: torch.Tensor, core: torch.Tensor) -> torch.Tensor:
             f"bias_matmul expects x of shape (B, I) and core of shape (I + 1, N); "
             f"got {tuple(x.shape)} and {tuple(core.shape)}"
         )
+    k = x.shape[1]
+    if not (torch.is_grad_enabled() and (x.requires_grad or core.requires_grad)):
+        return torch.addmm(core[k], x, core[:k])  # no graph: skip autograd.Function's cost
     return _BiasMatmul.apply(x, core)
 
 
