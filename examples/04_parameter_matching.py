@@ -37,7 +37,7 @@ head = CPMuMoE(768, 1000, 512, rank="same")
 count = sum(p.numel() for p in head.parameters())
 print(head.network.ranks, f"{count:,} <= {budget:,}: {count <= budget}")
 
-half = TRMuMoE(768, 1000, 128, rank=0.5)  # half the budget
+half = TRMuMoE(768, 1000, 128, rank=mumoe.Budget(0.5))  # half the budget
 print(half.network.ranks, f"{sum(p.numel() for p in half.parameters()):,}")
 
 # %%

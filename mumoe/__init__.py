@@ -19,6 +19,7 @@ Examples
 121408
 """
 
+from mumoe.budget import Budget
 from mumoe.build import build_network
 from mumoe.formats import FORMATS, Format
 from mumoe.functional import (
@@ -53,6 +54,7 @@ __version__ = "0.1.0.dev0"
 __all__ = [
     "FORMATS",
     "PRESETS",
+    "Budget",
     "ExpertWeight",
     "Format",
     "Network",

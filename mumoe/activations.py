@@ -184,6 +184,12 @@ def kth_largest_by_top_k(z: Tensor, k: int) -> Tensor:
     Returns
     -------
     jax array, shape (..., 1)
+
+    Examples
+    --------
+    >>> import jax.numpy as jnp  # doctest: +SKIP
+    >>> kth_largest_by_top_k(jnp.array([[3.0, 9.0, 1.0, 7.0]]), 2)  # doctest: +SKIP
+    Array([[7.]], dtype=float32)
     """
     import jax
 

@@ -21,14 +21,124 @@ tr        ``(expert_rank,) * (E + 1) + (r,)``: the bond between input and
 
 from __future__ import annotations
 
+import math
+import warnings
 from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
 
 from mumoe.formats import FORMATS
 from mumoe.presets import preset
 from mumoe.typing import Rank
 from mumoe.validation import positive_int, positive_ints
 
-__all__ = ["gate_params", "linear_params", "match_rank", "resolve_budget"]
+__all__ = ["Budget", "as_budget", "gate_params", "linear_params", "match_rank", "resolve_budget"]
+
+
+@dataclass(frozen=True)
+class Budget:
+    """A parameter budget that chooses a format's rank: the explicit way to ask for one.
+
+    ``rank=Budget(0.5)`` gives a layer at most half the parameters of the
+    ``nn.Linear`` of its sizes, ``rank=Budget(params=100_000)`` at most that
+    many, and ``rank="same"`` is ``Budget(1.0)``; the rank is the largest
+    that fits (:func:`match_rank`), the gate projections counted.
+
+    Parameters
+    ----------
+    fraction : float, optional
+        Of the parameters of ``nn.Linear(in_features, out_features)``; positive.
+    params : int, optional
+        A parameter count.  Exactly one of ``fraction`` and ``params``.
+
+    Examples
+    --------
+    >>> Budget(0.5).count(768, 1000, bias=True), Budget(params=1000).count(768, 1000, bias=True)
+    (384500, 1000)
+    """
+
+    fraction: float | None = None
+    params: int | None = None
+
+    def __post_init__(self) -> None:
+        if (self.fraction is None) == (self.params is None):
+            raise ValueError(
+                "a Budget is a fraction of the linear layer's parameters or a count: "
+                f"give exactly one, got fraction={self.fraction!r}, params={self.params!r}"
+            )
+        if self.fraction is not None:
+            if isinstance(self.fraction, bool) or not isinstance(self.fraction, int | float):
+                raise TypeError(f"Budget fraction must be a number, got {self.fraction!r}")
+            if not (math.isfinite(self.fraction) and self.fraction > 0):
+                raise ValueError(
+                    f"Budget fraction must be positive and finite, got {self.fraction}"
+                )
+        else:
+            positive_int(self.params, "Budget params")
+
+    def count(self, in_features: int, out_features: int, bias: bool) -> int:
+        """The budget in parameters, for a layer of these sizes.
+
+        Parameters
+        ----------
+        in_features, out_features : int
+        bias : bool
+
+        Returns
+        -------
+        int
+
+        Examples
+        --------
+        >>> Budget(1.0).count(4, 2, bias=True)  # nn.Linear(4, 2): 4 x 2 + 2
+        10
+        """
+        if self.params is not None:
+            return int(self.params)
+        return int(self.fraction * linear_params(in_features, out_features, bias))  # type: ignore[operator]
+
+
+def as_budget(rank: Any) -> Budget | None:
+    """``rank`` as a :class:`Budget` if it asks for one, else None.
+
+    ``"same"`` is ``Budget(1.0)``; a bare float is still read as a fraction,
+    with a ``DeprecationWarning`` (``rank=2.5`` looks like a rank): pass
+    ``Budget(...)``.
+
+    Parameters
+    ----------
+    rank : any
+        A layer's ``rank`` argument.
+
+    Returns
+    -------
+    Budget or None
+
+    Raises
+    ------
+    ValueError
+        For a string other than ``"same"``.
+
+    Examples
+    --------
+    >>> as_budget("same"), as_budget(Budget(0.5)), as_budget(8)
+    (Budget(fraction=1.0, params=None), Budget(fraction=0.5, params=None), None)
+    """
+    if isinstance(rank, Budget):
+        return rank
+    if isinstance(rank, str):
+        if rank != "same":
+            raise ValueError(f"a rank given as a string must be 'same', got {rank!r}")
+        return Budget(1.0)
+    if isinstance(rank, float):
+        warnings.warn(
+            f"rank={rank!r} is read as a parameter budget ({rank} x nn.Linear's parameters); "
+            f"a float rank is deprecated: pass mumoe.Budget({rank!r})",
+            DeprecationWarning,
+            stacklevel=3,
+        )
+        return Budget(rank)
+    return None
 
 
 def linear_params(in_features: int, out_features: int, bias: bool = True) -> int:
@@ -74,15 +184,15 @@ def gate_params(in_features: int, expert_dims: int | Sequence[int]) -> int:
 
 
 def resolve_budget(
-    budget: int | float | str, in_features: int, out_features: int, bias: bool
+    budget: Budget | int | float | str, in_features: int, out_features: int, bias: bool
 ) -> int:
     """A parameter budget as a count.
 
     Parameters
     ----------
-    budget : int, float or "same"
-        ``"same"``: as many parameters as the linear layer of the same sizes;
-        a float: that fraction of it; an int: a parameter count.
+    budget : Budget, int, float or "same"
+        A :class:`Budget`; ``"same"``: as many parameters as the linear layer
+        of the same sizes; a float: that fraction of it; an int: a count.
     in_features, out_features : int
     bias : bool
 
@@ -100,6 +210,8 @@ def resolve_budget(
     >>> resolve_budget("same", 768, 1000, True), resolve_budget(0.5, 768, 1000, True)
     (769000, 384500)
     """
+    if isinstance(budget, Budget):
+        return budget.count(in_features, out_features, bias)
     linear = linear_params(in_features, out_features, bias)
     if budget == "same":
         return linear
@@ -118,7 +230,7 @@ def match_rank(
     in_features: int,
     out_features: int,
     *,
-    budget: int | float | str = "same",
+    budget: Budget | int | float | str = "same",
     bias: bool = True,
     gates: bool = True,
     expert_rank: int = 4,
@@ -132,7 +244,7 @@ def match_rank(
     expert_dims : int or sequence of int
         Experts per level.
     in_features, out_features : int
-    budget : int, float or "same", default "same"
+    budget : Budget, int, float or "same", default "same"
         See :func:`resolve_budget`; ``"same"`` matches ``nn.Linear``.
     bias : bool, default True
         Whether the layer (and the linear layer of a relative budget) has a bias.

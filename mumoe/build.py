@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
+from mumoe.budget import as_budget, match_rank
 from mumoe.formats import FORMATS
 from mumoe.network import Network
 from mumoe.presets import _build
@@ -42,10 +43,13 @@ def build_network(
         ``"tucker"``, ``"tt"``, ``"tr"``, ``"dense"``) or a spec string.
     expert_dims : int or sequence of int
         Experts per level; required with a format or a spec.
-    rank : int, tuple, mapping, "same" or float
-        The format's or spec's rank.  With a format, ``"same"`` or a float
-        chooses the rank by :func:`mumoe.budget.match_rank` (the parameters
-        of ``nn.Linear(in_features, out_features)``, or that fraction of them).
+    rank : int, tuple, mapping, "same" or Budget
+        The format's or spec's rank.  With a format, a
+        :class:`~mumoe.budget.Budget` (``"same"`` is ``Budget(1.0)``) chooses
+        the rank by :func:`mumoe.budget.match_rank`: the parameters of
+        ``nn.Linear(in_features, out_features)``, a fraction of them or a
+        count.  (A bare float is still read as a fraction, with a
+        ``DeprecationWarning``.)
     bias : bool, default True
     count_gates : bool, default True
         Whether a budget counts the gate projections.
@@ -88,20 +92,21 @@ def build_network(
     if expert_dims is None:
         raise ValueError(f"network {network!r} needs expert_dims (experts per level)")
     record = FORMATS.get(network)
+    budget = as_budget(rank)
     if record is not None:
         if record.has_rank and rank is None:
-            raise ValueError(f"the {network} network needs a rank (an int, 'same' or a float)")
-        if isinstance(rank, str | float):
-            from mumoe.budget import match_rank
-
+            raise ValueError(
+                f"the {network} network needs a rank (an int, 'same' or a mumoe.Budget)"
+            )
+        if budget is not None:
             rank = match_rank(
                 network, expert_dims, in_features, out_features,
-                budget=rank, bias=bias, gates=count_gates,
+                budget=budget, bias=bias, gates=count_gates,
             )  # fmt: skip
         return _build(network, expert_dims, in_features, out_features, rank, bias=bias)  # type: ignore[arg-type]
-    if isinstance(rank, str | float):
+    if budget is not None:
         raise ValueError(
-            "a parameter budget ('same' or a float) chooses the rank of a format only; "
+            "a parameter budget ('same' or a mumoe.Budget) chooses the rank of a format only; "
             "give a spec string its bond sizes"
         )
     if rank is not None and not isinstance(rank, int | Mapping):

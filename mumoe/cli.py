@@ -55,9 +55,12 @@ def _rank(values: Sequence[str] | None) -> Any:
         return "same"
     if len(values) == 1 and "." in values[0]:
         try:
-            return float(values[0])
+            fraction = float(values[0])
         except ValueError:
             raise TypeError(f"--rank must be numbers, got {values[0]!r}") from None
+        from mumoe.budget import Budget
+
+        return Budget(fraction)
     if all("=" in v for v in values):
         pairs = (v.split("=", 1) for v in values)
         return {name: _int(size, f"--rank {name}") for name, size in pairs}

@@ -21,5 +21,6 @@ RankLike: TypeAlias = int | Mapping[str, int]
 Rank: TypeAlias = int | Sequence[int]
 
 #: The ``rank`` of a layer: a preset's rank, a spec's bond sizes, or a parameter
-#: budget (``"same"``: as many parameters as ``nn.Linear``; a float: that fraction).
-RankOrBudget: TypeAlias = Rank | Mapping[str, int] | str | float
+#: budget (``"same"``: as many parameters as ``nn.Linear``; a ``mumoe.Budget``:
+#: a fraction of them or a count; a bare float, deprecated: a fraction).
+RankOrBudget: TypeAlias = Rank | Mapping[str, int] | str | float | Any

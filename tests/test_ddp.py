@@ -85,3 +85,93 @@ def test_ddp_keeps_replicas_identical_and_averages_gradients(tmp_path):
     states = torch.load(tmp_path / "ln-0.pt")
     for key, value in single.state_dict().items():
         torch.testing.assert_close(states[key], value, rtol=1e-5, atol=1e-6, msg=key)
+
+
+# ------------------------------------------------------------------- FSDP
+
+
+def build_fsdp(kind):
+    """μMoE layers (layer-norm gating: no cross-rank statistics), or a converted model."""
+    from mumoe.nn import MuMoE, replace_linear
+
+    torch.manual_seed(0)
+    if kind == "mumoe":
+        return torch.nn.Sequential(
+            MuMoE(6, 8, "cp", expert_dims=4, rank=3, normalization="ln"),
+            torch.nn.GELU(),
+            TRMuMoE(8, 3, 4, rank=2, normalization="ln"),
+        )
+    dense = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.GELU(), torch.nn.Linear(8, 3))
+    return replace_linear(dense, include="0|2", network="mxd", expert_dims=4, normalization="ln")
+
+
+def fsdp_worker(rank, port, out):
+    os.environ["MASTER_ADDR"] = "127.0.0.1"
+    os.environ["MASTER_PORT"] = str(port)
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    try:
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            get_model_state_dict,
+            set_model_state_dict,
+        )
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+
+        mesh = init_device_mesh("cpu", (WORLD,))
+
+        def sharded(kind):
+            model = build_fsdp(kind)
+            for layer in (model[0], model[2]):
+                fully_shard(layer, mesh=mesh)  # each layer's cores and gate, sharded
+            return fully_shard(model, mesh=mesh)
+
+        for kind in ("mumoe", "converted"):
+            model = sharded(kind)
+            params = list(model.parameters())
+            is_sharded = all(type(p).__name__ == "DTensor" for p in params) and sum(
+                p.to_local().numel() for p in params
+            ) < sum(p.numel() for p in params)  # this rank holds a part of each parameter
+            train(model, [batch(rank, step) for step in range(STEPS)])
+            full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
+            if rank == 0:
+                torch.save(full, os.path.join(out, f"fsdp-{kind}.pt"))
+            checkpoint = os.path.join(out, f"fsdp-{kind}-checkpoint")
+            dcp.save(get_model_state_dict(model), checkpoint_id=checkpoint)  # sharded
+            fresh = sharded(kind)
+            state = get_model_state_dict(fresh)
+            dcp.load(state, checkpoint_id=checkpoint)
+            set_model_state_dict(fresh, state)
+            x = batch(rank, STEPS)[0]
+            with torch.no_grad():
+                same = torch.equal(fresh(x), model(x))
+            torch.save((is_sharded, same), os.path.join(out, f"fsdp-{kind}-reloaded-{rank}.pt"))
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+    os._exit(0)  # see worker()
+
+
+@pytest.mark.skipif(
+    not hasattr(__import__("torch.distributed.fsdp", fromlist=["x"]), "fully_shard"),
+    reason="this torch has no torch.distributed.fsdp.fully_shard (FSDP2, torch >= 2.6)",
+)
+def test_fsdp_trains_as_one_process_and_its_sharded_checkpoint_reloads(tmp_path):
+    port = free_port()
+    torch.multiprocessing.spawn(fsdp_worker, args=(port, str(tmp_path)), nprocs=WORLD, join=True)
+    for kind in ("mumoe", "converted"):
+        single = build_fsdp(kind)
+        union = []
+        for step in range(STEPS):
+            parts = [batch(rank, step) for rank in range(WORLD)]
+            union.append((torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])))
+        train(single, union)
+        sharded = torch.load(tmp_path / f"fsdp-{kind}.pt")
+        assert sharded.keys() == single.state_dict().keys()
+        for key, value in single.state_dict().items():
+            torch.testing.assert_close(sharded[key], value, rtol=1e-5, atol=1e-6, msg=key)
+        for rank in range(WORLD):
+            is_sharded, reloaded = torch.load(tmp_path / f"fsdp-{kind}-reloaded-{rank}.pt")
+            assert is_sharded and reloaded, (kind, rank, is_sharded, reloaded)

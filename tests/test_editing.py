@@ -129,9 +129,11 @@ def test_edits_refuse_what_they_cannot_do():
 
 
 def test_collect_gates_gives_the_eval_coefficients_and_restores_the_mode():
+    # float64: batches of 16 and of 50 round differently in float32, and entmax is not
+    # smooth where an expert enters the support (the unseeded float32 version was flaky).
     model = torch.nn.Sequential(torch.nn.Linear(5, 6), TRMuMoE(6, 3, (4, 3), rank=(2, 2, 2, 2)))
-    trained_like(model, 2).train()
-    x = torch.randn(50, 5)
+    trained_like(model.double(), 2).train()
+    x = torch.randn(50, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     gates = collect_gates(model, x, batch_size=16)
     assert model.training
     model.eval()
@@ -139,7 +141,7 @@ def test_collect_gates_gives_the_eval_coefficients_and_restores_the_mode():
         _, expected = model[1](model[0](x), return_gates=True)
     assert [g.shape for g in gates] == [(50, 4), (50, 3)]
     for got, want in zip(gates, expected, strict=True):
-        np.testing.assert_allclose(got, want.numpy(), rtol=1e-6, atol=1e-7)
+        np.testing.assert_allclose(got, want.numpy(), rtol=1e-12, atol=1e-14)
 
 
 def test_collect_gates_asks_which_gate_when_there_are_several():

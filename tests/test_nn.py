@@ -241,10 +241,20 @@ def test_rank_same_matches_the_linear_layer(format, experts):
 
 
 def test_fractional_budget():
-    half = CPMuMoE(96, 40, 8, rank=0.5)
+    from mumoe import Budget
+
+    half = CPMuMoE(96, 40, 8, rank=Budget(0.5))
     full = CPMuMoE(96, 40, 8, rank="same")
     assert half.network.ranks["r"] < full.network.ranks["r"]
     assert sum(p.numel() for p in half.parameters()) <= 0.5 * linear_params(96, 40)
+    counted = CPMuMoE(96, 40, 8, rank=Budget(params=2000))
+    assert sum(p.numel() for p in counted.parameters()) <= 2000
+    with pytest.warns(DeprecationWarning, match=r"pass mumoe.Budget\(0.5\)"):
+        assert CPMuMoE(96, 40, 8, rank=0.5).network.ranks == half.network.ranks
+    with pytest.raises(ValueError, match="give exactly one"):
+        Budget(0.5, params=10)
+    with pytest.raises(ValueError, match="positive and finite"):
+        Budget(float("nan"))
 
 
 # ------------------------------------------------------------------- init
@@ -332,7 +342,7 @@ def test_tt_init_is_the_tr_scheme_with_boundary_ranks_one():
         (lambda: MuMoE(12, 5, cp(4, 12, 5, rank=2), rank=3), ValueError,
          r"expert_dims and rank come from the Network"),
         (lambda: MuMoE(12, 5, "n i r, r o", expert_dims=4, rank="same"), ValueError,
-         r"a parameter budget \('same' or a float\) chooses the rank of a format only"),
+         r"a parameter budget \('same' or a mumoe.Budget\) chooses the rank of a format only"),
         (lambda: MuMoE(12, 5, 3), TypeError, r"network must be a Network, a format name"),
         (lambda: CPMuMoE(12, 5, 4, rank=3, normalization="batch"), ValueError,
          r"unknown gate normalization 'batch'; choose 'bn', 'ln' or None"),

@@ -11,6 +11,7 @@ from mumoe.build import build_network
 from mumoe.nn.analysis import GateRecord, record_gates
 from mumoe.nn.block import MuMoEBlock
 from mumoe.nn.contract import torch_forward
+from mumoe.nn.convert import from_linear, replace_linear
 from mumoe.nn.factorized import FactorizedMuMoE, network_of, to_factorized_tensor
 from mumoe.nn.gating import (
     TORCH_KERNELS,
@@ -40,10 +41,12 @@ __all__ = [
     "TTMuMoE",
     "TuckerMuMoE",
     "build_network",
+    "from_linear",
     "gate_dtype",
     "init_cores_",
     "network_of",
     "record_gates",
+    "replace_linear",
     "resolve_activation",
     "to_factorized_tensor",
     "torch_forward",

@@ -154,9 +154,38 @@ class MuMoE(nn.Module):
         self._expert_scales: dict[int, torch.Tensor] = {}
         self.reset_parameters()
 
-    #: Whether the cores are this module's own parameters (``self.cores``);
-    #: subclasses that take them from elsewhere set it to False.
+    #: Whether the cores are this module's own parameters (``self.cores``); False: elsewhere.
     _owns_cores = True
+    #: Set by :meth:`from_linear`: the experts' relative error against the linear layer.
+    conversion_error: float | None = None
+
+    @classmethod
+    def from_linear(
+        cls,
+        linear: nn.Module,
+        network: Network | str | None = None,
+        *,
+        expert_dims: int | Sequence[int],
+        rank: RankOrBudget | None = "same",
+        **layer_kwargs: Any,
+    ) -> MuMoE:
+        """A layer whose every expert starts as ``linear``: :func:`mumoe.nn.convert.from_linear`.
+
+        ``network``: ``"cp"``, or the class's own format (``TRMuMoE``: TR).
+
+        Examples
+        --------
+        >>> import torch
+        >>> linear = torch.nn.Linear(16, 8)
+        >>> layer = MuMoE.from_linear(linear, "cp", expert_dims=32, rank=8)
+        >>> round(layer.conversion_error, 6)  # CP at full rank min(I + 1, O) = 8: exact
+        0.0
+        """
+        from mumoe.nn.convert import from_linear
+
+        return from_linear(
+            linear, network, expert_dims=expert_dims, rank=rank, layer_class=cls, **layer_kwargs
+        )
 
     def reset_parameters(self) -> None:
         """Initialise the cores as the paper does (see :mod:`mumoe.nn.init`) and zero the gate.

@@ -1,0 +1,132 @@
+"""
+From a pretrained model
+=======================
+
+The paper puts μMoE layers into existing architectures: parameter-matched
+μMoE MLPs in GPT-2, a μMoE head on CLIP.  :func:`mumoe.nn.replace_linear`
+does it in one call for any PyTorch model, and each new layer starts where
+the dense layer was: its every expert *is* the dense layer (MxD, and any
+format at full rank), or the best approximation the format's rank allows
+(:func:`mumoe.nn.from_linear`, :mod:`mumoe.conversion`).
+
+Here: a small GPT-2 from ``transformers``, built from a config (random
+weights, nothing downloaded), its MLPs converted, trained briefly on a toy
+language, and its experts looked at.
+"""
+
+import copy
+
+import matplotlib.pyplot as plt
+import numpy as np
+import torch
+import transformers
+from transformers import GPT2Config, GPT2LMHeadModel
+
+from mumoe.analysis import class_mass
+from mumoe.nn import from_linear, record_gates, replace_linear
+
+transformers.logging.set_verbosity_error()
+torch.manual_seed(0)
+config = GPT2Config(
+    vocab_size=48, n_positions=24, n_embd=64, n_layer=2, n_head=4, bos_token_id=0,
+    eos_token_id=0, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+)  # fmt: skip
+dense = GPT2LMHeadModel(config).eval()
+tokens = torch.randint(0, config.vocab_size, (16, 24))
+with torch.no_grad():
+    reference = dense(tokens).logits
+
+
+def n_params(model):
+    return sum(p.numel() for p in model.parameters())
+
+
+# %%
+# MxD: the same outputs, exactly
+# ------------------------------
+#
+# GPT-2's MLP is ``c_fc`` (64 → 256) and ``c_proj`` (256 → 64), ``Conv1D``
+# layers of ``transformers`` (linear layers with the weight transposed).
+# Mixture-of-Decoders experts ``W_n = D diag(c_n)`` start at ``c_n = 1``,
+# ``D = [W^T; b]``: every expert is the dense layer.
+mxd = replace_linear(copy.deepcopy(dense), include=r"mlp\.c_(fc|proj)$",
+                     network="mxd", expert_dims=64)  # fmt: skip
+with torch.no_grad():
+    difference = (mxd(tokens).logits - reference).abs().max().item()
+print(f"parameters: dense {n_params(dense):,}, MxD {n_params(mxd):,}")
+print(f"largest output difference after the conversion: {difference:.1e}")
+
+# %%
+# CP: the best rank-R approximation
+# ---------------------------------
+#
+# A CP layer's experts share the input and output factors; started from a
+# dense layer, each expert is the truncated SVD of ``[W^T; b]``, the best
+# rank-R matrix (Eckart–Young).  The relative error falls with the rank to
+# zero at full rank (``min(I + 1, O)``); ``rank="same"`` (the default) is the
+# rank that keeps the parameter count of the dense layer, gates included.
+layer = dense.transformer.h[0].mlp.c_fc
+ranks = [2, 4, 8, 16, 32, 64]
+errors = [from_linear(layer, "cp", expert_dims=32, rank=r).conversion_error for r in ranks]
+matched = from_linear(layer, "cp", expert_dims=32)  # rank="same"
+for r, e in zip(ranks, errors, strict=True):
+    print(f"rank {r:>2}: relative error {e:.3f}")
+print(f"rank='same' -> {matched.network.ranks['r']}, error {matched.conversion_error:.3f}")
+
+fig, ax = plt.subplots(figsize=(4, 2.6))
+ax.plot(ranks, errors, "o-")
+ax.set(xscale="log", xlabel="CP rank", ylabel="relative error", title="c_fc of block 0")
+ax.set_xticks(ranks, [str(r) for r in ranks])
+fig.tight_layout()
+
+cp = replace_linear(copy.deepcopy(dense), include=r"mlp\.c_(fc|proj)$",
+                    network="cp", expert_dims=32)  # fmt: skip
+print(f"parameters with rank='same': dense {n_params(dense):,}, CP {n_params(cp):,}")
+
+# %%
+# Train briefly
+# -------------
+#
+# A toy language: each sequence counts up from a random start by a random
+# stride (mod the vocabulary), so the next token is predictable from the
+# previous two.  The converted model trains like any other.
+
+
+def toy_batch(n, generator):
+    start = torch.randint(0, config.vocab_size, (n, 1), generator=generator)
+    stride = torch.randint(1, 4, (n, 1), generator=generator)
+    return (start + stride * torch.arange(24)) % config.vocab_size
+
+
+generator = torch.Generator().manual_seed(0)
+optimizer = torch.optim.Adam(mxd.parameters(), lr=3e-3)
+mxd.train()
+losses = []
+for _ in range(60):
+    batch = toy_batch(32, generator)
+    loss = mxd(batch, labels=batch).loss
+    optimizer.zero_grad()
+    loss.backward()
+    optimizer.step()
+    losses.append(loss.item())
+print(f"loss: {losses[0]:.2f} at the first step, {np.mean(losses[-5:]):.2f} at the last five")
+
+# %%
+# Which tokens each expert takes
+# ------------------------------
+#
+# The gate of the first MLP routes every position to a mix of 64 experts.
+# :func:`mumoe.analysis.class_mass` sums each expert's coefficients per input
+# token: an expert whose mass sits on a few tokens has specialised.
+mxd.eval()
+batch = toy_batch(256, generator)
+with torch.no_grad(), record_gates(mxd) as record:
+    mxd(batch)
+name = next(n for n in record if n.startswith("transformer.h.0"))
+coefficients = record[name][0].reshape(-1, 64).numpy()  # (positions, experts)
+mass = class_mass(coefficients, batch.reshape(-1).numpy(), n_classes=config.vocab_size)
+share = mass / mass.sum(axis=1, keepdims=True)  # each expert's mass over the tokens
+for expert in np.argsort(-mass.sum(axis=1))[:4]:
+    top = np.argsort(-share[expert])[:3]
+    taken = ", ".join(f"token {t} ({share[expert, t]:.0%})" for t in top)
+    print(f"expert {expert:>2}: {taken}")
