@@ -37,11 +37,16 @@ def train(model, data):
         opt.step()
 
 
-def worker(rank, port, out):
+def join(rank, port):
+    """Join the two-process gloo group on this machine, one thread each."""
     os.environ["MASTER_ADDR"] = "127.0.0.1"
     os.environ["MASTER_PORT"] = str(port)
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+
+
+def worker(rank, port, out):
+    join(rank, port)
     try:
         for normalization in ("bn", "ln"):
             model = DistributedDataParallel(build(normalization))
@@ -106,10 +111,7 @@ def build_fsdp(kind):
 
 
 def fsdp_worker(rank, port, out):
-    os.environ["MASTER_ADDR"] = "127.0.0.1"
-    os.environ["MASTER_PORT"] = str(port)
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    join(rank, port)
     try:
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import (
