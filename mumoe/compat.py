@@ -18,9 +18,15 @@ Differences, all deliberate:
 * bad arguments raise ``ValueError`` where the reference fails later or not
   at all (a ``hierarchy`` that disagrees with ``expert_dims``, TR ranks that
   do not close the ring, an unknown ``normalization``);
-* ``MuMoE.a``, the coefficients of the last forward, is kept *detached*, so
-  it does not hold the autograd graph alive; new code should prefer
-  :func:`mumoe.nn.record_gates`.
+* ``.to(torch.bfloat16)`` and ``.half()`` work: the gate computes in float32
+  and its batch-norm statistics stay in float32, as in :mod:`mumoe.nn`
+  (the reference fails in the batch norm).
+
+As in the reference, ``MuMoE.a`` holds the coefficients of the last forward,
+attached to the autograd graph in training (an auxiliary loss on the gates,
+such as load balancing, gets their gradient); :func:`mumoe.nn.record_gates`
+records them detached instead.  Parameters and buffers are registered in the
+reference's order, so an optimizer state saved with the reference resumes.
 """
 
 from __future__ import annotations
@@ -34,7 +40,7 @@ from torch import nn
 from mumoe.backend import thread_backend
 from mumoe.network import Network
 from mumoe.nn.contract import torch_forward
-from mumoe.nn.gating import resolve_activation, torch_gate_coefficients
+from mumoe.nn.gating import keep_statistics_wide, resolve_activation, torch_gate_coefficients
 from mumoe.nn.init import init_cores_
 from mumoe.presets import cp, tr
 from mumoe.recipe import block_forward, layer_forward
@@ -257,10 +263,12 @@ class MuMoE(nn.Module):
                 output_dim, second_dim, expert_dims, ranks, use_bias=use_bias, hierarchy=hierarchy
             )
             self.gelu = nn.GELU()
+        # The reference's registration order (its parameters() order, which a saved
+        # optimizer state depends on): the layers, input_ln, projs, the norms.
+        self.input_ln: nn.Module = nn.LayerNorm(input_dim) if apply_ln else nn.Identity()
         self.projs = nn.ParameterList(
             [nn.Parameter(torch.zeros(input_dim, d)) for d in expert_dims]
         )
-        self.input_ln: nn.Module = nn.LayerNorm(input_dim) if apply_ln else nn.Identity()
         if normalization == "bn":
             self.bn = nn.ModuleList([nn.BatchNorm1d(d, affine=False) for d in expert_dims])
         else:
@@ -304,9 +312,14 @@ class MuMoE(nn.Module):
             )  # fmt: skip
         return y
 
+    def _apply(self, fn, recurse=True):  # type: ignore[no-untyped-def]
+        # .half(), .to(torch.bfloat16): the gate's norm statistics stay in float32.
+        super()._apply(fn, recurse)
+        keep_statistics_wide(self.bn if self.normalization == "bn" else self.ln)
+        return self
+
     def _gate(self, x: torch.Tensor) -> list[torch.Tensor]:
-        # The reference keeps the last coefficients as .a: kept detached here.
+        # The reference keeps the last coefficients as .a, attached to the graph.
         norms = self.bn if self.normalization == "bn" else self.ln
-        a = torch_gate_coefficients(x, list(self.projs), list(norms), self.act)
-        self.a = [coefficients.detach() for coefficients in a]
-        return a
+        self.a = torch_gate_coefficients(x, list(self.projs), list(norms), self.act)
+        return self.a

@@ -16,6 +16,7 @@ smaller, or sequences of varying length, do not fill the cache.
 
 from __future__ import annotations
 
+import random
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Hashable, Sequence
@@ -176,9 +177,15 @@ class Plan:
             warn_renamed("Plan.build(split=...)", "Plan.build(bias_input=...)")
             bias_input = split
         dims = tuple(tuple(int(d) for d in s) for s in shapes)
-        path, info = opt_einsum.contract_path(
-            equation, *dims, shapes=True, optimize=path_optimizer(optimize)
-        )
+        # opt_einsum's random-greedy search (auto-hq past 20 operands, and some
+        # autotune candidates) reseeds Python's global random: leave it as it was.
+        state = random.getstate()
+        try:
+            path, info = opt_einsum.contract_path(
+                equation, *dims, shapes=True, optimize=path_optimizer(optimize)
+            )
+        finally:
+            random.setstate(state)
         inputs, output = equation.split("->")
         terms = inputs.split(",")
         sizes = {leg: d for term, shape in zip(terms, dims, strict=True)

@@ -152,8 +152,8 @@ def test_state_dict_keys_of_the_reference_layout():
     assert list(model.state_dict()) == [
         "MuMoE.factors.0", "MuMoE.factors.1", "MuMoE.factors.2", "MuMoE.factors.3",
         "MuMoE2.factors.0", "MuMoE2.factors.1", "MuMoE2.factors.2", "MuMoE2.factors.3",
-        "projs.0", "projs.1",
         "input_ln.weight", "input_ln.bias",
+        "projs.0", "projs.1",
         "bn.0.running_mean", "bn.0.running_var", "bn.0.num_batches_tracked",
         "bn.1.running_mean", "bn.1.running_var", "bn.1.num_batches_tracked",
     ]  # fmt: skip
@@ -162,12 +162,55 @@ def test_state_dict_keys_of_the_reference_layout():
                                      "projs.0"]  # fmt: skip
 
 
-def test_token_inputs_and_detached_coefficients():
+def test_an_optimizer_state_saved_in_the_reference_order_resumes():
+    # The reference registers input_ln before projs: parameters() follows, and so does
+    # the optimizer state a reference training run saves (item 2 of issue #15).
+    torch.manual_seed(0)
+    model = MuMoE(CPMuMoE, 4, 8, [6, 2], 5, second_dim=3, hierarchy=2, apply_ln=True)
+    reference_order = [*model.MuMoE.factors, *model.MuMoE2.factors,
+                       model.input_ln.weight, model.input_ln.bias, *model.projs]  # fmt: skip
+    assert [id(p) for p in model.parameters()] == [id(p) for p in reference_order]
+    saved = torch.optim.Adam(reference_order, lr=1e-2)
+    model(torch.randn(8, 4)).square().mean().backward()
+    saved.step()
+    resumed = torch.optim.Adam(model.parameters(), lr=1e-2)
+    resumed.load_state_dict(saved.state_dict())
+    model(torch.randn(8, 4)).square().mean().backward()
+    resumed.step()  # shapes agree: a wrong order fails here
+
+
+def test_token_inputs_and_coefficients_attached_in_training():
     model = MuMoE(TRMuMoE, 4, 8, [6], [[2, 0, 3], [3, 0, 2], [2, 0, 2]])
+    with torch.no_grad():
+        model.projs[0].normal_()
     x = torch.randn(3, 5, 4)
     assert model(x).shape == (3, 5, 8)
     assert [tuple(a.shape) for a in model.a] == [(3, 5, 6)]
+    # As the reference: an auxiliary loss on the gates (load balancing) gets a gradient.
+    balance = (model.a[0].mean((0, 1)) ** 2).sum()
+    balance.backward()
+    assert model.projs[0].grad is not None and model.projs[0].grad.abs().sum() > 0
+    with torch.no_grad():
+        model(x)
     assert not model.a[0].requires_grad
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("normalization", ["bn", "ln"])
+def test_half_precision_like_mumoe_nn(dtype, normalization):
+    # The reference fails in the gate's batch norm ("mixed dtype"); compat computes the
+    # gate in float32 and keeps its statistics there (item 1 of issue #15).
+    torch.manual_seed(0)
+    model = MuMoE(CPMuMoE, 8, 6, [4], 3, second_dim=5, normalization=normalization, apply_ln=True)
+    model = model.half() if dtype == torch.float16 else model.to(dtype)
+    if normalization == "bn":
+        assert model.bn[0].running_var.dtype == torch.float32
+    x = torch.randn(16, 8, dtype=dtype)
+    y = model(x)
+    assert y.dtype == dtype and torch.isfinite(y).all()
+    if dtype == torch.bfloat16:
+        y.float().square().mean().backward()
+        assert all(p.grad is not None and p.grad.dtype == dtype for p in model.parameters())
 
 
 def test_reference_initialisation():

@@ -162,6 +162,9 @@ def test_replace_linear_is_all_or_nothing():
         replace_linear(net, include="mlp", network="cp", expert_dims=7)
     assert all(isinstance(m, torch.nn.Linear) for m in (net[0].mlp[0], net[0].mlp[2]))
     assert all(torch.equal(state[k], v) for k, v in net.state_dict().items())
+    with pytest.raises(ValueError, match=r"replacing '0\.mlp\.0' failed.*expert_dims"):
+        replace_linear(net, include="mlp", expert_dims=0)
+    assert all(torch.equal(state[k], v) for k, v in net.state_dict().items())
     with pytest.raises(TypeError, match="include must be a callable"):
         replace_linear(net, include=3, expert_dims=4)
 

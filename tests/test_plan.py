@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import tensorly as tl
 
-from mumoe import Plan, PlanCache, cp, forward, random_cores
+from mumoe import Plan, PlanCache, cp, forward, random_cores, tr
 from mumoe.plan import batch_bucket
 from mumoe.testing import random_inputs
 
@@ -95,3 +95,18 @@ def test_plan_runs_at_sizes_other_than_it_was_searched_for():
 @pytest.mark.parametrize(("batch", "bucket"), [(0, 1), (1, 1), (2, 2), (3, 4), (1000, 1024)])
 def test_batch_bucket(batch, bucket):
     assert batch_bucket(batch) == bucket
+
+
+def test_path_searches_leave_pythons_random_state_alone():
+    # opt_einsum's random-greedy search reseeds the global generator (issue #15, item 10).
+    import random
+
+    random.seed(123)
+    expected = random.random()
+    random.seed(123)
+    Plan.build("ab,bc,cd->ad", [(3, 4), (4, 5), (5, 6)], optimize="random-greedy-128")
+    net = tr((4, 3, 2), 6, 5, rank=2, autotune=True)  # autotune times random-greedy too
+    cores = random_cores(net, random_state=0)
+    x, gates = random_inputs(net, (4,), random_state=0)
+    forward(net, cores, x, gates)
+    assert random.random() == expected

@@ -320,3 +320,18 @@ def test_the_same_seed_gives_the_same_layer_and_outputs(cls):
         assert torch.equal(a, b), name
     x = torch.randn(6, 8)
     assert torch.equal(first(x), second(x))
+
+
+@pytest.mark.parametrize("normalization", ["ln", None])
+def test_meta_layers_refuse_real_inputs_and_gates(normalization):
+    # CPU and meta tensors both report get_device() == -1; their mix computed garbage
+    # that changed every call (issue #15, item 6).
+    with torch.device("meta"):
+        layer = MuMoE(8, 4, "cp", expert_dims=4, rank=2, normalization=normalization)
+    with pytest.raises(ValueError, match="input is on cpu but the layer's parameters are on meta"):
+        layer(torch.randn(3, 8))
+    real = MuMoE(8, 4, "cp", expert_dims=4, rank=2, gated=False)
+    with pytest.raises(ValueError, match="gates\\[0\\] is on meta but the input is on cpu"):
+        real(torch.randn(3, 8), [torch.zeros(3, 4, device="meta")])
+    with pytest.raises(ValueError, match="gates\\[0\\] is on meta but the input is on cpu"):
+        real(torch.randn(3, 8), torch.zeros(3, 4, device="meta"))

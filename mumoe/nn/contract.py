@@ -15,7 +15,7 @@ from mumoe import functional
 from mumoe.backend import thread_backend
 from mumoe.network import Network
 
-__all__ = ["device_type", "module_contract", "torch_forward"]
+__all__ = ["check_gate_devices", "check_input", "device_type", "module_contract", "torch_forward"]
 
 
 def device_type(x: torch.Tensor) -> str:
@@ -126,3 +126,84 @@ def module_contract(
     return functional.contract(
         network, cores, x, gates, differentiable=differentiable, backend="pytorch", check_x=False
     )
+
+
+def _other_device(a: torch.Tensor, b: torch.Tensor) -> bool:
+    # get_device() is an int, a cheaper test than comparing devices; it is -1 for both
+    # CPU and meta tensors, whose mix computes garbage instead of failing.
+    return a.get_device() != b.get_device() or a.is_meta != b.is_meta
+
+
+def check_input(x: Any, in_features: int, weight: torch.Tensor | None = None) -> None:
+    """Check a layer's input: a floating tensor ``(..., in_features)`` like ``weight``.
+
+    Parameters
+    ----------
+    x : any
+    in_features : int
+    weight : torch.Tensor, optional
+        A parameter of the layer: ``x`` must share its device (meta included)
+        and dtype (unless ``torch.autocast`` is on).
+
+    Raises
+    ------
+    TypeError
+        For a non-tensor, an integer tensor, or another dtype.
+    ValueError
+        For another feature size or device.
+
+    Examples
+    --------
+    >>> check_input(torch.zeros(2, 3), 4)
+    Traceback (most recent call last):
+    ...
+    ValueError: input must have shape (..., 4) (in_features), got (2, 3)
+    """
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"input must be a torch.Tensor, got {type(x).__qualname__}")
+    if x.dim() == 0 or x.shape[-1] != in_features:
+        raise ValueError(
+            f"input must have shape (..., {in_features}) (in_features), got {tuple(x.shape)}"
+        )
+    if not x.is_floating_point():
+        raise TypeError(
+            f"input has dtype {x.dtype}; μMoE layers compute in floating point: cast it "
+            "(x.float(), x.to(layer's dtype))"
+        )
+    if weight is None:
+        return
+    if _other_device(x, weight):
+        raise ValueError(
+            f"input is on {x.device} but the layer's parameters are on {weight.device}; "
+            "move one of them (x.to(...) or layer.to(...))"
+        )
+    if x.dtype != weight.dtype and not torch.is_autocast_enabled(device_type(x)):
+        raise TypeError(
+            f"input has dtype {x.dtype} but the layer's parameters are {weight.dtype}; "
+            "cast one of them (x.to(dtype) or layer.to(dtype)), or run under torch.autocast"
+        )
+
+
+def check_gate_devices(gates: Any, x: torch.Tensor) -> None:
+    """Check that given gates live on the input's device (meta included).
+
+    Parameters
+    ----------
+    gates : torch.Tensor or sequence of torch.Tensor
+    x : torch.Tensor
+
+    Raises
+    ------
+    ValueError
+        Naming the gate and both devices.
+
+    Examples
+    --------
+    >>> check_gate_devices([torch.zeros(2, 3, device="meta")], torch.zeros(2, 4))
+    Traceback (most recent call last):
+    ...
+    ValueError: gates[0] is on meta but the input is on cpu
+    """
+    for e, gate in enumerate([gates] if isinstance(gates, torch.Tensor) else gates):
+        if isinstance(gate, torch.Tensor) and _other_device(gate, x):
+            raise ValueError(f"gates[{e}] is on {gate.device} but the input is on {x.device}")

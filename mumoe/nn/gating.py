@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import torch
 from torch import nn
@@ -51,6 +51,7 @@ __all__ = [
     "TORCH_KERNELS",
     "MuMoEGate",
     "gate_dtype",
+    "keep_statistics_wide",
     "resolve_activation",
     "torch_gate_coefficients",
 ]
@@ -203,6 +204,31 @@ def torch_gate_coefficients(
         return _gate_coefficients(x, projections, kept, activation)
 
 
+def keep_statistics_wide(norms: Iterable[nn.Module]) -> None:
+    """Put the floating buffers of gate norms back in float32 at least, after a cast.
+
+    Gating computes in float32 (:func:`mumoe.gating.gate_dtype`); batch-norm
+    running statistics cast to 16 bits by ``.half()`` or ``.to(torch.bfloat16)``
+    would lose precision and fail in ``batch_norm`` against float32 logits.
+
+    Parameters
+    ----------
+    norms : iterable of torch.nn.Module
+
+    Examples
+    --------
+    >>> bn = torch.nn.BatchNorm1d(3, affine=False).half()
+    >>> keep_statistics_wide([bn])
+    >>> bn.running_var.dtype
+    torch.float32
+    """
+    for norm in norms:
+        for name, buffer in list(norm.named_buffers(recurse=False)):
+            wanted = gate_dtype(buffer.dtype)
+            if buffer.is_floating_point() and buffer.dtype != wanted:
+                setattr(norm, name, buffer.to(wanted))
+
+
 def _norm(kind: str | None, n: int, device: object, dtype: torch.dtype | None) -> nn.Module:
     dtype = gate_dtype(dtype or torch.get_default_dtype())
     if kind == "bn":
@@ -276,11 +302,7 @@ class MuMoEGate(nn.Module):
         # .half(), .to(torch.bfloat16), ...: the projections follow, the norms'
         # running statistics stay in float32 (see the module docstring).
         super()._apply(fn, recurse)
-        for norm in self.norms:
-            for name, buffer in list(norm.named_buffers(recurse=False)):
-                wanted = gate_dtype(buffer.dtype)
-                if buffer.is_floating_point() and buffer.dtype != wanted:
-                    setattr(norm, name, buffer.to(wanted))
+        keep_statistics_wide(self.norms)
         return self
 
     def reset_parameters(self) -> None:

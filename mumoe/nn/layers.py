@@ -25,7 +25,7 @@ from mumoe._deprecation import module_getattr
 from mumoe.backend import thread_backend
 from mumoe.build import build_network
 from mumoe.network import Network
-from mumoe.nn.contract import device_type, module_contract
+from mumoe.nn.contract import check_gate_devices, check_input, module_contract
 from mumoe.nn.gating import Activation, MuMoEGate
 from mumoe.nn.init import init_cores_
 from mumoe.recipe import layer_forward
@@ -269,32 +269,7 @@ class MuMoE(nn.Module):
             self._expert_scales = previous
 
     def _check_input(self, x: Any, weight: torch.Tensor | None = None) -> None:
-        # The input against the layer, and its device and dtype against ``weight``.
-        if not isinstance(x, torch.Tensor):
-            raise TypeError(f"input must be a torch.Tensor, got {type(x).__qualname__}")
-        if x.dim() == 0 or x.shape[-1] != self.in_features:
-            raise ValueError(
-                f"input must have shape (..., {self.in_features}) (in_features), "
-                f"got {tuple(x.shape)}"
-            )
-        if not x.is_floating_point():
-            raise TypeError(
-                f"input has dtype {x.dtype}; μMoE layers compute in floating point: cast it "
-                "(x.float(), x.to(layer's dtype))"
-            )
-        if weight is None:
-            return
-        # get_device() is an int (-1 on CPU): a cheaper test than comparing devices.
-        if x.get_device() != weight.get_device():
-            raise ValueError(
-                f"input is on {x.device} but the layer's parameters are on {weight.device}; "
-                "move one of them (x.to(...) or layer.to(...))"
-            )
-        if x.dtype != weight.dtype and not torch.is_autocast_enabled(device_type(x)):
-            raise TypeError(
-                f"input has dtype {x.dtype} but the layer's parameters are {weight.dtype}; "
-                "cast one of them (x.to(dtype) or layer.to(dtype)), or run under torch.autocast"
-            )
+        check_input(x, self.in_features, weight)
 
     def forward(
         self,
@@ -333,6 +308,8 @@ class MuMoE(nn.Module):
         """
         network, cores = self._weights()
         self._check_input(x, cores[0])
+        if gates is not None:
+            check_gate_devices(gates, x)
         scales = self._expert_scales
         if expert_scales:
             scales = {
