@@ -139,7 +139,18 @@ def _read(path: PathLike) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     return meta, arrays
 
 
+#: The longest spec a file may hold: far above any real network (a Tucker spec with
+#: ten levels is about 100 characters), and small enough that parsing is instant.
+MAX_SPEC_LENGTH = 4096
+
+
 def _network(meta: dict[str, Any], path: PathLike) -> Network:
+    spec = meta.get("spec")
+    if isinstance(spec, str) and len(spec) > MAX_SPEC_LENGTH:
+        raise ValueError(
+            f"{os.fspath(path)!r} holds a spec of {len(spec):,} characters; files hold specs "
+            f"of at most {MAX_SPEC_LENGTH:,} (mumoe.fileformat.MAX_SPEC_LENGTH)"
+        )
     try:
         return Network(
             meta["spec"], meta["expert_dims"], meta["in_features"], meta["out_features"],

@@ -35,7 +35,14 @@ from typing import Any
 import opt_einsum
 from opt_einsum.paths import PathOptimizer, ssa_to_linear
 
-__all__ = ["DEFAULT_OPTIMIZE", "OPTIMAL_OPERANDS", "FlopOptimal", "optimal_path", "path_optimizer"]
+__all__ = [
+    "DEFAULT_OPTIMIZE",
+    "OPTIMAL_OPERANDS",
+    "FlopOptimal",
+    "check_optimize",
+    "optimal_path",
+    "path_optimizer",
+]
 
 #: The most operands :func:`optimal_path` searches exhaustively (3^10 = 59,049
 #: subset splits); networks with more use opt_einsum's ``"auto-hq"``.
@@ -191,3 +198,79 @@ def path_optimizer(optimize: Any) -> Any:
     (10, 'greedy')
     """
     return FlopOptimal() if optimize == DEFAULT_OPTIMIZE else optimize
+
+
+def check_optimize(optimize: Any, n_operands: int) -> Any:
+    """Return ``optimize`` if a plan can be built with it, else raise, naming the options.
+
+    Checked when a network is built, not at its first call.
+
+    Parameters
+    ----------
+    optimize : str, PathOptimizer or path
+        ``"flop-optimal"``, an opt_einsum optimiser name or instance, or an
+        explicit pairwise path for ``n_operands`` operands.
+    n_operands : int
+        Operands of the forward contraction (gates, input, cores).
+
+    Returns
+    -------
+    str, PathOptimizer or sequence
+        ``optimize`` itself.
+
+    Raises
+    ------
+    ValueError
+        For an unknown name, or a path that does not contract ``n_operands``.
+    TypeError
+        For anything else.
+
+    Examples
+    --------
+    >>> check_optimize("greedy", 4)
+    'greedy'
+    >>> check_optimize("gredy", 4)  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    ValueError: unknown path optimiser 'gredy'; choose 'flop-optimal' or one of opt_einsum's: ...
+    """
+    if isinstance(optimize, str):
+        if optimize == DEFAULT_OPTIMIZE:
+            return optimize
+        try:
+            opt_einsum.paths.get_path_fn(optimize)
+        except KeyError:
+            names = sorted(opt_einsum.paths._PATH_OPTIONS)
+            raise ValueError(
+                f"unknown path optimiser {optimize!r}; choose {DEFAULT_OPTIMIZE!r} or one of "
+                f"opt_einsum's: {', '.join(map(repr, names))}"
+            ) from None
+        return optimize
+    if isinstance(optimize, PathOptimizer):
+        return optimize
+    if isinstance(optimize, Sequence) and all(
+        isinstance(step, Sequence) and all(isinstance(k, int) for k in step) for step in optimize
+    ):
+        path = tuple(tuple(step) for step in optimize)
+        remaining = n_operands
+        for step in path:
+            if (
+                not 1 <= len(step) <= 2
+                or len(set(step)) != len(step)
+                or not all(0 <= k < remaining for k in step)
+            ):
+                raise ValueError(
+                    f"path step {step} does not contract positions of the {remaining} "
+                    f"operands left (opt_einsum's path format)"
+                )
+            remaining -= len(step) - 1
+        if remaining != 1:
+            raise ValueError(
+                f"the path leaves {remaining} operands of {n_operands}; "
+                "it must contract them to one"
+            )
+        return optimize
+    raise TypeError(
+        f"optimize must be a path optimiser name, an opt_einsum PathOptimizer or an explicit "
+        f"path (a sequence of position tuples), got {optimize!r}"
+    )

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 import opt_einsum
 
 from mumoe.backend import backend_kernels
+from mumoe.paths import check_optimize
 from mumoe.plan import DEFAULT_OPTIMIZE, Plan, PlanCache, batch_bucket
 from mumoe.spec import INPUT, OUTPUT
 from mumoe.validation import check_bool
@@ -61,7 +62,8 @@ class Planner:
         autotune: bool = False,
     ) -> None:
         self.network = network
-        self.optimize = optimize
+        n_operands = network.n_levels + 1 + network.n_cores  # gates, input, cores
+        self.optimize = check_optimize(optimize, n_operands)
         self.autotune = check_bool(autotune, "autotune")
         self.cache = PlanCache(cache_size)
 

@@ -126,7 +126,8 @@ class InferenceMuMoE:
             and (running_mean is None or running_var is None)
         ):
             raise ValueError("batch-norm gating needs running_mean and running_var")
-        check_cores(network, cores, tl.get_backend())
+        self.backend = tl.get_backend()  # the backend of its arrays, checked at each call
+        check_cores(network, cores, self.backend)
         self.network = network
         self.cores = list(cores)
         self.projections = None if projections is None else list(projections)
@@ -181,15 +182,27 @@ class InferenceMuMoE:
         """
         if self.projections is None:
             raise ValueError("this layer has no gate: pass gates to the call")
+        self._check_backend()
         return gate_coefficients(x, self.projections, self._norms(), self._activation)
 
     def _check(self, x: Tensor) -> None:
+        self._check_backend()
         n_in = self.network.in_features
         if not tl.is_tensor(x) or len(tl.shape(x)) == 0 or tl.shape(x)[-1] != n_in:
             shape = tuple(tl.shape(x)) if tl.is_tensor(x) else type(x).__qualname__
             raise ValueError(
                 f"input must be a tensor of the active backend with shape (..., {n_in}), "
                 f"got {shape}"
+            )
+
+    def _check_backend(self) -> None:
+        active = tl.get_backend()
+        if active != self.backend:
+            raise ValueError(
+                f"this layer's arrays are on the {self.backend!r} backend, where it was built "
+                f"or loaded, but the active TensorLy backend is {active!r}: call it under "
+                f"tl.set_backend({self.backend!r}) (or mumoe.backend.thread_backend), or load "
+                "it again on the active backend"
             )
 
     def _gate(self) -> Callable[[Tensor], list[Tensor]] | None:
@@ -228,7 +241,7 @@ class InferenceMuMoE:
             f"InferenceMuMoE({self.network!r}, normalization={self.normalization!r}, "
             f"activation={self.activation!r}"
             + ("" if self.top_k is None else f", top_k={self.top_k}")
-            + f", backend={tl.get_backend()!r})"
+            + f", backend={self.backend!r})"
         )
 
 

@@ -25,6 +25,7 @@ the structure; sizes live in :class:`mumoe.network.Network`.
 
 from __future__ import annotations
 
+import collections
 import re
 from dataclasses import dataclass
 
@@ -60,7 +61,7 @@ def _refuse_glued_legs(spec: str, where: dict[str, list[int]]) -> None:
             glued = _GLUED[role].match(leg)
             if glued is not None and not is_expert_leg(leg):
                 raise ValueError(
-                    f"spec {spec!r} has no {role!r} leg but a leg {leg!r} in core "
+                    f"spec {_quote(spec)} has no {role!r} leg but a leg {leg!r} in core "
                     f"{where[leg][0]}: legs are separated by white space, e.g. "
                     f"'{glued.group(1)} {glued.group(2)}'"
                 )
@@ -123,6 +124,11 @@ class ParsedSpec:
         return ", ".join(" ".join(legs) for legs in self.core_legs)
 
 
+def _quote(spec: str, limit: int = 200) -> str:
+    # A spec in an error message, shortened: a long spec must not make a long message.
+    return repr(spec) if len(spec) <= limit else f"{spec[:limit]!r}... ({len(spec):,} characters)"
+
+
 def parse_spec(spec: str) -> ParsedSpec:
     """Parse a spec string and check that it describes a valid μMoE network.
 
@@ -165,7 +171,7 @@ def parse_spec(spec: str) -> ParsedSpec:
     for mark in _LOOKALIKE_COMMAS:
         if mark in spec:
             raise ValueError(
-                f"spec {spec!r} separates cores with {mark!r} (U+{ord(mark):04X}); cores are "
+                f"spec {_quote(spec)} separates cores with {mark!r} (U+{ord(mark):04X}); cores are "
                 "separated by the ASCII comma ',', e.g. 'n r, i r, o r'"
             )
     cores: list[tuple[str, ...]] = []
@@ -173,7 +179,7 @@ def parse_spec(spec: str) -> ParsedSpec:
         legs = tuple(text.split())
         if not legs:
             raise ValueError(
-                f"core {k} of spec {spec!r} has no legs; separate cores with single commas"
+                f"core {k} of spec {_quote(spec)} has no legs; separate cores with single commas"
             )
         for leg in legs:
             if not _LEG.match(leg):
@@ -182,7 +188,8 @@ def parse_spec(spec: str) -> ParsedSpec:
                     "legs are ASCII identifiers (letters, digits and '_', not starting "
                     "with a digit) such as 'n1', 'i', 'o' or 'r2'"
                 )
-        repeated = sorted({leg for leg in legs if legs.count(leg) > 1})
+        counts = collections.Counter(legs)  # linear: legs.count per leg was quadratic
+        repeated = sorted(leg for leg, count in counts.items() if count > 1)
         if repeated:
             raise ValueError(
                 f"leg {repeated[0]!r} is repeated inside core {k} ({text.strip()!r}); "
@@ -199,33 +206,35 @@ def parse_spec(spec: str) -> ParsedSpec:
     expert_names = [leg for leg in where if is_expert_leg(leg)]
     if not expert_names:
         raise ValueError(
-            f"spec {spec!r} has no expert leg: name the expert modes 'n' (one level) "
+            f"spec {_quote(spec)} has no expert leg: name the expert modes 'n' (one level) "
             "or 'n1', 'n2', ... (several levels)"
         )
     if "n" in expert_names and len(expert_names) > 1:
         others = ", ".join(repr(leg) for leg in expert_names if leg != "n")
         raise ValueError(
-            f"spec {spec!r} mixes the expert leg 'n' with {others}; use 'n' for a single "
+            f"spec {_quote(spec)} mixes the expert leg 'n' with {others}; use 'n' for a single "
             "expert level or 'n1', 'n2', ... for several"
         )
     levels = sorted(1 if leg == "n" else int(leg[1:]) for leg in expert_names)
     missing = sorted(set(range(1, levels[-1] + 1)) - set(levels))
     if missing:
         raise ValueError(
-            f"spec {spec!r} has expert legs {', '.join(f'n{e}' for e in levels)} but no "
+            f"spec {_quote(spec)} has expert legs {', '.join(f'n{e}' for e in levels)} but no "
             f"n{missing[0]}; expert levels must be numbered n1..nE without gaps"
         )
 
     for leg in (INPUT, OUTPUT):
         if leg not in where:
             role = "input" if leg == INPUT else "output"
-            raise ValueError(f"spec {spec!r} has no {role} leg {leg!r}; every μMoE network has one")
+            raise ValueError(
+                f"spec {_quote(spec)} has no {role} leg {leg!r}; every μMoE network has one"
+            )
 
     bonds = tuple(leg for leg in where if leg not in {INPUT, OUTPUT} and not is_expert_leg(leg))
     for bond in bonds:
         if len(where[bond]) < 2:
             raise ValueError(
-                f"bond {bond!r} appears only in core {where[bond][0]} of spec {spec!r}; "
+                f"bond {bond!r} appears only in core {where[bond][0]} of spec {_quote(spec)}; "
                 "a bond must join two or more cores (open legs are 'i', 'o' and the "
                 "expert legs)"
             )

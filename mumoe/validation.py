@@ -14,6 +14,7 @@ import operator
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import tensorly as tl
 
 from mumoe.typing import Shape, Tensor
@@ -245,11 +246,15 @@ def is_tensor(array: Any, backend: str) -> bool:
     key = (backend, type(array))
     known = _TENSOR_TYPES.get(key)
     if known is None:
-        known = bool(tl.is_tensor(array))
+        known = bool(tl.is_tensor(array)) and not isinstance(array, _OTHER_SEMANTICS)
         if len(_TENSOR_TYPES) < 256:
             _TENSOR_TYPES[key] = known
     return known
 
+
+#: NumPy subclasses whose operators mean something else (``*`` and ``**`` are matrix
+#: products for ``np.matrix``; masked entries are skipped): refused, not computed on.
+_OTHER_SEMANTICS = (np.matrix, np.ma.MaskedArray)
 
 _FLOATING: dict[Any, bool] = {}
 _TENSOR_TYPES: dict[tuple[str, type], bool] = {}
@@ -291,6 +296,12 @@ def check_tensor(array: Any, name: str, backend: str, dtype: Any = None, like: s
         ...
     TypeError: x has dtype int64; μMoE layers compute in a floating-point dtype ...
     """
+    if isinstance(array, _OTHER_SEMANTICS):
+        raise TypeError(
+            f"{name} is a {type(array).__module__}.{type(array).__qualname__}, whose operators "
+            "are not an ndarray's (np.matrix multiplies by *, a masked array skips entries); "
+            f"pass np.asarray({name}) (filled first, for a masked array)"
+        )
     if not is_tensor(array, backend):
         raise TypeError(
             f"{name} is a {type(array).__module__}.{type(array).__qualname__}, not a tensor of "

@@ -192,6 +192,8 @@ def test_unreadable_metadata(saved):
         (lambda a, m: m.__setitem__("kind", "stack"),
          r"holds a 'stack'; mumoe reads layers and blocks"),
         (lambda a, m: m.__setitem__("kind", "block"), r"describes an invalid network: 'spec'"),
+        (lambda a, m: m.__setitem__("spec", "n1 r, i r, o r" + ", o r" * 2000),
+         r"holds a spec of 10,014 characters; files hold specs of at most 4,096"),
     ],
 )  # fmt: skip
 def test_mismatched_files_are_refused(saved, change, match):
@@ -241,3 +243,20 @@ def test_gelu_is_torchs_on_every_usable_backend():
         with use_backend(name):
             np.testing.assert_allclose(to_numpy64(gelu(tl.tensor(x))), expected, rtol=1e-12,
                                        atol=1e-15)  # fmt: skip
+
+
+def test_a_served_layer_names_its_backend_after_a_switch(tmp_path):
+    # After tl.set_backend, a loaded layer failed deep in gating (issue #15, item 8).
+    save(trained(CPMuMoE(12, 5, 8, rank=3)), tmp_path / "w.npz")
+    served = load(tmp_path / "w.npz")
+    assert "backend='numpy'" in repr(served)
+    with use_backend("pytorch"):
+        assert "backend='numpy'" in repr(served)  # where its arrays are, not the active one
+        with pytest.raises(
+            ValueError,
+            match=r"arrays are on the 'numpy' backend.*active TensorLy backend is 'pytorch'",
+        ):
+            served(torch.ones(2, 12))
+        with pytest.raises(ValueError, match="arrays are on the 'numpy' backend"):
+            served.gates(torch.ones(2, 12))
+    assert served(np.ones((2, 12), dtype=np.float32)).shape == (2, 5)

@@ -293,3 +293,23 @@ def test_the_same_seed_gives_the_same_outputs_across_runs():
         for _ in range(2)
     }
     assert len(runs) == 1
+
+
+@pytest.mark.filterwarnings("ignore:the matrix subclass:PendingDeprecationWarning")
+@pytest.mark.parametrize("wrap", [np.matrix, np.ma.masked_array], ids=["matrix", "masked"])
+@pytest.mark.parametrize("operand", ["x", "gates", "cores"])
+def test_array_subclasses_with_other_operators_are_refused(wrap, operand):
+    # np.matrix's * is a matrix product: a CP forward gave wrong values when the batch
+    # equalled the rank (issue #15, item 7).
+    net = cp(4, 3, 2, rank=2)
+    cores = random_cores(net, random_state=0)
+    x, gates = np.ones((2, 3)), [np.full((2, 4), 0.25)]
+    if operand == "x":
+        x = wrap(x)
+    elif operand == "gates":
+        gates = [wrap(gates[0])]
+    else:
+        cores = [wrap(c) if c.ndim == 2 else c for c in cores]
+    name = {"x": "x", "gates": r"gates\[0\]", "cores": r"cores\[0\]"}[operand]
+    with pytest.raises(TypeError, match=rf"{name} is a numpy\..*whose operators are not"):
+        forward(net, cores, x, gates)

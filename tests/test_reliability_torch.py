@@ -335,3 +335,49 @@ def test_meta_layers_refuse_real_inputs_and_gates(normalization):
         real(torch.randn(3, 8), [torch.zeros(3, 4, device="meta")])
     with pytest.raises(ValueError, match="gates\\[0\\] is on meta but the input is on cpu"):
         real(torch.randn(3, 8), torch.zeros(3, 4, device="meta"))
+
+
+@pytest.mark.parametrize(
+    "build",
+    [
+        lambda: MuMoE(8, 4, "cp", expert_dims=6, rank=2),  # entmax-1.5: the default gate
+        lambda: MuMoE(8, 4, "tr", expert_dims=6, rank=(2, 2, 3), activation="sparsemax"),
+        lambda: MuMoE(8, 4, "mxd", expert_dims=6, activation="topk", top_k=2),
+        lambda: compat.MuMoE(compat.CPMuMoE, 8, 4, [6], 3, second_dim=5),
+    ],
+    ids=["entmax", "sparsemax", "topk", "compat"],
+)
+def test_whole_models_pickle(build):
+    # A local closure in the default gating made pickle and torch.save(model) fail
+    # (issue #15, item 12); multiprocessing pickles models the same way.
+    import io
+    import pickle
+
+    torch.manual_seed(0)
+    model = build().eval()
+    x = torch.randn(3, 8)
+    torch.testing.assert_close(pickle.loads(pickle.dumps(model))(x), model(x), rtol=0, atol=0)
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    torch.testing.assert_close(torch.load(buffer, weights_only=False)(x), model(x), rtol=0, atol=0)
+
+
+def test_bad_optimisers_fail_at_construction_and_bn_gating_names_the_one_row_problem():
+    # Issue #15, item 12: a bad optimize= used to fail at the first forward; a batch of
+    # one row under batch-norm gating failed inside torch with "Expected more than 1 value".
+    with pytest.raises(ValueError, match="unknown path optimiser 'gredy'; choose 'flop-optimal'"):
+        cp(4, 3, 2, rank=2, optimize="gredy")
+    with pytest.raises(ValueError, match="the path leaves 4 operands of 5"):
+        cp(4, 3, 2, rank=2, optimize=[(0, 1)])
+    with pytest.raises(TypeError, match="optimize must be a path optimiser name"):
+        MuMoE(3, 2, cp(4, 3, 2, rank=2).replace(optimize=3))
+    layer = MuMoE(8, 4, "cp", expert_dims=6, rank=2)
+    with pytest.raises(ValueError, match="batch-norm gating cannot train on a batch of one row"):
+        layer(torch.randn(1, 8))
+    with pytest.raises(ValueError, match="cannot train on a batch of one row"):
+        layer(torch.randn(1, 1, 8))
+    assert layer.eval()(torch.randn(1, 8)).shape == (1, 4)
+    assert MuMoE(8, 4, "cp", expert_dims=6, rank=2, normalization="ln")(
+        torch.randn(1, 8)
+    ).shape == (1, 4)

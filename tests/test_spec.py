@@ -126,3 +126,28 @@ def test_any_text_parses_or_raises_value_error(text):
     except ValueError:
         return
     assert parse_spec(parsed.spec) == parsed
+
+
+def test_long_specs_parse_in_linear_time_and_are_shortened_in_messages():
+    # Parsing was quadratic in the legs of a core: an 80 kB spec took 5 s (issue #15,
+    # item 11). A ratio of two sizes in the same run, not a time: linear is about 8x for
+    # 8x the legs, quadratic 64x.
+    import time
+
+    def spec(n):
+        legs = " ".join(f"a{k}" for k in range(n))
+        return f"n r, i r, o r {legs}, {legs}"
+
+    def seconds(text):
+        times = []
+        for _ in range(3):
+            start = time.perf_counter()
+            parse_spec(text)
+            times.append(time.perf_counter() - start)
+        return min(times)
+
+    small, large = spec(4_000), spec(32_000)
+    assert seconds(large) / seconds(small) < 24
+    with pytest.raises(ValueError, match=r"characters\)") as error:
+        parse_spec(large.replace("n r, ", ""))  # no expert leg: the message quotes the spec
+    assert len(str(error.value)) < 500

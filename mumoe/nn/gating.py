@@ -26,6 +26,7 @@ the precision batch norm needs.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 from collections.abc import Callable, Iterable, Sequence
 
@@ -79,6 +80,9 @@ def _nan_safe(activation: Activation) -> Activation:
     only when the activation fails: nothing is added to the common path.
     """
 
+    # wraps: the module-level name and qualified name of ``activation``, so that
+    # pickle finds the wrapper where it lives (whole-model pickling, issue #15, item 12).
+    @functools.wraps(activation)
     def safe(logits: torch.Tensor) -> torch.Tensor:
         try:
             return activation(logits)
@@ -91,7 +95,6 @@ def _nan_safe(activation: Activation) -> Activation:
             out[finite] = activation(logits[finite])
         return out
 
-    safe.__name__ = activation.__name__
     return safe
 
 
@@ -340,6 +343,12 @@ class MuMoEGate(nn.Module):
         [(5, 3), (5, 2)]
         """
         projections = list(self.projections._parameters.values())
+        if self.training and self.normalization == "bn" and x.numel() == x.shape[-1]:
+            raise ValueError(
+                "batch-norm gating cannot train on a batch of one row (one token): the "
+                "statistics of one row are undefined; train on larger batches, use "
+                "normalization='ln' or None, or call .eval() to use the running statistics"
+            )
         return torch_gate_coefficients(x, projections, list(self.norms), self.activation)  # type: ignore[arg-type]
 
     def extra_repr(self) -> str:
