@@ -111,6 +111,20 @@ def test_custom_activations_are_not_saved(tmp_path):
     layer = CPMuMoE(12, 5, 8, rank=3, activation=lambda t: torch.softmax(t, -1))
     with pytest.raises(ValueError, match="custom callable and cannot be saved"):
         save(layer, tmp_path / "w.npz")
+
+    def softmax(t):  # a user's own function with a built-in's name (issue #15, item 4)
+        return torch.softmax(2 * t, -1)
+
+    with pytest.raises(ValueError, match="activation 'softmax' is a custom callable"):
+        save(CPMuMoE(12, 5, 8, rank=3, activation=softmax), tmp_path / "w.npz")
+    swapped = CPMuMoE(12, 5, 8, rank=3)
+    swapped.gate.activation = softmax  # replaced after construction
+    with pytest.raises(ValueError, match="custom callable"):
+        save(swapped, tmp_path / "w.npz")
+    affine = CPMuMoE(12, 5, 8, rank=3)
+    affine.gate.norms[0] = torch.nn.BatchNorm1d(8)  # affine: not what the file can describe
+    with pytest.raises(ValueError, match="not the BatchNorm1d without affine parameters"):
+        save(affine, tmp_path / "w.npz")
     with pytest.raises(
         TypeError, match=r"save and load_into take a mumoe\.nn\.MuMoE or MuMoEBlock, got Linear"
     ):

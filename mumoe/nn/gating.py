@@ -51,6 +51,7 @@ __all__ = [
     "PARTIAL_SORT",
     "TORCH_KERNELS",
     "MuMoEGate",
+    "builtin_name",
     "gate_dtype",
     "keep_statistics_wide",
     "resolve_activation",
@@ -141,6 +142,34 @@ TORCH_KERNELS: dict[str, Callable[..., torch.Tensor]] = {
     "softmax": _softmax,
     "topk": _topk,
 }
+
+
+def builtin_name(activation: Callable[..., torch.Tensor]) -> str | None:
+    """The vocabulary name of ``activation`` if it is a built-in kernel itself, else None.
+
+    By identity, not by ``__name__``: a user's own function called ``softmax``
+    is not the built-in (a weights file must not describe it as one).
+
+    Parameters
+    ----------
+    activation : callable
+        A gate's resolved activation (``MuMoEGate.activation``).
+
+    Returns
+    -------
+    str or None
+
+    Examples
+    --------
+    >>> builtin_name(resolve_activation("softmax")), builtin_name(lambda z: z.softmax(-1))
+    ('softmax', None)
+    """
+    for name, kernel in TORCH_KERNELS.items():
+        if activation is kernel:
+            return name
+        if isinstance(activation, functools.partial) and activation.func is kernel:
+            return name if set(activation.keywords) == {"k"} and not activation.args else None
+    return None
 
 
 def resolve_activation(activation: str | Activation, *, top_k: int | None = None) -> Activation:

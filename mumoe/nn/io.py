@@ -20,6 +20,7 @@ import torch
 from mumoe.fileformat import PathLike, network_meta, read_checked, write
 from mumoe.gating import ACTIVATIONS
 from mumoe.nn.block import MuMoEBlock
+from mumoe.nn.gating import builtin_name
 from mumoe.nn.layers import MuMoE
 
 __all__ = ["load_into", "module_entries", "save"]
@@ -86,11 +87,24 @@ def module_entries(module: MuMoE | MuMoEBlock) -> tuple[dict[str, Any], dict[str
     meta["gate"] = None
     if module.gate is not None:
         gate = module.gate
-        if gate.activation_name not in ACTIVATIONS:
+        if builtin_name(gate.activation) != gate.activation_name:
             raise ValueError(
                 f"the gate's activation {gate.activation_name!r} is a custom callable and "
                 f"cannot be saved; portable layers use one of {', '.join(map(repr, ACTIVATIONS))}"
+                " (given by name)"
             )
+        expected = {"bn": torch.nn.BatchNorm1d, "ln": torch.nn.LayerNorm, None: torch.nn.Identity}
+        for e, norm in enumerate(gate.norms):
+            kind = expected[gate.normalization]
+            if (
+                type(norm) is not kind
+                or getattr(norm, "affine", False)
+                or getattr(norm, "elementwise_affine", False)
+            ):
+                raise ValueError(
+                    f"the gate's norm {e} is {norm!r}, not the {kind.__name__} without affine "
+                    f"parameters of normalization={gate.normalization!r}; it cannot be saved"
+                )
         eps = 1e-5
         for e, projection in enumerate(gate.projections):
             tensors[f"gate.projections.{e}"] = projection
