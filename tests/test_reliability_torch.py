@@ -381,3 +381,61 @@ def test_bad_optimisers_fail_at_construction_and_bn_gating_names_the_one_row_pro
     assert MuMoE(8, 4, "cp", expert_dims=6, rank=2, normalization="ln")(
         torch.randn(1, 8)
     ).shape == (1, 4)
+
+
+def test_edits_records_and_collections_under_threads():
+    # Issue #15, item 9: overlapping edit blocks left a layer edited for good,
+    # record_gates recorded other threads' gates, and collect_gates switched a model
+    # that another thread was training into eval mode.
+    import threading
+
+    from mumoe.analysis import collect_gates, edit_experts
+    from mumoe.nn import record_gates
+
+    torch.manual_seed(0)
+    layer = MuMoE(6, 3, "cp", expert_dims=4, rank=2, normalization="ln")
+    x = torch.randn(5, 6)
+    plain = layer(x).detach()
+    inside, release = threading.Event(), threading.Event()
+
+    def hold_an_edit():
+        with edit_experts(layer, {0: 0.0}):
+            inside.set()
+            release.wait(10)
+
+    holder = threading.Thread(target=hold_an_edit)
+    holder.start()
+    inside.wait(10)
+    try:
+        with pytest.raises(RuntimeError, match="another thread is editing this layer's experts"):
+            with edit_experts(layer, {1: 0.0}):
+                pass
+    finally:
+        release.set()
+        holder.join()
+    torch.testing.assert_close(layer(x), plain)  # nothing left edited
+
+    with record_gates(layer) as record:
+        other = threading.Thread(target=lambda: layer(torch.randn(7, 6)))
+        other.start()
+        other.join()
+        assert record == {}  # the other thread's call is not recorded
+        layer(x)
+    assert record["gate"][0].shape == (5, 4)
+
+    model = MuMoE(6, 3, "cp", expert_dims=4, rank=2).train()  # batch-norm gating
+    seen, stop = [], threading.Event()
+
+    def watch():
+        while not stop.wait(0.001):
+            seen.append(model.training and model.gate.training)
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        for _ in range(5):
+            collect_gates(model, torch.randn(256, 6), batch_size=8)
+    finally:
+        stop.set()
+        watcher.join()
+    assert seen and all(seen) and model.training

@@ -11,6 +11,8 @@ from :mod:`mumoe.nn`).
 
 from __future__ import annotations
 
+import copy
+import threading
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import ExitStack, contextmanager
 from typing import Any
@@ -185,15 +187,12 @@ def _batches(inputs: torch.Tensor, batch_size: int) -> Iterator[torch.Tensor]:
         yield inputs[start : start + batch_size]
 
 
-@contextmanager
-def _evaluating(model: torch.nn.Module) -> Iterator[None]:
-    training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            yield
-    finally:
-        model.train(training)
+def _evaluated(model: torch.nn.Module) -> torch.nn.Module:
+    # The model in eval mode without changing its mode, which another thread may be
+    # training with: a model in training mode is evaluated as a copy.
+    if not any(module.training for module in model.modules()):
+        return model
+    return copy.deepcopy(model).eval()
 
 
 def collect_gates(
@@ -204,7 +203,9 @@ def collect_gates(
     Parameters
     ----------
     model : torch.nn.Module
-        Run in eval mode without gradients; its training flag is restored.
+        Run in eval mode without gradients.  Its mode is never changed (another
+        thread may be training it): a model in training mode is evaluated as
+        a copy, which costs the memory of one copy.
     inputs : torch.Tensor, shape (S, ...)
         What ``model`` takes, batched along the first dimension.
     gate : str, optional
@@ -237,9 +238,10 @@ def collect_gates(
     if not isinstance(inputs, torch.Tensor) or inputs.dim() == 0:
         raise TypeError(f"inputs must be a batched torch.Tensor, got {type(inputs).__qualname__}")
     chunks: list[list[np.ndarray]] = []
-    with _evaluating(model), record_gates(model) as record:
+    evaluated = _evaluated(model)
+    with torch.no_grad(), record_gates(evaluated) as record:
         for batch in _batches(inputs, batch_size):
-            model(batch)
+            evaluated(batch)
             chunks.append([_host(a) for a in record[gate]])
     if not chunks:
         raise ValueError("inputs hold no samples")
@@ -279,7 +281,8 @@ def counterfactual_histogram(
     ----------
     model : torch.nn.Module
         A classifier whose output's last dimension holds the class scores;
-        run in eval mode without gradients.
+        run in eval mode without gradients (its mode unchanged, as for
+        :func:`collect_gates`).
     inputs : torch.Tensor, shape (S, ...)
     labels : array of int, shape (S,)
         The class to count each changed sample under (true labels, or the
@@ -304,13 +307,14 @@ def counterfactual_histogram(
     """
     layers, _ = _resolve(model, {}, level)
     n = layers[0].network.expert_dims[level]
-    with _evaluating(model):
-        before = _predictions(model, inputs, batch_size)
+    evaluated = _evaluated(model)
+    with torch.no_grad():
+        before = _predictions(evaluated, inputs, batch_size)
         classes, n_classes = _labels(labels, before.shape[0], n_classes)
         histogram = np.zeros((n, n_classes), dtype=np.int64)
         for expert in range(n):
-            with edit_experts(model, {expert: 0.0}, level=level):
-                changed = _predictions(model, inputs, batch_size) != before
+            with edit_experts(evaluated, {expert: 0.0}, level=level):
+                changed = _predictions(evaluated, inputs, batch_size) != before
             histogram[expert] = np.bincount(classes[changed], minlength=n_classes)
     return histogram
 
@@ -336,8 +340,9 @@ def record_gates(model: nn.Module) -> Iterator[GateRecord]:
 
     The record maps each :class:`MuMoEGate`'s qualified name (``"gate"``,
     ``"blocks.3.gate"``, ...) to the list of coefficients of its last call,
-    each ``(..., N_e)``.  Nothing is stored on the modules, and the hooks are
-    removed on exit.
+    each ``(..., N_e)``, made by the thread that opened the record (another
+    thread's forward passes are not recorded).  Nothing is stored on the
+    modules, and the hooks are removed on exit.
 
     Parameters
     ----------
@@ -361,11 +366,13 @@ def record_gates(model: nn.Module) -> Iterator[GateRecord]:
     """
     record = GateRecord()
     handles = []
+    owner = threading.get_ident()  # another thread's forward passes are not recorded
     for name, module in model.named_modules():
         if isinstance(module, MuMoEGate):
 
             def hook(_: nn.Module, __: Any, output: list[torch.Tensor], name: str = name) -> None:
-                record[name] = [a.detach() for a in output]
+                if threading.get_ident() == owner:
+                    record[name] = [a.detach() for a in output]
 
             handles.append(module.register_forward_hook(hook))
     try:

@@ -13,6 +13,7 @@ whatever backend the rest of the program has chosen.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
@@ -33,6 +34,11 @@ from mumoe.typing import Rank, RankOrBudget
 from mumoe.validation import check_level
 
 __all__ = ["CPMuMoE", "MuMoE", "TRMuMoE", "TTMuMoE", "TuckerMuMoE"]
+
+
+#: Guards the check-and-take of a layer's edit ownership (module-level: a lock on the
+#: module would make layers unpicklable).
+_EDITS = threading.Lock()
 
 
 class MuMoE(nn.Module):
@@ -228,7 +234,10 @@ class MuMoE(nn.Module):
         because :math:`\mathcal{W}` is linear in each expert mode; the other
         coefficients are not renormalised.  Edits nest (factors multiply),
         and each block restores what it found.  :func:`mumoe.analysis.edit_experts`
-        edits every layer of a model this way.
+        edits every layer of a model this way.  An edit applies to every
+        thread's calls while it lasts, and a layer is edited by one thread at
+        a time: another thread's edit raises ``RuntimeError`` (two overlapping
+        blocks could otherwise leave the layer edited for good).
 
         Parameters
         ----------
@@ -241,6 +250,8 @@ class MuMoE(nn.Module):
         ------
         ValueError
             If ``level`` is out of range or ``factors`` has the wrong shape.
+        RuntimeError
+            If another thread is editing this layer.
 
         Examples
         --------
@@ -259,6 +270,15 @@ class MuMoE(nn.Module):
             raise ValueError(
                 f"factors for level {level} must have shape ({n},), got {tuple(vector.shape)}"
             )
+        me = threading.get_ident()
+        with _EDITS:  # check and take ownership at once
+            owner, depth = self.__dict__.get("_edit_owner") or (me, 0)
+            if owner != me:
+                raise RuntimeError(
+                    "another thread is editing this layer's experts; a layer is edited by "
+                    "one thread at a time (scaled_experts, mumoe.analysis.edit_experts)"
+                )
+            self.__dict__["_edit_owner"] = (me, depth + 1)
         previous = self._expert_scales
         if level in previous:
             vector = previous[level] * vector
@@ -267,6 +287,8 @@ class MuMoE(nn.Module):
             yield
         finally:
             self._expert_scales = previous
+            with _EDITS:
+                self.__dict__["_edit_owner"] = (me, depth) if depth else None
 
     def _check_input(self, x: Any, weight: torch.Tensor | None = None) -> None:
         check_input(x, self.in_features, weight)
