@@ -24,7 +24,7 @@ from mumoe.backend import array_device, creation_context
 from mumoe.network import Network
 from mumoe.plan import Plan
 from mumoe.typing import Tensor
-from mumoe.validation import check_cores, check_level, check_tensor, is_tensor
+from mumoe.validation import check_cores, check_level, check_scales, check_tensor, is_tensor
 
 __all__ = [
     "ExpertWeight",
@@ -454,10 +454,9 @@ def scale_experts(
     host = np.asarray(scales, dtype=np.float64)
     if host.shape != (n,):
         raise ValueError(f"scales for {leg} must have shape ({n},), got {host.shape}")
-    if not np.all(np.isfinite(host)):
-        raise ValueError(f"scales for {leg} must be finite, got {host.tolist()}")
     index = next(k for k, legs in enumerate(network.core_legs) if leg in legs)
     core = cores[index]
+    check_scales(host, f"scales for {leg}", core.dtype)
     axis = network.core_legs[index].index(leg)
     shape = [1] * tl.ndim(core)
     shape[axis] = n

@@ -26,6 +26,7 @@ __all__ = [
     "check_bool",
     "check_cores",
     "check_level",
+    "check_scales",
     "check_tensor",
     "dtype_name",
     "is_floating",
@@ -172,6 +173,55 @@ def check_level(level: Any, network: Network) -> int:
     if not 0 <= index < network.n_levels:
         raise ValueError(f"level must be an int {where}")
     return index
+
+
+#: The largest finite value of each floating dtype, by name (NumPy has no bfloat16).
+_LARGEST = {"float16": 65504.0, "bfloat16": 3.3895313892515355e38,
+            "float32": 3.4028234663852886e38, "float64": 1.7976931348623157e308}  # fmt: skip
+
+
+def check_scales(scales: Any, what: str, dtype: Any) -> Any:
+    """Check that expert scales are finite and representable in ``dtype``.
+
+    A factor of ``1e39`` is finite in float64 and ``inf`` once cast to the
+    float32 of the cores it scales: such a factor is refused, not cast.
+
+    Parameters
+    ----------
+    scales : numpy.ndarray of float64
+    what : str
+        How the error message names them (``"scales for n1"``).
+    dtype : dtype of any backend
+        The dtype they will be cast to.
+
+    Returns
+    -------
+    numpy.ndarray
+        ``scales`` itself.
+
+    Raises
+    ------
+    ValueError
+        Naming the largest value ``dtype`` holds.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> check_scales(np.array([1.0, 1e5]), "scales", "float16")
+    Traceback (most recent call last):
+    ...
+    ValueError: scales must be finite in float16 (at most 65504 in magnitude), got [1.0, 100000.0]
+    """
+    import numpy as np
+
+    name = dtype_name(dtype)
+    largest = _LARGEST.get(name, _LARGEST["float64"])
+    if not np.all(np.isfinite(scales)) or np.abs(scales).max(initial=0.0) > largest:
+        raise ValueError(
+            f"{what} must be finite in {name} (at most {largest:.5g} in magnitude), "
+            f"got {np.asarray(scales).tolist()}"
+        )
+    return scales
 
 
 def dtype_name(dtype: Any) -> str:

@@ -16,7 +16,7 @@ from hypothesis import given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 from conftest import randomise  # noqa: E402
-from mumoe import compat, cp, forward, random_cores  # noqa: E402
+from mumoe import compat, cp, forward, random_cores, scale_experts  # noqa: E402
 from mumoe.backend import thread_backend  # noqa: E402
 from mumoe.inference import load_into, save  # noqa: E402
 from mumoe.nn import CPMuMoE, MuMoE, MuMoEBlock, TRMuMoE, TTMuMoE, TuckerMuMoE  # noqa: E402
@@ -439,3 +439,57 @@ def test_edits_records_and_collections_under_threads():
         stop.set()
         watcher.join()
     assert seen and all(seen) and model.training
+
+
+def test_edit_factors_must_fit_the_dtype_they_scale():
+    # 1e5 is finite in float64 but inf in float16 (issue #15, item 12).
+    from mumoe.analysis import edit_experts
+
+    half = MuMoE(8, 3, "cp", expert_dims=4, rank=2).half()
+    with pytest.raises(ValueError, match=r"must be finite in float16 \(at most 65504"):
+        with edit_experts(half, {0: 1e5}):
+            pass
+    net = cp(4, 3, 2, rank=2)
+    cores = [c.astype(np.float32) for c in random_cores(net, random_state=0)]
+    with pytest.raises(ValueError, match="scales for n1 must be finite in float32"):
+        scale_experts(net, cores, 0, [1.0, 1e39, 1.0, 1.0])
+    assert scale_experts(net, cores, 0, [1.0, 1e30, 1.0, 1.0])[0].dtype == np.float32
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit:DeprecationWarning")
+def test_compilers_and_transforms_work_or_say_what_does():
+    # Issue #15, item 12: torch.jit, dynamic-shape torch.export and torch.func either
+    # work or fail with a message saying what is supported.
+    from torch.func import functional_call, grad, vmap
+
+    from mumoe.nn import MuMoEBlock
+
+    torch.manual_seed(0)
+    x = torch.randn(5, 8)
+    layer = MuMoE(8, 4, "cp", expert_dims=6, rank=3, normalization="ln").eval()
+    block = MuMoEBlock(8, 16, expert_dims=4, rank=2)
+    for compile_ in (
+        lambda: torch.jit.trace(layer, x),
+        lambda: torch.jit.script(layer),
+        lambda: torch.jit.script(block),
+    ):
+        with pytest.raises(RuntimeError, match=r"do not support TorchScript.*use torch\.compile"):
+            compile_()
+    exported = torch.export.export(layer, (x,)).module()  # static shapes: works
+    torch.testing.assert_close(exported(x), layer(x))
+    with pytest.raises(RuntimeError, match="export with static shapes only"):
+        torch.export.export(layer, (x,), dynamic_shapes={"x": {0: torch.export.Dim("b", min=2)}})
+
+    for activation, kwargs in (("softmax", {}), ("topk", {"top_k": 2})):
+        fn = MuMoE(8, 4, "cp", expert_dims=6, rank=3, normalization="ln",
+                   activation=activation, **kwargs)  # fmt: skip
+        params = dict(fn.named_parameters())
+        grads = grad(lambda p: functional_call(fn, p, (x,)).square().sum())(params)  # noqa: B023
+        loss = fn(x).square().sum()
+        loss.backward()
+        torch.testing.assert_close(grads["cores.0"], fn.cores[0].grad)
+        batches = torch.randn(3, 5, 8)
+        torch.testing.assert_close(vmap(fn)(batches), fn(batches))
+    entmax = MuMoE(8, 4, "cp", expert_dims=6, rank=3, normalization="ln")
+    with pytest.raises(RuntimeError, match=r"use activation='softmax' or 'topk' under torch\.func"):
+        vmap(entmax)(torch.randn(3, 5, 8))

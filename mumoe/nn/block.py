@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from mumoe.build import build_network
+from mumoe.nn.contract import check_input
 from mumoe.nn.gating import Activation, MuMoEGate
 from mumoe.nn.layers import MuMoE
 from mumoe.recipe import block_forward
@@ -126,7 +127,7 @@ class MuMoEBlock(nn.Module):
         >>> y.shape, gates[0].shape
         (torch.Size([2, 3, 6]), torch.Size([2, 3, 4]))
         """
-        self.fc1._check_input(x)
+        check_input(x, self.fc1.in_features)
         y, gates = block_forward(
             self.fc1, self.fc2, x, gate=self.gate, activation=self.act, input_norm=self.input_norm
         )

@@ -15,7 +15,14 @@ from mumoe import functional
 from mumoe.backend import thread_backend
 from mumoe.network import Network
 
-__all__ = ["check_gate_devices", "check_input", "device_type", "module_contract", "torch_forward"]
+__all__ = [
+    "check_gate_devices",
+    "check_input",
+    "device_type",
+    "module_contract",
+    "not_scriptable",
+    "torch_forward",
+]
 
 
 def device_type(x: torch.Tensor) -> str:
@@ -161,6 +168,14 @@ def check_input(x: Any, in_features: int, weight: torch.Tensor | None = None) ->
     """
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"input must be a torch.Tensor, got {type(x).__qualname__}")
+    if torch.jit.is_tracing():
+        not_scriptable()
+    if torch.compiler.is_exporting() and not all(type(d) is int for d in x.shape):
+        raise RuntimeError(
+            "μMoE layers export with static shapes only: the compiled contraction depends on "
+            "the batch size; export once per input shape (no dynamic_shapes), or use "
+            "torch.compile, which recompiles per shape"
+        )
     if x.dim() == 0 or x.shape[-1] != in_features:
         raise ValueError(
             f"input must have shape (..., {in_features}) (in_features), got {tuple(x.shape)}"
@@ -207,3 +222,30 @@ def check_gate_devices(gates: Any, x: torch.Tensor) -> None:
     for e, gate in enumerate([gates] if isinstance(gates, torch.Tensor) else gates):
         if isinstance(gate, torch.Tensor) and _other_device(gate, x):
             raise ValueError(f"gates[{e}] is on {gate.device} but the input is on {x.device}")
+
+
+def not_scriptable(*args: Any) -> None:
+    """Refuse TorchScript (``torch.jit.script`` and ``torch.jit.trace``), saying what works.
+
+    A μMoE layer's contraction is Python generated per batch size and its
+    gate calls the ``entmax`` package: TorchScript can neither compile nor
+    faithfully trace them.  ``torch.compile`` and ``torch.export`` (static
+    shapes) work.
+
+    Raises
+    ------
+    RuntimeError
+        Always.
+
+    Examples
+    --------
+    >>> not_scriptable()
+    Traceback (most recent call last):
+    ...
+    RuntimeError: μMoE layers do not support TorchScript (torch.jit.script or torch.jit.trace): ...
+    """
+    raise RuntimeError(
+        "μMoE layers do not support TorchScript (torch.jit.script or torch.jit.trace): their "
+        "contraction is Python code generated per batch size; use torch.compile, or "
+        "torch.export with static shapes"
+    )

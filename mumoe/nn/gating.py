@@ -72,6 +72,16 @@ def _partial_sort(n: int) -> int | None:
     return PARTIAL_SORT if n > PARTIAL_SORT else None
 
 
+def _under_functorch(tensor: torch.Tensor) -> bool:
+    # Inside a torch.func transform, tensors are functorch wrappers (private API: absent
+    # from some builds, then nothing is detected and torch's own error stands).
+    # Not under torch.compile: Dynamo cannot trace the check (a graph break per call).
+    if torch.compiler.is_compiling():
+        return False
+    check = getattr(torch._C._functorch, "is_functorch_wrapped_tensor", None)
+    return bool(check is not None and check(tensor))
+
+
 def _nan_safe(activation: Activation) -> Activation:
     """``activation``, with NaN coefficients for rows whose logits are not all finite.
 
@@ -85,6 +95,13 @@ def _nan_safe(activation: Activation) -> Activation:
     # pickle finds the wrapper where it lives (whole-model pickling, issue #15, item 12).
     @functools.wraps(activation)
     def safe(logits: torch.Tensor) -> torch.Tensor:
+        if _under_functorch(logits):
+            raise RuntimeError(
+                f"torch.func transforms (grad, vmap, jacrev, ...) cannot run the gate's "
+                f"{activation.__name__.lstrip('_')}: the entmax package's autograd Functions "
+                "do not support them; use activation='softmax' or 'topk' under torch.func, "
+                "or torch.autograd"
+            )
         try:
             return activation(logits)
         except (RuntimeError, IndexError):
@@ -128,7 +145,8 @@ def _topk(logits: torch.Tensor, k: int) -> torch.Tensor:
     values, index = torch.topk(logits, k + 1, dim=-1)
     out = torch.zeros_like(logits).scatter(-1, index[..., :k], torch.softmax(values[..., :k], -1))
     tied = values[..., k - 1] == values[..., k]
-    if bool(tied.any()):
+    # Under vmap a data-dependent branch is not allowed: every row takes the tie path.
+    if _under_functorch(logits) or bool(tied.any()):
         kept = logits >= values[..., k - 1 : k].detach()
         e = torch.exp(logits - values[..., :1].detach()).masked_fill(~kept, 0.0)
         out = torch.where(tied.unsqueeze(-1), e / e.sum(-1, keepdim=True), out)

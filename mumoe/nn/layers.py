@@ -26,18 +26,17 @@ from mumoe._deprecation import module_getattr
 from mumoe.backend import thread_backend
 from mumoe.build import build_network
 from mumoe.network import Network
-from mumoe.nn.contract import check_gate_devices, check_input, module_contract
+from mumoe.nn.contract import check_gate_devices, check_input, module_contract, not_scriptable
 from mumoe.nn.gating import Activation, MuMoEGate
 from mumoe.nn.init import init_cores_
 from mumoe.recipe import layer_forward
 from mumoe.typing import Rank, RankOrBudget
-from mumoe.validation import check_level
+from mumoe.validation import check_level, check_scales
 
 __all__ = ["CPMuMoE", "MuMoE", "TRMuMoE", "TTMuMoE", "TuckerMuMoE"]
 
 
-#: Guards the check-and-take of a layer's edit ownership (module-level: a lock on the
-#: module would make layers unpicklable).
+#: Guards taking a layer's edit ownership (module-level: a lock would not pickle).
 _EDITS = threading.Lock()
 
 
@@ -164,6 +163,7 @@ class MuMoE(nn.Module):
     _owns_cores = True
     #: Set by :meth:`from_linear`: the experts' relative error against the linear layer.
     conversion_error: float | None = None
+    __prepare_scriptable__ = not_scriptable  # torch.jit.script: say what works instead
 
     @classmethod
     def from_linear(
@@ -270,6 +270,8 @@ class MuMoE(nn.Module):
             raise ValueError(
                 f"factors for level {level} must have shape ({n},), got {tuple(vector.shape)}"
             )
+        dtype = torch.float64 if weight is None else weight.dtype
+        check_scales(vector.cpu().numpy(), f"factors for level {level}", dtype)
         me = threading.get_ident()
         with _EDITS:  # check and take ownership at once
             owner, depth = self.__dict__.get("_edit_owner") or (me, 0)
@@ -289,9 +291,6 @@ class MuMoE(nn.Module):
             self._expert_scales = previous
             with _EDITS:
                 self.__dict__["_edit_owner"] = (me, depth) if depth else None
-
-    def _check_input(self, x: Any, weight: torch.Tensor | None = None) -> None:
-        check_input(x, self.in_features, weight)
 
     def forward(
         self,
@@ -329,7 +328,7 @@ class MuMoE(nn.Module):
         (torch.Size([3, 5, 4]), [(3, 5, 6), (3, 5, 2)])
         """
         network, cores = self._weights()
-        self._check_input(x, cores[0])
+        check_input(x, self.in_features, cores[0])
         if gates is not None:
             check_gate_devices(gates, x)
         scales = self._expert_scales
