@@ -78,8 +78,8 @@ print(all(np.array_equal(a, b) for a, b in zip(cores, back, strict=True)))
 # --------------------------------
 #
 # :func:`mumoe.inference.save` writes the layer (cores, gate, batch-norm
-# statistics, network) to an ``.npz`` with JSON metadata; reading it executes
-# no code.  :func:`mumoe.inference.load` builds an eval-mode layer on the
+# statistics, network) to a safetensors file with a JSON description; reading
+# it executes no code.  :func:`mumoe.inference.load` builds an eval-mode layer on the
 # active backend.  The torch modules run on the pytorch backend for their own
 # thread only, so this works whatever backend the program has chosen.
 from mumoe.inference import load, save
@@ -97,7 +97,7 @@ for _ in range(50):  # a few steps, so that the batch-norm statistics move
 layer.eval()
 
 with tempfile.TemporaryDirectory() as folder:
-    path = Path(folder) / "layer.npz"
+    path = Path(folder) / "layer.safetensors"
     save(layer, path)
     served = load(path)  # NumPy is active: NumPy arrays
 print(served)

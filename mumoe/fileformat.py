@@ -1,13 +1,24 @@
 r"""The portable weights file: one reader, one writer, no PyTorch.
 
-A file is a NumPy ``.npz`` archive of numeric arrays plus one entry,
-``__mumoe__``, holding the metadata as UTF-8 JSON bytes: the format name and
-version, the kind (``"layer"`` or ``"block"``), each layer's network (spec,
-sizes, ranks, bias), the gate (normalisation, activation, top_k, eps) and the input
-norm.  It is read with ``allow_pickle=False``: reading it executes nothing.
-A file that is truncated, not an archive, holds object arrays, lacks or adds
-entries, or whose shapes do not match its own spec is refused with a
-``ValueError`` that says what was expected and what came.
+A file is a `safetensors <https://huggingface.co/docs/safetensors>`_ file:
+a size-checked JSON header, then the arrays, little-endian by specification;
+reading it executes nothing.  The header's string metadata holds, under
+``"mumoe"``, the description as JSON: the format name and version, the kind
+(``"layer"`` or ``"block"``), each layer's network (spec, sizes, ranks,
+bias), the gate (normalisation, activation, top_k, eps) and the input norm.
+
+The reader trusts nothing.  It refuses a path that is not a regular file
+(a FIFO, ``/dev/zero``) before opening it, lets ``safetensors`` check the
+header against the file's size (no tensor may claim bytes the file does not
+hold), validates the description in full — types, lengths, nesting, the
+spec — before it reads any tensor, and checks every tensor's name, shape and
+dtype against what the description implies.  Each failure is a
+``ValueError`` that names what was wrong; memory stays within the file's
+size.  The writer writes a temporary file and renames it over ``path``, so
+a reader never sees half a file.
+
+(Files of mumoe 0.1, ``.npz`` archives, are no longer read: the package is
+pre-release; re-save them with mumoe 0.1's ``load_into`` and this ``save``.)
 
 :func:`write` and :func:`read_checked` are the only code that touches the
 format; :func:`load` builds serving layers (:mod:`mumoe.serving`) from a
@@ -17,14 +28,16 @@ two functions.
 
 from __future__ import annotations
 
-import io
 import json
 import os
-import zipfile
+import stat
+import tempfile
 from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
+import safetensors
+import safetensors.numpy
 import tensorly as tl
 
 from mumoe.network import Network
@@ -40,9 +53,12 @@ __all__ = [
     "write",
 ]
 
-#: The ``format`` field of the metadata, and its version.
+#: The ``format`` field of the metadata, and its version (2: safetensors; 1 was .npz).
 FORMAT = "mumoe-weights"
-VERSION = 1
+VERSION = 2
+
+#: The dtypes a file's arrays may have (safetensors' names).
+DTYPES = {"F16": np.float16, "F32": np.float32, "F64": np.float64}
 
 PathLike = str | os.PathLike[str]
 
@@ -78,15 +94,17 @@ def network_meta(network: Network) -> dict[str, Any]:
 
 
 def write(path: PathLike, meta: Mapping[str, Any], arrays: Mapping[str, np.ndarray]) -> None:
-    """Write ``arrays`` and ``meta`` (format and version added) to ``path``.
+    """Write ``arrays`` and ``meta`` (format and version added) to ``path``, atomically.
 
     Parameters
     ----------
     path : str or path-like
-        Written exactly (no extension is added).
+        Written exactly (no extension is added; ``.safetensors`` is the
+        convention): a temporary file in the same folder, renamed over it.
     meta : mapping
         JSON-ready metadata: ``kind``, the networks, ``gate``, ``input_norm``.
     arrays : mapping of entry name to numpy.ndarray
+        Floating arrays (float16, float32 or float64).
 
     Examples
     --------
@@ -94,41 +112,82 @@ def write(path: PathLike, meta: Mapping[str, Any], arrays: Mapping[str, np.ndarr
     >>> import numpy as np
     >>> from mumoe import cp
     >>> net = cp(4, 3, 2, rank=2)
-    >>> path = os.path.join(tempfile.mkdtemp(), "w.npz")
+    >>> path = os.path.join(tempfile.mkdtemp(), "w.safetensors")
     >>> arrays = {f"cores.{k}": np.zeros(s) for k, s in enumerate(net.core_shapes)}
     >>> write(path, {"kind": "layer", **network_meta(net), "gate": None, "input_norm": None},
     ...       arrays)
     >>> read_checked(path)[1][""] == net
     True
     """
-    data = {name: np.asarray(array) for name, array in arrays.items()}
-    full = {"format": FORMAT, "version": VERSION, **meta, "arrays": sorted(data)}
-    data["__mumoe__"] = np.frombuffer(json.dumps(full).encode("utf-8"), dtype=np.uint8)
-    with open(path, "wb") as f:
-        np.savez(f, **data)  # type: ignore[arg-type]
+    data = {name: np.ascontiguousarray(array) for name, array in arrays.items()}
+    full = {"format": FORMAT, "version": VERSION, **meta}
+    payload = safetensors.numpy.save(data, metadata={"mumoe": json.dumps(full)})
+    folder = os.path.dirname(os.path.abspath(path))
+    handle, temporary = tempfile.mkstemp(prefix=".mumoe-", suffix=".tmp", dir=folder)
+    try:
+        with os.fdopen(handle, "wb") as f:
+            f.write(payload)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        if os.path.exists(temporary):
+            os.unlink(temporary)
+        raise
 
 
-def _read(path: PathLike) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+#: Limits on the description: nesting and the number of expert levels.
+_MAX_DEPTH = 8
+_MAX_LEVELS = 64
+
+
+def _refuse(path: PathLike, what: str) -> ValueError:
+    return ValueError(f"{os.fspath(path)!r} is not a readable mumoe weights file: {what}")
+
+
+def _depth(value: Any, limit: int = _MAX_DEPTH) -> int:
+    # The nesting of a JSON value, counted iteratively (no recursion on hostile input).
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        deepest = max(deepest, depth)
+        if deepest > limit:
+            return deepest
+        if isinstance(item, dict):
+            stack.extend((v, depth + 1) for v in item.values())
+        elif isinstance(item, list):
+            stack.extend((v, depth + 1) for v in item)
+    return deepest
+
+
+def _read(path: PathLike) -> tuple[dict[str, Any], dict[str, tuple[str, tuple[int, ...]]], Any]:
+    """The description, the tensors' (dtype, shape) and an open safetensors handle."""
     try:
-        with open(path, "rb") as f:
-            data = f.read()
-        with np.load(io.BytesIO(data), allow_pickle=False) as archive:
-            if not isinstance(archive, np.lib.npyio.NpzFile):
-                raise ValueError("a single .npy array, not an .npz archive")
-            arrays = {name: archive[name] for name in archive.files}
-    except (zipfile.BadZipFile, EOFError, OSError, ValueError, KeyError) as error:
-        raise ValueError(
-            f"{os.fspath(path)!r} is not a readable mumoe weights file (expected an .npz archive "
-            f"of numeric arrays written by mumoe.inference.save; it may be truncated or "
-            f"corrupt): {error}"
-        ) from error
-    raw = arrays.pop("__mumoe__", None)
-    if raw is None:
-        raise ValueError(f"{os.fspath(path)!r} has no '__mumoe__' metadata entry")
+        info = os.stat(path)
+    except OSError as error:
+        raise _refuse(path, f"cannot stat it ({error})") from error
+    if not stat.S_ISREG(info.st_mode):
+        raise _refuse(path, "not a regular file (a FIFO, device or folder is never read)")
     try:
-        meta = json.loads(raw.tobytes().decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise ValueError(f"{os.fspath(path)!r} has unreadable metadata: {error}") from error
+        handle = safetensors.safe_open(os.fspath(path), framework="numpy")
+        raw = (handle.metadata() or {}).get("mumoe")
+        tensors = {}
+        for name in handle.keys():
+            piece = handle.get_slice(name)
+            tensors[name] = (str(piece.get_dtype()), tuple(int(d) for d in piece.get_shape()))
+    except (safetensors.SafetensorError, OSError, ValueError, TypeError) as error:
+        raise _refuse(
+            path, f"expected a safetensors file written by mumoe.inference.save; it may be "
+            f"truncated or corrupt ({type(error).__name__}: {error})"
+        ) from error  # fmt: skip
+    if not isinstance(raw, str):
+        raise ValueError(f"{os.fspath(path)!r} has no 'mumoe' description in its metadata")
+    try:
+        meta = json.loads(raw)
+    except (json.JSONDecodeError, RecursionError) as error:
+        raise ValueError(f"{os.fspath(path)!r} has unreadable metadata: {error}") from None
+    if _depth(meta) > _MAX_DEPTH:
+        raise ValueError(f"{os.fspath(path)!r} has metadata nested deeper than {_MAX_DEPTH}")
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise ValueError(f"{os.fspath(path)!r} is not a {FORMAT} file")
     if meta.get("version") != VERSION:
@@ -136,7 +195,60 @@ def _read(path: PathLike) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
             f"{os.fspath(path)!r} has version {meta.get('version')!r}; this mumoe reads "
             f"version {VERSION}"
         )
-    return meta, arrays
+    return meta, tensors, handle
+
+
+def _typed(value: Any, kind: type | tuple[type, ...], where: str, path: PathLike) -> Any:
+    if isinstance(value, bool) and kind in (int, float, (int, float)):
+        raise ValueError(f"{os.fspath(path)!r}: {where} must be {kind}, got {value!r}")
+    if not isinstance(value, kind):
+        names = kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)
+        shown = repr(value) if len(repr(value)) < 80 else f"{type(value).__name__}"
+        raise ValueError(f"{os.fspath(path)!r}: {where} must be {names}, got {shown}")
+    return value
+
+
+def _check_network_meta(meta: Any, where: str, path: PathLike) -> None:
+    _typed(meta, dict, where, path)
+    _typed(meta.get("spec"), str, f"{where} spec", path)
+    dims = _typed(meta.get("expert_dims"), list, f"{where} expert_dims", path)
+    if not 1 <= len(dims) <= _MAX_LEVELS:
+        raise ValueError(f"{os.fspath(path)!r}: {where} has {len(dims)} expert levels")
+    for d in dims:
+        _typed(d, int, f"{where} expert_dims entry", path)
+    for key in ("in_features", "out_features"):
+        _typed(meta.get(key), int, f"{where} {key}", path)
+    rank = meta.get("rank")
+    if rank is not None:
+        for bond, size in _typed(rank, dict, f"{where} rank", path).items():
+            _typed(size, int, f"{where} rank of {bond!r}", path)
+    _typed(meta.get("bias"), bool, f"{where} bias", path)
+
+
+def _check_meta(meta: dict[str, Any], path: PathLike) -> None:
+    """Types of every field the reader uses, before anything is built from them."""
+    kind = meta.get("kind")
+    if kind == "layer":
+        _check_network_meta(meta, "the layer's network", path)
+    elif kind == "block":
+        for part in ("fc1", "fc2"):
+            _check_network_meta(meta.get(part), f"the block's {part}", path)
+    else:
+        raise ValueError(f"{os.fspath(path)!r} holds a {kind!r}; mumoe reads layers and blocks")
+    gate = meta.get("gate")
+    if gate is not None:
+        _typed(gate, dict, "gate", path)
+        if gate.get("normalization") not in ("bn", "ln", None):
+            raise ValueError(f"{os.fspath(path)!r}: unknown gate normalization")
+        _typed(gate.get("activation"), str, "gate activation", path)
+        _typed(gate.get("eps"), (int, float), "gate eps", path)
+        if gate.get("top_k") is not None:
+            _typed(gate["top_k"], int, "gate top_k", path)
+    norm = meta.get("input_norm")
+    if norm is not None:
+        _typed(
+            _typed(norm, dict, "input_norm", path).get("eps"), (int, float), "input_norm eps", path
+        )
 
 
 #: The longest spec a file may hold: far above any real network (a Tucker spec with
@@ -205,42 +317,55 @@ def read_checked(
     --------
     >>> import os, tempfile
     >>> import numpy as np
-    >>> path = os.path.join(tempfile.mkdtemp(), "junk.npz")
-    >>> np.savez(path, x=np.zeros(2))
+    >>> import safetensors.numpy
+    >>> path = os.path.join(tempfile.mkdtemp(), "other.safetensors")
+    >>> safetensors.numpy.save_file({"x": np.zeros(2)}, path)  # not a mumoe file
     >>> read_checked(path)  # doctest: +ELLIPSIS
     Traceback (most recent call last):
         ...
-    ValueError: ...has no '__mumoe__' metadata entry
+    ValueError: ...has no 'mumoe' description in its metadata
     """
-    meta, arrays = _read(path)
-    kind = meta.get("kind")
-    if kind == "layer":
+    meta, tensors, handle = _read(path)
+    with handle:  # the file's mapping is released on every exit
+        return _checked(path, meta, tensors, handle)
+
+
+def _checked(
+    path: PathLike,
+    meta: dict[str, Any],
+    tensors: dict[str, tuple[str, tuple[int, ...]]],
+    handle: Any,
+) -> tuple[dict[str, Any], dict[str, Network], dict[str, np.ndarray]]:
+    _check_meta(meta, path)
+    if meta["kind"] == "layer":
         networks = {"": _network(meta, path)}
-    elif kind == "block":
-        networks = {"fc1.": _network(meta.get("fc1", {}), path),
-                    "fc2.": _network(meta.get("fc2", {}), path)}  # fmt: skip
     else:
-        raise ValueError(f"{os.fspath(path)!r} holds a {kind!r}; mumoe reads layers and blocks")
+        networks = {"fc1.": _network(meta["fc1"], path), "fc2.": _network(meta["fc2"], path)}
     spec = " / ".join(network.spec for network in networks.values())
     expected = _expected(networks, meta)
-    missing = sorted(set(expected) - set(arrays))
-    extra = sorted(set(arrays) - set(expected))
+    missing = sorted(set(expected) - set(tensors))
+    extra = sorted(set(tensors) - set(expected))
     if missing or extra:
         raise ValueError(
             f"{os.fspath(path)!r} does not match its spec {spec!r}: "
             f"missing entries {missing}, unexpected entries {extra}"
         )
     for name, shape in expected.items():
-        if arrays[name].shape != shape:
+        dtype, found = tensors[name]
+        if found != shape:
             raise ValueError(
                 f"{os.fspath(path)!r}: entry {name!r} must have shape {shape} for spec "
-                f"{spec!r}, got {arrays[name].shape}"
+                f"{spec!r}, got {found}"
             )
-        if arrays[name].dtype.kind != "f":
+        if dtype not in DTYPES:
             raise ValueError(
-                f"{os.fspath(path)!r}: entry {name!r} must be floating point, got "
-                f"{arrays[name].dtype}"
+                f"{os.fspath(path)!r}: entry {name!r} must be floating point "
+                f"({', '.join(DTYPES)}), got {dtype}"
             )
+    try:  # every check passed: only now are the arrays read
+        arrays = {name: np.asarray(handle.get_tensor(name)) for name in expected}
+    except (safetensors.SafetensorError, OSError, ValueError) as error:
+        raise _refuse(path, f"{type(error).__name__}: {error}") from error
     return meta, networks, arrays
 
 
@@ -271,7 +396,7 @@ def load(path: PathLike, *, dtype: Any = None) -> InferenceMuMoE | InferenceMuMo
     >>> import numpy as np
     >>> from mumoe import cp
     >>> net = cp(4, 3, 2, rank=2)
-    >>> path = os.path.join(tempfile.mkdtemp(), "w.npz")
+    >>> path = os.path.join(tempfile.mkdtemp(), "w.safetensors")
     >>> arrays = {f"cores.{k}": np.ones(s) for k, s in enumerate(net.core_shapes)}
     >>> write(path, {"kind": "layer", **network_meta(net), "gate": None, "input_norm": None},
     ...       arrays)

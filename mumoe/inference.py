@@ -3,7 +3,8 @@ r"""Serving μMoE layers on any backend, and portable weight files.
 :func:`save` writes a trained :class:`mumoe.nn.MuMoE` or
 :class:`mumoe.nn.MuMoEBlock` (cores, gate projections, batch-norm running
 statistics, input layer norm, network specs and gating configuration) to a
-``.npz`` file; :func:`load` reads it back as an :class:`InferenceMuMoE` or
+safetensors file (checked in full before any tensor is read); :func:`load`
+reads it back as an :class:`InferenceMuMoE` or
 :class:`InferenceMuMoEBlock` on the active TensorLy backend (NumPy, CuPy,
 JAX, PyTorch), which computes it in eval mode with no PyTorch needed, and
 :func:`load_into` reads it into an existing torch module, all or nothing.

@@ -172,7 +172,7 @@ def test_replace_linear_is_all_or_nothing():
 def test_a_converted_layer_serves_on_numpy(tmp_path):
     torch.manual_seed(0)
     layer = from_linear(torch.nn.Linear(12, 5), "cp", expert_dims=6, rank=4).eval()
-    save(layer, tmp_path / "converted.npz")
+    save(layer, tmp_path / "converted.safetensors")
     x = torch.randn(4, 12)
-    np.testing.assert_allclose(load(tmp_path / "converted.npz")(x.numpy()),
+    np.testing.assert_allclose(load(tmp_path / "converted.safetensors")(x.numpy()),
                                layer(x).detach().numpy(), rtol=1e-5, atol=1e-5)  # fmt: skip

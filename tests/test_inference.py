@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import json
-import zipfile
+import os
 
 import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch", reason="the layers are trained in torch")
 
+import safetensors.numpy  # noqa: E402
 import tensorly as tl  # noqa: E402
+from safetensors import safe_open  # noqa: E402
 
 from conftest import AVAILABLE, use_backend  # noqa: E402
 from mumoe.inference import InferenceMuMoE, load, save  # noqa: E402
@@ -48,20 +50,21 @@ def test_top_k_travels_with_the_file_and_must_match(tmp_path):
     from mumoe.inference import load_into
 
     layer = trained(LAYERS["mxd-topk"](dtype=torch.float64))
-    save(layer, tmp_path / "topk.npz")
-    served = load(tmp_path / "topk.npz")
+    save(layer, tmp_path / "topk.safetensors")
+    served = load(tmp_path / "topk.safetensors")
     assert (served.activation, served.top_k) == ("topk", 3)
     assert (np.count_nonzero(served.gates(np.ones((2, 12)))[0], axis=-1) == 3).all()
     other = MuMoE(12, 5, "mxd", expert_dims=16, activation="topk", top_k=2, dtype=torch.float64)
     with pytest.raises(ValueError, match="holds a different module: its gate is"):
-        load_into(other, tmp_path / "topk.npz")
+        load_into(other, tmp_path / "topk.safetensors")
     same = MuMoE(12, 5, "mxd", expert_dims=16, activation="topk", top_k=3, dtype=torch.float64)
-    load_into(same.eval(), tmp_path / "topk.npz")
+    load_into(same.eval(), tmp_path / "topk.safetensors")
     x = torch.randn(4, 12, dtype=torch.float64)
     torch.testing.assert_close(same(x), layer(x))
-    save(trained(CPMuMoE(12, 5, 8, rank=3)), tmp_path / "cp.npz")  # other gates: no top_k key
-    with np.load(tmp_path / "cp.npz") as arrays:
-        meta = json.loads(arrays["__mumoe__"].tobytes())
+    save(
+        trained(CPMuMoE(12, 5, 8, rank=3)), tmp_path / "cp.safetensors"
+    )  # other gates: no top_k key
+    _, meta = read_back(tmp_path / "cp.safetensors")
     assert "top_k" not in meta["gate"]
 
 
@@ -69,7 +72,7 @@ def test_top_k_travels_with_the_file_and_must_match(tmp_path):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
 def test_train_save_load_on_numpy_gives_the_same_predictions(tmp_path, name, dtype):
     layer = trained(LAYERS[name](dtype=dtype))
-    path = tmp_path / "layer.mumoe.npz"
+    path = tmp_path / "layer.safetensors"
     save(layer, path)
     assert path.exists()  # written exactly there, no extension added
     x = torch.randn(7, 3, 12, dtype=dtype) * 2
@@ -89,20 +92,20 @@ def test_load_on_each_backend(tmp_path, backend_name):
     if backend_name not in AVAILABLE:
         pytest.skip(f"{backend_name} is not usable here")
     layer = trained(CPMuMoE(12, 5, 8, rank=3, dtype=torch.float64))
-    save(layer, tmp_path / "w.npz")
+    save(layer, tmp_path / "w.safetensors")
     x = np.random.default_rng(0).standard_normal((4, 12))
     with torch.no_grad():
         expected = layer(torch.from_numpy(x)).numpy()
     with use_backend(backend_name):
-        served = load(tmp_path / "w.npz")
+        served = load(tmp_path / "w.safetensors")
         y = served(tl.tensor(x))
         assert tl.is_tensor(y)
     np.testing.assert_allclose(to_numpy64(y), expected, rtol=1e-10, atol=1e-12)
 
 
 def test_load_casts_to_a_requested_dtype(tmp_path):
-    save(trained(CPMuMoE(12, 5, 8, rank=3)), tmp_path / "w.npz")
-    served = load(tmp_path / "w.npz", dtype=tl.backend.float64)
+    save(trained(CPMuMoE(12, 5, 8, rank=3)), tmp_path / "w.safetensors")
+    served = load(tmp_path / "w.safetensors", dtype=tl.backend.float64)
     assert served.cores[0].dtype == np.float64
     assert served(np.ones((2, 12))).dtype == np.float64
 
@@ -110,25 +113,25 @@ def test_load_casts_to_a_requested_dtype(tmp_path):
 def test_custom_activations_are_not_saved(tmp_path):
     layer = CPMuMoE(12, 5, 8, rank=3, activation=lambda t: torch.softmax(t, -1))
     with pytest.raises(ValueError, match="custom callable and cannot be saved"):
-        save(layer, tmp_path / "w.npz")
+        save(layer, tmp_path / "w.safetensors")
 
     def softmax(t):  # a user's own function with a built-in's name (issue #15, item 4)
         return torch.softmax(2 * t, -1)
 
     with pytest.raises(ValueError, match="activation 'softmax' is a custom callable"):
-        save(CPMuMoE(12, 5, 8, rank=3, activation=softmax), tmp_path / "w.npz")
+        save(CPMuMoE(12, 5, 8, rank=3, activation=softmax), tmp_path / "w.safetensors")
     swapped = CPMuMoE(12, 5, 8, rank=3)
     swapped.gate.activation = softmax  # replaced after construction
     with pytest.raises(ValueError, match="custom callable"):
-        save(swapped, tmp_path / "w.npz")
+        save(swapped, tmp_path / "w.safetensors")
     affine = CPMuMoE(12, 5, 8, rank=3)
     affine.gate.norms[0] = torch.nn.BatchNorm1d(8)  # affine: not what the file can describe
     with pytest.raises(ValueError, match="not the BatchNorm1d without affine parameters"):
-        save(affine, tmp_path / "w.npz")
+        save(affine, tmp_path / "w.safetensors")
     with pytest.raises(
         TypeError, match=r"save and load_into take a mumoe\.nn\.MuMoE or MuMoEBlock, got Linear"
     ):
-        save(torch.nn.Linear(3, 2), tmp_path / "w.npz")
+        save(torch.nn.Linear(3, 2), tmp_path / "w.safetensors")
 
 
 # ------------------------------------------------------------------ bad files
@@ -136,19 +139,37 @@ def test_custom_activations_are_not_saved(tmp_path):
 
 @pytest.fixture
 def saved(tmp_path):
-    path = tmp_path / "w.npz"
+    path = tmp_path / "w.safetensors"
     save(trained(CPMuMoE(12, 5, (6, 3), rank=4)), path)
     return path
 
 
+def read_back(path):
+    with safe_open(str(path), framework="numpy") as f:
+        return {k: f.get_tensor(k) for k in f.keys()}, json.loads(f.metadata()["mumoe"])
+
+
 def rewrite(path, change):
-    with np.load(path, allow_pickle=False) as archive:
-        arrays = {k: archive[k] for k in archive.files}
-    meta = json.loads(arrays["__mumoe__"].tobytes())
+    arrays, meta = read_back(path)
     change(arrays, meta)
-    arrays["__mumoe__"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
-    with open(path, "wb") as f:
-        np.savez(f, **arrays)
+    safetensors.numpy.save_file(arrays, str(path), metadata={"mumoe": json.dumps(meta)})
+
+
+def header_of(path):
+    data = path.read_bytes()
+    n = int.from_bytes(data[:8], "little")
+    return json.loads(data[8 : 8 + n]), data[8 + n :]
+
+
+def with_header(path, header, body):
+    raw = json.dumps(header).encode()
+    path.write_bytes(len(raw).to_bytes(8, "little") + raw + body)
+
+
+def with_meta(path, header, body, **fields):
+    meta = {**json.loads(header["__metadata__"]["mumoe"]), **fields}
+    header["__metadata__"]["mumoe"] = json.dumps(meta)
+    with_header(path, header, body)
 
 
 def test_truncated_file_is_refused(saved):
@@ -159,31 +180,22 @@ def test_truncated_file_is_refused(saved):
 
 
 def test_garbage_is_refused(saved):
-    saved.write_bytes(b"not an archive at all")
+    saved.write_bytes(b"not a safetensors file at all")
     with pytest.raises(ValueError, match="is not a readable mumoe weights file"):
         load(saved)
 
 
-def test_object_arrays_are_refused_without_unpickling(tmp_path):
-    path = tmp_path / "evil.npz"
-    np.savez(path, __mumoe__=np.array([{"executes": "nothing"}], dtype=object))
-    with pytest.raises(ValueError, match=r"is not a readable mumoe weights file.*allow_pickle"):
-        load(path)
-
-
 def test_missing_metadata(tmp_path):
-    path = tmp_path / "plain.npz"
-    np.savez(path, a=np.zeros(3))
-    with pytest.raises(ValueError, match="has no '__mumoe__' metadata entry"):
+    path = tmp_path / "plain.safetensors"
+    safetensors.numpy.save_file({"a": np.zeros(3)}, str(path))
+    with pytest.raises(ValueError, match="has no 'mumoe' description in its metadata"):
         load(path)
 
 
 def test_unreadable_metadata(saved):
-    with np.load(saved) as archive:
-        arrays = {k: archive[k] for k in archive.files}
-    arrays["__mumoe__"] = np.frombuffer(b"{not json", dtype=np.uint8)
-    with open(saved, "wb") as f:
-        np.savez(f, **arrays)
+    header, body = header_of(saved)
+    header["__metadata__"]["mumoe"] = "{not json"
+    with_header(saved, header, body)
     with pytest.raises(ValueError, match="has unreadable metadata"):
         load(saved)
 
@@ -199,13 +211,13 @@ def test_unreadable_metadata(saved):
          r"missing entries \[\], unexpected entries \['cores.9'\]"),
         (lambda a, m: m.__setitem__("spec", "n1 r, n2 q, i r, o r"),
          r"describes an invalid network: bond 'q' appears only in core 1"),
-        (lambda a, m: m.__setitem__("version", 99), r"has version 99; this mumoe reads version 1"),
+        (lambda a, m: m.__setitem__("version", 99), r"has version 99; this mumoe reads version 2"),
         (lambda a, m: m.__setitem__("format", "other"), r"is not a mumoe-weights file"),
         (lambda a, m: a.__setitem__("cores.0", np.zeros((6, 4), np.int64)),
-         r"entry 'cores.0' must be floating point, got int64"),
+         r"entry 'cores.0' must be floating point \(F16, F32, F64\), got I64"),
         (lambda a, m: m.__setitem__("kind", "stack"),
          r"holds a 'stack'; mumoe reads layers and blocks"),
-        (lambda a, m: m.__setitem__("kind", "block"), r"describes an invalid network: 'spec'"),
+        (lambda a, m: m.__setitem__("kind", "block"), r"the block's fc1 must be dict, got None"),
         (lambda a, m: m.__setitem__("spec", "n1 r, i r, o r" + ", o r" * 2000),
          r"holds a spec of 10,014 characters; files hold specs of at most 4,096"),
     ],
@@ -224,11 +236,84 @@ def test_inference_layer_checks_its_input(saved):
         served([[1.0] * 12])
 
 
-def test_zip_with_a_bad_member_is_refused(saved):
-    with zipfile.ZipFile(saved, "a") as archive:
-        archive.writestr("cores.7.npy", b"\x93NUMPY broken")
-    with pytest.raises(ValueError, match="is not a readable mumoe weights file"):
+@pytest.mark.parametrize(
+    ("craft", "match"),
+    [
+        # a bit flipped in the header's length, or in its JSON
+        (lambda h, b, p: p.write_bytes(b"\xff" + p.read_bytes()[1:]), "not a readable"),
+        (lambda h, b, p: p.write_bytes(p.read_bytes().replace(b'"dtype"', b'"dtypf"', 1)),
+         "not a readable"),
+        # a tensor that claims more bytes than the file holds
+        (lambda h, b, p: (h["cores.0"].__setitem__("shape", [10**6, 10**6]), with_header(p, h, b)),
+         "not a readable"),
+        # two tensors over the same bytes
+        (lambda h, b, p: (h["cores.1"].__setitem__("data_offsets", h["cores.0"]["data_offsets"]),
+                          with_header(p, h, b)), "not a readable"),
+        # a dtype the format does not allow
+        (lambda h, b, p: (h["cores.0"].__setitem__("dtype", "I32"), with_header(p, h, b)),
+         r"entry 'cores.0' must be floating point \(F16, F32, F64\), got I32"),
+        # metadata of the wrong types, or nested deep
+        (lambda h, b, p: with_meta(p, h, b, expert_dims="six"),
+         "expert_dims must be list, got 'six'"),
+        (lambda h, b, p: with_meta(p, h, b, in_features=True), "in_features must be"),
+        (lambda h, b, p: (h["__metadata__"].__setitem__("mumoe", "[" * 100_000 + "]" * 100_000),
+                          with_header(p, h, b)), "unreadable metadata|nested deeper"),
+        (lambda h, b, p: with_meta(p, h, b, gate={"x": [[[[[[[[[[1]]]]]]]]]]}),
+         "nested deeper than 8"),
+    ],
+    ids=["length-bit", "json-bit", "huge-shape", "overlap", "int-dtype", "wrong-type",
+         "bool-int", "deep-json", "deep-dict"],
+)  # fmt: skip
+def test_crafted_files_are_refused_with_a_message(saved, craft, match):
+    header, body = header_of(saved)
+    craft(header, body, saved)
+    with pytest.raises(ValueError, match=match):
         load(saved)
+
+
+def test_a_large_spec_and_non_regular_files_are_refused(saved, tmp_path):
+    header, body = header_of(saved)
+    meta = json.loads(header["__metadata__"]["mumoe"])
+    header["__metadata__"]["mumoe"] = json.dumps({**meta, "spec": "n1 r, " * 2_000_000})
+    with_header(saved, header, body)  # a 12 MB spec
+    with pytest.raises(ValueError, match="files hold specs of at most 4,096"):
+        load(saved)
+    fifo = tmp_path / "fifo.safetensors"
+    os.mkfifo(fifo)  # opening it would wait for a writer forever
+    with pytest.raises(ValueError, match="not a regular file"):
+        load(fifo)
+    zero = tmp_path / "zero.safetensors"
+    zero.symlink_to("/dev/zero")  # reading it would never end
+    with pytest.raises(ValueError, match="not a regular file"):
+        load(zero)
+    with pytest.raises(ValueError, match="not a regular file"):
+        load(tmp_path)
+
+
+def test_saving_is_atomic(tmp_path, monkeypatch):
+    path = tmp_path / "w.safetensors"
+    save(trained(CPMuMoE(12, 5, 8, rank=3)), path)
+    before = path.read_bytes()
+
+    def fail(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(os, "fsync", fail)
+    with pytest.raises(OSError, match="disk full"):
+        save(trained(CPMuMoE(12, 5, 8, rank=3), seed=1), path)
+    assert path.read_bytes() == before  # the old file, whole
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["w.safetensors"]  # no leftovers
+
+
+def test_load_into_is_all_or_nothing_for_every_failure(saved):
+    from mumoe.inference import load_into
+
+    layer = CPMuMoE(12, 5, (6, 3), rank=4)
+    state = {k: v.clone() for k, v in layer.state_dict().items()}
+    rewrite(saved, lambda a, m: a.__setitem__("gate.running_var.1", np.zeros(2, np.float32)))
+    with pytest.raises(ValueError):
+        load_into(layer, saved)
+    assert all(torch.equal(state[k], v) for k, v in layer.state_dict().items())
 
 
 @pytest.mark.parametrize("network", ["cp", "tr"])
@@ -239,8 +324,8 @@ def test_blocks_save_and_serve_on_numpy(tmp_path, network):
     rank = 3 if network == "cp" else (2, 2, 3)
     block = trained(MuMoEBlock(12, 20, 7, network=network, expert_dims=6, rank=rank,
                                input_norm=True, dtype=torch.float64))  # fmt: skip
-    save(block, tmp_path / "block.npz")
-    served = load(tmp_path / "block.npz")
+    save(block, tmp_path / "block.safetensors")
+    served = load(tmp_path / "block.safetensors")
     assert isinstance(served, InferenceMuMoEBlock)
     x = torch.randn(5, 4, 12, dtype=torch.float64)
     with torch.no_grad():
@@ -261,8 +346,8 @@ def test_gelu_is_torchs_on_every_usable_backend():
 
 def test_a_served_layer_names_its_backend_after_a_switch(tmp_path):
     # After tl.set_backend, a loaded layer failed deep in gating (issue #15, item 8).
-    save(trained(CPMuMoE(12, 5, 8, rank=3)), tmp_path / "w.npz")
-    served = load(tmp_path / "w.npz")
+    save(trained(CPMuMoE(12, 5, 8, rank=3)), tmp_path / "w.safetensors")
+    served = load(tmp_path / "w.safetensors")
     assert "backend='numpy'" in repr(served)
     with use_backend("pytorch"):
         assert "backend='numpy'" in repr(served)  # where its arrays are, not the active one

@@ -54,12 +54,12 @@ def check_conversion(model, include, inputs, forward, tmp_path):
 
     layer = cp.get_submodule(chosen[0])
     assert isinstance(layer, MuMoE)
-    save(layer, tmp_path / "layer.npz")  # one converted layer, served on NumPy
+    save(layer, tmp_path / "layer.safetensors")  # one converted layer, served on NumPy
     x = torch.randn(5, layer.in_features)
     with torch.no_grad():
         expected = layer(x).numpy()
     np.testing.assert_allclose(
-        load(tmp_path / "layer.npz")(x.numpy()), expected, rtol=1e-4, atol=1e-5
+        load(tmp_path / "layer.safetensors")(x.numpy()), expected, rtol=1e-4, atol=1e-5
     )
 
 

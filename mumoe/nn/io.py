@@ -152,7 +152,7 @@ def save(module: MuMoE | MuMoEBlock, path: PathLike) -> None:
     >>> import os, tempfile
     >>> from mumoe.inference import load
     >>> from mumoe.nn import CPMuMoE
-    >>> path = os.path.join(tempfile.mkdtemp(), "head.npz")
+    >>> path = os.path.join(tempfile.mkdtemp(), "head.safetensors")
     >>> save(CPMuMoE(16, 4, 8, rank=3).eval(), path)
     >>> served = load(path)
     >>> served.network, served.activation
@@ -200,7 +200,7 @@ def load_into(module: MuMoE | MuMoEBlock, path: PathLike) -> None:
     >>> import os, tempfile
     >>> import torch
     >>> from mumoe.nn import TRMuMoE
-    >>> path = os.path.join(tempfile.mkdtemp(), "layer.npz")
+    >>> path = os.path.join(tempfile.mkdtemp(), "layer.safetensors")
     >>> trained = TRMuMoE(8, 4, 6, rank=(2, 2, 3)).eval()
     >>> save(trained, path)
     >>> fresh = TRMuMoE(8, 4, 6, rank=(2, 2, 3)).eval()
@@ -229,6 +229,11 @@ def load_into(module: MuMoE | MuMoEBlock, path: PathLike) -> None:
                 f"{os.fspath(path)!r}: entry {name!r} has shape {arrays[name].shape}, "
                 f"the module's is {None if tensor is None else tuple(tensor.shape)}"
             )
+    # Convert every entry before writing any: a failure leaves the module untouched.
+    values = {
+        name: torch.from_numpy(np.ascontiguousarray(arrays[name])).to(tensor.device, tensor.dtype)
+        for name, tensor in tensors.items()
+    }
     with torch.no_grad():
         for name, tensor in tensors.items():
-            tensor.copy_(torch.from_numpy(arrays[name]))
+            tensor.copy_(values[name])
