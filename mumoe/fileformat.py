@@ -136,6 +136,13 @@ def write(path: PathLike, meta: Mapping[str, Any], arrays: Mapping[str, np.ndarr
         raise
 
 
+#: The longest description (JSON) a file may hold: a real one is about a kilobyte.
+MAX_DESCRIPTION = 1 << 16
+
+#: The largest safetensors header a file may declare (the description and one entry of
+#: about 100 bytes per tensor): checked before the header is parsed.
+MAX_HEADER = 1 << 20
+
 #: Limits on the description: nesting and the number of expert levels.
 _MAX_DEPTH = 8
 _MAX_LEVELS = 64
@@ -169,6 +176,16 @@ def _read(path: PathLike) -> tuple[dict[str, Any], dict[str, tuple[str, tuple[in
     if not stat.S_ISREG(info.st_mode):
         raise _refuse(path, "not a regular file (a FIFO, device or folder is never read)")
     try:
+        with open(path, "rb") as f:
+            declared = int.from_bytes(f.read(8), "little")
+    except OSError as error:
+        raise _refuse(path, f"cannot read it ({error})") from error
+    if declared > MAX_HEADER:  # before safetensors parses (and copies) a huge header
+        raise _refuse(
+            path, f"its header declares {declared:,} bytes; mumoe files have headers of at "
+            f"most {MAX_HEADER:,} (mumoe.fileformat.MAX_HEADER)"
+        )  # fmt: skip
+    try:
         handle = safetensors.safe_open(os.fspath(path), framework="numpy")
         raw = (handle.metadata() or {}).get("mumoe")
         tensors = {}
@@ -182,6 +199,11 @@ def _read(path: PathLike) -> tuple[dict[str, Any], dict[str, tuple[str, tuple[in
         ) from error  # fmt: skip
     if not isinstance(raw, str):
         raise ValueError(f"{os.fspath(path)!r} has no 'mumoe' description in its metadata")
+    if len(raw) > MAX_DESCRIPTION:
+        raise ValueError(
+            f"{os.fspath(path)!r} has a description of {len(raw):,} characters; files hold "
+            f"at most {MAX_DESCRIPTION:,} (mumoe.fileformat.MAX_DESCRIPTION)"
+        )
     try:
         meta = json.loads(raw)
     except (json.JSONDecodeError, RecursionError) as error:

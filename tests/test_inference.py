@@ -257,7 +257,7 @@ def test_inference_layer_checks_its_input(saved):
          "expert_dims must be list, got 'six'"),
         (lambda h, b, p: with_meta(p, h, b, in_features=True), "in_features must be"),
         (lambda h, b, p: (h["__metadata__"].__setitem__("mumoe", "[" * 100_000 + "]" * 100_000),
-                          with_header(p, h, b)), "unreadable metadata|nested deeper"),
+                          with_header(p, h, b)), "has a description of 200,000 characters"),
         (lambda h, b, p: with_meta(p, h, b, gate={"x": [[[[[[[[[[1]]]]]]]]]]}),
          "nested deeper than 8"),
     ],
@@ -275,7 +275,15 @@ def test_a_large_spec_and_non_regular_files_are_refused(saved, tmp_path):
     header, body = header_of(saved)
     meta = json.loads(header["__metadata__"]["mumoe"])
     header["__metadata__"]["mumoe"] = json.dumps({**meta, "spec": "n1 r, " * 2_000_000})
-    with_header(saved, header, body)  # a 12 MB spec
+    with_header(saved, header, body)  # a 12 MB spec: refused before the header is parsed
+    with pytest.raises(ValueError, match=r"header declares 12,00.* at most 1,048,576"):
+        load(saved)
+    header["__metadata__"]["mumoe"] = json.dumps({**meta, "spec": "n1 r, " * 20_000})
+    with_header(saved, header, body)  # 120 kB: a header that fits, a description that does not
+    with pytest.raises(ValueError, match=r"has a description of 120,.* at most 65,536"):
+        load(saved)
+    header["__metadata__"]["mumoe"] = json.dumps({**meta, "spec": "n1 r, " * 1_000})
+    with_header(saved, header, body)  # 6 kB: a description that fits, a spec that does not
     with pytest.raises(ValueError, match="files hold specs of at most 4,096"):
         load(saved)
     fifo = tmp_path / "fifo.safetensors"
