@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import os
+import tempfile
 
 # Each pytest-xdist worker gets one core's worth of threads: BLAS and torch
 # pools of every worker together would oversubscribe the machine (set before
@@ -153,6 +154,13 @@ def backend(request: pytest.FixtureRequest) -> Any:
     """Each usable backend in turn, active for the test."""
     with use_backend(request.param):
         yield request.param
+
+
+@pytest.fixture(autouse=True)
+def _temporary_files_under_pytest(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Doctests and library code call tempfile.mkdtemp(): put what they make under pytest's
+    # own temporary folder (kept for the last three runs, then removed), not /tmp.
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
 
 
 @pytest.fixture(autouse=True)

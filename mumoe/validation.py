@@ -11,7 +11,7 @@ another backend, of another dtype or of another shape is an error.
 from __future__ import annotations
 
 import operator
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -407,10 +407,13 @@ def check_cores(network: Network, cores: Sequence[Tensor], backend: str, dtype: 
     >>> check_cores(net, [np.ones(s) for s in net.core_shapes], "numpy")
     dtype('float64')
     """
-    if is_tensor(cores, backend) or not isinstance(cores, Sequence):
+    listed = isinstance(cores, Sequence) or (  # a torch ParameterList is not a Sequence
+        hasattr(cores, "__len__") and hasattr(cores, "__iter__") and hasattr(cores, "__getitem__")
+    )
+    if is_tensor(cores, backend) or isinstance(cores, str | bytes | Mapping) or not listed:
         raise TypeError(
-            f"cores must be a list or tuple of {network.n_cores} tensors, "
-            f"got {type(cores).__qualname__}"
+            f"cores must be a sequence of {network.n_cores} tensors (a list, tuple or torch "
+            f"ParameterList), got {type(cores).__qualname__}"
         )
     if len(cores) != network.n_cores:
         raise ValueError(

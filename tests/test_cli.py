@@ -77,3 +77,14 @@ def test_python_dash_m_and_console_script():
     assert result.returncode == 0 and "numpy" in result.stdout
     result = subprocess.run([sys.executable, "-m", "mumoe"], capture_output=True, text=True)
     assert result.returncode == 2 and "usage: mumoe" in result.stderr
+
+
+def test_a_reader_that_leaves_early_gets_no_traceback():
+    # `mumoe describe ... | head` ended in a BrokenPipeError traceback (issue #16, item 7).
+    argv = [sys.executable, "-m", "mumoe", "describe", "cp", "--expert-dims", "128",
+            "--in-features", "768", "--out-features", "1000", "--rank", "64"]  # fmt: skip
+    process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    process.stdout.close()  # the reader leaves before anything is written
+    stderr = process.stderr.read().decode()
+    process.stderr.close()
+    assert process.wait() == 0 and "Traceback" not in stderr, stderr

@@ -262,7 +262,7 @@ def good(batch=(6,)):
          r"network 'n1 r, n2 r, i r, o r' has 4 cores, got 3 tensors"),
         (lambda c, x, g: ([c[0], c[1], c[2][:5], c[3]], x, g), ValueError,
          r"cores\[2\] \(legs i r\) must have shape \(6, 2\), got \(5, 2\)"),
-        (lambda c, x, g: (c[0], x, g), TypeError, r"cores must be a list or tuple of 4 tensors"),
+        (lambda c, x, g: (c[0], x, g), TypeError, r"cores must be a sequence of 4 tensors \(a"),
         (lambda c, x, g: (c, x.astype(np.float32), g), TypeError,
          r"gates\[0\] has dtype float64 but x has float32"),
         (lambda c, x, g: (c, x, [g[0].astype(np.float32), g[1]]), TypeError,

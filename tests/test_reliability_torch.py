@@ -500,3 +500,27 @@ def test_compilers_and_transforms_work_or_say_what_does():
     entmax = MuMoE(8, 4, "cp", expert_dims=6, rank=3, normalization="ln")
     with pytest.raises(RuntimeError, match=r"use activation='softmax' or 'topk' under torch\.func"):
         vmap(entmax)(torch.randn(3, 5, 8))
+
+
+def test_the_functional_core_takes_a_layers_own_parameter_list():
+    # mumoe.forward(layer.network, layer.cores, ...) refused the ParameterList (issue #16).
+    layer = MuMoE(8, 4, "cp", expert_dims=6, rank=2, gated=False)
+    x, gates = torch.randn(3, 8), [torch.softmax(torch.randn(3, 6), -1)]
+    with thread_backend("pytorch"):
+        torch.testing.assert_close(forward(layer.network, layer.cores, x, gates), layer(x, gates))
+        with pytest.raises(TypeError, match="cores must be a sequence of 3 tensors"):
+            forward(layer.network, {"a": layer.cores[0]}, x, gates)
+
+
+def test_describe_builds_nothing_large():
+    # The README's describe of a 128-expert CLIP head must not materialise W (98M entries).
+    import tracemalloc
+
+    net = cp(128, 768, 1000, rank=64)
+    tracemalloc.start()
+    try:
+        net.describe(batch_size=256)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 16 * 2**20, f"describe allocated {peak / 2**20:.0f} MB at its peak"
