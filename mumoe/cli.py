@@ -102,7 +102,7 @@ def _demo(args: argparse.Namespace) -> int:
     run(
         experts=experts, network=args.network, budget=args.budget, epochs=epochs,
         seed=args.seed, edit_class=args.edit_class, output=args.output,
-        progress=not args.no_progress,
+        progress=not args.no_progress, threads=args.threads,
     )  # fmt: skip
     return 0
 
@@ -155,6 +155,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     demo.add_argument("--fast", action="store_true",
                       help="a smoke run: experts 4 16, 3 epochs (unless given)")  # fmt: skip
     demo.add_argument("--no-progress", action="store_true", help="no progress bars")
+    demo.add_argument("--threads", type=int, default=1,
+                      help="torch threads while training (default: 1; the models are tiny, "
+                      "so more threads only add synchronisation, and one thread gives the "
+                      "same numbers on every machine)")  # fmt: skip
     demo.set_defaults(run=_demo)
     backends = commands.add_parser("backends", help="the array backends and which are usable here")
     backends.set_defaults(run=_backends)

@@ -17,9 +17,11 @@ It needs the ``torch`` and ``demo`` extras (``pip install "mumoe[torch,demo]"``)
 
 from __future__ import annotations
 
+import contextlib
 import math
 import sys
-from collections.abc import Sequence
+import time
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -28,6 +30,7 @@ import numpy as np
 
 from mumoe import analysis
 from mumoe.budget import gate_params, linear_params, match_rank
+from mumoe.validation import positive_int
 
 __all__ = ["DemoResult", "HeadResult", "run"]
 
@@ -185,6 +188,7 @@ def run(
     output: str | Path | None = "mumoe-demo",
     progress: bool = True,
     stream: IO[str] | None = None,
+    threads: int = 1,
 ) -> DemoResult:
     """Train the heads, measure their experts, edit one, and draw the figures.
 
@@ -212,6 +216,12 @@ def run(
         Show tqdm progress bars (on stderr).
     stream : text stream, optional
         Where the report is printed; standard output by default.
+    threads : int, default 1
+        Torch's intra-op threads while the demo runs (restored after).  The
+        models are tiny: more threads only add synchronisation (a batch-norm
+        step of the gate took 48 ms with 2 threads on a busy 2-core machine,
+        46 µs with 1), and one thread makes the results the same on every
+        machine whatever its core count.
 
     Returns
     -------
@@ -235,7 +245,9 @@ def run(
 
     from mumoe.nn import MuMoE
 
+    started = time.perf_counter()
     out = stream if stream is not None else sys.stdout
+    threads = positive_int(threads, "threads")
     experts = [int(n) for n in experts]
     if not experts or any(n < 1 for n in experts):
         raise ValueError(f"experts must be positive expert counts, got {experts}")
@@ -247,79 +259,98 @@ def run(
     if folder is not None:
         folder.mkdir(parents=True, exist_ok=True)
 
-    # The statistics of the experts use every sample (train, then test): they
-    # describe what the gate routes, not how well the head generalises.
-    x_train, x_test, y_train, y_test, images = _digits(seed, test_size=0.25)
-    x_all = np.concatenate([x_train, x_test])
-    y_all = np.concatenate([y_train, y_test])
-    xt_train, xt_test, xt_all = map(torch.from_numpy, (x_train, x_test, x_all))
-    yt_train = torch.from_numpy(y_train)
+    with _torch_threads(threads):  # the whole computation, edit included
+        # The statistics of the experts use every sample (train, then test): they
+        # describe what the gate routes, not how well the head generalises.
+        x_train, x_test, y_train, y_test, images = _digits(seed, test_size=0.25)
+        x_all = np.concatenate([x_train, x_test])
+        y_all = np.concatenate([y_train, y_test])
+        xt_train, xt_test, xt_all = map(torch.from_numpy, (x_train, x_test, x_all))
+        yt_train = torch.from_numpy(y_train)
 
-    linear = linear_params(64, 10)
-    heads: list[HeadResult] = []
-    models: dict[int, Any] = {}
-    bar = tqdm(total=epochs * (1 + len(experts)), disable=not progress, desc="training",
-               unit="epoch", leave=False, file=sys.stderr)  # fmt: skip
-    with torch.random.fork_rng(devices=[]), bar:
-        torch.manual_seed(seed)
-        model: Any = torch.nn.Linear(64, 10)
-        bar.set_postfix_str("linear")
-        _train(model, xt_train, yt_train, epochs=epochs, seed=seed, progress=bar)
-        predictions = _predict(model, xt_test)
-        heads.append(
-            HeadResult("linear", 0, None, linear, 0, float(np.mean(predictions == y_test)),
-                       _class_accuracy(predictions, y_test))
-        )  # fmt: skip
-        for n in experts:
-            rank = match_rank(network, n, 64, 10, budget=budget * linear, gates=False)
+        linear = linear_params(64, 10)
+        heads: list[HeadResult] = []
+        models: dict[int, Any] = {}
+        bar = tqdm(total=epochs * (1 + len(experts)), disable=not progress, desc="training",
+                   unit="epoch", leave=False, file=sys.stderr)  # fmt: skip
+        with torch.random.fork_rng(devices=[]), bar:
             torch.manual_seed(seed)
-            model = MuMoE(64, 10, network, expert_dims=n, rank=rank)
-            bar.set_postfix_str(f"{network} N={n}")
+            model: Any = torch.nn.Linear(64, 10)
+            bar.set_postfix_str("linear")
             _train(model, xt_train, yt_train, epochs=epochs, seed=seed, progress=bar)
             predictions = _predict(model, xt_test)
-            coefficients = analysis.collect_gates(model, xt_all)[0]
-            histogram = analysis.class_histogram(
-                coefficients, y_all, n_classes=10, threshold=THRESHOLD
-            )
             heads.append(
-                HeadResult(
-                    f"{network} N={n}", n, rank, model.network.n_params, gate_params(64, n),
-                    float(np.mean(predictions == y_test)), _class_accuracy(predictions, y_test),
-                    analysis.mean_polysemanticity(histogram, min_count=MIN_COUNT),
-                    int(np.sum(histogram.sum(1) >= MIN_COUNT)), histogram,
-                )
+                HeadResult("linear", 0, None, linear, 0, float(np.mean(predictions == y_test)),
+                           _class_accuracy(predictions, y_test))
             )  # fmt: skip
-            models[n] = (model, coefficients)
+            for n in experts:
+                rank = match_rank(network, n, 64, 10, budget=budget * linear, gates=False)
+                torch.manual_seed(seed)
+                model = MuMoE(64, 10, network, expert_dims=n, rank=rank)
+                bar.set_postfix_str(f"{network} N={n}")
+                _train(model, xt_train, yt_train, epochs=epochs, seed=seed, progress=bar)
+                predictions = _predict(model, xt_test)
+                coefficients = analysis.collect_gates(model, xt_all)[0]
+                histogram = analysis.class_histogram(
+                    coefficients, y_all, n_classes=10, threshold=THRESHOLD
+                )
+                heads.append(
+                    HeadResult(
+                        f"{network} N={n}", n, rank, model.network.n_params, gate_params(64, n),
+                        float(np.mean(predictions == y_test)), _class_accuracy(predictions, y_test),
+                        analysis.mean_polysemanticity(histogram, min_count=MIN_COUNT),
+                        int(np.sum(histogram.sum(1) >= MIN_COUNT)), histogram,
+                    )
+                )  # fmt: skip
+                models[n] = (model, coefficients)
 
-    _report(heads, budget * linear, out)
-    largest = max(models)
-    model, coefficients = models[largest]
-    head = next(h for h in heads if h.n_experts == largest)
-    tied = _tied_experts(analysis.class_mass(coefficients, y_all, n_classes=10))
-    digit = edit_class
-    if digit is None and tied:
-        digit = max(sorted(tied), key=lambda c: len(tied[c]))
-    edited = tied.get(digit, []) if digit is not None else []
-    before = after = None
-    if digit is not None:
-        before = head.class_accuracy
-        with analysis.edit_experts(model, dict.fromkeys(edited, 0.0)):
-            after = _class_accuracy(_predict(model, xt_test), y_test)
-        _report_edit(largest, digit, edited, before, after, out)
-    else:
-        print(f"\nNo expert of the N={largest} head is tied to one digit: no edit.", file=out)
+        _report(heads, budget * linear, out)
+        largest = max(models)
+        model, coefficients = models[largest]
+        head = next(h for h in heads if h.n_experts == largest)
+        tied = _tied_experts(analysis.class_mass(coefficients, y_all, n_classes=10))
+        digit = edit_class
+        if digit is None and tied:
+            digit = max(sorted(tied), key=lambda c: len(tied[c]))
+        edited = tied.get(digit, []) if digit is not None else []
+        before = after = None
+        if digit is not None:
+            before = head.class_accuracy
+            with analysis.edit_experts(model, dict.fromkeys(edited, 0.0)):
+                after = _class_accuracy(_predict(model, xt_test), y_test)
+            _report_edit(largest, digit, edited, before, after, out)
+        else:
+            print(f"\nNo expert of the N={largest} head is tied to one digit: no edit.", file=out)
 
-    figures: list[Path] = []
-    if folder is not None:
-        figures.append(_plot_trend(heads, folder / "polysemanticity.png"))
-        for n in sorted({min(models), largest}):
-            figures.append(
-                _plot_experts(models[n][1], n, images, y_all, folder / f"experts_N{n}.png", seed)
-            )
-        if before is not None and after is not None and digit is not None:
-            figures.append(_plot_edit(before, after, digit, largest, folder / "edit.png"))
-        print("\nFigures: " + ", ".join(str(f) for f in figures), file=out)
+        figures: list[Path] = []
+        if folder is not None:
+            figures.append(_plot_trend(heads, folder / "polysemanticity.png"))
+            for n in sorted({min(models), largest}):
+                figures.append(
+                    _plot_experts(
+                        models[n][1], n, images, y_all, folder / f"experts_N{n}.png", seed
+                    )
+                )
+            if before is not None and after is not None and digit is not None:
+                figures.append(_plot_edit(before, after, digit, largest, folder / "edit.png"))
+            print("\nFigures: " + ", ".join(str(f) for f in figures), file=out)
+    elapsed = time.perf_counter() - started
+    print(
+        f"\nDone in {elapsed:.1f} s ({threads} torch thread{'s' if threads > 1 else ''}).", file=out
+    )
     return DemoResult(heads, digit, edited, before, after, figures)
+
+
+@contextlib.contextmanager
+def _torch_threads(threads: int) -> Iterator[None]:
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
 
 
 def _report(heads: list[HeadResult], budget: int, out: IO[str]) -> None:

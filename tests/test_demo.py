@@ -96,3 +96,27 @@ def check_the_figures(folder):
 def test_bad_options_are_refused_with_the_reason(tmp_path, capsys, argv, message):
     assert main(["demo", "--no-progress", "--output", str(tmp_path), *argv]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_the_numbers_do_not_depend_on_the_machines_thread_count():
+    # The demo trains with one torch thread whatever the caller set (issue #16, items 2-3),
+    # and puts the caller's setting back.
+    results = []
+    previous = torch.get_num_threads()
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            report = io.StringIO()
+            results.append(run(experts=[4], epochs=2, seed=1, edit_class=0, progress=False,
+                               output=None, stream=report))  # fmt: skip
+            assert torch.get_num_threads() == threads
+            assert report.getvalue().rstrip().endswith("(1 torch thread).")
+    finally:
+        torch.set_num_threads(previous)
+    first, second = results
+    for a, b in zip(first.heads, second.heads, strict=True):
+        assert a.accuracy == b.accuracy
+        np.testing.assert_array_equal(a.class_accuracy, b.class_accuracy)
+    np.testing.assert_array_equal(first.accuracy_after, second.accuracy_after)
+    with pytest.raises(TypeError, match="threads must be a positive int"):
+        run(experts=[4], epochs=1, progress=False, output=None, threads=0.5)
