@@ -210,18 +210,16 @@ def resolve_budget(
     >>> resolve_budget("same", 768, 1000, True), resolve_budget(0.5, 768, 1000, True)
     (769000, 384500)
     """
-    if isinstance(budget, Budget):
-        return budget.count(in_features, out_features, bias)
-    linear = linear_params(in_features, out_features, bias)
-    if budget == "same":
-        return linear
-    if isinstance(budget, float):
-        if not budget > 0:
-            raise ValueError(f"a fractional budget must be positive, got {budget}")
-        return int(budget * linear)
+    # Every form is a Budget, which checks it and counts it.
     if isinstance(budget, str):
-        raise ValueError(f"budget must be 'same', a float or an int, got {budget!r}")
-    return positive_int(budget, "budget")
+        if budget != "same":
+            raise ValueError(f"budget must be 'same', a float or an int, got {budget!r}")
+        budget = Budget(1.0)
+    elif isinstance(budget, float):
+        budget = Budget(budget)
+    elif not isinstance(budget, Budget):
+        budget = Budget(params=positive_int(budget, "budget"))
+    return budget.count(in_features, out_features, bias)
 
 
 def match_rank(

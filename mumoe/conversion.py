@@ -113,14 +113,20 @@ def _mxd(network: Network, m: np.ndarray, cores: Cores) -> Cores:
     return cores
 
 
+def _rank_r_pair(u: np.ndarray, v: np.ndarray, m: np.ndarray, r: int) -> None:
+    # Input and output factors along a last bond of size r (CP, and every expert of
+    # lowrank): U_k S_k^1/2 and V_k S_k^1/2 first, then v zero against u's random columns.
+    left, right, k = _halves(m, r)
+    u[..., :k] = left
+    v[..., :k] = right
+    v[..., k:] = 0.0
+
+
 def _cp(network: Network, m: np.ndarray, cores: Cores) -> Cores:
     *experts, u, v = cores
     for core in experts:
         core[...] = 1.0
-    left, right, k = _halves(m, network.ranks["r"])
-    u[:, :k] = left
-    v[:, :k] = right
-    v[:, k:] = 0.0  # against u's random columns
+    _rank_r_pair(u, v, m, network.ranks["r"])
     return cores
 
 
@@ -165,10 +171,7 @@ def _chain(network: Network, m: np.ndarray, cores: Cores) -> Cores:
 
 def _lowrank(network: Network, m: np.ndarray, cores: Cores) -> Cores:
     u, v = cores
-    left, right, k = _halves(m, network.ranks["r"])
-    u[..., :k] = left
-    v[..., :k] = right
-    v[..., k:] = 0.0
+    _rank_r_pair(u, v, m, network.ranks["r"])
     return cores
 
 

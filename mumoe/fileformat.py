@@ -58,7 +58,7 @@ FORMAT = "mumoe-weights"
 VERSION = 2
 
 #: The dtypes a file's arrays may have (safetensors' names).
-DTYPES = {"F16": np.float16, "F32": np.float32, "F64": np.float64}
+DTYPES = ("F16", "F32", "F64")
 
 PathLike = str | os.PathLike[str]
 

@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 import tensorly as tl
 
-from mumoe.activations import check_top_k, entmax15, softmax, sparsemax, topk
+from mumoe.activations import _keep, check_top_k, entmax15, softmax, sparsemax, topk
 from mumoe.backend import cast
 from mumoe.typing import Tensor
 from mumoe.validation import dtype_name
@@ -52,11 +52,6 @@ __all__ = [
 ]
 
 Activation = Callable[[Tensor], Tensor]
-
-
-def _keep(reduced: Tensor, like: Tensor) -> Tensor:
-    # Put back the reduced last axis (TensorLy's backends disagree on keepdims).
-    return tl.reshape(reduced, (*tl.shape(like)[:-1], 1))
 
 
 #: The gate activations by name, with their kernels on any TensorLy backend; each

@@ -212,8 +212,6 @@ def check_scales(scales: Any, what: str, dtype: Any) -> Any:
     ...
     ValueError: scales must be finite in float16 (at most 65504 in magnitude), got [1.0, 100000.0]
     """
-    import numpy as np
-
     name = dtype_name(dtype)
     largest = _LARGEST.get(name, _LARGEST["float64"])
     if not np.all(np.isfinite(scales)) or np.abs(scales).max(initial=0.0) > largest:

@@ -38,6 +38,11 @@ Include = Callable[[str, nn.Module], bool] | str
 _FROM_LINEAR = ("bias", "device", "dtype")
 
 
+def _is_conv1d(module: nn.Module) -> bool:
+    # transformers' Conv1D, recognised without importing transformers.
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf")
+
+
 def linear_weights(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The weight ``(O, I)`` and bias ``(O,)`` of a linear layer.
 
@@ -69,7 +74,7 @@ def linear_weights(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None
     bias: torch.Tensor | None
     if isinstance(module, nn.Linear):
         weight, bias = module.weight, module.bias
-    elif type(module).__name__ == "Conv1D" and hasattr(module, "nf"):
+    elif _is_conv1d(module):
         weight, bias = module.weight.T, module.bias  # type: ignore[assignment]
     else:
         raise TypeError(
@@ -233,7 +238,7 @@ def replace_linear(
     linears = [
         (name, module)
         for name, module in model.named_modules()
-        if name and (isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D")
+        if name and (isinstance(module, nn.Linear) or _is_conv1d(module))
     ]
     chosen = [(name, module) for name, module in linears if select(name, module)]
     if not chosen:
