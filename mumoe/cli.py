@@ -101,10 +101,37 @@ def _demo(args: argparse.Namespace) -> int:
     epochs = args.epochs if args.epochs is not None else (FAST_EPOCHS if args.fast else 40)
     run(
         experts=experts, network=args.network, budget=args.budget, epochs=epochs,
-        seed=args.seed, edit_class=args.edit_class, output=args.output,
+        seeds=args.seeds, edit_class=args.edit_class, output=args.output, json_path=args.json,
         progress=not args.no_progress, threads=args.threads,
     )  # fmt: skip
     return 0
+
+
+def _seeds(text: str) -> list[int]:
+    """``--seeds 0,1,2``: a comma-separated list of non-negative integers."""
+    try:
+        seeds = [int(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated integers such as 0,1,2, got {text!r}"
+        ) from None
+    return seeds
+
+
+DEMO_EPILOG = """\
+--json PATH writes what the report shows, per seed, as one JSON object:
+  {"version": 1, "seeds": [0, 1, 2],
+   "settings": {"experts", "network", "budget", "epochs", "edit_class"},
+   "heads": [{"name": "linear" or "cp N=8", "experts": int (null for the linear head),
+              "rank", "expert_params", "gate_params",
+              "accuracy": [one per seed], "class_accuracy": [per seed, 10 digits],
+              "polysemanticity": [one per seed] (null for the linear head),
+              "experts_counted": [one per seed] (null for the linear head)}, ...],
+   "edit": {"experts": N of the edited head, and one entry per seed (null where no
+            expert is tied to a digit) of "digit", "experts_switched_off", "share",
+            "accuracy_before", "accuracy_after", "change_on_digit", "change_on_others"}}
+It holds no wall time or thread count: the same seeds and options give the same file.
+"""
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -134,11 +161,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     commands = parser.add_subparsers(dest="command", required=True)
     demo = commands.add_parser(
         "demo",
+        epilog=DEMO_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
         help="train μMoE heads on scikit-learn's digits and show their experts specialise",
         description="Train a linear classifier and μMoE heads with more and more experts on "
-        "scikit-learn's bundled digits (CPU, no download), print accuracy and class-level "
-        "polysemanticity per expert count, switch off the experts of one digit, and write "
-        "PNG figures.",
+        "scikit-learn's bundled digits (CPU, no download) for several seeds, print accuracy "
+        "and class-level polysemanticity per expert count as mean ± standard deviation over "
+        "the seeds, switch off the experts of one digit, and write PNG figures.",
     )
     demo.add_argument("--experts", type=int, nargs="+", metavar="N",
                       help="expert counts of the heads (default: 8 32 128 512)")  # fmt: skip
@@ -147,18 +176,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     demo.add_argument("--budget", type=int, default=8,
                       help="expert parameters, in linear classifiers (default: 8)")  # fmt: skip
     demo.add_argument("--epochs", type=int, help="training epochs per head (default: 40)")
-    demo.add_argument("--seed", type=int, default=0, help="seed of the split, init and batches")
+    demo.add_argument("--seeds", type=_seeds, default=[0, 1, 2], metavar="S,S,...",
+                      help="seeds of the split, init and batches, one run each "
+                      "(default: 0,1,2)")  # fmt: skip
     demo.add_argument("--edit-class", type=int, metavar="DIGIT",
-                      help="digit whose experts to switch off (default: most tied)")  # fmt: skip
+                      help="digit whose experts to switch off (default, per seed: the digit "
+                      "whose tied experts carry the largest share of its gate mass)")  # fmt: skip
     demo.add_argument("--output", default="mumoe-demo",
                       help="folder for the figures (default: ./mumoe-demo)")  # fmt: skip
+    demo.add_argument("--json", metavar="PATH", help="write the results there (see below)")
     demo.add_argument("--fast", action="store_true",
                       help="a smoke run: experts 4 16, 3 epochs (unless given)")  # fmt: skip
     demo.add_argument("--no-progress", action="store_true", help="no progress bars")
-    demo.add_argument("--threads", type=int, default=1,
-                      help="torch threads while training (default: 1; the models are tiny, "
-                      "so more threads only add synchronisation, and one thread gives the "
-                      "same numbers on every machine)")  # fmt: skip
+    demo.add_argument("--threads", type=int,
+                      help="heads trained at once, each in its own process with ONE torch "
+                      "thread (default: the usable CPUs, at most 4). The models are tiny: "
+                      "torch's intra-op threads would only add synchronisation, and would make "
+                      "the numbers depend on the thread count; these do not.")  # fmt: skip
     demo.set_defaults(run=_demo)
     backends = commands.add_parser("backends", help="the array backends and which are usable here")
     backends.set_defaults(run=_backends)

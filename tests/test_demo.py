@@ -1,13 +1,15 @@
-"""``mumoe demo``, the main job, in its fast mode: it trains, reports, edits and draws.
+"""``mumoe demo``, the main job, in its fast mode: it trains, reports, edits, draws and writes JSON.
 
-The demo is trained once through the command line and once more to check
-that a seed gives the same numbers, in one test (one pytest-xdist worker).
+The demo runs once through the command line (two seeds in two worker
+processes) and once more from Python (one process, another torch thread
+count in the caller): the two must write the same JSON.
 """
 
 from __future__ import annotations
 
 import contextlib
 import io
+import json
 
 import numpy as np
 import pytest
@@ -19,62 +21,81 @@ for _module in ("torch", "sklearn", "matplotlib", "tqdm"):
 
 import torch  # noqa: E402
 
-import mumoe.demo  # noqa: E402
 from mumoe.cli import FAST_EPOCHS, FAST_EXPERTS, main  # noqa: E402
-from mumoe.demo import run  # noqa: E402
+from mumoe.demo import DemoResult, EditResult, HeadResult, run  # noqa: E402
+from mumoe.demo.figures import plot_edit, plot_trend  # noqa: E402
+from mumoe.demo.report import print_report  # noqa: E402
 
 PNG = b"\x89PNG\r\n\x1a\n"
-SEED, EDIT_CLASS = 3, 1
+SEEDS, EDIT_CLASS = [3, 4], 1
 
 
-def test_the_command_trains_reports_edits_draws_and_repeats_itself(tmp_path):
-    """``mumoe demo --fast`` once through the command line, then again from Python."""
-    results, real = [], mumoe.demo.run
-
-    def recording(**options):
-        results.append(real(**options))
-        return results[-1]
-
+def test_the_command_trains_reports_edits_draws_and_writes_the_same_json_for_any_threads(
+    tmp_path,
+):
     printed = io.StringIO()
     rng = torch.get_rng_state()
-    argv = ["demo", "--fast", "--no-progress", "--seed", str(SEED),
-            "--edit-class", str(EDIT_CLASS), "--output", str(tmp_path / "cli")]  # fmt: skip
-    with pytest.MonkeyPatch.context() as patch, contextlib.redirect_stdout(printed):
-        patch.setattr(mumoe.demo, "run", recording)  # the command imports it when run
+    argv = ["demo", "--fast", "--no-progress", "--seeds", "3,4", "--edit-class", str(EDIT_CLASS),
+            "--threads", "2", "--output", str(tmp_path / "cli"),
+            "--json", str(tmp_path / "cli.json")]  # fmt: skip
+    with contextlib.redirect_stdout(printed):
         assert main(argv) == 0
     assert torch.equal(torch.get_rng_state(), rng), "the demo changed torch's global RNG"
-    (first,) = results
-    check_the_report(printed.getvalue(), first)
+    report = printed.getvalue()
+    written = json.loads((tmp_path / "cli.json").read_text())
+    check_the_report(report, written)
+    check_the_json(written)
     check_the_figures(tmp_path / "cli")
+    assert "trained in 2 processes, one torch thread each" in report
 
-    # The same seed gives the same numbers (no figures this time: output=None).
-    second = run(experts=FAST_EXPERTS, epochs=FAST_EPOCHS, seed=SEED, edit_class=EDIT_CLASS,
-                 progress=False, output=None, stream=io.StringIO())  # fmt: skip
-    assert second.figures == []
-    for a, b in zip(first.heads, second.heads, strict=True):
-        assert (a.name, a.rank, a.accuracy) == (b.name, b.rank, b.accuracy)
-        np.testing.assert_array_equal(a.class_accuracy, b.class_accuracy)
-        if a.histogram is not None:
-            np.testing.assert_array_equal(a.histogram, b.histogram)
-    assert first.edited_experts == second.edited_experts
-    np.testing.assert_array_equal(first.accuracy_after, second.accuracy_after)
+    # The same seeds in this process, one head after another, with the caller at
+    # two torch threads: the same numbers, and the caller's thread count restored.
+    previous = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        again = run(experts=FAST_EXPERTS, epochs=FAST_EPOCHS, seeds=SEEDS, edit_class=EDIT_CLASS,
+                    threads=1, progress=False, output=None, stream=io.StringIO())  # fmt: skip
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(previous)
+    assert again.figures == []
+    assert again.to_json() == written
 
 
-def check_the_report(printed, result):
+def check_the_report(printed, written):
     for row in ("linear ", *(f"cp N={n} " for n in FAST_EXPERTS)):
         assert row in printed
-    assert f"Edit: in the N={max(FAST_EXPERTS)} head, switch off the" in printed
-    assert f"digit {EDIT_CLASS}:" in printed
-    linear, *heads = result.heads
-    assert (linear.n_experts, linear.expert_params, linear.gate_params) == (0, 650, 0)
-    assert [head.n_experts for head in heads] == FAST_EXPERTS
+    assert "Mean ± standard deviation over 2 seeds (3, 4)" in printed
+    for head in written["heads"]:
+        mean, sd = np.mean(head["accuracy"]), np.std(head["accuracy"], ddof=1)
+        assert f"{mean:.3f} ± {sd:.3f}" in printed
+    assert f"of their gate mass from one digit: digit {EDIT_CLASS}." in printed
+
+
+def check_the_json(written):
+    assert written["version"] == 1 and written["seeds"] == SEEDS
+    assert written["settings"] == {"experts": FAST_EXPERTS, "network": "cp", "budget": 8,
+                                   "epochs": FAST_EPOCHS, "edit_class": EDIT_CLASS}  # fmt: skip
+    linear, *heads = written["heads"]
+    assert linear["name"] == "linear" and linear["experts"] is None
+    assert (linear["expert_params"], linear["gate_params"], linear["rank"]) == (650, 0, None)
+    assert linear["polysemanticity"] is None and linear["experts_counted"] is None
+    assert [head["experts"] for head in heads] == FAST_EXPERTS
+    for head in written["heads"]:
+        assert len(head["accuracy"]) == len(SEEDS) and all(0 <= a <= 1 for a in head["accuracy"])
+        assert np.shape(head["class_accuracy"]) == (len(SEEDS), 10)
     for head in heads:
-        assert head.gate_params == 64 * head.n_experts
-        assert head.expert_params <= 8 * 650
-        assert head.histogram.shape == (head.n_experts, 10)
-        assert 0 <= head.accuracy <= 1 and head.class_accuracy.shape == (10,)
-        assert 0 <= head.polysemanticity <= np.sqrt(0.9) or head.experts_counted == 0
-        assert f"{head.accuracy:.3f}" in printed
+        assert head["gate_params"] == 64 * head["experts"] and head["expert_params"] <= 8 * 650
+        assert len(head["polysemanticity"]) == len(SEEDS)
+        assert all(p is None or 0 <= p <= np.sqrt(0.9) for p in head["polysemanticity"])
+    edit = written["edit"]
+    assert edit["experts"] == max(FAST_EXPERTS) and edit["digit"] == [EDIT_CLASS] * len(SEEDS)
+    for k in range(len(SEEDS)):
+        before, after = np.array(edit["accuracy_before"][k]), np.array(edit["accuracy_after"][k])
+        assert before.tolist() == heads[-1]["class_accuracy"][k]
+        assert edit["change_on_digit"][k] == after[EDIT_CLASS] - before[EDIT_CLASS]
+        if not edit["experts_switched_off"][k]:
+            assert after.tolist() == before.tolist()
 
 
 def check_the_figures(folder):
@@ -85,12 +106,54 @@ def check_the_figures(folder):
         assert (folder / name).read_bytes().startswith(PNG)
 
 
+def made_up_result(seeds=(0, 1, 2)):
+    """A result with known numbers: a seed without an edit, and a change that rounds to -0."""
+    s = len(seeds)
+    linear = HeadResult("linear", 0, None, 650, 0, np.full(s, 0.9), np.full((s, 10), 0.9),
+                        np.full(s, np.nan), np.zeros(s, int))  # fmt: skip
+    moe = HeadResult("cp N=4", 4, 19, 5135, 256, np.full(s, 0.9) - 1e-4, np.full((s, 10), 0.9),
+                     np.linspace(0.2, 0.4, s), np.arange(s) + 2)  # fmt: skip
+    before = np.full(10, 0.9)
+    after = before.copy()
+    after[3] = 0.5
+    edits = [EditResult(seed, 3, [1], 0.7, before, after) for seed in seeds[1:]]
+    settings = {"experts": [4], "network": "cp", "budget": 8, "epochs": 1, "edit_class": None}
+    return DemoResult(list(seeds), [linear, moe], settings, 4, [None, *edits])
+
+
+def test_the_report_gives_mean_and_spread_and_says_where_nothing_was_edited():
+    printed = io.StringIO()
+    print_report(made_up_result(), printed)
+    text = printed.getvalue()
+    assert (
+        "cp N=4  19    5,135 + 256          0.900 ± 0.000  +0.000 ± 0.000  0.300 ± 0.100    2-4/4"
+        in text
+    )
+    assert "-0.000" not in text
+    assert "0     -      0        -      no expert tied to a digit" in text
+    assert "on the edited digit: -0.400 ± 0.000; on the others: +0.000 ± 0.000" in text
+    assert "(mean ± standard deviation over 2 seeds (1, 2))." in text
+    one = io.StringIO()
+    print_report(made_up_result(seeds=(5,)), one)
+    assert "One seed (5): no spread is shown" in one.getvalue() and "±" not in one.getvalue()
+
+
+def test_the_figures_draw_every_seed_and_a_missing_edit(tmp_path):
+    result = made_up_result()
+    for plot, name in ((plot_trend, "trend.png"), (plot_edit, "edit.png")):
+        assert plot(result, tmp_path / name).read_bytes().startswith(PNG)
+
+
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
         (["--experts", "0"], "experts must be positive expert counts, got [0]"),
+        (["--experts", "4", "4"], "experts must be different expert counts, got [4, 4]"),
+        (["--seeds", "0,0"], "seeds must be different non-negative integers, got [0, 0]"),
+        (["--seeds", "-1"], "seeds must be different non-negative integers, got [-1]"),
         (["--edit-class", "12"], "edit_class must be a digit 0-9, got 12"),
         (["--epochs", "-1"], "epochs must be at least 1, got -1"),
+        (["--threads", "0"], "threads must be a positive int"),
     ],
 )
 def test_bad_options_are_refused_with_the_reason(tmp_path, capsys, argv, message):
@@ -98,25 +161,8 @@ def test_bad_options_are_refused_with_the_reason(tmp_path, capsys, argv, message
     assert message in capsys.readouterr().err
 
 
-def test_the_numbers_do_not_depend_on_the_machines_thread_count():
-    # The demo trains with one torch thread whatever the caller set (issue #16, items 2-3),
-    # and puts the caller's setting back.
-    results = []
-    previous = torch.get_num_threads()
-    try:
-        for threads in (1, 2):
-            torch.set_num_threads(threads)
-            report = io.StringIO()
-            results.append(run(experts=[4], epochs=2, seed=1, edit_class=0, progress=False,
-                               output=None, stream=report))  # fmt: skip
-            assert torch.get_num_threads() == threads
-            assert report.getvalue().rstrip().endswith("(1 torch thread).")
-    finally:
-        torch.set_num_threads(previous)
-    first, second = results
-    for a, b in zip(first.heads, second.heads, strict=True):
-        assert a.accuracy == b.accuracy
-        np.testing.assert_array_equal(a.class_accuracy, b.class_accuracy)
-    np.testing.assert_array_equal(first.accuracy_after, second.accuracy_after)
-    with pytest.raises(TypeError, match="threads must be a positive int"):
-        run(experts=[4], epochs=1, progress=False, output=None, threads=0.5)
+def test_seeds_that_are_not_integers_are_refused_by_the_parser(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["demo", "--seeds", "0,x"])
+    assert exit_.value.code == 2
+    assert "expected comma-separated integers such as 0,1,2, got '0,x'" in capsys.readouterr().err

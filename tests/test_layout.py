@@ -15,7 +15,7 @@ from mumoe.presets import preset_format
 
 PACKAGE = ROOT / "mumoe"
 #: Where torch may be imported (the torch modules, the reference drop-in, the demo).
-TORCH_HOMES = ("nn/", "compat.py", "demo.py")
+TORCH_HOMES = ("nn/", "compat.py", "demo/")
 
 
 def imported_modules(path):

@@ -6,6 +6,7 @@ import re
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from conftest import ROOT, use_backend
@@ -34,3 +35,47 @@ def test_describe_output_is_current():
         [sys.executable, "-c", command], capture_output=True, text=True, check=True
     ).stdout
     assert printed == shown
+
+
+def test_the_demo_table_and_sentences_are_the_stored_default_run():
+    """The README shows what ``mumoe demo`` printed for docs/_static/demo/results.json.
+
+    CI runs the demo again and says whether this machine gives the same file.
+    """
+    import io
+    import json
+
+    from mumoe.demo.report import print_report
+    from mumoe.demo.results import DemoResult, mean_sd
+
+    stored = json.loads((ROOT / "docs" / "_static" / "demo" / "results.json").read_text())
+    assert stored["seeds"] == [0, 1, 2]
+    assert stored["settings"] == {"experts": [8, 32, 128, 512], "network": "cp", "budget": 8,
+                                  "epochs": 40, "edit_class": None}  # fmt: skip
+    result = DemoResult.from_json(stored)
+    printed = io.StringIO()
+    print_report(result, printed)
+    lines = printed.getvalue().splitlines()
+    first = next(k for k, line in enumerate(lines) if line.startswith("head "))
+    last = next(k for k, line in enumerate(lines) if line.startswith("  (mean ±"))
+    assert "```\n" + "\n".join(lines[first : last + 1]) + "\n```" in README
+
+    def pm(values, digits):
+        mean, sd = mean_sd(values)
+        return f"{mean:.{digits}f} ± {sd:.{digits}f}"
+
+    heads = {head.n_experts: head for head in result.heads}
+    edits = [edit for edit in result.edits if edit is not None]
+    for claim in (
+        f"falls from {pm(heads[8].polysemanticity, 2)} at\n  N = 8 to "
+        f"{pm(heads[512].polysemanticity, 2)} at N = 512",
+        f"linear head's {pm(heads[0].accuracy, 3)}",
+        f"falls by {pm([-e.change_on_digit for e in edits], 3)}",
+        f"moves by +{pm([e.change_on_others for e in edits], 3)}",
+        "(digits " + ", ".join(str(e.digit) for e in edits[:-1]) + f" and {edits[-1].digit};",
+    ):
+        assert claim in README
+    # "it falls at every step in every seed"; "level with or below the linear head in each seed"
+    poly = np.array([heads[n].polysemanticity for n in (8, 32, 128, 512)])
+    assert (np.diff(poly, axis=0) < 0).all()
+    assert (heads[512].accuracy <= heads[0].accuracy).all()
