@@ -3,18 +3,13 @@ r"""The gate activations' kernels on any TensorLy backend: logits to coefficient
 Named in the one vocabulary :data:`mumoe.gating.ACTIVATIONS`; the PyTorch
 modules run the same names with torch kernels (:data:`mumoe.nn.gating.TORCH_KERNELS`).
 
-entmax-1.5 and sparsemax use the sort-based exact algorithms (Peters et al.,
-2019; Martins & Astudillo, 2016): for logits sorted in decreasing order
-:math:`z_{(1)} \ge \dots \ge z_{(N)}`,
+entmax-1.5 and sparsemax are :mod:`mumoe.simplex`'s exact candidate-window
+algorithm (a selection of each row's largest logits, a sort of those only)
+on the backend's own arrays; a backend that declares its own kernel of them
+(``entmax15`` / ``sparsemax`` in ``backends/*.toml``: PyTorch's
+:mod:`mumoe.nn.simplex`) runs that instead, so the layers and the serving
+functions share one implementation per backend family;
 
-* sparsemax: :math:`\tau = (\sum_{j \le k} z_{(j)} - 1) / k` with
-  :math:`k = \max\{k : 1 + k z_{(k)} > \sum_{j \le k} z_{(j)}\}`, and
-  :math:`p = \max(z - \tau, 0)`;
-* entmax-1.5 on :math:`u = z/2`: for each :math:`k`,
-  :math:`\tau_k = \bar u_k - \sqrt{\max(0, (1 - s_k)/k)}` with
-  :math:`\bar u_k` the mean and :math:`s_k` the sum of squared deviations of
-  the :math:`k` largest; the support is the number of :math:`k` with
-  :math:`\tau_k \le u_{(k)}`, and :math:`p = \max(u - \tau, 0)^2`;
 * top-k: softmax over the logits at or above the row's :math:`k`-th
   largest, :math:`p \propto e^{z} [z \ge z_{(k)}]`, with :math:`z_{(k)}` from a
   selection (the backend's declared ``kth_largest``), not a sort.
@@ -27,6 +22,7 @@ from typing import Any
 import numpy as np
 import tensorly as tl
 
+from mumoe import simplex
 from mumoe.backend import backend_function, creation_context
 from mumoe.typing import Tensor
 
@@ -52,10 +48,6 @@ def _ones(z: Tensor) -> Tensor:
 
 def _zeros(z: Tensor) -> Tensor:
     return _ones(z) * 0
-
-
-def _sorted_desc(z: Tensor) -> Tensor:
-    return tl.flip(tl.sort(z, axis=-1), axis=-1)
 
 
 def softmax(logits: Tensor) -> Tensor:
@@ -99,15 +91,7 @@ def sparsemax(logits: Tensor) -> Tensor:
     >>> sparsemax(np.array([[2.0, 1.0, -1.0]]))
     array([[1., 0., 0.]])
     """
-    z = logits - _keep(tl.max(logits, axis=-1), logits)
-    zs = _sorted_desc(z)
-    rank = tl.cumsum(_ones(zs), axis=-1)
-    cumulative = tl.cumsum(zs, axis=-1)
-    inside = tl.where(1 + rank * zs > cumulative, _ones(zs), _zeros(zs))
-    support = _keep(tl.sum(inside, axis=-1), zs)
-    selected = tl.where(rank == support, cumulative, _zeros(zs))
-    tau = (_keep(tl.sum(selected, axis=-1), zs) - 1) / support
-    return tl.clip(z - tau, 0, None)
+    return _declared_or_simplex("sparsemax", logits)
 
 
 def entmax15(logits: Tensor) -> Tensor:
@@ -129,18 +113,14 @@ def entmax15(logits: Tensor) -> Tensor:
     >>> entmax15(np.array([[0.0, 0.0]]))
     array([[0.5, 0.5]])
     """
-    u = (logits - _keep(tl.max(logits, axis=-1), logits)) / 2
-    us = _sorted_desc(u)
-    rank = tl.cumsum(_ones(us), axis=-1)
-    mean = tl.cumsum(us, axis=-1) / rank
-    mean_sq = tl.cumsum(us * us, axis=-1) / rank
-    spread = rank * (mean_sq - mean * mean)
-    tau = mean - tl.sqrt(tl.clip((1 - spread) / rank, 0, None))
-    inside = tl.where(tau <= us, _ones(us), _zeros(us))
-    support = _keep(tl.sum(inside, axis=-1), us)
-    tau_star = _keep(tl.sum(tl.where(rank == support, tau, _zeros(us)), axis=-1), us)
-    p = tl.clip(u - tau_star, 0, None)
-    return p * p
+    return _declared_or_simplex("entmax15", logits)
+
+
+def _declared_or_simplex(kind: str, logits: Tensor) -> Tensor:
+    kernel = backend_function(tl.get_backend(), kind)
+    if kernel is not None:
+        return kernel(logits)
+    return simplex.entmax15(logits) if kind == "entmax15" else simplex.sparsemax(logits)
 
 
 def kth_largest_by_partition(z: Tensor, k: int) -> Tensor:

@@ -160,6 +160,10 @@ class BackendDeclaration:
         ``"module:function"`` computing ``x @ core[:I] + core[I]`` with its
         own gradient (:func:`mumoe.nn.kernels.bias_matmul`), or empty;
         preferred to ``addmm``.
+    entmax15, sparsemax : str, default ""
+        ``"module:function"`` of the backend's own kernel of that gate
+        activation (the torch family's, :mod:`mumoe.nn.simplex`), or empty:
+        :mod:`mumoe.simplex` runs on the backend's arrays.
     jit : str, default ""
         ``"module:function"`` compiling a function of arrays once per shape
         (``jax.jit``), or empty: compiled plans are wrapped in it.
@@ -184,6 +188,8 @@ class BackendDeclaration:
     addmm: str = ""
     kth_largest: str = ""
     bias_matmul: str = ""
+    entmax15: str = ""
+    sparsemax: str = ""
     jit: str = ""
     max_examples: int = 0
 
@@ -230,6 +236,8 @@ def declared_backends() -> list[BackendDeclaration]:
                     addmm=str(data.get("addmm", "")),
                     kth_largest=str(data.get("kth_largest", "")),
                     bias_matmul=str(data.get("bias_matmul", "")),
+                    entmax15=str(data.get("entmax15", "")),
+                    sparsemax=str(data.get("sparsemax", "")),
                     jit=str(data.get("jit", "")),
                     max_examples=int(data.get("max_examples", 0)),
                 )

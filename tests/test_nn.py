@@ -404,7 +404,7 @@ def test_learning_reaches_the_loss_of_an_equal_size_linear_model():
     st.integers(0, 2**31),
 )
 def test_partial_sort_gates_equal_the_full_sort(n, rows, scale, ties, seed):
-    """The gate's entmax-1.5 / sparsemax (top-k, k doubling) equal entmax's full sort."""
+    """The gate's entmax-1.5 / sparsemax (a window of the largest, widened) equal the full sort."""
     from entmax import entmax15, sparsemax
 
     from mumoe.nn.gating import TORCH_KERNELS

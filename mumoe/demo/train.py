@@ -159,8 +159,8 @@ def choose_edit(mass: np.ndarray, digit: int | None = None) -> tuple[int, list[i
     --------
     >>> import numpy as np
     >>> mass = np.zeros((3, 10)); mass[0, 2] = 9; mass[0, 5] = 1; mass[1, 5] = 3; mass[2, 5] = 3
-    >>> choose_edit(mass)  # expert 0 carries 90% of digit 2's mass, expert 1 half of digit 5's
-    (2, [0], 0.9)
+    >>> choose_edit(mass)  # expert 0 carries all of digit 2's mass; 1 and 2, 6/7 of digit 5's
+    (2, [0], 1.0)
     >>> choose_edit(mass, 5)
     (5, [1, 2], 0.8571428571428571)
     >>> choose_edit(np.full((3, 10), 1.0)) is None

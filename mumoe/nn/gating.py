@@ -10,24 +10,23 @@ level :math:`e`,
 with ``norm`` one of :data:`mumoe.gating.NORMALIZATIONS` and :math:`\phi`
 one of :data:`mumoe.gating.ACTIVATIONS` or any callable.  This module holds
 the torch state (projections, batch-norm statistics) and
-:data:`TORCH_KERNELS`, the torch implementations of those names: the
-``entmax`` package's entmax-1.5 and sparsemax (exact gradients, a partial
-sort), and ``torch.softmax``.
+:data:`TORCH_KERNELS`, the torch implementations of those names:
+:mod:`mumoe.nn.simplex`'s entmax-1.5 and sparsemax (exact, closed-form
+gradients, a selection of each row's largest logits instead of a sort),
+``torch.softmax``, and top-k.
 
 Gating runs in float32 at least, whatever the input's dtype and whether
 ``torch.autocast`` is on: the logits, their normalisation (whose running
 statistics are kept in float32) and the activation.  The coefficients are
 then cast to the input's dtype.  In float16, logits of a few tens of
-thousands overflow entmax-1.5's squares and the ``entmax`` package returns
-NaNs or fails (deep-spin/entmax#30); half-precision running variances lose
-the precision batch norm needs.
+thousands overflow entmax-1.5's squares (deep-spin/entmax#30), and
+half-precision running variances lose the precision batch norm needs.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
-import math
 from collections.abc import Callable, Iterable, Sequence
 
 import torch
@@ -42,13 +41,13 @@ from mumoe.gating import (
 )
 from mumoe.gating import gate_coefficients as _gate_coefficients
 from mumoe.gating import resolve_activation as _resolve
+from mumoe.nn import simplex
 from mumoe.nn.contract import device_type
 
 NO_CONTEXT = contextlib.nullcontext()
 
 __all__ = [
     "NORMALIZATIONS",
-    "PARTIAL_SORT",
     "TORCH_KERNELS",
     "MuMoEGate",
     "builtin_name",
@@ -61,17 +60,6 @@ __all__ = [
 Activation = Callable[[torch.Tensor], torch.Tensor]
 
 
-#: entmax's partial sort: the threshold is found among the ``k`` largest logits,
-#: ``k`` doubling for the rows whose support is not inside them, so the result
-#: is exact.  Gate supports are small (tens of experts), and a top-32 costs a
-#: sixth of the full sort at N = 2048 (``benchmarks/README.md``).
-PARTIAL_SORT = 32
-
-
-def _partial_sort(n: int) -> int | None:
-    return PARTIAL_SORT if n > PARTIAL_SORT else None
-
-
 def _under_functorch(tensor: torch.Tensor) -> bool:
     # Inside a torch.func transform, tensors are functorch wrappers (private API: absent
     # from some builds, then nothing is detected and torch's own error stands).
@@ -82,52 +70,33 @@ def _under_functorch(tensor: torch.Tensor) -> bool:
     return bool(check is not None and check(tensor))
 
 
-def _nan_safe(activation: Activation) -> Activation:
-    """``activation``, with NaN coefficients for rows whose logits are not all finite.
-
-    The ``entmax`` package fails on such rows (an index error inside its
-    threshold search) instead of returning NaNs as softmax does; rows are
-    independent, so the finite ones are computed as usual.  The check runs
-    only when the activation fails: nothing is added to the common path.
-    """
+def _not_under_functorch(activation: Activation) -> Activation:
+    """``activation``, with a clear error inside torch.func transforms (it calls NumPy)."""
 
     # wraps: the module-level name and qualified name of ``activation``, so that
     # pickle finds the wrapper where it lives (whole-model pickling, issue #15, item 12).
     @functools.wraps(activation)
-    def safe(logits: torch.Tensor) -> torch.Tensor:
+    def checked(logits: torch.Tensor) -> torch.Tensor:
         if _under_functorch(logits):
             raise RuntimeError(
                 f"torch.func transforms (grad, vmap, jacrev, ...) cannot run the gate's "
-                f"{activation.__name__.lstrip('_')}: the entmax package's autograd Functions "
-                "do not support them; use activation='softmax' or 'topk' under torch.func, "
+                f"{activation.__name__.lstrip('_')}: its threshold is found with NumPy "
+                "(mumoe.nn.simplex); use activation='softmax' or 'topk' under torch.func, "
                 "or torch.autograd"
             )
-        try:
-            return activation(logits)
-        except (RuntimeError, IndexError):
-            finite = torch.isfinite(logits).all(dim=-1)
-            if bool(finite.all()):
-                raise
-        out = torch.full_like(logits, math.nan)
-        if bool(finite.any()):
-            out[finite] = activation(logits[finite])
-        return out
+        return activation(logits)
 
-    return safe
+    return checked
 
 
-@_nan_safe
+@_not_under_functorch
 def _entmax15(logits: torch.Tensor) -> torch.Tensor:
-    from entmax import entmax15
-
-    return entmax15(logits, dim=-1, k=_partial_sort(logits.shape[-1]))
+    return simplex.entmax15(logits)
 
 
-@_nan_safe
+@_not_under_functorch
 def _sparsemax(logits: torch.Tensor) -> torch.Tensor:
-    from entmax import sparsemax
-
-    return sparsemax(logits, dim=-1, k=_partial_sort(logits.shape[-1]))
+    return simplex.sparsemax(logits)
 
 
 def _softmax(logits: torch.Tensor) -> torch.Tensor:
