@@ -74,12 +74,6 @@ def _static_shapes(xp: Any) -> bool:
     return bool(xp.__name__.startswith("jax"))
 
 
-def _pick(values: Any, support: Any, xp: Any) -> Any:
-    """Each row's entry at ``support - 1`` (at least the first: a NaN row has no support)."""
-    index = xp.maximum(support, 1) - 1
-    return values[xp.arange(values.shape[0])[:, None], index]
-
-
 def _window_threshold(z: Any, m: Any, kind: str, width: int, xp: Any) -> tuple[Any, Any]:
     """Threshold and support size of each row of ``z``, read from its ``width`` largest."""
     # Array methods and slices, not xp.flip / xp.take_along_axis: NumPy's function API
@@ -90,25 +84,30 @@ def _window_threshold(z: Any, m: Any, kind: str, width: int, xp: Any) -> tuple[A
     rank = xp.arange(1, width + 1, dtype=z.dtype)
     if kind == "sparsemax":
         cumulative = xp.cumsum(ordered, axis=-1) - 1
-        support = (rank * ordered > cumulative).sum(axis=-1, keepdims=True)
-        tau = _pick(cumulative, support, xp) / xp.maximum(support, 1).astype(z.dtype)
-        return tau, support
-    us = ordered * 0.5
-    # The entmax package's tau_k = mean_k - sqrt((1 - ss_k) / k) with ss_k the squared
-    # deviations of the k largest, written with the two prefix sums c1 and c2:
-    # tau_k = (c1 - sqrt(c1^2 + k (1 - c2))) / k.  (Not a matrix product with a triangle
-    # of ones, faster alone: NumPy's BLAS threads and torch's OpenMP threads, taking
-    # turns, spin against each other, 0.3 ms -> 8 ms on 2 cores.)
-    c1, c2 = xp.cumsum(us, axis=-1), xp.cumsum(us * us, axis=-1)
-    disc = c1 * c1 + rank * (1 - c2)
-    # sqrt(max(disc, 0)) with a zero derivative where disc <= 0, not 0 * inf (JAX's
-    # gradients flow through the entries the support does not pick, too).
-    # A NaN disc (a -inf logit in the window) stays NaN: that k is not in the support.
-    inside = disc > 0
-    root = xp.where(inside, xp.sqrt(xp.where(inside, disc, 1)), xp.where(disc <= 0, 0, disc))
-    taus = (c1 - root) / rank
-    support = (taus <= us).sum(axis=-1, keepdims=True)
-    return _pick(taus, support, xp), support
+        inside = rank * ordered > cumulative
+        taus = cumulative / rank
+    else:
+        us = ordered * 0.5
+        # The entmax package's tau_k = mean_k - sqrt((1 - ss_k) / k) with ss_k the squared
+        # deviations of the k largest, written with the prefix sums c1, c2 of u and u^2:
+        # tau_k = (c1 - sqrt(c1^2 + k (1 - c2))) / k.  (Not a matrix product with a
+        # triangle of ones, faster alone: NumPy's BLAS threads and torch's OpenMP threads,
+        # taking turns, spin against each other, 0.3 ms -> 8 ms on 2 cores.)
+        c1, c2 = xp.cumsum(us, axis=-1), xp.cumsum(us * us, axis=-1)
+        disc = c1 * c1 + rank * (1 - c2)  # NaN where a -inf logit is in: never support
+        if _static_shapes(xp):  # JAX differentiates: no 0 * inf from sqrt at 0
+            positive = disc > 0
+            root = xp.where(positive, xp.sqrt(xp.where(positive, disc, 1)), 0)
+            root = xp.where(disc <= 0, 0, xp.where(positive, root, disc))
+        else:
+            root = xp.sqrt(xp.maximum(disc, 0))  # NaN stays NaN
+        taus = (c1 - root) / rank
+        inside = taus <= us
+    # The support is k = 1..k*, and tau_k <= tau* there with equality at k*: the
+    # threshold is the largest tau_k of the support (a NaN row has none: -inf, and its
+    # coefficients are NaN through the maximum).
+    tau = xp.where(inside, taus, -xp.inf).max(axis=-1, keepdims=True)
+    return tau, inside.sum(axis=-1, keepdims=True)
 
 
 def threshold(z: Any, kind: str, xp: Any = None, m: Any = None) -> tuple[Any, Any]:

@@ -31,6 +31,7 @@ in float32 at least anyway, :func:`mumoe.gating.gate_dtype`).
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
@@ -78,25 +79,25 @@ def _select(rows: torch.Tensor, width: int) -> torch.Tensor:
 
 def _window(
     rows: torch.Tensor, m: torch.Tensor, kind: str, index: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Threshold, support size and the window's coefficients (before squaring)."""
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Support size and the window's coefficients (before squaring), per row."""
     ordered = rows.gather(-1, index).sub_(m)
     width = index.shape[-1]
     rank = torch.arange(1, width + 1, dtype=rows.dtype, device=rows.device)
     if kind == "sparsemax":
         cumulative = ordered.cumsum(-1).sub_(1)
-        support = (rank * ordered > cumulative).sum(-1, keepdim=True)
-        count = support.clamp(min=1)  # a NaN row has no support: it reads NaN
-        tau = cumulative.gather(-1, count - 1) / count
-        return tau, support, (ordered - tau).clamp_(min=0)
-    us = ordered.mul_(0.5)
-    # The entmax package's tau_k = mean_k - sqrt((1 - ss_k) / k), with prefix sums
-    # c1, c2 of u and u^2: (c1 - sqrt(c1^2 + k (1 - c2))) / k (mumoe.simplex).
-    c1, c2 = us.cumsum(-1), (us * us).cumsum(-1)
-    taus = (c1 * c1).add_(rank * (1 - c2)).clamp_(min=0).sqrt_().neg_().add_(c1).div_(rank)
-    support = (taus <= us).sum(-1, keepdim=True)
-    tau = taus.gather(-1, support.clamp(min=1) - 1)
-    return tau, support, (us - tau).clamp_(min=0)
+        inside = rank * ordered > cumulative
+        taus = cumulative.div_(rank)
+    else:
+        ordered.mul_(0.5)
+        # The entmax package's tau_k = mean_k - sqrt((1 - ss_k) / k), with prefix sums
+        # c1, c2 of u and u^2: (c1 - sqrt(c1^2 + k (1 - c2))) / k (mumoe.simplex).
+        c1, c2 = ordered.cumsum(-1), (ordered * ordered).cumsum(-1)
+        taus = (c1 * c1).add_(rank * (1 - c2)).clamp_(min=0).sqrt_().neg_().add_(c1).div_(rank)
+        inside = taus <= ordered
+    # The threshold is the largest tau_k of the support (mumoe.simplex); NaN rows: -inf.
+    tau = taus.masked_fill_(~inside, -math.inf).amax(-1, keepdim=True)
+    return inside.sum(-1, keepdim=True), (ordered - tau).clamp_(min=0)
 
 
 def _fit(x: torch.Tensor, width: int) -> torch.Tensor:
@@ -114,7 +115,7 @@ def _eager_support(
     m = rows.amax(-1, keepdim=True)
     width = min(n, simplex.WINDOW)
     index = _select(rows, width)
-    tau, support, values = _window(rows, m, kind, index)
+    support, values = _window(rows, m, kind, index)
     widened = []  # (rows, index, values) of the rows whose support filled their window
     largest = [support.max()]  # support sizes, an upper bound per stage
     pending = None
@@ -125,14 +126,14 @@ def _eager_support(
         pending = full if pending is None else pending[full]
         width = min(2 * width, n)
         wide_index = _select(rows[pending], width)
-        tau[pending], support, wide_values = _window(rows[pending], m[pending], kind, wide_index)
+        support, wide_values = _window(rows[pending], m[pending], kind, wide_index)
         widened.append((pending, wide_index, wide_values))
         largest.append(support.max())
     k = max(int(max(largest)), 1)
     index, values = _fit(index, k), _fit(values, k)
     for chosen, wide_index, wide_values in widened:
         index[chosen], values[chosen] = _fit(wide_index, k), _fit(wide_values, k)
-    return index, values, torch.isnan(tau[:, 0])
+    return index, values, ~torch.isfinite(m[:, 0])  # NaN, +inf, or all -inf
 
 
 def _traced_support(
@@ -144,8 +145,8 @@ def _traced_support(
     """
     m = rows.amax(-1, keepdim=True)
     index = torch.sort(rows, dim=-1, descending=True).indices
-    tau, _, values = _window(rows, m, kind, index)
-    return index, values, torch.isnan(tau[:, 0])
+    _, values = _window(rows, m, kind, index)
+    return index, values, ~torch.isfinite(m[:, 0])  # NaN, +inf, or all -inf
 
 
 _GRAPH_BREAK: list[Any] = []  # torch.compiler.disable(_eager_support), made when first needed
@@ -171,28 +172,35 @@ def _support(rows: torch.Tensor, kind: str) -> tuple[torch.Tensor, torch.Tensor,
 SMALL = 16384
 
 
-def _forward(z: torch.Tensor, kind: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _forward(
+    z: torch.Tensor, kind: str, support: bool = True
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """The coefficients (shape of ``z``), and the support's indices and values (B, K).
 
-    The support is empty (K = 0) where the coefficients were computed densely.
+    The support is empty (K = 0) where the coefficients were computed densely, and
+    None when ``support`` is False (no graph: nothing is kept).
     """
     n = z.shape[-1]
     rows = z.detach().reshape(-1, n)
-    empty = torch.zeros(rows.shape[0], 0, dtype=torch.int64, device=z.device)
-    if rows.shape[0] == 0 or n == 0:
-        return torch.zeros_like(z), empty, empty.to(z.dtype)
     plain = type(rows) is torch.Tensor and not torch.compiler.is_compiling()
-    if plain and rows.device.type == "cpu" and rows.numel() <= SMALL:
+    if rows.shape[0] == 0 or n == 0:
+        p = torch.zeros_like(z)
+    elif plain and rows.device.type == "cpu" and rows.numel() <= SMALL:
         dense = simplex.entmax15 if kind == "entmax15" else simplex.sparsemax
-        return torch.from_numpy(dense(rows.numpy(), np)).reshape(z.shape), empty, empty.to(z.dtype)
-    index, values, nan_rows = _support(rows, kind)
-    coefficients = values * values if kind == "entmax15" else values
-    p = torch.zeros_like(rows).scatter_add_(-1, index, coefficients)
-    if not plain:  # traced: no data-dependent branch
-        p = torch.where(nan_rows[:, None], float("nan"), p)
-    elif bool(nan_rows.any()):
-        p[nan_rows] = float("nan")
-    return p.reshape(z.shape), index, values
+        p = torch.from_numpy(dense(rows.numpy(), np)).reshape(z.shape)
+    else:
+        index, values, bad_rows = _support(rows, kind)
+        coefficients = values * values if kind == "entmax15" else values
+        p = torch.zeros_like(rows).scatter_add_(-1, index, coefficients)
+        if not plain:  # traced: no data-dependent branch
+            p = torch.where(bad_rows[:, None], float("nan"), p)
+        elif bool(bad_rows.any()):
+            p[bad_rows] = float("nan")
+        return p.reshape(z.shape), index, values
+    if not support:
+        return p, None, None
+    none = torch.zeros(rows.shape[0], 0, dtype=torch.int64, device=z.device)
+    return p, none, none.to(z.dtype)
 
 
 def _root(p: torch.Tensor) -> torch.Tensor:
@@ -203,7 +211,7 @@ def _root(p: torch.Tensor) -> torch.Tensor:
 
 class _Entmax15(torch.autograd.Function):
     @staticmethod
-    def forward(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def forward(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         return _forward(z, "entmax15")
 
     @staticmethod
@@ -230,7 +238,7 @@ class _Entmax15(torch.autograd.Function):
 
 class _Sparsemax(torch.autograd.Function):
     @staticmethod
-    def forward(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def forward(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         return _forward(z, "sparsemax")
 
     @staticmethod
@@ -265,7 +273,7 @@ def _run(function: Any, z: torch.Tensor, kind: str) -> torch.Tensor:
         return _run(function, z.float(), kind).to(z.dtype)
     if torch.is_grad_enabled() and z.requires_grad:
         return function.apply(z)[0]
-    return _forward(z, kind)[0]  # no graph: skip autograd.Function's cost
+    return _forward(z, kind, support=False)[0]  # no graph: skip autograd.Function's cost
 
 
 def entmax15(z: torch.Tensor) -> torch.Tensor:
