@@ -23,6 +23,7 @@ import statistics
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -37,7 +38,7 @@ LAYER_BATCHES = (8, 256)
 Fn = Callable[[], object]
 
 
-def _medians(functions: dict[str, Fn], rounds: int) -> dict[str, float]:
+def _medians(functions: dict[str, Any], rounds: int) -> dict[str, float]:
     """Median seconds per call of each function, calls interleaved round by round."""
     repeat = {}
     for name, fn in functions.items():  # warm up, and calls per round for ~2 ms
@@ -66,7 +67,7 @@ def _package_entmax15(z: torch.Tensor) -> torch.Tensor:
     return package_entmax15(z, dim=-1, k=32 if z.shape[-1] > 32 else None)
 
 
-def torch_activations(rounds: int) -> list[dict[str, object]]:
+def torch_activations(rounds: int) -> list[dict[str, Any]]:
     """Forward and forward + backward of each torch activation, per logits shape."""
     kernels: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
         "softmax": lambda z: torch.softmax(z, -1),
@@ -87,12 +88,12 @@ def torch_activations(rounds: int) -> list[dict[str, object]]:
     return rows
 
 
-def numpy_activations(rounds: int) -> list[dict[str, object]]:
+def numpy_activations(rounds: int) -> list[dict[str, Any]]:
     """NumPy softmax against mumoe.simplex, per logits shape."""
 
     def softmax(z: np.ndarray) -> np.ndarray:
         e = np.exp(z - z.max(-1, keepdims=True))
-        return e / e.sum(-1, keepdims=True)  # type: ignore[no-any-return]
+        return e / e.sum(-1, keepdims=True)
 
     rows = []
     for b, n in SHAPES:
@@ -106,7 +107,7 @@ def numpy_activations(rounds: int) -> list[dict[str, object]]:
     return rows
 
 
-def layers(rounds: int) -> list[dict[str, object]]:
+def layers(rounds: int) -> list[dict[str, Any]]:
     """The CLIP-size CP layer's forward + backward with an entmax-1.5 and a softmax gate."""
     rows = []
     for batch in LAYER_BATCHES:
@@ -115,6 +116,7 @@ def layers(rounds: int) -> list[dict[str, object]]:
         softmax = MuMoE(768, 1000, "cp", expert_dims=512, rank=512, activation="softmax")
         softmax.load_state_dict(entmax.state_dict())
         for layer in (entmax, softmax):  # trained gates, not zero ones: spread logits
+            assert layer.gate is not None
             torch.nn.init.normal_(layer.gate.projections[0], std=768**-0.5)
         x = torch.randn(batch, 768)
 
@@ -135,15 +137,14 @@ def _us(seconds: float) -> str:
     return f"{seconds * 1e6:,.0f} µs" if seconds < 1e-2 else f"{seconds * 1e3:,.1f} ms"
 
 
-def print_tables(result: dict[str, list[dict[str, object]]]) -> None:
+def print_tables(result: dict[str, list[dict[str, Any]]]) -> None:
     """The three tables, in markdown."""
     print("## torch, the activation alone (ratios to softmax, same run)\n")
     print("| logits | softmax f | entmax-1.5 f | f+b | sparsemax f | f+b | package k=32 f | f+b |")
     print("|---|---|---|---|---|---|---|---|")
     for row in result["torch"]:
         s = row["seconds"]
-        assert isinstance(s, dict)
-        b, n = row["shape"]  # type: ignore[misc]
+        b, n = row["shape"]
         cells = [f"{b} × {n:,}", _us(s["softmax f"])]
         for name in ("entmax15", "sparsemax", "entmax15 package k=32"):
             cells.append(f"{_us(s[f'{name} f'])}, {s[f'{name} f'] / s['softmax f']:.1f}×")
@@ -154,8 +155,7 @@ def print_tables(result: dict[str, list[dict[str, object]]]) -> None:
     print("|---|---|---|---|")
     for row in result["numpy"]:
         s = row["seconds"]
-        assert isinstance(s, dict)
-        b, n = row["shape"]  # type: ignore[misc]
+        b, n = row["shape"]
         entmax, sparse = s["entmax15"] / s["softmax"], s["sparsemax"] / s["softmax"]
         print(f"| {b} × {n:,} | {_us(s['softmax'])} | {entmax:.1f}× | {sparse:.1f}× |")
     print("\n## CP layer, CLIP head (768 -> 1000, 512 experts, rank 512), forward + backward\n")
@@ -163,7 +163,6 @@ def print_tables(result: dict[str, list[dict[str, object]]]) -> None:
     print("|---|---|---|---|")
     for row in result["layers"]:
         s = row["seconds"]
-        assert isinstance(s, dict)
         ratio = s["entmax15 gate f+b"] / s["softmax gate f+b"]
         print(f"| {row['batch']} | {_us(s['softmax gate f+b'])} | "
               f"{_us(s['entmax15 gate f+b'])} | {ratio:.2f}× |")  # fmt: skip
