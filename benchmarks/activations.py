@@ -35,6 +35,10 @@ from mumoe.nn import simplex as torch_simplex
 
 SHAPES = ((1, 64), (8, 512), (256, 2048), (4096, 64), (256, 24576))
 LAYER_BATCHES = (8, 256)
+LAYER = {"in_features": 768, "out_features": 1000, "expert_dims": 512, "rank": 512}
+#: --quick (the test suite's smoke run): tiny shapes, tiny layer.
+QUICK_SHAPES = ((1, 8), (4, 100))
+QUICK_LAYER = {"in_features": 12, "out_features": 6, "expert_dims": 16, "rank": 4}
 Fn = Callable[[], object]
 
 
@@ -67,7 +71,9 @@ def _package_entmax15(z: torch.Tensor) -> torch.Tensor:
     return package_entmax15(z, dim=-1, k=32 if z.shape[-1] > 32 else None)
 
 
-def torch_activations(rounds: int) -> list[dict[str, Any]]:
+def torch_activations(
+    rounds: int, shapes: tuple[tuple[int, int], ...] = SHAPES
+) -> list[dict[str, Any]]:
     """Forward and forward + backward of each torch activation, per logits shape."""
     kernels: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
         "softmax": lambda z: torch.softmax(z, -1),
@@ -76,7 +82,7 @@ def torch_activations(rounds: int) -> list[dict[str, Any]]:
         "entmax15 package k=32": _package_entmax15,
     }
     rows = []
-    for b, n in SHAPES:
+    for b, n in shapes:
         generator = torch.Generator().manual_seed(0)
         z = torch.randn(b, n, generator=generator)  # normalised logits: unit variance
         g = torch.randn(b, n, generator=generator)
@@ -88,7 +94,9 @@ def torch_activations(rounds: int) -> list[dict[str, Any]]:
     return rows
 
 
-def numpy_activations(rounds: int) -> list[dict[str, Any]]:
+def numpy_activations(
+    rounds: int, shapes: tuple[tuple[int, int], ...] = SHAPES
+) -> list[dict[str, Any]]:
     """NumPy softmax against mumoe.simplex, per logits shape."""
 
     def softmax(z: np.ndarray) -> np.ndarray:
@@ -96,7 +104,7 @@ def numpy_activations(rounds: int) -> list[dict[str, Any]]:
         return e / e.sum(-1, keepdims=True)
 
     rows = []
-    for b, n in SHAPES:
+    for b, n in shapes:
         z = np.random.default_rng(0).standard_normal((b, n)).astype(np.float32)
         functions: dict[str, Fn] = {
             "softmax": functools.partial(softmax, z),
@@ -107,18 +115,20 @@ def numpy_activations(rounds: int) -> list[dict[str, Any]]:
     return rows
 
 
-def layers(rounds: int) -> list[dict[str, Any]]:
+def layers(rounds: int, sizes: dict[str, int] = LAYER) -> list[dict[str, Any]]:
     """The CLIP-size CP layer's forward + backward with an entmax-1.5 and a softmax gate."""
     rows = []
     for batch in LAYER_BATCHES:
         torch.manual_seed(0)
-        entmax = MuMoE(768, 1000, "cp", expert_dims=512, rank=512)
-        softmax = MuMoE(768, 1000, "cp", expert_dims=512, rank=512, activation="softmax")
+        shape = (sizes["in_features"], sizes["out_features"])
+        options: dict[str, Any] = {"expert_dims": sizes["expert_dims"], "rank": sizes["rank"]}
+        entmax = MuMoE(*shape, "cp", **options)
+        softmax = MuMoE(*shape, "cp", activation="softmax", **options)
         softmax.load_state_dict(entmax.state_dict())
         for layer in (entmax, softmax):  # trained gates, not zero ones: spread logits
             assert layer.gate is not None
-            torch.nn.init.normal_(layer.gate.projections[0], std=768**-0.5)
-        x = torch.randn(batch, 768)
+            torch.nn.init.normal_(layer.gate.projections[0], std=sizes["in_features"] ** -0.5)
+        x = torch.randn(batch, sizes["in_features"])
 
         functions = {
             "entmax15 gate f+b": functools.partial(_step, entmax, x),
@@ -158,7 +168,8 @@ def print_tables(result: dict[str, list[dict[str, Any]]]) -> None:
         b, n = row["shape"]
         entmax, sparse = s["entmax15"] / s["softmax"], s["sparsemax"] / s["softmax"]
         print(f"| {b} × {n:,} | {_us(s['softmax'])} | {entmax:.1f}× | {sparse:.1f}× |")
-    print("\n## CP layer, CLIP head (768 -> 1000, 512 experts, rank 512), forward + backward\n")
+    print("\n## CP layer, CLIP head (768 -> 1000, 512 experts, rank 512; --quick: tiny), "
+          "forward + backward\n")  # fmt: skip
     print("| batch | softmax gate | entmax-1.5 gate | ratio |")
     print("|---|---|---|---|")
     for row in result["layers"]:
@@ -174,12 +185,14 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=15, help="rounds per measurement")
     parser.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
     parser.add_argument("--json", type=Path, help="write the medians there")
+    parser.add_argument("--quick", action="store_true", help="a smoke run: tiny shapes")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    shapes = QUICK_SHAPES if args.quick else SHAPES
     result = {
-        "torch": torch_activations(args.rounds),
-        "numpy": numpy_activations(args.rounds),
-        "layers": layers(args.rounds),
+        "torch": torch_activations(args.rounds, shapes),
+        "numpy": numpy_activations(args.rounds, shapes),
+        "layers": layers(args.rounds, QUICK_LAYER if args.quick else LAYER),
     }
     print(f"# Gate activations against softmax ({platform.machine()}, torch "
           f"{torch.__version__}, {args.threads} threads, {args.rounds} rounds)\n")  # fmt: skip

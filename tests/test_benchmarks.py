@@ -30,3 +30,20 @@ def test_quick_run_writes_every_configuration(tmp_path):
     impls = {r["impl"] for r in records if r["table"] == "contraction"}
     assert {"mumoe", "reference order", "limit", "opt_einsum optimal"} <= impls
     assert "## quick-cp" in result.stdout
+
+
+def test_the_activation_benchmark_runs(tmp_path):
+    out = tmp_path / "activations.json"
+    result = subprocess.run(
+        [sys.executable, "-m", "benchmarks.activations", "--quick", "--rounds", "1",
+         "--threads", "1", "--json", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    written = json.loads(out.read_text())
+    assert [row["shape"] for row in written["torch"]] == [[1, 8], [4, 100]]
+    assert {"softmax f", "entmax15 f+b", "sparsemax f", "entmax15 package k=32 f+b"} <= set(
+        written["torch"][0]["seconds"]
+    )
+    assert [row["batch"] for row in written["layers"]] == [8, 256]
+    assert "| 4 × 100 |" in result.stdout
