@@ -54,6 +54,15 @@ WINDOW = 64
 def namespace(array: Any) -> Any:
     """The NumPy-API module of ``array``: ``numpy``, ``cupy`` or ``jax.numpy``.
 
+    Parameters
+    ----------
+    array : array
+        A NumPy, CuPy or JAX array (anything else counts as NumPy's).
+
+    Returns
+    -------
+    module
+
     Examples
     --------
     >>> import numpy as np
