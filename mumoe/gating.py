@@ -287,6 +287,7 @@ def gate_coefficients(
     projections: Sequence[Tensor],
     norms: Sequence[Callable[[Tensor], Tensor] | None],
     activation: Callable[[Tensor], Tensor],
+    logits: list[Tensor] | None = None,
 ) -> list[Tensor]:
     """The gate coefficients ``activation(norm(x @ G_e))`` of every level.
 
@@ -304,6 +305,10 @@ def gate_coefficients(
         takes its statistics over every leading dimension (None: no norm).
     activation : callable
         From logits ``(B, N_e)`` to coefficients, such as :func:`entmax15`.
+    logits : list, optional
+        If given, each level's activation input ``norm(x @ G_e)``, shaped
+        ``(..., N_e)``, is appended to it (for the router z-loss,
+        :func:`mumoe.health.router_z_loss`).
 
     Returns
     -------
@@ -323,10 +328,12 @@ def gate_coefficients(
         rows = cast(rows, compute)
     gates = []
     for projection, norm in zip(projections, norms, strict=True):
-        logits = rows @ (projection if projection.dtype == compute else cast(projection, compute))
+        z = rows @ (projection if projection.dtype == compute else cast(projection, compute))
         if norm is not None:
-            logits = norm(logits)
-        coefficients = activation(logits)
+            z = norm(z)
+        if logits is not None:
+            logits.append(z.reshape(*lead, projection.shape[-1]))
+        coefficients = activation(z)
         if coefficients.dtype != x.dtype:
             coefficients = cast(coefficients, x.dtype)
         gates.append(coefficients.reshape(*lead, projection.shape[-1]))

@@ -1,4 +1,4 @@
-"""Tensor-network diagrams of :class:`~mumoe.Network` objects, drawn with matplotlib.
+"""Tensor-network diagrams of :class:`~mumoe.Network` objects, and expert-usage heatmaps.
 
 Needs matplotlib (``pip install "mumoe[demo]"``); nothing else in mumoe
 imports this module.
@@ -15,7 +15,7 @@ from matplotlib.patches import Circle, FancyArrowPatch
 
 from mumoe.network import Network
 
-__all__ = ["draw_network"]
+__all__ = ["draw_network", "plot_usage"]
 
 OPEN = {"i": "tab:blue", "o": "tab:green"}  # expert legs: tab:orange
 RADIUS = 0.22
@@ -178,4 +178,45 @@ def draw_network(network: Network, ax: Axes | None = None, title: str | None = N
     ax.set_aspect("equal")
     ax.axis("off")
     ax.set_title(title if title is not None else f"{network.format}: {network.spec}", fontsize=9)
+    return figure
+
+
+def plot_usage(
+    history: np.ndarray, ax: Axes | None = None, title: str | None = None, every: int = 1
+) -> Figure:
+    """A heatmap of the experts' mass over training (:meth:`mumoe.nn.ExpertMonitor.history`).
+
+    Parameters
+    ----------
+    history : array, shape (passes, N)
+        The mean coefficient of each expert per recorded forward pass.
+    ax : matplotlib.axes.Axes, optional
+        Where to draw; by default on a new :class:`matplotlib.figure.Figure`.
+    title : str, optional
+    every : int, default 1
+        Forward passes between recorded rows, to label the axis in passes.
+
+    Returns
+    -------
+    matplotlib.figure.Figure
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> fig = plot_usage(np.full((20, 8), 1 / 8), title="uniform")
+    >>> fig.axes[0].get_xlabel()
+    'expert'
+    """
+    history = np.asarray(history, dtype=float)
+    if history.ndim != 2:
+        raise ValueError(f"history must be (passes, experts), got shape {history.shape}")
+    if ax is None:
+        ax = Figure(figsize=(6, 3.2), layout="constrained").subplots()
+    figure = ax.get_figure()
+    assert isinstance(figure, Figure)
+    extent = (-0.5, history.shape[1] - 0.5, history.shape[0] * every, 0)
+    image = ax.imshow(history, aspect="auto", interpolation="nearest", cmap="viridis", vmin=0,
+                      extent=extent)  # fmt: skip
+    ax.set(xlabel="expert", ylabel="forward pass", title=title or "mean coefficient per expert")
+    figure.colorbar(image, ax=ax, label="mass")
     return figure

@@ -20,6 +20,7 @@ from mumoe.nn.gating import (
     resolve_activation,
     torch_gate_coefficients,
 )
+from mumoe.nn.health import ExpertMonitor, collect_aux_losses, gate_mask
 from mumoe.nn.init import init_cores_
 from mumoe.nn.layers import (
     CPMuMoE,
@@ -32,6 +33,7 @@ from mumoe.nn.layers import (
 __all__ = [
     "TORCH_KERNELS",
     "CPMuMoE",
+    "ExpertMonitor",
     "FactorizedMuMoE",
     "GateRecord",
     "MuMoE",
@@ -41,8 +43,10 @@ __all__ = [
     "TTMuMoE",
     "TuckerMuMoE",
     "build_network",
+    "collect_aux_losses",
     "from_linear",
     "gate_dtype",
+    "gate_mask",
     "init_cores_",
     "network_of",
     "record_gates",

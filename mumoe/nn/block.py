@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -36,7 +36,7 @@ class MuMoEBlock(nn.Module):
     rank : int, tuple, mapping, "same" or float
         For both layers; a budget is matched per layer against
         ``nn.Linear`` of that layer's sizes, the gate counted in the first.
-    bias, normalization, activation, top_k, input_norm, device, dtype
+    bias, normalization, activation, top_k, balance, input_norm, device, dtype
         As for :class:`MuMoE`.
 
     Examples
@@ -60,6 +60,7 @@ class MuMoEBlock(nn.Module):
         normalization: str | None = "bn",
         activation: str | Activation = "entmax15",
         top_k: int | None = None,
+        balance: Mapping[str, float] | None = None,
         input_norm: bool = False,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
@@ -80,7 +81,8 @@ class MuMoEBlock(nn.Module):
         )  # fmt: skip
         self.gate = MuMoEGate(
             in_features, first.expert_dims,
-            normalization=normalization, activation=activation, top_k=top_k, **factory,
+            normalization=normalization, activation=activation, top_k=top_k, balance=balance,
+            **factory,
         )  # fmt: skip
         self.input_norm = nn.LayerNorm(in_features, **factory) if input_norm else None
         self.fc1 = MuMoE(in_features, hidden_features, first, bias=bias, gated=False, **factory)

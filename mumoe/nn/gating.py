@@ -27,12 +27,13 @@ from __future__ import annotations
 
 import contextlib
 import functools
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import torch
 from torch import nn
 
 from mumoe._deprecation import module_getattr
+from mumoe.backend import thread_backend
 from mumoe.gating import (
     NORMALIZATIONS,
     activation_name,
@@ -41,6 +42,7 @@ from mumoe.gating import (
 )
 from mumoe.gating import gate_coefficients as _gate_coefficients
 from mumoe.gating import resolve_activation as _resolve
+from mumoe.health import balance_loss, check_balance
 from mumoe.nn import simplex
 from mumoe.nn.contract import device_type
 
@@ -193,6 +195,7 @@ def torch_gate_coefficients(
     projections: Sequence[torch.Tensor],
     norms: Sequence[nn.Module | None],
     activation: Activation,
+    logits: list[torch.Tensor] | None = None,
 ) -> list[torch.Tensor]:
     """:func:`mumoe.gating.gate_coefficients` with ``torch.autocast`` off (float32 at least).
 
@@ -203,6 +206,8 @@ def torch_gate_coefficients(
     norms : sequence of modules or None
         ``nn.Identity`` counts as none.
     activation : callable
+    logits : list, optional
+        Receives each level's activation input, ``(..., N_e)``.
 
     Returns
     -------
@@ -220,7 +225,7 @@ def torch_gate_coefficients(
     kept = [None if isinstance(n, nn.Identity) else n for n in norms]
     device = device_type(x)
     with torch.autocast(device, enabled=False) if torch.is_autocast_enabled(device) else NO_CONTEXT:
-        return _gate_coefficients(x, projections, kept, activation)
+        return _gate_coefficients(x, projections, kept, activation, logits)
 
 
 def keep_statistics_wide(norms: Iterable[nn.Module]) -> None:
@@ -272,13 +277,22 @@ class MuMoEGate(nn.Module):
     top_k : int, optional
         With ``activation="topk"``: the experts each row keeps
         (:func:`mumoe.activations.topk`).
+    balance : mapping of str to float, optional
+        Balance losses and their coefficients, e.g. ``{"importance_cv2":
+        0.01, "z_loss": 1e-3}`` (:data:`mumoe.health.LOSSES`).  Each forward
+        pass then sets :attr:`aux_loss` to their weighted sum over the levels
+        (differentiable; None without ``balance``); sum them over a model
+        with :func:`mumoe.nn.collect_aux_losses`.  Padding is left out inside
+        :func:`mumoe.nn.gate_mask`.
     device, dtype
         Of the parameters, as for ``torch.nn.Linear``.
 
     Notes
     -----
     Maps an input ``(..., I)`` to ``[(..., N_1), ..., (..., N_E)]`` with
-    :func:`mumoe.gating.gate_coefficients`, autocast off.
+    :func:`mumoe.gating.gate_coefficients`, autocast off.  :attr:`aux_loss`
+    is replaced on every forward pass: a gate called twice in one step keeps
+    the second call's.
 
     Examples
     --------
@@ -296,10 +310,16 @@ class MuMoEGate(nn.Module):
         normalization: str | None = "bn",
         activation: str | Activation = "entmax15",
         top_k: int | None = None,
+        balance: Mapping[str, float] | None = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
+        self.balance = check_balance(balance)
+        #: The balance losses of the last forward pass (None without ``balance``).
+        self.aux_loss: torch.Tensor | None = None
+        #: The padding mask in force (set by mumoe.nn.gate_mask only).
+        self.mask: torch.Tensor | None = None
         self.in_features = in_features
         self.expert_dims = tuple(expert_dims)
         self.normalization = check_normalization(normalization)
@@ -365,7 +385,13 @@ class MuMoEGate(nn.Module):
                 "statistics of one row are undefined; train on larger batches, use "
                 "normalization='ln' or None, or call .eval() to use the running statistics"
             )
-        return torch_gate_coefficients(x, projections, list(self.norms), self.activation)  # type: ignore[arg-type]
+        if not self.balance:
+            return torch_gate_coefficients(x, projections, list(self.norms), self.activation)  # type: ignore[arg-type]
+        logits: list[torch.Tensor] = []
+        gates = torch_gate_coefficients(x, projections, list(self.norms), self.activation, logits)  # type: ignore[arg-type]
+        with thread_backend("pytorch"):
+            self.aux_loss = balance_loss(self.balance, gates, logits, self.mask)
+        return gates
 
     def extra_repr(self) -> str:
         """Sizes and options, for ``repr``."""
@@ -373,6 +399,7 @@ class MuMoEGate(nn.Module):
             f"in_features={self.in_features}, expert_dims={self.expert_dims}, "
             f"normalization={self.normalization!r}, activation={self.activation_name!r}"
             + ("" if self.top_k is None else f", top_k={self.top_k}")
+            + (f", balance={self.balance}" if self.balance else "")
         )
 
 

@@ -74,6 +74,10 @@ class MuMoE(nn.Module):
     top_k : int, optional
         With ``activation="topk"``: the experts each token keeps
         (:func:`mumoe.activations.topk`).
+    balance : mapping of str to float, optional
+        Balance losses for the gate, ``{name: coefficient}``: each forward
+        pass sets ``gate.aux_loss`` (:class:`MuMoEGate`,
+        :func:`mumoe.nn.collect_aux_losses`).
     input_norm : bool, default False
         Apply ``nn.LayerNorm(in_features)`` to the input of the contraction
         (after the gates are computed from the raw input), as the reference's
@@ -125,6 +129,7 @@ class MuMoE(nn.Module):
         normalization: str | None = "bn",
         activation: str | Activation = "entmax15",
         top_k: int | None = None,
+        balance: Mapping[str, float] | None = None,
         input_norm: bool = False,
         gated: bool = True,
         device: torch.device | str | None = None,
@@ -142,18 +147,10 @@ class MuMoE(nn.Module):
         self.cores = nn.ParameterList(
             [nn.Parameter(torch.empty(shape, **factory)) for shape in shapes]
         )
-        self.gate = (
-            MuMoEGate(
-                in_features,
-                self.network.expert_dims,
-                normalization=normalization,
-                activation=activation,
-                top_k=top_k,
-                **factory,
-            )
-            if gated
-            else None
-        )
+        gate_options = {"normalization": normalization, "activation": activation,
+                        "top_k": top_k, "balance": balance, **factory}  # fmt: skip
+        dims = self.network.expert_dims
+        self.gate = MuMoEGate(in_features, dims, **gate_options) if gated else None
         self.input_norm = nn.LayerNorm(in_features, **factory) if input_norm else None
         # The expert edits in force ({level: (N_e,)}), set by scaled_experts only.
         self._expert_scales: dict[int, torch.Tensor] = {}
@@ -414,6 +411,7 @@ class _PresetMuMoE(MuMoE):
         normalization: str | None = "bn",
         activation: str | Activation = "entmax15",
         top_k: int | None = None,
+        balance: Mapping[str, float] | None = None,
         input_norm: bool = False,
         gated: bool = True,
         device: torch.device | str | None = None,
@@ -422,7 +420,7 @@ class _PresetMuMoE(MuMoE):
         super().__init__(
             in_features, out_features, self.format, expert_dims=expert_dims, rank=rank,
             bias=bias, normalization=normalization, activation=activation, top_k=top_k,
-            input_norm=input_norm, gated=gated, device=device, dtype=dtype,
+            balance=balance, input_norm=input_norm, gated=gated, device=device, dtype=dtype,
         )  # fmt: skip
 
 
@@ -439,7 +437,7 @@ class CPMuMoE(_PresetMuMoE):
         Experts per level.
     rank : int, "same" or float
         The CP rank (:func:`mumoe.validate_cp_rank`), or a parameter budget.
-    bias, normalization, activation, top_k, input_norm, gated, device, dtype
+    bias, normalization, activation, top_k, balance, input_norm, gated, device, dtype
         As for :class:`MuMoE`.
 
     Examples
@@ -466,7 +464,7 @@ class TuckerMuMoE(_PresetMuMoE):
         Experts per level.
     rank : int or tuple of int, "same" or float
         The Tucker rank (:func:`mumoe.validate_tucker_rank`), or a parameter budget.
-    bias, normalization, activation, top_k, input_norm, gated, device, dtype
+    bias, normalization, activation, top_k, balance, input_norm, gated, device, dtype
         As for :class:`MuMoE`.
 
     Examples
@@ -493,7 +491,7 @@ class TTMuMoE(_PresetMuMoE):
         Experts per level.
     rank : int or tuple of int, "same" or float
         The TT rank (:func:`mumoe.validate_tt_rank`), or a parameter budget.
-    bias, normalization, activation, top_k, input_norm, gated, device, dtype
+    bias, normalization, activation, top_k, balance, input_norm, gated, device, dtype
         As for :class:`MuMoE`.
 
     Examples
@@ -520,7 +518,7 @@ class TRMuMoE(_PresetMuMoE):
         Experts per level.
     rank : int or tuple of int, "same" or float
         The TR rank (:func:`mumoe.validate_tr_rank`), or a parameter budget.
-    bias, normalization, activation, top_k, input_norm, gated, device, dtype
+    bias, normalization, activation, top_k, balance, input_norm, gated, device, dtype
         As for :class:`MuMoE`.
 
     Examples

@@ -1,0 +1,272 @@
+"""Expert health (issue #18): utilisation metrics, balance losses, the monitor, padding."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import tensorly as tl
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from conftest import backend_params, use_backend
+from mumoe.gating import softmax, sparsemax
+from mumoe.health import (
+    LOSSES,
+    balance_loss,
+    check_balance,
+    importance_cv2,
+    joint_usage,
+    router_z_loss,
+    uniform_kl,
+    usage,
+)
+from mumoe.testing import backend_dtype, to_numpy64
+
+batches = st.tuples(st.integers(1, 40), st.integers(1, 60), st.floats(0.1, 10.0),
+                    st.integers(0, 2**31))  # fmt: skip
+
+
+def draw(tokens, n, scale, seed):
+    rng = np.random.default_rng(seed)
+    logits = rng.standard_normal((tokens, n)) * scale
+    mask = rng.random(tokens) < 0.7
+    mask[0] = True  # at least one token
+    return logits, sparsemax(logits), mask
+
+
+@settings(max_examples=60)
+@given(batches)
+def test_usage_is_the_masked_mean_of_the_kept_tokens(case):
+    logits, a, mask = draw(*case)
+    u = usage(a, mask=mask)
+    kept = a[mask]
+    np.testing.assert_allclose(u.mass, kept.mean(0), atol=1e-12)
+    np.testing.assert_allclose(u.support, (kept > 0).mean(0), atol=1e-12)
+    np.testing.assert_allclose(u.mass.sum(), 1.0)
+    p = kept.mean(0)
+    h = -np.sum(p[p > 0] * np.log(p[p > 0]))
+    n = a.shape[-1]
+    np.testing.assert_allclose(float(u.effective_experts), np.exp(h), rtol=1e-10)
+    np.testing.assert_allclose(float(u.entropy), h / np.log(n) if n > 1 else 1.0, rtol=1e-10)
+    assert 1 - 1e-9 <= float(u.effective_experts) <= n + 1e-9
+    np.testing.assert_allclose(float(u.mean_support), (kept > 0).sum(1).mean())
+    assert u.tokens == mask.sum()
+    # Padding changes nothing: the same as the kept tokens alone, whatever the padded hold.
+    garbage = a.copy()
+    garbage[~mask] = np.eye(a.shape[-1])[0]
+    for fn in (importance_cv2, uniform_kl):
+        np.testing.assert_allclose(float(fn(garbage, mask)), float(fn(kept)), atol=1e-12)
+    np.testing.assert_allclose(float(router_z_loss(logits * 0 + 50 * ~mask[:, None], mask)),
+                               float(router_z_loss(logits[mask] * 0)), atol=1e-12)  # fmt: skip
+
+
+@settings(max_examples=40)
+@given(batches)
+def test_joint_usage_sums_the_products_of_the_levels(case):
+    _, a, mask = draw(*case)
+    b = softmax(np.random.default_rng(case[-1]).standard_normal((a.shape[0], 3)))
+    joint = joint_usage([a, b], mask)
+    expected = np.einsum("tn,tm->nm", a[mask], b[mask]) / mask.sum()
+    np.testing.assert_allclose(joint, expected, atol=1e-12)
+    np.testing.assert_allclose(joint.sum(1), usage(a, mask).mass, atol=1e-12)
+
+
+def test_balanced_routing_scores_lower_than_collapsed():
+    uniform = np.full((8, 4), 0.25)
+    collapsed = np.tile([1.0, 0.0, 0.0, 0.0], (8, 1))
+    spread = softmax(np.random.default_rng(0).standard_normal((8, 4)))
+    for loss in (importance_cv2, uniform_kl):
+        assert float(loss(uniform)) == pytest.approx(0.0, abs=1e-12)
+        assert float(loss(uniform)) < float(loss(spread)) < float(loss(collapsed))
+    assert float(importance_cv2(collapsed)) == pytest.approx(3.0)
+    assert float(uniform_kl(collapsed)) == pytest.approx(np.log(4))
+    assert float(router_z_loss(np.zeros((3, 4)))) < float(router_z_loss(np.full((3, 4), 5.0)))
+    u = usage(collapsed)
+    assert (float(u.entropy), float(u.effective_experts), u.as_floats()["dead"]) == (0.0, 1.0, 3.0)
+
+
+@pytest.mark.parametrize("backend", backend_params(differentiable=True))
+def test_gradients_push_routing_away_from_collapse(backend):
+    # Softmax gates over logits that favour expert 0: every balance loss grows with
+    # that logit, so gradient descent lowers it.
+    logits = np.tile([3.0, 0.0, -1.0, 0.5], (6, 1))
+    with use_backend(backend):
+        for name, (loss, takes_logits) in LOSSES.items():
+            grad = _gradient(backend, lambda z, f=loss, t=takes_logits: f(z if t else softmax(z)),
+                             logits)  # fmt: skip
+            assert grad[:, 0].min() > 0, f"{name} on {backend}: {grad[:, 0]}"
+            with use_backend("numpy"):
+                expected = _numeric_gradient(lambda z, f=loss, t=takes_logits: float(f(z if t else softmax(z))), logits)  # fmt: skip  # noqa: E501
+            np.testing.assert_allclose(grad, expected, rtol=1e-4, atol=1e-6)
+
+
+def _gradient(backend, fn, x):
+    if backend == "pytorch":
+        import torch
+
+        leaf = torch.tensor(x, requires_grad=True)
+        fn(leaf).backward()
+        return leaf.grad.numpy()
+    import jax
+
+    return np.asarray(jax.grad(lambda z: fn(z))(tl.tensor(x.astype(np.float32))), dtype=float)
+
+
+def _numeric_gradient(fn, x, eps=1e-6):
+    grad = np.zeros_like(x)
+    for index in np.ndindex(x.shape):
+        step = np.zeros_like(x)
+        step[index] = eps
+        grad[index] = (fn(x + step) - fn(x - step)) / (2 * eps)
+    return grad
+
+
+@pytest.mark.parametrize("backend", backend_params())
+def test_metrics_and_losses_on_every_backend(backend):
+    logits, a, mask = draw(12, 9, 1.0, 3)
+    with use_backend("numpy"):
+        expected = usage(a, mask)
+        losses = {name: float(f(logits if t else a, mask)) for name, (f, t) in LOSSES.items()}
+    with use_backend(backend):
+        dtype = backend_dtype("float64" if backend != "jax" else "float32")
+        ta, tz = tl.tensor(a, dtype=dtype), tl.tensor(logits, dtype=dtype)
+        tmask = tl.tensor(mask)
+        got = usage(ta, tmask)
+        tolerance = 1e-5 if backend == "jax" else 1e-12
+        for field in ("mass", "support"):
+            np.testing.assert_allclose(to_numpy64(getattr(got, field)),
+                                       getattr(expected, field), atol=tolerance)  # fmt: skip
+        for name, (f, t) in LOSSES.items():
+            assert float(f(tz if t else ta, tmask)) == pytest.approx(losses[name], rel=1e-4)
+
+
+def test_bad_masks_and_empty_batches_say_what_was_expected():
+    a = np.full((2, 3, 4), 0.25)
+    with pytest.raises(
+        ValueError, match=r"mask must have the tokens' shape \(2, 3\).*got \(3, 2\)"
+    ):
+        usage(a, np.ones((3, 2), dtype=bool))
+    with pytest.raises(TypeError, match=r"mask must be bool or integer .* got float64"):
+        usage(a, np.ones((2, 3)))
+    with pytest.raises(ValueError, match=r"an integer mask must hold 0 .* and 1 .* only"):
+        usage(a, np.full((2, 3), 2))
+    with pytest.raises(ValueError, match="every token of coefficients is masked"):
+        uniform_kl(a, np.zeros((2, 3), dtype=bool))
+    with pytest.raises(ValueError, match="has no tokens \\(an empty batch\\)"):
+        usage(np.zeros((0, 4)))
+    with pytest.raises(TypeError, match="must be a floating tensor"):
+        usage(np.ones((2, 3), dtype=np.int64))
+    with pytest.raises(ValueError, match="unknown balance loss 'cv'; expected one of"):
+        check_balance({"cv": 1.0})
+    with pytest.raises(ValueError, match="must be finite and >= 0, got -1"):
+        check_balance({"z_loss": -1})
+    with pytest.raises(ValueError, match="share their token shape"):
+        joint_usage([np.ones((2, 3)), np.ones((3, 3))])
+    with pytest.raises(ValueError, match="balance has no loss"):
+        balance_loss({}, [a], [a])
+
+
+class TestTorch:
+    torch = pytest.importorskip("torch", reason="the layers are torch modules")
+
+    def test_a_layer_built_with_a_loss_sets_it_on_every_forward(self):
+        torch = self.torch
+        from mumoe.nn import MuMoE, MuMoEBlock, collect_aux_losses
+
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(
+            MuMoE(8, 8, "cp", expert_dims=6, rank=3, balance={"uniform_kl": 0.5, "z_loss": 0.1}),
+            MuMoEBlock(8, 16, expert_dims=(4, 2), rank=2, balance={"importance_cv2": 1.0}),
+        )
+        torch.nn.init.normal_(model[0].gate.projections[0])
+        x = torch.randn(10, 8)
+        model(x)
+        first = model[0].gate.aux_loss
+        with torch.no_grad():
+            gates = model[0].gate(x)
+        assert torch.allclose(first, model[0].gate.aux_loss)  # replaced, not added
+        model(x)
+        total = collect_aux_losses(model)
+        assert torch.allclose(total, model[0].gate.aux_loss + model[1].gate.aux_loss)
+        with tl.backend_context("pytorch"):
+            expected = 0.5 * uniform_kl(gates[0]) + 1.0 * importance_cv2(model[1].gate(x)[0])
+        assert total > 0 and torch.isfinite(total) and expected > 0
+        total.backward()
+        assert model[0].gate.projections[0].grad.abs().sum() > 0
+        assert "balance={'uniform_kl': 0.5, 'z_loss': 0.1}" in repr(model[0].gate)
+        plain = MuMoE(8, 8, "cp", expert_dims=6, rank=3)
+        plain(x)
+        assert plain.gate.aux_loss is None and float(collect_aux_losses(plain)) == 0.0
+
+    def test_padding_is_left_out_of_the_loss_and_the_monitor(self):
+        torch = self.torch
+        from mumoe.nn import ExpertMonitor, MuMoE, gate_mask
+
+        torch.manual_seed(0)
+        layer = MuMoE(8, 4, "cp", expert_dims=6, rank=2, normalization=None,
+                      balance={"importance_cv2": 1.0})  # fmt: skip
+        torch.nn.init.normal_(layer.gate.projections[0])
+        x = torch.randn(2, 5, 8)
+        mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
+        padded = x.clone()
+        padded[0, 3:] = 100.0  # whatever padding holds
+        with ExpertMonitor(layer) as monitor, gate_mask(layer, mask):
+            layer(padded)
+            masked_loss = layer.gate.aux_loss
+        layer(x[mask.bool()])  # the real tokens alone
+        torch.testing.assert_close(masked_loss, layer.gate.aux_loss)
+        with ExpertMonitor(layer) as alone:
+            layer(x[mask.bool()])
+        assert monitor.metrics() == alone.metrics()
+        assert layer.gate.mask is None  # restored
+        with gate_mask(layer, torch.ones(3, 5)), pytest.raises(ValueError, match="tokens' shape"):
+            layer(x)
+
+    def test_the_monitor_finds_dead_experts_and_keeps_bounded_memory(self):
+        torch = self.torch
+        from mumoe.nn import ExpertMonitor, MuMoE
+
+        layer = MuMoE(8, 4, "cp", expert_dims=5, rank=2, normalization=None)
+        with torch.no_grad():  # expert 3 can never win: a hugely negative logit
+            layer.gate.projections[0].zero_()
+        bias = torch.tensor([0.0, 0.0, 0.0, -1e3, 0.0])
+        layer.gate.activation = lambda z, a=layer.gate.activation: a(z + bias)
+        monitor = ExpertMonitor(layer, window=4, every=2, history=3)
+        for _ in range(10):
+            layer(torch.randn(6, 8))
+        layer.eval()
+        layer(torch.randn(6, 8))  # not recorded: training_only
+        monitor.close()
+        layer.train()
+        layer(torch.randn(6, 8))  # not recorded: closed
+        assert monitor.steps == 10 and monitor.dead_experts("gate") == [3]
+        metrics = monitor.metrics()
+        assert metrics["gate/0/dead"] == 1.0
+        assert metrics["gate/0/effective_experts"] == pytest.approx(4.0)
+        assert monitor.history("gate").shape == (3, 5)  # every 2nd of 10, at most 3 kept
+        assert all(isinstance(v, float) for v in metrics.values())
+        with pytest.raises(KeyError, match="no gate 'fc1'; the monitored gates are \\['gate'\\]"):
+            monitor.history("fc1")
+
+    def test_layers_without_gates_say_so(self):
+        torch = self.torch
+        from mumoe.nn import ExpertMonitor, MuMoE, collect_aux_losses, gate_mask
+
+        ungated = MuMoE(8, 4, "cp", expert_dims=5, rank=2, gated=False)
+        for call in (lambda: collect_aux_losses(ungated), lambda: ExpertMonitor(ungated),
+                     lambda: gate_mask(ungated, torch.ones(3)).__enter__()):  # fmt: skip
+            with pytest.raises(
+                ValueError, match="has no MuMoEGate: a layer built with gated=False"
+            ):
+                call()
+        with pytest.raises(ValueError, match="window must be a positive int, got 0"):
+            ExpertMonitor(MuMoE(8, 4, "cp", expert_dims=5, rank=2), window=0)
+
+    def test_the_usage_heatmap_draws(self):
+        pytest.importorskip("matplotlib", reason="plotting needs matplotlib")
+        from mumoe.plotting import plot_usage
+
+        figure = plot_usage(np.random.default_rng(0).dirichlet(np.ones(6), size=12), every=5)
+        assert figure.axes[0].get_ylabel() == "forward pass"
+        with pytest.raises(ValueError, match="history must be \\(passes, experts\\)"):
+            plot_usage(np.ones(3))
