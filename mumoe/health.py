@@ -102,7 +102,7 @@ def _entropy(mass: Tensor) -> Tensor:
 class Usage:
     """How one expert level was used by a batch of tokens (see the module docstring).
 
-    Attributes
+    Parameters
     ----------
     mass : tensor, shape (N,)
         Mean coefficient per expert.
@@ -116,6 +116,12 @@ class Usage:
         Mean number of experts with a non-zero coefficient, per token.
     tokens : int
         The tokens counted (the mask's ones).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> float(usage(np.array([[0.5, 0.5]])).effective_experts)
+    2.0
     """
 
     mass: Tensor
@@ -129,6 +135,15 @@ class Usage:
         """The scalars as plain floats, for any logger: ``{prefix + "entropy": ..., ...}``.
 
         Also ``max_mass`` and ``dead`` (experts with no support in this batch).
+
+        Parameters
+        ----------
+        prefix : str, default ""
+            Put before every key, e.g. ``"blocks.3.gate/0/"``.
+
+        Returns
+        -------
+        dict of str to float
 
         Examples
         --------

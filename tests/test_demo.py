@@ -23,8 +23,8 @@ import torch  # noqa: E402
 
 from mumoe.cli import FAST_EPOCHS, FAST_EXPERTS, main  # noqa: E402
 from mumoe.demo import DemoResult, EditResult, HeadResult, run  # noqa: E402
-from mumoe.demo.figures import plot_edit, plot_trend  # noqa: E402
-from mumoe.demo.report import print_report  # noqa: E402
+from mumoe.demo._figures import plot_edit, plot_trend  # noqa: E402
+from mumoe.demo._report import print_report  # noqa: E402
 
 PNG = b"\x89PNG\r\n\x1a\n"
 SEEDS, EDIT_CLASS = [3, 4], 1

@@ -45,8 +45,8 @@ def test_the_demo_table_and_sentences_are_the_stored_default_run():
     import io
     import json
 
-    from mumoe.demo.report import print_report
-    from mumoe.demo.results import DemoResult, mean_sd
+    from mumoe.demo._report import print_report
+    from mumoe.demo._results import DemoResult, mean_sd
 
     stored = json.loads((ROOT / "docs" / "_static" / "demo" / "results.json").read_text())
     assert stored["seeds"] == [0, 1, 2]

@@ -13,14 +13,13 @@ the paper measures:
    changes on that digit and on the others.
 
 Every figure is reported as mean ± standard deviation over the seeds.  The
-data flow: :mod:`~mumoe.demo.train` (one head, one seed: a
-:class:`~mumoe.demo.train.Job`) → :mod:`~mumoe.demo.results` (per seed, and
-as JSON) → :mod:`~mumoe.demo.report` and :mod:`~mumoe.demo.figures`;
-:func:`run` drives them.  Run ``mumoe demo --help`` for the options.  It
+data flow, in private modules: ``_train`` (one head, one seed: a ``Job``) →
+``_results`` (per seed, and as JSON) → ``_report`` and ``_figures``;
+:func:`run` (``_experiment``) drives them.  Run ``mumoe demo --help`` for the options.  It
 needs the ``torch`` and ``demo`` extras (``pip install "mumoe[torch,demo]"``).
 """
 
-from mumoe.demo.experiment import run
-from mumoe.demo.results import DemoResult, EditResult, HeadResult
+from mumoe.demo._experiment import run
+from mumoe.demo._results import DemoResult, EditResult, HeadResult
 
 __all__ = ["DemoResult", "EditResult", "HeadResult", "run"]

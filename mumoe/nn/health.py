@@ -189,7 +189,17 @@ class ExpertMonitor:
         self.close()
 
     def close(self) -> None:
-        """Remove the hooks (the recorded window and history stay readable)."""
+        """Remove the hooks (the recorded window and history stay readable).
+
+        Examples
+        --------
+        >>> import torch
+        >>> from mumoe.nn import MuMoE
+        >>> monitor = ExpertMonitor(MuMoE(8, 4, "cp", expert_dims=6, rank=2))
+        >>> monitor.close()
+        >>> monitor.metrics()
+        {}
+        """
         for handle in self._handles:
             handle.remove()
         self._handles = []
@@ -205,6 +215,16 @@ class ExpertMonitor:
         -------
         dict of str to float
             Empty before the first recorded forward pass.
+
+        Examples
+        --------
+        >>> import torch
+        >>> from mumoe.nn import MuMoE
+        >>> layer = MuMoE(8, 4, "cp", expert_dims=(3, 2), rank=2)
+        >>> with ExpertMonitor(layer) as monitor:
+        ...     _ = layer(torch.randn(4, 8))
+        >>> sorted(key[7:] for key in monitor.metrics() if key.startswith("gate/1/"))
+        ['dead', 'effective_experts', 'entropy', 'max_mass', 'mean_support']
         """
         out: dict[str, float] = {}
         for name, entries in self._recent.items():
@@ -219,7 +239,28 @@ class ExpertMonitor:
         return out
 
     def dead_experts(self, gate: str = "gate", level: int = 0) -> list[int]:
-        """The experts of ``gate``'s ``level`` that no token of the window used."""
+        """The experts of ``gate``'s ``level`` that no token of the window used.
+
+        Parameters
+        ----------
+        gate : str, default "gate"
+            The gate's qualified name in the model (``"blocks.3.gate"``).
+        level : int, default 0
+
+        Returns
+        -------
+        list of int
+
+        Examples
+        --------
+        >>> import torch
+        >>> from mumoe.nn import MuMoE
+        >>> layer = MuMoE(8, 4, "cp", expert_dims=6, rank=2)
+        >>> with ExpertMonitor(layer) as monitor:
+        ...     _ = layer(torch.randn(4, 8))
+        >>> monitor.dead_experts()  # a zero-initialised gate uses every expert
+        []
+        """
         entries = self._recent[self._check(gate)]
         if not entries:
             return []
@@ -227,7 +268,29 @@ class ExpertMonitor:
         return [int(i) for i in torch.nonzero(support == 0)[:, 0]]
 
     def history(self, gate: str = "gate", level: int = 0) -> np.ndarray:
-        """The kept mass of ``gate``'s ``level``, ``(passes kept, N)``, oldest first."""
+        """The kept mass of ``gate``'s ``level``, ``(passes kept, N)``, oldest first.
+
+        Parameters
+        ----------
+        gate : str, default "gate"
+        level : int, default 0
+
+        Returns
+        -------
+        numpy.ndarray, shape (passes kept, N)
+            For :func:`mumoe.plotting.plot_usage`.
+
+        Examples
+        --------
+        >>> import torch
+        >>> from mumoe.nn import MuMoE
+        >>> layer = MuMoE(8, 4, "cp", expert_dims=6, rank=2)
+        >>> with ExpertMonitor(layer, every=2) as monitor:
+        ...     for _ in range(5):
+        ...         _ = layer(torch.randn(4, 8))
+        >>> monitor.history().shape
+        (3, 6)
+        """
         rows = self._history[self._check(gate)]
         width = rows[0][level].shape[0] if rows else 0
         return np.stack([row[level] for row in rows]) if rows else np.zeros((0, width))

@@ -13,10 +13,10 @@ from typing import IO, Any
 import numpy as np
 
 from mumoe.budget import linear_params
-from mumoe.demo import figures
-from mumoe.demo.report import print_report
-from mumoe.demo.results import DemoResult, HeadResult
-from mumoe.demo.train import Job, Run, digits, train_head
+from mumoe.demo import _figures as figures
+from mumoe.demo._report import print_report
+from mumoe.demo._results import DemoResult, HeadResult
+from mumoe.demo._train import Job, Run, digits, train_head
 from mumoe.validation import positive_int
 
 __all__ = ["default_threads", "run"]
@@ -66,7 +66,7 @@ def run(
         The digit whose experts are switched off in the head with the most
         experts.  By default, for each seed, the digit whose tied experts
         carry the largest share of its gate mass
-        (:func:`mumoe.demo.train.choose_edit`).
+        (see ``EditResult.share``).
     output : path or None, default "mumoe-demo"
         Folder for the PNG figures (created); None draws none.
     json_path : path, optional

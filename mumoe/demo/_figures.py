@@ -12,8 +12,8 @@ from typing import Any
 
 import numpy as np
 
-from mumoe.demo.results import DemoResult, mean_sd
-from mumoe.demo.train import MIN_COUNT, THRESHOLD
+from mumoe.demo._results import DemoResult, mean_sd
+from mumoe.demo._train import MIN_COUNT, THRESHOLD
 
 __all__ = ["plot_edit", "plot_experts", "plot_trend"]
 

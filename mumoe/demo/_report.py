@@ -7,8 +7,8 @@ from typing import IO
 
 import numpy as np
 
-from mumoe.demo.results import DemoResult, mean_sd
-from mumoe.demo.train import MIN_COUNT, THRESHOLD, TIED_SHARE
+from mumoe.demo._results import DemoResult, mean_sd
+from mumoe.demo._train import MIN_COUNT, THRESHOLD, TIED_SHARE
 
 __all__ = ["print_report"]
 

@@ -73,7 +73,20 @@ class HeadResult:
     histograms: list[np.ndarray] = field(default_factory=list, repr=False)
 
     def to_json(self) -> dict[str, Any]:
-        """The head as the JSON object described in :meth:`DemoResult.to_json`."""
+        """The head as the JSON object described in :meth:`DemoResult.to_json`.
+
+        Returns
+        -------
+        dict
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> head = HeadResult("linear", 0, None, 650, 0, np.array([0.9]), np.full((1, 10), 0.9),
+        ...                   np.array([np.nan]), np.array([0]))
+        >>> head.to_json()["experts"], head.to_json()["accuracy"]
+        (None, [0.9])
+        """
         linear = self.n_experts == 0
         return {
             "name": self.name,
@@ -127,12 +140,26 @@ class EditResult:
 
     @property
     def change_on_digit(self) -> float:
-        """Accuracy on the edited digit, after minus before."""
+        """Accuracy on the edited digit, after minus before.
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> round(EditResult(0, 1, [3], 0.9, np.full(10, 0.9), np.full(10, 0.8)).change_on_digit, 6)
+        -0.1
+        """
         return float(self.after[self.digit] - self.before[self.digit])
 
     @property
     def change_on_others(self) -> float:
-        """Mean accuracy on the other nine digits, after minus before."""
+        """Mean accuracy on the other nine digits, after minus before.
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> EditResult(0, 1, [3], 0.9, np.full(10, 0.9), np.full(10, 0.9)).change_on_others
+        0.0
+        """
         others = np.delete(np.arange(self.before.size), self.digit)
         return float(self.after[others].mean() - self.before[others].mean())
 
@@ -191,6 +218,14 @@ class DemoResult:
             "accuracy_before", "accuracy_after", "change_on_digit",
             "change_on_others"}``, each a list with one entry per seed (null
             for a seed with nothing to switch off).  NaN is written as null.
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> linear = HeadResult("linear", 0, None, 650, 0, np.array([0.9]),
+        ...                     np.full((1, 10), 0.9), np.array([np.nan]), np.array([0]))
+        >>> sorted(DemoResult([0], [linear], {}, 0, [None]).to_json())
+        ['edit', 'heads', 'seeds', 'settings', 'version']
         """
         per_seed = {
             "digit": lambda e: e.digit,
@@ -215,6 +250,20 @@ class DemoResult:
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> DemoResult:
         """The result back from :meth:`to_json`'s form (without histograms or figures).
+
+        Parameters
+        ----------
+        data : dict
+            What :meth:`to_json` returned (or ``json.load`` read from ``--json``).
+
+        Returns
+        -------
+        DemoResult
+
+        Raises
+        ------
+        ValueError
+            For another layout version.
 
         Examples
         --------

@@ -19,7 +19,7 @@ import numpy as np
 
 from mumoe import analysis
 from mumoe.budget import gate_params, linear_params, match_rank
-from mumoe.demo.results import EditResult
+from mumoe.demo._results import EditResult
 
 __all__ = [
     "MIN_COUNT",
