@@ -47,3 +47,12 @@ def test_the_activation_benchmark_runs(tmp_path):
     )
     assert [row["batch"] for row in written["layers"]] == [8, 256]
     assert "| 4 × 100 |" in result.stdout
+
+
+def test_the_expert_health_benchmark_runs():
+    result = subprocess.run(
+        [sys.executable, "-m", "benchmarks.health", "--rounds", "1", "--threads", "1"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "| monitored |" in result.stdout and "| balance loss |" in result.stdout
