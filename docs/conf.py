@@ -57,6 +57,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "2")
 html_theme = "pydata_sphinx_theme"
 html_title = "mumoe"
 html_static_path = ["_static"]
+html_css_files = ["mumoe.css"]
 html_theme_options = {"navigation_with_keys": False}
 exclude_patterns = ["_build", "auto_examples/*.ipynb", "auto_examples/*.py"]
 nitpicky = False

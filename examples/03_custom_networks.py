@@ -27,15 +27,28 @@ hybrid = mumoe.Network("n1 a, n2 a, a i b, b o", (32, 8), 64, 10, rank={"a": 6, 
 print(hybrid.describe(batch_size=128))
 
 # %%
-# A triangle: the expert core reaches the input and the output cores through
-# two bonds of its own, and a third bond ``c`` joins input and output (a
-# tensor ring whose expert core has no bond of its own to close).
-shared = mumoe.Network("n1 p q, i p c, o q c", 64, 64, 10, rank={"p": 4, "q": 4, "c": 16})
-print(shared.core_shapes, f"{shared.n_params:,} parameters")
+# Rank-:math:`R` Hadamard experts: ``"n1 r o, i r o"`` keeps the output leg
+# ``o`` open on both cores (an open hyperedge, as Mixture of Decoders below) and
+# adds a bond ``r`` between them, so that
+# :math:`\mathcal{W}[n, i, o] = \sum_r C[n, r, o]\, D[i, r, o]`: each output
+# column of every expert is a rank-:math:`R` product of an expert part and an
+# input part.  With ``r`` of size 1 it is MxD; no preset has it.
+hadamard = mumoe.Network("n1 r o, i r o", 64, 64, 10, rank={"r": 4})
+print(hadamard.describe(batch_size=128))
+
+# %%
+# A spec that is a preset with its legs renamed (``"n1 p q, i p c, o q c"`` is
+# the tensor ring ``tr(64, 64, 10)`` with bonds called ``p, q, c``) computes the
+# same layer, but mumoe does not recognise it as the preset: deciding that two
+# networks are the same up to leg names is a graph-isomorphism question, and a
+# custom spec gets the variance-matched initialisation of every custom network
+# (:func:`mumoe.formats.custom_init`).  Use the preset's name for its scheme.
+renamed = mumoe.Network("n1 p q, i p c, o q c", 64, 64, 10, rank={"p": 4, "q": 4, "c": 16})
+print(renamed.format, mumoe.tr(64, 64, 10, rank=(4, 4, 16)).format)
 
 fig, axes = plt.subplots(1, 2, figsize=(7, 3.2))
-draw_network(hybrid, axes[0])
-draw_network(shared, axes[1])
+_ = draw_network(hybrid, axes[0])
+_ = draw_network(hadamard, axes[1])
 
 # %%
 # Invalid specs are refused

@@ -70,7 +70,7 @@ right.plot(
     label="TR rank (input-output bond)",
 )
 right.set(xscale="log", xlabel="experts N", ylabel="rank at the linear layer's budget")
-right.legend(fontsize=8)
+_ = right.legend(fontsize=8)
 
 # %%
 # When the budget cannot be met

@@ -20,9 +20,9 @@ standard deviation 1) rather than at zero, so that routing starts uneven.
 # %%
 # Data, models, and a training loop that watches the gate
 # ---------------------------------------------------------
+import matplotlib.pyplot as plt
 import numpy as np
 import torch
-from matplotlib.figure import Figure
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 
@@ -111,10 +111,9 @@ for name, results in runs.items():
 # -------------------
 # The monitor kept the mass of every fifth step; seed 0 of each gate:
 
-figure = Figure(figsize=(11, 3.3), layout="constrained")
-for ax, (name, results) in zip(figure.subplots(1, 3), runs.items(), strict=True):
+figure, axes = plt.subplots(1, 3, figsize=(11, 3.3), layout="constrained")
+for ax, (name, results) in zip(axes, runs.items(), strict=True):
     plot_usage(results[0][1].history(), ax=ax, title=name, every=5)
-figure  # noqa: B018
 
 # %%
 # The same monitor works on any model with μMoE gates (``blocks.3.gate/0/...``

@@ -439,8 +439,9 @@ class Network:
         Counts the contraction of gates, input and cores along the path the
         forward pass uses for this batch size (the autotuned one, once timed;
         see :meth:`Planner.chosen <mumoe.planner.Planner.chosen>`); a
-        multiply-add counts as two.  The gates themselves and the bias column
-        are not included.
+        multiply-add counts as two.  The bias is included (the input leg
+        counts :math:`I + 1` rows with a bias); computing the gates
+        themselves (projection, normalisation, activation) is not.
 
         Parameters
         ----------
@@ -454,6 +455,8 @@ class Network:
         --------
         >>> Network("n r, i r, o r", 16, 8, 4, rank=3).flops(batch_size=10)
         1770
+        >>> Network("n r, i r, o r", 16, 8, 4, rank=3, bias=False).flops(batch_size=10)  # 2bR less
+        1710
         """
         return self.planner.flops(positive_int(batch_size, "batch_size"))
 

@@ -2,8 +2,11 @@ r"""Initialisation of the cores of a μMoE layer (in place, on torch tensors).
 
 Each format's scheme is data in its record (:data:`mumoe.formats.FORMATS`,
 ``init``): one distribution per core, applied here in core order.  The
-paper's schemes (the reference implementation's) make the layer start close
-to a linear layer whose experts differ only by scale:
+paper's schemes (the reference implementation's) start every expert from
+the same rank-one terms, weighted per expert by factors random around 1:
+related matrices, not rescalings of one (mean :math:`|\cos|` between two
+experts about 0.5 for CP, 0.6 for TR; only TT's experts start as exact
+multiples of one matrix, see :doc:`/theory/tt`):
 
 ``cp``
     first expert level :math:`U_1 \sim \mathcal{N}(1, 1)`, further levels
