@@ -77,7 +77,8 @@ class MuMoE(nn.Module):
     balance : mapping of str to float, optional
         Balance losses for the gate, ``{name: coefficient}``: each forward
         pass sets ``gate.aux_loss`` (:class:`MuMoEGate`,
-        :func:`mumoe.nn.collect_aux_losses`).
+        :func:`mumoe.nn.collect_aux_losses`).  A training setting, like an
+        optimiser's: weights files (:func:`mumoe.inference.save`) do not hold it.
     input_norm : bool, default False
         Apply ``nn.LayerNorm(in_features)`` to the input of the contraction
         (after the gates are computed from the raw input), as the reference's
