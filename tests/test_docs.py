@@ -68,3 +68,26 @@ def test_every_entry_of_the_api_reference_exists():
     pytest.importorskip("torch", reason="the reference documents the torch modules too")
     pytest.importorskip("matplotlib", reason="mumoe.plotting needs matplotlib")
     assert documented()
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "examples").glob("*.py")), ids=lambda p: p.name)
+def test_no_tutorial_cell_ends_in_an_expression_whose_repr_is_printed(path):
+    # sphinx-gallery prints the repr of a cell's last expression: a bare
+    # ``ax.legend(...)`` or ``draw_network(...)`` renders "<Figure size 700x320 ...>"
+    # (issue #19).  Assign it (``_ = ...``) or print what is meant to be shown.
+    import ast
+
+    text = path.read_text()
+    tree = ast.parse(text)
+    lines = text.splitlines()
+    starts = [k + 1 for k, line in enumerate(lines) if line.startswith("# %%")]
+    bounds = zip(starts, [*starts[1:], len(lines) + 1], strict=True)
+    offenders = []
+    for first, end in bounds:
+        body = [node for node in tree.body if first <= node.lineno < end]
+        last = body[-1] if body else None
+        if isinstance(last, ast.Expr) and not (
+            isinstance(last.value, ast.Call) and getattr(last.value.func, "id", "") == "print"
+        ):
+            offenders.append(f"line {last.lineno}: {ast.unparse(last)[:60]}")
+    assert not offenders, f"{path.name}: cells end in an expression whose repr prints: {offenders}"
