@@ -5,7 +5,7 @@ Each format's scheme is data in its record (:data:`mumoe.formats.FORMATS`,
 paper's schemes (the reference implementation's) start every expert from
 the same rank-one terms, weighted per expert by factors random around 1:
 related matrices, not rescalings of one (mean :math:`|\cos|` between two
-experts about 0.5 for CP, 0.6 for TR; only TT's experts start as exact
+experts about 0.5 for CP and TR, 0.6 for Tucker; only TT's experts start as exact
 multiples of one matrix, see :doc:`/theory/tt`):
 
 ``cp``
