@@ -109,11 +109,12 @@ for name, results in runs.items():
 #
 # Usage over training
 # -------------------
-# The monitor kept the mass of every fifth step; seed 0 of each gate:
+# The monitor kept the mass of every fifth step; seed 0 of each gate, on one
+# colour scale (uniform use is 1/32 = 0.03; masses above 0.15 saturate):
 
 figure, axes = plt.subplots(1, 3, figsize=(11, 3.3), layout="constrained")
 for ax, (name, results) in zip(axes, runs.items(), strict=True):
-    plot_usage(results[0][1].history(), ax=ax, title=name, every=5)
+    plot_usage(results[0][1].history(), ax=ax, title=name, every=5, vmax=0.15)
 
 # %%
 # The same monitor works on any model with μMoE gates (``blocks.3.gate/0/...``

@@ -182,7 +182,11 @@ def draw_network(network: Network, ax: Axes | None = None, title: str | None = N
 
 
 def plot_usage(
-    history: np.ndarray, ax: Axes | None = None, title: str | None = None, every: int = 1
+    history: np.ndarray,
+    ax: Axes | None = None,
+    title: str | None = None,
+    every: int = 1,
+    vmax: float | None = None,
 ) -> Figure:
     """A heatmap of the experts' mass over training (:meth:`mumoe.nn.ExpertMonitor.history`).
 
@@ -195,6 +199,9 @@ def plot_usage(
     title : str, optional
     every : int, default 1
         Forward passes between recorded rows, to label the axis in passes.
+    vmax : float, optional
+        The top of the colour scale (larger masses saturate); give panels
+        that are compared the same one.  The largest mass by default.
 
     Returns
     -------
@@ -216,7 +223,7 @@ def plot_usage(
     assert isinstance(figure, Figure)
     extent = (-0.5, history.shape[1] - 0.5, history.shape[0] * every, 0)
     image = ax.imshow(history, aspect="auto", interpolation="nearest", cmap="viridis", vmin=0,
-                      extent=extent)  # fmt: skip
+                      vmax=vmax, extent=extent)  # fmt: skip
     ax.set(xlabel="expert", ylabel="forward pass", title=title or "mean coefficient per expert")
     figure.colorbar(image, ax=ax, label="mass")
     return figure

@@ -266,7 +266,12 @@ class TestTorch:
         pytest.importorskip("matplotlib", reason="plotting needs matplotlib")
         from mumoe.plotting import plot_usage
 
-        figure = plot_usage(np.random.default_rng(0).dirichlet(np.ones(6), size=12), every=5)
+        history = np.random.default_rng(0).dirichlet(np.ones(6), size=12)
+        figure = plot_usage(history, every=5)
         assert figure.axes[0].get_ylabel() == "forward pass"
+        assert figure.axes[0].get_ylim() == (60.0, 0.0)  # 12 rows, every 5th pass
+        assert figure.axes[0].images[0].get_clim() == (0.0, history.max())
+        shared = plot_usage(history, vmax=0.1)
+        assert shared.axes[0].images[0].get_clim() == (0.0, 0.1)
         with pytest.raises(ValueError, match="history must be \\(passes, experts\\)"):
             plot_usage(np.ones(3))
