@@ -170,9 +170,19 @@ def _quiet(xp: Any) -> Any:
     return contextlib.nullcontext()
 
 
-def _rows(z: Any) -> tuple[Any, tuple[int, ...]]:
+def _coefficients(z: Any, kind: str, xp: Any) -> Any:
+    """The activation ``kind`` over the last axis: the threshold, then one elementwise pass."""
+    xp = namespace(z) if xp is None else xp
     shape = tuple(z.shape)
-    return z.reshape(-1, shape[-1]), shape
+    rows = z.reshape(-1, shape[-1])
+    if rows.shape[0] == 0:
+        return xp.zeros(shape, dtype=z.dtype)
+    with _quiet(xp):
+        m, tau = threshold(rows, kind, xp)
+        if kind == "sparsemax":
+            return xp.maximum(rows - m - tau, 0).reshape(shape)
+        p = xp.maximum((rows - m) * 0.5 - tau, 0)
+        return (p * p).reshape(shape)
 
 
 def sparsemax(z: Any, xp: Any = None) -> Any:
@@ -194,13 +204,7 @@ def sparsemax(z: Any, xp: Any = None) -> Any:
     array([[1.   , 0.   , 0.   ],
            [0.333, 0.333, 0.333]])
     """
-    xp = namespace(z) if xp is None else xp
-    rows, shape = _rows(z)
-    if rows.shape[0] == 0:
-        return xp.zeros(shape, dtype=z.dtype)
-    with _quiet(xp):
-        m, tau = threshold(rows, "sparsemax", xp)
-        return xp.maximum(rows - m - tau, 0).reshape(shape)
+    return _coefficients(z, "sparsemax", xp)
 
 
 def entmax15(z: Any, xp: Any = None) -> Any:
@@ -222,11 +226,4 @@ def entmax15(z: Any, xp: Any = None) -> Any:
     array([[0.5, 0.5],
            [1. , 0. ]])
     """
-    xp = namespace(z) if xp is None else xp
-    rows, shape = _rows(z)
-    if rows.shape[0] == 0:
-        return xp.zeros(shape, dtype=z.dtype)
-    with _quiet(xp):
-        m, tau = threshold(rows, "entmax15", xp)
-        p = xp.maximum((rows - m) * 0.5 - tau, 0)
-        return (p * p).reshape(shape)
+    return _coefficients(z, "entmax15", xp)

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from mumoe.backend import thread_backend
-from mumoe.health import usage
+from mumoe.health import Usage, usage
 from mumoe.nn.gating import MuMoEGate
 
 __all__ = ["ExpertMonitor", "collect_aux_losses", "gate_mask"]
@@ -156,7 +156,7 @@ class ExpertMonitor:
         self.window, self.every, self.training_only = window, every, training_only
         self.steps = 0
         self._owner = threading.get_ident()
-        self._recent: dict[str, deque[list[dict[str, Any]]]] = {}
+        self._recent: dict[str, deque[list[Usage]]] = {}
         self._history: dict[str, deque[list[np.ndarray]]] = {}
         self._handles: list[Any] = []
         self._counts: dict[str, int] = {}
@@ -172,8 +172,8 @@ class ExpertMonitor:
             mask = gate.mask
             with torch.no_grad(), thread_backend("pytorch"):
                 levels = [usage(a.detach().float(), mask) for a in output]
-            entry = [{"mass": u.mass, "support": u.support, **u.as_floats()} for u in levels]
-            self._recent[name].append(entry)
+            # Tensors kept as they are: floats only in metrics(), not a device sync per step.
+            self._recent[name].append(levels)
             count = self._counts.get(name, 0)
             if count % self.every == 0:
                 self._history[name].append([u.mass.cpu().numpy() for u in levels])
@@ -233,8 +233,9 @@ class ExpertMonitor:
             for level in range(len(entries[0])):
                 rows = [entry[level] for entry in entries]
                 prefix = f"{name}/{level}/"
-                for key in ("entropy", "effective_experts", "mean_support", "max_mass"):
-                    out[prefix + key] = float(np.mean([row[key] for row in rows]))
+                for key in ("entropy", "effective_experts", "mean_support"):
+                    out[prefix + key] = float(torch.stack([getattr(u, key) for u in rows]).mean())
+                out[prefix + "max_mass"] = float(torch.stack([u.mass.max() for u in rows]).mean())
                 out[prefix + "dead"] = float(len(self.dead_experts(name, level)))
         return out
 
@@ -264,7 +265,7 @@ class ExpertMonitor:
         entries = self._recent[self._check(gate)]
         if not entries:
             return []
-        support = torch.stack([entry[level]["support"] for entry in entries]).sum(0)
+        support = torch.stack([entry[level].support for entry in entries]).sum(0)
         return [int(i) for i in torch.nonzero(support == 0)[:, 0]]
 
     def history(self, gate: str = "gate", level: int = 0) -> np.ndarray:

@@ -206,53 +206,67 @@ def _root(p: torch.Tensor) -> torch.Tensor:
     return torch.where(inside, torch.where(inside, p, 1).sqrt(), 0)
 
 
+def _keep_support(ctx: Any, z: torch.Tensor, kind: str) -> torch.Tensor:
+    """Forward pass of both Functions: the coefficients, their support kept on ``ctx``."""
+    p, index, values = _forward(z, kind)
+    ctx.save_for_backward(p, index, values)
+    return p
+
+
+def _on_support(
+    grad: torch.Tensor, index: torch.Tensor | None, backward: Any, weights: torch.Tensor
+) -> torch.Tensor:
+    """``backward(g, weights)`` on the support, ``(B, K)``, scattered back to ``grad``'s shape.
+
+    Without an index (the dense path) it runs on every entry, ``weights`` being ``(B, N)``.
+    """
+    rows = grad.reshape(-1, grad.shape[-1])
+    if index is None or index.shape[-1] == 0:
+        return backward(rows, weights).reshape(grad.shape)
+    d = backward(rows.gather(-1, index), weights)
+    return torch.zeros_like(rows).scatter_add(-1, index, d).reshape(grad.shape)
+
+
+def _entmax15_backward(g: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    gs = g * s
+    return gs - s * (gs.sum(-1, keepdim=True) / s.sum(-1, keepdim=True))
+
+
+def _sparsemax_backward(g: torch.Tensor, inside: torch.Tensor) -> torch.Tensor:
+    g = g * inside
+    return (g - g.sum(-1, keepdim=True) / inside.sum(-1, keepdim=True)) * inside
+
+
 class _Entmax15(torch.autograd.Function):
     # The classic form (ctx in forward): one output, and the support kept without
     # returning it; a third cheaper per call than setup_context's three outputs.
     @staticmethod
     def forward(ctx: Any, z: torch.Tensor) -> torch.Tensor:
-        p, index, values = _forward(z, "entmax15")
-        ctx.save_for_backward(p, index, values)
-        return p
+        return _keep_support(ctx, z, "entmax15")
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
         p, index, s = ctx.saved_tensors
-        rows = grad.reshape(-1, grad.shape[-1])
-        if index is None or index.shape[-1] == 0:  # computed densely: small, every entry
-            s = _root(p.reshape(rows.shape))
-            gs = rows * s
-            d = gs - s * (gs.sum(-1, keepdim=True) / s.sum(-1, keepdim=True))
-            return d.reshape(grad.shape)
-        if torch.is_grad_enabled():  # create_graph: s from the output, so that it has a graph
-            s = _root(p.reshape(rows.shape).gather(-1, index))
-        gs = rows.gather(-1, index) * s
-        d = gs - s * (gs.sum(-1, keepdim=True) / s.sum(-1, keepdim=True))
-        return torch.zeros_like(rows).scatter_add(-1, index, d).reshape(grad.shape)
+        dense = index is None or index.shape[-1] == 0
+        p = p.reshape(-1, p.shape[-1])
+        if dense:
+            s = _root(p)
+        elif torch.is_grad_enabled():  # create_graph: s from the output, so that it has a graph
+            s = _root(p.gather(-1, index))
+        return _on_support(grad, index, _entmax15_backward, s)
 
 
 class _Sparsemax(torch.autograd.Function):
-    # The classic form (ctx in forward): one output, and the support kept without
-    # returning it; a third cheaper per call than setup_context's three outputs.
     @staticmethod
     def forward(ctx: Any, z: torch.Tensor) -> torch.Tensor:
-        p, index, values = _forward(z, "sparsemax")
-        ctx.save_for_backward(p, index, values)
-        return p
+        return _keep_support(ctx, z, "sparsemax")
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
         p, index, values = ctx.saved_tensors
-        rows = grad.reshape(-1, grad.shape[-1])
-        if index is None or index.shape[-1] == 0:  # computed densely: small, every entry
-            inside = (p.reshape(rows.shape) > 0).to(grad.dtype)
-            g = rows * inside
-            mean = g.sum(-1, keepdim=True) / inside.sum(-1, keepdim=True)
-            return ((g - mean) * inside).reshape(grad.shape)
-        inside = (values > 0).to(grad.dtype)
-        g = rows.gather(-1, index) * inside
-        d = (g - g.sum(-1, keepdim=True) / inside.sum(-1, keepdim=True)) * inside
-        return torch.zeros_like(rows).scatter_add(-1, index, d).reshape(grad.shape)
+        dense = index is None or index.shape[-1] == 0
+        support = p.reshape(-1, p.shape[-1]) if dense else values
+        return _on_support(grad, index, _sparsemax_backward, (support > 0).to(grad.dtype))
 
 
 def _run(function: Any, z: torch.Tensor, kind: str) -> torch.Tensor:
