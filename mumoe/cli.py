@@ -97,11 +97,15 @@ def _demo(args: argparse.Namespace) -> int:
         )
     from mumoe.demo import run
 
+    seeds = args.seeds
+    if args.seed is not None:  # the one-seed option of earlier versions
+        print(f"mumoe demo: --seed is deprecated; use --seeds {args.seed}", file=sys.stderr)
+        seeds = [args.seed]
     experts = args.experts or (FAST_EXPERTS if args.fast else [8, 32, 128, 512])
     epochs = args.epochs if args.epochs is not None else (FAST_EPOCHS if args.fast else 40)
     run(
         experts=experts, network=args.network, budget=args.budget, epochs=epochs,
-        seeds=args.seeds, edit_class=args.edit_class, output=args.output, json_path=args.json,
+        seeds=seeds, edit_class=args.edit_class, output=args.output, json_path=args.json,
         progress=not args.no_progress, threads=args.threads,
     )  # fmt: skip
     return 0
@@ -179,6 +183,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     demo.add_argument("--seeds", type=_seeds, default=[0, 1, 2], metavar="S,S,...",
                       help="seeds of the split, init and batches, one run each "
                       "(default: 0,1,2)")  # fmt: skip
+    demo.add_argument("--seed", type=int, help=argparse.SUPPRESS)  # deprecated: --seeds
     demo.add_argument("--edit-class", type=int, metavar="DIGIT",
                       help="digit whose experts to switch off (default, per seed: the digit "
                       "whose tied experts carry the largest share of its gate mass)")  # fmt: skip

@@ -130,3 +130,27 @@ def test_torch_names_stay_importable_from_their_old_modules():
 def test_unknown_names_still_raise_attribute_error():
     with pytest.raises(AttributeError, match="has no attribute 'nothing'"):
         importlib.import_module("mumoe.inference").nothing  # noqa: B018
+
+
+def test_the_partial_sort_window_and_the_demos_one_seed(capsys, tmp_path, monkeypatch):
+    pytest.importorskip("torch", reason="mumoe.nn and the demo need torch")
+    pytest.importorskip("sklearn", reason="the demo needs scikit-learn")
+    import io
+
+    import mumoe.nn.gating
+    from mumoe import simplex
+    from mumoe.cli import main
+    from mumoe.demo import run
+
+    with pytest.warns(DeprecationWarning, match="mumoe.simplex.WINDOW"):
+        assert mumoe.nn.gating.PARTIAL_SORT == simplex.WINDOW
+    options = {"experts": [4], "epochs": 1, "output": None, "progress": False, "threads": 1}
+    with pytest.warns(DeprecationWarning, match=r"run\(seeds=\(seed,\)\)"):
+        old = run(seed=3, stream=io.StringIO(), **options)
+    assert old.to_json() == run(seeds=(3,), stream=io.StringIO(), **options).to_json()
+    argv = ["demo", "--seed", "3", "--experts", "4", "--epochs", "1", "--threads", "1",
+            "--no-progress", "--json", "out.json", "--output", "figures"]  # fmt: skip
+    monkeypatch.chdir(tmp_path)  # the files the command writes
+    assert main(argv) == 0
+    assert (tmp_path / "out.json").exists()
+    assert "--seed is deprecated; use --seeds 3" in capsys.readouterr().err

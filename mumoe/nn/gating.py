@@ -410,5 +410,7 @@ __getattr__ = module_getattr(
     {
         "ACTIVATIONS": ("mumoe.nn.gating", "TORCH_KERNELS"),
         "gate_coefficients": ("mumoe.nn.gating", "torch_gate_coefficients"),
+        # The partial sort's first window is now the candidate window of mumoe.simplex.
+        "PARTIAL_SORT": ("mumoe.simplex", "WINDOW"),
     },
 )
