@@ -161,6 +161,12 @@ def test_bad_options_are_refused_with_the_reason(tmp_path, capsys, argv, message
     assert message in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("options", [{"seeds": "0,1"}, {"seeds": [0.5]}, {"experts": 8}])
+def test_run_refuses_what_is_not_a_sequence_of_ints(options):
+    with pytest.raises(TypeError, match="must be a sequence of ints, got"):
+        run(output=None, progress=False, threads=1, **options)
+
+
 def test_seeds_that_are_not_integers_are_refused_by_the_parser(capsys):
     with pytest.raises(SystemExit) as exit_:
         main(["demo", "--seeds", "0,x"])

@@ -159,12 +159,12 @@ def _check(
     edit_class: int | None,
     threads: int | None,
 ) -> tuple[list[int], list[int], int]:
-    experts = [int(n) for n in experts]
+    experts = _ints(experts, "experts")
     if not experts or any(n < 1 for n in experts):
         raise ValueError(f"experts must be positive expert counts, got {experts}")
     if len(set(experts)) != len(experts):
         raise ValueError(f"experts must be different expert counts, got {experts}")
-    seeds = [int(s) for s in seeds]
+    seeds = _ints(seeds, "seeds")
     if not seeds or len(set(seeds)) != len(seeds) or any(s < 0 for s in seeds):
         raise ValueError(f"seeds must be different non-negative integers, got {seeds}")
     if edit_class is not None and not 0 <= edit_class <= 9:
@@ -173,6 +173,17 @@ def _check(
         raise ValueError(f"epochs must be at least 1, got {epochs}")
     threads = default_threads() if threads is None else positive_int(threads, "threads")
     return experts, seeds, threads
+
+
+def _ints(values: Sequence[int], what: str) -> list[int]:
+    if isinstance(values, str) or not isinstance(values, Iterable):
+        raise TypeError(f"{what} must be a sequence of ints, got {values!r}")
+    out = []
+    for value in values:
+        if isinstance(value, bool) or not isinstance(value, int | np.integer):
+            raise TypeError(f"{what} must be a sequence of ints, got {values!r}")
+        out.append(int(value))
+    return out
 
 
 def _train_all(jobs: list[Job], threads: int, bar: Any) -> Iterable[Run]:
