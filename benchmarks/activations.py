@@ -3,10 +3,13 @@
 ``python -m benchmarks.activations [--rounds R] [--json PATH]``: for each logits
 shape (rows x experts), the median time of the forward pass (no graph) and of
 forward + backward, for softmax, mumoe's entmax-1.5 and sparsemax
-(:mod:`mumoe.nn.simplex`) and the ``entmax`` package's entmax-1.5 with the
+(:mod:`mumoe.nn.simplex`: on CPU tensors, the compiled kernels of
+:mod:`mumoe.simplex_cpu`) and the ``entmax`` package's entmax-1.5 with the
 partial sort mumoe used before (``k=32``, doubling); then NumPy's softmax
-against :mod:`mumoe.simplex`; then the CLIP-size CP layer (768 -> 1000, 512
-experts) with an entmax-1.5 gate against the same layer with a softmax gate.
+against :mod:`mumoe.simplex_cpu` (the NumPy backend's kernels) and against the
+array-API algorithm CuPy and JAX run (:mod:`mumoe.simplex`); then the CLIP-size
+CP layer (768 -> 1000, 512 experts) with an entmax-1.5 gate against the same
+layer with a softmax gate.
 
 Each ratio is of medians measured in the same run, interleaved round by round,
 so a busy machine slows both sides alike.  Absolute times vary between
@@ -29,7 +32,7 @@ import numpy as np
 import torch
 from entmax import entmax15 as package_entmax15
 
-from mumoe import simplex
+from mumoe import simplex, simplex_cpu
 from mumoe.nn import MuMoE
 from mumoe.nn import simplex as torch_simplex
 
@@ -97,7 +100,7 @@ def torch_activations(
 def numpy_activations(
     rounds: int, shapes: tuple[tuple[int, int], ...] = SHAPES
 ) -> list[dict[str, Any]]:
-    """NumPy softmax against mumoe.simplex, per logits shape."""
+    """NumPy softmax against mumoe.simplex_cpu and mumoe.simplex, per logits shape."""
 
     def softmax(z: np.ndarray) -> np.ndarray:
         e = np.exp(z - z.max(-1, keepdims=True))
@@ -108,8 +111,9 @@ def numpy_activations(
         z = np.random.default_rng(0).standard_normal((b, n)).astype(np.float32)
         functions: dict[str, Fn] = {
             "softmax": functools.partial(softmax, z),
-            "entmax15": functools.partial(simplex.entmax15, z),
-            "sparsemax": functools.partial(simplex.sparsemax, z),
+            "entmax15": functools.partial(simplex_cpu.entmax15, z),
+            "sparsemax": functools.partial(simplex_cpu.sparsemax, z),
+            "entmax15 array API": functools.partial(simplex.entmax15, z, np),
         }
         rows.append({"shape": [b, n], "seconds": _medians(functions, rounds)})
     return rows
@@ -160,14 +164,17 @@ def print_tables(result: dict[str, list[dict[str, Any]]]) -> None:
             cells.append(f"{_us(s[f'{name} f'])}, {s[f'{name} f'] / s['softmax f']:.1f}×")
             cells.append(f"{s[f'{name} f+b'] / s['softmax f+b']:.1f}×")
         print("| " + " | ".join(cells) + " |")
-    print("\n## NumPy (mumoe.simplex) against NumPy softmax\n")
-    print("| logits | softmax | entmax-1.5 | sparsemax |")
-    print("|---|---|---|---|")
+    print("\n## NumPy (mumoe.simplex_cpu; the array-API mumoe.simplex) against NumPy softmax\n")
+    print("| logits | softmax | entmax-1.5 | sparsemax | entmax-1.5, array API |")
+    print("|---|---|---|---|---|")
     for row in result["numpy"]:
         s = row["seconds"]
         b, n = row["shape"]
-        entmax, sparse = s["entmax15"] / s["softmax"], s["sparsemax"] / s["softmax"]
-        print(f"| {b} × {n:,} | {_us(s['softmax'])} | {entmax:.1f}× | {sparse:.1f}× |")
+        ratios = [
+            s[name] / s["softmax"] for name in ("entmax15", "sparsemax", "entmax15 array API")
+        ]
+        cells = " | ".join(f"{r:.1f}×" for r in ratios)
+        print(f"| {b} × {n:,} | {_us(s['softmax'])} | {cells} |")
     print("\n## CP layer, CLIP head (768 -> 1000, 512 experts, rank 512; --quick: tiny), "
           "forward + backward\n")  # fmt: skip
     print("| batch | softmax gate | entmax-1.5 gate | ratio |")

@@ -3,12 +3,13 @@ r"""The gate activations' kernels on any TensorLy backend: logits to coefficient
 Named in the one vocabulary :data:`mumoe.gating.ACTIVATIONS`; the PyTorch
 modules run the same names with torch kernels (:data:`mumoe.nn.gating.TORCH_KERNELS`).
 
-entmax-1.5 and sparsemax are :mod:`mumoe.simplex`'s exact candidate-window
-algorithm (a selection of each row's largest logits, a sort of those only)
-on the backend's own arrays; a backend that declares its own kernel of them
-(``entmax15`` / ``sparsemax`` in ``backends/*.toml``: PyTorch's
-:mod:`mumoe.nn.simplex`) runs that instead, so the layers and the serving
-functions share one implementation per backend family;
+entmax-1.5 and sparsemax are exact: a backend that declares its kernels of them
+(``entmax15`` / ``sparsemax`` in ``backends/*.toml``) runs those, so the layers
+and the serving functions share one implementation per backend family: NumPy's
+are compiled for the CPU (:mod:`mumoe.simplex_cpu`, which PyTorch's CPU tensors
+run too, through :mod:`mumoe.nn.simplex`); the other backends run
+:mod:`mumoe.simplex`'s candidate-window algorithm on their own arrays (a
+selection of each row's largest logits, a sort of those only);
 
 * top-k: softmax over the logits at or above the row's :math:`k`-th
   largest, :math:`p \propto e^{z} [z \ge z_{(k)}]`, with :math:`z_{(k)}` from a

@@ -162,8 +162,9 @@ class BackendDeclaration:
         preferred to ``addmm``.
     entmax15, sparsemax : str, default ""
         ``"module:function"`` of the backend's own kernel of that gate
-        activation (the torch family's, :mod:`mumoe.nn.simplex`), or empty:
-        :mod:`mumoe.simplex` runs on the backend's arrays.
+        activation (NumPy's, :mod:`mumoe.simplex_cpu`; the torch family's,
+        :mod:`mumoe.nn.simplex`), or empty: :mod:`mumoe.simplex` runs on the
+        backend's arrays.
     jit : str, default ""
         ``"module:function"`` compiling a function of arrays once per shape
         (``jax.jit``), or empty: compiled plans are wrapped in it.

@@ -31,9 +31,12 @@ for N from 64 to 24,576 (sparsemax: 3 to 10), inside the first window of 64.
 Arrays whose shapes must be static (JAX) use the whole row as the window.
 
 The functions take any NumPy-API array module ``xp`` (``numpy``, ``cupy``,
-``jax.numpy``); PyTorch runs them on NumPy views of CPU tensors
-(:mod:`mumoe.nn.kernels`), where NumPy's vectorised sort is 10 to 25 times
-faster than ``torch.sort`` (measured on 2 cores, torch 2.13).
+``jax.numpy``): this is the array-API form of the activations, which CuPy and
+JAX run, and PyTorch off the CPU (:mod:`mumoe.nn.simplex`, with ``torch.topk``
+as the selection).  On the CPU, NumPy arrays and PyTorch tensors run the
+compiled kernels of :mod:`mumoe.simplex_cpu` instead (declared in
+``backends/numpy.toml``): one pass over each row and no sort, 3 to 10 times
+faster than this at the shapes of ``benchmarks/activations.py``.
 
 Non-finite logits: a ``-inf`` logit gets an exact 0; a row with a NaN or
 ``+inf``, or with every logit ``-inf``, gets NaN coefficients (as softmax).
@@ -174,9 +177,9 @@ def _coefficients(z: Any, kind: str, xp: Any) -> Any:
     """The activation ``kind`` over the last axis: the threshold, then one elementwise pass."""
     xp = namespace(z) if xp is None else xp
     shape = tuple(z.shape)
-    rows = z.reshape(-1, shape[-1])
-    if rows.shape[0] == 0:
+    if 0 in shape:  # no rows, or rows of no logits
         return xp.zeros(shape, dtype=z.dtype)
+    rows = z.reshape(-1, shape[-1])
     with _quiet(xp):
         m, tau = threshold(rows, kind, xp)
         if kind == "sparsemax":

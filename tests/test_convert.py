@@ -74,9 +74,19 @@ def test_training_leaves_the_start_every_parameter_moving(fmt):
     torch.manual_seed(0)
     rank = {"cp": 12, "tucker": (2, 2, 6, 6), "tt": (2, 2, 6), "tr": (2, 2, 2, 6), "lowrank": 6}
     layer = from_linear(torch.nn.Linear(10, 6), fmt, expert_dims=(4, 3), rank=rank.get(fmt))
-    layer(torch.randn(32, 10)).square().mean().backward()
+    x = torch.randn(32, 10)
+    layer(x).square().mean().backward()
+    # Every expert starts as the linear layer, so the mix does not change the output yet:
+    # the gates' gradient is 0 (up to rounding), the cores' is not.  One step apart, the
+    # experts differ, and the gates move too.
     for name, p in layer.named_parameters():
-        assert p.grad is not None and p.grad.abs().sum() > 0, name
+        if not name.startswith("gate."):
+            assert p.grad is not None and p.grad.abs().sum() > 0, name
+    torch.optim.SGD(layer.parameters(), lr=0.5).step()
+    layer.zero_grad()
+    layer(x).square().mean().backward()
+    for name, p in layer.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 1e-4, name
     gates = layer.gate(torch.randn(32, 10))
     assert all(g.std(0).sum() > 0 for g in gates)  # tokens get different mixes
 

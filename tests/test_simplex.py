@@ -1,9 +1,11 @@
-"""entmax-1.5 and sparsemax (mumoe.simplex, mumoe.nn.simplex) against the entmax package.
+"""entmax-1.5 and sparsemax against the entmax package, on every path.
 
-Each code path is tested on its own: NumPy's (and JAX's, whole-row window),
-torch's dense path for small inputs, and torch's selected-support path (forced
-here for small inputs with ``SMALL = 0``), including the rows whose support
-fills the first window and are done again wider.
+Each code path is tested on its own: the compiled CPU kernels
+(:mod:`mumoe.simplex_cpu`, which NumPy arrays and torch's CPU tensors run), the
+array-API window algorithm (:mod:`mumoe.simplex`, which CuPy and JAX run; here on
+NumPy arrays), and torch's window path for other devices (``torch.topk``; forced
+here on CPU tensors), including the rows whose support fills the first window and
+are done again wider.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mumoe import simplex
+from mumoe import simplex, simplex_cpu
 
 torch = pytest.importorskip("torch", reason="the oracle is the entmax package, on torch")
 entmax = pytest.importorskip("entmax", reason="the oracle is the entmax package")
@@ -22,24 +24,27 @@ import mumoe.nn.simplex as torch_simplex  # noqa: E402
 
 KINDS = ("entmax15", "sparsemax")
 ORACLE = {"entmax15": entmax.entmax15, "sparsemax": entmax.sparsemax}
-NUMPY = {"entmax15": simplex.entmax15, "sparsemax": simplex.sparsemax}
 TORCH = {"entmax15": torch_simplex.entmax15, "sparsemax": torch_simplex.sparsemax}
-
-
-PATHS = ("dense", "support")
+#: The NumPy-array paths: compiled (the NumPy backend's) and the array-API window.
+MODULES = {"compiled": simplex_cpu, "window": simplex}
+PATHS = tuple(MODULES)
 
 
 @pytest.fixture(params=PATHS)
 def torch_path(request, monkeypatch):
-    """Run the torch kernels densely (small inputs) or by their selected support."""
-    if request.param == "support":
-        monkeypatch.setattr(torch_simplex, "SMALL", 0)
+    """Run torch's CPU tensors on the compiled kernels, or on the window path of GPUs."""
+    if request.param == "window":
+        monkeypatch.setattr(torch_simplex, "_compiled", lambda z: False)
     return request.param
+
+
+def numpy_kernel(path, kind):
+    return getattr(MODULES[path], kind)
 
 
 cases = st.tuples(
     st.integers(0, 5),  # rows (0: an empty batch)
-    st.integers(1, 3000),  # experts
+    st.integers(1, 25_000),  # experts
     st.floats(-3, 3),  # log10 of the scale
     st.sampled_from(["none", "round", "top", "equal"]),  # ties
     st.integers(0, 2**31),
@@ -61,25 +66,29 @@ def oracle(kind, z):
     return ORACLE[kind](torch.from_numpy(z), dim=-1).numpy()
 
 
-@settings(max_examples=40, deadline=None)
-@given(cases)
-def test_numpy_equals_the_entmax_package(case):
-    z = draw(*case)
+@pytest.mark.parametrize("path", PATHS)
+@settings(max_examples=25, deadline=None)
+@given(cases, st.sampled_from([np.float64, np.float32]))
+def test_numpy_equals_the_entmax_package(path, case, dtype):
+    z = draw(*case, dtype=dtype)
+    tolerance = 1e-10 if dtype == np.float64 else 1e-6
     for kind in KINDS:
-        p = NUMPY[kind](z)
-        np.testing.assert_allclose(p, oracle(kind, z), rtol=0, atol=1e-10)
+        p = numpy_kernel(path, kind)(z)
+        assert p.dtype == dtype and p.shape == z.shape
+        expected = oracle(kind, z.astype(np.float64))
+        np.testing.assert_allclose(p, expected, rtol=0, atol=tolerance)
         if z.shape[0]:
-            np.testing.assert_allclose(p.sum(-1), 1.0, rtol=1e-10)
+            np.testing.assert_allclose(p.sum(-1), 1.0, rtol=10 * tolerance)  # sums round
             assert (p >= 0).all()
 
 
 @pytest.mark.parametrize("path", PATHS)
-@settings(max_examples=20, deadline=None)
+@settings(max_examples=15, deadline=None)
 @given(cases)
 def test_torch_equals_the_entmax_package_values_and_gradients(path, case):
     with pytest.MonkeyPatch.context() as patch:
-        if path == "support":
-            patch.setattr(torch_simplex, "SMALL", 0)
+        if path == "window":
+            patch.setattr(torch_simplex, "_compiled", lambda z: False)
         check_torch_against_the_package(draw(*case), seed=case[-1])
 
 
@@ -101,14 +110,15 @@ def check_torch_against_the_package(z, seed):
 def test_float32_matches_the_package_in_float32(torch_path, kind):
     z = draw(4, 2048, 0.0, "none", 7, np.float32)
     expected = oracle(kind, z)
-    np.testing.assert_allclose(NUMPY[kind](z), expected, rtol=0, atol=1e-6)
+    np.testing.assert_allclose(numpy_kernel(torch_path, kind)(z), expected, rtol=0, atol=1e-6)
     np.testing.assert_allclose(TORCH[kind](torch.from_numpy(z)).numpy(), expected, atol=1e-6)
 
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_many_experts_and_supports_beyond_the_first_window(torch_path, kind, monkeypatch):
-    # Near-uniform rows have supports of hundreds: the first window of 64 is filled,
-    # and those rows (only those) are done again with wider windows.
+    # Near-uniform rows have supports of hundreds: the window paths' first window of 64
+    # is filled, and those rows (only those) are done again with wider windows; the
+    # compiled kernels' candidates run into the thousands.
     z = draw(3, 25_000, 0.0, "none", 3)
     z[1] = draw(1, 25_000, -3.0, "none", 4)[0]  # support in the thousands
     z[2, :300] = 20.0 + draw(1, 300, -4.0, "none", 5)[0]  # 300 nearly tied at the top
@@ -126,13 +136,14 @@ def test_many_experts_and_supports_beyond_the_first_window(torch_path, kind, mon
     monkeypatch.setattr(simplex, "_window_threshold", numpy_window)
     monkeypatch.setattr(torch_simplex, "_select", torch_window)
     expected = oracle(kind, z)
-    np.testing.assert_allclose(NUMPY[kind](z), expected, rtol=0, atol=1e-10)
-    assert max(widths) > simplex.WINDOW, "the numpy path never widened its window"
+    np.testing.assert_allclose(numpy_kernel(torch_path, kind)(z), expected, rtol=0, atol=1e-10)
+    if torch_path == "window":
+        assert max(widths) > simplex.WINDOW, "the numpy path never widened its window"
     widths.clear()
     ours = torch.from_numpy(z).requires_grad_()
     p = TORCH[kind](ours)
     np.testing.assert_allclose(p.detach().numpy(), expected, rtol=0, atol=1e-10)
-    if torch_path == "support":
+    if torch_path == "window":
         assert max(widths) > simplex.WINDOW, "the torch path never widened its window"
     # The gradient of a widened row, against the package's.
     theirs = torch.from_numpy(z).requires_grad_()
@@ -159,17 +170,22 @@ def test_non_finite_logits_empty_batches_and_one_expert(torch_path, kind):
         [np.inf, 0.0, 1.0, 2.0],  # +inf: NaN, as softmax
         [0.5, 0.5, 0.5, 0.5],
     ])  # fmt: skip
-    for out in (NUMPY[kind](z), TORCH[kind](torch.from_numpy(z)).numpy()):
+    numpy_activation = numpy_kernel(torch_path, kind)
+    for out in (numpy_activation(z), TORCH[kind](torch.from_numpy(z)).numpy()):
         assert np.isnan(out[[0, 2, 3]]).all()
-        finite = NUMPY[kind](np.array([[1.0, 0.0, 2.0]]))[0]
+        finite = numpy_activation(np.array([[1.0, 0.0, 2.0]]))[0]
         np.testing.assert_allclose(out[1], [finite[0], 0.0, finite[1], finite[2]], atol=1e-12)
         assert out[1, 1] == 0.0
         np.testing.assert_allclose(out[4], 0.25)
-    for shape in ((0, 7), (2, 0, 5)):
-        assert NUMPY[kind](np.zeros(shape)).shape == shape
+    for shape in ((0, 7), (2, 0, 5), (2, 3, 0)):
+        assert numpy_activation(np.zeros(shape)).shape == shape
         assert TORCH[kind](torch.zeros(shape)).shape == shape
-    np.testing.assert_array_equal(NUMPY[kind](np.array([[3.0], [-1e9]])), [[1.0], [1.0]])
+    np.testing.assert_array_equal(numpy_activation(np.array([[3.0], [-1e9]])), [[1.0], [1.0]])
     torch.testing.assert_close(TORCH[kind](torch.tensor([[3.0], [-1e9]])), torch.ones(2, 1))
+    # Long rows (the compiled kernels' other way to gather candidates) and -inf logits.
+    long = np.where(np.arange(600) % 3 == 0, -np.inf, np.linspace(0, 3, 600))[None]
+    expected = oracle(kind, np.where(np.isinf(long), -1e300, long))
+    np.testing.assert_allclose(numpy_activation(long), expected, atol=1e-12)
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -192,17 +208,64 @@ def test_bad_input_says_what_was_expected():
         simplex.threshold(np.ones((2, 3)), "softmax")
 
 
-def test_parallel_selection_gives_the_same_support(monkeypatch):
+@pytest.mark.parametrize("kind", KINDS)
+def test_row_blocks_on_threads_give_the_same_coefficients(kind, monkeypatch):
     z = torch.randn(64, 3000, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
-    single = torch_simplex.entmax15(z)
-    monkeypatch.setattr(torch_simplex, "PARALLEL_SELECTION", 0)
-    monkeypatch.setattr(torch_simplex, "SMALL", 0)
+    single = TORCH[kind](z)
+    monkeypatch.setattr(simplex_cpu, "PARALLEL", 1)
     previous = torch.get_num_threads()
-    torch.set_num_threads(2)
+    torch.set_num_threads(3)
     try:
-        torch.testing.assert_close(torch_simplex.entmax15(z), single, rtol=0, atol=1e-12)
+        torch.testing.assert_close(TORCH[kind](z), single, rtol=0, atol=0)
+        np.testing.assert_array_equal(getattr(simplex_cpu, kind)(z.numpy()), single.numpy())
     finally:
         torch.set_num_threads(previous)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_stalled_newton_iteration_is_finished_by_sorting(kind):
+    # Newton's method starts from a lower bound of the threshold; from above, it makes
+    # no progress, and the kernel sorts the candidates: still the exact threshold.
+    code = simplex_cpu.ENTMAX15 if kind == "entmax15" else simplex_cpu.SPARSEMAX
+    u = -np.random.default_rng(0).random(40)
+    u[7] = 0.0
+    exact = simplex_cpu._sorted_threshold(u, 0.0, 1.0, code)
+    assert simplex_cpu._threshold(u, 0.0, 1.0, code, -1.0) == pytest.approx(exact, abs=1e-14)
+    assert simplex_cpu._threshold(u, 0.0, 1.0, code, exact + 0.05) == exact
+    p = np.maximum(u - exact, 0) ** (2 if kind == "entmax15" else 1)
+    np.testing.assert_allclose(p, oracle(kind, u[None] * (2 if kind == "entmax15" else 1))[0])
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_numpy_backward_passes_are_the_packages_gradients(kind):
+    rng = np.random.default_rng(5)
+    z, g = rng.standard_normal((6, 700)) * 2, rng.standard_normal((6, 700))
+    p = getattr(simplex_cpu, kind)(z)
+    backward = getattr(simplex_cpu, f"{kind}_backward")
+    theirs = torch.from_numpy(z).requires_grad_()
+    (expected,) = torch.autograd.grad(ORACLE[kind](theirs, dim=-1), theirs, torch.from_numpy(g))
+    np.testing.assert_allclose(backward(p, g), expected.numpy(), rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(backward(p[None], g[None])[0], expected.numpy(), atol=1e-12)
+
+
+def test_numpy_kernels_keep_the_dtype_and_refuse_bad_input():
+    z = np.random.default_rng(6).standard_normal((3, 50))
+    assert simplex_cpu.entmax15(z.astype(np.float16)).dtype == np.float16
+    np.testing.assert_allclose(
+        simplex_cpu.sparsemax(np.arange(5)), simplex_cpu.sparsemax(np.arange(5.0))
+    )
+    with pytest.raises(
+        ValueError, match=r"entmax15 expects an array of shape \(\.\.\., N\), got a scalar"
+    ):
+        simplex_cpu.entmax15(np.float64(1.0))
+    with pytest.raises(
+        TypeError, match="sparsemax expects real numbers, got an array of complex128"
+    ):
+        simplex_cpu.sparsemax(np.ones((2, 3), dtype=complex))
+    with pytest.raises(
+        ValueError, match=r"the gradient's shape \(2, 4\) is not the output's \(2, 3\)"
+    ):
+        simplex_cpu.entmax15_backward(np.ones((2, 3)) / 3, np.ones((2, 4)))
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -218,9 +281,9 @@ def test_jax_runs_the_same_algorithm_on_whole_rows_with_gradients():
     z = draw(3, 200, 0.0, "none", 9, np.float32)
     weights = np.linspace(-1, 1, 200, dtype=np.float32)
     for kind in KINDS:
-        out = NUMPY[kind](jnp.asarray(z))
+        out = getattr(simplex, kind)(jnp.asarray(z))
         np.testing.assert_allclose(np.asarray(out), oracle(kind, z), atol=1e-6)
-        grad = jax.grad(lambda x, k=kind: (NUMPY[k](x) * weights).sum())(jnp.asarray(z))
+        grad = jax.grad(lambda x, k=kind: (getattr(simplex, k)(x) * weights).sum())(jnp.asarray(z))
         theirs = torch.from_numpy(z).requires_grad_()
         (expected,) = torch.autograd.grad(
             (ORACLE[kind](theirs, dim=-1) * torch.from_numpy(weights)).sum(), theirs

@@ -1,32 +1,33 @@
-r"""entmax-1.5 and sparsemax for torch tensors: exact, sparse in and out, closed-form gradients.
+r"""entmax-1.5 and sparsemax for torch tensors: exact, with closed-form gradients.
 
-The torch family's one implementation of :mod:`mumoe.simplex`'s algorithm
-(same selection, same formulas), built around the support, which is small:
+The torch family's one implementation, by device:
 
-1. the ``WINDOW`` largest logits of each row are selected, and only those
-   sorted (on CPU by NumPy on a view of the tensor, whose selection and sort
-   are 10 to 25 times faster than ``torch.topk`` and ``torch.sort`` there; on
-   other devices by ``torch.topk``);
-2. the threshold is read from them, and rows whose support fills the window
-   are done again with a window twice as wide, until it is exact;
-3. the coefficients of the support are scattered into a zero tensor.  The
-   rest of the row is never touched again: no elementwise pass over all
-   ``N`` logits, and the backward pass gathers and scatters the support only.
+* **CPU tensors** run :mod:`mumoe.simplex_cpu`'s compiled kernels on NumPy
+  views of the tensors (no copy): one pass over each row, no sort, and the
+  closed-form backward pass in one more;
+* **other devices** (CUDA) run :mod:`mumoe.simplex`'s candidate-window
+  algorithm: the ``WINDOW`` largest logits of each row selected by
+  ``torch.topk`` and the threshold read from them, rows whose support fills
+  the window done again with a window twice as wide, until it is exact; the
+  support's coefficients are scattered into a zero tensor, and the backward
+  pass gathers and scatters the support only;
+* **traced** tensors (``torch.export``) take the whole row as the window (a
+  ``torch.sort``): static shapes, nothing depending on the data.
 
-The backward pass is the closed form (Peters et al., 2019), on the support:
+The backward pass is the closed form (Peters et al., 2019):
 
 * entmax-1.5: with :math:`s = \sqrt{p}`,
   :math:`\partial z = s \odot g - s\,\frac{\langle s, g\rangle}{\sum s}`;
 * sparsemax: :math:`\partial z = [g - \bar g_S]_S` on :math:`S = \{p > 0\}`.
 
-It keeps the support's indices and values, ``(rows, K)`` with ``K`` the
-largest support (tens), and the output.  Second derivatives (``create_graph``)
-are exact: entmax-1.5's backward then reads :math:`s` from the output.
+Second derivatives (``create_graph``) are exact: the backward pass is then
+written in torch operations, reading :math:`s` from the output.
 
-Under ``torch.compile`` the threshold is one graph break
-(:func:`torch.compiler.disable`): it calls NumPy, which Dynamo does not trace.
-Half-precision logits are computed in float32 and cast back (gates compute
-in float32 at least anyway, :func:`mumoe.gating.gate_dtype`).
+Under ``torch.compile`` the activation is one graph break
+(:func:`torch.compiler.disable`): the selection's window sizes depend on the
+data, which Dynamo does not trace.  Half-precision logits are computed in
+float32 and cast back (gates compute in float32 at least anyway,
+:func:`mumoe.gating.gate_dtype`).
 """
 
 from __future__ import annotations
@@ -44,38 +45,9 @@ __all__ = ["entmax15", "sparsemax"]
 WIDE = (torch.float32, torch.float64)
 
 
-#: From this many logits, the CPU selection is split into row blocks run on torch's
-#: intra-op thread count (NumPy releases the GIL there).  On 2 cores the activation at
-#: 256 x 24,576 took 30 ms instead of 42; at 256 x 2,048 the threads cost more than
-#: they saved (6.1 ms against 5.0), so smaller inputs select on one thread.
-PARALLEL_SELECTION = 1 << 20
-_POOL: list[Any] = []  # one ThreadPoolExecutor, made when first needed
-
-
-def _select_rows(values: np.ndarray, width: int) -> np.ndarray:
-    n = values.shape[-1]
-    if width < n:
-        chosen = np.argpartition(values, n - width, axis=-1)[..., n - width :]
-        order = np.argsort(np.take_along_axis(values, chosen, axis=-1), axis=-1)
-        return np.take_along_axis(chosen, order[..., ::-1], axis=-1)
-    return np.argsort(values, axis=-1)[..., ::-1].copy()  # a reversed view: negative strides
-
-
 def _select(rows: torch.Tensor, width: int) -> torch.Tensor:
     """Indices (B, width) of each row's ``width`` largest logits, by decreasing value."""
-    if rows.device.type != "cpu":
-        return torch.topk(rows, width, dim=-1, sorted=True).indices
-    values = rows.numpy()
-    workers = min(torch.get_num_threads(), values.shape[0])
-    if values.size < PARALLEL_SELECTION or workers < 2:
-        return torch.from_numpy(_select_rows(values, width))
-    if not _POOL:
-        from concurrent.futures import ThreadPoolExecutor
-
-        _POOL.append(ThreadPoolExecutor(thread_name_prefix="mumoe-select"))
-    blocks = np.array_split(values, workers)
-    parts = _POOL[0].map(_select_rows, blocks, [width] * len(blocks))
-    return torch.from_numpy(np.concatenate(list(parts)))
+    return torch.topk(rows, width, dim=-1, sorted=True).indices
 
 
 def _window(
@@ -167,10 +139,51 @@ def _support(rows: torch.Tensor, kind: str) -> tuple[torch.Tensor, torch.Tensor,
     return _eager_support(rows, kind)
 
 
-#: Up to this many logits on CPU, the whole activation runs in NumPy (its calls cost a
-#: third of torch's on small arrays, and a few dozen calls is all the work there is);
-#: above, the support is selected and scattered in torch.
-SMALL = 16384
+_KIND = {"entmax15": 0, "sparsemax": 1}  # mumoe.simplex_cpu's ENTMAX15, SPARSEMAX
+
+
+def _compiled(z: torch.Tensor) -> bool:
+    """Whether ``z`` runs on :mod:`mumoe.simplex_cpu`: a plain CPU tensor, eagerly."""
+    # (torch.export's tensors are fake, of a subclass; Dynamo's trace is compiling.)
+    return z.is_cpu and type(z) is torch.Tensor and not torch.compiler.is_compiling()
+
+
+def _kernels() -> Any:
+    """:mod:`mumoe.simplex_cpu` (Numba: imported, and its kernels compiled, when first needed)."""
+    if not _SIMPLEX_CPU:
+        from mumoe import simplex_cpu
+
+        _SIMPLEX_CPU.append(simplex_cpu)
+    return _SIMPLEX_CPU[0]
+
+
+_SIMPLEX_CPU: list[Any] = []
+
+
+def _rows(a: np.ndarray) -> np.ndarray:
+    return (
+        a
+        if a.ndim == 2 and a.flags.c_contiguous
+        else np.ascontiguousarray(a.reshape(-1, a.shape[-1]))
+    )
+
+
+def _on_cpu(kind: str, z: torch.Tensor, grad: torch.Tensor | None = None) -> torch.Tensor:
+    """The activation of CPU logits ``z`` by :mod:`mumoe.simplex_cpu` (NumPy views, no copy).
+
+    With ``grad``, ``z`` is the activation's output and the result its input's gradient.
+    """
+    # Every call here is a few hundred nanoseconds of a one-token gate's budget.
+    kernels = _SIMPLEX_CPU[0] if _SIMPLEX_CPU else _kernels()
+    logits = z.numpy(force=True)
+    out = np.empty(logits.shape, dtype=logits.dtype)
+    if out.size:
+        arrays = [_rows(logits), out.reshape(-1, logits.shape[-1])]
+        if grad is not None:
+            arrays.insert(1, _rows(grad.numpy(force=True)))
+        kernel = kernels._forward if grad is None else kernels._backward
+        kernels.run(kernel, arrays, _KIND[kind], torch.get_num_threads())
+    return torch.from_numpy(out)  # (not .view(shape): that costs as much as the kernel)
 
 
 def _forward(
@@ -178,26 +191,23 @@ def _forward(
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """The coefficients (shape of ``z``), and the support's indices and values (B, K).
 
-    The support is None where the coefficients were computed densely.
+    The support is None where the coefficients were computed by :mod:`mumoe.simplex_cpu`.
     """
     n = z.shape[-1]
+    if z.numel() == 0 or n == 0:
+        return torch.zeros_like(z), None, None
+    if _compiled(z):
+        return _on_cpu(kind, z), None, None
     rows = z.detach().reshape(-1, n)
     plain = type(rows) is torch.Tensor and not torch.compiler.is_compiling()
-    if rows.shape[0] == 0 or n == 0:
-        p = torch.zeros_like(z)
-    elif plain and rows.device.type == "cpu" and rows.numel() <= SMALL:
-        dense = simplex.entmax15 if kind == "entmax15" else simplex.sparsemax
-        p = torch.from_numpy(dense(rows.numpy(), np)).reshape(z.shape)
-    else:
-        index, values, bad_rows = _support(rows, kind)
-        coefficients = values * values if kind == "entmax15" else values
-        p = torch.zeros_like(rows).scatter_add_(-1, index, coefficients)
-        if not plain:  # traced: no data-dependent branch
-            p = torch.where(bad_rows[:, None], float("nan"), p)
-        elif bool(bad_rows.any()):
-            p[bad_rows] = float("nan")
-        return p.reshape(z.shape), index, values
-    return p, None, None
+    index, values, bad_rows = _support(rows, kind)
+    coefficients = values * values if kind == "entmax15" else values
+    p = torch.zeros_like(rows).scatter_add_(-1, index, coefficients)
+    if not plain:  # traced: no data-dependent branch
+        p = torch.where(bad_rows[:, None], float("nan"), p)
+    elif bool(bad_rows.any()):
+        p[bad_rows] = float("nan")
+    return p.reshape(z.shape), index, values
 
 
 def _root(p: torch.Tensor) -> torch.Tensor:
@@ -247,6 +257,8 @@ class _Entmax15(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
         p, index, s = ctx.saved_tensors
+        if index is None and not torch.is_grad_enabled() and _compiled(grad):
+            return _on_cpu("entmax15", p, grad)
         dense = index is None or index.shape[-1] == 0
         p = p.reshape(-1, p.shape[-1])
         if dense:
@@ -264,6 +276,8 @@ class _Sparsemax(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
         p, index, values = ctx.saved_tensors
+        if index is None and not torch.is_grad_enabled() and _compiled(grad):
+            return _on_cpu("sparsemax", p, grad)
         dense = index is None or index.shape[-1] == 0
         support = p.reshape(-1, p.shape[-1]) if dense else values
         return _on_support(grad, index, _sparsemax_backward, (support > 0).to(grad.dtype))
@@ -280,7 +294,8 @@ def _run(function: Any, z: torch.Tensor, kind: str) -> torch.Tensor:
         return _run(function, z.float(), kind).to(z.dtype)
     if torch.is_grad_enabled() and z.requires_grad:
         return function.apply(z)
-    return _forward(z, kind)[0]  # no graph: skip autograd.Function's cost
+    # No graph: skip autograd.Function's cost.
+    return _on_cpu(kind, z) if _compiled(z) else _forward(z, kind)[0]
 
 
 def entmax15(z: torch.Tensor) -> torch.Tensor:
