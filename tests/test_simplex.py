@@ -208,6 +208,24 @@ def test_bad_input_says_what_was_expected():
         simplex.threshold(np.ones((2, 3)), "softmax")
 
 
+@pytest.mark.parametrize("n", [9, 64, 255, 256, 1000])
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("path", PATHS)
+def test_many_minus_infinity_logits_in_short_and_long_rows(path, kind, n):
+    # Half the logits -inf, a whole lane of the compiled kernels' maxima among them,
+    # and a row with one finite logit: exact zeros there, the package's values elsewhere.
+    rng = np.random.default_rng(n)
+    z = rng.standard_normal((20, n)) * 2
+    z[rng.random(z.shape) < 0.5] = -np.inf
+    z[0, ::8] = -np.inf
+    z[1] = -np.inf
+    z[1, 3] = 0.5
+    out = numpy_kernel(path, kind)(z)
+    expected = oracle(kind, np.where(np.isinf(z), -1e300, z))
+    np.testing.assert_allclose(out, expected, rtol=0, atol=1e-12)
+    assert (out[np.isinf(z)] == 0).all()
+
+
 @pytest.mark.parametrize("kind", KINDS)
 def test_row_blocks_on_threads_give_the_same_coefficients(kind, monkeypatch):
     z = torch.randn(64, 3000, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
@@ -229,9 +247,9 @@ def test_a_stalled_newton_iteration_is_finished_by_sorting(kind):
     code = simplex_cpu.ENTMAX15 if kind == "entmax15" else simplex_cpu.SPARSEMAX
     u = -np.random.default_rng(0).random(40)
     u[7] = 0.0
-    exact = simplex_cpu._sorted_threshold(u, 0.0, 1.0, code)
-    assert simplex_cpu._threshold(u, 0.0, 1.0, code, -1.0) == pytest.approx(exact, abs=1e-14)
-    assert simplex_cpu._threshold(u, 0.0, 1.0, code, exact + 0.05) == exact
+    exact = simplex_cpu._sorted_threshold(u, code)
+    assert simplex_cpu._threshold(u, code, -1.0) == pytest.approx(exact, abs=1e-14)
+    assert simplex_cpu._threshold(u, code, exact + 0.05) == exact
     p = np.maximum(u - exact, 0) ** (2 if kind == "entmax15" else 1)
     np.testing.assert_allclose(p, oracle(kind, u[None] * (2 if kind == "entmax15" else 1))[0])
 

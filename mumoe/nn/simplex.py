@@ -178,11 +178,14 @@ def _on_cpu(kind: str, z: torch.Tensor, grad: torch.Tensor | None = None) -> tor
     logits = z.numpy(force=True)
     out = np.empty(logits.shape, dtype=logits.dtype)
     if out.size:
-        arrays = [_rows(logits), out.reshape(-1, logits.shape[-1])]
+        rows, result = _rows(logits), out.reshape(-1, logits.shape[-1])
         if grad is not None:
-            arrays.insert(1, _rows(grad.numpy(force=True)))
-        kernel = kernels._forward if grad is None else kernels._backward
-        kernels.run(kernel, arrays, _KIND[kind], torch.get_num_threads())
+            arrays = [rows, _rows(grad.numpy(force=True)), result]
+            kernels.run(kernels._backward, arrays, _KIND[kind], torch.get_num_threads())
+        elif out.size < kernels.PARALLEL:  # one block: straight to the kernel
+            kernels._forward(rows, result, _KIND[kind])
+        else:
+            kernels.run(kernels._forward, [rows, result], _KIND[kind], torch.get_num_threads())
     return torch.from_numpy(out)  # (not .view(shape): that costs as much as the kernel)
 
 
