@@ -289,8 +289,14 @@ def test_numpy_kernels_keep_the_dtype_and_refuse_bad_input():
 @pytest.mark.parametrize("kind", KINDS)
 def test_torch_compile_runs_the_kernels(kind):
     compiled = torch.compile(lambda z: TORCH[kind](z) * 2, backend="eager", fullgraph=False)
-    z = torch.randn(5, 3000, generator=torch.Generator().manual_seed(3))
+    z = torch.randn(5, 3000, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
     torch.testing.assert_close(compiled(z), TORCH[kind](z) * 2)
+    # And the gradient through the compiled function (one graph break, around the kernels).
+    leaf, weights = z.clone().requires_grad_(), torch.linspace(-1, 1, 3000, dtype=z.dtype)
+    (ours,) = torch.autograd.grad((compiled(leaf) * weights).sum(), leaf)
+    theirs = z.clone().requires_grad_()
+    (expected,) = torch.autograd.grad((ORACLE[kind](theirs, dim=-1) * 2 * weights).sum(), theirs)
+    torch.testing.assert_close(ours, expected, rtol=1e-9, atol=1e-10)
 
 
 def test_jax_runs_the_same_algorithm_on_whole_rows_with_gradients():

@@ -24,8 +24,9 @@ Second derivatives (``create_graph``) are exact: the backward pass is then
 written in torch operations, reading :math:`s` from the output.
 
 Under ``torch.compile`` the activation is one graph break
-(:func:`torch.compiler.disable`): the selection's window sizes depend on the
-data, which Dynamo does not trace.  Half-precision logits are computed in
+(:func:`torch.compiler.disable`): on the CPU around the compiled kernels, which
+Dynamo does not trace; elsewhere around the selection, whose window sizes
+depend on the data.  Half-precision logits are computed in
 float32 and cast back (gates compute in float32 at least anyway,
 :func:`mumoe.gating.gate_dtype`).
 """
@@ -123,16 +124,17 @@ def _traced_support(
 
 
 _GRAPH_BREAK: list[Any] = []  # torch.compiler.disable(_eager_support), made when first needed
+_CPU_GRAPH_BREAK: list[Any] = []  # torch.compiler.disable(_on_cpu), likewise
 
 
 def _support(rows: torch.Tensor, kind: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     if torch.compiler.is_exporting() or (
         type(rows) is not torch.Tensor and not torch.compiler.is_compiling()
     ):
-        return _traced_support(rows, kind)  # fake tensors: no NumPy
+        return _traced_support(rows, kind)  # fake tensors: static shapes
     if torch.compiler.is_compiling():
-        # One graph break under torch.compile: the selection calls NumPy, which Dynamo
-        # does not trace.  (Made lazily: torch.compiler.disable imports torch._dynamo.)
+        # One graph break under torch.compile: the window sizes depend on the data.
+        # (Made lazily: torch.compiler.disable imports torch._dynamo.)
         if not _GRAPH_BREAK:
             _GRAPH_BREAK.append(torch.compiler.disable(_eager_support))
         return _GRAPH_BREAK[0](rows, kind)
@@ -201,6 +203,12 @@ def _forward(
         return torch.zeros_like(z), None, None
     if _compiled(z):
         return _on_cpu(kind, z), None, None
+    if z.is_cpu and torch.compiler.is_compiling() and not torch.compiler.is_exporting():
+        # One graph break under torch.compile, around the compiled kernels (Numba's,
+        # which Dynamo does not trace).  (Made lazily: it imports torch._dynamo.)
+        if not _CPU_GRAPH_BREAK:
+            _CPU_GRAPH_BREAK.append(torch.compiler.disable(_on_cpu))
+        return _CPU_GRAPH_BREAK[0](kind, z.detach()), None, None
     rows = z.detach().reshape(-1, n)
     plain = type(rows) is torch.Tensor and not torch.compiler.is_compiling()
     index, values, bad_rows = _support(rows, kind)
