@@ -35,8 +35,8 @@ The functions take any NumPy-API array module ``xp`` (``numpy``, ``cupy``,
 JAX run, and PyTorch off the CPU (:mod:`mumoe.nn.simplex`, with ``torch.topk``
 as the selection).  On the CPU, NumPy arrays and PyTorch tensors run the
 compiled kernels of :mod:`mumoe.simplex_cpu` instead (declared in
-``backends/numpy.toml``): one pass over each row and no sort, 3 to 10 times
-faster than this at the shapes of ``benchmarks/activations.py``.
+``backends/numpy.toml``): no sort, and several times faster than this
+(``python -m benchmarks.activations``).
 
 Non-finite logits: a ``-inf`` logit gets an exact 0; a row with a NaN or
 ``+inf``, or with every logit ``-inf``, gets NaN coefficients (as softmax).

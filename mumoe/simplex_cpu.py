@@ -3,8 +3,8 @@ r"""entmax-1.5 and sparsemax on CPU arrays, compiled: no sort, a few vectorised 
 The CPU kernels of the gate activations, shared by the NumPy backend
 (``backends/numpy.toml``) and by PyTorch's CPU tensors (:mod:`mumoe.nn.simplex`,
 on NumPy views of them): one implementation for the NumPy family.  Numba
-compiles them on first use (and caches them on disk); they release the GIL, so
-large inputs are split into row blocks run on threads.
+compiles them on first use (and caches them on disk); large inputs are split
+into row blocks, one parallel launch of Numba's threading layer (:func:`run`).
 
 Both activations are :math:`p_i = \max(u_i - \tau, 0)^{1/(\alpha - 1)}` with
 :math:`u = (\alpha - 1)(z - \max z)` (:math:`\alpha = 2` for sparsemax, 1.5 for
@@ -26,9 +26,9 @@ and the largest logit alone gives :math:`-1`.  Each row is
    :math:`(c_1 - 1)/k` for sparsemax, :math:`(c_1 - \sqrt{c_1^2 - k (c_2 - 1)})/k`
    for entmax-1.5, :math:`c_1, c_2` the sums of :math:`u, u^2`), and the next
    pass checks that solution: consistent (no logit kept below it, none dropped
-   above it), it is the exact threshold.  Gate logits take 2 to 4 passes; a
-   row where rounding stops the iteration first (none seen) is finished by
-   sorting its candidates, the ``entmax`` package's way;
+   above it), it is the exact threshold.  From a bound this close, gate logits
+   take a few passes; a row where rounding stops the iteration first is
+   finished by sorting its candidates, the ``entmax`` package's way;
 4. **written**: the coefficients (long rows: zeros, and the support's).
 
 The backward passes are the closed forms (Peters et al., 2019): with
@@ -41,10 +41,9 @@ Non-finite logits: a ``-inf`` logit gets an exact 0; a row with a NaN or
 
 from __future__ import annotations
 
-import itertools
 import os
+import threading
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numba
@@ -54,11 +53,9 @@ __all__ = ["entmax15", "entmax15_backward", "sparsemax", "sparsemax_backward"]
 
 ENTMAX15, SPARSEMAX = 0, 1
 #: Inputs of at least twice this many logits (and more than one row) are split into
-#: row blocks, up to one per thread and one per this many logits.  Below, the threads
-#: cost more than they save; after a torch operation most of all, whose OpenMP threads
-#: keep spinning on the other cores for a while (on 2 cores, torch at 4096 x 64 and
-#: 256 x 2,048: no faster split; at 256 x 24,576: 1.9x faster).
-PARALLEL = 1 << 19
+#: row blocks run in parallel, on up to one thread per this many logits; below, starting
+#: the threads costs more than it saves.
+PARALLEL = 1 << 16
 
 _jit = numba.njit(cache=True, nogil=True, error_model="numpy")
 _FM = {"reassoc", "nsz", "contract"}
@@ -206,7 +203,7 @@ def _lanes_threshold(lanes: Any, top: float, scale: float, kind: int) -> float:
 
 #: Rows of at least this many logits first gather the logits above the lower bound (a
 #: few percent on gate logits), and Newton's passes run over those; shorter rows pass
-#: over all their logits, which costs less than gathering them (0.87x at 4096 x 64).
+#: over all their logits, which costs less than gathering them.
 LONG = 256
 
 
@@ -281,7 +278,32 @@ def _backward(p: Any, g: Any, out: Any, kind: int) -> None:
                 o[i] = (1.0 if pb[i] > 0.0 else 0.0) * (gb[i] - mean)  # NaN rows: NaN
 
 
-_POOL: list[ThreadPoolExecutor] = []
+# The parallel launches are compiled in each process (about 2 s, at the first large input)
+# and not cached: loaded from Numba's cache, they gave results 1 ulp away from the serial
+# kernels'; compiled afresh, the same bits (tests/test_simplex.py checks it).
+@numba.njit(nogil=True, parallel=True, fastmath=_FM, error_model="numpy")
+def _forward_blocks(x: Any, out: Any, kind: int, blocks: int) -> None:
+    step = (x.shape[0] + blocks - 1) // blocks
+    for block in numba.prange(blocks):
+        start, stop = block * step, min(x.shape[0], (block + 1) * step)
+        if start < stop:
+            _forward(x[start:stop], out[start:stop], kind)
+
+
+@numba.njit(nogil=True, parallel=True, fastmath=_FM, error_model="numpy")
+def _backward_blocks(p: Any, g: Any, out: Any, kind: int, blocks: int) -> None:
+    step = (p.shape[0] + blocks - 1) // blocks
+    for block in numba.prange(blocks):
+        start, stop = block * step, min(p.shape[0], (block + 1) * step)
+        if start < stop:
+            _backward(p[start:stop], g[start:stop], out[start:stop], kind)
+
+
+_BLOCKS: dict[str, Any] = {"_forward": _forward_blocks, "_backward": _backward_blocks}
+# One parallel launch at a time: Numba's workqueue threading layer (where no OpenMP or TBB
+# is installed) aborts the process on concurrent launches.
+_LAUNCH = threading.Lock()
+_PARENT = os.getpid()  # a forked child runs serially: GNU OpenMP's threads do not survive fork
 
 
 def _threads() -> int:
@@ -294,11 +316,16 @@ def _threads() -> int:
 def run(kernel: Any, arrays: Sequence[np.ndarray], kind: int, threads: int | None = None) -> None:
     """Run ``kernel(*arrays, kind)`` on 2-D C-contiguous arrays, in row blocks on threads.
 
+    Large inputs run as one parallel launch of Numba's threading layer (OpenMP where
+    Numba has it: after a torch operation, torch's OpenMP threads are still spinning on
+    the other cores, where a thread pool of this process's own gets no time, while
+    OpenMP's team does).  The result is the serial kernel's, bit for bit.
+
     Parameters
     ----------
     kernel : compiled function
         ``_forward`` (logits, out) or ``_backward`` (p, g, out).
-    arrays : tuple of numpy.ndarray, each shape (B, N)
+    arrays : sequence of numpy.ndarray, each shape (B, N)
     kind : int
         :data:`ENTMAX15` or :data:`SPARSEMAX`.
     threads : int, optional
@@ -309,20 +336,18 @@ def run(kernel: Any, arrays: Sequence[np.ndarray], kind: int, threads: int | Non
     if size < 2 * PARALLEL:  # one block: the common case of a small gate, kept short
         kernel(*arrays, kind)
         return
-    workers = min(_threads() if threads is None else threads, rows, size // PARALLEL)
-    if workers < 2:
+    limit: int = numba.config.NUMBA_NUM_THREADS  # type: ignore[attr-defined]  # (set at import)
+    workers = min(_threads() if threads is None else threads, rows, size // PARALLEL, limit)
+    if workers < 2 or os.getpid() != _PARENT:
         kernel(*arrays, kind)
         return
-    if not _POOL:
-        _POOL.append(ThreadPoolExecutor(thread_name_prefix="mumoe-simplex"))
-    bounds = np.linspace(0, rows, workers + 1).astype(int)
-    blocks: list[tuple[Any, ...]] = [
-        tuple(a[lo:hi] for a in arrays) for lo, hi in itertools.pairwise(bounds)
-    ]
-    running = [_POOL[0].submit(kernel, *(*block, kind)) for block in blocks[1:]]
-    kernel(*blocks[0], kind)  # the first block on this thread
-    for done in running:
-        done.result()
+    with _LAUNCH:
+        previous = numba.get_num_threads()  # (the caller's, thread-local: given back)
+        numba.set_num_threads(workers)
+        try:
+            _BLOCKS[kernel.__name__](*arrays, kind, 4 * workers)
+        finally:
+            numba.set_num_threads(previous)
 
 
 def _rows(z: Any, name: str) -> tuple[np.ndarray, tuple[int, ...], Any]:
@@ -375,9 +400,8 @@ def entmax15(z: Any) -> np.ndarray:
     Examples
     --------
     >>> import numpy as np
-    >>> entmax15(np.array([[0.0, 0.0], [3.0, -3.0]]))
-    array([[0.5, 0.5],
-           [1. , 0. ]])
+    >>> entmax15(np.array([[1.0, 0.0, -np.inf]], dtype=np.float32))
+    array([[0.83071893, 0.16928108, 0.        ]], dtype=float32)
     """
     return _activation(z, ENTMAX15, "entmax15")
 
@@ -397,9 +421,8 @@ def sparsemax(z: Any) -> np.ndarray:
     Examples
     --------
     >>> import numpy as np
-    >>> sparsemax(np.array([[2.0, 1.0, -1.0], [0.0, 0.0, 0.0]])).round(3)
-    array([[1.   , 0.   , 0.   ],
-           [0.333, 0.333, 0.333]])
+    >>> sparsemax(np.array([[0.5, 0.25, -3.0]]))
+    array([[0.625, 0.375, 0.   ]])
     """
     return _activation(z, SPARSEMAX, "sparsemax")
 

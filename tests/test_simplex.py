@@ -228,16 +228,64 @@ def test_many_minus_infinity_logits_in_short_and_long_rows(path, kind, n):
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_row_blocks_on_threads_give_the_same_coefficients(kind, monkeypatch):
-    z = torch.randn(64, 3000, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
-    single = TORCH[kind](z)
+    # Bit for bit: the parallel launch runs the serial kernel, compiled alike, on row blocks.
+    generator = torch.Generator().manual_seed(2)
+    shapes = ((64, 3000, torch.float64), (4096, 64, torch.float32), (200, 300, torch.float32))
+    cases = [torch.randn(b, n, generator=generator, dtype=dtype) for b, n, dtype in shapes]
+    single = [TORCH[kind](z) for z in cases]
+    gradients = [getattr(simplex_cpu, f"{kind}_backward")(p.numpy(), p.numpy()) for p in single]
     monkeypatch.setattr(simplex_cpu, "PARALLEL", 1)
     previous = torch.get_num_threads()
     torch.set_num_threads(3)
     try:
-        torch.testing.assert_close(TORCH[kind](z), single, rtol=0, atol=0)
-        np.testing.assert_array_equal(getattr(simplex_cpu, kind)(z.numpy()), single.numpy())
+        for z, p, g in zip(cases, single, gradients, strict=True):
+            torch.testing.assert_close(TORCH[kind](z), p, rtol=0, atol=0)
+            np.testing.assert_array_equal(getattr(simplex_cpu, kind)(z.numpy()), p.numpy())
+            backward = getattr(simplex_cpu, f"{kind}_backward")
+            np.testing.assert_array_equal(backward(p.numpy(), p.numpy()), g)
     finally:
         torch.set_num_threads(previous)
+
+
+def test_parallel_launches_from_many_threads_and_after_fork(monkeypatch):
+    # Large inputs are one parallel launch of Numba's threading layer: launches from several
+    # Python threads take turns (the workqueue layer would abort on concurrent ones), and a
+    # forked child, whose parent's OpenMP threads did not survive the fork, runs serially.
+    import multiprocessing
+    import subprocess
+    import sys
+    from concurrent.futures import ThreadPoolExecutor
+
+    monkeypatch.setattr(simplex_cpu, "PARALLEL", 64)
+    zs = [np.random.default_rng(k).standard_normal((200, 300)) for k in range(8)]
+    expected = [oracle("entmax15", z) for z in zs]
+    with ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(simplex_cpu.entmax15, zs))
+    for ours, theirs in zip(results, expected, strict=True):
+        np.testing.assert_allclose(ours, theirs, rtol=0, atol=1e-10)
+    # The fork in a fresh interpreter: this one may hold other threads (JAX's) that a
+    # fork would leave in an unknown state.
+    code = (
+        "import multiprocessing, numpy as np\n"
+        "from mumoe import simplex_cpu\n"
+        "simplex_cpu.PARALLEL = 64\n"
+        "z = np.random.default_rng(0).standard_normal((200, 300))\n"
+        "parent = simplex_cpu.entmax15(z)  # a parallel launch before the fork\n"
+        "def child(queue):\n"
+        "    queue.put(simplex_cpu.entmax15(z))\n"
+        "if __name__ == '__main__':\n"
+        "    context = multiprocessing.get_context('fork')\n"
+        "    queue = context.Queue()\n"
+        "    process = context.Process(target=child, args=(queue,))\n"
+        "    process.start()\n"
+        "    result = queue.get(timeout=120)  # (before join: the queue flushes first)\n"
+        "    process.join(timeout=30)\n"
+        "    assert process.exitcode == 0 and np.array_equal(result, parent)\n"
+        "    print('same')\n"
+    )
+    if "fork" in multiprocessing.get_all_start_methods():
+        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+        assert done.stdout.strip() == "same", done.stderr
 
 
 @pytest.mark.parametrize("kind", KINDS)

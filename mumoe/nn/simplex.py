@@ -3,8 +3,8 @@ r"""entmax-1.5 and sparsemax for torch tensors: exact, with closed-form gradient
 The torch family's one implementation, by device:
 
 * **CPU tensors** run :mod:`mumoe.simplex_cpu`'s compiled kernels on NumPy
-  views of the tensors (no copy): one pass over each row, no sort, and the
-  closed-form backward pass in one more;
+  views of the tensors (no copy): no sort, a few vectorised passes a row, and
+  the closed-form backward pass in two more;
 * **other devices** (CUDA) run :mod:`mumoe.simplex`'s candidate-window
   algorithm: the ``WINDOW`` largest logits of each row selected by
   ``torch.topk`` and the threshold read from them, rows whose support fills
