@@ -55,9 +55,11 @@ def _window(
     rows: torch.Tensor, m: torch.Tensor, kind: str, index: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Support size and the window's coefficients (before squaring), per row."""
-    ordered = rows.gather(-1, index).sub_(m)
+    # Summed in float64: the prefix sums cancel, and in float32 a threshold came out 16 ulps
+    # off (mumoe.simplex).
+    ordered = rows.gather(-1, index).sub_(m).double()
     width = index.shape[-1]
-    rank = torch.arange(1, width + 1, dtype=rows.dtype, device=rows.device)
+    rank = torch.arange(1, width + 1, dtype=ordered.dtype, device=rows.device)
     if kind == "sparsemax":
         cumulative = ordered.cumsum(-1).sub_(1)
         inside = rank * ordered > cumulative
@@ -71,7 +73,7 @@ def _window(
         inside = taus <= ordered
     # The threshold is the largest tau_k of the support (mumoe.simplex); NaN rows: -inf.
     tau = taus.masked_fill_(~inside, -math.inf).amax(-1, keepdim=True)
-    return inside.sum(-1, keepdim=True), (ordered - tau).clamp_(min=0)
+    return inside.sum(-1, keepdim=True), (ordered - tau).clamp_(min=0).to(rows.dtype)
 
 
 def _fit(x: torch.Tensor, width: int) -> torch.Tensor:
