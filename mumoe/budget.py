@@ -22,7 +22,6 @@ tr        ``(expert_rank,) * (E + 1) + (r,)``: the bond between input and
 from __future__ import annotations
 
 import math
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -101,9 +100,9 @@ class Budget:
 def as_budget(rank: Any) -> Budget | None:
     """``rank`` as a :class:`Budget` if it asks for one, else None.
 
-    ``"same"`` is ``Budget(1.0)``; a bare float is still read as a fraction,
-    with a ``DeprecationWarning`` (``rank=2.5`` looks like a rank): pass
-    ``Budget(...)``.
+    ``"same"`` is ``Budget(1.0)``.  A bare float is refused: ``rank=0.5``
+    reads like a rank, not a fraction of ``nn.Linear``'s parameters; a
+    budget is asked for with ``Budget(0.5)``.
 
     Parameters
     ----------
@@ -118,6 +117,8 @@ def as_budget(rank: Any) -> Budget | None:
     ------
     ValueError
         For a string other than ``"same"``.
+    TypeError
+        For a float, naming :class:`Budget`.
 
     Examples
     --------
@@ -131,13 +132,11 @@ def as_budget(rank: Any) -> Budget | None:
             raise ValueError(f"a rank given as a string must be 'same', got {rank!r}")
         return Budget(1.0)
     if isinstance(rank, float):
-        warnings.warn(
-            f"rank={rank!r} is read as a parameter budget ({rank} x nn.Linear's parameters); "
-            f"a float rank is deprecated: pass mumoe.Budget({rank!r})",
-            DeprecationWarning,
-            stacklevel=3,
+        raise TypeError(
+            f"rank={rank!r} is a float; a rank is an int (or a tuple or mapping of ints), "
+            f"and a parameter budget is mumoe.Budget({rank!r}) ({rank} x nn.Linear's "
+            "parameters) or 'same'"
         )
-        return Budget(rank)
     return None
 
 

@@ -48,8 +48,8 @@ def build_network(
         :class:`~mumoe.budget.Budget` (``"same"`` is ``Budget(1.0)``) chooses
         the rank by :func:`mumoe.budget.match_rank`: the parameters of
         ``nn.Linear(in_features, out_features)``, a fraction of them or a
-        count.  (A bare float is still read as a fraction, with a
-        ``DeprecationWarning``.)
+        count.  A bare float is refused (``TypeError``): a budget is a
+        :class:`~mumoe.budget.Budget`.
     bias : bool, default True
     count_gates : bool, default True
         Whether a budget counts the gate projections.

@@ -70,9 +70,7 @@ def _rank(values: Sequence[str] | None) -> Any:
 
 
 def _describe(args: argparse.Namespace) -> int:
-    if args.experts is not None:
-        print("mumoe describe: --experts is deprecated; use --expert-dims", file=sys.stderr)
-    dims = args.expert_dims if args.expert_dims is not None else args.experts
+    dims = args.expert_dims
     if dims is None:
         raise ValueError("mumoe describe needs --expert-dims (experts per level, e.g. 32 4)")
     net = build_network(
@@ -98,9 +96,6 @@ def _demo(args: argparse.Namespace) -> int:
     from mumoe.demo import run
 
     seeds = args.seeds
-    if args.seed is not None:  # the one-seed option of earlier versions
-        print(f"mumoe demo: --seed is deprecated; use --seeds {args.seed}", file=sys.stderr)
-        seeds = [args.seed]
     experts = args.experts or (FAST_EXPERTS if args.fast else [8, 32, 128, 512])
     epochs = args.epochs if args.epochs is not None else (FAST_EPOCHS if args.fast else 40)
     run(
@@ -183,7 +178,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     demo.add_argument("--seeds", type=_seeds, default=[0, 1, 2], metavar="S,S,...",
                       help="seeds of the split, init and batches, one run each "
                       "(default: 0,1,2)")  # fmt: skip
-    demo.add_argument("--seed", type=int, help=argparse.SUPPRESS)  # deprecated: --seeds
     demo.add_argument("--edit-class", type=int, metavar="DIGIT",
                       help="digit whose experts to switch off (default, per seed: the digit "
                       "whose tied experts carry the largest share of its gate mass)")  # fmt: skip
@@ -207,7 +201,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     describe.add_argument("network", help="a format (cp, tucker, tt, tr, dense) or a spec string")
     describe.add_argument("--expert-dims", type=int, nargs="+", metavar="N",
                           help="experts per level, e.g. --expert-dims 32 4")  # fmt: skip
-    describe.add_argument("--experts", type=int, nargs="+", help=argparse.SUPPRESS)
     describe.add_argument("--in-features", type=int, required=True)
     describe.add_argument("--out-features", type=int, required=True)
     describe.add_argument("--rank", nargs="*",

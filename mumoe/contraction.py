@@ -42,8 +42,6 @@ from typing import Any
 
 import tensorly as tl
 
-from mumoe._deprecation import deprecated_property, warn_renamed
-
 __all__ = ["Kernels", "PairStep", "Program", "SumStep", "compile_program"]
 
 
@@ -199,9 +197,6 @@ class Program:
     bias_features: int = 0
     kernels: Kernels = field(default_factory=lambda: Kernels(), compare=False, repr=False)
 
-    split = deprecated_property("split", "bias_inside")
-    split_width = deprecated_property("split_width", "bias_width")
-
     @functools.cached_property
     def _run(self) -> Callable[[Sequence[Any]], Any]:
         # Generated on the first call (the compiler also makes partial programs).
@@ -339,7 +334,6 @@ def compile_program(
     lead: str | None = None,
     bias_input: int | None = None,
     kernels: Kernels | None = None,
-    split: int | None = None,
 ) -> Program:
     """Compile a pairwise contraction path into matrix-multiply steps.
 
@@ -364,8 +358,6 @@ def compile_program(
         without it and ``Program.bias_inside`` is False (concatenate ones).
     kernels : Kernels, optional
         The backend's own kernels (see :class:`Kernels`).
-    split : int, optional
-        Deprecated name of ``bias_input``.
 
     Returns
     -------
@@ -377,9 +369,6 @@ def compile_program(
     >>> [(step.kind, step.equation) for step in program.steps]
     [('matmul', 'ab,bc->ac')]
     """
-    if split is not None:
-        warn_renamed("compile_program(split=...)", "compile_program(bias_input=...)")
-        bias_input = split
     program = _compile(inputs, output, path, sizes, lead, bias_input)
     if bias_input is not None and not program.bias_inside:
         program = _compile(inputs, output, path, sizes, lead, None)

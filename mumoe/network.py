@@ -22,9 +22,8 @@ from typing import Any
 
 import opt_einsum
 
-from mumoe._deprecation import deprecated_property, warn_renamed
 from mumoe.formats import format_of
-from mumoe.plan import DEFAULT_OPTIMIZE, Plan, PlanCache
+from mumoe.plan import DEFAULT_OPTIMIZE, PlanCache
 from mumoe.planner import AUTOTUNE_OPTIMIZERS, Planner
 from mumoe.spec import INPUT, OUTPUT, parse_spec
 from mumoe.typing import RankLike, Shape
@@ -64,9 +63,6 @@ class Network:
         to size that names each bond.  Needed whenever the spec has bonds.
     bias : bool, default True
         Whether the input mode has an extra bias slice.
-    format : str, optional
-        Deprecated and ignored: the format is read from the spec
-        (:attr:`format`).
     optimize : str or path, default "flop-optimal"
         The path search used when a plan is first built: ``"flop-optimal"``
         (the least FLOPs, exactly, up to :data:`mumoe.paths.OPTIMAL_OPERANDS`
@@ -126,7 +122,6 @@ class Network:
         *,
         rank: RankLike | None = None,
         bias: bool = True,
-        format: str | None = None,
         optimize: str | Sequence[tuple[int, ...]] = DEFAULT_OPTIMIZE,
         cache_size: int = 32,
         autotune: bool = False,
@@ -141,8 +136,6 @@ class Network:
                 f"entries: {dims}"
             )
         derived = format_of(parsed.spec, n_levels)
-        if format is not None:
-            warn_renamed("Network(format=...)", "Network.format, read from the spec")
         put = object.__setattr__
         put(self, "spec", parsed.spec)
         put(self, "core_legs", parsed.core_legs)
@@ -252,8 +245,6 @@ class Network:
             "bias": self.bias, "optimize": self.planner.optimize,
             "cache_size": self.planner.cache.maxsize, "autotune": self.planner.autotune,
         }  # fmt: skip
-
-    cores = deprecated_property("cores", "core_legs")
 
     @property
     def optimize(self) -> str | Sequence[tuple[int, ...]]:
@@ -401,22 +392,6 @@ class Network:
         return ", ".join(inputs) + f" -> ...{OUTPUT}"
 
     # ------------------------------------------------------------------ plans
-
-    def _deprecated_plan(self, old: str, new: str, *args: Any) -> Plan:
-        warn_renamed(f"Network.{old}", f"Network.planner.{new}", stacklevel=4)
-        return getattr(self.planner, new)(*args)
-
-    def forward_plan(self, *args: Any) -> Plan:
-        """Deprecated: :meth:`network.planner.forward <mumoe.planner.Planner.forward>`."""
-        return self._deprecated_plan("forward_plan", "forward", *args)
-
-    def materialize_plan(self, *args: Any) -> Plan:
-        """Deprecated: :meth:`network.planner.materialize <mumoe.planner.Planner.materialize>`."""
-        return self._deprecated_plan("materialize_plan", "materialize", *args)
-
-    def expert_plan(self, *args: Any) -> Plan:
-        """Deprecated: :meth:`network.planner.expert <mumoe.planner.Planner.expert>`."""
-        return self._deprecated_plan("expert_plan", "expert", *args)
 
     @property
     def plans(self) -> PlanCache:

@@ -25,7 +25,6 @@ from typing import Any
 
 import opt_einsum
 
-from mumoe._deprecation import deprecated_property, warn_renamed
 from mumoe.contraction import Kernels, Program, compile_program
 from mumoe.paths import DEFAULT_OPTIMIZE, path_optimizer
 from mumoe.validation import positive_int
@@ -126,9 +125,6 @@ class Plan:
     program: Program
     bias_program: Program | None = None
 
-    steps = deprecated_property("steps", "step_equations")
-    split_program = deprecated_property("split_program", "bias_program")
-
     @classmethod
     def build(
         cls,
@@ -139,7 +135,6 @@ class Plan:
         lead: str | None = None,
         bias_input: int | None = None,
         kernels: Kernels | None = None,
-        split: int | None = None,
     ) -> Plan:
         """Search a contraction path and compile it.
 
@@ -160,8 +155,6 @@ class Plan:
             its bias column: see :func:`mumoe.contraction.compile_program`.
         kernels : mumoe.contraction.Kernels, optional
             The backend's own kernels for the compiled steps.
-        split : int, optional
-            Deprecated name of ``bias_input``.
 
         Returns
         -------
@@ -173,9 +166,6 @@ class Plan:
         >>> plan.path, plan.flops
         (((0, 1),), 48)
         """
-        if split is not None:
-            warn_renamed("Plan.build(split=...)", "Plan.build(bias_input=...)")
-            bias_input = split
         dims = tuple(tuple(int(d) for d in s) for s in shapes)
         # opt_einsum's random-greedy search (auto-hq past 20 operands, and some
         # autotune candidates) reseeds Python's global random: leave it as it was.
@@ -245,15 +235,12 @@ class Plan:
             )
         )
 
-    def __call__(self, *operands: Any, bias_inside: bool = False, split: bool = False) -> Any:
+    def __call__(self, *operands: Any, bias_inside: bool = False) -> Any:
         """Contract ``operands`` (arrays of one backend) along the compiled path.
 
         With ``bias_inside``, the input comes without its column of ones and
-        :attr:`bias_program` runs (it must exist); ``split`` is its deprecated name.
+        :attr:`bias_program` runs (it must exist).
         """
-        if split:
-            warn_renamed("Plan.__call__(split=True)", "Plan.__call__(bias_inside=True)")
-            bias_inside = True
         return (self.bias_program if bias_inside else self.program)(operands)  # type: ignore[misc]
 
 

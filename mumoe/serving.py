@@ -13,11 +13,9 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Sequence
-from typing import Any
 
 import tensorly as tl
 
-from mumoe._deprecation import deprecated_property, warn_renamed
 from mumoe.gating import (
     ACTIVATIONS,
     batch_norm,
@@ -44,13 +42,6 @@ def _input_norm(affine: Affine | None, eps: float) -> Callable[[Tensor], Tensor]
     return lambda x: layer_norm(x, weight, bias, eps=eps)
 
 
-def _affine(input_norm_affine: Affine | None, options: dict[str, Any]) -> Affine | None:
-    if "input_norm" in options:  # the old name of input_norm_affine
-        warn_renamed("input_norm=(weight, bias)", "input_norm_affine=(weight, bias)", 4)
-        return options.pop("input_norm")
-    return input_norm_affine
-
-
 class InferenceMuMoE:
     r"""A μMoE layer in eval mode on the active TensorLy backend.
 
@@ -75,13 +66,11 @@ class InferenceMuMoE:
         With ``activation="topk"``: the experts each row keeps.
     input_norm_affine : tuple of (weight, bias), optional
         The input layer norm's affine parameters, each (I,); no input norm
-        without.  (Formerly ``input_norm``, still accepted with a warning.)
+        without.
     eps : float
         Of the gate's normalisation.
     input_eps : float
         Of the input layer norm.
-    **deprecated
-        ``input_norm``, the old name of ``input_norm_affine`` (with a warning).
 
     Examples
     --------
@@ -108,11 +97,7 @@ class InferenceMuMoE:
         input_norm_affine: Affine | None = None,
         eps: float = 1e-5,
         input_eps: float = 1e-5,
-        **deprecated: Any,
     ) -> None:
-        input_norm_affine = _affine(input_norm_affine, deprecated)
-        if deprecated:
-            raise TypeError(f"unexpected keyword arguments {sorted(deprecated)}")
         if not isinstance(activation, str) or activation not in ACTIVATIONS:
             raise ValueError(
                 f"unknown gate activation {activation!r}; choose one of "
@@ -139,8 +124,6 @@ class InferenceMuMoE:
         self.input_norm_affine = input_norm_affine
         self.eps = eps
         self.input_eps = input_eps
-
-    input_norm = deprecated_property("input_norm", "input_norm_affine")
 
     def _norms(self) -> list[Callable[[Tensor], Tensor] | None]:
         levels = len(self.projections or ())
@@ -261,8 +244,6 @@ class InferenceMuMoEBlock:
     input_norm_affine : tuple of (weight, bias), optional
         The block's input layer norm.
     input_eps : float
-    **deprecated
-        ``input_norm``, the old name of ``input_norm_affine`` (with a warning).
 
     Examples
     --------
@@ -283,11 +264,7 @@ class InferenceMuMoEBlock:
         *,
         input_norm_affine: Affine | None = None,
         input_eps: float = 1e-5,
-        **deprecated: Any,
     ) -> None:
-        input_norm_affine = _affine(input_norm_affine, deprecated)
-        if deprecated:
-            raise TypeError(f"unexpected keyword arguments {sorted(deprecated)}")
         if fc1.network.out_features != fc2.network.in_features:
             raise ValueError(
                 f"fc1 gives {fc1.network.out_features} features but fc2 takes "
@@ -298,8 +275,6 @@ class InferenceMuMoEBlock:
         self.fc1, self.fc2 = fc1, fc2
         self.input_norm_affine = input_norm_affine
         self.input_eps = input_eps
-
-    input_norm = deprecated_property("input_norm", "input_norm_affine")
 
     def __call__(self, x: Tensor) -> Tensor:
         """The block's output for ``x`` of shape ``(..., I)``: shape ``(..., O)``.

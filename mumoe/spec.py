@@ -29,8 +29,6 @@ import collections
 import re
 from dataclasses import dataclass
 
-from mumoe._deprecation import deprecated_property
-
 __all__ = ["INPUT", "OUTPUT", "ParsedSpec", "is_expert_leg", "parse_spec"]
 
 INPUT = "i"
@@ -109,8 +107,6 @@ class ParsedSpec:
     core_legs: tuple[tuple[str, ...], ...]
     expert_legs: tuple[str, ...]
     bonds: tuple[str, ...]
-
-    cores = deprecated_property("cores", "core_legs")
 
     @property
     def spec(self) -> str:

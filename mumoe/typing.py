@@ -22,5 +22,5 @@ Rank: TypeAlias = int | Sequence[int]
 
 #: The ``rank`` of a layer: a preset's rank, a spec's bond sizes, or a parameter
 #: budget (``"same"``: as many parameters as ``nn.Linear``; a ``mumoe.Budget``:
-#: a fraction of them or a count; a bare float, deprecated: a fraction).
-RankOrBudget: TypeAlias = Rank | Mapping[str, int] | str | float | Any
+#: a fraction of them or a count).
+RankOrBudget: TypeAlias = Rank | Mapping[str, int] | str | Any

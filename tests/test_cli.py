@@ -62,13 +62,10 @@ def test_bad_networks_exit_2_with_the_reason(capsys, argv, message):
     assert message in capsys.readouterr().err
 
 
-def test_describe_takes_a_budget_and_the_old_experts_flag(capsys):
+def test_describe_takes_a_budget(capsys):
     argv = ["describe", "cp", "--in-features", "768", "--out-features", "1000", "--rank", "same"]
     assert main([*argv, "--expert-dims", "128"]) == 0
     assert "r=353" in capsys.readouterr().out  # the parameters of nn.Linear(768, 1000)
-    assert main([*argv, "--experts", "128"]) == 0
-    captured = capsys.readouterr()
-    assert "r=353" in captured.out and "--experts is deprecated" in captured.err
 
 
 def test_python_dash_m_and_console_script():

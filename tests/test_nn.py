@@ -249,8 +249,8 @@ def test_fractional_budget():
     assert sum(p.numel() for p in half.parameters()) <= 0.5 * linear_params(96, 40)
     counted = CPMuMoE(96, 40, 8, rank=Budget(params=2000))
     assert sum(p.numel() for p in counted.parameters()) <= 2000
-    with pytest.warns(DeprecationWarning, match=r"pass mumoe.Budget\(0.5\)"):
-        assert CPMuMoE(96, 40, 8, rank=0.5).network.ranks == half.network.ranks
+    with pytest.raises(TypeError, match=r"is mumoe.Budget\(0.5\)"):
+        CPMuMoE(96, 40, 8, rank=0.5)
     with pytest.raises(ValueError, match="give exactly one"):
         Budget(0.5, params=10)
     with pytest.raises(ValueError, match="positive and finite"):

@@ -12,7 +12,6 @@ from typing import IO, Any
 
 import numpy as np
 
-from mumoe._deprecation import warn_renamed
 from mumoe.budget import linear_params
 from mumoe.demo import _figures as figures
 from mumoe.demo._report import print_report
@@ -45,7 +44,6 @@ def run(
     progress: bool = True,
     stream: IO[str] | None = None,
     threads: int | None = None,
-    seed: int | None = None,
 ) -> DemoResult:
     """Train the heads over several seeds, measure their experts, edit, and draw.
 
@@ -78,8 +76,6 @@ def run(
         Show a tqdm progress bar (on stderr).
     stream : text stream, optional
         Where the report is printed; standard output by default.
-    seed : int, optional
-        Deprecated: ``seeds=(seed,)``.
     threads : int, optional
         How many heads train at once, each in its own process with one torch
         thread; 1 trains them one after another in this process.  By default
@@ -106,9 +102,6 @@ def run(
     """
     from tqdm.auto import tqdm
 
-    if seed is not None:
-        warn_renamed("mumoe.demo.run(seed=...)", "run(seeds=(seed,))", stacklevel=2)
-        seeds = (seed,)
     started = time.perf_counter()
     out = stream if stream is not None else sys.stdout
     experts, seeds, threads = _check(experts, seeds, epochs, edit_class, threads)

@@ -6,7 +6,6 @@ recipe (:mod:`mumoe.recipe`).  This package, :mod:`mumoe.compat` and
 ``import mumoe`` works without it.
 """
 
-from mumoe._deprecation import module_getattr
 from mumoe.build import build_network
 from mumoe.nn.analysis import GateRecord, record_gates
 from mumoe.nn.block import MuMoEBlock
@@ -56,13 +55,3 @@ __all__ = [
     "torch_forward",
     "torch_gate_coefficients",
 ]
-
-# mumoe.nn.ACTIVATIONS held the torch kernels under the vocabulary's names; the
-# vocabulary is mumoe.gating.ACTIVATIONS and the kernels mumoe.nn.TORCH_KERNELS.
-__getattr__ = module_getattr(
-    __name__,
-    {
-        "ACTIVATIONS": ("mumoe.nn.gating", "TORCH_KERNELS"),
-        "gate_coefficients": ("mumoe.nn.gating", "torch_gate_coefficients"),
-    },
-)

@@ -33,7 +33,7 @@ class MuMoEBlock(nn.Module):
     network : str, default "cp"
         A format name or a spec string, used for both layers.
     expert_dims : int or sequence of int
-    rank : int, tuple, mapping, "same" or float
+    rank : int, tuple, mapping, "same" or Budget
         For both layers; a budget is matched per layer against
         ``nn.Linear`` of that layer's sizes, the gate counted in the first.
     bias, normalization, activation, top_k, balance, input_norm, device, dtype

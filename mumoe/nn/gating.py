@@ -32,7 +32,6 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 import torch
 from torch import nn
 
-from mumoe._deprecation import module_getattr
 from mumoe.backend import thread_backend
 from mumoe.gating import (
     NORMALIZATIONS,
@@ -401,16 +400,3 @@ class MuMoEGate(nn.Module):
             + ("" if self.top_k is None else f", top_k={self.top_k}")
             + (f", balance={self.balance}" if self.balance else "")
         )
-
-
-# The old names: the torch kernels were ACTIVATIONS here (the vocabulary is
-# mumoe.gating.ACTIVATIONS), and the torch gate step was gate_coefficients.
-__getattr__ = module_getattr(
-    __name__,
-    {
-        "ACTIVATIONS": ("mumoe.nn.gating", "TORCH_KERNELS"),
-        "gate_coefficients": ("mumoe.nn.gating", "torch_gate_coefficients"),
-        # The partial sort's first window is now the candidate window of mumoe.simplex.
-        "PARTIAL_SORT": ("mumoe.simplex", "WINDOW"),
-    },
-)

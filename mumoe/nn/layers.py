@@ -24,6 +24,7 @@ from torch import nn
 from mumoe import functional
 from mumoe._deprecation import module_getattr
 from mumoe.backend import thread_backend
+from mumoe.budget import Budget
 from mumoe.build import build_network
 from mumoe.network import Network
 from mumoe.nn.contract import check_gate_devices, check_input, module_contract, not_scriptable
@@ -63,7 +64,7 @@ class MuMoE(nn.Module):
         :func:`mumoe.build_network`).
     expert_dims : int or sequence of int, optional
         :math:`N_1, \dots, N_E`; required unless ``network`` is a Network.
-    rank : int, tuple, mapping, "same" or float, optional
+    rank : int, tuple, mapping, "same" or Budget, optional
         The rank (see :func:`mumoe.build_network`).
     bias : bool, default True
         Whether every expert has a bias (the input mode's extra slice).
@@ -407,7 +408,7 @@ class _PresetMuMoE(MuMoE):
         out_features: int,
         expert_dims: int | Sequence[int],
         *,
-        rank: Rank | str | float,
+        rank: Rank | str | Budget,
         bias: bool = True,
         normalization: str | None = "bn",
         activation: str | Activation = "entmax15",
@@ -436,7 +437,7 @@ class CPMuMoE(_PresetMuMoE):
     in_features, out_features : int
     expert_dims : int or sequence of int
         Experts per level.
-    rank : int, "same" or float
+    rank : int, "same" or Budget
         The CP rank (:func:`mumoe.validate_cp_rank`), or a parameter budget.
     bias, normalization, activation, top_k, balance, input_norm, gated, device, dtype
         As for :class:`MuMoE`.
@@ -463,7 +464,7 @@ class TuckerMuMoE(_PresetMuMoE):
     in_features, out_features : int
     expert_dims : int or sequence of int
         Experts per level.
-    rank : int or tuple of int, "same" or float
+    rank : int or tuple of int, "same" or Budget
         The Tucker rank (:func:`mumoe.validate_tucker_rank`), or a parameter budget.
     bias, normalization, activation, top_k, balance, input_norm, gated, device, dtype
         As for :class:`MuMoE`.
@@ -490,7 +491,7 @@ class TTMuMoE(_PresetMuMoE):
     in_features, out_features : int
     expert_dims : int or sequence of int
         Experts per level.
-    rank : int or tuple of int, "same" or float
+    rank : int or tuple of int, "same" or Budget
         The TT rank (:func:`mumoe.validate_tt_rank`), or a parameter budget.
     bias, normalization, activation, top_k, balance, input_norm, gated, device, dtype
         As for :class:`MuMoE`.
@@ -517,7 +518,7 @@ class TRMuMoE(_PresetMuMoE):
     in_features, out_features : int
     expert_dims : int or sequence of int
         Experts per level.
-    rank : int or tuple of int, "same" or float
+    rank : int or tuple of int, "same" or Budget
         The TR rank (:func:`mumoe.validate_tr_rank`), or a parameter budget.
     bias, normalization, activation, top_k, balance, input_norm, gated, device, dtype
         As for :class:`MuMoE`.
