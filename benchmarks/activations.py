@@ -3,11 +3,11 @@
 ``python -m benchmarks.activations [--rounds R] [--json PATH]``: for each logits
 shape (rows x experts), the median time of the forward pass (no graph) and of
 forward + backward, for softmax, mumoe's entmax-1.5 and sparsemax
-(:mod:`mumoe.nn.simplex`: on CPU tensors, the compiled kernels of
-:mod:`mumoe.simplex_cpu`) and the ``entmax`` package's entmax-1.5 with the
+(:mod:`mumoe.nn`: on CPU tensors, the compiled kernels of
+:mod:`mumoe.gates.entmax_cpu`) and the ``entmax`` package's entmax-1.5 with the
 partial sort mumoe used before (``k=32``, doubling); then NumPy's softmax
-against :mod:`mumoe.simplex_cpu` (the NumPy backend's kernels) and against the
-array-API algorithm CuPy and JAX run (:mod:`mumoe.simplex`); then the CLIP-size
+against :mod:`mumoe.gates.entmax_cpu` (the NumPy backend's kernels) and against the
+array-API algorithm CuPy and JAX run (:mod:`mumoe.gates.entmax`); then the CLIP-size
 CP layer (768 -> 1000, 512 experts) with an entmax-1.5 gate against the same
 layer with a softmax gate.
 
@@ -32,9 +32,9 @@ import numpy as np
 import torch
 from entmax import entmax15 as package_entmax15
 
-from mumoe import simplex, simplex_cpu
+import mumoe.nn
+from mumoe.gates import entmax, entmax_cpu
 from mumoe.nn import MuMoE
-from mumoe.nn import simplex as torch_simplex
 
 SHAPES = ((1, 64), (8, 512), (256, 2048), (4096, 64), (256, 24576))
 LAYER_BATCHES = (8, 256)
@@ -80,8 +80,8 @@ def torch_activations(
     """Forward and forward + backward of each torch activation, per logits shape."""
     kernels: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
         "softmax": lambda z: torch.softmax(z, -1),
-        "entmax15": torch_simplex.entmax15,
-        "sparsemax": torch_simplex.sparsemax,
+        "entmax15": mumoe.nn.entmax15,
+        "sparsemax": mumoe.nn.sparsemax,
         "entmax15 package k=32": _package_entmax15,
     }
     rows = []
@@ -100,7 +100,7 @@ def torch_activations(
 def numpy_activations(
     rounds: int, shapes: tuple[tuple[int, int], ...] = SHAPES
 ) -> list[dict[str, Any]]:
-    """NumPy softmax against mumoe.simplex_cpu and mumoe.simplex, per logits shape."""
+    """NumPy softmax against mumoe.gates.entmax_cpu and mumoe.gates.entmax, per logits shape."""
 
     def softmax(z: np.ndarray) -> np.ndarray:
         e = np.exp(z - z.max(-1, keepdims=True))
@@ -111,9 +111,9 @@ def numpy_activations(
         z = np.random.default_rng(0).standard_normal((b, n)).astype(np.float32)
         functions: dict[str, Fn] = {
             "softmax": functools.partial(softmax, z),
-            "entmax15": functools.partial(simplex_cpu.entmax15, z),
-            "sparsemax": functools.partial(simplex_cpu.sparsemax, z),
-            "entmax15 array API": functools.partial(simplex.entmax15, z, np),
+            "entmax15": functools.partial(entmax_cpu.entmax15, z),
+            "sparsemax": functools.partial(entmax_cpu.sparsemax, z),
+            "entmax15 array API": functools.partial(entmax.entmax15, z, np),
         }
         rows.append({"shape": [b, n], "seconds": _medians(functions, rounds)})
     return rows
@@ -164,7 +164,10 @@ def print_tables(result: dict[str, list[dict[str, Any]]]) -> None:
             cells.append(f"{_us(s[f'{name} f'])}, {s[f'{name} f'] / s['softmax f']:.1f}×")
             cells.append(f"{s[f'{name} f+b'] / s['softmax f+b']:.1f}×")
         print("| " + " | ".join(cells) + " |")
-    print("\n## NumPy (mumoe.simplex_cpu; the array-API mumoe.simplex) against NumPy softmax\n")
+    print(
+        "\n## NumPy (mumoe.gates.entmax_cpu; the array-API mumoe.gates.entmax) "
+        "against NumPy softmax\n"
+    )
     print("| logits | softmax | entmax-1.5 | sparsemax | entmax-1.5, array API |")
     print("|---|---|---|---|---|")
     for row in result["numpy"]:

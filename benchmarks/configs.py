@@ -4,8 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from mumoe.budget import match_rank
-from mumoe.formats import FORMATS
+from mumoe.spec import FORMATS, match_rank
 
 
 @dataclass(frozen=True)

@@ -36,7 +36,7 @@ from entmax import entmax15
 from tensorly import plugins
 
 from benchmarks.configs import Config
-from mumoe.backend import thread_backend
+from mumoe.backends import thread_backend
 from mumoe.nn import TORCH_KERNELS, MuMoE, torch_gate_coefficients
 
 Fn = Callable[[], torch.Tensor]

@@ -1,8 +1,8 @@
 """FLOP excess of opt_einsum's optimisers over mumoe's FLOP-optimal default path.
 
 ``python -m benchmarks.paths``: for preset networks whose ``auto-hq`` path (mumoe's
-default before ``mumoe.paths``) is not optimal, the FLOPs of each optimiser's path
-relative to :func:`mumoe.paths.optimal_path`, and the time each search takes.  FLOP
+default before ``mumoe.plan``) is not optimal, the FLOPs of each optimiser's path
+relative to :func:`mumoe.plan.optimal_path`, and the time each search takes.  FLOP
 counts are exact and the same on every machine; only the search times vary.
 """
 
@@ -13,7 +13,7 @@ import time
 import opt_einsum
 
 from mumoe import Network, cp, tr, tucker
-from mumoe.paths import FlopOptimal
+from mumoe.plan import FlopOptimal
 
 CASES: dict[str, Network] = {
     "cp-2-levels-clip": cp((32, 4), 768, 1000, rank=410),
@@ -29,7 +29,7 @@ ROWS = 256
 
 def measure(net: Network) -> dict[str, tuple[int, float]]:
     """FLOPs and search seconds of each optimiser on ``net``'s forward contraction."""
-    shapes = net._forward_shapes(ROWS)
+    shapes = net.forward_shapes(ROWS)
     results = {}
     for name in OPTIMIZERS:
         if name == "optimal" and len(shapes) > 8:
@@ -59,7 +59,7 @@ def main() -> int:
                 continue
             flops, seconds = results[name]
             cells.append(f"{100 * (flops / best - 1):+.1f}%, {1e3 * seconds:.1f}")
-        operands = len(net._forward_shapes(ROWS))
+        operands = len(net.forward_shapes(ROWS))
         print(f"| {label} | {operands} | {best:,} | " + " | ".join(cells) + " |")
     return 0
 

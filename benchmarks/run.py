@@ -35,7 +35,8 @@ from benchmarks.configs import (
     tiny_configs,
 )
 from benchmarks.impls import Setup, contraction_impls, layer_impls, plugins
-from mumoe.backend import thread_backend
+from mumoe.backends import thread_backend
+from mumoe.plan import flops
 
 Fn = Callable[[], torch.Tensor]
 
@@ -161,7 +162,7 @@ def run_config(config: Config, rounds: int, min_sample: float) -> list[dict]:
                     "forward_backward_ms": both[name] * 1e3,
                     "saved_mb": saved_bytes(fn, exclude) / 2**20,
                     "params": network.n_params,
-                    "flops": network.flops(config.rows),
+                    "flops": flops(network, config.rows),
                 }
             )
     return records

@@ -70,10 +70,7 @@ numpydoc_validation_exclude = {
     r"\._\w+$",
     r"^mumoe\.testing\.(preset_networks|custom_specs|custom_networks)$",
     # What torch.nn.Module, dict and tuple give the classes; their own methods are checked.
-    r"^mumoe\.(nn|compat)\.\w+\.(?!forward$|materialize$|expert_weight$|reset_parameters$)\w+$",
+    r"^mumoe\.nn\.(compat\.)?\w+\.(?!forward$|materialize$|expert_weight$|reset_parameters$)\w+$",
     r"^mumoe\.nn\.GateRecord\.",
-    r"^mumoe\.ExpertWeight\.(count|index|weight|bias)$",  # tuple methods; fields are documented
-    # Deprecated aliases: a one-line pointer to the new name.
-    r"\.(cores|steps|split_program|split|split_width|input_norm|forward_plan|materialize_plan|expert_plan)$",
-    r"^mumoe\.(nn\.)?\w+\.(cores|steps|split_program|split|split_width|input_norm)$",
+    r"^mumoe\.functional\.ExpertWeight\.(count|index|weight|bias)$",  # tuple; fields documented
 }

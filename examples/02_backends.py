@@ -23,7 +23,7 @@ import tensorly as tl
 import torch
 
 import mumoe
-from mumoe.backend import declared_backends, unavailable_reason
+from mumoe.backends import declared_backends, unavailable_reason
 
 net = mumoe.tr((16, 4), 24, 8, rank=(2, 2, 2, 6))
 rng = np.random.default_rng(0)
@@ -77,13 +77,13 @@ print(all(np.array_equal(a, b) for a, b in zip(cores, back, strict=True)))
 # Train in PyTorch, serve on NumPy
 # --------------------------------
 #
-# :func:`mumoe.inference.save` writes the layer (cores, gate, batch-norm
+# :func:`mumoe.nn.save` writes the layer (cores, gate, batch-norm
 # statistics, network) to a safetensors file with a JSON description; reading
 # it executes no code.  :func:`mumoe.inference.load` builds an eval-mode layer on the
 # active backend.  The torch modules run on the pytorch backend for their own
 # thread only, so this works whatever backend the program has chosen.
-from mumoe.inference import load, save
-from mumoe.nn import TRMuMoE
+from mumoe.inference import load
+from mumoe.nn import TRMuMoE, save
 
 torch.manual_seed(0)
 layer = TRMuMoE(24, 8, (16, 4), rank=(2, 2, 2, 6), dtype=torch.float64)

@@ -24,7 +24,7 @@ import mumoe
 from mumoe.plotting import draw_network
 
 hybrid = mumoe.Network("n1 a, n2 a, a i b, b o", (32, 8), 64, 10, rank={"a": 6, "b": 12})
-print(hybrid.describe(batch_size=128))
+print(mumoe.describe(hybrid, batch_size=128))
 
 # %%
 # Rank-:math:`R` Hadamard experts: ``"n1 r o, i r o"`` keeps the output leg
@@ -34,7 +34,7 @@ print(hybrid.describe(batch_size=128))
 # column of every expert is a rank-:math:`R` product of an expert part and an
 # input part.  With ``r`` of size 1 it is MxD; no preset has it.
 hadamard = mumoe.Network("n1 r o, i r o", 64, 64, 10, rank={"r": 4})
-print(hadamard.describe(batch_size=128))
+print(mumoe.describe(hadamard, batch_size=128))
 
 # %%
 # A spec that is a preset with its legs renamed (``"n1 p q, i p c, o q c"`` is
@@ -42,7 +42,7 @@ print(hadamard.describe(batch_size=128))
 # same layer, but mumoe does not recognise it as the preset: deciding that two
 # networks are the same up to leg names is a graph-isomorphism question, and a
 # custom spec gets the variance-matched initialisation of every custom network
-# (:func:`mumoe.formats.custom_init`).  Use the preset's name for its scheme.
+# (:func:`mumoe.spec.custom_init`).  Use the preset's name for its scheme.
 renamed = mumoe.Network("n1 p q, i p c, o q c", 64, 64, 10, rank={"p": 4, "q": 4, "c": 16})
 print(renamed.format, mumoe.tr(64, 64, 10, rank=(4, 4, 16)).format)
 
@@ -73,7 +73,7 @@ for spec in ("n1 a, i a, o b", "n1a, ia, oa", "n2 a, i a, o a"):
 # gives every expert its own rank-``r`` matrix (the ``lowrank`` format).
 hadamard = mumoe.Network("n o, i o", 256, 64, 10)
 print(hadamard.format, hadamard.core_shapes, f"{hadamard.n_params:,} parameters")
-print(hadamard.describe(batch_size=128).split("path")[1].split("FLOPs")[0])
+print(mumoe.describe(hadamard, batch_size=128).split("path")[1].split("FLOPs")[0])
 low_rank = mumoe.Network("n i r, n o r", 16, 64, 10, rank=4)
 print(low_rank.format, low_rank.core_shapes)
 
@@ -113,7 +113,7 @@ print(np.allclose(mumoe.materialize(as_cp, factors), cp_to_tensor((tl.ones(4), f
 #
 # :class:`mumoe.nn.MuMoE` takes the spec directly; with no preset to go by,
 # the cores are initialised so that W has the variance of an ``nn.Linear``
-# weight (see :mod:`mumoe.nn.init`).
+# weight (see :mod:`mumoe.nn`).
 from mumoe.nn import MuMoE
 
 torch.manual_seed(0)

@@ -3,7 +3,7 @@ Parameter matching against a linear layer
 =========================================
 
 The paper compares μMoE layers with the linear layers they replace at the
-same parameter count, gate included.  :func:`mumoe.budget.match_rank`
+same parameter count, gate included.  :func:`mumoe.spec.match_rank`
 finds the rank; ``rank="same"`` (or a fraction) does it when building a
 layer.
 """
@@ -18,8 +18,8 @@ import matplotlib.pyplot as plt
 import torch
 
 import mumoe
-from mumoe.budget import gate_params, linear_params, match_rank
 from mumoe.nn import CPMuMoE, TRMuMoE
+from mumoe.spec import gate_params, linear_params, match_rank
 
 budget = linear_params(768, 1000)
 print(f"budget: {budget:,}")

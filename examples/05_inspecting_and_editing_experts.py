@@ -20,7 +20,7 @@ from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 
 from mumoe import analysis
-from mumoe.nn import CPMuMoE
+from mumoe.nn import CPMuMoE, collect_gates, edit_experts, edit_experts_
 
 digits = load_digits()
 x = (digits.data - digits.data.mean(0)) / (digits.data.std(0) + 1e-6)
@@ -61,13 +61,13 @@ print(f"test accuracy {before.mean():.3f}")
 # Expert load and polysemanticity
 # -------------------------------
 #
-# :func:`~mumoe.analysis.collect_gates` runs the model in eval mode and keeps
+# :func:`~mumoe.nn.collect_gates` runs the model in eval mode and keeps
 # every gate coefficient.  An expert *processes* a sample when its
 # coefficient is at least 0.5; :func:`~mumoe.analysis.class_histogram` counts
 # the classes it processes, and :func:`~mumoe.analysis.polysemanticity` is the
 # distance from that class distribution to the one-hot vector of its main
 # class (0: one class only).
-coefficients = analysis.collect_gates(head, x_train)[0]  # (1347, 512)
+coefficients = collect_gates(head, x_train)[0]  # (1347, 512)
 load = analysis.expert_load(coefficients)
 histogram = analysis.class_histogram(coefficients, y_train, n_classes=10)
 psi = analysis.polysemanticity(histogram, min_count=5)
@@ -97,7 +97,7 @@ for row, expert in zip(axes, busiest, strict=True):
 #
 # The experts most tied to a digit are those that take most of their gate
 # mass from it (:func:`~mumoe.analysis.class_mass`).  Inside
-# :func:`~mumoe.analysis.edit_experts` they contribute nothing: the weights
+# :func:`~mumoe.nn.edit_experts` they contribute nothing: the weights
 # are untouched, the coefficients scaled.  Here, the experts of the digit 1:
 mass = analysis.class_mass(coefficients, y_train, n_classes=10)
 share = mass / np.maximum(mass.sum(1, keepdims=True), 1e-12)
@@ -105,7 +105,7 @@ digit = 1
 tied = np.flatnonzero((share[:, digit] >= 0.8) & (mass.sum(1) >= 1)).tolist()
 print(f"{len(tied)} experts take >= 80% of their mass from digit {digit}")
 
-with analysis.edit_experts(head, dict.fromkeys(tied, 0.0)):
+with edit_experts(head, dict.fromkeys(tied, 0.0)):
     edited = class_accuracy(head)
 print("digit   " + " ".join(f"{c:5d}" for c in range(10)))
 print("before  " + " ".join(f"{a:5.2f}" for a in before))
@@ -116,12 +116,12 @@ print("after   " + " ".join(f"{a:5.2f}" for a in class_accuracy(head)), "(the bl
 # Rescaling instead of removing, and making it permanent
 # ------------------------------------------------------
 #
-# Factors other than 0 rescale an expert; :func:`~mumoe.analysis.edit_experts_`
+# Factors other than 0 rescale an expert; :func:`~mumoe.nn.edit_experts_`
 # writes the edit into the cores (:func:`mumoe.scale_experts` multiplies the
 # core that holds the expert leg), with the same outputs and no per-call cost.
-with torch.no_grad(), analysis.edit_experts(head, dict.fromkeys(tied, 0.5)):
+with torch.no_grad(), edit_experts(head, dict.fromkeys(tied, 0.5)):
     halfway = head(x_test)
-analysis.edit_experts_(head, dict.fromkeys(tied, 0.5))
+edit_experts_(head, dict.fromkeys(tied, 0.5))
 with torch.no_grad():
     print(f"same outputs: {torch.allclose(head(x_test), halfway, atol=1e-6)}")
 print("halved  " + " ".join(f"{a:5.2f}" for a in class_accuracy(head)))

@@ -2,10 +2,11 @@
 Reading a plan, and autotuning it
 =================================
 
-A :class:`~mumoe.Network` searches its contraction path once per batch-size
-bucket, backend and dtype, compiles it into matrix multiplies, and caches the
-result.  This tutorial reads a plan, watches the cache, and lets
-``autotune=True`` time the candidate paths and keep the fastest.
+A network's planner (:func:`mumoe.planner_of`) searches its contraction path
+once per batch-size bucket, backend and dtype, compiles it into matrix
+multiplies, and caches the result.  This tutorial reads a plan, watches the
+cache, and lets ``autotune=True`` time the candidate paths and keep the
+fastest.
 """
 
 # %%
@@ -19,7 +20,7 @@ import tensorly as tl
 import mumoe
 
 net = mumoe.tr((32, 4), 256, 256, rank=(4, 4, 4, 48))
-plan = net.planner.forward(128, tl.get_backend(), "float64")
+plan = mumoe.planner_of(net).forward(128, tl.get_backend(), "float64")
 print(f"einsum {plan.equation}")
 print(f"path   {plan.path}  ({plan.flops:,} FLOPs)")
 for step in plan.program.steps:  # one GEMM (or Hadamard/outer product) per step
@@ -27,7 +28,7 @@ for step in plan.program.steps:  # one GEMM (or Hadamard/outer product) per step
 
 # %%
 # ``describe`` says the same in words, with the FLOPs of the path:
-print(net.describe(batch_size=128))
+print(mumoe.describe(net, batch_size=128))
 
 # %%
 # The cache
@@ -47,7 +48,7 @@ def call(batch):
 
 for batch in (128, 100, 128, 7, 300):
     call(batch)
-print(net.plans)
+print(mumoe.planner_of(net).cache)
 
 # %%
 # Autotuning
@@ -55,24 +56,26 @@ print(net.plans)
 #
 # The FLOP-optimal path is not always the fastest on a given machine.  With
 # ``autotune=True`` the first call for each bucket times the distinct paths
-# that several optimisers propose (``Network.AUTOTUNE_OPTIMIZERS``) on the
-# real operands, and keeps the fastest.
-tuned = mumoe.tr((32, 4), 256, 256, rank=(4, 4, 4, 48), autotune=True)
+# that several optimisers propose (``mumoe.plan.AUTOTUNE_OPTIMIZERS``) on the
+# real operands, and keeps the fastest.  The policy belongs to a planner, not
+# to the network: the same network, another planner.
+default = mumoe.planner_of(net)
+tuned = mumoe.planner_of(net, autotune=True)
 x = rng.standard_normal((256, 256))
 gates = [rng.dirichlet(np.ones(n), size=256) for n in net.expert_dims]
-mumoe.forward(tuned, cores, x, gates)  # the first call tunes
-print("chosen:", tuned.planner.forward(256, tl.get_backend(), "float64").path)
-print("default:", net.planner.forward(256, tl.get_backend(), "float64").path)
+mumoe.forward(net, cores, x, gates, planner=tuned)  # the first call tunes
+print("chosen:", tuned.forward(256, tl.get_backend(), "float64").path)
+print("default:", default.forward(256, tl.get_backend(), "float64").path)
 
 
-def best_of(network, repeats=20):
+def best_of(planner, repeats=20):
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
-        mumoe.forward(network, cores, x, gates)
+        mumoe.forward(net, cores, x, gates, planner=planner)
         times.append(time.perf_counter() - start)
     return min(times)
 
 
-default_time, tuned_time = best_of(net), best_of(tuned)
+default_time, tuned_time = best_of(default), best_of(tuned)
 print(f"tuned / default wall time on this machine: {tuned_time / default_time:.2f}")

@@ -7,7 +7,7 @@ The paper puts μMoE layers into existing architectures: parameter-matched
 does it in one call for any PyTorch model, and each new layer starts where
 the dense layer was: its every expert *is* the dense layer (MxD, and any
 format at full rank), or the best approximation the format's rank allows
-(:func:`mumoe.nn.from_linear`, :mod:`mumoe.conversion`).
+(:func:`mumoe.nn.from_linear`, :mod:`mumoe.functional`).
 
 Here: a small GPT-2 from ``transformers``, built from a config (random
 weights, nothing downloaded), its MLPs converted, trained briefly on a toy

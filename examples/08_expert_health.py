@@ -4,7 +4,7 @@ Expert health in training
 
 A mixture of experts can quietly stop being one: the gate learns to send most
 tokens to a few experts, the rest get little mass or none.  This tutorial
-watches that happen, with the metrics of :mod:`mumoe.health` computed on every
+watches that happen, with the metrics of :mod:`mumoe.gates` computed on every
 training step by :class:`mumoe.nn.ExpertMonitor`, on a CP μMoE head with 32
 experts trained on scikit-learn's digits, three ways:
 

@@ -1,14 +1,15 @@
 r"""mumoe: Multilinear Mixture-of-Experts layers as factorised tensor networks.
 
-The data flow, one module per step::
+The data flow, one subpackage per layer::
 
-    spec  ->  Network  ->  Plan (cached)  ->  contraction  ->  layer recipe  ->  layers
-    mumoe.spec  mumoe.network  mumoe.planner  mumoe.functional  mumoe.recipe   mumoe.nn,
-                               mumoe.plan                                      mumoe.serving
+    spec       ->  plan             ->  functional          ->  inference, nn
+    Network        Planner, Plan        forward, the recipe     eval layers; torch modules
+                                         gates (beside): the gate's activations and health
 
-The formats (cp, tucker, tt, tr, dense) are records of
-:data:`mumoe.formats.FORMATS`, built by the presets of :mod:`mumoe.presets`;
-the functional core runs on any TensorLy backend chosen with
+This face holds the names most code needs: the presets and
+:class:`Network`, the functional forward pass and its dense views, and a
+network's planner, FLOPs and description.  The
+functional core runs on any TensorLy backend chosen with
 ``tl.set_backend``.  See the Architecture page of the docs.
 
 Examples
@@ -19,9 +20,6 @@ Examples
 121408
 """
 
-from mumoe.budget import Budget
-from mumoe.build import build_network
-from mumoe.formats import FORMATS, Format
 from mumoe.functional import (
     ExpertWeight,
     expert_weight,
@@ -30,14 +28,19 @@ from mumoe.functional import (
     random_cores,
     scale_experts,
 )
-from mumoe.network import Network
-from mumoe.plan import Plan, PlanCache
-from mumoe.presets import (
+from mumoe.plan import Plan, PlanCache, describe, flops, planner_of
+from mumoe.spec import (
+    FORMATS,
     PRESETS,
+    Budget,
+    Format,
+    Network,
+    build_network,
     cp,
     dense,
     lowrank,
     mxd,
+    parse_spec,
     preset,
     tr,
     tt,
@@ -47,7 +50,6 @@ from mumoe.presets import (
     validate_tt_rank,
     validate_tucker_rank,
 )
-from mumoe.spec import parse_spec
 
 __version__ = "0.1.0.dev0"
 
@@ -64,12 +66,15 @@ __all__ = [
     "build_network",
     "cp",
     "dense",
+    "describe",
     "expert_weight",
+    "flops",
     "forward",
     "lowrank",
     "materialize",
     "mxd",
     "parse_spec",
+    "planner_of",
     "preset",
     "random_cores",
     "scale_experts",

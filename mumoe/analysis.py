@@ -6,13 +6,7 @@ with several levels, in C order), ``C`` classes, ``k`` samples per expert.
 The statistics (:func:`expert_load`, :func:`class_histogram`,
 :func:`polysemanticity`, :func:`top_samples`) work on plain arrays of gate
 coefficients, host (NumPy) arrays or anything NumPy can read, such as CPU
-torch tensors; they need no torch.  The functions that run a torch model —
-:func:`collect_gates` records the coefficients of a model over a data set,
-:func:`counterfactual_histogram` counts the predictions that change when each
-expert is switched off, and :func:`edit_experts` / :func:`edit_experts_`
-switch experts off or rescale them, for a ``with`` block or for good — live in
-:mod:`mumoe.nn.analysis` and are importable from here too (torch is imported
-on first use).
+torch tensors; they need no torch.
 
 Examples
 --------
@@ -31,28 +25,15 @@ array([0.707, 0.   ])
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
-from mumoe._deprecation import module_getattr
-from mumoe.validation import positive_int
-
-if TYPE_CHECKING:
-    from mumoe.nn.analysis import (
-        collect_gates,
-        counterfactual_histogram,
-        edit_experts,
-        edit_experts_,
-    )
+from mumoe.validation import check_labels, host_array, positive_int
 
 __all__ = [
     "class_histogram",
     "class_mass",
-    "collect_gates",
-    "counterfactual_histogram",
-    "edit_experts",
-    "edit_experts_",
     "expert_coefficients",
     "expert_load",
     "mean_polysemanticity",
@@ -61,17 +42,8 @@ __all__ = [
 ]
 
 
-def _host(array: Any) -> np.ndarray:
-    """A NumPy view or copy of a NumPy, torch (any device) or CuPy array."""
-    if hasattr(array, "detach"):  # torch
-        array = array.detach().cpu()
-    elif type(array).__module__.startswith("cupy"):
-        array = array.get()
-    return np.asarray(array)
-
-
 def _matrix(coefficients: Any, name: str = "coefficients") -> np.ndarray:
-    matrix = _host(coefficients)
+    matrix = host_array(coefficients)
     if matrix.ndim != 2:
         raise ValueError(
             f"{name} must be 2-D (samples, experts); got shape {matrix.shape} "
@@ -80,24 +52,6 @@ def _matrix(coefficients: Any, name: str = "coefficients") -> np.ndarray:
     if not np.issubdtype(matrix.dtype, np.floating):
         raise TypeError(f"{name} must be floating point, got {matrix.dtype}")
     return matrix
-
-
-def _labels(labels: Any, n_samples: int, n_classes: int | None) -> tuple[np.ndarray, int]:
-    array = _host(labels)
-    if array.shape != (n_samples,):
-        raise ValueError(
-            f"labels must have shape ({n_samples},) (one per sample), got {array.shape}"
-        )
-    if not np.issubdtype(array.dtype, np.integer):
-        raise TypeError(f"labels must be integers (class indices), got {array.dtype}")
-    if array.size and array.min() < 0:
-        raise ValueError(f"labels must be non-negative class indices, got {array.min()}")
-    seen = int(array.max()) + 1 if array.size else 0
-    if n_classes is None:
-        n_classes = seen
-    elif seen > n_classes:
-        raise ValueError(f"labels hold class {seen - 1} but n_classes is {n_classes}")
-    return array, n_classes
 
 
 def _threshold(threshold: float) -> float:
@@ -137,7 +91,7 @@ def expert_coefficients(gates: Any) -> np.ndarray:
     levels = [gates] if hasattr(gates, "shape") else list(gates)
     if not levels:
         raise ValueError("gates must hold at least one level")
-    arrays = [_host(a) for a in levels]
+    arrays = [host_array(a) for a in levels]
     lead = arrays[0].shape[:-1]
     for e, a in enumerate(arrays):
         if a.ndim == 0 or a.shape[:-1] != lead:
@@ -209,7 +163,7 @@ def class_histogram(
            [0, 1, 0]])
     """
     matrix = _matrix(coefficients)
-    classes, n_classes = _labels(labels, matrix.shape[0], n_classes)
+    classes, n_classes = check_labels(labels, matrix.shape[0], n_classes)
     processed = (matrix >= _threshold(threshold)).astype(np.int64)  # (S, N)
     onehot = np.eye(n_classes, dtype=np.int64)[classes]  # (S, C)
     return processed.T @ onehot
@@ -245,7 +199,7 @@ def class_mass(coefficients: Any, labels: Any, *, n_classes: int | None = None) 
            [0.3, 1.2]])
     """
     matrix = _matrix(coefficients)
-    classes, n_classes = _labels(labels, matrix.shape[0], n_classes)
+    classes, n_classes = check_labels(labels, matrix.shape[0], n_classes)
     return matrix.T @ np.eye(n_classes, dtype=matrix.dtype)[classes]
 
 
@@ -288,7 +242,7 @@ def polysemanticity(histogram: Any, *, min_count: int = 1) -> np.ndarray:
     >>> polysemanticity(np.array([[5, 0, 0], [2, 2, 2], [0, 0, 0]])).round(3)
     array([0.   , 0.816,   nan])
     """
-    counts = _host(histogram)
+    counts = host_array(histogram)
     if counts.ndim != 2:
         raise ValueError(f"histogram must be 2-D (experts, classes), got shape {counts.shape}")
     min_count = positive_int(min_count, "min_count")
@@ -358,14 +312,3 @@ def top_samples(coefficients: Any, k: int = 8) -> np.ndarray:
         raise ValueError(f"k must be an int in [1, {matrix.shape[0]}] (the samples), got {k!r}")
     order = np.argsort(-matrix, axis=0, kind="stable")[:k]
     return order.T.copy()
-
-
-# The model-facing half needs torch: imported from mumoe.nn.analysis on first use.
-__getattr__ = module_getattr(
-    __name__,
-    {},
-    lazy=dict.fromkeys(
-        ("collect_gates", "counterfactual_histogram", "edit_experts", "edit_experts_"),
-        "mumoe.nn.analysis",
-    ),
-)

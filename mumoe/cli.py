@@ -12,8 +12,9 @@ from collections.abc import Sequence
 from importlib.util import find_spec
 from typing import Any
 
-from mumoe.backend import declared_backends, unavailable_reason
-from mumoe.build import build_network
+from mumoe.backends import declared_backends, unavailable_reason
+from mumoe.plan import describe
+from mumoe.spec import build_network
 
 __all__ = ["main"]
 
@@ -59,7 +60,7 @@ def _rank(values: Sequence[str] | None) -> Any:
             fraction = float(values[0])
         except ValueError:
             raise TypeError(f"--rank must be numbers, got {values[0]!r}") from None
-        from mumoe.budget import Budget
+        from mumoe.spec import Budget
 
         return Budget(fraction)
     if all("=" in v for v in values):
@@ -78,7 +79,7 @@ def _describe(args: argparse.Namespace) -> int:
         expert_dims=dims[0] if len(dims) == 1 else tuple(dims),
         rank=_rank(args.rank), bias=not args.no_bias,
     )  # fmt: skip
-    print(net.describe(batch_size=args.batch))
+    print(describe(net, batch_size=args.batch))
     return 0
 
 

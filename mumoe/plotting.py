@@ -13,7 +13,7 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from matplotlib.patches import Circle, FancyArrowPatch
 
-from mumoe.network import Network
+from mumoe.spec import Network
 
 __all__ = ["draw_network", "plot_usage"]
 

@@ -25,9 +25,7 @@ import numpy as np
 import tensorly as tl
 from hypothesis import strategies as st
 
-from mumoe.formats import FORMATS
-from mumoe.network import Network
-from mumoe.spec import parse_spec
+from mumoe.spec import FORMATS, Network, parse_spec
 from mumoe.typing import Shape, Tensor
 
 __all__ = [

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping, Sequence
 from typing import Any, TypeAlias
 
-__all__ = ["Rank", "RankLike", "RankOrBudget", "Shape", "Tensor"]
+__all__ = ["PathLike", "Rank", "RankLike", "RankOrBudget", "Shape", "Tensor"]
 
 #: An array of the active TensorLy backend (``numpy.ndarray``, ``torch.Tensor``,
 #: ``cupy.ndarray``, ...).  TensorLy has no common base class, hence ``Any``.
@@ -24,3 +25,6 @@ Rank: TypeAlias = int | Sequence[int]
 #: budget (``"same"``: as many parameters as ``nn.Linear``; a ``mumoe.Budget``:
 #: a fraction of them or a count).
 RankOrBudget: TypeAlias = Rank | Mapping[str, int] | str | Any
+
+#: A file path.
+PathLike: TypeAlias = str | os.PathLike[str]

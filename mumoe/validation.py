@@ -11,24 +11,21 @@ another backend, of another dtype or of another shape is an error.
 from __future__ import annotations
 
 import operator
-from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import tensorly as tl
 
-from mumoe.typing import Shape, Tensor
-
-if TYPE_CHECKING:
-    from mumoe.network import Network
+from mumoe.typing import Shape
 
 __all__ = [
     "check_bool",
-    "check_cores",
-    "check_level",
+    "check_labels",
     "check_scales",
     "check_tensor",
     "dtype_name",
+    "host_array",
     "is_floating",
     "is_tensor",
     "positive_int",
@@ -136,43 +133,6 @@ def check_bool(value: Any, what: str) -> bool:
     if not isinstance(value, bool):
         raise TypeError(f"{what} must be True or False, got {value!r}")
     return value
-
-
-def check_level(level: Any, network: Network) -> int:
-    """Return ``level`` if it names an expert level of ``network`` (0-based), else raise.
-
-    Parameters
-    ----------
-    level : int-like
-    network : Network
-
-    Returns
-    -------
-    int
-
-    Raises
-    ------
-    TypeError
-        If ``level`` is a bool or not an integer.
-    ValueError
-        If it is out of range.
-
-    Examples
-    --------
-    >>> from mumoe import cp
-    >>> check_level(1, cp((4, 3), 5, 2, rank=2))
-    1
-    """
-    where = f"in [0, {network.n_levels}), got {level!r} (expert legs {network.expert_legs})"
-    if isinstance(level, bool):
-        raise TypeError(f"level must be an int {where}")
-    try:
-        index = operator.index(level)
-    except TypeError:
-        raise TypeError(f"level must be an int {where}") from None
-    if not 0 <= index < network.n_levels:
-        raise ValueError(f"level must be an int {where}")
-    return index
 
 
 #: The largest finite value of each floating dtype, by name (NumPy has no bfloat16).
@@ -370,62 +330,72 @@ def check_tensor(array: Any, name: str, backend: str, dtype: Any = None, like: s
     return tuple(array.shape)
 
 
-def check_cores(network: Network, cores: Sequence[Tensor], backend: str, dtype: Any = None) -> Any:
-    """Check that ``cores`` fit ``network``: count, backend, dtype and shapes.
-
-    The cores must have ``dtype`` (that of ``x``) if it is given, else the
-    dtype of ``cores[0]``.
+def host_array(array: Any) -> np.ndarray:
+    """A NumPy view or copy of a NumPy, torch (any device) or CuPy array.
 
     Parameters
     ----------
-    network : Network
-    cores : sequence of tensors
-    backend : str
-        The active TensorLy backend's name.
-    dtype : dtype, optional
+    array : array of any library, or anything ``numpy.asarray`` reads
 
     Returns
     -------
-    dtype
-        The dtype of the cores (``dtype`` if given, else that of ``cores[0]``).
+    numpy.ndarray
+        A view where the array is already on the host (NumPy, CPU torch), a
+        copy otherwise; torch tensors are detached first.
+
+    Examples
+    --------
+    >>> host_array([1.0, 2.0])
+    array([1., 2.])
+    """
+    if hasattr(array, "detach"):  # torch
+        array = array.detach().cpu()
+    elif type(array).__module__.startswith("cupy"):
+        array = array.get()
+    return np.asarray(array)
+
+
+def check_labels(labels: Any, n_samples: int, n_classes: int | None) -> tuple[np.ndarray, int]:
+    """Check class labels: one non-negative integer per sample, below ``n_classes``.
+
+    Parameters
+    ----------
+    labels : array of any library, shape (S,)
+    n_samples : int
+        :math:`S`.
+    n_classes : int, optional
+        The number of classes; by default one more than the largest label.
+
+    Returns
+    -------
+    labels : numpy.ndarray, shape (S,)
+    n_classes : int
 
     Raises
     ------
-    TypeError
-        If ``cores`` is not a sequence of tensors of the active backend with
-        one dtype.
     ValueError
-        If the number of cores or the shape of a core is wrong.
+        For a wrong shape, a negative label, or a label of ``n_classes`` or more.
+    TypeError
+        For labels that are not integers.
 
     Examples
     --------
     >>> import numpy as np
-    >>> from mumoe import cp
-    >>> net = cp(4, 3, 2, rank=2)
-    >>> check_cores(net, [np.ones(s) for s in net.core_shapes], "numpy")
-    dtype('float64')
+    >>> check_labels(np.array([0, 2, 1]), 3, None)
+    (array([0, 2, 1]), 3)
     """
-    listed = isinstance(cores, Sequence) or (  # a torch ParameterList is not a Sequence
-        hasattr(cores, "__len__") and hasattr(cores, "__iter__") and hasattr(cores, "__getitem__")
-    )
-    if is_tensor(cores, backend) or isinstance(cores, str | bytes | Mapping) or not listed:
-        raise TypeError(
-            f"cores must be a sequence of {network.n_cores} tensors (a list, tuple or torch "
-            f"ParameterList), got {type(cores).__qualname__}"
-        )
-    if len(cores) != network.n_cores:
+    array = host_array(labels)
+    if array.shape != (n_samples,):
         raise ValueError(
-            f"network {network.spec!r} has {network.n_cores} cores, got {len(cores)} tensors"
+            f"labels must have shape ({n_samples},) (one per sample), got {array.shape}"
         )
-    like = "x" if dtype is not None else "cores[0]"
-    for k, (core, legs, expected) in enumerate(
-        zip(cores, network.core_legs, network.core_shapes, strict=True)
-    ):
-        shape = check_tensor(core, f"cores[{k}]", backend, dtype, like)
-        if dtype is None:
-            dtype = core.dtype
-        if shape != expected:
-            raise ValueError(
-                f"cores[{k}] (legs {' '.join(legs)}) must have shape {expected}, got {shape}"
-            )
-    return dtype
+    if not np.issubdtype(array.dtype, np.integer):
+        raise TypeError(f"labels must be integers (class indices), got {array.dtype}")
+    if array.size and array.min() < 0:
+        raise ValueError(f"labels must be non-negative class indices, got {array.min()}")
+    seen = int(array.max()) + 1 if array.size else 0
+    if n_classes is None:
+        n_classes = seen
+    elif seen > n_classes:
+        raise ValueError(f"labels hold class {seen - 1} but n_classes is {n_classes}")
+    return array, n_classes

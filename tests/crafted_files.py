@@ -17,8 +17,8 @@ import tempfile
 
 import torch
 
-from mumoe.inference import load, save
-from mumoe.nn import CPMuMoE
+from mumoe.inference import load
+from mumoe.nn import CPMuMoE, save
 
 PEAK = "import resource\nprint(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)"
 

@@ -16,8 +16,18 @@ import tensorly as tl
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from conftest import AVAILABLE, BACKENDS, backend_dtype_params, backend_params, use_backend
-from mumoe import cp, expert_weight, forward, materialize, random_cores, scale_experts, tr, tucker
+from mumoe import (
+    cp,
+    expert_weight,
+    forward,
+    materialize,
+    planner_of,
+    random_cores,
+    scale_experts,
+    tr,
+    tucker,
+)
+from mumoe.plan import Planner
 from mumoe.testing import (
     assert_close,
     backend_dtype,
@@ -30,6 +40,7 @@ from mumoe.testing import (
     to_numpy64,
 )
 from mumoe.validation import dtype_name
+from tests.helpers import AVAILABLE, BACKENDS, backend_dtype_params, backend_params, use_backend
 
 
 def test_expected_backends_are_usable():
@@ -121,11 +132,11 @@ def test_expert_weight_and_materialize_on_every_backend(backend_and_dtype):
 
 
 def test_plans_use_the_kernels_their_backend_declares(backend):
-    from mumoe.backend import backend_kernels
+    from mumoe.plan import backend_kernels
 
     net = cp(4, 3, 2, rank=2)
     x, gates = random_inputs(net, (5,), random_state=0)
-    plan = net.planner.forward(5, backend, x.dtype)
+    plan = planner_of(net).forward(5, backend, x.dtype)
     kernels = backend_kernels(backend)
     assert plan.program.kernels == kernels and plan.bias_program.kernels == kernels
     declared = next(b for b in BACKENDS if b.name == backend)
@@ -162,42 +173,46 @@ def test_numpy_and_pytorch_give_the_same_numbers():
 def test_switching_backends_never_reuses_a_plan():
     torch = pytest.importorskip("torch", reason="torch is not installed")
     net = cp((4, 3), 5, 2, rank=2)
+    planner = Planner(net)
     with use_backend("numpy"):
         cores, x, gates = (
             random_cores(net, random_state=0),
             *random_inputs(net, (6,), random_state=1),
         )
-        y_numpy = forward(net, cores, x, gates)
+        y_numpy = forward(net, cores, x, gates, planner=planner)
     with use_backend("pytorch"):
         t_cores = [tl.tensor(c) for c in cores]
         t_x, t_gates = tl.tensor(x), [tl.tensor(g) for g in gates]
-        y_torch = forward(net, t_cores, t_x, t_gates)
+        y_torch = forward(net, t_cores, t_x, t_gates, planner=planner)
     with use_backend("numpy"):
-        y_again = forward(net, cores, x, gates)
+        y_again = forward(net, cores, x, gates, planner=planner)
     assert isinstance(y_numpy, np.ndarray) and isinstance(y_again, np.ndarray)
     assert isinstance(y_torch, torch.Tensor)
-    assert sorted(k[2] for k in net.plans.keys()) == ["numpy", "pytorch"]
-    assert net.plans.misses == 2
+    assert sorted(k[2] for k in planner.cache.keys()) == ["numpy", "pytorch"]
+    assert planner.cache.misses == 2
     np.testing.assert_allclose(y_torch.numpy(), y_numpy, rtol=1e-12)
 
 
 def test_thread_local_backends_are_respected():
     torch = pytest.importorskip("torch", reason="torch is not installed")
     net = cp(4, 3, 2, rank=2)
+    planner = Planner(net)
     out = {}
 
     def worker():
         tl.set_backend("pytorch", local_threadsafe=True)
         cores = random_cores(net, random_state=0)
-        out["torch"] = forward(net, cores, *random_inputs(net, (3,), random_state=0))
+        x, gates = random_inputs(net, (3,), random_state=0)
+        out["torch"] = forward(net, cores, x, gates, planner=planner)
 
     thread = threading.Thread(target=worker)
     thread.start()
     thread.join()
     cores = random_cores(net, random_state=0)
-    out["numpy"] = forward(net, cores, *random_inputs(net, (3,), random_state=0))
+    x, gates = random_inputs(net, (3,), random_state=0)
+    out["numpy"] = forward(net, cores, x, gates, planner=planner)
     assert isinstance(out["torch"], torch.Tensor) and isinstance(out["numpy"], np.ndarray)
-    assert sorted(k[2] for k in net.plans.keys()) == ["numpy", "pytorch"]
+    assert sorted(k[2] for k in planner.cache.keys()) == ["numpy", "pytorch"]
     np.testing.assert_allclose(out["torch"].numpy(), out["numpy"], rtol=1e-12)
 
 
@@ -343,7 +358,7 @@ def test_torch_layers_on_cuda_equal_the_cpu_layers(network):
 
 
 def test_topk_gating_on_every_backend(backend_and_dtype):
-    from mumoe.gating import topk
+    from mumoe.gates import topk
 
     _, dtype = backend_and_dtype
     z = np.random.default_rng(0).standard_normal((4, 40))

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from conftest import ROOT
+from tests.helpers import ROOT
 
 pytest.importorskip("torch", reason="the benchmarks time torch implementations")
 pytest.importorskip("einops", reason="the reference order is written with einops (mumoe[bench])")

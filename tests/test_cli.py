@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from mumoe import tr
+from mumoe import describe, tr
 from mumoe.cli import main
 
 
@@ -24,7 +24,7 @@ def test_describe_a_preset_matches_the_network(capsys):
     argv = ["describe", "tr", "--expert-dims", "32", "4", "--in-features", "768",
             "--out-features", "1000", "--rank", "4", "4", "4", "64", "--batch", "256"]  # fmt: skip
     assert main(argv) == 0
-    expected = tr((32, 4), 768, 1000, rank=(4, 4, 4, 64)).describe(batch_size=256)
+    expected = describe(tr((32, 4), 768, 1000, rank=(4, 4, 4, 64)), batch_size=256)
     assert capsys.readouterr().out.strip() == expected
 
 

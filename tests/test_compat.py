@@ -1,4 +1,4 @@
-"""mumoe.compat against the reference implementation's API, layout and arithmetic."""
+"""mumoe.nn.compat against the reference implementation's API, layout and arithmetic."""
 
 from __future__ import annotations
 
@@ -8,14 +8,14 @@ torch = pytest.importorskip("torch", reason="torch is not installed (pip install
 
 import tensorly as tl  # noqa: E402
 
-from mumoe.compat import CPMuMoE, MuMoE, TRMuMoE  # noqa: E402
+from mumoe.nn.compat import CPMuMoE, MuMoE, TRMuMoE  # noqa: E402
 
 # The usage examples of the reference README (github.com/james-oldfield/muMoE), verbatim
-# but for the import line, which names mumoe.compat instead of the reference's module.
+# but for the import line, which names mumoe.nn.compat instead of the reference's module.
 REFERENCE_CP_EXAMPLE = """
 # initialise a rank-R CPMMoE
 import torch
-from mumoe.compat import MuMoE, CPMuMoE
+from mumoe.nn.compat import MuMoE, CPMuMoE
 
 n_experts = 32; batch_size = 4; in_dim = 4; out_dim = 8
 x = torch.randn(batch_size, in_dim)
@@ -31,7 +31,7 @@ y = model(x)
 
 REFERENCE_TR_EXAMPLE = """
 import torch
-from mumoe.compat import MuMoE, TRMuMoE
+from mumoe.nn.compat import MuMoE, TRMuMoE
 
 n_experts = 32; batch_size = 4; in_dim = 4; out_dim = 8
 x = torch.randn(batch_size, in_dim)

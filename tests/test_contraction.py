@@ -1,4 +1,4 @@
-"""The compiled contraction (mumoe.contraction): any path, any network, the bias split."""
+"""The compiled contraction (mumoe.plan): any path, any network, the bias split."""
 
 from __future__ import annotations
 
@@ -8,10 +8,8 @@ import tensorly as tl
 from hypothesis import given
 from hypothesis import strategies as st
 
-from mumoe import Network, cp, forward, materialize, random_cores, tr
-from mumoe.contraction import PairStep
-from mumoe.network import AUTOTUNE_OPTIMIZERS
-from mumoe.plan import Plan
+from mumoe import Network, cp, describe, forward, materialize, planner_of, random_cores, tr
+from mumoe.plan import AUTOTUNE_OPTIMIZERS, PairStep, Plan, Planner
 from mumoe.testing import (
     assert_close,
     batch_shapes,
@@ -22,35 +20,31 @@ from mumoe.testing import (
 )
 
 
-def rebuilt(net, **options):
-    return Network(net.spec, net.expert_dims, net.in_features, net.out_features,
-                   rank=dict(net.ranks), bias=net.bias, **options)  # fmt: skip
-
-
 @given(networks(), batch_shapes(), st.sampled_from(AUTOTUNE_OPTIMIZERS), st.integers(0, 2**31))
 def test_every_optimizers_path_computes_eq1(net, batch_shape, optimize, seed):
-    net = rebuilt(net, optimize=optimize)
+    planner = Planner(net, optimize=optimize)
     cores = random_cores(net, random_state=seed)
     x, gates = random_inputs(net, batch_shape, random_state=seed)
     expected = dense_forward(materialize(net, cores), x, gates, net.bias)
-    assert_close(forward(net, cores, x, gates), expected, "float64", scale=n_terms(net))
+    y = forward(net, cores, x, gates, planner=planner)
+    assert_close(y, expected, "float64", scale=n_terms(net))
 
 
 def test_the_bias_falls_back_to_a_ones_column_when_x_meets_a_gate_first():
-    base = cp(4, 3, 2, rank=2)
+    net = cp(4, 3, 2, rank=2)
     # Operands: gate, x, U_n, U_i, U_o. Contract gate with x first: no core holds i there.
-    net = rebuilt(base, optimize=[(0, 1), (0, 1), (0, 1), (0, 1)])
-    plan = net.planner.forward(5, "numpy", np.dtype("float64"))
+    planner = Planner(net, optimize=[(0, 1), (0, 1), (0, 1), (0, 1)])
+    plan = planner.forward(5, "numpy", np.dtype("float64"))
     assert plan.bias_program is None
-    assert "a column of ones" in net.describe(5)
+    assert "a column of ones" in describe(net, 5, planner=planner)
     cores = random_cores(net, random_state=0)
     x, gates = random_inputs(net, (5,), random_state=1)
     expected = dense_forward(materialize(net, cores), x, gates, True)
-    assert_close(forward(net, cores, x, gates), expected, "float64", scale=100)
+    assert_close(forward(net, cores, x, gates, planner=planner), expected, "float64", scale=100)
 
 
 def test_cp_compiles_to_the_hand_written_sequence():
-    plan = cp(16, 8, 4, rank=3).planner.forward(32, "numpy", np.dtype("float64"))
+    plan = planner_of(cp(16, 8, 4, rank=3)).forward(32, "numpy", np.dtype("float64"))
     kinds = [(s.kind, s.reshape, s.bias) for s in plan.bias_program.steps]
     # gate @ U_n; x @ U_i[:I] + U_i[I]; Hadamard; h @ U_o.T — no reshapes, no copies
     assert kinds == [("matmul", False, False), ("matmul", False, True),
@@ -61,7 +55,7 @@ def test_cp_compiles_to_the_hand_written_sequence():
 
 
 def test_intermediates_keep_the_batch_leading():
-    plan = tr((8, 4), 16, 10, rank=3).planner.forward(64, "numpy", np.dtype("float64"))
+    plan = planner_of(tr((8, 4), 16, 10, rank=3)).forward(64, "numpy", np.dtype("float64"))
     for step in plan.program.steps:
         if isinstance(step, PairStep) and "a" in step.legs:
             assert step.legs[0] == "a"  # opt_einsum's symbol for the batch
@@ -70,7 +64,9 @@ def test_intermediates_keep_the_batch_leading():
 def test_the_smaller_operand_is_the_one_permuted():
     # TR's last step: (b, r0, r2) with the output core (r2, o, r0). Any order of the
     # summed legs (r0, r2) copies the core; only (r0, r2) leaves the intermediate a view.
-    plan = tr(128, 768, 1000, rank=(4, 4, 94)).planner.forward(256, "numpy", np.dtype("float32"))
+    plan = planner_of(tr(128, 768, 1000, rank=(4, 4, 94))).forward(
+        256, "numpy", np.dtype("float32")
+    )
     last = plan.program.steps[-1]
     assert last.left_perm is None
     assert last.equation == "aeg,egd->ad"
@@ -84,7 +80,7 @@ def test_the_bias_split_and_the_ones_column_agree(net, batch_shape, seed):
     x, gates = random_inputs(net, batch_shape, random_state=seed)
     rows = x.reshape(-1, net.in_features)
     gates = [g.reshape(rows.shape[0], -1) for g in gates]
-    plan = net.planner.forward(rows.shape[0], "numpy", np.dtype("float64"))
+    plan = planner_of(net).forward(rows.shape[0], "numpy", np.dtype("float64"))
     ones = np.concatenate([rows, np.ones((rows.shape[0], 1))], axis=1)
     concat = plan(*gates, ones, *cores)
     if plan.bias_program is not None:
@@ -101,47 +97,49 @@ def test_plans_contract_numpy_arrays_as_einsum_does():
 
 
 def test_autotune_times_each_distinct_path_and_keeps_the_fastest():
-    net = rebuilt(tr((8, 4), 16, 10, rank=3), autotune=True)
+    planner = Planner(tr((8, 4), 16, 10, rank=3), autotune=True)
     timed = []
 
     def timer(plan):
         timed.append(plan.path)
         return len(timed)  # the first candidate is the "fastest"
 
-    chosen = net.planner.forward(64, "numpy", np.dtype("float64"), timer)
+    chosen = planner.forward(64, "numpy", np.dtype("float64"), timer)
     assert len(timed) == len(set(timed)) >= 1
     assert chosen.path == timed[0]
-    assert net.planner.forward(64, "numpy", np.dtype("float64"), timer) is chosen  # cached
+    assert planner.forward(64, "numpy", np.dtype("float64"), timer) is chosen  # cached
     assert len(timed) == len(set(timed))
 
 
 def test_autotuned_forward_computes_eq1():
-    net = rebuilt(tr((8, 4), 16, 10, rank=3), autotune=True)
+    net = tr((8, 4), 16, 10, rank=3)
+    planner = Planner(net, autotune=True)
     cores = random_cores(net, random_state=0)
     x, gates = random_inputs(net, (20,), random_state=1)
     expected = dense_forward(materialize(net, cores), x, gates, True)
-    assert_close(forward(net, cores, x, gates), expected, "float64", scale=1000)
-    assert len(net.plans) == 2  # the tuned forward plan and materialize's
+    assert_close(forward(net, cores, x, gates, planner=planner), expected, "float64", scale=1000)
+    assert len(planner.cache) == 1  # the tuned forward plan (materialize used the default's)
 
 
 def test_autotuned_plans_are_kept_per_device():
     # A path timed on one device is not reused on another: the device is in the key.
-    net = rebuilt(tr((8, 4), 16, 10, rank=3), autotune=True)
+    net = tr((8, 4), 16, 10, rank=3)
+    planner = Planner(net, autotune=True)
     cores = random_cores(net, random_state=0)
     x, gates = random_inputs(net, (20,), random_state=1)
-    forward(net, cores, x, gates)
-    (key,) = [k for k in net.plans.keys() if k[0] == "forward"]
+    forward(net, cores, x, gates, planner=planner)
+    (key,) = [k for k in planner.cache.keys() if k[0] == "forward"]
     assert key[-1] == "cpu"
     timed = []
     dtype = np.dtype("float64")
-    other = net.planner.forward(20, "numpy", dtype, lambda p: timed.append(p) or 0.0, "cuda:0")
-    assert timed and other is not net.plans.peek(key)
-    assert ("forward", 32, "numpy", dtype, "cuda:0") in net.plans.keys()
+    other = planner.forward(20, "numpy", dtype, lambda p: timed.append(p) or 0.0, "cuda:0")
+    assert timed and other is not planner.cache.peek(key)
+    assert ("forward", 32, "numpy", dtype, "cuda:0") in planner.cache.keys()
 
 
 def test_autotune_must_be_a_bool():
     with pytest.raises(TypeError, match="autotune must be True or False"):
-        Network("n r, i r, o r", 4, 3, 2, rank=2, autotune="yes")
+        planner_of(Network("n r, i r, o r", 4, 3, 2, rank=2), autotune="yes")
 
 
 def test_sums_of_legs_no_other_operand_needs():

@@ -1,4 +1,4 @@
-"""From pretrained models: from_linear and replace_linear (mumoe.nn.convert, mumoe.conversion)."""
+"""From pretrained models: from_linear and replace_linear (mumoe.nn, mumoe.functional)."""
 
 from __future__ import annotations
 
@@ -11,10 +11,16 @@ from hypothesis import given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 from mumoe import Budget, random_cores  # noqa: E402
-from mumoe.budget import gate_params, linear_params  # noqa: E402
-from mumoe.conversion import cores_from_dense, dense_matrix  # noqa: E402
-from mumoe.inference import load, save  # noqa: E402
-from mumoe.nn import CPMuMoE, TRMuMoE, from_linear, replace_linear  # noqa: E402
+from mumoe.functional import cores_from_dense, dense_matrix  # noqa: E402
+from mumoe.inference import load  # noqa: E402
+from mumoe.nn import (  # noqa: E402
+    CPMuMoE,
+    TRMuMoE,
+    from_linear,
+    replace_linear,
+    save,
+)
+from mumoe.spec import gate_params, linear_params  # noqa: E402
 
 #: Full-rank (exact) settings of every format with two expert levels, for I' <= 9, O <= 6.
 EXACT = {
@@ -93,7 +99,7 @@ def test_training_leaves_the_start_every_parameter_moving(fmt):
 
 def test_budget_matching_and_the_linear_layers_device_and_dtype():
     linear = torch.nn.Linear(96, 40, dtype=torch.float64)
-    layer = CPMuMoE.from_linear(linear, expert_dims=8)  # rank="same"
+    layer = from_linear(linear, None, expert_dims=8, layer_class=CPMuMoE)  # rank="same"
     assert isinstance(layer, CPMuMoE) and layer.cores[0].dtype == torch.float64
     params = sum(p.numel() for p in layer.parameters())
     assert params <= linear_params(96, 40) and params > 0.9 * linear_params(96, 40)
@@ -101,7 +107,8 @@ def test_budget_matching_and_the_linear_layers_device_and_dtype():
     assert sum(p.numel() for p in half.parameters()) <= 0.5 * linear_params(96, 40)
     no_bias = from_linear(torch.nn.Linear(6, 4, bias=False), "tr", expert_dims=3, rank=(2, 2, 6))
     assert not no_bias.network.bias and no_bias.conversion_error < 1e-6
-    assert isinstance(TRMuMoE.from_linear(linear, expert_dims=4, rank=(2, 2, 8)), TRMuMoE)
+    tr = from_linear(linear, None, expert_dims=4, rank=(2, 2, 8), layer_class=TRMuMoE)
+    assert isinstance(tr, TRMuMoE)
     assert gate_params(96, 8) == layer.gate.projections[0].numel()
 
 
@@ -120,7 +127,7 @@ def test_bad_input_is_refused_naming_what_was_expected():
     with pytest.raises(ValueError, match="no cp rank fits a budget"):
         from_linear(linear, "cp", expert_dims=4096)
     with pytest.raises(ValueError, match="CPMuMoE is a cp layer, got network='tr'"):
-        CPMuMoE.from_linear(linear, "tr", expert_dims=4, rank=2)
+        from_linear(linear, "tr", expert_dims=4, rank=2, layer_class=CPMuMoE)
     net = from_linear(linear, "mxd", expert_dims=2).network
     with pytest.raises(ValueError, match=r"must have shape \(7, 4\)"):
         cores_from_dense(net, np.ones((6, 4)), random_cores(net))

@@ -9,7 +9,7 @@ import typing
 
 import pytest
 
-from conftest import ROOT, public_modules
+from tests.helpers import ROOT, public_modules
 
 API = (ROOT / "docs" / "api.rst").read_text()
 
@@ -45,7 +45,7 @@ def is_api(obj: object) -> bool:
 
 def test_the_package_is_discovered():
     modules = public_modules()
-    assert {"mumoe.network", "mumoe.nn.layers", "mumoe.recipe", "mumoe.serving"} <= set(modules)
+    assert {"mumoe.spec", "mumoe.nn", "mumoe.functional", "mumoe.inference"} <= set(modules)
     assert not any("._" in name for name in modules)
 
 

@@ -12,15 +12,18 @@ torch = pytest.importorskip("torch", reason="torch is not installed (pip install
 from hypothesis import given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-from conftest import randomise  # noqa: E402
-from mumoe.analysis import (  # noqa: E402
+from mumoe.nn import (  # noqa: E402
+    CPMuMoE,
+    MuMoE,
+    MuMoEBlock,
+    TRMuMoE,
     collect_gates,
     counterfactual_histogram,
     edit_experts,
     edit_experts_,
 )
-from mumoe.nn import CPMuMoE, MuMoE, MuMoEBlock, TRMuMoE  # noqa: E402
 from mumoe.testing import assert_close, dense_forward, n_terms, networks, seeds  # noqa: E402
+from tests.helpers import randomise  # noqa: E402
 
 
 def trained_like(layer, seed):

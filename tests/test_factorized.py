@@ -14,8 +14,7 @@ if importlib.util.find_spec("tltorch") is None:  # importorskip would switch Ten
 
 import tensorly as tl  # noqa: E402
 
-from conftest import randomise  # noqa: E402
-from mumoe.backend import preserved_backend, thread_backend  # noqa: E402
+from mumoe.backends import preserved_backend, thread_backend  # noqa: E402
 from mumoe.nn import (  # noqa: E402
     CPMuMoE,
     FactorizedMuMoE,
@@ -26,6 +25,7 @@ from mumoe.nn import (  # noqa: E402
     to_factorized_tensor,
 )
 from mumoe.testing import dense_forward  # noqa: E402
+from tests.helpers import randomise  # noqa: E402
 
 with preserved_backend():
     import tltorch  # sets TensorLy's backend to pytorch at import
@@ -88,7 +88,7 @@ def test_paper_init_in_place():
 
 
 def test_a_factorized_layer_is_edited_in_a_block_but_not_for_good():
-    from mumoe.analysis import edit_experts, edit_experts_
+    from mumoe.nn import edit_experts, edit_experts_
 
     with thread_backend("pytorch"):
         tensor = tltorch.FactorizedTensor.new((4, 7, 3), rank=2, factorization="CP")

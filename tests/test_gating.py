@@ -1,4 +1,4 @@
-"""Backend-agnostic gating (mumoe.gating) against the entmax package and torch."""
+"""Backend-agnostic gating (mumoe.gates) against the entmax package and torch."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mumoe.gating import (
+from mumoe.gates import (
     ACTIVATIONS,
     batch_norm,
     entmax15,
@@ -17,7 +17,7 @@ from mumoe.gating import (
     sparsemax,
     topk,
 )
-from mumoe.nn.gating import TORCH_KERNELS
+from mumoe.nn import TORCH_KERNELS
 
 torch = pytest.importorskip("torch", reason="the oracles are torch and the entmax package")
 entmax = pytest.importorskip("entmax", reason="the oracle is the entmax package")
@@ -97,7 +97,7 @@ def test_norms_equal_torch():
 
 
 def test_gating_widens_16_bit_inputs_and_returns_their_dtype():
-    from mumoe.gating import gate_coefficients, gate_dtype
+    from mumoe.gates import gate_coefficients, gate_dtype
 
     assert gate_dtype(np.dtype("float16")) == np.float32
     assert (
@@ -110,7 +110,7 @@ def test_gating_widens_16_bit_inputs_and_returns_their_dtype():
 
 
 def test_the_vocabulary_refuses_unknown_names():
-    from mumoe.gating import check_normalization, resolve_activation
+    from mumoe.gates import check_normalization, resolve_activation
 
     with pytest.raises(ValueError, match="unknown gate activation 'relu'; choose one of"):
         resolve_activation("relu")

@@ -8,19 +8,20 @@ import tensorly as tl
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from conftest import backend_params, use_backend
-from mumoe.gating import softmax, sparsemax
-from mumoe.health import (
+from mumoe.gates import (
     LOSSES,
     balance_loss,
     check_balance,
     importance_cv2,
     joint_usage,
     router_z_loss,
+    softmax,
+    sparsemax,
     uniform_kl,
     usage,
 )
 from mumoe.testing import backend_dtype, to_numpy64
+from tests.helpers import backend_params, use_backend
 
 batches = st.tuples(st.integers(1, 40), st.integers(1, 60), st.floats(0.1, 10.0),
                     st.integers(0, 2**31))  # fmt: skip

@@ -14,10 +14,16 @@ import safetensors.numpy  # noqa: E402
 import tensorly as tl  # noqa: E402
 from safetensors import safe_open  # noqa: E402
 
-from conftest import AVAILABLE, use_backend  # noqa: E402
-from mumoe.inference import InferenceMuMoE, load, save  # noqa: E402
-from mumoe.nn import CPMuMoE, MuMoE, TRMuMoE, TuckerMuMoE  # noqa: E402
+from mumoe.inference import InferenceMuMoE, load  # noqa: E402
+from mumoe.nn import (  # noqa: E402
+    CPMuMoE,
+    MuMoE,
+    TRMuMoE,
+    TuckerMuMoE,
+    save,
+)
 from mumoe.testing import to_numpy64  # noqa: E402
+from tests.helpers import AVAILABLE, use_backend  # noqa: E402
 
 
 def trained(layer, steps=5, seed=0):
@@ -47,7 +53,7 @@ LAYERS = {
 
 
 def test_top_k_travels_with_the_file_and_must_match(tmp_path):
-    from mumoe.inference import load_into
+    from mumoe.nn import load_into
 
     layer = trained(LAYERS["mxd-topk"](dtype=torch.float64))
     save(layer, tmp_path / "topk.safetensors")
@@ -314,7 +320,7 @@ def test_saving_is_atomic(tmp_path, monkeypatch):
 
 
 def test_load_into_is_all_or_nothing_for_every_failure(saved):
-    from mumoe.inference import load_into
+    from mumoe.nn import load_into
 
     layer = CPMuMoE(12, 5, (6, 3), rank=4)
     state = {k: v.clone() for k, v in layer.state_dict().items()}
@@ -342,7 +348,7 @@ def test_blocks_save_and_serve_on_numpy(tmp_path, network):
 
 
 def test_gelu_is_torchs_on_every_usable_backend():
-    from mumoe.gating import gelu
+    from mumoe.gates import gelu
 
     x = np.linspace(-6, 6, 101)
     expected = torch.nn.functional.gelu(torch.from_numpy(x)).numpy()

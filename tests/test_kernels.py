@@ -7,15 +7,19 @@ import dataclasses
 import numpy as np
 import pytest
 
+from mumoe import planner_of
+
 torch = pytest.importorskip("torch", reason="torch is not installed (pip install 'mumoe[torch]')")
 
 from mumoe import Network, mxd  # noqa: E402
-from mumoe.backend import backend_kernels  # noqa: E402
-from mumoe.contraction import Kernels  # noqa: E402
-from mumoe.nn import MuMoE  # noqa: E402
-from mumoe.nn.kernels import bias_matmul  # noqa: E402
-from mumoe.plan import BIAS_KERNEL_ELEMENTS, Plan  # noqa: E402
-from mumoe.report import describe  # noqa: E402
+from mumoe.nn import MuMoE, bias_matmul  # noqa: E402
+from mumoe.plan import (  # noqa: E402
+    BIAS_KERNEL_ELEMENTS,
+    Kernels,
+    Plan,
+    backend_kernels,
+    describe,
+)
 
 
 def _operands(rows: int = 5, k: int = 4, n: int = 3) -> tuple[torch.Tensor, torch.Tensor]:
@@ -52,8 +56,8 @@ def test_bias_matmul_names_the_shapes_it_expects(x_shape, core_shape):
 def test_torch_plans_use_the_kernel_for_inputs_of_the_threshold_size():
     net = mxd(6, 512, 100)
     rows = BIAS_KERNEL_ELEMENTS // 512  # 128 rows of 512: the threshold
-    torch_plan = net.planner.forward(rows, "pytorch", torch.float64)
-    numpy_plan = net.planner.forward(rows, "numpy", np.dtype("float64"))
+    torch_plan = planner_of(net).forward(rows, "pytorch", torch.float64)
+    numpy_plan = planner_of(net).forward(rows, "numpy", np.dtype("float64"))
     assert torch_plan.bias_program.kernels.bias_matmul is bias_matmul
     assert torch_plan.bias_inside(rows, differentiable=True)
     assert not torch_plan.bias_inside(rows - 1, differentiable=True)  # a small x: ones column

@@ -1,4 +1,20 @@
-"""The shape of the package: where torch is imported, module sizes, one home per idea."""
+"""The floor plan: layers import only what lies below them, torch lives in nn/, one home per idea.
+
+The layers, bottom to top (docs/architecture.rst draws them)::
+
+    base        mumoe.typing, mumoe.validation, mumoe.backends
+    spec        what W is                     imports base
+    plan        how to contract it            imports spec, base
+    functional  arrays in, arrays out         imports plan, spec, base
+    gates       the gate (beside them)        imports base
+    inference   torch-free eval layers        imports functional, gates, plan, spec, base
+    nn          torch                         imports every layer above
+    edge        the face, analysis, plotting, testing, cli, demo: anything
+
+An arrow is any import of a module of the package by another, at module level,
+inside a function or under ``TYPE_CHECKING``; the kernel strings of
+``mumoe/backends/*.toml`` are arrows too, checked against the same table.
+"""
 
 from __future__ import annotations
 
@@ -8,17 +24,127 @@ import sys
 
 import pytest
 
-from conftest import ROOT, public_modules
 from mumoe import FORMATS, Network, preset
-from mumoe.gating import ACTIVATIONS, NORMALIZATIONS
-from mumoe.presets import preset_format
+from mumoe.backends import declared_backends
+from mumoe.gates import ACTIVATIONS, NORMALIZATIONS
+from mumoe.spec import preset_format
+from tests.helpers import ROOT, import_graph, public_modules
 
 PACKAGE = ROOT / "mumoe"
-#: Where torch may be imported (the torch modules, the reference drop-in, the demo).
-TORCH_HOMES = ("nn/", "compat.py", "demo/")
+
+#: Each layer and the packages or modules it consists of (the first match wins).
+LAYERS = {
+    "base": ("mumoe.typing", "mumoe.validation", "mumoe.backends"),
+    "spec": ("mumoe.spec",),
+    "plan": ("mumoe.plan",),
+    "functional": ("mumoe.functional",),
+    "gates": ("mumoe.gates",),
+    "inference": ("mumoe.inference",),
+    "nn": ("mumoe.nn",),
+}
+#: The layers each layer may import from (its own included); the edge may import anything.
+ALLOWED = {
+    "base": {"base"},
+    "spec": {"base", "spec"},
+    "plan": {"base", "spec", "plan"},
+    "functional": {"base", "spec", "plan", "functional"},
+    "gates": {"base", "gates"},
+    "inference": {"base", "spec", "plan", "functional", "gates", "inference"},
+    "nn": {"base", "spec", "plan", "functional", "gates", "inference", "nn"},
+}
+#: The most modules the top of the package may hold (``mumoe/*.py``).
+TOP_MODULES = 12
+#: A smoke alarm, not a rule: one idea per module, even a long one.
+SOFT_CAP = 800
 
 
-def imported_modules(path):
+def layer_of(module: str) -> str:
+    """The layer of a module of mumoe (``"edge"`` for the face and the edge modules)."""
+    for layer, homes in LAYERS.items():
+        if any(module == home or module.startswith(home + ".") for home in homes):
+            return layer
+    return "edge"
+
+
+def upward(graph):
+    """Every arrow that breaks the layer order, as ``"a -> b"``."""
+    return sorted(
+        f"{a} -> {b}"
+        for a, targets in graph.arrows.items()
+        for b in targets
+        if layer_of(a) != "edge" and layer_of(b) not in ALLOWED[layer_of(a)]
+    )
+
+
+def test_the_import_graph_has_no_loop():
+    assert import_graph(PACKAGE).loops() == []
+
+
+def test_every_import_follows_the_layer_order():
+    assert upward(import_graph(PACKAGE)) == []
+
+
+def test_the_layer_table_covers_the_package():
+    # Every module belongs to a layer or to the edge, which is the package face and a
+    # few modules at the top: a new subpackage must be added to LAYERS.
+    graph = import_graph(PACKAGE)
+    edge = sorted(m for m in graph.modules if layer_of(m) == "edge")
+    assert edge == [
+        "mumoe", "mumoe.__main__", "mumoe.analysis", "mumoe.cli", "mumoe.demo",
+        "mumoe.demo._experiment", "mumoe.demo._figures", "mumoe.demo._report",
+        "mumoe.demo._results", "mumoe.demo._train", "mumoe.plotting", "mumoe.testing",
+    ]  # fmt: skip
+
+
+def test_a_module_inside_a_layer_never_imports_its_own_face():
+    # ``from mumoe.spec import X`` inside mumoe/spec/ would run the face mid-import.
+    graph = import_graph(PACKAGE)
+    offenders = [
+        f"{a} -> {b}"
+        for a, targets in graph.arrows.items()
+        for b in targets
+        if graph.modules[b].name == "__init__.py" and a.startswith(b + ".")
+    ]
+    assert offenders == []
+
+
+def test_the_top_of_the_package_is_small():
+    top = sorted(p.name for p in PACKAGE.glob("*.py"))
+    assert len(top) <= TOP_MODULES, top
+
+
+def test_no_module_is_longer_than_the_soft_cap():
+    lengths = {
+        str(path.relative_to(PACKAGE)): len(path.read_text().splitlines())
+        for path in PACKAGE.rglob("*.py")
+    }
+    assert lengths and {name: n for name, n in lengths.items() if n > SOFT_CAP} == {}
+
+
+@pytest.mark.parametrize("declaration", declared_backends(), ids=lambda d: d.name)
+def test_kernel_strings_follow_the_layer_order(declaration):
+    # The core calls a backend's kernels by name (mumoe.backends.backend_function): an
+    # arrow from the torch-free core to the kernel's module.  Kernels of the pytorch
+    # backend may live in nn/ (they run only on torch tensors); every other kernel is
+    # in a layer the core may import, or in a third-party library.
+    core = {"base", "spec", "plan", "functional", "gates"}
+    for kind in ("erf", "addmm", "kth_largest", "bias_matmul", "entmax15", "sparsemax", "jit"):
+        target = getattr(declaration, kind)
+        if not target.startswith("mumoe"):
+            continue
+        module, _, function = target.partition(":")
+        layer = layer_of(module)
+        allowed = core | ({"nn"} if declaration.module == "torch" else set())
+        assert layer in allowed, f"{declaration.name}.{kind} = {target!r}: layer {layer}"
+        assert (PACKAGE.parent / (module.replace(".", "/") + ".py")).exists() or (
+            PACKAGE.parent / module.replace(".", "/") / "__init__.py"
+        ).exists(), target
+        if declaration.module == "numpy" or declaration.module in sys.modules:
+            imported = __import__(module, fromlist=[function])
+            assert callable(getattr(imported, function)), target
+
+
+def imported_libraries(path):
     """Top-level names of every module a file imports, at any depth (lazy imports included)."""
     names = set()
     for node in ast.walk(ast.parse(path.read_text())):
@@ -29,21 +155,24 @@ def imported_modules(path):
     return names
 
 
-def test_torch_is_imported_only_under_nn_compat_and_demo():
+def test_torch_is_imported_only_under_nn_and_demo():
+    graph = import_graph(PACKAGE)
     offenders = [
-        str(path.relative_to(PACKAGE))
-        for path in PACKAGE.rglob("*.py")
-        if "torch" in imported_modules(path)
-        and not str(path.relative_to(PACKAGE)).startswith(TORCH_HOMES)
+        module
+        for module, path in graph.modules.items()
+        if "torch" in imported_libraries(path)
+        and layer_of(module) != "nn"
+        and not module.startswith("mumoe.demo")
     ]
     assert offenders == []
 
 
 def test_every_torch_free_module_imports_without_torch():
     torch_free = [
-        m for m in public_modules()
-        if not m.startswith(("mumoe.nn", "mumoe.compat", "mumoe.demo", "mumoe.plotting"))
-    ]  # fmt: skip
+        m
+        for m in public_modules()
+        if not m.startswith(("mumoe.nn", "mumoe.demo", "mumoe.plotting"))
+    ]
     code = (
         "import sys, importlib; sys.modules['torch'] = None\n"  # `import torch` fails
         f"for name in {torch_free!r}:\n"
@@ -58,12 +187,7 @@ def test_every_torch_free_module_imports_without_torch():
     assert result.stdout.strip() == "(2, 2)"
 
 
-def test_no_module_is_longer_than_550_lines():
-    lengths = {
-        str(path.relative_to(PACKAGE)): len(path.read_text().splitlines())
-        for path in PACKAGE.rglob("*.py")
-    }
-    assert lengths and {name: n for name, n in lengths.items() if n > 550} == {}
+# --------------------------------------------------------------- one home per idea
 
 
 @pytest.mark.parametrize("name", list(FORMATS))
@@ -76,7 +200,7 @@ def test_a_format_record_and_its_preset_agree(name, levels):
     assert net.format == preset_format(net) == name
     # The same spec written by hand is the same format.
     assert Network(record.spec(levels), [3] * levels, 4, 5, **rank).format == name
-    assert len(record.init(net)) == net.n_cores
+    assert len(record.init(net.core_legs, net.sizes, net.in_features)) == net.n_cores
     if record.free_rank is not None:
         assert preset(name, [3] * levels, 4, 5, rank=record.free_rank(levels, 2, 5)).n_params
 
@@ -88,8 +212,7 @@ def test_a_custom_spec_has_the_custom_format():
 
 def test_the_torch_kernels_cover_the_gate_vocabulary():
     pytest.importorskip("torch", reason="torch is not installed")
-    from mumoe.nn.gating import NORMALIZATIONS as TORCH_NORMALIZATIONS
-    from mumoe.nn.gating import TORCH_KERNELS
+    from mumoe.nn import TORCH_KERNELS, _gate
 
     assert TORCH_KERNELS.keys() == ACTIVATIONS.keys()
-    assert TORCH_NORMALIZATIONS is NORMALIZATIONS
+    assert _gate.NORMALIZATIONS is NORMALIZATIONS

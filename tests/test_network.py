@@ -10,7 +10,8 @@ import pytest
 from hypothesis import given
 
 import mumoe
-from mumoe import Network, cp, dense, preset, tr, tt, tucker
+from mumoe import Network, cp, dense, describe, flops, planner_of, preset, tr, tt, tucker
+from mumoe.plan import Planner
 from mumoe.testing import custom_networks, networks, preset_networks
 
 
@@ -175,7 +176,7 @@ def test_equations_of_cp():
 def test_flops_are_affine_in_batch_within_a_bucket(net):
     # Batches 5..8 share one path (bucket 8): its FLOPs are a*b + c, where c
     # counts the contractions between cores alone.
-    f5, f6, f7, f8 = (net.flops(b) for b in (5, 6, 7, 8))
+    f5, f6, f7, f8 = (flops(net, b) for b in (5, 6, 7, 8))
     assert f6 - f5 == f7 - f6 == f8 - f7 > 0
     assert f5 - 5 * (f6 - f5) >= 0
 
@@ -184,21 +185,21 @@ def test_flops_of_cp_follow_the_chosen_path():
     # B rows: gate n (B N R) + input (B I' R) + Hadamard (B R) + output (B R O),
     # each pairwise product a multiply-add counted as two where it sums.
     net = cp(16, 8, 4, rank=3)
-    assert net.flops(10) == 10 * (2 * 16 * 3 + 2 * 9 * 3 + 3 + 2 * 3 * 4)
+    assert flops(net, 10) == 10 * (2 * 16 * 3 + 2 * 9 * 3 + 3 + 2 * 3 * 4)
 
 
 def test_describe_shows_equation_cores_parameters_and_flops():
-    text = cp(128, 768, 1000, rank=64).describe(batch_size=256)
+    text = describe(cp(128, 768, 1000, rank=64), batch_size=256)
     assert "Network 'cp': 1 expert level, 128 experts, with bias" in text
     assert "n1 r, i r, o r" in text
     assert "(769, 64)" in text
     assert f"{64 * (128 + 769 + 1000):,}" in text
     assert "...n1, ...i, n1 r, i r, o r -> ...o" in text
-    assert f"{cp(128, 768, 1000, rank=64).flops(256):,} for batch 256" in text
+    assert f"{flops(cp(128, 768, 1000, rank=64), 256):,} for batch 256" in text
 
 
 def test_describe_two_levels():
-    text = tr((8, 4), 16, 10, rank=2).describe()
+    text = describe(tr((8, 4), 16, 10, rank=2))
     assert "2 expert levels, 8 x 4 = 32 experts" in text
     assert "core 3" in text
 
@@ -207,15 +208,20 @@ def test_describe_two_levels():
 
 
 @given(custom_networks())
-def test_pickle_round_trip_drops_plans(net):
-    net.planner.materialize("numpy", np.dtype("float64"))
-    assert len(net.plans) == 1
+def test_pickle_round_trip(net):
     clone = pickle.loads(pickle.dumps(net))
     assert clone == net and hash(clone) == hash(net)
-    assert len(clone.plans) == 0
-    assert clone.plans.maxsize == net.plans.maxsize
     assert clone.core_shapes == net.core_shapes
     assert repr(clone) == repr(net)
+    assert pickle.dumps(net) == pickle.dumps(clone)  # a value: nothing but its arguments
+
+
+@given(custom_networks())
+def test_equal_arguments_make_equal_networks_that_share_a_planner(net):
+    twin = Network(net.spec, net.expert_dims, net.in_features, net.out_features,
+                   rank=dict(net.ranks) or None, bias=net.bias)  # fmt: skip
+    assert twin == net and hash(twin) == hash(net) and twin is not net
+    assert planner_of(twin) is planner_of(net)
 
 
 def test_equality_and_repr():
@@ -247,18 +253,21 @@ def test_a_network_is_immutable_and_replace_makes_changed_copies():
     wider = net.replace(in_features=7)
     assert wider.core_shapes == ((8, 3), (8, 3), (2, 3)) and net.core_shapes[1] == (6, 3)
     assert wider != net and hash(wider) != hash(net)
-    assert net.replace() == net and net.replace().planner is not net.planner
+    assert net.replace() == net and net.replace() is not net
     assert net.replace(spec="n i r, r o").format == "custom"
     with pytest.raises(TypeError, match="unknown arguments \\['width'\\]"):
         net.replace(width=3)
 
 
-def test_a_pickled_network_keeps_its_policy_but_not_its_plans():
-    net = cp(8, 5, 2, rank=3, cache_size=4, autotune=True, optimize="greedy")
-    net.planner.forward(4, "numpy", np.dtype("float64"))
-    copy = pickle.loads(pickle.dumps(net))
-    assert copy == net and len(copy.plans) == 0
-    assert (copy.optimize, copy.autotune, copy.plans.maxsize) == ("greedy", True, 4)
+def test_a_pickled_planner_keeps_its_policy_but_not_its_plans():
+    net = cp(8, 5, 2, rank=3)
+    planner = Planner(net, cache_size=4, autotune=True, optimize="greedy")
+    planner.forward(4, "numpy", np.dtype("float64"))
+    copy = pickle.loads(pickle.dumps(planner))
+    assert copy.network == net and copy is not planner
+    assert copy is planner_of(net, cache_size=4, autotune=True, optimize="greedy")
+    assert (copy.optimize, copy.autotune, copy.cache.maxsize) == ("greedy", True, 4)
+    assert not any(key[:2] == ("forward", 4) for key in copy.cache.keys())
 
 
 def test_describe_and_flops_report_the_path_the_forward_pass_uses():
@@ -267,12 +276,13 @@ def test_describe_and_flops_report_the_path_the_forward_pass_uses():
     from mumoe import forward, random_cores
     from mumoe.testing import random_inputs
 
-    net = tucker((4, 3), 6, 5, rank=(2, 2, 3, 3), autotune=True)
-    assert "autotune: not timed yet" in net.describe(batch_size=16)
+    net = tucker((4, 3), 6, 5, rank=(2, 2, 3, 3))
+    planner = Planner(net, autotune=True)
+    assert "autotune: not timed yet" in describe(net, batch_size=16, planner=planner)
     x, gates = random_inputs(net, (16,), random_state=0)
-    forward(net, random_cores(net), x, gates)
-    plan, source = net.planner.chosen(16, tl.get_backend(), x.dtype)
+    forward(net, random_cores(net), x, gates, planner=planner)
+    plan, source = planner.chosen(16, tl.get_backend(), x.dtype)
     assert source == "autotuned"
-    text = net.describe(batch_size=16)
-    assert "autotuned" in text and f"{net.flops(16):,} for batch 16" in text
-    assert net.flops(16) == net.planner.flops(16, plan)
+    text = describe(net, batch_size=16, planner=planner)
+    assert "autotuned" in text and f"{flops(net, 16, planner=planner):,} for batch 16" in text
+    assert flops(net, 16, planner=planner) == planner.flops(16, plan)

@@ -15,9 +15,7 @@ from hypothesis import given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 from torch.func import functional_call  # noqa: E402
 
-from conftest import randomise  # noqa: E402
 from mumoe import Network, cp  # noqa: E402
-from mumoe.budget import gate_params, linear_params  # noqa: E402
 from mumoe.nn import (  # noqa: E402
     CPMuMoE,
     MuMoE,
@@ -28,7 +26,9 @@ from mumoe.nn import (  # noqa: E402
     TuckerMuMoE,
     record_gates,
 )
+from mumoe.spec import gate_params, linear_params  # noqa: E402
 from mumoe.testing import assert_close, dense_forward, n_terms, networks  # noqa: E402
+from tests.helpers import randomise  # noqa: E402
 
 
 @settings(max_examples=40)
@@ -407,7 +407,7 @@ def test_partial_sort_gates_equal_the_full_sort(n, rows, scale, ties, seed):
     """The gate's entmax-1.5 / sparsemax (a window of the largest, widened) equal the full sort."""
     from entmax import entmax15, sparsemax
 
-    from mumoe.nn.gating import TORCH_KERNELS
+    from mumoe.nn import TORCH_KERNELS
 
     generator = torch.Generator().manual_seed(seed)
     logits = torch.randn(rows, n, generator=generator, dtype=torch.float64) * scale

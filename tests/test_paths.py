@@ -1,4 +1,4 @@
-"""FLOP-optimal paths (mumoe.paths): as cheap as opt_einsum's exhaustive search, always."""
+"""FLOP-optimal paths (mumoe.plan): as cheap as opt_einsum's exhaustive search, always."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import pytest
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from mumoe import Network, tr, tucker
-from mumoe.paths import DEFAULT_OPTIMIZE, OPTIMAL_OPERANDS, FlopOptimal, optimal_path
+from mumoe import Network, describe, planner_of, tr, tucker
+from mumoe.plan import DEFAULT_OPTIMIZE, OPTIMAL_OPERANDS, FlopOptimal, optimal_path
 from mumoe.testing import networks
 
 
@@ -79,10 +79,10 @@ def test_the_path_is_never_dearer_than_the_exhaustive_search(problem):
 @given(networks(), st.sampled_from([1, 8, 256]))
 def test_network_plans_are_flop_optimal(net, rows):
     # Presets and custom specs, open hyperedges included, at the default optimiser.
-    shapes = net._forward_shapes(rows)
+    shapes = net.forward_shapes(rows)
     assume(len(shapes) <= 7)  # the exhaustive search takes seconds beyond
-    plan = net.planner.build_forward(rows)
-    assert net.optimize == DEFAULT_OPTIMIZE
+    plan = planner_of(net).build_forward(rows)
+    assert planner_of(net).optimize == DEFAULT_OPTIMIZE
     assert plan.flops <= cost(net.einsum_equation, shapes, "optimal")
     if len(shapes) <= 5:
         every = every_path(len(shapes))
@@ -100,8 +100,8 @@ def test_network_plans_are_flop_optimal(net, rows):
     ids=["tucker-2-levels-small", "tucker-2-levels-clip", "tr-3-levels", "tucker-3-levels"],
 )
 def test_the_cases_auto_hq_misses(net, auto_hq_excess):
-    equation, shapes = net.einsum_equation, net._forward_shapes(256)
-    ours = net.planner.build_forward(256).flops
+    equation, shapes = net.einsum_equation, net.forward_shapes(256)
+    ours = planner_of(net).build_forward(256).flops
     assert ours == cost(equation, shapes, FlopOptimal(max_operands=12))
     assert cost(equation, shapes, "auto-hq") > ours * (1 + auto_hq_excess)
     if len(shapes) <= 8:
@@ -110,14 +110,14 @@ def test_the_cases_auto_hq_misses(net, auto_hq_excess):
 
 def test_past_the_limit_the_fallback_searches():
     net = tucker((4, 3, 2, 2), 10, 10, rank=2)  # 12 operands
-    assert len(net._forward_shapes(4)) > OPTIMAL_OPERANDS
-    plan = net.planner.build_forward(4)
-    assert plan.flops == cost(net.einsum_equation, net._forward_shapes(4), "auto-hq")
-    assert "too many operands" in net.describe(4)
+    assert len(net.forward_shapes(4)) > OPTIMAL_OPERANDS
+    plan = planner_of(net).build_forward(4)
+    assert plan.flops == cost(net.einsum_equation, net.forward_shapes(4), "auto-hq")
+    assert "too many operands" in describe(net, 4)
 
 
 def test_small_problems_and_explicit_optimisers():
     assert optimal_path(["ab"], "a", {"a": 2, "b": 3}) == [(0,)]
     assert optimal_path([], "", {}) == []
-    net = Network("n r, i r, o r", 8, 5, 2, rank=3, optimize="greedy")
-    assert "opt_einsum 'greedy'" in net.describe(4)
+    net = Network("n r, i r, o r", 8, 5, 2, rank=3)
+    assert "opt_einsum 'greedy'" in describe(net, 4, planner=planner_of(net, optimize="greedy"))

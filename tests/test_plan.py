@@ -7,41 +7,44 @@ import pytest
 import tensorly as tl
 
 from mumoe import Plan, PlanCache, cp, forward, random_cores, tr
-from mumoe.plan import batch_bucket
+from mumoe.plan import Planner, batch_bucket
 from mumoe.testing import random_inputs
 
 
 def test_a_plan_is_built_once_and_reused():
     net = cp(8, 6, 4, rank=3)
+    planner = Planner(net)
     cores = random_cores(net, random_state=0)
     x, gates = random_inputs(net, (5,), random_state=0)
-    first = net.planner.forward(5, "numpy", x.dtype)
-    forward(net, cores, x, gates)
-    forward(net, cores, x, gates)
-    assert net.planner.forward(5, "numpy", x.dtype) is first
-    assert net.plans.misses == 1
-    assert net.plans.hits == 3
+    first = planner.forward(5, "numpy", x.dtype)
+    forward(net, cores, x, gates, planner=planner)
+    forward(net, cores, x, gates, planner=planner)
+    assert planner.forward(5, "numpy", x.dtype) is first
+    assert planner.cache.misses == 1
+    assert planner.cache.hits == 3
 
 
 def test_batch_sizes_share_a_power_of_two_bucket():
     net = cp(8, 6, 4, rank=3)
+    planner = Planner(net)
     cores = random_cores(net, random_state=0)
     for batch in range(5, 9):
         x, gates = random_inputs(net, (batch,), random_state=batch)
-        forward(net, cores, x, gates)
-    assert net.plans.keys() == [("forward", 8, "numpy", np.dtype("float64"))]
+        forward(net, cores, x, gates, planner=planner)
+    assert planner.cache.keys() == [("forward", 8, "numpy", np.dtype("float64"))]
     x, gates = random_inputs(net, (9,), random_state=0)
-    forward(net, cores, x, gates)
-    assert net.plans.keys()[-1] == ("forward", 16, "numpy", np.dtype("float64"))
+    forward(net, cores, x, gates, planner=planner)
+    assert planner.cache.keys()[-1] == ("forward", 16, "numpy", np.dtype("float64"))
 
 
 def test_dtype_is_part_of_the_key():
     net = cp(8, 6, 4, rank=3)
+    planner = Planner(net)
     for dtype in (tl.float64, tl.float32):
         cores = random_cores(net, random_state=0, dtype=dtype)
         x, gates = random_inputs(net, (4,), random_state=0, dtype=dtype)
-        assert forward(net, cores, x, gates).dtype == dtype
-    assert [k[3] for k in net.plans.keys()] == [np.dtype("float64"), np.dtype("float32")]
+        assert forward(net, cores, x, gates, planner=planner).dtype == dtype
+    assert [k[3] for k in planner.cache.keys()] == [np.dtype("float64"), np.dtype("float32")]
 
 
 def test_cache_is_bounded_and_least_recently_used():
@@ -67,14 +70,15 @@ def test_cache_size_must_be_a_positive_int(maxsize, error):
         PlanCache(maxsize)
 
 
-def test_network_cache_respects_its_bound():
-    net = cp(4, 3, 2, rank=2, cache_size=3)
+def test_a_planners_cache_respects_its_bound():
+    net = cp(4, 3, 2, rank=2)
+    planner = Planner(net, cache_size=3)
     cores = random_cores(net, random_state=0)
     for batch in (1, 2, 4, 8, 16, 32):
         x, gates = random_inputs(net, (batch,), random_state=0)
-        forward(net, cores, x, gates)
-    assert len(net.plans) == 3
-    assert [k[1] for k in net.plans.keys()] == [8, 16, 32]
+        forward(net, cores, x, gates, planner=planner)
+    assert len(planner.cache) == 3
+    assert [k[1] for k in planner.cache.keys()] == [8, 16, 32]
 
 
 def test_plan_reports_its_path_and_cost():
@@ -105,8 +109,9 @@ def test_path_searches_leave_pythons_random_state_alone():
     expected = random.random()
     random.seed(123)
     Plan.build("ab,bc,cd->ad", [(3, 4), (4, 5), (5, 6)], optimize="random-greedy-128")
-    net = tr((4, 3, 2), 6, 5, rank=2, autotune=True)  # autotune times random-greedy too
+    net = tr((4, 3, 2), 6, 5, rank=2)
+    planner = Planner(net, autotune=True)  # autotune times random-greedy too
     cores = random_cores(net, random_state=0)
     x, gates = random_inputs(net, (4,), random_state=0)
-    forward(net, cores, x, gates)
+    forward(net, cores, x, gates, planner=planner)
     assert random.random() == expected

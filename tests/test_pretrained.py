@@ -10,9 +10,13 @@ import pytest
 
 torch = pytest.importorskip("torch", reason="torch is not installed (pip install 'mumoe[torch]')")
 
-from mumoe.inference import load, save  # noqa: E402
-from mumoe.nn import MuMoE, replace_linear  # noqa: E402
-from mumoe.nn.convert import linear_weights  # noqa: E402
+from mumoe.inference import load  # noqa: E402
+from mumoe.nn import (  # noqa: E402
+    MuMoE,
+    linear_weights,
+    replace_linear,
+    save,
+)
 
 # timm's MLP-Mixer test passed on 2026-12-01 in a venv with torch 2.14.1, torchvision 0.29.1
 # and timm 1.0.31 (PYTHONPATH=. python -m pytest tests/test_pretrained.py).

@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import ROOT, use_backend
+from tests.helpers import ROOT, use_backend
 
 README = (ROOT / "README.md").read_text()
 

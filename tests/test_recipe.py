@@ -1,4 +1,4 @@
-"""The layer recipe (mumoe.recipe) on NumPy, held to Eq. 1 of its own parts."""
+"""The layer recipe (mumoe.functional) on NumPy, held to Eq. 1 of its own parts."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from mumoe import cp, materialize, random_cores
-from mumoe.gating import ACTIVATIONS, gate_coefficients, gelu, layer_norm, resolve_activation
-from mumoe.recipe import block_forward, layer_forward, scale_gates
+from mumoe.functional import block_forward, layer_forward, scale_gates
+from mumoe.gates import ACTIVATIONS, gate_coefficients, gelu, layer_norm, resolve_activation
 from mumoe.testing import (
     assert_close,
     batch_shapes,

@@ -19,9 +19,10 @@ import tensorly as tl
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from conftest import ROOT, public_modules, use_backend
 from mumoe import cp, forward, materialize, random_cores, tr
+from mumoe.plan import Planner
 from mumoe.testing import assert_close, batch_shapes, dense_forward, n_terms, networks, seeds
+from tests.helpers import ROOT, public_modules, use_backend
 
 # ------------------------------------------------------------- no global state
 
@@ -82,7 +83,7 @@ def test_mumoe_never_switches_the_global_backend():
 
 
 def test_a_thread_local_backend_does_not_leak_to_other_threads():
-    from mumoe.backend import thread_backend
+    from mumoe.backends import thread_backend
 
     seen = {}
     inside = threading.Event()
@@ -207,7 +208,8 @@ def test_nan_and_inf_stay_in_their_rows(net, rows, seed):
 
 def test_threads_share_a_bounded_cache_and_get_correct_results():
     """16 threads, batch sizes 0-300: every result equals Eq. 1, the cache stays in bound."""
-    net = cp((8, 4), 12, 6, rank=5, cache_size=6)
+    net = cp((8, 4), 12, 6, rank=5)
+    planner = Planner(net, cache_size=6)
     cores = random_cores(net, random_state=0)
     weight = materialize(net, cores)
     barrier = threading.Barrier(16)
@@ -220,19 +222,20 @@ def test_threads_share_a_bounded_cache_and_get_correct_results():
             batch = int(rng.randint(0, 300))
             x = rng.uniform(-1, 1, (batch, 12))
             gates = [rng.uniform(0, 1, (batch, 8)), rng.uniform(0, 1, (batch, 4))]
-            assert_close(forward(net, cores, x, gates), dense_forward(weight, x, gates, True),
-                         scale=n_terms(net))  # fmt: skip
-            sizes.append(len(net.plans))
+            y = forward(net, cores, x, gates, planner=planner)
+            assert_close(y, dense_forward(weight, x, gates, True), scale=n_terms(net))
+            sizes.append(len(planner.cache))
 
     with ThreadPoolExecutor(16) as pool:
         list(pool.map(work, range(16)))  # re-raises a worker's failure
     # Buckets 1..512 are 10 keys: the bound of 6 is what keeps the cache small.
-    assert max(sizes) <= 6 and len(net.plans) <= 6
+    assert max(sizes) <= 6 and len(planner.cache) <= 6
 
 
 def test_a_plan_is_never_used_for_another_backend_or_dtype():
     torch = pytest.importorskip("torch", reason="needs a second backend")
     net = tr(6, 5, 4, rank=2)
+    planner = Planner(net)
     cores64 = random_cores(net, random_state=1)
     x = np.random.RandomState(2).uniform(-1, 1, (7, 5))
     gates = [np.random.RandomState(3).uniform(0, 1, (7, 6))]
@@ -246,10 +249,11 @@ def test_a_plan_is_never_used_for_another_backend_or_dtype():
                 [tl.tensor(c, dtype=kind) for c in cores64],
                 tl.tensor(x, dtype=kind),
                 [tl.tensor(g, dtype=kind) for g in gates],
+                planner=planner,
             )
             assert str(y.dtype).endswith(dtype)
             results[backend, dtype] = y
-    keys = {key[2:] for key in net.plans.keys() if key[0] == "forward"}
+    keys = {key[2:] for key in planner.cache.keys() if key[0] == "forward"}
     assert {(b, str(d)) for b, d in keys} == {
         ("numpy", "float64"), ("numpy", "float32"), ("pytorch", str(torch.float64)),
         ("pytorch", str(torch.float32)),

@@ -9,18 +9,30 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 
+from mumoe import describe, planner_of
+from mumoe.plan import Planner
+
 torch = pytest.importorskip("torch", reason="torch is not installed (pip install 'mumoe[torch]')")
 
 import tensorly as tl  # noqa: E402
 from hypothesis import given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-from conftest import randomise  # noqa: E402
-from mumoe import compat, cp, forward, random_cores, scale_experts  # noqa: E402
-from mumoe.backend import thread_backend  # noqa: E402
-from mumoe.inference import load_into, save  # noqa: E402
-from mumoe.nn import CPMuMoE, MuMoE, MuMoEBlock, TRMuMoE, TTMuMoE, TuckerMuMoE  # noqa: E402
+from mumoe import cp, forward, random_cores, scale_experts  # noqa: E402
+from mumoe.backends import thread_backend  # noqa: E402
+from mumoe.nn import (  # noqa: E402  # noqa: E402
+    CPMuMoE,
+    MuMoE,
+    MuMoEBlock,
+    TRMuMoE,
+    TTMuMoE,
+    TuckerMuMoE,
+    compat,
+    load_into,
+    save,
+)
 from mumoe.testing import HALF_PRECISION_TOLERANCES  # noqa: E402
+from tests.helpers import randomise  # noqa: E402
 
 PRESETS = [("cp", 8), ("tucker", (2, 4, 4)), ("tt", (2, 6)), ("tr", (2, 2, 6)), ("dense", None)]
 HALF = [torch.float16, torch.bfloat16]
@@ -312,7 +324,7 @@ def test_a_layer_called_from_many_threads_gives_each_its_own_result():
         results = list(pool.map(work, range(len(inputs))))
     for got, want in zip(results, expected, strict=True):
         torch.testing.assert_close(got, want)
-    assert len(layer.network.plans) <= layer.network.plans.maxsize
+    assert len(layer.planner.cache) <= layer.planner.cache.maxsize
     assert tl.get_backend() == "numpy"  # the threads' pytorch backend stayed theirs
 
 
@@ -373,12 +385,13 @@ def test_whole_models_pickle(build):
 def test_bad_optimisers_fail_at_construction_and_bn_gating_names_the_one_row_problem():
     # Issue #15, item 12: a bad optimize= used to fail at the first forward; a batch of
     # one row under batch-norm gating failed inside torch with "Expected more than 1 value".
+    net = cp(4, 3, 2, rank=2)
     with pytest.raises(ValueError, match="unknown path optimiser 'gredy'; choose 'flop-optimal'"):
-        cp(4, 3, 2, rank=2, optimize="gredy")
+        planner_of(net, optimize="gredy")
     with pytest.raises(ValueError, match="the path leaves 4 operands of 5"):
-        cp(4, 3, 2, rank=2, optimize=[(0, 1)])
+        planner_of(net, optimize=[(0, 1)])
     with pytest.raises(TypeError, match="optimize must be a path optimiser name"):
-        MuMoE(3, 2, cp(4, 3, 2, rank=2).replace(optimize=3))
+        MuMoE(3, 2, net, planner=Planner(net, optimize=3))
     layer = MuMoE(8, 4, "cp", expert_dims=6, rank=2)
     with pytest.raises(ValueError, match="batch-norm gating cannot train on a batch of one row"):
         layer(torch.randn(1, 8))
@@ -396,8 +409,7 @@ def test_edits_records_and_collections_under_threads():
     # that another thread was training into eval mode.
     import threading
 
-    from mumoe.analysis import collect_gates, edit_experts
-    from mumoe.nn import record_gates
+    from mumoe.nn import collect_gates, edit_experts, record_gates
 
     torch.manual_seed(0)
     layer = MuMoE(6, 3, "cp", expert_dims=4, rank=2, normalization="ln")
@@ -450,7 +462,7 @@ def test_edits_records_and_collections_under_threads():
 
 def test_edit_factors_must_fit_the_dtype_they_scale():
     # 1e5 is finite in float64 but inf in float16 (issue #15, item 12).
-    from mumoe.analysis import edit_experts
+    from mumoe.nn import edit_experts
 
     half = MuMoE(8, 3, "cp", expert_dims=4, rank=2).half()
     with pytest.raises(ValueError, match=r"must be finite in float16 \(at most 65504"):
@@ -519,7 +531,7 @@ def test_describe_builds_nothing_large():
     net = cp(128, 768, 1000, rank=64)
     tracemalloc.start()
     try:
-        net.describe(batch_size=256)
+        describe(net, batch_size=256)
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()

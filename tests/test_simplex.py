@@ -1,8 +1,8 @@
 """entmax-1.5 and sparsemax against the entmax package, on every path.
 
 Each code path is tested on its own: the compiled CPU kernels
-(:mod:`mumoe.simplex_cpu`, which NumPy arrays and torch's CPU tensors run), the
-array-API window algorithm (:mod:`mumoe.simplex`, which CuPy and JAX run; here on
+(:mod:`mumoe.gates.entmax_cpu`, which NumPy arrays and torch's CPU tensors run), the
+array-API window algorithm (:mod:`mumoe.gates.entmax`, which CuPy and JAX run; here on
 NumPy arrays), and torch's window path for other devices (``torch.topk``; forced
 here on CPU tensors), including the rows whose support fills the first window and
 are done again wider.
@@ -15,12 +15,13 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mumoe import simplex, simplex_cpu
+from mumoe.gates import entmax as simplex
+from mumoe.gates import entmax_cpu as simplex_cpu
 
 torch = pytest.importorskip("torch", reason="the oracle is the entmax package, on torch")
 entmax = pytest.importorskip("entmax", reason="the oracle is the entmax package")
 
-import mumoe.nn.simplex as torch_simplex  # noqa: E402
+import mumoe.nn._entmax as torch_simplex  # noqa: E402
 
 KINDS = ("entmax15", "sparsemax")
 ORACLE = {"entmax15": entmax.entmax15, "sparsemax": entmax.sparsemax}
@@ -267,7 +268,7 @@ def test_parallel_launches_from_many_threads_and_after_fork(monkeypatch):
     # fork would leave in an unknown state.
     code = (
         "import multiprocessing, numpy as np\n"
-        "from mumoe import simplex_cpu\n"
+        "from mumoe.gates import entmax_cpu as simplex_cpu\n"
         "simplex_cpu.PARALLEL = 64\n"
         "z = np.random.default_rng(0).standard_normal((200, 300))\n"
         "parent = simplex_cpu.entmax15(z)  # a parallel launch before the fork\n"

@@ -12,11 +12,11 @@ from typing import IO, Any
 
 import numpy as np
 
-from mumoe.budget import linear_params
 from mumoe.demo import _figures as figures
 from mumoe.demo._report import print_report
 from mumoe.demo._results import DemoResult, HeadResult
 from mumoe.demo._train import Job, Run, digits, train_head
+from mumoe.spec import linear_params
 from mumoe.validation import positive_int
 
 __all__ = ["default_threads", "run"]
@@ -56,7 +56,7 @@ def run(
     budget : int, default 8
         Every head's experts get at most as many parameters as ``budget``
         linear classifiers (``budget * 650``); the rank is chosen by
-        :func:`mumoe.budget.match_rank`.  The gate (``64 * N``) comes on top.
+        :func:`mumoe.spec.match_rank`.  The gate (``64 * N``) comes on top.
     epochs : int, default 40
     seeds : sequence of int, default (0, 1, 2)
         One run per seed; each seeds the split, the initialisation and the

@@ -18,8 +18,8 @@ from typing import Any
 import numpy as np
 
 from mumoe import analysis
-from mumoe.budget import gate_params, linear_params, match_rank
 from mumoe.demo._results import EditResult
+from mumoe.spec import gate_params, linear_params, match_rank
 
 __all__ = [
     "MIN_COUNT",
@@ -100,7 +100,7 @@ def train_head(job: Job) -> Run:
     """
     import torch
 
-    from mumoe.nn import MuMoE
+    from mumoe.nn import MuMoE, collect_gates, edit_experts
 
     with _one_thread(), torch.random.fork_rng(devices=[]):
         x_train, x_test, y_train, y_test, _ = digits(job.seed)
@@ -125,7 +125,7 @@ def train_head(job: Job) -> Run:
         # The statistics of the experts use every digit (train, then test): they
         # describe what the gate routes, not how well the head generalises.
         y_all = np.concatenate([y_train, y_test])
-        coefficients = analysis.collect_gates(model, torch.cat([xt_train, xt_test]))[0]
+        coefficients = collect_gates(model, torch.cat([xt_train, xt_test]))[0]
         run.histogram = analysis.class_histogram(coefficients, y_all, n_classes=CLASSES,
                                                  threshold=THRESHOLD)  # fmt: skip
         run.polysemanticity = analysis.mean_polysemanticity(run.histogram, min_count=MIN_COUNT)
@@ -137,7 +137,7 @@ def train_head(job: Job) -> Run:
             chosen = choose_edit(mass, job.edit_class)
             if chosen is not None:
                 digit, experts, share = chosen
-                with analysis.edit_experts(model, dict.fromkeys(experts, 0.0)):
+                with edit_experts(model, dict.fromkeys(experts, 0.0)):
                     after = _class_accuracy(_predict(model, xt_test), y_test)
                 run.edit = EditResult(job.seed, digit, experts, share, run.class_accuracy, after)
         return run

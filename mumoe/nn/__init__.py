@@ -1,33 +1,33 @@
-"""PyTorch modules: μMoE layers, the two-layer block, gating, initialisation and I/O.
+"""PyTorch modules: μMoE layers, the two-layer block and its gate, conversion, I/O and analysis.
 
-The modules hold parameters and state and call the backend-agnostic layer
-recipe (:mod:`mumoe.recipe`).  This package, :mod:`mumoe.compat` and
-:mod:`mumoe.demo` are the only places in mumoe that import torch:
-``import mumoe`` works without it.
+The modules own parameters and state (cores, gate projections, batch-norm
+statistics) and call the backend-agnostic layer recipe
+(:func:`mumoe.functional.layer_forward`); the torch kernels here (exact
+entmax-1.5 and sparsemax with closed-form gradients, the bias kernel) are
+the ``pytorch`` backend's, declared in ``mumoe/backends/pytorch.toml``.
+This package (with :mod:`mumoe.nn.compat`, the reference implementation's
+API) and :mod:`mumoe.demo` are the only places that import torch.
 """
 
-from mumoe.build import build_network
-from mumoe.nn.analysis import GateRecord, record_gates
-from mumoe.nn.block import MuMoEBlock
-from mumoe.nn.contract import torch_forward
-from mumoe.nn.convert import from_linear, replace_linear
-from mumoe.nn.factorized import FactorizedMuMoE, network_of, to_factorized_tensor
-from mumoe.nn.gating import (
-    TORCH_KERNELS,
-    MuMoEGate,
-    gate_dtype,
-    resolve_activation,
-    torch_gate_coefficients,
+from mumoe.nn._analysis import (
+    GateRecord,
+    collect_gates,
+    counterfactual_histogram,
+    edit_experts,
+    edit_experts_,
+    record_gates,
 )
-from mumoe.nn.health import ExpertMonitor, collect_aux_losses, gate_mask
-from mumoe.nn.init import init_cores_
-from mumoe.nn.layers import (
-    CPMuMoE,
-    MuMoE,
-    TRMuMoE,
-    TTMuMoE,
-    TuckerMuMoE,
-)
+from mumoe.nn._block import MuMoEBlock
+from mumoe.nn._bridge import torch_forward
+from mumoe.nn._convert import from_linear, linear_weights, replace_linear
+from mumoe.nn._entmax import entmax15, sparsemax
+from mumoe.nn._factorized import FactorizedMuMoE, network_of, to_factorized_tensor
+from mumoe.nn._gate import TORCH_KERNELS, MuMoEGate, resolve_activation, torch_gate_coefficients
+from mumoe.nn._init import apply_init_, init_cores_
+from mumoe.nn._io import load_into, save
+from mumoe.nn._kernels import bias_matmul, kth_largest
+from mumoe.nn._layers import CPMuMoE, MuMoE, TRMuMoE, TTMuMoE, TuckerMuMoE
+from mumoe.nn._monitor import ExpertMonitor, collect_aux_losses, gate_mask
 
 __all__ = [
     "TORCH_KERNELS",
@@ -41,16 +41,26 @@ __all__ = [
     "TRMuMoE",
     "TTMuMoE",
     "TuckerMuMoE",
-    "build_network",
+    "apply_init_",
+    "bias_matmul",
     "collect_aux_losses",
+    "collect_gates",
+    "counterfactual_histogram",
+    "edit_experts",
+    "edit_experts_",
+    "entmax15",
     "from_linear",
-    "gate_dtype",
     "gate_mask",
     "init_cores_",
+    "kth_largest",
+    "linear_weights",
+    "load_into",
     "network_of",
     "record_gates",
     "replace_linear",
     "resolve_activation",
+    "save",
+    "sparsemax",
     "to_factorized_tensor",
     "torch_forward",
     "torch_gate_coefficients",

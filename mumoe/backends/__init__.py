@@ -1,0 +1,35 @@
+"""Array backends: their declarations (one TOML file each, here), and arrays on them.
+
+What differs per backend is declared once, in ``mumoe/backends/<name>.toml``
+(see this folder's README): the module that must import, the install extra,
+the device, the dtypes tested, and the backend's own kernels, which the core
+calls by name.  Everything else in mumoe is backend-neutral TensorLy code.
+"""
+
+from mumoe.backends._arrays import (
+    array_device,
+    cast,
+    creation_context,
+    preserved_backend,
+    thread_backend,
+)
+from mumoe.backends._declarations import (
+    BackendDeclaration,
+    backend_erf,
+    backend_function,
+    declared_backends,
+    unavailable_reason,
+)
+
+__all__ = [
+    "BackendDeclaration",
+    "array_device",
+    "backend_erf",
+    "backend_function",
+    "cast",
+    "creation_context",
+    "declared_backends",
+    "preserved_backend",
+    "thread_backend",
+    "unavailable_reason",
+]

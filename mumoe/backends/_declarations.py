@@ -1,0 +1,245 @@
+"""Array backends as declared: one TOML file each in this folder, read once.
+
+:func:`declared_backends` reads ``mumoe/backends/*.toml`` (shipped with the
+package), :func:`unavailable_reason` says why a backend cannot run on this
+machine, and :func:`backend_function` resolves a function a backend declares
+(``module:function``, imported on first use and remembered).  The test suite
+and ``mumoe backends`` read the same declarations, so adding a backend means
+adding a file.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import tensorly as tl
+
+__all__ = [
+    "BackendDeclaration",
+    "backend_erf",
+    "backend_function",
+    "declared_backends",
+    "unavailable_reason",
+]
+
+
+@dataclass(frozen=True)
+class BackendDeclaration:
+    """One array backend, as declared in ``backends/<name>.toml``.
+
+    Parameters
+    ----------
+    name : str
+        The TensorLy backend name (``tl.set_backend(name)``).
+    module : str
+        The module that must import for the backend to be usable.
+    extra : str
+        The mumoe extra that installs it (empty for a core dependency).
+    device : str
+        ``"cpu"``, or ``"cuda"`` when it needs a CUDA device.
+    differentiable : bool
+        Whether gradients flow through mumoe's functions on it.
+    dtypes : tuple of str
+        The floating dtypes the tests run on it.
+    erf : str
+        ``"module:function"`` of its error function, which TensorLy lacks.
+    addmm : str, default ""
+        ``"module:function"`` computing ``c + a @ b`` in one call
+        (``torch.addmm``'s signature), or empty: the compiled plans add a
+        bias inside the contraction with it.
+    kth_largest : str, default ""
+        ``"module:function"`` returning the ``k``-th largest entry of each row,
+        ``(..., N) -> (..., 1)``, by a selection rather than a sort: what
+        top-k gating (:func:`mumoe.gates.topk`) needs of the backend.
+    bias_matmul : str, default ""
+        ``"module:function"`` computing ``x @ core[:I] + core[I]`` with its
+        own gradient (:func:`mumoe.nn.bias_matmul`), or empty;
+        preferred to ``addmm``.
+    entmax15, sparsemax : str, default ""
+        ``"module:function"`` of the backend's own kernel of that gate
+        activation (NumPy's, :mod:`mumoe.gates.entmax_cpu`; the torch family's,
+        :mod:`mumoe.nn`), or empty: :mod:`mumoe.gates.entmax` runs on the
+        backend's arrays.
+    jit : str, default ""
+        ``"module:function"`` compiling a function of arrays once per shape
+        (``jax.jit``), or empty: compiled plans are wrapped in it.
+    max_examples : int, default 0
+        Hypothesis examples per property test on this backend (0: the
+        profile's); for backends that compile every new shape.
+
+    Examples
+    --------
+    >>> numpy = next(b for b in declared_backends() if b.name == "numpy")
+    >>> numpy.module, numpy.device, numpy.differentiable, numpy.dtypes
+    ('numpy', 'cpu', False, ('float64', 'float32'))
+    """
+
+    name: str
+    module: str
+    extra: str
+    device: str
+    differentiable: bool
+    dtypes: tuple[str, ...]
+    erf: str
+    addmm: str = ""
+    kth_largest: str = ""
+    bias_matmul: str = ""
+    entmax15: str = ""
+    sparsemax: str = ""
+    jit: str = ""
+    max_examples: int = 0
+
+
+def _declarations_dir() -> Path:
+    return Path(__file__).parent
+
+
+def declared_backends() -> list[BackendDeclaration]:
+    """The backends declared in ``backends/*.toml``, NumPy first.
+
+    Returns
+    -------
+    list of BackendDeclaration
+
+    Raises
+    ------
+    ValueError
+        If a declaration file is malformed or misses a key.
+
+    Examples
+    --------
+    >>> [b.name for b in declared_backends()][:2]
+    ['numpy', 'cupy']
+    """
+    if sys.version_info >= (3, 11):
+        import tomllib
+    else:  # pragma: no cover
+        import tomli as tomllib
+    declarations = []
+    for path in sorted(_declarations_dir().glob("*.toml")):
+        data = tomllib.loads(path.read_text())
+        try:
+            declarations.append(
+                BackendDeclaration(
+                    name=str(data["name"]),
+                    module=str(data["module"]),
+                    extra=str(data["extra"]),
+                    device=str(data["device"]),
+                    differentiable=bool(data["differentiable"]),
+                    dtypes=tuple(data["dtypes"]),
+                    erf=str(data["erf"]),
+                    addmm=str(data.get("addmm", "")),
+                    kth_largest=str(data.get("kth_largest", "")),
+                    bias_matmul=str(data.get("bias_matmul", "")),
+                    entmax15=str(data.get("entmax15", "")),
+                    sparsemax=str(data.get("sparsemax", "")),
+                    jit=str(data.get("jit", "")),
+                    max_examples=int(data.get("max_examples", 0)),
+                )
+            )
+        except KeyError as error:
+            raise ValueError(f"backend declaration {path} lacks the key {error}") from None
+    return sorted(declarations, key=lambda b: (b.name != "numpy", b.name))
+
+
+def unavailable_reason(backend: BackendDeclaration) -> str | None:
+    """Why ``backend`` cannot run on this machine, or None if it can.
+
+    Parameters
+    ----------
+    backend : BackendDeclaration
+
+    Returns
+    -------
+    str or None
+        The reason, naming the extra to install where one is missing.
+
+    Examples
+    --------
+    >>> unavailable_reason(next(b for b in declared_backends() if b.name == "numpy")) is None
+    True
+    """
+    if importlib.util.find_spec(backend.module) is None:
+        extra = f" (pip install 'mumoe[{backend.extra}]')" if backend.extra else ""
+        return f"{backend.module} is not installed{extra}"
+    if backend.device == "cuda":
+        try:
+            module = importlib.import_module(backend.module)
+            count = module.cuda.runtime.getDeviceCount()
+        except Exception as error:  # no driver, no runtime: the same for the user
+            return f"{backend.module} cannot reach a CUDA device: {error}"
+        if count < 1:
+            return f"{backend.module} sees no CUDA device"
+    return None
+
+
+def backend_erf(backend: str | None = None) -> Any:
+    r"""The error function of ``backend`` (default: the active one), as declared.
+
+    Parameters
+    ----------
+    backend : str, optional
+        A declared backend's name; the active TensorLy backend by default.
+
+    Returns
+    -------
+    callable
+        Elementwise :math:`\mathrm{erf}` on that backend's tensors.
+
+    Raises
+    ------
+    ValueError
+        If the backend is not declared in ``backends/``.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> float(backend_erf("numpy")(np.array(0.5)))  # doctest: +ELLIPSIS
+    0.5204998778...
+    """
+    name = tl.get_backend() if backend is None else backend
+    function = backend_function(name, "erf")
+    if function is None:
+        raise ValueError(f"backend {name!r} is not declared in backends/; add a file for it")
+    return function
+
+
+def backend_function(backend: str, kind: str) -> Any:
+    """The function a backend declares for ``kind`` (``"erf"``, ``"bias_matmul"``), or None.
+
+    Parameters
+    ----------
+    backend : str
+        A TensorLy backend name.
+    kind : str
+        A ``module:function`` key of the declarations.
+
+    Returns
+    -------
+    callable or None
+        None where the backend is not declared or declares nothing for ``kind``.
+
+    Examples
+    --------
+    >>> backend_function("numpy", "addmm") is None
+    True
+    """
+    key = (backend, kind)
+    if key not in _FUNCTIONS:
+        declaration = next((b for b in declared_backends() if b.name == backend), None)
+        target = "" if declaration is None else getattr(declaration, kind)
+        function = None
+        if target:
+            module, _, attribute = target.partition(":")
+            function = getattr(importlib.import_module(module), attribute)
+        _FUNCTIONS[key] = function
+    return _FUNCTIONS[key]
+
+
+# Resolved declared functions, by (backend, kind).
+_FUNCTIONS: dict[tuple[str, str], Any] = {}

@@ -1,0 +1,42 @@
+"""Arrays in, arrays out, on any TensorLy backend: the forward pass and the layer recipe.
+
+:func:`forward` contracts gates, input and cores along a cached plan
+(Eq. 1 of the paper, ``W`` never formed); :func:`materialize`,
+:func:`expert_weight` and :func:`scale_experts` are the dense and per-expert
+views; :func:`layer_forward` and :func:`block_forward` are the layer recipe
+every layer runs; :func:`cores_from_dense` starts a network's cores at a
+dense layer.
+"""
+
+from mumoe.functional._checks import check_cores, check_level
+from mumoe.functional._forward import (
+    ExpertWeight,
+    contract,
+    expert_weight,
+    forward,
+    materialize,
+    random_cores,
+    scale_experts,
+)
+from mumoe.functional._from_dense import STARTS, cores_from_dense, dense_matrix, relative_error
+from mumoe.functional._layer import Contract, block_forward, layer_forward, scale_gates
+
+__all__ = [
+    "STARTS",
+    "Contract",
+    "ExpertWeight",
+    "block_forward",
+    "check_cores",
+    "check_level",
+    "contract",
+    "cores_from_dense",
+    "dense_matrix",
+    "expert_weight",
+    "forward",
+    "layer_forward",
+    "materialize",
+    "random_cores",
+    "relative_error",
+    "scale_experts",
+    "scale_gates",
+]

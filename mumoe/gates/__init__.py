@@ -1,0 +1,74 @@
+r"""The gate: its vocabulary, normalisations, activations, and the health of its experts.
+
+For each expert level, :math:`a^{(e)} = \phi(\mathrm{norm}(x G_e))`
+(:func:`gate_coefficients`), with ``norm`` one of :data:`NORMALIZATIONS`
+and :math:`\phi` one of :data:`ACTIVATIONS`: entmax-1.5, sparsemax,
+softmax or top-k, on any TensorLy backend.  entmax-1.5 and sparsemax are
+exact: :mod:`mumoe.gates.entmax` on any NumPy-API array,
+:mod:`mumoe.gates.entmax_cpu` compiled for the CPU.  :func:`usage` and the
+balance losses measure and balance the experts' use.
+"""
+
+from mumoe.gates._activations import (
+    check_top_k,
+    entmax15,
+    kth_largest_by_partition,
+    kth_largest_by_top_k,
+    softmax,
+    sparsemax,
+    topk,
+)
+from mumoe.gates._balance import (
+    JOINT_LIMIT,
+    LOSSES,
+    Usage,
+    balance_loss,
+    check_balance,
+    importance_cv2,
+    joint_usage,
+    router_z_loss,
+    uniform_kl,
+    usage,
+)
+from mumoe.gates._vocabulary import (
+    ACTIVATIONS,
+    NORMALIZATIONS,
+    activation_name,
+    batch_norm,
+    check_normalization,
+    gate_coefficients,
+    gate_dtype,
+    gelu,
+    layer_norm,
+    resolve_activation,
+)
+
+__all__ = [
+    "ACTIVATIONS",
+    "JOINT_LIMIT",
+    "LOSSES",
+    "NORMALIZATIONS",
+    "Usage",
+    "activation_name",
+    "balance_loss",
+    "batch_norm",
+    "check_balance",
+    "check_normalization",
+    "check_top_k",
+    "entmax15",
+    "gate_coefficients",
+    "gate_dtype",
+    "gelu",
+    "importance_cv2",
+    "joint_usage",
+    "kth_largest_by_partition",
+    "kth_largest_by_top_k",
+    "layer_norm",
+    "resolve_activation",
+    "router_z_loss",
+    "softmax",
+    "sparsemax",
+    "topk",
+    "uniform_kl",
+    "usage",
+]

@@ -1,0 +1,271 @@
+r"""The gate activations' kernels on any TensorLy backend: logits to coefficients on the simplex.
+
+Named in the one vocabulary :data:`mumoe.gates.ACTIVATIONS`; the PyTorch
+modules run the same names with torch kernels (:data:`mumoe.nn.TORCH_KERNELS`).
+
+entmax-1.5 and sparsemax are exact: a backend that declares its kernels of them
+(``entmax15`` / ``sparsemax`` in ``backends/*.toml``) runs those, so the layers
+and the serving functions share one implementation per backend family: NumPy's
+are compiled for the CPU (:mod:`mumoe.gates.entmax_cpu`, which PyTorch's CPU tensors
+run too, through :mod:`mumoe.nn`); the other backends run
+:mod:`mumoe.gates.entmax`'s candidate-window algorithm on their own arrays (a
+selection of each row's largest logits, a sort of those only);
+
+* top-k: softmax over the logits at or above the row's :math:`k`-th
+  largest, :math:`p \propto e^{z} [z \ge z_{(k)}]`, with :math:`z_{(k)}` from a
+  selection (the backend's declared ``kth_largest``), not a sort.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import tensorly as tl
+
+from mumoe.backends import backend_function, creation_context
+from mumoe.gates import entmax as window
+from mumoe.typing import Tensor
+
+__all__ = [
+    "check_top_k",
+    "entmax15",
+    "kth_largest_by_partition",
+    "kth_largest_by_top_k",
+    "softmax",
+    "sparsemax",
+    "topk",
+]
+
+
+def _keep(reduced: Tensor, like: Tensor) -> Tensor:
+    # Put back the reduced last axis (TensorLy's backends disagree on keepdims).
+    return tl.reshape(reduced, (*tl.shape(like)[:-1], 1))
+
+
+def _ones(z: Tensor) -> Tensor:
+    return tl.ones(tl.shape(z), **creation_context(z))
+
+
+def _zeros(z: Tensor) -> Tensor:
+    return _ones(z) * 0
+
+
+def softmax(logits: Tensor) -> Tensor:
+    """Softmax over the last axis.
+
+    Parameters
+    ----------
+    logits : tensor, shape (..., N)
+
+    Returns
+    -------
+    tensor, shape (..., N)
+        Non-negative, summing to one over the last axis.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> softmax(np.zeros((1, 4)))
+    array([[0.25, 0.25, 0.25, 0.25]])
+    """
+    e = tl.exp(logits - _keep(tl.max(logits, axis=-1), logits))
+    return e / _keep(tl.sum(e, axis=-1), e)
+
+
+def sparsemax(logits: Tensor) -> Tensor:
+    """Sparsemax over the last axis: the Euclidean projection onto the simplex.
+
+    Parameters
+    ----------
+    logits : tensor, shape (..., N)
+
+    Returns
+    -------
+    tensor, shape (..., N)
+        Non-negative, summing to one over the last axis.
+        Exact zeros where a logit is far enough below the largest.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> sparsemax(np.array([[2.0, 1.0, -1.0]]))
+    array([[1., 0., 0.]])
+    """
+    return _declared_or_window("sparsemax", logits)
+
+
+def entmax15(logits: Tensor) -> Tensor:
+    """entmax-1.5 over the last axis: sparse, and smoother than sparsemax.
+
+    Parameters
+    ----------
+    logits : tensor, shape (..., N)
+
+    Returns
+    -------
+    tensor, shape (..., N)
+        Non-negative, summing to one over the last axis.
+        Exact zeros where a logit is far enough below the largest.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> entmax15(np.array([[0.0, 0.0]]))
+    array([[0.5, 0.5]])
+    """
+    return _declared_or_window("entmax15", logits)
+
+
+def _declared_or_window(kind: str, logits: Tensor) -> Tensor:
+    kernel = backend_function(tl.get_backend(), kind)
+    if kernel is not None:
+        return kernel(logits)
+    return window.entmax15(logits) if kind == "entmax15" else window.sparsemax(logits)
+
+
+def kth_largest_by_partition(z: Tensor, k: int) -> Tensor:
+    """The ``k``-th largest entry of each row, by the array library's ``partition``.
+
+    ``numpy.partition`` selects in linear time (introselect) without sorting
+    the row; CuPy arrays dispatch to ``cupy.partition``.  The ``kth_largest``
+    kernel ``backends/numpy.toml`` and ``backends/cupy.toml`` declare.
+
+    Parameters
+    ----------
+    z : array, shape (..., N)
+    k : int
+        From 1 to N.
+
+    Returns
+    -------
+    array, shape (..., 1)
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> kth_largest_by_partition(np.array([[3.0, 9.0, 1.0, 7.0]]), 2)
+    array([[7.]])
+    """
+    n = z.shape[-1]
+    return np.partition(z, n - k, axis=-1)[..., n - k : n - k + 1]
+
+
+def kth_largest_by_top_k(z: Tensor, k: int) -> Tensor:
+    """The ``k``-th largest entry of each row, by ``jax.lax.top_k`` (no full sort).
+
+    The ``kth_largest`` kernel ``backends/jax.toml`` declares.
+
+    Parameters
+    ----------
+    z : jax array, shape (..., N)
+    k : int
+        From 1 to N.
+
+    Returns
+    -------
+    jax array, shape (..., 1)
+
+    Examples
+    --------
+    >>> import jax.numpy as jnp  # doctest: +SKIP
+    >>> kth_largest_by_top_k(jnp.array([[3.0, 9.0, 1.0, 7.0]]), 2)  # doctest: +SKIP
+    Array([[7.]], dtype=float32)
+    """
+    import jax
+
+    return jax.lax.top_k(jax.lax.stop_gradient(z), k)[0][..., k - 1 : k]
+
+
+def check_top_k(activation: Any, top_k: Any) -> int | None:
+    """Return ``top_k`` as an int if ``activation`` is ``"topk"``, None if it is not given.
+
+    Parameters
+    ----------
+    activation : str or callable
+    top_k : int or None
+        The number of experts each row keeps, for ``activation="topk"`` only.
+
+    Returns
+    -------
+    int or None
+
+    Raises
+    ------
+    ValueError
+        If ``"topk"`` comes without ``top_k`` or with ``top_k < 1``, or
+        ``top_k`` comes with another activation.
+    TypeError
+        If ``top_k`` is not an int.
+
+    Examples
+    --------
+    >>> check_top_k("topk", 2), check_top_k("entmax15", None)
+    (2, None)
+    """
+    if activation == "topk":
+        if top_k is None:
+            raise ValueError("activation='topk' needs top_k, the number of experts each row keeps")
+        if isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer)):
+            raise TypeError(f"top_k must be an int, got {top_k!r}")
+        if top_k < 1:
+            raise ValueError(f"top_k must be at least 1, got {top_k}")
+        return int(top_k)
+    if top_k is not None:
+        name = activation if isinstance(activation, str) else getattr(activation, "__name__", "")
+        raise ValueError(
+            f"top_k={top_k!r} is for activation='topk'; the activation is {name or 'custom'!r}"
+        )
+    return None
+
+
+def topk(logits: Tensor, k: int) -> Tensor:
+    """Top-k gating: softmax over the ``k`` largest logits of each row, exact zeros elsewhere.
+
+    A row keeps the logits at or above its ``k``-th largest value, so logits
+    tied with it are all kept: the rule treats every expert alike (permuting
+    the logits permutes the coefficients) and is the same on every backend.
+    A row keeps more than ``k`` experts only on such exact ties, such as the
+    equal logits of a zero-initialised gate, where top-k is softmax.
+    ``k >= N`` is softmax.  The ``k``-th largest value comes from the
+    backend's declared ``kth_largest`` kernel, a selection rather than a
+    sort of the row; the rest is elementwise and differentiable where the
+    backend is (the selection carries no gradient, as in any top-k router).
+
+    Parameters
+    ----------
+    logits : tensor, shape (..., N)
+    k : int
+        Experts kept per row, at least 1.
+
+    Returns
+    -------
+    tensor, shape (..., N)
+        Non-negative, summing to one over the last axis, zero outside the
+        ``k`` largest logits (and their ties).
+
+    Raises
+    ------
+    ValueError
+        If ``k < 1``, or the backend declares no ``kth_largest`` kernel.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> topk(np.array([[0.0, 2.0, 1.0, 2.0]]), 2)
+    array([[0. , 0.5, 0. , 0.5]])
+    >>> topk(np.array([[3.0, 1.0, 1.0, 0.0]]), 2)[0].round(3)  # a tie at the 2nd: both kept
+    array([0.787, 0.107, 0.107, 0.   ])
+    """
+    k = check_top_k("topk", k)  # type: ignore[assignment]
+    if k >= tl.shape(logits)[-1]:
+        return softmax(logits)
+    backend = tl.get_backend()
+    select = backend_function(backend, "kth_largest")
+    if select is None:
+        raise ValueError(
+            f"top-k gating on backend {backend!r} needs a kth_largest kernel in backends/"
+        )
+    e = tl.exp(logits - _keep(tl.max(logits, axis=-1), logits))
+    e = tl.where(logits >= select(logits, k), e, _zeros(e))
+    return e / _keep(tl.sum(e, axis=-1), e)

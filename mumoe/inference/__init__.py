@@ -1,0 +1,29 @@
+"""Serving without PyTorch: eval-mode layers on any backend, and the portable weights file.
+
+:func:`load` reads a weights file (written by :func:`mumoe.nn.save`) as an
+:class:`InferenceMuMoE` or :class:`InferenceMuMoEBlock` on the active
+TensorLy backend (NumPy, CuPy, JAX, PyTorch), which computes what the torch
+module computes in ``eval()`` mode.  :func:`write` and :func:`read_checked`
+are the file format's one writer and one reader.
+"""
+
+from mumoe.inference._layers import InferenceMuMoE, InferenceMuMoEBlock
+from mumoe.inference._weights_file import (
+    FORMAT,
+    VERSION,
+    load,
+    network_meta,
+    read_checked,
+    write,
+)
+
+__all__ = [
+    "FORMAT",
+    "VERSION",
+    "InferenceMuMoE",
+    "InferenceMuMoEBlock",
+    "load",
+    "network_meta",
+    "read_checked",
+    "write",
+]

@@ -1,0 +1,313 @@
+r"""Serving μMoE layers in eval mode on any TensorLy backend, no PyTorch needed.
+
+:class:`InferenceMuMoE` and :class:`InferenceMuMoEBlock` hold arrays of the
+active backend (NumPy, CuPy, JAX, PyTorch) and run the layer recipe of
+:mod:`mumoe.functional` with the TensorLy gate kernels of :mod:`mumoe.gates`:
+batch norm from running statistics, layer norm or none, then the named
+activation.  They compute what :class:`mumoe.nn.MuMoE` and
+:class:`mumoe.nn.MuMoEBlock` compute in ``eval()`` mode; weights come from
+:func:`mumoe.inference.load` (files written by :func:`mumoe.nn.save`).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Sequence
+
+import tensorly as tl
+
+from mumoe.functional import block_forward, check_cores, layer_forward
+from mumoe.gates import (
+    ACTIVATIONS,
+    batch_norm,
+    check_normalization,
+    gate_coefficients,
+    gelu,
+    layer_norm,
+    resolve_activation,
+)
+from mumoe.plan import Planner, resolve_planner
+from mumoe.spec import Network
+from mumoe.typing import Tensor
+
+__all__ = ["InferenceMuMoE", "InferenceMuMoEBlock"]
+
+Affine = tuple[Tensor, Tensor]
+
+
+def _input_norm(affine: Affine | None, eps: float) -> Callable[[Tensor], Tensor] | None:
+    if affine is None:
+        return None
+    weight, bias = affine
+    return lambda x: layer_norm(x, weight, bias, eps=eps)
+
+
+class InferenceMuMoE:
+    r"""A μMoE layer in eval mode on the active TensorLy backend.
+
+    Computes the same function as :class:`mumoe.nn.MuMoE` in ``eval()``
+    mode: gates from the input (batch norm from running statistics, layer
+    norm, or none; then the named activation), the optional input layer norm,
+    and Eq. 1 contracted along the network's plan
+    (:func:`mumoe.functional.layer_forward`).
+
+    Parameters
+    ----------
+    network : Network
+    cores : sequence of tensors
+        Of shapes ``network.core_shapes``, on the active backend (checked here).
+    projections : sequence of tensors, each (I, N_e), optional
+        The gate projections; without them, calls need ``gates``.
+    normalization : {"bn", "ln", None}
+    running_mean, running_var : sequences of tensors, each (N_e,)
+        With ``"bn"``.
+    activation : {"entmax15", "sparsemax", "softmax", "topk"}
+    top_k : int, optional
+        With ``activation="topk"``: the experts each row keeps.
+    input_norm_affine : tuple of (weight, bias), optional
+        The input layer norm's affine parameters, each (I,); no input norm
+        without.
+    eps : float
+        Of the gate's normalisation.
+    input_eps : float
+        Of the input layer norm.
+    planner : Planner, optional
+        A planner of ``network`` (path policy and plan cache);
+        :func:`mumoe.plan.planner_of` by default.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from mumoe import cp, random_cores
+    >>> net = cp(8, 6, 4, rank=3)
+    >>> layer = InferenceMuMoE(net, random_cores(net, random_state=0),
+    ...                        projections=[np.zeros((6, 8))], normalization=None)
+    >>> layer(np.ones((5, 6))).shape
+    (5, 4)
+    """
+
+    def __init__(
+        self,
+        network: Network,
+        cores: Sequence[Tensor],
+        *,
+        projections: Sequence[Tensor] | None = None,
+        normalization: str | None = "bn",
+        running_mean: Sequence[Tensor] | None = None,
+        running_var: Sequence[Tensor] | None = None,
+        activation: str = "entmax15",
+        top_k: int | None = None,
+        input_norm_affine: Affine | None = None,
+        eps: float = 1e-5,
+        input_eps: float = 1e-5,
+        planner: Planner | None = None,
+    ) -> None:
+        if not isinstance(activation, str) or activation not in ACTIVATIONS:
+            raise ValueError(
+                f"unknown gate activation {activation!r}; choose one of "
+                f"{', '.join(map(repr, ACTIVATIONS))}"
+            )
+        self._activation = resolve_activation(activation, top_k=top_k)
+        check_normalization(normalization)
+        if (
+            normalization == "bn"
+            and projections is not None
+            and (running_mean is None or running_var is None)
+        ):
+            raise ValueError("batch-norm gating needs running_mean and running_var")
+        self.backend = tl.get_backend()  # the backend of its arrays, checked at each call
+        check_cores(network, cores, self.backend)
+        self.network = network
+        self.planner = resolve_planner(network, planner)
+        self.cores = list(cores)
+        self.projections = None if projections is None else list(projections)
+        self.normalization = normalization
+        self.running_mean = None if running_mean is None else list(running_mean)
+        self.running_var = None if running_var is None else list(running_var)
+        self.activation = activation
+        self.top_k = top_k
+        self.input_norm_affine = input_norm_affine
+        self.eps = eps
+        self.input_eps = input_eps
+
+    def _norms(self) -> list[Callable[[Tensor], Tensor] | None]:
+        levels = len(self.projections or ())
+        if self.normalization == "bn" and self.running_mean and self.running_var:
+            return [
+                functools.partial(batch_norm, mean=m, var=v, eps=self.eps)
+                for m, v in zip(self.running_mean, self.running_var, strict=True)
+            ]
+        if self.normalization == "ln":
+            return [lambda z: layer_norm(z, eps=self.eps)] * levels
+        return [None] * levels
+
+    def gates(self, x: Tensor) -> list[Tensor]:
+        """The gate coefficients of every level.
+
+        Parameters
+        ----------
+        x : tensor, shape (..., I)
+
+        Returns
+        -------
+        list of tensors, each (..., N_e)
+
+        Raises
+        ------
+        ValueError
+            If the layer has no gate.
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> from mumoe import cp, random_cores
+        >>> net = cp((3, 2), 4, 5, rank=2)
+        >>> projections = [np.zeros((4, 3)), np.zeros((4, 2))]
+        >>> layer = InferenceMuMoE(net, random_cores(net), projections=projections,
+        ...                        normalization=None, activation="softmax")
+        >>> layer.gates(np.ones((1, 4)))
+        [array([[0.33333333, 0.33333333, 0.33333333]]), array([[0.5, 0.5]])]
+        """
+        if self.projections is None:
+            raise ValueError("this layer has no gate: pass gates to the call")
+        self._check_backend()
+        return gate_coefficients(x, self.projections, self._norms(), self._activation)
+
+    def _check(self, x: Tensor) -> None:
+        self._check_backend()
+        n_in = self.network.in_features
+        if not tl.is_tensor(x) or len(tl.shape(x)) == 0 or tl.shape(x)[-1] != n_in:
+            shape = tuple(tl.shape(x)) if tl.is_tensor(x) else type(x).__qualname__
+            raise ValueError(
+                f"input must be a tensor of the active backend with shape (..., {n_in}), "
+                f"got {shape}"
+            )
+
+    def _check_backend(self) -> None:
+        active = tl.get_backend()
+        if active != self.backend:
+            raise ValueError(
+                f"this layer's arrays are on the {self.backend!r} backend, where it was built "
+                f"or loaded, but the active TensorLy backend is {active!r}: call it under "
+                f"tl.set_backend({self.backend!r}) (or mumoe.backends.thread_backend), or load "
+                "it again on the active backend"
+            )
+
+    def _gate(self) -> Callable[[Tensor], list[Tensor]] | None:
+        return None if self.projections is None else self.gates
+
+    def __call__(self, x: Tensor, gates: Sequence[Tensor] | None = None) -> Tensor:
+        """The layer's output for ``x`` of shape ``(..., I)``: shape ``(..., O)``.
+
+        Parameters
+        ----------
+        x : tensor, shape (..., I)
+        gates : sequence of tensors, each (..., N_e), optional
+            Coefficients to use instead of the layer's gate.
+
+        Returns
+        -------
+        tensor, shape (..., O)
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> from mumoe import cp, random_cores
+        >>> net = cp(4, 3, 2, rank=2)
+        >>> InferenceMuMoE(net, random_cores(net))(np.ones((5, 3)), [np.ones((5, 4))]).shape
+        (5, 2)
+        """
+        self._check(x)
+        y, _ = layer_forward(
+            self.network, self.cores, x, gate=self._gate(), gates=gates,
+            input_norm=_input_norm(self.input_norm_affine, self.input_eps), planner=self.planner,
+        )  # fmt: skip
+        return y
+
+    def __repr__(self) -> str:
+        return (
+            f"InferenceMuMoE({self.network!r}, normalization={self.normalization!r}, "
+            f"activation={self.activation!r}"
+            + ("" if self.top_k is None else f", top_k={self.top_k}")
+            + f", backend={self.backend!r})"
+        )
+
+
+class InferenceMuMoEBlock:
+    r"""The two-layer μMoE block in eval mode on the active TensorLy backend.
+
+    ``fc2(gelu(fc1(norm(x), a)), a)`` with ``a = fc1.gates(x)``, as
+    :class:`mumoe.nn.MuMoEBlock` (:func:`mumoe.functional.block_forward`); GELU is
+    exact (see :func:`mumoe.gates.gelu`).
+
+    Parameters
+    ----------
+    fc1 : InferenceMuMoE
+        The first layer, which holds the block's gate.
+    fc2 : InferenceMuMoE
+        The second layer.
+    input_norm_affine : tuple of (weight, bias), optional
+        The block's input layer norm.
+    input_eps : float
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from mumoe import cp, random_cores
+    >>> first, second = cp(4, 6, 10, rank=2), cp(4, 10, 6, rank=2)
+    >>> fc1 = InferenceMuMoE(first, random_cores(first), projections=[np.zeros((6, 4))],
+    ...                      normalization=None)
+    >>> fc2 = InferenceMuMoE(second, random_cores(second))
+    >>> InferenceMuMoEBlock(fc1, fc2)(np.ones((2, 6))).shape
+    (2, 6)
+    """
+
+    def __init__(
+        self,
+        fc1: InferenceMuMoE,
+        fc2: InferenceMuMoE,
+        *,
+        input_norm_affine: Affine | None = None,
+        input_eps: float = 1e-5,
+    ) -> None:
+        if fc1.network.out_features != fc2.network.in_features:
+            raise ValueError(
+                f"fc1 gives {fc1.network.out_features} features but fc2 takes "
+                f"{fc2.network.in_features}"
+            )
+        if fc1.projections is None:
+            raise ValueError("fc1 holds the block's gate: give it projections")
+        self.fc1, self.fc2 = fc1, fc2
+        self.input_norm_affine = input_norm_affine
+        self.input_eps = input_eps
+
+    def __call__(self, x: Tensor) -> Tensor:
+        """The block's output for ``x`` of shape ``(..., I)``: shape ``(..., O)``.
+
+        Parameters
+        ----------
+        x : tensor, shape (..., I)
+
+        Returns
+        -------
+        tensor, shape (..., O)
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> from mumoe import cp, random_cores
+        >>> first, second = cp(2, 3, 5, rank=2), cp(2, 5, 3, rank=2)
+        >>> fc1 = InferenceMuMoE(first, random_cores(first), projections=[np.zeros((3, 2))],
+        ...                      normalization=None)
+        >>> InferenceMuMoEBlock(fc1, InferenceMuMoE(second, random_cores(second)))(np.ones(3)).shape
+        (3,)
+        """
+        self.fc1._check(x)
+        y, _ = block_forward(
+            self.fc1, self.fc2, x, gate=self.fc1.gates, activation=gelu,
+            input_norm=_input_norm(self.input_norm_affine, self.input_eps),
+        )  # fmt: skip
+        return y
+
+    def __repr__(self) -> str:
+        return f"InferenceMuMoEBlock(fc1={self.fc1!r}, fc2={self.fc2!r})"

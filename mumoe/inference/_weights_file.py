@@ -1,0 +1,459 @@
+r"""The portable weights file: one reader, one writer, no PyTorch.
+
+A file is a `safetensors <https://huggingface.co/docs/safetensors>`_ file:
+a size-checked JSON header, then the arrays, little-endian by specification;
+reading it executes nothing.  The header's string metadata holds, under
+``"mumoe"``, the description as JSON: the format name and version, the kind
+(``"layer"`` or ``"block"``), each layer's network (spec, sizes, ranks,
+bias), the gate (normalisation, activation, top_k, eps) and the input norm.
+
+The reader trusts nothing.  It refuses a path that is not a regular file
+(a FIFO, ``/dev/zero``) before opening it, lets ``safetensors`` check the
+header against the file's size (no tensor may claim bytes the file does not
+hold), validates the description in full — types, lengths, nesting, the
+spec — before it reads any tensor, and checks every tensor's name, shape and
+dtype against what the description implies.  Each failure is a
+``ValueError`` that names what was wrong; memory stays within the file's
+size.  The writer writes a temporary file and renames it over ``path``, so
+a reader never sees half a file.
+
+(Files of mumoe 0.1, ``.npz`` archives, are no longer read: the package is
+pre-release; re-save them with mumoe 0.1's ``load_into`` and this ``save``.)
+
+:func:`write` and :func:`read_checked` are the only code that touches the
+format; :func:`load` builds serving layers (:mod:`mumoe.inference`) from a
+file, and :mod:`mumoe.nn` writes and reads torch modules through the same
+two functions.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import tempfile
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import safetensors
+import safetensors.numpy
+import tensorly as tl
+
+from mumoe.inference._layers import InferenceMuMoE, InferenceMuMoEBlock
+from mumoe.spec import Network
+from mumoe.typing import PathLike, Tensor
+
+__all__ = [
+    "FORMAT",
+    "VERSION",
+    "load",
+    "network_meta",
+    "read_checked",
+    "write",
+]
+
+#: The ``format`` field of the metadata, and its version (2: safetensors; 1 was .npz).
+FORMAT = "mumoe-weights"
+VERSION = 2
+
+#: The dtypes a file's arrays may have (safetensors' names).
+DTYPES = ("F16", "F32", "F64")
+
+
+def network_meta(network: Network) -> dict[str, Any]:
+    """The metadata of one layer's network, as a file stores it.
+
+    Parameters
+    ----------
+    network : Network
+
+    Returns
+    -------
+    dict
+        JSON-ready: spec, expert_dims, in_features, out_features, rank,
+        bias and (informative) network_format.
+
+    Examples
+    --------
+    >>> from mumoe import cp
+    >>> network_meta(cp(8, 4, 2, rank=3))["spec"]
+    'n1 r, i r, o r'
+    """
+    return {
+        "spec": network.spec,
+        "expert_dims": list(network.expert_dims),
+        "in_features": network.in_features,
+        "out_features": network.out_features,
+        "rank": dict(network.ranks),
+        "bias": network.bias,
+        "network_format": network.format,
+    }
+
+
+def write(path: PathLike, meta: Mapping[str, Any], arrays: Mapping[str, np.ndarray]) -> None:
+    """Write ``arrays`` and ``meta`` (format and version added) to ``path``, atomically.
+
+    Parameters
+    ----------
+    path : str or path-like
+        Written exactly (no extension is added; ``.safetensors`` is the
+        convention): a temporary file in the same folder, renamed over it.
+    meta : mapping
+        JSON-ready metadata: ``kind``, the networks, ``gate``, ``input_norm``.
+    arrays : mapping of entry name to numpy.ndarray
+        Floating arrays (float16, float32 or float64).
+
+    Examples
+    --------
+    >>> import os, tempfile
+    >>> import numpy as np
+    >>> from mumoe import cp
+    >>> net = cp(4, 3, 2, rank=2)
+    >>> path = os.path.join(tempfile.mkdtemp(), "w.safetensors")
+    >>> arrays = {f"cores.{k}": np.zeros(s) for k, s in enumerate(net.core_shapes)}
+    >>> write(path, {"kind": "layer", **network_meta(net), "gate": None, "input_norm": None},
+    ...       arrays)
+    >>> read_checked(path)[1][""] == net
+    True
+    """
+    data = {name: np.ascontiguousarray(array) for name, array in arrays.items()}
+    full = {"format": FORMAT, "version": VERSION, **meta}
+    payload = safetensors.numpy.save(data, metadata={"mumoe": json.dumps(full)})
+    folder = os.path.dirname(os.path.abspath(path))
+    handle, temporary = tempfile.mkstemp(prefix=".mumoe-", suffix=".tmp", dir=folder)
+    try:
+        with os.fdopen(handle, "wb") as f:
+            f.write(payload)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        if os.path.exists(temporary):
+            os.unlink(temporary)
+        raise
+
+
+#: The longest description (JSON) a file may hold: a real one is about a kilobyte.
+MAX_DESCRIPTION = 1 << 16
+
+#: The largest safetensors header a file may declare (the description and one entry of
+#: about 100 bytes per tensor): checked before the header is parsed.
+MAX_HEADER = 1 << 20
+
+#: Limits on the description: nesting and the number of expert levels.
+_MAX_DEPTH = 8
+_MAX_LEVELS = 64
+
+
+def _refuse(path: PathLike, what: str) -> ValueError:
+    return ValueError(f"{os.fspath(path)!r} is not a readable mumoe weights file: {what}")
+
+
+def _depth(value: Any, limit: int = _MAX_DEPTH) -> int:
+    # The nesting of a JSON value, counted iteratively (no recursion on hostile input).
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        deepest = max(deepest, depth)
+        if deepest > limit:
+            return deepest
+        if isinstance(item, dict):
+            stack.extend((v, depth + 1) for v in item.values())
+        elif isinstance(item, list):
+            stack.extend((v, depth + 1) for v in item)
+    return deepest
+
+
+def _read(path: PathLike) -> tuple[dict[str, Any], dict[str, tuple[str, tuple[int, ...]]], Any]:
+    """The description, the tensors' (dtype, shape) and an open safetensors handle."""
+    try:
+        info = os.stat(path)
+    except OSError as error:
+        raise _refuse(path, f"cannot stat it ({error})") from error
+    if not stat.S_ISREG(info.st_mode):
+        raise _refuse(path, "not a regular file (a FIFO, device or folder is never read)")
+    try:
+        with open(path, "rb") as f:
+            declared = int.from_bytes(f.read(8), "little")
+    except OSError as error:
+        raise _refuse(path, f"cannot read it ({error})") from error
+    if declared > MAX_HEADER:  # before safetensors parses (and copies) a huge header
+        raise _refuse(
+            path, f"its header declares {declared:,} bytes; mumoe files have headers of at "
+            f"most {MAX_HEADER:,} (mumoe.inference.MAX_HEADER)"
+        )  # fmt: skip
+    try:
+        handle = safetensors.safe_open(os.fspath(path), framework="numpy")
+        raw = (handle.metadata() or {}).get("mumoe")
+        tensors = {}
+        for name in handle.keys():
+            piece = handle.get_slice(name)
+            tensors[name] = (str(piece.get_dtype()), tuple(int(d) for d in piece.get_shape()))
+    except (safetensors.SafetensorError, OSError, ValueError, TypeError) as error:
+        raise _refuse(
+            path, f"expected a safetensors file written by mumoe.nn.save; it may be "
+            f"truncated or corrupt ({type(error).__name__}: {error})"
+        ) from error  # fmt: skip
+    if not isinstance(raw, str):
+        raise ValueError(f"{os.fspath(path)!r} has no 'mumoe' description in its metadata")
+    if len(raw) > MAX_DESCRIPTION:
+        raise ValueError(
+            f"{os.fspath(path)!r} has a description of {len(raw):,} characters; files hold "
+            f"at most {MAX_DESCRIPTION:,} (mumoe.inference.MAX_DESCRIPTION)"
+        )
+    try:
+        meta = json.loads(raw)
+    except (json.JSONDecodeError, RecursionError) as error:
+        raise ValueError(f"{os.fspath(path)!r} has unreadable metadata: {error}") from None
+    if _depth(meta) > _MAX_DEPTH:
+        raise ValueError(f"{os.fspath(path)!r} has metadata nested deeper than {_MAX_DEPTH}")
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise ValueError(f"{os.fspath(path)!r} is not a {FORMAT} file")
+    if meta.get("version") != VERSION:
+        raise ValueError(
+            f"{os.fspath(path)!r} has version {meta.get('version')!r}; this mumoe reads "
+            f"version {VERSION}"
+        )
+    return meta, tensors, handle
+
+
+def _typed(value: Any, kind: type | tuple[type, ...], where: str, path: PathLike) -> Any:
+    if isinstance(value, bool) and kind in (int, float, (int, float)):
+        raise ValueError(f"{os.fspath(path)!r}: {where} must be {kind}, got {value!r}")
+    if not isinstance(value, kind):
+        names = kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)
+        shown = repr(value) if len(repr(value)) < 80 else f"{type(value).__name__}"
+        raise ValueError(f"{os.fspath(path)!r}: {where} must be {names}, got {shown}")
+    return value
+
+
+def _check_network_meta(meta: Any, where: str, path: PathLike) -> None:
+    _typed(meta, dict, where, path)
+    _typed(meta.get("spec"), str, f"{where} spec", path)
+    dims = _typed(meta.get("expert_dims"), list, f"{where} expert_dims", path)
+    if not 1 <= len(dims) <= _MAX_LEVELS:
+        raise ValueError(f"{os.fspath(path)!r}: {where} has {len(dims)} expert levels")
+    for d in dims:
+        _typed(d, int, f"{where} expert_dims entry", path)
+    for key in ("in_features", "out_features"):
+        _typed(meta.get(key), int, f"{where} {key}", path)
+    rank = meta.get("rank")
+    if rank is not None:
+        for bond, size in _typed(rank, dict, f"{where} rank", path).items():
+            _typed(size, int, f"{where} rank of {bond!r}", path)
+    _typed(meta.get("bias"), bool, f"{where} bias", path)
+
+
+def _check_meta(meta: dict[str, Any], path: PathLike) -> None:
+    """Types of every field the reader uses, before anything is built from them."""
+    kind = meta.get("kind")
+    if kind == "layer":
+        _check_network_meta(meta, "the layer's network", path)
+    elif kind == "block":
+        for part in ("fc1", "fc2"):
+            _check_network_meta(meta.get(part), f"the block's {part}", path)
+    else:
+        raise ValueError(f"{os.fspath(path)!r} holds a {kind!r}; mumoe reads layers and blocks")
+    gate = meta.get("gate")
+    if gate is not None:
+        _typed(gate, dict, "gate", path)
+        if gate.get("normalization") not in ("bn", "ln", None):
+            raise ValueError(f"{os.fspath(path)!r}: unknown gate normalization")
+        _typed(gate.get("activation"), str, "gate activation", path)
+        _typed(gate.get("eps"), (int, float), "gate eps", path)
+        if gate.get("top_k") is not None:
+            _typed(gate["top_k"], int, "gate top_k", path)
+    norm = meta.get("input_norm")
+    if norm is not None:
+        _typed(
+            _typed(norm, dict, "input_norm", path).get("eps"), (int, float), "input_norm eps", path
+        )
+
+
+#: The longest spec a file may hold: far above any real network (a Tucker spec with
+#: ten levels is about 100 characters), and small enough that parsing is instant.
+MAX_SPEC_LENGTH = 4096
+
+
+def _network(meta: dict[str, Any], path: PathLike) -> Network:
+    spec = meta.get("spec")
+    if isinstance(spec, str) and len(spec) > MAX_SPEC_LENGTH:
+        raise ValueError(
+            f"{os.fspath(path)!r} holds a spec of {len(spec):,} characters; files hold specs "
+            f"of at most {MAX_SPEC_LENGTH:,} (mumoe.inference.MAX_SPEC_LENGTH)"
+        )
+    try:
+        return Network(
+            meta["spec"], meta["expert_dims"], meta["in_features"], meta["out_features"],
+            rank=meta["rank"] or None, bias=meta["bias"],
+        )  # fmt: skip
+    except (KeyError, TypeError, ValueError) as error:
+        raise ValueError(f"{os.fspath(path)!r} describes an invalid network: {error}") from error
+
+
+def _expected(networks: dict[str, Network], meta: dict[str, Any]) -> dict[str, tuple[int, ...]]:
+    shapes: dict[str, tuple[int, ...]] = {}
+    for prefix, network in networks.items():
+        shapes.update({f"{prefix}cores.{k}": s for k, s in enumerate(network.core_shapes)})
+    first = next(iter(networks.values()))
+    gate = meta.get("gate")
+    if gate is not None:
+        for e, n in enumerate(first.expert_dims):
+            shapes[f"gate.projections.{e}"] = (first.in_features, n)
+            if gate.get("normalization") == "bn":
+                shapes[f"gate.running_mean.{e}"] = (n,)
+                shapes[f"gate.running_var.{e}"] = (n,)
+    if meta.get("input_norm") is not None:
+        shapes["input_norm.weight"] = (first.in_features,)
+        shapes["input_norm.bias"] = (first.in_features,)
+    return shapes
+
+
+def read_checked(
+    path: PathLike,
+) -> tuple[dict[str, Any], dict[str, Network], dict[str, np.ndarray]]:
+    """The metadata, networks and arrays of a file, checked against its own spec.
+
+    Parameters
+    ----------
+    path : str or path-like
+
+    Returns
+    -------
+    meta : dict
+    networks : dict of str to Network
+        ``{"": network}`` for a layer, ``{"fc1.": ..., "fc2.": ...}`` for a
+        block (the prefixes of their entries).
+    arrays : dict of str to numpy.ndarray
+
+    Raises
+    ------
+    ValueError
+        If the file is unreadable, of another format or version, or its
+        entries, shapes or dtypes do not match its own spec.
+
+    Examples
+    --------
+    >>> import os, tempfile
+    >>> import numpy as np
+    >>> import safetensors.numpy
+    >>> path = os.path.join(tempfile.mkdtemp(), "other.safetensors")
+    >>> safetensors.numpy.save_file({"x": np.zeros(2)}, path)  # not a mumoe file
+    >>> read_checked(path)  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+        ...
+    ValueError: ...has no 'mumoe' description in its metadata
+    """
+    meta, tensors, handle = _read(path)
+    with handle:  # the file's mapping is released on every exit
+        return _checked(path, meta, tensors, handle)
+
+
+def _checked(
+    path: PathLike,
+    meta: dict[str, Any],
+    tensors: dict[str, tuple[str, tuple[int, ...]]],
+    handle: Any,
+) -> tuple[dict[str, Any], dict[str, Network], dict[str, np.ndarray]]:
+    _check_meta(meta, path)
+    if meta["kind"] == "layer":
+        networks = {"": _network(meta, path)}
+    else:
+        networks = {"fc1.": _network(meta["fc1"], path), "fc2.": _network(meta["fc2"], path)}
+    spec = " / ".join(network.spec for network in networks.values())
+    expected = _expected(networks, meta)
+    missing = sorted(set(expected) - set(tensors))
+    extra = sorted(set(tensors) - set(expected))
+    if missing or extra:
+        raise ValueError(
+            f"{os.fspath(path)!r} does not match its spec {spec!r}: "
+            f"missing entries {missing}, unexpected entries {extra}"
+        )
+    for name, shape in expected.items():
+        dtype, found = tensors[name]
+        if found != shape:
+            raise ValueError(
+                f"{os.fspath(path)!r}: entry {name!r} must have shape {shape} for spec "
+                f"{spec!r}, got {found}"
+            )
+        if dtype not in DTYPES:
+            raise ValueError(
+                f"{os.fspath(path)!r}: entry {name!r} must be floating point "
+                f"({', '.join(DTYPES)}), got {dtype}"
+            )
+    try:  # every check passed: only now are the arrays read
+        arrays = {name: np.asarray(handle.get_tensor(name)) for name in expected}
+    except (safetensors.SafetensorError, OSError, ValueError) as error:
+        raise _refuse(path, f"{type(error).__name__}: {error}") from error
+    return meta, networks, arrays
+
+
+def load(path: PathLike, *, dtype: Any = None) -> InferenceMuMoE | InferenceMuMoEBlock:
+    """Read a weights file (:func:`mumoe.nn.save`) onto the active TensorLy backend.
+
+    Parameters
+    ----------
+    path : str or path-like
+    dtype : backend dtype, optional
+        Cast every array to it (e.g. ``tl.backend.float64``); by default the
+        saved dtype.
+
+    Returns
+    -------
+    InferenceMuMoE or InferenceMuMoEBlock
+        As the file holds a layer or a block.
+
+    Raises
+    ------
+    ValueError
+        If the file is not a readable mumoe weights file, or its entries or
+        shapes do not match its own spec.
+
+    Examples
+    --------
+    >>> import os, tempfile
+    >>> import numpy as np
+    >>> from mumoe import cp
+    >>> net = cp(4, 3, 2, rank=2)
+    >>> path = os.path.join(tempfile.mkdtemp(), "w.safetensors")
+    >>> arrays = {f"cores.{k}": np.ones(s) for k, s in enumerate(net.core_shapes)}
+    >>> write(path, {"kind": "layer", **network_meta(net), "gate": None, "input_norm": None},
+    ...       arrays)
+    >>> layer = load(path, dtype=np.float32)
+    >>> layer(np.ones((5, 3), dtype=np.float32), [np.ones((5, 4), dtype=np.float32)]).shape
+    (5, 2)
+    """
+    meta, networks, arrays = read_checked(path)
+    kind = meta["kind"]
+
+    def tensor(name: str) -> Tensor:
+        array = arrays[name]
+        return tl.tensor(array) if dtype is None else tl.tensor(array, dtype=dtype)
+
+    def cores(prefix: str) -> list[Tensor]:
+        return [tensor(f"{prefix}cores.{k}") for k in range(networks[prefix].n_cores)]
+
+    gate = meta.get("gate")
+    first = next(iter(networks.values()))
+    levels = range(first.n_levels)
+    bn = gate is not None and gate["normalization"] == "bn"
+    gate_options: dict[str, Any] = {
+        "projections": None if gate is None else [tensor(f"gate.projections.{e}") for e in levels],
+        "normalization": None if gate is None else gate["normalization"],
+        "running_mean": [tensor(f"gate.running_mean.{e}") for e in levels] if bn else None,
+        "running_var": [tensor(f"gate.running_var.{e}") for e in levels] if bn else None,
+        "activation": "entmax15" if gate is None else gate["activation"],
+        "top_k": None if gate is None else gate.get("top_k"),
+        "eps": 1e-5 if gate is None else float(gate["eps"]),
+    }
+    norm = meta.get("input_norm")
+    input_norm = None if norm is None else (tensor("input_norm.weight"), tensor("input_norm.bias"))
+    input_eps = 1e-5 if norm is None else float(norm["eps"])
+    if kind == "layer":
+        return InferenceMuMoE(
+            first, cores(""), input_norm_affine=input_norm, input_eps=input_eps, **gate_options
+        )
+    fc1 = InferenceMuMoE(first, cores("fc1."), **gate_options)
+    fc2 = InferenceMuMoE(networks["fc2."], cores("fc2."), projections=None)
+    return InferenceMuMoEBlock(fc1, fc2, input_norm_affine=input_norm, input_eps=input_eps)

@@ -1,0 +1,263 @@
+"""The contraction step from torch: autocast, grad mode and TensorLy's ``pytorch`` backend.
+
+The one path every torch module takes into the functional core
+(:func:`mumoe.functional.forward` / :func:`~mumoe.functional.contract`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from mumoe import functional
+from mumoe.backends import thread_backend
+from mumoe.plan import Planner
+from mumoe.spec import Network
+
+__all__ = [
+    "check_gate_devices",
+    "check_input",
+    "device_type",
+    "module_contract",
+    "not_scriptable",
+    "torch_forward",
+]
+
+
+def device_type(x: torch.Tensor) -> str:
+    """``x.device.type``, without building a device object for CPU tensors.
+
+    Parameters
+    ----------
+    x : torch.Tensor
+
+    Returns
+    -------
+    str
+
+    Examples
+    --------
+    >>> import torch
+    >>> device_type(torch.zeros(1))
+    'cpu'
+    """
+    return "cpu" if x.is_cpu else x.device.type
+
+
+def _autocast(
+    x: torch.Tensor, cores: Sequence[torch.Tensor], gates: Sequence[torch.Tensor]
+) -> tuple[torch.Tensor, Sequence[torch.Tensor], Sequence[torch.Tensor]]:
+    # Autocast casts the operands of torch's own matmuls; mumoe's operands
+    # must share one dtype, so they are cast together, to autocast's dtype.
+    device = device_type(x)
+    if not torch.is_autocast_enabled(device):
+        return x, cores, gates
+    dtype = torch.get_autocast_dtype(device)
+    return x.to(dtype), [c.to(dtype) for c in cores], [g.to(dtype) for g in gates]
+
+
+def torch_forward(
+    network: Network,
+    cores: Sequence[torch.Tensor],
+    x: torch.Tensor,
+    gates: Sequence[torch.Tensor],
+    planner: Planner | None = None,
+) -> torch.Tensor:
+    """:func:`mumoe.functional.forward` from torch: pytorch backend, grad mode respected.
+
+    TensorLy's ``pytorch`` backend for this thread only, and ``differentiable``
+    from torch's grad mode (it chooses how the bias is added).  Under
+    ``torch.autocast``, every operand is cast to the autocast dtype, and so is
+    the result, as for ``torch.nn.Linear``.
+
+    Parameters
+    ----------
+    network : Network
+    cores : sequence of torch.Tensor
+        Of shapes ``network.core_shapes``.
+    x : torch.Tensor, shape (..., I)
+    gates : sequence of torch.Tensor, each (..., N_e)
+    planner : Planner, optional
+        A planner of ``network`` (:func:`mumoe.plan.planner_of` by default).
+
+    Returns
+    -------
+    torch.Tensor, shape (..., O)
+
+    Examples
+    --------
+    >>> import torch
+    >>> from mumoe import cp
+    >>> net = cp(4, 3, 2, rank=5)
+    >>> cores = [torch.randn(s, requires_grad=True) for s in net.core_shapes]
+    >>> y = torch_forward(net, cores, torch.randn(6, 3), [torch.rand(6, 4)])
+    >>> y.shape, y.requires_grad
+    (torch.Size([6, 2]), True)
+    """
+    x, cores, gates = _autocast(x, cores, gates)
+    differentiable = torch.is_grad_enabled() and any(c.requires_grad for c in cores)
+    with thread_backend("pytorch"):
+        return functional.forward(
+            network, cores, x, gates, planner=planner, differentiable=differentiable
+        )
+
+
+def module_contract(
+    network: Network,
+    cores: Sequence[torch.Tensor],
+    x: torch.Tensor,
+    gates: Sequence[Any],
+    planner: Planner | None = None,
+) -> torch.Tensor:
+    """The recipe's contraction step for modules: :func:`torch_forward` without the core checks.
+
+    The modules check their cores at construction and their input's dtype
+    and device against them on every call, so the per-call walk over the
+    cores is skipped; the caller has made ``pytorch`` TensorLy's backend for
+    this thread.
+
+    Parameters
+    ----------
+    network, cores, x, gates, planner
+        As for :func:`torch_forward`; the planner is not checked against
+        ``network`` (the modules hold their own).
+
+    Returns
+    -------
+    torch.Tensor, shape (..., O)
+
+    Examples
+    --------
+    >>> import torch
+    >>> from mumoe import cp
+    >>> from mumoe.backends import thread_backend
+    >>> net = cp(4, 3, 2, rank=5)
+    >>> cores = [torch.randn(s) for s in net.core_shapes]
+    >>> with thread_backend("pytorch"):
+    ...     module_contract(net, cores, torch.randn(6, 3), [torch.rand(6, 4)]).shape
+    torch.Size([6, 2])
+    """
+    x, cores, gates = _autocast(x, cores, gates)
+    differentiable = torch.is_grad_enabled() and any(c.requires_grad for c in cores)
+    return functional.contract(
+        network, cores, x, gates, planner=planner, differentiable=differentiable,
+        backend="pytorch", check_x=False,
+    )  # fmt: skip
+
+
+def _other_device(a: torch.Tensor, b: torch.Tensor) -> bool:
+    # get_device() is an int, a cheaper test than comparing devices; it is -1 for both
+    # CPU and meta tensors, whose mix computes garbage instead of failing.
+    return a.get_device() != b.get_device() or a.is_meta != b.is_meta
+
+
+def check_input(x: Any, in_features: int, weight: torch.Tensor | None = None) -> None:
+    """Check a layer's input: a floating tensor ``(..., in_features)`` like ``weight``.
+
+    Parameters
+    ----------
+    x : any
+    in_features : int
+    weight : torch.Tensor, optional
+        A parameter of the layer: ``x`` must share its device (meta included)
+        and dtype (unless ``torch.autocast`` is on).
+
+    Raises
+    ------
+    TypeError
+        For a non-tensor, an integer tensor, or another dtype.
+    ValueError
+        For another feature size or device.
+
+    Examples
+    --------
+    >>> check_input(torch.zeros(2, 3), 4)
+    Traceback (most recent call last):
+    ...
+    ValueError: input must have shape (..., 4) (in_features), got (2, 3)
+    """
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"input must be a torch.Tensor, got {type(x).__qualname__}")
+    if torch.jit.is_tracing():
+        not_scriptable()
+    if torch.compiler.is_exporting() and not all(type(d) is int for d in x.shape):
+        raise RuntimeError(
+            "μMoE layers export with static shapes only: the compiled contraction depends on "
+            "the batch size; export once per input shape (no dynamic_shapes), or use "
+            "torch.compile, which recompiles per shape"
+        )
+    if x.dim() == 0 or x.shape[-1] != in_features:
+        raise ValueError(
+            f"input must have shape (..., {in_features}) (in_features), got {tuple(x.shape)}"
+        )
+    if not x.is_floating_point():
+        raise TypeError(
+            f"input has dtype {x.dtype}; μMoE layers compute in floating point: cast it "
+            "(x.float(), x.to(layer's dtype))"
+        )
+    if weight is None:
+        return
+    if _other_device(x, weight):
+        raise ValueError(
+            f"input is on {x.device} but the layer's parameters are on {weight.device}; "
+            "move one of them (x.to(...) or layer.to(...))"
+        )
+    if x.dtype != weight.dtype and not torch.is_autocast_enabled(device_type(x)):
+        raise TypeError(
+            f"input has dtype {x.dtype} but the layer's parameters are {weight.dtype}; "
+            "cast one of them (x.to(dtype) or layer.to(dtype)), or run under torch.autocast"
+        )
+
+
+def check_gate_devices(gates: Any, x: torch.Tensor) -> None:
+    """Check that given gates live on the input's device (meta included).
+
+    Parameters
+    ----------
+    gates : torch.Tensor or sequence of torch.Tensor
+    x : torch.Tensor
+
+    Raises
+    ------
+    ValueError
+        Naming the gate and both devices.
+
+    Examples
+    --------
+    >>> check_gate_devices([torch.zeros(2, 3, device="meta")], torch.zeros(2, 4))
+    Traceback (most recent call last):
+    ...
+    ValueError: gates[0] is on meta but the input is on cpu
+    """
+    for e, gate in enumerate([gates] if isinstance(gates, torch.Tensor) else gates):
+        if isinstance(gate, torch.Tensor) and _other_device(gate, x):
+            raise ValueError(f"gates[{e}] is on {gate.device} but the input is on {x.device}")
+
+
+def not_scriptable(*args: Any) -> None:
+    """Refuse TorchScript (``torch.jit.script`` and ``torch.jit.trace``), saying what works.
+
+    A μMoE layer's contraction is Python generated per batch size and its
+    gate calls the ``entmax`` package: TorchScript can neither compile nor
+    faithfully trace them.  ``torch.compile`` and ``torch.export`` (static
+    shapes) work.
+
+    Raises
+    ------
+    RuntimeError
+        Always.
+
+    Examples
+    --------
+    >>> not_scriptable()
+    Traceback (most recent call last):
+    ...
+    RuntimeError: μMoE layers do not support TorchScript (torch.jit.script or torch.jit.trace): ...
+    """
+    raise RuntimeError(
+        "μMoE layers do not support TorchScript (torch.jit.script or torch.jit.trace): their "
+        "contraction is Python code generated per batch size; use torch.compile, or "
+        "torch.export with static shapes"
+    )

@@ -1,0 +1,403 @@
+r"""The gate as a torch module: :class:`MuMoEGate`, and torch kernels for the gate activations.
+
+The gate's recipe and vocabulary are :mod:`mumoe.gates`'s: for each expert
+level :math:`e`,
+
+.. math::
+    a^{(e)} = \phi\bigl(\mathrm{norm}(x G_e)\bigr), \qquad
+    G_e \in \mathbb{R}^{I \times N_e} \text{ zero-initialised},
+
+with ``norm`` one of :data:`mumoe.gates.NORMALIZATIONS` and :math:`\phi`
+one of :data:`mumoe.gates.ACTIVATIONS` or any callable.  This module holds
+the torch state (projections, batch-norm statistics) and
+:data:`TORCH_KERNELS`, the torch implementations of those names:
+:mod:`mumoe.nn`'s entmax-1.5 and sparsemax (exact, closed-form
+gradients, a selection of each row's largest logits instead of a sort),
+``torch.softmax``, and top-k.
+
+Gating runs in float32 at least, whatever the input's dtype and whether
+``torch.autocast`` is on: the logits, their normalisation (whose running
+statistics are kept in float32) and the activation.  The coefficients are
+then cast to the input's dtype.  In float16, logits of a few tens of
+thousands overflow entmax-1.5's squares (deep-spin/entmax#30), and
+half-precision running variances lose the precision batch norm needs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+from collections.abc import Callable, Iterable, Mapping, Sequence
+
+import torch
+from torch import nn
+
+from mumoe.backends import thread_backend
+from mumoe.gates import (
+    NORMALIZATIONS,
+    activation_name,
+    balance_loss,
+    check_balance,
+    check_normalization,
+    gate_dtype,
+)
+from mumoe.gates import gate_coefficients as _gate_coefficients
+from mumoe.gates import resolve_activation as _resolve
+from mumoe.nn import _entmax
+from mumoe.nn._bridge import device_type
+
+NO_CONTEXT = contextlib.nullcontext()
+
+__all__ = [
+    "NORMALIZATIONS",
+    "TORCH_KERNELS",
+    "MuMoEGate",
+    "builtin_name",
+    "gate_dtype",
+    "keep_statistics_wide",
+    "resolve_activation",
+    "torch_gate_coefficients",
+]
+
+Activation = Callable[[torch.Tensor], torch.Tensor]
+
+
+def _under_functorch(tensor: torch.Tensor) -> bool:
+    # Inside a torch.func transform, tensors are functorch wrappers (private API: absent
+    # from some builds, then nothing is detected and torch's own error stands).
+    # Not under torch.compile: Dynamo cannot trace the check (a graph break per call).
+    if torch.compiler.is_compiling():
+        return False
+    check = getattr(torch._C._functorch, "is_functorch_wrapped_tensor", None)
+    return bool(check is not None and check(tensor))
+
+
+def _not_under_functorch(activation: Activation) -> Activation:
+    """``activation``, with a clear error inside torch.func transforms (it calls NumPy)."""
+
+    # wraps: the module-level name and qualified name of ``activation``, so that
+    # pickle finds the wrapper where it lives (whole-model pickling, issue #15, item 12).
+    @functools.wraps(activation)
+    def checked(logits: torch.Tensor) -> torch.Tensor:
+        if _under_functorch(logits):
+            raise RuntimeError(
+                f"torch.func transforms (grad, vmap, jacrev, ...) cannot run the gate's "
+                f"{activation.__name__.lstrip('_')}: its threshold is found with NumPy "
+                "(mumoe.nn); use activation='softmax' or 'topk' under torch.func, "
+                "or torch.autograd"
+            )
+        return activation(logits)
+
+    return checked
+
+
+@_not_under_functorch
+def _entmax15(logits: torch.Tensor) -> torch.Tensor:
+    return _entmax.entmax15(logits)
+
+
+@_not_under_functorch
+def _sparsemax(logits: torch.Tensor) -> torch.Tensor:
+    return _entmax.sparsemax(logits)
+
+
+def _softmax(logits: torch.Tensor) -> torch.Tensor:
+    return torch.softmax(logits, dim=-1)
+
+
+def _topk(logits: torch.Tensor, k: int) -> torch.Tensor:
+    # mumoe.gates.topk's rule: the k largest logits and any tied with the k-th.
+    # One torch.topk of k + 1 (no sort of the row) gives the kept values and
+    # shows the rows where a tie crosses the boundary; only those take the
+    # elementwise threshold, which touches every entry.
+    n = logits.shape[-1]
+    if k >= n:
+        return torch.softmax(logits, dim=-1)
+    values, index = torch.topk(logits, k + 1, dim=-1)
+    out = torch.zeros_like(logits).scatter(-1, index[..., :k], torch.softmax(values[..., :k], -1))
+    tied = values[..., k - 1] == values[..., k]
+    # Under vmap a data-dependent branch is not allowed: every row takes the tie path.
+    if _under_functorch(logits) or bool(tied.any()):
+        kept = logits >= values[..., k - 1 : k].detach()
+        e = torch.exp(logits - values[..., :1].detach()).masked_fill(~kept, 0.0)
+        out = torch.where(tied.unsqueeze(-1), e / e.sum(-1, keepdim=True), out)
+    return out
+
+
+#: The torch kernels of the names of :data:`mumoe.gates.ACTIVATIONS` (the same keys).
+TORCH_KERNELS: dict[str, Callable[..., torch.Tensor]] = {
+    "entmax15": _entmax15,
+    "sparsemax": _sparsemax,
+    "softmax": _softmax,
+    "topk": _topk,
+}
+
+
+def builtin_name(activation: Callable[..., torch.Tensor]) -> str | None:
+    """The vocabulary name of ``activation`` if it is a built-in kernel itself, else None.
+
+    By identity, not by ``__name__``: a user's own function called ``softmax``
+    is not the built-in (a weights file must not describe it as one).
+
+    Parameters
+    ----------
+    activation : callable
+        A gate's resolved activation (``MuMoEGate.activation``).
+
+    Returns
+    -------
+    str or None
+
+    Examples
+    --------
+    >>> builtin_name(resolve_activation("softmax")), builtin_name(lambda z: z.softmax(-1))
+    ('softmax', None)
+    """
+    for name, kernel in TORCH_KERNELS.items():
+        if activation is kernel:
+            return name
+        if isinstance(activation, functools.partial) and activation.func is kernel:
+            return name if set(activation.keywords) == {"k"} and not activation.args else None
+    return None
+
+
+def resolve_activation(activation: str | Activation, *, top_k: int | None = None) -> Activation:
+    """The torch kernel of the activation called ``activation``, or ``activation`` if callable.
+
+    Parameters
+    ----------
+    activation : {"entmax15", "sparsemax", "softmax", "topk"} or callable
+    top_k : int, optional
+        With ``"topk"`` (and only then): the experts each row keeps.
+
+    Returns
+    -------
+    callable
+        From logits ``(B, N)`` to coefficients ``(B, N)``.
+
+    Raises
+    ------
+    ValueError
+        For a name outside :data:`mumoe.gates.ACTIVATIONS`, or ``top_k``
+        missing for ``"topk"`` or given for anything else.
+
+    Examples
+    --------
+    >>> import torch
+    >>> resolve_activation("sparsemax")(torch.tensor([[3.0, 1.0, 0.0]]))
+    tensor([[1., 0., 0.]])
+    """
+    return _resolve(activation, TORCH_KERNELS, top_k=top_k)
+
+
+def torch_gate_coefficients(
+    x: torch.Tensor,
+    projections: Sequence[torch.Tensor],
+    norms: Sequence[nn.Module | None],
+    activation: Activation,
+    logits: list[torch.Tensor] | None = None,
+) -> list[torch.Tensor]:
+    """:func:`mumoe.gates.gate_coefficients` with ``torch.autocast`` off (float32 at least).
+
+    Parameters
+    ----------
+    x : torch.Tensor, shape (..., I)
+    projections : sequence of torch.Tensor, each (I, N_e)
+    norms : sequence of modules or None
+        ``nn.Identity`` counts as none.
+    activation : callable
+    logits : list, optional
+        Receives each level's activation input, ``(..., N_e)``.
+
+    Returns
+    -------
+    list of torch.Tensor, each (..., N_e)
+
+    Examples
+    --------
+    >>> import torch
+    >>> with torch.autocast("cpu", dtype=torch.bfloat16):
+    ...     gates = torch_gate_coefficients(torch.randn(2, 8), [torch.zeros(8, 4)], [None],
+    ...                                     resolve_activation("softmax"))
+    >>> gates[0].dtype
+    torch.float32
+    """
+    kept = [None if isinstance(n, nn.Identity) else n for n in norms]
+    device = device_type(x)
+    with torch.autocast(device, enabled=False) if torch.is_autocast_enabled(device) else NO_CONTEXT:
+        return _gate_coefficients(x, projections, kept, activation, logits)
+
+
+def keep_statistics_wide(norms: Iterable[nn.Module]) -> None:
+    """Put the floating buffers of gate norms back in float32 at least, after a cast.
+
+    Gating computes in float32 (:func:`mumoe.gates.gate_dtype`); batch-norm
+    running statistics cast to 16 bits by ``.half()`` or ``.to(torch.bfloat16)``
+    would lose precision and fail in ``batch_norm`` against float32 logits.
+
+    Parameters
+    ----------
+    norms : iterable of torch.nn.Module
+
+    Examples
+    --------
+    >>> bn = torch.nn.BatchNorm1d(3, affine=False).half()
+    >>> keep_statistics_wide([bn])
+    >>> bn.running_var.dtype
+    torch.float32
+    """
+    for norm in norms:
+        for name, buffer in list(norm.named_buffers(recurse=False)):
+            wanted = gate_dtype(buffer.dtype)
+            if buffer.is_floating_point() and buffer.dtype != wanted:
+                setattr(norm, name, buffer.to(wanted))
+
+
+def _norm(kind: str | None, n: int, device: object, dtype: torch.dtype | None) -> nn.Module:
+    dtype = gate_dtype(dtype or torch.get_default_dtype())
+    if kind == "bn":
+        return nn.BatchNorm1d(n, affine=False, device=device, dtype=dtype)
+    if kind == "ln":
+        return nn.LayerNorm(n, elementwise_affine=False, bias=False, device=device, dtype=dtype)
+    return nn.Identity()
+
+
+class MuMoEGate(nn.Module):
+    r"""The gates of a μMoE layer: one coefficient vector per expert level.
+
+    Parameters
+    ----------
+    in_features : int
+        :math:`I`, the size of the input the gates are computed from.
+    expert_dims : sequence of int
+        :math:`N_1, \dots, N_E`.
+    normalization : {"bn", "ln", None}, default "bn"
+        Of the logits: batch norm or layer norm without affine parameters.
+    activation : {"entmax15", "sparsemax", "softmax", "topk"} or callable, default "entmax15"
+    top_k : int, optional
+        With ``activation="topk"``: the experts each row keeps
+        (:func:`mumoe.gates.topk`).
+    balance : mapping of str to float, optional
+        Balance losses and their coefficients, e.g. ``{"importance_cv2":
+        0.01, "z_loss": 1e-3}`` (:data:`mumoe.gates.LOSSES`).  Each forward
+        pass then sets :attr:`aux_loss` to their weighted sum over the levels
+        (differentiable; None without ``balance``); sum them over a model
+        with :func:`mumoe.nn.collect_aux_losses`.  Padding is left out inside
+        :func:`mumoe.nn.gate_mask`.
+    device, dtype
+        Of the parameters, as for ``torch.nn.Linear``.
+
+    Notes
+    -----
+    Maps an input ``(..., I)`` to ``[(..., N_1), ..., (..., N_E)]`` with
+    :func:`mumoe.gates.gate_coefficients`, autocast off.  :attr:`aux_loss`
+    is replaced on every forward pass: a gate called twice in one step keeps
+    the second call's.
+
+    Examples
+    --------
+    >>> import torch
+    >>> gate = MuMoEGate(8, (4, 3))
+    >>> [tuple(a.shape) for a in gate(torch.randn(5, 2, 8))]
+    [(5, 2, 4), (5, 2, 3)]
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        expert_dims: Sequence[int],
+        *,
+        normalization: str | None = "bn",
+        activation: str | Activation = "entmax15",
+        top_k: int | None = None,
+        balance: Mapping[str, float] | None = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        self.balance = check_balance(balance)
+        #: The balance losses of the last forward pass (None without ``balance``).
+        self.aux_loss: torch.Tensor | None = None
+        #: The padding mask in force (set by mumoe.nn.gate_mask only).
+        self.mask: torch.Tensor | None = None
+        self.in_features = in_features
+        self.expert_dims = tuple(expert_dims)
+        self.normalization = check_normalization(normalization)
+        self.activation = resolve_activation(activation, top_k=top_k)
+        self.top_k = top_k
+        self.activation_name = activation_name(activation)
+        self.projections = nn.ParameterList(
+            [
+                nn.Parameter(torch.empty(in_features, n, device=device, dtype=dtype))
+                for n in self.expert_dims
+            ]
+        )
+        self.norms = nn.ModuleList(
+            [_norm(normalization, n, device, dtype) for n in self.expert_dims]
+        )
+        self.reset_parameters()
+
+    def _apply(self, fn, recurse=True):  # type: ignore[no-untyped-def]
+        # .half(), .to(torch.bfloat16), ...: the projections follow, the norms'
+        # running statistics stay in float32 (see the module docstring).
+        super()._apply(fn, recurse)
+        keep_statistics_wide(self.norms)
+        return self
+
+    def reset_parameters(self) -> None:
+        """Zero the projections (every expert starts equally weighted) and reset norms.
+
+        Examples
+        --------
+        >>> import torch
+        >>> gate = MuMoEGate(4, (3,))
+        >>> gate.reset_parameters()
+        >>> gate(torch.randn(5, 4))[0][0]  # equal logits: equal coefficients
+        tensor([0.3333, 0.3333, 0.3333], grad_fn=<SelectBackward0>)
+        """
+        for projection in self.projections:
+            nn.init.zeros_(projection)
+        for norm in self.norms:
+            if isinstance(norm, nn.BatchNorm1d):
+                norm.reset_running_stats()
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """The gate coefficients of every level.
+
+        Parameters
+        ----------
+        x : torch.Tensor, shape (..., I)
+
+        Returns
+        -------
+        list of torch.Tensor, each (..., N_e)
+
+        Examples
+        --------
+        >>> import torch
+        >>> [tuple(a.shape) for a in MuMoEGate(4, (3, 2))(torch.randn(5, 4))]
+        [(5, 3), (5, 2)]
+        """
+        projections = list(self.projections._parameters.values())
+        if self.training and self.normalization == "bn" and x.numel() == x.shape[-1]:
+            raise ValueError(
+                "batch-norm gating cannot train on a batch of one row (one token): the "
+                "statistics of one row are undefined; train on larger batches, use "
+                "normalization='ln' or None, or call .eval() to use the running statistics"
+            )
+        if not self.balance:
+            return torch_gate_coefficients(x, projections, list(self.norms), self.activation)  # type: ignore[arg-type]
+        logits: list[torch.Tensor] = []
+        gates = torch_gate_coefficients(x, projections, list(self.norms), self.activation, logits)  # type: ignore[arg-type]
+        with thread_backend("pytorch"):
+            self.aux_loss = balance_loss(self.balance, gates, logits, self.mask)
+        return gates
+
+    def extra_repr(self) -> str:
+        """Sizes and options, for ``repr``."""
+        return (
+            f"in_features={self.in_features}, expert_dims={self.expert_dims}, "
+            f"normalization={self.normalization!r}, activation={self.activation_name!r}"
+            + ("" if self.top_k is None else f", top_k={self.top_k}")
+            + (f", balance={self.balance}" if self.balance else "")
+        )

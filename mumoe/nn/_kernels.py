@@ -1,0 +1,104 @@
+"""Torch kernels that ``backends/pytorch.toml`` declares for the backend-agnostic core.
+
+:func:`bias_matmul` adds the input's bias inside the contraction,
+``x @ core[:I] + core[I]``, with a backward pass that writes the core's
+gradient once.  Slicing the core in autograd instead (``torch.addmm(core[I],
+x, core[:I])``) makes each slice's backward a zero-filled gradient of the
+whole core, and concatenating a column of ones to ``x`` keeps a copy of
+``x`` for the backward pass; this kernel does neither.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+__all__ = ["bias_matmul", "kth_largest"]
+
+
+class _BiasMatmul(torch.autograd.Function):
+    @staticmethod
+    def forward(x: torch.Tensor, core: torch.Tensor) -> torch.Tensor:
+        k = x.shape[-1]
+        return torch.addmm(core[k], x, core[:k])
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[torch.Tensor, torch.Tensor], output: Any) -> None:
+        ctx.save_for_backward(*inputs)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        x, core = ctx.saved_tensors
+        k = x.shape[-1]
+        grad_x = grad @ core[:k].T if ctx.needs_input_grad[0] else None
+        grad_core = None
+        if ctx.needs_input_grad[1]:
+            if torch.is_grad_enabled():  # create_graph: differentiable ops only
+                grad_core = torch.cat([x.T @ grad, grad.sum(0, keepdim=True)])
+            else:
+                grad_core = torch.empty_like(core)
+                torch.mm(x.T, grad, out=grad_core[:k])
+                torch.sum(grad, 0, out=grad_core[k])
+        return grad_x, grad_core
+
+
+def bias_matmul(x: torch.Tensor, core: torch.Tensor) -> torch.Tensor:
+    """``x @ core[:I] + core[I]`` in one ``addmm``, its core gradient written once.
+
+    Parameters
+    ----------
+    x : torch.Tensor, shape (B, I)
+    core : torch.Tensor, shape (I + 1, N)
+        The core along the input leg, its last row the bias slice.
+
+    Returns
+    -------
+    torch.Tensor, shape (B, N)
+
+    Raises
+    ------
+    ValueError
+        If ``core`` does not have one row more than ``x`` has columns.
+
+    Examples
+    --------
+    >>> import torch
+    >>> x, core = torch.ones(2, 3), torch.arange(8.0).reshape(4, 2)
+    >>> bias_matmul(x, core)
+    tensor([[12., 16.],
+            [12., 16.]])
+    """
+    if x.ndim != 2 or core.ndim != 2 or core.shape[0] != x.shape[1] + 1:
+        raise ValueError(
+            f"bias_matmul expects x of shape (B, I) and core of shape (I + 1, N); "
+            f"got {tuple(x.shape)} and {tuple(core.shape)}"
+        )
+    k = x.shape[1]
+    if not (torch.is_grad_enabled() and (x.requires_grad or core.requires_grad)):
+        return torch.addmm(core[k], x, core[:k])  # no graph: skip autograd.Function's cost
+    return _BiasMatmul.apply(x, core)
+
+
+def kth_largest(z: torch.Tensor, k: int) -> torch.Tensor:
+    """The ``k``-th largest entry of each row, by ``torch.topk`` (no full sort), detached.
+
+    The ``kth_largest`` kernel of top-k gating (:func:`mumoe.gates.topk`).
+
+    Parameters
+    ----------
+    z : torch.Tensor, shape (..., N)
+    k : int
+        From 1 to N.
+
+    Returns
+    -------
+    torch.Tensor, shape (..., 1)
+
+    Examples
+    --------
+    >>> import torch
+    >>> kth_largest(torch.tensor([[3.0, 9.0, 1.0, 7.0]]), 2)
+    tensor([[7.]])
+    """
+    return torch.topk(z.detach(), k, dim=-1).values[..., k - 1 : k]

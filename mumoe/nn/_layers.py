@@ -1,0 +1,539 @@
+r"""PyTorch μMoE layers: thin modules over the layer recipe of :mod:`mumoe.functional`.
+
+Index legend: ``b`` batch, ``t`` tokens (any number of leading dimensions),
+``i`` input, ``o`` output, ``n_e`` expert mode ``e``, ``r`` rank.
+
+The modules own parameters (the cores, the gate projections) and state
+(batch-norm statistics, active expert edits) and call the recipe; the
+contraction itself, its plan cache and its checks live in the functional
+core.  They run it with TensorLy's ``pytorch`` backend active for the
+calling thread only (:func:`mumoe.backends.thread_backend`), so they work
+whatever backend the rest of the program has chosen.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from torch import nn
+
+from mumoe import functional
+from mumoe.backends import thread_backend
+from mumoe.functional import check_level, layer_forward
+from mumoe.nn._bridge import check_gate_devices, check_input, module_contract, not_scriptable
+from mumoe.nn._gate import Activation, MuMoEGate
+from mumoe.nn._init import init_cores_
+from mumoe.plan import Planner, resolve_planner
+from mumoe.spec import Budget, Network, build_network
+from mumoe.typing import Rank, RankOrBudget
+from mumoe.validation import check_scales
+
+__all__ = ["CPMuMoE", "MuMoE", "TRMuMoE", "TTMuMoE", "TuckerMuMoE"]
+
+
+#: Guards taking a layer's edit ownership (module-level: a lock would not pickle).
+_EDITS = threading.Lock()
+
+
+class MuMoE(nn.Module):
+    r"""A Multilinear Mixture-of-Experts layer (Eq. 1 of the paper).
+
+    .. math::
+        y_{bo} = \sum_{n_1, \dots, n_E, i}
+        \mathcal{W}[n_1, \dots, n_E, i, o]\,
+        a^{(1)}_{b n_1} \cdots a^{(E)}_{b n_E}\, z_{bi},
+        \qquad a^{(e)}_b = \phi\bigl(\mathrm{norm}(x_b G_e)\bigr)
+
+    with :math:`z_b = [x_b, 1]` when ``bias`` and :math:`\mathcal{W}` stored
+    factorised as ``network``; :math:`\mathcal{W}` is never formed.
+
+    Parameters
+    ----------
+    in_features : int
+        :math:`I`.
+    out_features : int
+        :math:`O`.
+    network : Network or str, default "cp"
+        A :class:`~mumoe.Network`, a format name or a spec string (see
+        :func:`mumoe.build_network`).
+    expert_dims : int or sequence of int, optional
+        :math:`N_1, \dots, N_E`; required unless ``network`` is a Network.
+    rank : int, tuple, mapping, "same" or Budget, optional
+        The rank (see :func:`mumoe.build_network`).
+    bias : bool, default True
+        Whether every expert has a bias (the input mode's extra slice).
+    normalization : {"bn", "ln", None}, default "bn"
+        Of the gate logits.
+    activation : {"entmax15", "sparsemax", "softmax", "topk"} or callable, default "entmax15"
+        Of the gate logits.
+    top_k : int, optional
+        With ``activation="topk"``: the experts each token keeps
+        (:func:`mumoe.gates.topk`).
+    balance : mapping of str to float, optional
+        Balance losses for the gate, ``{name: coefficient}``: each forward
+        pass sets ``gate.aux_loss`` (:class:`MuMoEGate`,
+        :func:`mumoe.nn.collect_aux_losses`).  A training setting, like an
+        optimiser's: weights files (:func:`mumoe.nn.save`) do not hold it.
+    input_norm : bool, default False
+        Apply ``nn.LayerNorm(in_features)`` to the input of the contraction
+        (after the gates are computed from the raw input), as the reference's
+        ``apply_ln``.
+    gated : bool, default True
+        Whether the layer owns a gate; without one, ``forward`` needs gates.
+    planner : Planner, optional
+        A planner of the layer's network: its path policy (optimiser,
+        autotuning) and plan cache; :func:`mumoe.plan.planner_of` by default,
+        shared with every equal network.  Settable later (:attr:`planner`).
+    device, dtype
+        Of the parameters.
+
+    Attributes
+    ----------
+    network : Network
+    cores : torch.nn.ParameterList
+        One parameter per core, of shapes ``network.core_shapes``.
+    gate : MuMoEGate or None
+    input_norm : torch.nn.LayerNorm or None
+
+    Notes
+    -----
+    The input must have the parameters' dtype and device (a ``TypeError`` or
+    ``ValueError`` says which differs); nothing is converted silently.  Under
+    ``torch.autocast`` the contraction runs in the autocast dtype and returns
+    it, as ``torch.nn.Linear`` does.  Gating always computes in float32 at
+    least (:mod:`mumoe.nn`), so float16 and bfloat16 layers cannot get
+    NaNs from it; the coefficients are cast to the input's dtype.  An empty
+    batch gives an empty output; NaN or inf in a row of the input gives NaN
+    in that row's output (in eval mode; in training, batch norm spreads them
+    over the batch, as it does in torch).
+
+    Examples
+    --------
+    >>> import torch
+    >>> layer = MuMoE(16, 10, "cp", expert_dims=32, rank=8)
+    >>> layer(torch.randn(4, 16)).shape
+    torch.Size([4, 10])
+    >>> layer(torch.randn(4, 7, 16)).shape
+    torch.Size([4, 7, 10])
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        network: Network | str = "cp",
+        *,
+        expert_dims: int | Sequence[int] | None = None,
+        rank: RankOrBudget | None = None,
+        bias: bool = True,
+        normalization: str | None = "bn",
+        activation: str | Activation = "entmax15",
+        top_k: int | None = None,
+        balance: Mapping[str, float] | None = None,
+        input_norm: bool = False,
+        gated: bool = True,
+        planner: Planner | None = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        self.network = build_network(
+            in_features, out_features, network,
+            expert_dims=expert_dims, rank=rank, bias=bias, count_gates=gated,
+        )  # fmt: skip
+        self.planner = planner  # None: the default planner
+        self.in_features = in_features
+        self.out_features = out_features
+        factory: dict[str, Any] = {"device": device, "dtype": dtype}
+        shapes = self.network.core_shapes if self._owns_cores else ()
+        self.cores = nn.ParameterList(
+            [nn.Parameter(torch.empty(shape, **factory)) for shape in shapes]
+        )
+        gate_options = {"normalization": normalization, "activation": activation,
+                        "top_k": top_k, "balance": balance, **factory}  # fmt: skip
+        dims = self.network.expert_dims
+        self.gate = MuMoEGate(in_features, dims, **gate_options) if gated else None
+        self.input_norm = nn.LayerNorm(in_features, **factory) if input_norm else None
+        # The expert edits in force ({level: (N_e,)}), set by scaled_experts only.
+        self._expert_scales: dict[int, torch.Tensor] = {}
+        self.reset_parameters()
+
+    #: Whether the cores are this module's own parameters (``self.cores``); False: elsewhere.
+    _owns_cores = True
+    #: Set by :func:`mumoe.nn.from_linear`: the experts' relative error against the linear layer.
+    conversion_error: float | None = None
+    __prepare_scriptable__ = not_scriptable  # torch.jit.script: say what works instead
+
+    def reset_parameters(self) -> None:
+        """Initialise the cores as the paper does (see :mod:`mumoe.nn`) and zero the gate.
+
+        Examples
+        --------
+        >>> import torch
+        >>> layer = MuMoE(8, 4, "cp", expert_dims=6, rank=3)
+        >>> with torch.no_grad():
+        ...     _ = layer.gate.projections[0].fill_(1.0)
+        >>> layer.reset_parameters()
+        >>> bool(layer.gate.projections[0].eq(0).all()), layer.init_scheme
+        (True, 'cp')
+        """
+        self._init_weights_()
+        if self.gate is not None:
+            self.gate.reset_parameters()
+        if self.input_norm is not None:
+            self.input_norm.reset_parameters()
+
+    def _init_weights_(self) -> None:
+        self.init_scheme = init_cores_(self.network, list(self.cores))
+
+    @property
+    def planner(self) -> Planner:
+        """The planner the layer contracts with (a planner of :attr:`network`).
+
+        Set it to another planner of the same network to change the path
+        policy, e.g. ``layer.planner = planner_of(layer.network, autotune=True)``;
+        ``None`` restores the default, :func:`mumoe.plan.planner_of`.
+
+        Examples
+        --------
+        >>> from mumoe.plan import planner_of
+        >>> layer = MuMoE(8, 4, "cp", expert_dims=6, rank=3)
+        >>> layer.planner is planner_of(layer.network)
+        True
+        >>> layer.planner = planner_of(layer.network, autotune=True)
+        >>> layer.planner.autotune
+        True
+        """
+        planner: Planner = self.__dict__["_planner"]
+        return planner
+
+    @planner.setter
+    def planner(self, planner: Planner | None) -> None:
+        self.__dict__["_planner"] = resolve_planner(self.network, planner)
+
+    def _weights(self) -> tuple[Network, list[torch.Tensor]]:
+        # The network and cores to contract; subclasses that hold their
+        # weights differently (mumoe.nn) override this.
+        # Per-call cost matters for one-row calls: read the submodule and its
+        # parameters from their dicts (nn.Module.__getattr__ and ParameterList's
+        # iterator, which formats an index string per item, cost microseconds).
+        cores = self._modules["cores"]._parameters.values()  # type: ignore[union-attr]
+        return self.network, list(cores)
+
+    @contextmanager
+    def scaled_experts(self, level: int, factors: Any) -> Iterator[None]:
+        r"""Inside the block, compute with the experts of ``level`` scaled by ``factors``.
+
+        :math:`\mathcal{W}[\dots, n_e, \dots]` acts multiplied by
+        ``factors[n_e]`` (0 switches an expert off); the stored cores are not
+        touched and gradients still flow.  Done on the coefficients, exact
+        because :math:`\mathcal{W}` is linear in each expert mode; the other
+        coefficients are not renormalised.  Edits nest (factors multiply),
+        and each block restores what it found.  :func:`mumoe.nn.edit_experts`
+        edits every layer of a model this way.  An edit applies to every
+        thread's calls while it lasts, and a layer is edited by one thread at
+        a time: another thread's edit raises ``RuntimeError`` (two overlapping
+        blocks could otherwise leave the layer edited for good).
+
+        Parameters
+        ----------
+        level : int
+            The expert level (0-based).
+        factors : array-like, shape (N_level,)
+            Converted to a float64 tensor on the layer's device.
+
+        Raises
+        ------
+        ValueError
+            If ``level`` is out of range or ``factors`` has the wrong shape.
+        RuntimeError
+            If another thread is editing this layer.
+
+        Examples
+        --------
+        >>> import torch
+        >>> layer = CPMuMoE(8, 3, 4, rank=2).eval()
+        >>> with layer.scaled_experts(0, [0.0, 0.0, 0.0, 0.0]):  # every expert off
+        ...     layer(torch.randn(5, 8)).abs().max().item()
+        0.0
+        """
+        level = check_level(level, self.network)
+        n = self.network.expert_dims[level]
+        weight = next(iter(self.parameters()), None)
+        device = None if weight is None else weight.device
+        vector = torch.as_tensor(factors, dtype=torch.float64, device=device)
+        if tuple(vector.shape) != (n,):
+            raise ValueError(
+                f"factors for level {level} must have shape ({n},), got {tuple(vector.shape)}"
+            )
+        dtype = torch.float64 if weight is None else weight.dtype
+        check_scales(vector.cpu().numpy(), f"factors for level {level}", dtype)
+        me = threading.get_ident()
+        with _EDITS:  # check and take ownership at once
+            owner, depth = self.__dict__.get("_edit_owner") or (me, 0)
+            if owner != me:
+                raise RuntimeError(
+                    "another thread is editing this layer's experts; a layer is edited by "
+                    "one thread at a time (scaled_experts, mumoe.nn.edit_experts)"
+                )
+            self.__dict__["_edit_owner"] = (me, depth + 1)
+        previous = self._expert_scales
+        if level in previous:
+            vector = previous[level] * vector
+        self._expert_scales = {**previous, level: vector}
+        try:
+            yield
+        finally:
+            self._expert_scales = previous
+            with _EDITS:
+                self.__dict__["_edit_owner"] = (me, depth) if depth else None
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        gates: Sequence[torch.Tensor] | torch.Tensor | None = None,
+        *,
+        return_gates: bool = False,
+        expert_scales: Mapping[int, torch.Tensor] | None = None,
+    ) -> torch.Tensor | tuple[torch.Tensor, list[torch.Tensor]]:
+        """Mix the experts for input ``x``: :func:`mumoe.functional.layer_forward`.
+
+        Parameters
+        ----------
+        x : torch.Tensor, shape (..., I)
+        gates : sequence of torch.Tensor, each (..., N_e), optional
+            Coefficients to use instead of the layer's gate (required when
+            the layer has none); a single tensor with one expert level.
+        return_gates : bool, default False
+            Also return the coefficients used.
+        expert_scales : mapping of level to torch.Tensor (N_e,), optional
+            Factors per expert for this call, on top of any
+            :meth:`scaled_experts` edit in force.
+
+        Returns
+        -------
+        torch.Tensor, shape (..., O)
+            And the list of gates when ``return_gates`` (before any edit).
+
+        Examples
+        --------
+        >>> import torch
+        >>> layer = MuMoE(8, 4, "tr", expert_dims=(6, 2), rank=2)
+        >>> y, gates = layer(torch.randn(3, 5, 8), return_gates=True)
+        >>> y.shape, [tuple(a.shape) for a in gates]
+        (torch.Size([3, 5, 4]), [(3, 5, 6), (3, 5, 2)])
+        """
+        network, cores = self._weights()
+        check_input(x, self.in_features, cores[0])
+        if gates is not None:
+            check_gate_devices(gates, x)
+        scales = self._expert_scales
+        if expert_scales:
+            scales = {
+                e: scales[e] * s if e in scales else s
+                for e, s in {**scales, **expert_scales}.items()
+            }
+        if scales:
+            scales = {e: s.to(x) for e, s in scales.items()}
+        # Submodules from the dict, not through nn.Module.__getattr__ (see _weights).
+        modules = self._modules
+        # A network of another rank (tensor dropout) contracts with its default planner.
+        planner = self.__dict__["_planner"] if network is self.network else None
+        with thread_backend("pytorch"):
+            y, coefficients = layer_forward(
+                network, cores, x, gate=modules.get("gate") if gates is None else None,
+                gates=gates, input_norm=modules.get("input_norm"), expert_scales=scales,
+                planner=planner, contract=module_contract,
+            )  # fmt: skip
+        return (y, coefficients) if return_gates else y
+
+    def materialize(self) -> torch.Tensor:
+        """The dense weight tensor, for inspection.
+
+        Returns
+        -------
+        torch.Tensor, shape (N_1, ..., N_E, I', O)
+            Differentiable with respect to the cores.
+
+        Examples
+        --------
+        >>> MuMoE(8, 4, "cp", expert_dims=(6, 2), rank=3).materialize().shape
+        torch.Size([6, 2, 9, 4])
+        """
+        with thread_backend("pytorch"):
+            return functional.materialize(*self._weights())
+
+    def expert_weight(self, index: int | Sequence[int]) -> functional.ExpertWeight:
+        """One expert's affine map, without materialising W.
+
+        Parameters
+        ----------
+        index : int or sequence of int
+            One index per expert level (an int with one level).
+
+        Returns
+        -------
+        mumoe.ExpertWeight
+            ``weight`` (I, O) and ``bias`` (O,) (None without bias).
+
+        Examples
+        --------
+        >>> w = MuMoE(8, 4, "cp", expert_dims=(6, 2), rank=3).expert_weight((5, 1))
+        >>> w.weight.shape, w.bias.shape
+        (torch.Size([8, 4]), torch.Size([4]))
+        """
+        with thread_backend("pytorch"):
+            return functional.expert_weight(*self._weights(), index)
+
+    def extra_repr(self) -> str:
+        """Sizes and options, for ``repr``."""
+        net = self.network
+        rank = f", rank={dict(net.ranks)}" if net.ranks else ""
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"network={net.format!r}, spec={net.spec!r}, expert_dims={net.expert_dims}"
+            f"{rank}, bias={net.bias}, init={self.init_scheme!r}, params={net.n_params:,}"
+        )
+
+
+class _PresetMuMoE(MuMoE):
+    """A MuMoE of one format (``format``), its keywords spelled out and the rank required."""
+
+    format: str
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        expert_dims: int | Sequence[int],
+        *,
+        rank: Rank | str | Budget,
+        bias: bool = True,
+        normalization: str | None = "bn",
+        activation: str | Activation = "entmax15",
+        top_k: int | None = None,
+        balance: Mapping[str, float] | None = None,
+        input_norm: bool = False,
+        gated: bool = True,
+        planner: Planner | None = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__(
+            in_features, out_features, self.format, expert_dims=expert_dims, rank=rank,
+            bias=bias, normalization=normalization, activation=activation, top_k=top_k,
+            balance=balance, input_norm=input_norm, gated=gated, planner=planner,
+            device=device, dtype=dtype,
+        )  # fmt: skip
+
+
+class CPMuMoE(_PresetMuMoE):
+    r"""A μMoE layer whose weight tensor is a CP network (:func:`mumoe.cp`).
+
+    ``CPMuMoE(in_features, out_features, expert_dims, rank=...)`` is
+    ``MuMoE(in_features, out_features, "cp", expert_dims=..., rank=...)``.
+
+    Parameters
+    ----------
+    in_features, out_features : int
+    expert_dims : int or sequence of int
+        Experts per level.
+    rank : int, "same" or Budget
+        The CP rank (:func:`mumoe.validate_cp_rank`), or a parameter budget.
+    bias, normalization, activation, top_k, balance, input_norm, gated, planner, device, dtype
+        As for :class:`MuMoE`.
+
+    Examples
+    --------
+    >>> import torch
+    >>> layer = CPMuMoE(64, 32, (8, 4), rank="same")  # as many parameters as nn.Linear
+    >>> layer(torch.randn(3, 64)).shape
+    torch.Size([3, 32])
+    """
+
+    format = "cp"
+
+
+class TuckerMuMoE(_PresetMuMoE):
+    r"""A μMoE layer whose weight tensor is a Tucker network (:func:`mumoe.tucker`).
+
+    ``TuckerMuMoE(in_features, out_features, expert_dims, rank=...)`` is
+    ``MuMoE(in_features, out_features, "tucker", expert_dims=..., rank=...)``.
+
+    Parameters
+    ----------
+    in_features, out_features : int
+    expert_dims : int or sequence of int
+        Experts per level.
+    rank : int or tuple of int, "same" or Budget
+        The Tucker rank (:func:`mumoe.validate_tucker_rank`), or a parameter budget.
+    bias, normalization, activation, top_k, balance, input_norm, gated, planner, device, dtype
+        As for :class:`MuMoE`.
+
+    Examples
+    --------
+    >>> import torch
+    >>> layer = TuckerMuMoE(64, 32, (8, 4), rank=(2, 2, 8, 8))
+    >>> layer(torch.randn(3, 64)).shape
+    torch.Size([3, 32])
+    """
+
+    format = "tucker"
+
+
+class TTMuMoE(_PresetMuMoE):
+    r"""A μMoE layer whose weight tensor is a TT network (:func:`mumoe.tt`).
+
+    ``TTMuMoE(in_features, out_features, expert_dims, rank=...)`` is
+    ``MuMoE(in_features, out_features, "tt", expert_dims=..., rank=...)``.
+
+    Parameters
+    ----------
+    in_features, out_features : int
+    expert_dims : int or sequence of int
+        Experts per level.
+    rank : int or tuple of int, "same" or Budget
+        The TT rank (:func:`mumoe.validate_tt_rank`), or a parameter budget.
+    bias, normalization, activation, top_k, balance, input_norm, gated, planner, device, dtype
+        As for :class:`MuMoE`.
+
+    Examples
+    --------
+    >>> import torch
+    >>> layer = TTMuMoE(64, 32, (8, 4), rank=(2, 2, 8))
+    >>> layer(torch.randn(3, 64)).shape
+    torch.Size([3, 32])
+    """
+
+    format = "tt"
+
+
+class TRMuMoE(_PresetMuMoE):
+    r"""A μMoE layer whose weight tensor is a TR network (:func:`mumoe.tr`).
+
+    ``TRMuMoE(in_features, out_features, expert_dims, rank=...)`` is
+    ``MuMoE(in_features, out_features, "tr", expert_dims=..., rank=...)``.
+
+    Parameters
+    ----------
+    in_features, out_features : int
+    expert_dims : int or sequence of int
+        Experts per level.
+    rank : int or tuple of int, "same" or Budget
+        The TR rank (:func:`mumoe.validate_tr_rank`), or a parameter budget.
+    bias, normalization, activation, top_k, balance, input_norm, gated, planner, device, dtype
+        As for :class:`MuMoE`.
+
+    Examples
+    --------
+    >>> import torch
+    >>> layer = TRMuMoE(64, 32, (8, 4), rank=(4, 4, 4, 16))
+    >>> layer(torch.randn(3, 64)).shape
+    torch.Size([3, 32])
+    """
+
+    format = "tr"

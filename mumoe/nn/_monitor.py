@@ -1,0 +1,302 @@
+"""Expert health in a torch training loop: padding masks, balance losses, a usage monitor.
+
+:func:`gate_mask` tells every gate of a model which tokens are padding, for
+one forward pass; :func:`collect_aux_losses` sums the balance losses that
+gates built with ``balance`` set on their last forward pass;
+:class:`ExpertMonitor` keeps a bounded window of each gate's
+:func:`mumoe.gates.usage` and hands back plain floats for any logger, and
+the history of the expert mass for a heatmap
+(:func:`mumoe.plotting.plot_usage`).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import deque
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from mumoe.backends import thread_backend
+from mumoe.gates import Usage, usage
+from mumoe.nn._gate import MuMoEGate
+
+__all__ = ["ExpertMonitor", "collect_aux_losses", "gate_mask"]
+
+
+def _gates(model: nn.Module) -> list[tuple[str, MuMoEGate]]:
+    gates = [(name, m) for name, m in model.named_modules() if isinstance(m, MuMoEGate)]
+    if not gates:
+        raise ValueError(
+            f"{type(model).__name__} has no MuMoEGate: a layer built with gated=False takes "
+            "its gates as an argument, and mumoe.gates.usage measures those directly"
+        )
+    return gates
+
+
+@contextmanager
+def gate_mask(model: nn.Module, mask: torch.Tensor) -> Iterator[None]:
+    """Leave padding out of every gate's balance losses and monitor statistics.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        Every :class:`MuMoEGate` inside it takes the mask.
+    mask : torch.Tensor, shape (...) matching the tokens
+        1 (True) for a token, 0 for padding, such as a tokenizer's
+        ``attention_mask``; each gate checks it against its input's shape.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from mumoe.nn import MuMoE
+    >>> layer = MuMoE(8, 4, "cp", expert_dims=6, rank=2, balance={"uniform_kl": 1.0})
+    >>> x, mask = torch.randn(2, 5, 8), torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
+    >>> with gate_mask(layer, mask):
+    ...     _ = layer(x)
+    >>> layer.gate.aux_loss.shape, layer.gate.mask is None
+    (torch.Size([]), True)
+    """
+    if not isinstance(mask, torch.Tensor):
+        raise TypeError(f"mask must be a torch.Tensor, got {type(mask).__name__}")
+    gates = _gates(model)
+    previous = [gate.mask for _, gate in gates]
+    for _, gate in gates:
+        gate.mask = mask
+    try:
+        yield
+    finally:
+        for (_, gate), old in zip(gates, previous, strict=True):
+            gate.mask = old
+
+
+def collect_aux_losses(model: nn.Module) -> torch.Tensor:
+    """The sum of the balance losses every gate of ``model`` set on its last forward pass.
+
+    Add it to the task loss before ``backward()``.  Gates without ``balance``
+    contribute nothing; nothing is kept between calls (each gate's
+    ``aux_loss`` is replaced by its next forward pass).
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+
+    Returns
+    -------
+    torch.Tensor, shape ()
+        0 when no gate has a loss.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from mumoe.nn import MuMoE
+    >>> layer = MuMoE(8, 4, "cp", expert_dims=6, rank=2, balance={"z_loss": 1e-3})
+    >>> loss = layer(torch.randn(5, 8)).square().mean() + collect_aux_losses(layer)
+    >>> loss.backward()
+    """
+    losses = [gate.aux_loss for _, gate in _gates(model) if gate.aux_loss is not None]
+    if not losses:
+        return torch.zeros(())
+    return torch.stack([loss.to(losses[0]) for loss in losses]).sum()
+
+
+class ExpertMonitor:
+    """Each gate's expert usage over the last ``window`` forward passes, with bounded memory.
+
+    Registers a forward hook on every :class:`MuMoEGate` of ``model``; each
+    call in training mode (or every call, ``training_only=False``) adds the
+    gate's :func:`mumoe.gates.usage` of every level to a ring buffer of
+    ``window`` entries, and every ``every``-th adds the mass to a history of at
+    most ``history`` rows.  Padding set with :func:`gate_mask` is left out.
+    Use it as a context manager, or call :meth:`close`.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+    window : int, default 100
+        Forward passes the metrics average over; an expert is *dead* when no
+        token in the whole window gave it a non-zero coefficient.
+    every : int, default 1
+        Keep the mass of every ``every``-th pass for :meth:`history`.
+    history : int, default 500
+        At most this many rows are kept (the oldest are dropped).
+    training_only : bool, default True
+
+    Examples
+    --------
+    >>> import torch
+    >>> from mumoe.nn import MuMoE
+    >>> layer = MuMoE(8, 4, "cp", expert_dims=6, rank=2)
+    >>> with ExpertMonitor(layer, window=10) as monitor:
+    ...     for _ in range(3):
+    ...         _ = layer(torch.randn(16, 8))
+    >>> metrics = monitor.metrics()
+    >>> round(metrics["gate/0/entropy"], 3), metrics["gate/0/dead"], monitor.steps
+    (1.0, 0.0, 3)
+    >>> monitor.history("gate").shape  # (passes kept, experts)
+    (3, 6)
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        window: int = 100,
+        every: int = 1,
+        history: int = 500,
+        training_only: bool = True,
+    ) -> None:
+        for value, what in ((window, "window"), (every, "every"), (history, "history")):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{what} must be a positive int, got {value!r}")
+        self.window, self.every, self.training_only = window, every, training_only
+        self.steps = 0
+        self._owner = threading.get_ident()
+        self._recent: dict[str, deque[list[Usage]]] = {}
+        self._history: dict[str, deque[list[np.ndarray]]] = {}
+        self._handles: list[Any] = []
+        self._counts: dict[str, int] = {}
+        for name, gate in _gates(model):
+            self._recent[name] = deque(maxlen=window)
+            self._history[name] = deque(maxlen=history)
+            self._handles.append(gate.register_forward_hook(self._hook(name)))
+
+    def _hook(self, name: str) -> Any:
+        def hook(gate: MuMoEGate, _: Any, output: list[torch.Tensor]) -> None:
+            if threading.get_ident() != self._owner or (self.training_only and not gate.training):
+                return
+            mask = gate.mask
+            with torch.no_grad(), thread_backend("pytorch"):
+                levels = [usage(a.detach().float(), mask) for a in output]
+            # Tensors kept as they are: floats only in metrics(), not a device sync per step.
+            self._recent[name].append(levels)
+            count = self._counts.get(name, 0)
+            if count % self.every == 0:
+                self._history[name].append([u.mass.cpu().numpy() for u in levels])
+            self._counts[name] = count + 1
+            self.steps = max(self.steps, count + 1)
+
+        return hook
+
+    def __enter__(self) -> ExpertMonitor:
+        return self
+
+    def __exit__(self, *_: Any) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Remove the hooks (the recorded window and history stay readable).
+
+        Examples
+        --------
+        >>> import torch
+        >>> from mumoe.nn import MuMoE
+        >>> monitor = ExpertMonitor(MuMoE(8, 4, "cp", expert_dims=6, rank=2))
+        >>> monitor.close()
+        >>> monitor.metrics()
+        {}
+        """
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+    def metrics(self) -> dict[str, float]:
+        """Plain floats over the window, keyed ``"{gate}/{level}/{metric}"``.
+
+        Metrics: ``entropy`` (normalised, 0-1), ``effective_experts``,
+        ``mean_support`` and ``max_mass`` (means over the window), and
+        ``dead``: experts no token of the window used.
+
+        Returns
+        -------
+        dict of str to float
+            Empty before the first recorded forward pass.
+
+        Examples
+        --------
+        >>> import torch
+        >>> from mumoe.nn import MuMoE
+        >>> layer = MuMoE(8, 4, "cp", expert_dims=(3, 2), rank=2)
+        >>> with ExpertMonitor(layer) as monitor:
+        ...     _ = layer(torch.randn(4, 8))
+        >>> sorted(key[7:] for key in monitor.metrics() if key.startswith("gate/1/"))
+        ['dead', 'effective_experts', 'entropy', 'max_mass', 'mean_support']
+        """
+        out: dict[str, float] = {}
+        for name, entries in self._recent.items():
+            if not entries:
+                continue
+            for level in range(len(entries[0])):
+                rows = [entry[level] for entry in entries]
+                prefix = f"{name}/{level}/"
+                for key in ("entropy", "effective_experts", "mean_support"):
+                    out[prefix + key] = float(torch.stack([getattr(u, key) for u in rows]).mean())
+                out[prefix + "max_mass"] = float(torch.stack([u.mass.max() for u in rows]).mean())
+                out[prefix + "dead"] = float(len(self.dead_experts(name, level)))
+        return out
+
+    def dead_experts(self, gate: str = "gate", level: int = 0) -> list[int]:
+        """The experts of ``gate``'s ``level`` that no token of the window used.
+
+        Parameters
+        ----------
+        gate : str, default "gate"
+            The gate's qualified name in the model (``"blocks.3.gate"``).
+        level : int, default 0
+
+        Returns
+        -------
+        list of int
+
+        Examples
+        --------
+        >>> import torch
+        >>> from mumoe.nn import MuMoE
+        >>> layer = MuMoE(8, 4, "cp", expert_dims=6, rank=2)
+        >>> with ExpertMonitor(layer) as monitor:
+        ...     _ = layer(torch.randn(4, 8))
+        >>> monitor.dead_experts()  # a zero-initialised gate uses every expert
+        []
+        """
+        entries = self._recent[self._check(gate)]
+        if not entries:
+            return []
+        support = torch.stack([entry[level].support for entry in entries]).sum(0)
+        return [int(i) for i in torch.nonzero(support == 0)[:, 0]]
+
+    def history(self, gate: str = "gate", level: int = 0) -> np.ndarray:
+        """The kept mass of ``gate``'s ``level``, ``(passes kept, N)``, oldest first.
+
+        Parameters
+        ----------
+        gate : str, default "gate"
+        level : int, default 0
+
+        Returns
+        -------
+        numpy.ndarray, shape (passes kept, N)
+            For :func:`mumoe.plotting.plot_usage`.
+
+        Examples
+        --------
+        >>> import torch
+        >>> from mumoe.nn import MuMoE
+        >>> layer = MuMoE(8, 4, "cp", expert_dims=6, rank=2)
+        >>> with ExpertMonitor(layer, every=2) as monitor:
+        ...     for _ in range(5):
+        ...         _ = layer(torch.randn(4, 8))
+        >>> monitor.history().shape
+        (3, 6)
+        """
+        rows = self._history[self._check(gate)]
+        width = rows[0][level].shape[0] if rows else 0
+        return np.stack([row[level] for row in rows]) if rows else np.zeros((0, width))
+
+    def _check(self, gate: str) -> str:
+        if gate not in self._recent:
+            raise KeyError(f"no gate {gate!r}; the monitored gates are {list(self._recent)}")
+        return gate

@@ -1,0 +1,64 @@
+"""How to contract a network: exact paths, compiled programs, cached plans, and their reports.
+
+A :class:`Plan` is one einsum equation compiled for one shape: a contraction
+path (the FLOP-optimal one by default, :class:`FlopOptimal`) compiled into a
+:class:`Program` of matrix multiplies with fixed layouts.  A :class:`Planner`
+holds a network's plans in a bounded :class:`PlanCache`, with its path
+policy (optimiser, autotuning), and :func:`planner_of` keeps one per
+network and policy; :func:`flops` and :func:`describe` report the plan a
+call uses.
+"""
+
+from mumoe.plan._describe import describe
+from mumoe.plan._paths import (
+    DEFAULT_OPTIMIZE,
+    OPTIMAL_OPERANDS,
+    FlopOptimal,
+    check_optimize,
+    optimal_path,
+    path_optimizer,
+)
+from mumoe.plan._plan import BIAS_INSIDE_ROWS, BIAS_KERNEL_ELEMENTS, Plan, PlanCache, batch_bucket
+from mumoe.plan._planner import (
+    AUTOTUNE_OPTIMIZERS,
+    PLANNERS_KEPT,
+    Planner,
+    flops,
+    planner_of,
+    resolve_planner,
+)
+from mumoe.plan._program import (
+    Kernels,
+    PairStep,
+    Program,
+    SumStep,
+    backend_kernels,
+    compile_program,
+)
+
+__all__ = [
+    "AUTOTUNE_OPTIMIZERS",
+    "BIAS_INSIDE_ROWS",
+    "BIAS_KERNEL_ELEMENTS",
+    "DEFAULT_OPTIMIZE",
+    "OPTIMAL_OPERANDS",
+    "PLANNERS_KEPT",
+    "FlopOptimal",
+    "Kernels",
+    "PairStep",
+    "Plan",
+    "PlanCache",
+    "Planner",
+    "Program",
+    "SumStep",
+    "backend_kernels",
+    "batch_bucket",
+    "check_optimize",
+    "compile_program",
+    "describe",
+    "flops",
+    "optimal_path",
+    "path_optimizer",
+    "planner_of",
+    "resolve_planner",
+]

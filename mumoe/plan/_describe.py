@@ -1,0 +1,142 @@
+"""Readable accounts of a network: :func:`describe` (what ``mumoe describe`` prints).
+
+The report reads everything from the network and its planner: the sizes and
+cores, the equation, the path the forward pass uses for the batch size asked
+(the autotuned one once a call has timed it, see
+:meth:`Planner.chosen <mumoe.plan.Planner.chosen>`), its FLOPs, and how the
+bias is added, from the bias rule of :meth:`Plan.bias_inside
+<mumoe.plan.Plan.bias_inside>`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Hashable
+
+from mumoe.plan._paths import DEFAULT_OPTIMIZE, OPTIMAL_OPERANDS
+from mumoe.plan._plan import BIAS_INSIDE_ROWS, BIAS_KERNEL_ELEMENTS, Plan
+from mumoe.plan._planner import Planner, resolve_planner
+from mumoe.plan._program import PairStep
+from mumoe.spec import INPUT, OUTPUT, Network
+from mumoe.validation import positive_int
+
+__all__ = ["describe"]
+
+
+def describe(
+    network: Network,
+    batch_size: int = 1,
+    *,
+    planner: Planner | None = None,
+    backend: str | None = None,
+    dtype: Hashable = None,
+) -> str:
+    """A readable account of ``network``: sizes, cores, equation, path and costs.
+
+    Parameters
+    ----------
+    network : Network
+    batch_size : int, default 1
+        The batch size the path and FLOPs are reported for.
+    planner : Planner, optional
+        Whose plans to report; :func:`~mumoe.plan.planner_of` ``(network)``
+        by default, the planner of :func:`mumoe.forward`.
+    backend, dtype : optional
+        Report the plan cached for this backend and dtype (by default the
+        one used most recently for the batch size, else the one a call would
+        build).
+
+    Returns
+    -------
+    str
+
+    Examples
+    --------
+    >>> from mumoe import cp
+    >>> print(describe(cp(8, 5, 2, rank=3), batch_size=4))  # doctest: +ELLIPSIS
+    Network 'cp': 1 expert level, 8 experts, with bias
+      spec        n1 r, i r, o r
+      ...
+      path        batch 4, FLOP-optimal:
+                  (1) gate n1 * core 0: ...
+    """
+    net = network
+    planner = resolve_planner(network, planner)
+    batch_size = positive_int(batch_size, "batch_size")
+    plan, source = planner.chosen(batch_size, backend, dtype)
+    levels = f"{net.n_levels} expert level{'s' if net.n_levels > 1 else ''}"
+    experts = f"{net.n_experts:,} experts"
+    if net.n_levels > 1:
+        experts = f"{' x '.join(map(str, net.expert_dims))} = {experts}"
+    sizes = [f"{leg}={net.sizes[leg]}" for leg in net.expert_legs]
+    in_size = f"{INPUT}={net.sizes[INPUT]}"
+    if net.bias:
+        in_size += f" ({net.in_features} + bias)"
+    sizes += [in_size, f"{OUTPUT}={net.out_features}"]
+    sizes += [f"{bond}={size}" for bond, size in net.ranks.items()]
+
+    width = max(len(" ".join(legs)) for legs in net.core_legs)
+    cores = [
+        f"#{k} {' '.join(legs):<{width}}  {shape!s:<18} {math.prod(shape):>12,}"
+        for k, (legs, shape) in enumerate(zip(net.core_legs, net.core_shapes, strict=True))
+    ]
+    ratio = net.n_dense_params / net.n_params
+    pad = "\n" + " " * 14
+    optimizer = f"opt_einsum {planner.optimize!r}"
+    if planner.optimize == DEFAULT_OPTIMIZE:
+        exact = len(plan.shapes) <= OPTIMAL_OPERANDS
+        optimizer = "FLOP-optimal" if exact else "opt_einsum 'auto-hq' (too many operands to prove)"
+    if source == "autotuned":
+        optimizer = "autotuned (the fastest candidate timed on the first call)"
+    elif planner.autotune:
+        optimizer += " (autotune: not timed yet; a first call may choose another path)"
+    lines = [
+        f"Network '{net.format}': {levels}, {experts}, {'with' if net.bias else 'no'} bias",
+        f"  spec        {net.spec}",
+        f"  sizes       {', '.join(sizes)}",
+        f"  cores       {pad.join(cores)}",
+        f"  parameters  {net.n_params:,} (dense W {net.weight_shape}: "
+        f"{net.n_dense_params:,}, {ratio:,.1f}x more)",
+        f"  equation    {net.equation}",
+        f"  einsum      {net.einsum_equation}",
+        f"  path        batch {batch_size}, {optimizer}:{pad}" + pad.join(_steps(net, plan)),
+        f"  FLOPs       {planner.flops(batch_size, plan):,} for batch {batch_size}",
+        f"  bias        {_bias_text(net, plan)}",
+    ]
+    return "\n".join(lines)
+
+
+def _steps(net: Network, plan: Plan) -> list[str]:
+    names = [*(f"gate {leg}" for leg in net.expert_legs), "input"]
+    names += [f"core {k}" for k in range(net.n_cores)]
+    steps = []
+    for n, (contraction, step) in enumerate(zip(plan.path, plan.program.steps, strict=True), 1):
+        order = (step.left, step.right) if isinstance(step, PairStep) else contraction
+        picked = [names[j] for j in order]
+        for j in sorted(contraction, reverse=True):
+            del names[j]
+        names.append(f"({n})")
+        kind = step.kind if isinstance(step, PairStep) else "sum"
+        steps.append(f"({n}) {' * '.join(picked)}: {step.equation}  [{kind}]")
+    return steps
+
+
+def _bias_text(net: Network, plan: Plan) -> str:
+    if not net.bias:
+        return "none"
+    program = plan.bias_program
+    if program is None:
+        return "a column of ones concatenated to x (the path meets x before its core)"
+    step = next(k for k, s in enumerate(program.steps, 1) if isinstance(s, PairStep) and s.bias)
+    rows = BIAS_INSIDE_ROWS * program.bias_width + 1
+    if program.kernels.bias_matmul is not None:
+        kernel_rows = -(-BIAS_KERNEL_ELEMENTS // program.bias_features)
+        return (
+            f"x @ core[:I] + core[I] in step ({step}) without gradients to the cores, by the "
+            f"bias_matmul kernel for batches of {min(rows, kernel_rows):,} rows or more; "
+            "else a column of ones"
+        )
+    return (
+        f"x @ core[:I] + core[I] in step ({step}) without gradients to the cores or for "
+        f"batches over {rows - 1:,} rows; else a column of ones"
+    )

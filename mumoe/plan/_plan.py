@@ -1,0 +1,375 @@
+r"""Compiled contractions and the bounded cache that keeps them.
+
+A :class:`Plan` is one einsum equation compiled for one set of operand
+shapes: opt_einsum searches the path once, when the plan is built, and
+:mod:`mumoe.plan` compiles its pairwise steps into matrix multiplies
+with fixed layouts; every call afterwards only executes them.  Plans are stored in a
+:class:`PlanCache`, a small thread-safe LRU owned by each
+:class:`~mumoe.spec.Network` and keyed by plain tuples.
+
+A compiled plan stays valid for operands whose sizes differ from the ones it
+was built for, as long as their number of dimensions agrees.  The
+network uses that to key forward plans on a power-of-two *bucket* of the batch
+size rather than on the exact size, so a data loader whose last batch is
+smaller, or sequences of varying length, do not fill the cache.
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Hashable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import opt_einsum
+
+from mumoe.plan._paths import DEFAULT_OPTIMIZE, path_optimizer
+from mumoe.plan._program import Kernels, Program, compile_program
+from mumoe.validation import positive_int
+
+__all__ = [
+    "BIAS_INSIDE_ROWS",
+    "BIAS_KERNEL_ELEMENTS",
+    "DEFAULT_OPTIMIZE",
+    "Plan",
+    "PlanCache",
+    "batch_bucket",
+]
+# DEFAULT_OPTIMIZE is mumoe.plan's, kept importable from here.
+
+
+#: The bias rule.  Where a plan can add the bias inside the contraction
+#: (``x @ core[:I] + core[I]``, no column of ones), it does so when no gradient
+#: flows to the cores; when the backend declares a ``bias_matmul`` kernel (which
+#: writes the core's gradient once and keeps no copy of ``x``) and ``x`` has at
+#: least :data:`BIAS_KERNEL_ELEMENTS` entries; or when the batch has more than
+#: this many rows per entry of the bias slice.  Otherwise ``z = [x, 1]`` is
+#: formed.  Without the kernel, the two slices of the core each cost a
+#: zero-filled gradient of the whole core in the backward pass, which only a
+#: large batch repays against one copy of ``x``.
+BIAS_INSIDE_ROWS = 2
+
+#: The smallest input (rows x I) for which a ``bias_matmul`` kernel is used in
+#: training: its backward runs in Python (about 0.1 ms a call on a 2-core CPU,
+#: ``benchmarks/README.md``), which a copy of a smaller ``x`` undercuts.
+BIAS_KERNEL_ELEMENTS = 1 << 16
+
+
+def batch_bucket(batch_size: int) -> int:
+    """Return the power of two at or above ``batch_size`` (1 for an empty batch).
+
+    Forward plans are keyed and path-searched at this size.
+
+    Parameters
+    ----------
+    batch_size : int
+
+    Returns
+    -------
+    int
+
+    Examples
+    --------
+    >>> [batch_bucket(b) for b in (0, 1, 2, 3, 8, 9)]
+    [1, 1, 2, 4, 8, 16]
+    """
+    return 1 if batch_size <= 1 else 1 << (batch_size - 1).bit_length()
+
+
+@dataclass(frozen=True, eq=False)
+class Plan:
+    """An einsum equation compiled for one set of operand shapes.
+
+    Built by :meth:`Plan.build` (and cached by :class:`mumoe.Network`), not by hand.
+
+    Parameters
+    ----------
+    equation : str
+        The einsum equation, in opt_einsum's symbols.
+    shapes : tuple of tuple of int
+        The operand shapes the path was searched for.
+    path : tuple of tuple of int
+        The pairwise contraction order (opt_einsum's path format).
+    flops : int
+        Floating-point operations of the path at ``shapes`` (a multiply-add
+        counts as two).
+    largest_intermediate : int
+        Number of elements of the largest intermediate tensor at ``shapes``.
+    step_equations : tuple of str
+        The pairwise steps as opt_einsum writes them, one einsum each.
+    program : mumoe.plan.Program
+        The steps compiled to matrix multiplies with fixed layouts.
+    bias_program : mumoe.plan.Program or None
+        With ``bias_input``, the same path compiled to add the input's bias
+        inside the contraction (``x`` without its column of ones); None where
+        the path does not allow it.
+
+    Examples
+    --------
+    >>> from mumoe import cp, planner_of
+    >>> plan = planner_of(cp(16, 8, 4, rank=3)).forward(16, "numpy", "float64")  # batch 16
+    >>> plan.equation, plan.path, plan.flops
+    ('ab,ac,be,ce,de->ad', ((0, 2), (0, 1), (1, 2), (0, 1)), 2832)
+    >>> [step.kind for step in plan.program.steps]
+    ['matmul', 'matmul', 'hadamard', 'matmul']
+    """
+
+    equation: str
+    shapes: tuple[tuple[int, ...], ...]
+    path: tuple[tuple[int, ...], ...]
+    flops: int
+    largest_intermediate: int
+    step_equations: tuple[str, ...]
+    program: Program
+    bias_program: Program | None = None
+
+    @classmethod
+    def build(
+        cls,
+        equation: str,
+        shapes: Sequence[Sequence[int]],
+        optimize: str | Sequence[tuple[int, ...]] = DEFAULT_OPTIMIZE,
+        *,
+        lead: str | None = None,
+        bias_input: int | None = None,
+        kernels: Kernels | None = None,
+    ) -> Plan:
+        """Search a contraction path and compile it.
+
+        Parameters
+        ----------
+        equation : str
+            An einsum equation with an explicit output (``"...->..."``), one
+            character per leg.
+        shapes : sequence of shapes
+            The operand shapes to optimise for.
+        optimize : str or path, default "flop-optimal"
+            ``"flop-optimal"`` (:class:`mumoe.plan.FlopOptimal`), any
+            optimiser opt_einsum accepts, or an explicit path.
+        lead : str, optional
+            A leg to keep leading in every intermediate (the batch rows).
+        bias_input : int, optional
+            Position of an input operand ``(lead, i)`` that may come without
+            its bias column: see :func:`mumoe.plan.compile_program`.
+        kernels : mumoe.plan.Kernels, optional
+            The backend's own kernels for the compiled steps.
+
+        Returns
+        -------
+        Plan
+
+        Examples
+        --------
+        >>> plan = Plan.build("ab,bc->ac", [(4, 3), (3, 2)])
+        >>> plan.path, plan.flops
+        (((0, 1),), 48)
+        """
+        dims = tuple(tuple(int(d) for d in s) for s in shapes)
+        # opt_einsum's random-greedy search (auto-hq past 20 operands, and some
+        # autotune candidates) reseeds Python's global random: leave it as it was.
+        state = random.getstate()
+        try:
+            path, info = opt_einsum.contract_path(
+                equation, *dims, shapes=True, optimize=path_optimizer(optimize)
+            )
+        finally:
+            random.setstate(state)
+        inputs, output = equation.split("->")
+        terms = inputs.split(",")
+        sizes = {leg: d for term, shape in zip(terms, dims, strict=True)
+                 for leg, d in zip(term, shape, strict=True)}  # fmt: skip
+        program = compile_program(terms, output, path, sizes, lead=lead, kernels=kernels)
+        bias_program = None
+        if bias_input is not None:
+            candidate = compile_program(
+                terms, output, path, sizes, lead=lead, bias_input=bias_input, kernels=kernels
+            )
+            bias_program = candidate if candidate.bias_inside else None
+        return cls(
+            equation=equation,
+            shapes=dims,
+            path=tuple(tuple(step) for step in path),
+            flops=int(info.opt_cost),
+            largest_intermediate=int(info.largest_intermediate),
+            step_equations=tuple(step[2] for step in info.contraction_list),
+            program=program,
+            bias_program=bias_program,
+        )
+
+    def bias_inside(self, batch_size: int, differentiable: bool) -> bool:
+        """Whether a call adds the bias inside the contraction: the bias rule.
+
+        True where :attr:`bias_program` exists and either no gradient flows
+        to the cores, the backend declares a ``bias_matmul`` kernel and the
+        input has at least :data:`BIAS_KERNEL_ELEMENTS` entries, or the
+        batch has more than :data:`BIAS_INSIDE_ROWS` rows per entry of the
+        bias slice.
+
+        Parameters
+        ----------
+        batch_size : int
+            Rows of the call.
+        differentiable : bool
+            Whether gradients flow to the cores.
+
+        Returns
+        -------
+        bool
+
+        Examples
+        --------
+        >>> from mumoe import cp, planner_of
+        >>> plan = planner_of(cp(8, 5, 2, rank=3)).forward(4, "numpy", "float64")
+        >>> plan.bias_inside(4, differentiable=False), plan.bias_inside(4, differentiable=True)
+        (True, False)
+        """
+        program = self.bias_program
+        return program is not None and (
+            not differentiable
+            or batch_size > BIAS_INSIDE_ROWS * program.bias_width
+            or (
+                program.kernels.bias_matmul is not None
+                and batch_size * program.bias_features >= BIAS_KERNEL_ELEMENTS
+            )
+        )
+
+    def __call__(self, *operands: Any, bias_inside: bool = False) -> Any:
+        """Contract ``operands`` (arrays of one backend) along the compiled path.
+
+        With ``bias_inside``, the input comes without its column of ones and
+        :attr:`bias_program` runs (it must exist).
+        """
+        return (self.bias_program if bias_inside else self.program)(operands)  # type: ignore[misc]
+
+
+class PlanCache:
+    """A bounded, thread-safe least-recently-used cache of plans.
+
+    Parameters
+    ----------
+    maxsize : int, default 32
+        The most plans kept; the least recently used one is dropped first.
+
+    Notes
+    -----
+    Keys are plain tuples such as ``("forward", 256, "pytorch", torch.float32)``,
+    never formatted strings or hash values.  A plan is built outside the lock,
+    so a slow path search does not stall other threads; if two threads build
+    the same plan at once, the first one stored wins and both use it.
+
+    Examples
+    --------
+    >>> cache = PlanCache(maxsize=2)
+    >>> cache.get(("a",), lambda: "plan a"), cache.get(("a",), lambda: "never built")
+    ('plan a', 'plan a')
+    >>> cache
+    PlanCache(size=1, maxsize=2, hits=1, misses=1)
+    """
+
+    def __init__(self, maxsize: int = 32) -> None:
+        self.maxsize = positive_int(maxsize, "maxsize")
+        self._plans: OrderedDict[Hashable, Plan] = OrderedDict()
+        self._lock = threading.Lock()
+        self.hits = 0
+        self.misses = 0
+
+    def get(self, key: Hashable, build: Callable[[], Plan]) -> Plan:
+        """Return the plan stored under ``key``, building and storing it if absent.
+
+        Parameters
+        ----------
+        key : hashable
+        build : callable
+            Called without arguments, outside the lock, on a miss.
+
+        Returns
+        -------
+        Plan
+
+        Examples
+        --------
+        >>> cache = PlanCache(maxsize=1)
+        >>> cache.get("a", lambda: "plan a"), cache.get("b", lambda: "plan b"), cache.keys()
+        ('plan a', 'plan b', ['b'])
+        """
+        with self._lock:
+            plan = self._plans.get(key)
+            if plan is not None:
+                self._plans.move_to_end(key)
+                self.hits += 1
+                return plan
+            self.misses += 1
+        plan = build()
+        with self._lock:
+            plan = self._plans.setdefault(key, plan)
+            self._plans.move_to_end(key)
+            while len(self._plans) > self.maxsize:
+                self._plans.popitem(last=False)
+        return plan
+
+    def peek(self, key: Hashable) -> Plan | None:
+        """The plan stored under ``key``, or None; neither counted nor moved.
+
+        Parameters
+        ----------
+        key : hashable
+
+        Returns
+        -------
+        Plan or None
+
+        Examples
+        --------
+        >>> cache = PlanCache()
+        >>> _ = cache.get("a", lambda: "plan a")
+        >>> cache.peek("a"), cache.peek("b"), cache.hits
+        ('plan a', None, 0)
+        """
+        with self._lock:
+            return self._plans.get(key)
+
+    def keys(self) -> list[Hashable]:
+        """The keys held, least recently used first.
+
+        Returns
+        -------
+        list
+
+        Examples
+        --------
+        >>> cache = PlanCache()
+        >>> for key in ("a", "b", "a"):
+        ...     _ = cache.get(key, lambda: key)
+        >>> cache.keys()
+        ['b', 'a']
+        """
+        with self._lock:
+            return list(self._plans)
+
+    def clear(self) -> None:
+        """Drop every plan and reset the hit and miss counters.
+
+        Examples
+        --------
+        >>> cache = PlanCache()
+        >>> _ = cache.get("key", lambda: "plan")
+        >>> cache.clear()
+        >>> cache
+        PlanCache(size=0, maxsize=32, hits=0, misses=0)
+        """
+        with self._lock:
+            self._plans.clear()
+            self.hits = 0
+            self.misses = 0
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._plans)
+
+    def __repr__(self) -> str:
+        return (
+            f"PlanCache(size={len(self)}, maxsize={self.maxsize}, "
+            f"hits={self.hits}, misses={self.misses})"
+        )

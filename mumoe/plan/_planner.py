@@ -1,0 +1,480 @@
+r"""The plans of one network: which contractions it compiles, how, and where they are kept.
+
+A :class:`Planner` serves one :class:`~mumoe.spec.Network` and holds its
+planning policy (the path optimiser, autotuning) and its bounded cache of
+compiled :class:`~mumoe.plan.Plan` s: the forward contraction per batch
+bucket, backend and dtype, the contraction of all cores into ``W``, and that
+of one expert's matrix.  :meth:`Planner.chosen` is the plan a forward pass
+uses, which :func:`flops` and :func:`~mumoe.plan.describe` report.
+
+Networks are values: the planners live beside them, in a bounded,
+thread-safe map keyed by the network and the policy (:func:`planner_of`),
+so that equal networks share their plans and a function call with a
+network finds its planner in one dictionary lookup.  Layers hold theirs.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Hashable, Sequence
+from typing import Any
+
+import opt_einsum
+
+from mumoe.plan._paths import DEFAULT_OPTIMIZE, check_optimize
+from mumoe.plan._plan import Plan, PlanCache, batch_bucket
+from mumoe.plan._program import backend_kernels
+from mumoe.spec import Network
+from mumoe.validation import check_bool, positive_int
+
+__all__ = [
+    "AUTOTUNE_OPTIMIZERS",
+    "PLANNERS_KEPT",
+    "Planner",
+    "flops",
+    "planner_of",
+    "resolve_planner",
+]
+
+#: The opt_einsum optimisers whose paths autotuning times, besides the network's own.
+AUTOTUNE_OPTIMIZERS = ("greedy", "branch-2", "dp", "random-greedy-128")
+
+
+class Planner:
+    """The compiled plans of one network and the policy that builds them.
+
+    Made by :func:`planner_of`, which keeps one per network and policy;
+    build one directly for a cache of its own.
+
+    Parameters
+    ----------
+    network : Network
+    optimize : str or path, default "flop-optimal"
+        The path search used when a plan is first built: ``"flop-optimal"``
+        (the least FLOPs, exactly, up to :data:`~mumoe.plan.OPTIMAL_OPERANDS`
+        operands; opt_einsum's ``"auto-hq"`` above), any opt_einsum
+        optimiser, or an explicit path (opt_einsum's format) for the forward
+        contraction of ``(*gates, x, *cores)``; the other contractions then
+        use "flop-optimal".
+    cache_size : int, default 32
+        The most plans kept.
+    autotune : bool, default False
+        Time the candidate paths of :data:`AUTOTUNE_OPTIMIZERS` on the first
+        forward call per batch bucket, backend and dtype; keep the fastest.
+
+    Raises
+    ------
+    ValueError, TypeError
+        For an optimiser no plan can be built with, or a flag that is not a bool.
+
+    Examples
+    --------
+    >>> from mumoe import cp
+    >>> planner = Planner(cp(8, 5, 2, rank=3))
+    >>> planner.forward(100, "numpy", "float64") is planner.forward(70, "numpy", "float64")
+    True
+    """
+
+    def __init__(
+        self,
+        network: Network,
+        *,
+        optimize: str | Sequence[tuple[int, ...]] = DEFAULT_OPTIMIZE,
+        cache_size: int = 32,
+        autotune: bool = False,
+    ) -> None:
+        if not isinstance(network, Network):
+            raise TypeError(f"a Planner plans a mumoe.Network, got {type(network).__qualname__}")
+        self.network = network
+        n_operands = network.n_levels + 1 + network.n_cores  # gates, input, cores
+        self.optimize = check_optimize(optimize, n_operands)
+        self.autotune = check_bool(autotune, "autotune")
+        self.cache = PlanCache(cache_size)
+
+    def __repr__(self) -> str:
+        return f"Planner(optimize={self.optimize!r}, autotune={self.autotune}, cache={self.cache})"
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Pickled (with a layer that holds it) as its policy; plans are built again.
+        return (_unpickle, (self.network, self.optimize, self.cache.maxsize, self.autotune))
+
+    # ----------------------------------------------------------------- forward
+
+    def forward(
+        self,
+        batch_size: int,
+        backend: str,
+        dtype: Hashable,
+        timer: Callable[[Plan], float] | None = None,
+        device: Hashable = None,
+    ) -> Plan:
+        """The compiled forward contraction for a batch of ``batch_size`` rows.
+
+        Plans are cached per ``(batch bucket, backend, dtype)``, and with
+        ``autotune`` per device too (a path timed on one device is not the
+        fastest on another); the path is searched at the bucket size, the
+        next power of two.
+
+        Parameters
+        ----------
+        batch_size : int
+            Number of rows once the leading dimensions are flattened.
+        backend : str
+            TensorLy backend name the operands live on.
+        dtype : hashable
+            The operands' dtype.
+        timer : callable, optional
+            With ``autotune``, measures a candidate plan on the caller's
+            operands (seconds); the fastest candidate is cached.
+        device : hashable, optional
+            With ``autotune``, the device of the operands
+            (:func:`mumoe.backends.array_device`): part of the cache key.
+
+        Returns
+        -------
+        Plan
+            Called with ``(*gates, x, *cores)``: each gate ``(B, N_e)``, ``x``
+            and the cores; returns ``(B, O)``.  With a bias, ``x`` is
+            ``(B, I)`` when ``bias_inside=True`` is passed (see
+            :meth:`Plan.bias_inside <mumoe.plan.Plan.bias_inside>`) and
+            ``(B, I + 1)``, ones last, otherwise.
+
+        Examples
+        --------
+        >>> from mumoe import cp
+        >>> plan = Planner(cp(8, 5, 2, rank=3)).forward(100, "numpy", "float64")
+        >>> plan.shapes[0]  # bucket 128
+        (128, 8)
+        """
+        bucket = batch_bucket(batch_size)
+        key = ("forward", bucket, backend, dtype)
+        if self.autotune and timer is not None:
+            tuned = (*key, device)
+            return self.cache.get(tuned, lambda: self._tune(bucket, backend, timer))
+        return self.cache.get(key, lambda: self.build_forward(bucket, backend=backend))
+
+    def _tune(self, batch_size: int, backend: str, timer: Callable[[Plan], float]) -> Plan:
+        candidates: dict[tuple[tuple[int, ...], ...], Plan] = {}
+        for optimize in (self.optimize, *AUTOTUNE_OPTIMIZERS):
+            plan = self.build_forward(batch_size, optimize, backend=backend)
+            candidates.setdefault(plan.path, plan)
+        return min(candidates.values(), key=timer)
+
+    def build_forward(
+        self, batch_size: int, optimize: Any = None, *, backend: str | None = None
+    ) -> Plan:
+        """Build (without caching) the forward plan for ``batch_size`` rows.
+
+        Parameters
+        ----------
+        batch_size : int
+        optimize : str or path, optional
+            The optimiser; this planner's by default.
+        backend : str, optional
+            The backend the plan runs on, for the kernels it declares
+            (:func:`mumoe.plan.backend_kernels`).
+
+        Returns
+        -------
+        Plan
+
+        Examples
+        --------
+        >>> from mumoe import cp
+        >>> Planner(cp(8, 5, 2, rank=3)).build_forward(4, "greedy").shapes[0]
+        (4, 8)
+        """
+        net = self.network
+        return Plan.build(
+            net.einsum_equation,
+            net.forward_shapes(batch_size),
+            self.optimize if optimize is None else optimize,
+            lead=net.batch_symbol,
+            bias_input=net.n_levels if net.bias else None,  # x follows the gates
+            kernels=None if backend is None else backend_kernels(backend),
+        )
+
+    def chosen(
+        self, batch_size: int, backend: str | None = None, dtype: Hashable = None
+    ) -> tuple[Plan, str]:
+        """The forward plan a call with ``batch_size`` rows uses, and where it came from.
+
+        The cached plan of that batch bucket (of ``backend`` and ``dtype``
+        when given, else the one used most recently), which is the autotuned
+        one once timed; otherwise the plan of this planner's optimiser, which
+        a forward pass would build.
+
+        Parameters
+        ----------
+        batch_size : int
+        backend : str, optional
+        dtype : hashable, optional
+
+        Returns
+        -------
+        plan : Plan
+        source : str
+            ``"autotuned"``, ``"cached"`` or ``"not built yet"`` (with
+            autotune, the path is then the optimiser's until a call times it).
+
+        Examples
+        --------
+        >>> from mumoe import cp
+        >>> Planner(cp(8, 5, 2, rank=3)).chosen(4)[1]
+        'not built yet'
+        """
+        bucket = batch_bucket(batch_size)
+        for key in reversed(self.cache.keys()):
+            if (
+                isinstance(key, tuple)
+                and key[:2] == ("forward", bucket)
+                and backend in (None, key[2])
+                and (dtype is None or dtype == key[3])
+            ):
+                plan = self.cache.peek(key)
+                if plan is not None:
+                    return plan, "autotuned" if self.autotune else "cached"
+        return self.build_forward(bucket), "not built yet"
+
+    def flops(self, batch_size: int, plan: Plan | None = None) -> int:
+        """FLOPs of the forward contraction over ``batch_size`` rows along :meth:`chosen`'s path.
+
+        Parameters
+        ----------
+        batch_size : int
+        plan : Plan, optional
+            Count along this plan's path instead.
+
+        Returns
+        -------
+        int
+
+        Examples
+        --------
+        >>> from mumoe import cp
+        >>> Planner(cp(16, 8, 4, rank=3)).flops(10)
+        1770
+        """
+        path = (plan or self.chosen(batch_size)[0]).path
+        net = self.network
+        _, info = opt_einsum.contract_path(
+            net.einsum_equation, *net.forward_shapes(batch_size), shapes=True,
+            optimize=list(path),
+        )  # fmt: skip
+        return int(info.opt_cost)
+
+    # ------------------------------------------------------- dense and expert
+
+    def materialize(self, backend: str, dtype: Hashable) -> Plan:
+        """The compiled contraction of all cores into ``W`` (``weight_shape``).
+
+        Parameters
+        ----------
+        backend : str
+            The TensorLy backend the plan is for.
+        dtype : hashable
+            The cores' dtype.
+
+        Returns
+        -------
+        Plan
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> from mumoe import cp
+        >>> net = cp(8, 5, 2, rank=3)
+        >>> cores = [np.ones(s) for s in net.core_shapes]
+        >>> Planner(net).materialize("numpy", "float64")(*cores).shape
+        (8, 6, 2)
+        """
+        return self.cache.get(("materialize", backend, dtype), lambda: self._materialize(backend))
+
+    def _materialize(self, backend: str) -> Plan:
+        net = self.network
+        return Plan.build(
+            net.materialize_equation,
+            net.core_shapes,
+            self._other_optimize,
+            kernels=backend_kernels(backend),
+        )
+
+    def expert(self, backend: str, dtype: Hashable) -> Plan:
+        """The compiled contraction of the cores, expert legs sliced away, into ``(I', O)``.
+
+        Called with the cores after indexing each expert leg at one expert.
+
+        Parameters
+        ----------
+        backend : str
+        dtype : hashable
+
+        Returns
+        -------
+        Plan
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> from mumoe import cp
+        >>> sliced = [np.ones(3), np.ones((6, 3)), np.ones((2, 3))]  # expert leg indexed away
+        >>> Planner(cp(8, 5, 2, rank=3)).expert("numpy", "float64")(*sliced)[0]
+        array([3., 3.])
+        """
+        return self.cache.get(("expert", backend, dtype), lambda: self._expert(backend))
+
+    def _expert(self, backend: str) -> Plan:
+        net = self.network
+        shapes = [[net.sizes[leg] for leg in legs] for legs in net.expert_core_legs]
+        kernels = backend_kernels(backend)
+        return Plan.build(net.expert_equation, shapes, self._other_optimize, kernels=kernels)
+
+    @property
+    def _other_optimize(self) -> str:
+        # An explicit path fits the forward equation only.
+        return self.optimize if isinstance(self.optimize, str) else DEFAULT_OPTIMIZE
+
+
+def _unpickle(network: Network, optimize: Any, cache_size: int, autotune: bool) -> Planner:
+    return planner_of(network, optimize=optimize, cache_size=cache_size, autotune=autotune)
+
+
+#: How many planners :func:`planner_of` keeps (least recently used dropped first).
+PLANNERS_KEPT = 256
+
+_PLANNERS: OrderedDict[Hashable, Planner] = OrderedDict()
+_PLANNERS_LOCK = threading.Lock()
+
+
+def _policy_key(optimize: Any) -> Hashable:
+    # An explicit path as a tuple of tuples; names and PathOptimizer objects as they are.
+    if isinstance(optimize, str) or not isinstance(optimize, Sequence):
+        return optimize
+    return tuple(tuple(step) for step in optimize)
+
+
+def planner_of(
+    network: Network,
+    *,
+    optimize: str | Sequence[tuple[int, ...]] = DEFAULT_OPTIMIZE,
+    autotune: bool = False,
+    cache_size: int = 32,
+) -> Planner:
+    """The planner of ``network`` under a path policy, made once and then kept.
+
+    A bounded, thread-safe map keyed by the (hashable) network and the policy
+    holds the planners, so equal networks share their plans; the default
+    policy is what :func:`mumoe.forward` and the layers use unless given a
+    planner of their own.  The map keeps the :data:`PLANNERS_KEPT` used
+    most recently; a layer keeps its own planner alive.
+
+    Parameters
+    ----------
+    network : Network
+    optimize, autotune, cache_size
+        The policy; see :class:`Planner`.
+
+    Returns
+    -------
+    Planner
+
+    Raises
+    ------
+    ValueError, TypeError
+        As :class:`Planner`.
+
+    Examples
+    --------
+    >>> from mumoe import cp
+    >>> planner_of(cp(8, 5, 2, rank=3)) is planner_of(cp(8, 5, 2, rank=3))
+    True
+    >>> planner_of(cp(8, 5, 2, rank=3), autotune=True).autotune
+    True
+    """
+    key = (network, _policy_key(optimize), autotune, cache_size)
+    try:
+        planner = _PLANNERS[key]
+    except TypeError:  # an unhashable optimiser: refused with the reason
+        check_optimize(optimize, network.n_levels + 1 + network.n_cores)
+        raise
+    except KeyError:
+        planner = Planner(network, optimize=optimize, cache_size=cache_size, autotune=autotune)
+        with _PLANNERS_LOCK:
+            planner = _PLANNERS.setdefault(key, planner)
+            while len(_PLANNERS) > PLANNERS_KEPT:
+                _PLANNERS.popitem(last=False)
+        return planner
+    with _PLANNERS_LOCK:
+        if key in _PLANNERS:
+            _PLANNERS.move_to_end(key)
+    return planner
+
+
+def flops(network: Network, batch_size: int = 1, *, planner: Planner | None = None) -> int:
+    """Floating-point operations of one forward pass over ``batch_size`` rows.
+
+    Counts the contraction of gates, input and cores along the path the
+    forward pass uses for this batch size (the autotuned one, once timed;
+    see :meth:`Planner.chosen`); a multiply-add counts as two.  The bias is
+    included (the input leg counts :math:`I + 1` rows with a bias); computing
+    the gates themselves (projection, normalisation, activation) is not.
+
+    Parameters
+    ----------
+    network : Network
+    batch_size : int, default 1
+    planner : Planner, optional
+        Whose path to count along; :func:`planner_of` ``(network)`` by default.
+
+    Returns
+    -------
+    int
+
+    Examples
+    --------
+    >>> from mumoe import Network
+    >>> flops(Network("n r, i r, o r", 16, 8, 4, rank=3), batch_size=10)
+    1770
+    >>> flops(Network("n r, i r, o r", 16, 8, 4, rank=3, bias=False), batch_size=10)  # 2bR less
+    1710
+    """
+    planner = resolve_planner(network, planner)
+    return planner.flops(positive_int(batch_size, "batch_size"))
+
+
+def resolve_planner(network: Network, planner: Planner | None = None) -> Planner:
+    """The planner a call with ``network`` uses: ``planner`` if it plans it, else the default.
+
+    Parameters
+    ----------
+    network : Network
+    planner : Planner, optional
+        A planner of ``network``; :func:`planner_of` ``(network)`` if None.
+
+    Returns
+    -------
+    Planner
+
+    Raises
+    ------
+    TypeError
+        If ``planner`` is not a :class:`Planner`.
+    ValueError
+        If it plans another network.
+
+    Examples
+    --------
+    >>> from mumoe import cp
+    >>> resolve_planner(cp(8, 5, 2, rank=3)) is planner_of(cp(8, 5, 2, rank=3))
+    True
+    """
+    if planner is None:
+        return planner_of(network)
+    if not isinstance(planner, Planner):
+        raise TypeError(f"planner must be a mumoe.plan.Planner, got {type(planner).__qualname__}")
+    if planner.network != network:
+        raise ValueError(
+            f"the planner plans {planner.network!r}, not the network given, {network!r}"
+        )
+    return planner

@@ -1,0 +1,243 @@
+r"""Parse and check the spec string of a tensor network.
+
+A spec names the legs of each core, cores separated by commas and legs by
+white space, for instance ``"n r, i r, o r"`` (CP) or
+``"r0 n r1, r1 i r2, r2 o r0"`` (tensor ring).  Three kinds of leg carry a
+role in Eq. (1) of the paper:
+
+``n`` or ``n1, n2, ..., nE``
+    the expert modes, one per expert level (``n`` is short for ``n1`` when
+    there is a single level);
+``i``
+    the input mode (of size ``in_features``, plus one with a bias);
+``o``
+    the output mode.
+
+Every other name is a *bond*: it is summed over, appears in two or more
+cores (three or more makes a hyperedge, as in CP), and takes its size from
+the ranks.  A role leg may appear in several cores too (an *open
+hyperedge*): it is shared like a bond but stays open, so the cores act
+elementwise along it.  ``"n o, i o"`` is MxD's Hadamard factorisation
+:math:`\mathcal{W}[n, i, o] = C[n, o] D[i, o]`, and ``"n i r, n o r"`` gives
+every expert a low-rank matrix :math:`U_n V_n^\top`.  This module knows only
+the structure; sizes live in :class:`mumoe.spec.Network`.
+"""
+
+from __future__ import annotations
+
+import collections
+import re
+from dataclasses import dataclass
+
+__all__ = ["INPUT", "OUTPUT", "ParsedSpec", "is_expert_leg", "parse_spec"]
+
+INPUT = "i"
+OUTPUT = "o"
+_LEG = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
+_EXPERT = re.compile(r"n([1-9][0-9]*)?\Z")
+
+
+#: A role leg glued to the next leg: the role, then the rest.
+_GLUED = {
+    "n": re.compile(r"(n[1-9][0-9]*|n)([A-Za-z_][A-Za-z0-9_]*)\Z"),
+    INPUT: re.compile(r"(i)([A-Za-z0-9_]+)\Z"),
+    OUTPUT: re.compile(r"(o)([A-Za-z0-9_]+)\Z"),
+}
+
+#: Commas of other scripts that look like ','.
+_LOOKALIKE_COMMAS = ("\uff0c", "\u3001", "\ufe50", "\u060c")
+
+
+def _refuse_glued_legs(spec: str, where: dict[str, list[int]]) -> None:
+    # "nr, ir, or": a role leg glued to a bond reads as one bond and the role goes
+    # missing; say so, rather than that the spec has no input leg.
+    roles = [INPUT, OUTPUT] if any(is_expert_leg(leg) for leg in where) else ["n", INPUT, OUTPUT]
+    for role in roles:
+        if role in where:
+            continue
+        for leg in where:
+            glued = _GLUED[role].match(leg)
+            if glued is not None and not is_expert_leg(leg):
+                raise ValueError(
+                    f"spec {_quote(spec)} has no {role!r} leg but a leg {leg!r} in core "
+                    f"{where[leg][0]}: legs are separated by white space, e.g. "
+                    f"'{glued.group(1)} {glued.group(2)}'"
+                )
+
+
+def is_expert_leg(leg: str) -> bool:
+    """Return whether ``leg`` names an expert mode (``n`` or ``n1``, ``n2``, ...).
+
+    Parameters
+    ----------
+    leg : str
+
+    Returns
+    -------
+    bool
+
+    Examples
+    --------
+    >>> [is_expert_leg(leg) for leg in ("n", "n2", "n0", "i", "r")]
+    [True, True, False, False, False]
+    """
+    return _EXPERT.match(leg) is not None
+
+
+@dataclass(frozen=True)
+class ParsedSpec:
+    """The structure of a tensor network, as written in its spec.
+
+    Parameters
+    ----------
+    core_legs : tuple of tuple of str
+        The legs of each core, in storage order.
+    expert_legs : tuple of str
+        The expert legs ``("n1", ..., "nE")``, in level order.  A spec that
+        writes a single ``n`` is normalised to ``("n1",)``.
+    bonds : tuple of str
+        The summed legs, in order of first appearance.
+
+    Examples
+    --------
+    >>> parse_spec("n r, i r, o r")
+    ParsedSpec(core_legs=(('n1', 'r'), ('i', 'r'), ('o', 'r')), expert_legs=('n1',), bonds=('r',))
+    """
+
+    core_legs: tuple[tuple[str, ...], ...]
+    expert_legs: tuple[str, ...]
+    bonds: tuple[str, ...]
+
+    @property
+    def spec(self) -> str:
+        """The canonical spec string (single spaces, ``", "`` between cores).
+
+        Examples
+        --------
+        >>> parse_spec("n   r,i r ,  o r").spec
+        'n1 r, i r, o r'
+        """
+        return ", ".join(" ".join(legs) for legs in self.core_legs)
+
+
+def _quote(spec: str, limit: int = 200) -> str:
+    # A spec in an error message, shortened: a long spec must not make a long message.
+    return repr(spec) if len(spec) <= limit else f"{spec[:limit]!r}... ({len(spec):,} characters)"
+
+
+def parse_spec(spec: str) -> ParsedSpec:
+    """Parse a spec string and check that it describes a valid μMoE network.
+
+    Parameters
+    ----------
+    spec : str
+        Cores separated by commas, legs separated by white space.
+
+    Returns
+    -------
+    ParsedSpec
+        The cores, expert legs and bonds.  A lone expert leg ``n`` is renamed
+        ``n1``.
+
+    Raises
+    ------
+    TypeError
+        If ``spec`` is not a string.
+    ValueError
+        If a core is empty, cores are separated by anything but ASCII commas,
+        a leg is not an ASCII identifier, a leg is repeated in one core, a
+        role leg (``i``, ``o``, ``n``/``nK``) is missing (or glued to the next
+        leg), expert legs skip a level or mix ``n`` with ``nK``, or a bond
+        appears in only one core.
+
+    Examples
+    --------
+    >>> parse_spec("n r, i r, o r").core_legs
+    (('n1', 'r'), ('i', 'r'), ('o', 'r'))
+    >>> parse_spec("r0 n1 r1, r1 n2 r2, r2 i r3, r3 o r0").bonds
+    ('r0', 'r1', 'r2', 'r3')
+    >>> parse_spec("n o, i o").core_legs  # MxD: the output leg shared, kept open
+    (('n1', 'o'), ('i', 'o'))
+    """
+    if not isinstance(spec, str):
+        raise TypeError(f"a network spec must be a str such as 'n r, i r, o r', got {spec!r}")
+    if not spec.strip():
+        raise ValueError("the network spec is empty; expected cores such as 'n r, i r, o r'")
+
+    for mark in _LOOKALIKE_COMMAS:
+        if mark in spec:
+            raise ValueError(
+                f"spec {_quote(spec)} separates cores with {mark!r} (U+{ord(mark):04X}); cores are "
+                "separated by the ASCII comma ',', e.g. 'n r, i r, o r'"
+            )
+    cores: list[tuple[str, ...]] = []
+    for k, text in enumerate(spec.split(",")):
+        legs = tuple(text.split())
+        if not legs:
+            raise ValueError(
+                f"core {k} of spec {_quote(spec)} has no legs; separate cores with single commas"
+            )
+        for leg in legs:
+            if not _LEG.match(leg):
+                raise ValueError(
+                    f"core {k} ({text.strip()!r}) has an invalid leg name {leg!r}: "
+                    "legs are ASCII identifiers (letters, digits and '_', not starting "
+                    "with a digit) such as 'n1', 'i', 'o' or 'r2'"
+                )
+        counts = collections.Counter(legs)  # linear: legs.count per leg was quadratic
+        repeated = sorted(leg for leg, count in counts.items() if count > 1)
+        if repeated:
+            raise ValueError(
+                f"leg {repeated[0]!r} is repeated inside core {k} ({text.strip()!r}); "
+                "each leg may appear once per core (a trace is not a μMoE weight)"
+            )
+        cores.append(legs)
+
+    where: dict[str, list[int]] = {}
+    for k, legs in enumerate(cores):
+        for leg in legs:
+            where.setdefault(leg, []).append(k)
+
+    _refuse_glued_legs(spec, where)
+    expert_names = [leg for leg in where if is_expert_leg(leg)]
+    if not expert_names:
+        raise ValueError(
+            f"spec {_quote(spec)} has no expert leg: name the expert modes 'n' (one level) "
+            "or 'n1', 'n2', ... (several levels)"
+        )
+    if "n" in expert_names and len(expert_names) > 1:
+        others = ", ".join(repr(leg) for leg in expert_names if leg != "n")
+        raise ValueError(
+            f"spec {_quote(spec)} mixes the expert leg 'n' with {others}; use 'n' for a single "
+            "expert level or 'n1', 'n2', ... for several"
+        )
+    levels = sorted(1 if leg == "n" else int(leg[1:]) for leg in expert_names)
+    missing = sorted(set(range(1, levels[-1] + 1)) - set(levels))
+    if missing:
+        raise ValueError(
+            f"spec {_quote(spec)} has expert legs {', '.join(f'n{e}' for e in levels)} but no "
+            f"n{missing[0]}; expert levels must be numbered n1..nE without gaps"
+        )
+
+    for leg in (INPUT, OUTPUT):
+        if leg not in where:
+            role = "input" if leg == INPUT else "output"
+            raise ValueError(
+                f"spec {_quote(spec)} has no {role} leg {leg!r}; every μMoE network has one"
+            )
+
+    bonds = tuple(leg for leg in where if leg not in {INPUT, OUTPUT} and not is_expert_leg(leg))
+    for bond in bonds:
+        if len(where[bond]) < 2:
+            raise ValueError(
+                f"bond {bond!r} appears only in core {where[bond][0]} of spec {_quote(spec)}; "
+                "a bond must join two or more cores (open legs are 'i', 'o' and the "
+                "expert legs)"
+            )
+
+    if expert_names == ["n"]:
+        cores = [tuple("n1" if leg == "n" else leg for leg in legs) for legs in cores]
+        expert_legs: tuple[str, ...] = ("n1",)
+    else:
+        expert_legs = tuple(f"n{e}" for e in levels)
+    return ParsedSpec(core_legs=tuple(cores), expert_legs=expert_legs, bonds=bonds)

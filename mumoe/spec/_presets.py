@@ -1,0 +1,429 @@
+r"""Networks for the standard factorisations, for any number of expert levels.
+
+Each preset writes the spec of one format of :data:`mumoe.spec.FORMATS`,
+with its modes in the reference order (experts, input, output), and returns a
+:class:`~mumoe.spec.Network`; the table of specs and parameter counts is
+in :mod:`mumoe.spec`.  :func:`mumoe.spec.build_network` is the one way a
+layer gets its network.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from mumoe.spec._formats import FORMATS, format_of
+from mumoe.spec._network import Network
+from mumoe.spec._ranks import (
+    validate_cp_rank,
+    validate_tr_rank,
+    validate_tt_rank,
+    validate_tucker_rank,
+)
+from mumoe.typing import Rank
+from mumoe.validation import positive_ints
+
+__all__ = [
+    "PRESETS",
+    "cp",
+    "dense",
+    "lowrank",
+    "mxd",
+    "preset",
+    "preset_format",
+    "tr",
+    "tt",
+    "tucker",
+    "validate_cp_rank",
+    "validate_tr_rank",
+    "validate_tt_rank",
+    "validate_tucker_rank",
+]
+
+
+def _build(
+    format: str,
+    expert_dims: int | Sequence[int],
+    in_features: int,
+    out_features: int,
+    rank: Rank | None,
+    **options: Any,
+) -> Network:
+    record = FORMATS[format]
+    dims = positive_ints(expert_dims, "expert_dims")
+    bonds = record.bond_sizes(rank, len(dims))
+    spec = record.spec(len(dims))
+    return Network(spec, dims, in_features, out_features, rank=bonds or None, **options)
+
+
+def dense(
+    expert_dims: int | Sequence[int],
+    in_features: int,
+    out_features: int,
+    *,
+    bias: bool = True,
+) -> Network:
+    r"""The unfactorised weight: one core of shape ``(N_1, ..., N_E, I', O)``.
+
+    Parameters
+    ----------
+    expert_dims : int or sequence of int
+        Experts per level, :math:`N_1, \dots, N_E`.
+    in_features, out_features : int
+        :math:`I` and :math:`O`.
+    bias : bool, default True
+        Whether the input mode has a bias slice (:math:`I' = I + 1`).
+
+    Returns
+    -------
+    Network
+
+    Examples
+    --------
+    >>> dense(4, 3, 2).core_shapes
+    ((4, 4, 2),)
+    """
+    return _build(
+        "dense", expert_dims, in_features, out_features, None,
+        bias=bias,
+    )  # fmt: skip
+
+
+def cp(
+    expert_dims: int | Sequence[int],
+    in_features: int,
+    out_features: int,
+    *,
+    rank: int,
+    bias: bool = True,
+) -> Network:
+    r"""CP: one factor matrix per mode, all sharing the rank-:math:`R` bond ``r``.
+
+    .. math::
+        \mathcal{W}[n_1, \dots, n_E, i, o]
+        = \sum_{r=1}^{R} U_1[n_1, r] \cdots U_E[n_E, r]\, U_I[i, r]\, U_O[o, r]
+
+    Parameters
+    ----------
+    expert_dims : int or sequence of int
+        Experts per level, :math:`N_1, \dots, N_E`.
+    in_features, out_features : int
+        :math:`I` and :math:`O`.
+    rank : int
+        :math:`R`.
+    bias : bool, default True
+        Whether the input mode has a bias slice (:math:`I' = I + 1`).
+
+    Returns
+    -------
+    Network
+
+    Examples
+    --------
+    >>> net = cp((8, 4), 16, 10, rank=5)
+    >>> net.spec
+    'n1 r, n2 r, i r, o r'
+    >>> net.n_params == 5 * (8 + 4 + 17 + 10)
+    True
+    """
+    return _build(
+        "cp", expert_dims, in_features, out_features, rank,
+        bias=bias,
+    )  # fmt: skip
+
+
+def tucker(
+    expert_dims: int | Sequence[int],
+    in_features: int,
+    out_features: int,
+    *,
+    rank: Rank,
+    bias: bool = True,
+) -> Network:
+    r"""Tucker: a factor matrix per mode around a core tensor of shape ``rank``.
+
+    .. math::
+        \mathcal{W}[n_1, \dots, i, o] = \sum_{r_1, \dots, r_I, r_O}
+        \mathcal{G}[r_1, \dots, r_E, r_I, r_O]\, U_1[n_1, r_1] \cdots U_I[i, r_I]\, U_O[o, r_O]
+
+    Parameters
+    ----------
+    expert_dims : int or sequence of int
+        Experts per level, :math:`N_1, \dots, N_E`.
+    in_features, out_features : int
+        :math:`I` and :math:`O`.
+    rank : int or sequence of int
+        One rank for all modes, or :math:`E + 2` ranks (experts..., input, output).
+    bias : bool, default True
+        Whether the input mode has a bias slice (:math:`I' = I + 1`).
+
+    Returns
+    -------
+    Network
+
+    Examples
+    --------
+    >>> net = tucker(8, 16, 10, rank=(2, 3, 4))
+    >>> net.spec
+    'n1 r1, i ri, o ro, r1 ri ro'
+    >>> net.core_shapes
+    ((8, 2), (17, 3), (10, 4), (2, 3, 4))
+    """
+    return _build(
+        "tucker", expert_dims, in_features, out_features, rank,
+        bias=bias,
+    )  # fmt: skip
+
+
+def tt(
+    expert_dims: int | Sequence[int],
+    in_features: int,
+    out_features: int,
+    *,
+    rank: Rank,
+    bias: bool = True,
+) -> Network:
+    r"""Tensor train: a chain of third-order cores, experts first, output last.
+
+    .. math::
+        \mathcal{W}[n_1, \dots, i, o] = \sum_{r_1, \dots, r_{d-1}}
+        \mathcal{G}_1[n_1, r_1]\, \mathcal{G}_2[r_1, n_2, r_2] \cdots
+        \mathcal{G}_d[r_{d-1}, o]
+
+    The boundary cores have no size-1 bond; TensorLy's ``tt_to_tensor`` wants
+    them with one (``(1, D_1, R_1)`` and ``(R_{d-1}, O, 1)``).
+
+    Parameters
+    ----------
+    expert_dims : int or sequence of int
+        Experts per level, :math:`N_1, \dots, N_E`.
+    in_features, out_features : int
+        :math:`I` and :math:`O`.
+    rank : int or sequence of int
+        See :func:`validate_tt_rank`.
+    bias : bool, default True
+        Whether the input mode has a bias slice (:math:`I' = I + 1`).
+
+    Returns
+    -------
+    Network
+
+    Examples
+    --------
+    >>> net = tt(8, 16, 10, rank=(3, 4))
+    >>> net.spec
+    'n1 r1, r1 i r2, r2 o'
+    >>> net.core_shapes
+    ((8, 3), (3, 17, 4), (4, 10))
+    """
+    return _build(
+        "tt", expert_dims, in_features, out_features, rank,
+        bias=bias,
+    )  # fmt: skip
+
+
+def tr(
+    expert_dims: int | Sequence[int],
+    in_features: int,
+    out_features: int,
+    *,
+    rank: Rank,
+    bias: bool = True,
+) -> Network:
+    r"""Tensor ring: third-order cores in a closed chain.
+
+    .. math::
+        \mathcal{W}[n_1, \dots, i, o] = \sum_{r_0, \dots, r_{d-1}}
+        \mathcal{G}_1[r_0, n_1, r_1]\, \mathcal{G}_2[r_1, n_2, r_2] \cdots
+        \mathcal{G}_d[r_{d-1}, o, r_0]
+
+    The cores have TensorLy's ``tr_to_tensor`` layout ``(R_{k-1}, D_k, R_k)``.
+
+    Parameters
+    ----------
+    expert_dims : int or sequence of int
+        Experts per level, :math:`N_1, \dots, N_E`.
+    in_features, out_features : int
+        :math:`I` and :math:`O`.
+    rank : int or sequence of int
+        See :func:`validate_tr_rank`.
+    bias : bool, default True
+        Whether the input mode has a bias slice (:math:`I' = I + 1`).
+
+    Returns
+    -------
+    Network
+
+    Examples
+    --------
+    >>> net = tr(8, 16, 10, rank=(2, 3, 4))
+    >>> net.spec
+    'r0 n1 r1, r1 i r2, r2 o r0'
+    >>> net.core_shapes
+    ((2, 8, 3), (3, 17, 4), (4, 10, 2))
+    """
+    return _build(
+        "tr", expert_dims, in_features, out_features, rank,
+        bias=bias,
+    )  # fmt: skip
+
+
+def mxd(
+    expert_dims: int | Sequence[int],
+    in_features: int,
+    out_features: int,
+    *,
+    bias: bool = True,
+) -> Network:
+    r"""MxD's Hadamard experts: the output leg shared, open, by every core.
+
+    .. math::
+        \mathcal{W}[n_1, \dots, n_E, i, o]
+        = C_1[n_1, o] \cdots C_E[n_E, o]\, D[i, o]
+
+    so that :math:`y = (C_1^\top a^{(1)}) * \cdots * (C_E^\top a^{(E)}) * (D^\top z)`
+    (Mixture of Decoders, Oldfield et al., 2025).  Every expert's matrix
+    :math:`D \operatorname{diag}(c_n)` is full rank where :math:`D` is.
+
+    Parameters
+    ----------
+    expert_dims : int or sequence of int
+        Experts per level, :math:`N_1, \dots, N_E`.
+    in_features, out_features : int
+        :math:`I` and :math:`O`.
+    bias : bool, default True
+        Whether the input mode has a bias slice (:math:`I' = I + 1`).
+
+    Returns
+    -------
+    Network
+
+    Examples
+    --------
+    >>> net = mxd(16, 12, 8)
+    >>> net.spec, net.core_shapes, net.n_params  # O * (N + I')
+    ('n1 o, i o', ((16, 8), (13, 8)), 232)
+    """
+    return _build(
+        "mxd", expert_dims, in_features, out_features, None,
+        bias=bias,
+    )  # fmt: skip
+
+
+def lowrank(
+    expert_dims: int | Sequence[int],
+    in_features: int,
+    out_features: int,
+    *,
+    rank: int,
+    bias: bool = True,
+) -> Network:
+    r"""Per-expert low-rank matrices: the expert legs shared, open, by both cores.
+
+    .. math::
+        \mathcal{W}[n_1, \dots, n_E, i, o]
+        = \sum_{r=1}^{R} U[n_1, \dots, n_E, i, r]\, V[n_1, \dots, n_E, o, r]
+
+    Every (joint) expert has its own rank-:math:`R` matrix :math:`U_n V_n^\top`.
+
+    Parameters
+    ----------
+    expert_dims : int or sequence of int
+        Experts per level, :math:`N_1, \dots, N_E`.
+    in_features, out_features : int
+        :math:`I` and :math:`O`.
+    rank : int
+        :math:`R`.
+    bias : bool, default True
+        Whether the input mode has a bias slice (:math:`I' = I + 1`).
+
+    Returns
+    -------
+    Network
+
+    Examples
+    --------
+    >>> net = lowrank(8, 16, 10, rank=2)
+    >>> net.spec, net.core_shapes
+    ('n1 i r, n1 o r', ((8, 17, 2), (8, 10, 2)))
+    """
+    return _build(
+        "lowrank", expert_dims, in_features, out_features, rank,
+        bias=bias,
+    )  # fmt: skip
+
+
+#: The presets by format name, one per record of :data:`mumoe.spec.FORMATS`.
+PRESETS: dict[str, Callable[..., Network]] = {
+    "dense": dense,
+    "cp": cp,
+    "tucker": tucker,
+    "tt": tt,
+    "tr": tr,
+    "mxd": mxd,
+    "lowrank": lowrank,
+}
+
+
+def preset(
+    format: str,
+    expert_dims: int | Sequence[int],
+    in_features: int,
+    out_features: int,
+    **options: Any,
+) -> Network:
+    """Build the preset network named ``format``.
+
+    Parameters
+    ----------
+    format : {"dense", "cp", "tucker", "tt", "tr", "mxd", "lowrank"}
+        The factorisation, a key of :data:`mumoe.spec.FORMATS`.
+    expert_dims, in_features, out_features
+        As for every preset.
+    **options
+        The preset's keyword arguments (``rank``, ``bias``, ...).
+
+    Returns
+    -------
+    Network
+
+    Examples
+    --------
+    >>> preset("tr", 8, 16, 10, rank=2).format
+    'tr'
+    """
+    try:
+        build = PRESETS[format]
+    except (KeyError, TypeError):
+        raise ValueError(
+            f"unknown format {format!r}; choose one of {', '.join(map(repr, PRESETS))}"
+        ) from None
+    return build(expert_dims, in_features, out_features, **options)
+
+
+def preset_format(network: Network) -> str | None:
+    """The preset whose structure ``network`` has, or ``None`` for a custom network.
+
+    The structure is the spec (cores and their legs); sizes may be anything.
+    The same as :attr:`Network.format <mumoe.spec.Network.format>`, with
+    ``None`` for ``"custom"``.
+
+    Parameters
+    ----------
+    network : Network
+
+    Returns
+    -------
+    str or None
+
+    Examples
+    --------
+    >>> preset_format(tr(8, 16, 10, rank=2))
+    'tr'
+    >>> preset_format(Network("n r, i r, o r", 8, 16, 10, rank=2))
+    'cp'
+    >>> preset_format(Network("n i r, r o", 8, 16, 10, rank=2)) is None
+    True
+    """
+    name = format_of(network.spec, network.n_levels)
+    return None if name == "custom" else name
