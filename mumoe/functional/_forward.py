@@ -172,12 +172,12 @@ def _operands(
     network: Network, x: Tensor, gates: Any, backend: str, check_x: bool = True
 ) -> tuple[Tensor, list[Tensor], tuple[int, ...]]:
     # x and the gates checked, their leading dimensions flattened into rows.
-    shape = check_tensor(x, "x", backend) if check_x else tuple(x.shape)
-    if len(shape) == 0 or shape[-1] != network.in_features:
+    shape = check_tensor(x, "x", backend) if check_x else x.shape
+    if not shape or shape[-1] != network.in_features:
         raise ValueError(
-            f"x must have shape (..., {network.in_features}) (in_features), got {shape}"
+            f"x must have shape (..., {network.in_features}) (in_features), got {tuple(shape)}"
         )
-    batch_shape = shape[:-1]
+    batch_shape = tuple(shape[:-1]) if check_x or len(shape) != 2 else (shape[0],)
     gates = _check_gates(network, gates, batch_shape, backend, x.dtype)
     if len(batch_shape) == 1:
         return x, gates, batch_shape
@@ -239,9 +239,8 @@ def _check_gates(
     network: Network, gates: Any, batch_shape: tuple[int, ...], backend: str, dtype: Any
 ) -> list[Tensor]:
     if type(gates) is list or type(gates) is tuple:
-        if len(gates) == len(network.expert_dims) and _fits(
-            gates, network, batch_shape, backend, dtype
-        ):
+        dims = network.expert_dims
+        if len(gates) == len(dims) and _fits(gates, dims, batch_shape, backend, dtype):
             return list(gates)  # the common case, checked without building messages
     elif is_tensor(gates, backend):
         if network.n_levels != 1:
@@ -270,19 +269,16 @@ def _check_gates(
 
 
 def _fits(
-    gates: Sequence[Any], network: Network, batch_shape: tuple[int, ...], backend: str, dtype: Any
+    gates: Sequence[Any],
+    expert_dims: tuple[int, ...],
+    batch_shape: tuple[int, ...],
+    backend: str,
+    dtype: Any,
 ) -> bool:
     # Is every gate a tensor of the backend and dtype of x, shaped (*batch_shape, N_e)?
-    for gate, n in zip(gates, network.expert_dims, strict=True):
-        if not is_tensor(gate, backend):
-            return False
-        shape = gate.shape
-        if (
-            gate.dtype != dtype
-            or len(shape) != len(batch_shape) + 1
-            or shape[-1] != n
-            or tuple(shape[:-1]) != batch_shape
-        ):
+    # (A shape compares equal to a tuple on every backend: torch.Size is a tuple.)
+    for gate, n in zip(gates, expert_dims, strict=True):  # lengths checked by the caller
+        if not is_tensor(gate, backend) or gate.dtype != dtype or gate.shape != (*batch_shape, n):
             return False
     return True
 

@@ -139,7 +139,8 @@ def module_contract(
     ...     module_contract(net, cores, torch.randn(6, 3), [torch.rand(6, 4)]).shape
     torch.Size([6, 2])
     """
-    x, cores, gates = _autocast(x, cores, gates)
+    if torch.is_autocast_enabled("cpu" if x.is_cpu else x.device.type):
+        x, cores, gates = _autocast(x, cores, gates)
     differentiable = torch.is_grad_enabled() and any(c.requires_grad for c in cores)
     return functional.contract(
         network, cores, x, gates, planner=planner, differentiable=differentiable,

@@ -309,6 +309,33 @@ class PlanCache:
                 self._plans.popitem(last=False)
         return plan
 
+    def hit(self, key: Hashable) -> Plan | None:
+        """The plan stored under ``key``, counted as a hit and made most recent; or None.
+
+        A miss is not counted: :meth:`get` counts it when it builds the plan.
+
+        Parameters
+        ----------
+        key : hashable
+
+        Returns
+        -------
+        Plan or None
+
+        Examples
+        --------
+        >>> cache = PlanCache()
+        >>> _ = cache.get("a", lambda: "plan a")
+        >>> cache.hit("a"), cache.hit("b"), (cache.hits, cache.misses)
+        ('plan a', None, (1, 1))
+        """
+        with self._lock:
+            plan = self._plans.get(key)
+            if plan is not None:
+                self._plans.move_to_end(key)
+                self.hits += 1
+            return plan
+
     def peek(self, key: Hashable) -> Plan | None:
         """The plan stored under ``key``, or None; neither counted nor moved.
 

@@ -147,12 +147,15 @@ class Planner:
         >>> plan.shapes[0]  # bucket 128
         (128, 8)
         """
-        bucket = batch_bucket(batch_size)
+        bucket = 1 if batch_size <= 1 else 1 << (batch_size - 1).bit_length()  # batch_bucket
         key = ("forward", bucket, backend, dtype)
         if self.autotune and timer is not None:
             tuned = (*key, device)
             return self.cache.get(tuned, lambda: self._tune(bucket, backend, timer))
-        return self.cache.get(key, lambda: self.build_forward(bucket, backend=backend))
+        plan = self.cache.hit(key)  # the common case: no closure built
+        if plan is None:
+            plan = self.cache.get(key, lambda: self.build_forward(bucket, backend=backend))
+        return plan
 
     def _tune(self, batch_size: int, backend: str, timer: Callable[[Plan], float]) -> Plan:
         candidates: dict[tuple[tuple[int, ...], ...], Plan] = {}
