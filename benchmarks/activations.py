@@ -63,8 +63,9 @@ def _medians(functions: dict[str, Any], rounds: int) -> dict[str, float]:
     return {name: statistics.median(values) for name, values in samples.items()}
 
 
-def _forward_backward(activation: Callable[[torch.Tensor], torch.Tensor], z: torch.Tensor,
-                      g: torch.Tensor) -> Fn:  # fmt: skip
+def _forward_backward(
+    activation: Callable[[torch.Tensor], torch.Tensor], z: torch.Tensor, g: torch.Tensor
+) -> Fn:
     leaf = z.clone().requires_grad_()
     return lambda: torch.autograd.grad(activation(leaf), leaf, g)
 
@@ -178,15 +179,19 @@ def print_tables(result: dict[str, list[dict[str, Any]]]) -> None:
         ]
         cells = " | ".join(f"{r:.1f}×" for r in ratios)
         print(f"| {b} × {n:,} | {_us(s['softmax'])} | {cells} |")
-    print("\n## CP layer, CLIP head (768 -> 1000, 512 experts, rank 512; --quick: tiny), "
-          "forward + backward\n")  # fmt: skip
+    print(
+        "\n## CP layer, CLIP head (768 -> 1000, 512 experts, rank 512; --quick: tiny), "
+        "forward + backward\n"
+    )
     print("| batch | softmax gate | entmax-1.5 gate | ratio |")
     print("|---|---|---|---|")
     for row in result["layers"]:
         s = row["seconds"]
         ratio = s["entmax15 gate f+b"] / s["softmax gate f+b"]
-        print(f"| {row['batch']} | {_us(s['softmax gate f+b'])} | "
-              f"{_us(s['entmax15 gate f+b'])} | {ratio:.2f}× |")  # fmt: skip
+        print(
+            f"| {row['batch']} | {_us(s['softmax gate f+b'])} | "
+            f"{_us(s['entmax15 gate f+b'])} | {ratio:.2f}× |"
+        )
 
 
 def main() -> int:
@@ -204,8 +209,10 @@ def main() -> int:
         "numpy": numpy_activations(args.rounds, shapes),
         "layers": layers(args.rounds, QUICK_LAYER if args.quick else LAYER),
     }
-    print(f"# Gate activations against softmax ({platform.machine()}, torch "
-          f"{torch.__version__}, {args.threads} threads, {args.rounds} rounds)\n")  # fmt: skip
+    print(
+        f"# Gate activations against softmax ({platform.machine()}, torch "
+        f"{torch.__version__}, {args.threads} threads, {args.rounds} rounds)\n"
+    )
     print_tables(result)
     if args.json is not None:
         meta = {"torch": torch.__version__, "threads": args.threads, "rounds": args.rounds}

@@ -32,7 +32,9 @@ class Config:
         """The rank to build the layer with (matched to ``nn.Linear`` when ``rank`` is None)."""
         if self.rank is not None or not FORMATS[self.format].has_rank:
             return self.rank
-        return match_rank(self.format, self.expert_dims, self.in_features, self.out_features)
+        return match_rank(
+            self.format, self.in_features, self.out_features, expert_dims=self.expert_dims
+        )
 
     @property
     def rows(self) -> int:
@@ -50,8 +52,17 @@ def paper_configs() -> list[Config]:
         for n in (32, 128, 512):
             for batch in (8, 256):
                 baselines = batch == 256 and n <= 128
-                configs.append(Config(f"clip-{fmt}-N{n}-b{batch}", fmt, 768, 1000, (n,), (batch,),
-                                      baselines=baselines))  # fmt: skip
+                configs.append(
+                    Config(
+                        f"clip-{fmt}-N{n}-b{batch}",
+                        fmt,
+                        768,
+                        1000,
+                        (n,),
+                        (batch,),
+                        baselines=baselines,
+                    )
+                )
         configs.append(Config(f"clip-{fmt}-N32x4-b256-h2", fmt, 768, 1000, (32, 4), (256,)))
         configs.append(Config(f"gpt2-mlp-{fmt}-N256", fmt, 768, 3072, (256,), (2, 1024)))
         configs.append(Config(f"mixer-channel-{fmt}-N64", fmt, 512, 2048, (64,), (16, 256)))
@@ -65,9 +76,10 @@ def tiny_configs() -> list[Config]:
     """Batch 1, N = I = O = R = 16: the per-call overhead (layer-norm gating)."""
     return [
         Config("tiny-cp", "cp", 16, 16, (16,), (1,), rank=16, group="tiny", normalization="ln"),
-        Config("tiny-tr", "tr", 16, 16, (16,), (1,), rank=(4, 4, 16), group="tiny",
-               normalization="ln"),
-    ]  # fmt: skip
+        Config(
+            "tiny-tr", "tr", 16, 16, (16,), (1,), rank=(4, 4, 16), group="tiny", normalization="ln"
+        ),
+    ]
 
 
 def mxd_configs() -> list[Config]:
@@ -85,10 +97,22 @@ def sweep_configs(ns: tuple[int, ...] = (16, 64, 256, 1024, 2048, 4096)) -> list
     """Experts from 16 to 4096 at a fixed rank (CP 256; TR 4, 4, 64), batch 256."""
     configs = []
     for n in ns:
-        configs.append(Config(f"sweep-cp-N{n}", "cp", 768, 1000, (n,), (256,), rank=256,
-                              group="sweep", baselines=True))  # fmt: skip
-        configs.append(Config(f"sweep-tr-N{n}", "tr", 768, 1000, (n,), (256,), rank=(4, 4, 64),
-                              group="sweep"))  # fmt: skip
+        configs.append(
+            Config(
+                f"sweep-cp-N{n}",
+                "cp",
+                768,
+                1000,
+                (n,),
+                (256,),
+                rank=256,
+                group="sweep",
+                baselines=True,
+            )
+        )
+        configs.append(
+            Config(f"sweep-tr-N{n}", "tr", 768, 1000, (n,), (256,), rank=(4, 4, 64), group="sweep")
+        )
     return configs
 
 

@@ -51,8 +51,11 @@ def main() -> int:
     plain, watched = _layer(), _layer()
     balanced = _layer(balance={"importance_cv2": 0.01, "z_loss": 1e-3})
     monitor = ExpertMonitor(watched, window=100)
-    steps = {"plain": _step(plain, x), "monitored": _step(watched, x),
-             "balance loss": _step(balanced, x)}  # fmt: skip
+    steps = {
+        "plain": _step(plain, x),
+        "monitored": _step(watched, x),
+        "balance loss": _step(balanced, x),
+    }
     samples: dict[str, list[float]] = {name: [] for name in steps}
     for step in steps.values():
         step()
@@ -63,8 +66,10 @@ def main() -> int:
             samples[name].append(time.perf_counter() - start)
     monitor.close()
     medians = {name: statistics.median(values) for name, values in samples.items()}
-    print(f"# Expert health overhead, CP 768 -> 1000, N = 512, batch {BATCH}, "
-          f"{args.threads} threads, {args.rounds} rounds\n")  # fmt: skip
+    print(
+        f"# Expert health overhead, CP 768 -> 1000, N = 512, batch {BATCH}, "
+        f"{args.threads} threads, {args.rounds} rounds\n"
+    )
     print("| training step | median ms | / plain |")
     print("|---|---|---|")
     for name, seconds in medians.items():

@@ -59,10 +59,13 @@ class Setup:
         """A layer with informative gates, an input and its gates, for ``config``."""
         torch.manual_seed(seed)
         layer = MuMoE(
-            config.in_features, config.out_features, config.format,
-            expert_dims=config.expert_dims, rank=config.resolved_rank(),
+            config.in_features,
+            config.out_features,
+            config.format,
+            expert_dims=config.expert_dims,
+            rank=config.resolved_rank(),
             normalization=config.normalization,
-        )  # fmt: skip
+        )
         with torch.no_grad():  # informative gates, as after some training
             for projection in layer.gate.projections:
                 projection.normal_(0, 1 / math.sqrt(config.in_features))
@@ -131,8 +134,9 @@ def reference_gate(layer: MuMoE, x: torch.Tensor) -> list[torch.Tensor]:
     for projection, norm in zip(layer.gate.projections, layer.gate.norms, strict=True):
         logits = x @ projection
         if isinstance(norm, torch.nn.BatchNorm1d):
-            logits = einops.rearrange(norm(einops.rearrange(logits, "b t n -> b n t")),
-                                      "b n t -> b t n")  # fmt: skip
+            logits = einops.rearrange(
+                norm(einops.rearrange(logits, "b t n -> b n t")), "b n t -> b t n"
+            )
         else:
             logits = norm(logits)
         gates.append(entmax15(logits, dim=-1))
@@ -368,9 +372,12 @@ def layer_impls(setup: Setup) -> dict[str, Fn]:
     impls: dict[str, Fn] = {"mumoe": lambda: layer(setup.x)}
 
     softmax = MuMoE(
-        config.in_features, config.out_features, layer.network,
-        activation="softmax", normalization=config.normalization,
-    )  # fmt: skip
+        config.in_features,
+        config.out_features,
+        layer.network,
+        activation="softmax",
+        normalization=config.normalization,
+    )
     softmax.load_state_dict(layer.state_dict())
     impls["mumoe softmax gate"] = lambda: softmax(setup.x)
 

@@ -16,12 +16,12 @@ from mumoe import Network, cp, tr, tucker
 from mumoe.plan import FlopOptimal
 
 CASES: dict[str, Network] = {
-    "cp-2-levels-clip": cp((32, 4), 768, 1000, rank=410),
-    "tucker-1-level-clip": tucker(128, 768, 1000, rank=(4, 244, 244)),
-    "tucker-2-levels-small": tucker((4, 3), 16, 8, rank=(2, 3, 4, 4)),
-    "tucker-2-levels-clip": tucker((8, 8), 768, 1000, rank=(8, 8, 64, 64)),
-    "tr-3-levels": tr((4, 3, 2), 10, 10, rank=3),
-    "tucker-3-levels": tucker((4, 3, 2), 10, 10, rank=3),
+    "cp-2-levels-clip": cp(768, 1000, expert_dims=(32, 4), rank=410),
+    "tucker-1-level-clip": tucker(768, 1000, expert_dims=128, rank=(4, 244, 244)),
+    "tucker-2-levels-small": tucker(16, 8, expert_dims=(4, 3), rank=(2, 3, 4, 4)),
+    "tucker-2-levels-clip": tucker(768, 1000, expert_dims=(8, 8), rank=(8, 8, 64, 64)),
+    "tr-3-levels": tr(10, 10, expert_dims=(4, 3, 2), rank=3),
+    "tucker-3-levels": tucker(10, 10, expert_dims=(4, 3, 2), rank=3),
 }
 OPTIMIZERS = ("auto-hq", "optimal", "flop-optimal")
 ROWS = 256

@@ -52,8 +52,13 @@ def summary(records: list[dict]) -> str:
 
 def gates(records: list[dict]) -> str:
     """The gate (projection, norm, activation) and the activation alone, against softmax."""
-    columns = [("gate", "entmax-1.5"), ("gate", "entmax full sort"), ("activation", "entmax-1.5"),
-               ("activation", "top-2"), ("activation", "top-32")]  # fmt: skip
+    columns = [
+        ("gate", "entmax-1.5"),
+        ("gate", "entmax full sort"),
+        ("activation", "entmax-1.5"),
+        ("activation", "top-2"),
+        ("activation", "top-32"),
+    ]
     lines = [
         "| configuration | N | gate softmax f+b ms | "
         + " | ".join(f"{what} {name} / softmax (fwd, f+b)" for what, name in columns)
@@ -101,9 +106,11 @@ def sweep(records: list[dict]) -> str:
         cells = []
         for name in ["mumoe-cp", "mumoe-tr", *impls[1:]]:
             r = by_n[n].get(name)
-            cells += ["-", "-"] if r is None else [
-                f"{r['forward_backward_ms']:.1f}", f"{r['saved_mb']:.0f}"
-            ]  # fmt: skip
+            cells += (
+                ["-", "-"]
+                if r is None
+                else [f"{r['forward_backward_ms']:.1f}", f"{r['saved_mb']:.0f}"]
+            )
         lines.append(f"| {n} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

@@ -190,8 +190,10 @@ def print_config(records: list[dict], out: object = sys.stdout) -> None:
         header += f"{'fwd/' + base:>16}{'f+b/' + base:>16}{'saved MB':>10}"
         print(header, file=out)
         for r in rows:
-            ratios = [_ratio(records, table, r["impl"], k, base)
-                      for k in ("forward_ms", "forward_backward_ms")]  # fmt: skip
+            ratios = [
+                _ratio(records, table, r["impl"], k, base)
+                for k in ("forward_ms", "forward_backward_ms")
+            ]
             cells = "".join(f"{x:>16.2f}" if x is not None else f"{'-':>16}" for x in ratios)
             print(
                 f"{'':>4}{r['impl']:<22}{r['forward_ms']:>10.3f}"
@@ -205,8 +207,9 @@ def main(argv: list[str] | None = None) -> int:
     description = __doc__.split("\n")[0]
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=description)
     parser.add_argument("--quick", action="store_true", help="small shapes, few rounds")
-    parser.add_argument("--groups", default="paper,tiny,mxd,sweep",
-                        help="comma-separated: paper, tiny, mxd, sweep")  # fmt: skip
+    parser.add_argument(
+        "--groups", default="paper,tiny,mxd,sweep", help="comma-separated: paper, tiny, mxd, sweep"
+    )
     parser.add_argument("--filter", default="", help="only configurations whose name has this")
     parser.add_argument("--rounds", type=int, default=None, help="timing rounds (default 7)")
     parser.add_argument("--json", default=None, help="write the records to this file")
@@ -231,8 +234,10 @@ def main(argv: list[str] | None = None) -> int:
         rounds, min_sample = args.rounds or 7, 0.02
     configs = [c for c in configs if args.filter in c.name]
 
-    print(f"# mumoe benchmarks: torch {torch.__version__}, {args.threads} threads, "
-          f"{platform.machine()}, {rounds} rounds")  # fmt: skip
+    print(
+        f"# mumoe benchmarks: torch {torch.__version__}, {args.threads} threads, "
+        f"{platform.machine()}, {rounds} rounds"
+    )
     records: list[dict] = []
     started = time.perf_counter()
     with thread_backend("pytorch"):
@@ -249,6 +254,14 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\n# {len(configs)} configurations in {time.perf_counter() - started:.0f} s")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"torch": torch.__version__, "threads": args.threads,
-                       "tensorly": tl.__version__, "records": records}, f, indent=1)  # fmt: skip
+            json.dump(
+                {
+                    "torch": torch.__version__,
+                    "threads": args.threads,
+                    "tensorly": tl.__version__,
+                    "records": records,
+                },
+                f,
+                indent=1,
+            )
     return 0

@@ -19,7 +19,7 @@ import torch
 
 import mumoe
 
-net = mumoe.cp(64, 32, 10, rank=16)
+net = mumoe.cp(32, 10, expert_dims=64, rank=16)
 print(net.core_shapes)
 print(f"{net.n_params:,} parameters instead of {net.n_dense_params:,} for the dense tensor")
 
@@ -52,11 +52,11 @@ print(np.allclose(y, np.einsum("bn,bi,nio->bo", gates, z, W)))
 from mumoe.nn import CPMuMoE, record_gates
 
 try:
-    CPMuMoE(32, 10, 64, rank="same")
+    CPMuMoE(32, 10, expert_dims=64, rank="same")
 except ValueError as error:
     print(error)
 
-head = CPMuMoE(32, 10, 64, rank=16)
+head = CPMuMoE(32, 10, expert_dims=64, rank=16)
 print(head)
 
 # %%
@@ -91,7 +91,7 @@ def fit(model, steps=300):
 
 
 linear = fit(torch.nn.Linear(32, 10))
-head = fit(CPMuMoE(32, 10, 64, rank=16))
+head = fit(CPMuMoE(32, 10, expert_dims=64, rank=16))
 print(f"linear: {accuracy(linear):.3f}   μMoE head: {accuracy(head):.3f}")
 
 # %%

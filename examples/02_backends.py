@@ -25,7 +25,7 @@ import torch
 import mumoe
 from mumoe.backends import declared_backends, unavailable_reason
 
-net = mumoe.tr((16, 4), 24, 8, rank=(2, 2, 2, 6))
+net = mumoe.tr(24, 8, expert_dims=(16, 4), rank=(2, 2, 2, 6))
 rng = np.random.default_rng(0)
 x_host = rng.standard_normal((3, 24))
 gates_host = [rng.dirichlet(np.ones(n), size=3) for n in net.expert_dims]
@@ -86,7 +86,7 @@ from mumoe.inference import load
 from mumoe.nn import TRMuMoE, save
 
 torch.manual_seed(0)
-layer = TRMuMoE(24, 8, (16, 4), rank=(2, 2, 2, 6), dtype=torch.float64)
+layer = TRMuMoE(24, 8, expert_dims=(16, 4), rank=(2, 2, 2, 6), dtype=torch.float64)
 optimizer = torch.optim.Adam(layer.parameters(), lr=1e-2)
 data = torch.randn(512, 24, dtype=torch.float64)
 for _ in range(50):  # a few steps, so that the batch-norm statistics move

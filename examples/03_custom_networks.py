@@ -23,7 +23,9 @@ import torch
 import mumoe
 from mumoe.plotting import draw_network
 
-hybrid = mumoe.Network("n1 a, n2 a, a i b, b o", (32, 8), 64, 10, rank={"a": 6, "b": 12})
+hybrid = mumoe.Network(
+    "n1 a, n2 a, a i b, b o", 64, 10, expert_dims=(32, 8), rank={"a": 6, "b": 12}
+)
 print(mumoe.describe(hybrid, batch_size=128))
 
 # %%
@@ -33,18 +35,20 @@ print(mumoe.describe(hybrid, batch_size=128))
 # :math:`\mathcal{W}[n, i, o] = \sum_r C[n, r, o]\, D[i, r, o]`: each output
 # column of every expert is a rank-:math:`R` product of an expert part and an
 # input part.  With ``r`` of size 1 it is MxD; no preset has it.
-hadamard = mumoe.Network("n1 r o, i r o", 64, 64, 10, rank={"r": 4})
+hadamard = mumoe.Network("n1 r o, i r o", 64, 10, expert_dims=64, rank={"r": 4})
 print(mumoe.describe(hadamard, batch_size=128))
 
 # %%
 # A spec that is a preset with its legs renamed (``"n1 p q, i p c, o q c"`` is
-# the tensor ring ``tr(64, 64, 10)`` with bonds called ``p, q, c``) computes the
+# the tensor ring ``tr(64, 10, expert_dims=64)`` with bonds called ``p, q, c``) computes the
 # same layer, but mumoe does not recognise it as the preset: deciding that two
 # networks are the same up to leg names is a graph-isomorphism question, and a
 # custom spec gets the variance-matched initialisation of every custom network
 # (:func:`mumoe.spec.custom_init`).  Use the preset's name for its scheme.
-renamed = mumoe.Network("n1 p q, i p c, o q c", 64, 64, 10, rank={"p": 4, "q": 4, "c": 16})
-print(renamed.format, mumoe.tr(64, 64, 10, rank=(4, 4, 16)).format)
+renamed = mumoe.Network(
+    "n1 p q, i p c, o q c", 64, 10, expert_dims=64, rank={"p": 4, "q": 4, "c": 16}
+)
+print(renamed.format, mumoe.tr(64, 10, expert_dims=64, rank=(4, 4, 16)).format)
 
 fig, axes = plt.subplots(1, 2, figsize=(7, 3.2))
 _ = draw_network(hybrid, axes[0])
@@ -57,7 +61,7 @@ _ = draw_network(hadamard, axes[1])
 # The error names the leg or core that is wrong.
 for spec in ("n1 a, i a, o b", "n1a, ia, oa", "n2 a, i a, o a"):
     try:
-        mumoe.Network(spec, 8, 16, 4, rank=3)
+        mumoe.Network(spec, 16, 4, expert_dims=8, rank=3)
     except ValueError as error:
         print(f"{spec!r}: {error}")
 
@@ -71,10 +75,10 @@ for spec in ("n1 a, i a, o b", "n1a, ia, oa", "n2 a, i a, o a"):
 # :math:`y = (C^\top a) * (D^\top z)`, two GEMMs and a Hadamard product.
 # Written from its spec string, it is the ``mxd`` format; ``"n i r, n o r"``
 # gives every expert its own rank-``r`` matrix (the ``lowrank`` format).
-hadamard = mumoe.Network("n o, i o", 256, 64, 10)
+hadamard = mumoe.Network("n o, i o", 64, 10, expert_dims=256)
 print(hadamard.format, hadamard.core_shapes, f"{hadamard.n_params:,} parameters")
 print(mumoe.describe(hadamard, batch_size=128).split("path")[1].split("FLOPs")[0])
-low_rank = mumoe.Network("n i r, n o r", 16, 64, 10, rank=4)
+low_rank = mumoe.Network("n i r, n o r", 64, 10, expert_dims=16, rank=4)
 print(low_rank.format, low_rank.core_shapes)
 
 # %%
@@ -103,7 +107,7 @@ for net in (hybrid, hadamard, low_rank):
 import tensorly as tl
 from tensorly.cp_tensor import cp_to_tensor
 
-as_cp = mumoe.Network("n1 r, i r, o r", 8, 5, 3, rank=4)
+as_cp = mumoe.Network("n1 r, i r, o r", 5, 3, expert_dims=8, rank=4)
 factors = mumoe.random_cores(as_cp, random_state=1)
 print(np.allclose(mumoe.materialize(as_cp, factors), cp_to_tensor((tl.ones(4), factors))))
 

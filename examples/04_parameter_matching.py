@@ -26,18 +26,18 @@ print(f"budget: {budget:,}")
 print(f"{'N':>5}  {'CP rank':>7}  {'TR rank':>12}  {'gate':>8}")
 for n in (16, 64, 256, 512):
     print(
-        f"{n:>5}  {match_rank('cp', n, 768, 1000)!s:>7}  "
-        f"{match_rank('tr', n, 768, 1000)!s:>12}  {gate_params(768, n):>8,}"
+        f"{n:>5}  {match_rank('cp', 768, 1000, expert_dims=n)!s:>7}  "
+        f"{match_rank('tr', 768, 1000, expert_dims=n)!s:>12}  {gate_params(768, n):>8,}"
     )
 
 # %%
 # ``rank="same"`` in a layer gives the same answer, and the layer's
 # parameters, gate included, stay within the budget:
-head = CPMuMoE(768, 1000, 512, rank="same")
+head = CPMuMoE(768, 1000, expert_dims=512, rank="same")
 count = sum(p.numel() for p in head.parameters())
 print(head.network.ranks, f"{count:,} <= {budget:,}: {count <= budget}")
 
-half = TRMuMoE(768, 1000, 128, rank=mumoe.Budget(0.5))  # half the budget
+half = TRMuMoE(768, 1000, expert_dims=128, rank=mumoe.Budget(0.5))  # half the budget
 print(half.network.ranks, f"{sum(p.numel() for p in half.parameters()):,}")
 
 # %%
@@ -49,23 +49,33 @@ print(half.network.ranks, f"{sum(p.numel() for p in half.parameters()):,}")
 # gate).  At a fixed budget the rank falls instead:
 counts = [2**k for k in range(1, 10)]  # 1,024 experts: the gate alone would exceed the budget
 fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.4), layout="constrained")
-left.plot(counts, [mumoe.dense(n, 768, 1000).n_params for n in counts], "o-", label="dense MoE")
 left.plot(
-    counts, [mumoe.cp(n, 768, 1000, rank=256).n_params for n in counts], "o-", label="CP, rank 256"
+    counts,
+    [mumoe.dense(768, 1000, expert_dims=n).n_params for n in counts],
+    "o-",
+    label="dense MoE",
 )
 left.plot(
     counts,
-    [mumoe.tr(n, 768, 1000, rank=(4, 4, 64)).n_params for n in counts],
+    [mumoe.cp(768, 1000, expert_dims=n, rank=256).n_params for n in counts],
+    "o-",
+    label="CP, rank 256",
+)
+left.plot(
+    counts,
+    [mumoe.tr(768, 1000, expert_dims=n, rank=(4, 4, 64)).n_params for n in counts],
     "o-",
     label="TR, ranks 4, 4, 64",
 )
 left.axhline(budget, color="gray", ls="--", label="nn.Linear(768, 1000)")
 left.set(xscale="log", yscale="log", xlabel="experts N", ylabel="parameters (no gate)")
 left.legend(fontsize=8)
-right.plot(counts, [match_rank("cp", n, 768, 1000) for n in counts], "o-", label="CP rank")
+right.plot(
+    counts, [match_rank("cp", 768, 1000, expert_dims=n) for n in counts], "o-", label="CP rank"
+)
 right.plot(
     counts,
-    [match_rank("tr", n, 768, 1000)[-1] for n in counts],
+    [match_rank("tr", 768, 1000, expert_dims=n)[-1] for n in counts],
     "o-",
     label="TR rank (input-output bond)",
 )
@@ -79,7 +89,7 @@ _ = right.legend(fontsize=8)
 # Past a point the gate alone (:math:`I N`) exceeds the budget; the error
 # says by how much.
 try:
-    match_rank("cp", 1024, 768, 1000)
+    match_rank("cp", 768, 1000, expert_dims=1024)
 except ValueError as error:
     print(error)
 

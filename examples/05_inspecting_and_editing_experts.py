@@ -35,7 +35,7 @@ x_train, x_test, y_train, y_test, img_train, img_test = train_test_split(
 x_train, x_test = torch.from_numpy(x_train), torch.from_numpy(x_test)
 
 torch.manual_seed(0)
-head = CPMuMoE(64, 10, 512, rank=8)
+head = CPMuMoE(64, 10, expert_dims=512, rank=8)
 optimizer = torch.optim.Adam(head.parameters(), lr=5e-3)
 for _ in range(40):
     for rows in torch.randperm(len(x_train)).split(64):

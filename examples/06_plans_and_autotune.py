@@ -19,7 +19,7 @@ import tensorly as tl
 
 import mumoe
 
-net = mumoe.tr((32, 4), 256, 256, rank=(4, 4, 4, 48))
+net = mumoe.tr(256, 256, expert_dims=(32, 4), rank=(4, 4, 4, 48))
 plan = mumoe.planner_of(net).forward(128, tl.get_backend(), "float64")
 print(f"einsum {plan.equation}")
 print(f"path   {plan.path}  ({plan.flops:,} FLOPs)")

@@ -28,9 +28,17 @@ from mumoe.nn import from_linear, record_gates, replace_linear
 transformers.logging.set_verbosity_error()
 torch.manual_seed(0)
 config = GPT2Config(
-    vocab_size=48, n_positions=24, n_embd=64, n_layer=2, n_head=4, bos_token_id=0,
-    eos_token_id=0, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
-)  # fmt: skip
+    vocab_size=48,
+    n_positions=24,
+    n_embd=64,
+    n_layer=2,
+    n_head=4,
+    bos_token_id=0,
+    eos_token_id=0,
+    resid_pdrop=0.0,
+    embd_pdrop=0.0,
+    attn_pdrop=0.0,
+)
 dense = GPT2LMHeadModel(config).eval()
 tokens = torch.randint(0, config.vocab_size, (16, 24))
 with torch.no_grad():
@@ -49,8 +57,9 @@ def n_params(model):
 # layers of ``transformers`` (linear layers with the weight transposed).
 # Mixture-of-Decoders experts ``W_n = D diag(c_n)`` start at ``c_n = 1``,
 # ``D = [W^T; b]``: every expert is the dense layer.
-mxd = replace_linear(copy.deepcopy(dense), include=r"mlp\.c_(fc|proj)$",
-                     network="mxd", expert_dims=64)  # fmt: skip
+mxd = replace_linear(
+    copy.deepcopy(dense), include=r"mlp\.c_(fc|proj)$", network="mxd", expert_dims=64
+)
 with torch.no_grad():
     difference = (mxd(tokens).logits - reference).abs().max().item()
 print(f"parameters: dense {n_params(dense):,}, MxD {n_params(mxd):,}")
@@ -79,8 +88,9 @@ ax.set(xscale="log", xlabel="CP rank", ylabel="relative error", title="c_fc of b
 ax.set_xticks(ranks, [str(r) for r in ranks])
 fig.tight_layout()
 
-cp = replace_linear(copy.deepcopy(dense), include=r"mlp\.c_(fc|proj)$",
-                    network="cp", expert_dims=32)  # fmt: skip
+cp = replace_linear(
+    copy.deepcopy(dense), include=r"mlp\.c_(fc|proj)$", network="cp", expert_dims=32
+)
 print(f"parameters with rank='same': dense {n_params(dense):,}, CP {n_params(cp):,}")
 
 # %%

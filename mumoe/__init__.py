@@ -15,7 +15,7 @@ functional core runs on any TensorLy backend chosen with
 Examples
 --------
 >>> import mumoe
->>> net = mumoe.cp(128, 768, 1000, rank=64)
+>>> net = mumoe.cp(768, 1000, expert_dims=128, rank=64)
 >>> net.n_params
 121408
 """

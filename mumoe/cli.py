@@ -75,10 +75,13 @@ def _describe(args: argparse.Namespace) -> int:
     if dims is None:
         raise ValueError("mumoe describe needs --expert-dims (experts per level, e.g. 32 4)")
     net = build_network(
-        args.in_features, args.out_features, args.network,
+        args.in_features,
+        args.out_features,
+        args.network,
         expert_dims=dims[0] if len(dims) == 1 else tuple(dims),
-        rank=_rank(args.rank), bias=not args.no_bias,
-    )  # fmt: skip
+        rank=_rank(args.rank),
+        bias=not args.no_bias,
+    )
     print(describe(net, batch_size=args.batch))
     return 0
 
@@ -100,10 +103,17 @@ def _demo(args: argparse.Namespace) -> int:
     experts = args.experts or (FAST_EXPERTS if args.fast else [8, 32, 128, 512])
     epochs = args.epochs if args.epochs is not None else (FAST_EPOCHS if args.fast else 40)
     run(
-        experts=experts, network=args.network, budget=args.budget, epochs=epochs,
-        seeds=seeds, edit_class=args.edit_class, output=args.output, json_path=args.json,
-        progress=not args.no_progress, threads=args.threads,
-    )  # fmt: skip
+        experts=experts,
+        network=args.network,
+        budget=args.budget,
+        epochs=epochs,
+        seeds=seeds,
+        edit_class=args.edit_class,
+        output=args.output,
+        json_path=args.json,
+        progress=not args.no_progress,
+        threads=args.threads,
+    )
     return 0
 
 
@@ -169,30 +179,56 @@ def main(argv: Sequence[str] | None = None) -> int:
         "and class-level polysemanticity per expert count as mean ± standard deviation over "
         "the seeds, switch off the experts of one digit, and write PNG figures.",
     )
-    demo.add_argument("--experts", type=int, nargs="+", metavar="N",
-                      help="expert counts of the heads (default: 8 32 128 512)")  # fmt: skip
-    demo.add_argument("--network", default="cp", choices=["cp", "tucker", "tt", "tr"],
-                      help="factorisation of the heads (default: cp)")  # fmt: skip
-    demo.add_argument("--budget", type=int, default=8,
-                      help="expert parameters, in linear classifiers (default: 8)")  # fmt: skip
+    demo.add_argument(
+        "--experts",
+        type=int,
+        nargs="+",
+        metavar="N",
+        help="expert counts of the heads (default: 8 32 128 512)",
+    )
+    demo.add_argument(
+        "--network",
+        default="cp",
+        choices=["cp", "tucker", "tt", "tr"],
+        help="factorisation of the heads (default: cp)",
+    )
+    demo.add_argument(
+        "--budget",
+        type=int,
+        default=8,
+        help="expert parameters, in linear classifiers (default: 8)",
+    )
     demo.add_argument("--epochs", type=int, help="training epochs per head (default: 40)")
-    demo.add_argument("--seeds", type=_seeds, default=[0, 1, 2], metavar="S,S,...",
-                      help="seeds of the split, init and batches, one run each "
-                      "(default: 0,1,2)")  # fmt: skip
-    demo.add_argument("--edit-class", type=int, metavar="DIGIT",
-                      help="digit whose experts to switch off (default, per seed: the digit "
-                      "whose tied experts carry the largest share of its gate mass)")  # fmt: skip
-    demo.add_argument("--output", default="mumoe-demo",
-                      help="folder for the figures (default: ./mumoe-demo)")  # fmt: skip
+    demo.add_argument(
+        "--seeds",
+        type=_seeds,
+        default=[0, 1, 2],
+        metavar="S,S,...",
+        help="seeds of the split, init and batches, one run each (default: 0,1,2)",
+    )
+    demo.add_argument(
+        "--edit-class",
+        type=int,
+        metavar="DIGIT",
+        help="digit whose experts to switch off (default, per seed: the digit "
+        "whose tied experts carry the largest share of its gate mass)",
+    )
+    demo.add_argument(
+        "--output", default="mumoe-demo", help="folder for the figures (default: ./mumoe-demo)"
+    )
     demo.add_argument("--json", metavar="PATH", help="write the results there (see below)")
-    demo.add_argument("--fast", action="store_true",
-                      help="a smoke run: experts 4 16, 3 epochs (unless given)")  # fmt: skip
+    demo.add_argument(
+        "--fast", action="store_true", help="a smoke run: experts 4 16, 3 epochs (unless given)"
+    )
     demo.add_argument("--no-progress", action="store_true", help="no progress bars")
-    demo.add_argument("--threads", type=int,
-                      help="heads trained at once, each in its own process with ONE torch "
-                      "thread (default: the usable CPUs, at most 4). The models are tiny: "
-                      "torch's intra-op threads would only add synchronisation, and would make "
-                      "the numbers depend on the thread count; these do not.")  # fmt: skip
+    demo.add_argument(
+        "--threads",
+        type=int,
+        help="heads trained at once, each in its own process with ONE torch "
+        "thread (default: the usable CPUs, at most 4). The models are tiny: "
+        "torch's intra-op threads would only add synchronisation, and would make "
+        "the numbers depend on the thread count; these do not.",
+    )
     demo.set_defaults(run=_demo)
     backends = commands.add_parser("backends", help="the array backends and which are usable here")
     backends.set_defaults(run=_backends)
@@ -200,13 +236,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         "describe", help="a network's cores, parameters, contraction path and FLOPs"
     )
     describe.add_argument("network", help="a format (cp, tucker, tt, tr, dense) or a spec string")
-    describe.add_argument("--expert-dims", type=int, nargs="+", metavar="N",
-                          help="experts per level, e.g. --expert-dims 32 4")  # fmt: skip
+    describe.add_argument(
+        "--expert-dims",
+        type=int,
+        nargs="+",
+        metavar="N",
+        help="experts per level, e.g. --expert-dims 32 4",
+    )
     describe.add_argument("--in-features", type=int, required=True)
     describe.add_argument("--out-features", type=int, required=True)
-    describe.add_argument("--rank", nargs="*",
-                          help="one rank, one per bond, NAME=SIZE pairs, or a budget: "
-                          "'same' or a fraction such as 0.5 (formats only)")  # fmt: skip
+    describe.add_argument(
+        "--rank",
+        nargs="*",
+        help="one rank, one per bond, NAME=SIZE pairs, or a budget: "
+        "'same' or a fraction such as 0.5 (formats only)",
+    )
     describe.add_argument("--batch", type=int, default=1, help="batch size of the path and FLOPs")
     describe.add_argument("--no-bias", action="store_true", help="experts without a bias")
     describe.set_defaults(run=_describe)

@@ -98,7 +98,7 @@ def draw_network(network: Network, ax: Axes | None = None, title: str | None = N
     Examples
     --------
     >>> from mumoe import tr
-    >>> fig = draw_network(tr((8, 4), 16, 10, rank=(2, 2, 2, 3)))
+    >>> fig = draw_network(tr(16, 10, expert_dims=(8, 4), rank=(2, 2, 2, 3)))
     >>> len(fig.axes[0].patches)  # four cores and four bonds
     8
     """
@@ -123,16 +123,22 @@ def draw_network(network: Network, ax: Axes | None = None, title: str | None = N
             bend = 0.35 * ((seen + 1) // 2) * (-1) ** seen
             ax.add_patch(
                 FancyArrowPatch(
-                    _xy(pos[a]), _xy(pos[b]), arrowstyle="-", connectionstyle=f"arc3,rad={bend}",
-                    color="0.3", lw=1.6, zorder=1, shrinkA=0, shrinkB=0,
+                    _xy(pos[a]),
+                    _xy(pos[b]),
+                    arrowstyle="-",
+                    connectionstyle=f"arc3,rad={bend}",
+                    color="0.3",
+                    lw=1.6,
+                    zorder=1,
+                    shrinkA=0,
+                    shrinkB=0,
                 )
-            )  # fmt: skip
+            )
             middle = (pos[a] + pos[b]) / 2
             normal = np.array([pos[a][1] - pos[b][1], pos[b][0] - pos[a][0]])
             normal /= np.linalg.norm(normal) + 1e-12
             x, y = middle + normal * (0.12 - bend * 0.5)
-            ax.text(x, y, label, fontsize=8,
-                    ha="center", va="center", color="0.25")  # fmt: skip
+            ax.text(x, y, label, fontsize=8, ha="center", va="center", color="0.25")
         else:
             node = np.mean([pos[c] for c in holders], axis=0)
             if np.linalg.norm(node - centre) < 1e-9 and any(
@@ -170,8 +176,9 @@ def draw_network(network: Network, ax: Axes | None = None, title: str | None = N
             color = OPEN.get(leg, "tab:orange")
             ax.plot(*zip(start, end, strict=True), color=color, lw=2.2, zorder=1)
             x, y = pos[c] + 0.9 * direction
-            ax.text(x, y, f"{leg}={sizes[leg]}", fontsize=8.5,
-                    ha="center", va="center", color=color)  # fmt: skip
+            ax.text(
+                x, y, f"{leg}={sizes[leg]}", fontsize=8.5, ha="center", va="center", color=color
+            )
 
     ax.set_xlim(-2.2, 2.2)
     ax.set_ylim(-2.2, 2.2)
@@ -222,8 +229,15 @@ def plot_usage(
     figure = ax.get_figure()
     assert isinstance(figure, Figure)
     extent = (-0.5, history.shape[1] - 0.5, history.shape[0] * every, 0)
-    image = ax.imshow(history, aspect="auto", interpolation="nearest", cmap="viridis", vmin=0,
-                      vmax=vmax, extent=extent)  # fmt: skip
+    image = ax.imshow(
+        history,
+        aspect="auto",
+        interpolation="nearest",
+        cmap="viridis",
+        vmin=0,
+        vmax=vmax,
+        extent=extent,
+    )
     ax.set(xlabel="expert", ylabel="forward pass", title=title or "mean coefficient per expert")
     figure.colorbar(image, ax=ax, label="mass")
     return figure

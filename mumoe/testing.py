@@ -206,7 +206,7 @@ def random_inputs(
     Examples
     --------
     >>> from mumoe import tr
-    >>> x, gates = random_inputs(tr((4, 3), 5, 2, rank=2), (6, 7), random_state=0)
+    >>> x, gates = random_inputs(tr(5, 2, expert_dims=(4, 3), rank=2), (6, 7), random_state=0)
     >>> x.shape, [g.shape for g in gates]
     ((6, 7, 5), [(6, 7, 4), (6, 7, 3)])
     """
@@ -291,7 +291,7 @@ def preset_networks(
     # Every bond of the format's spec gets its own size: the formats' full rank tuples.
     spec = FORMATS[fmt].spec(n_levels)
     rank = {bond: draw(_ranks) for bond in parse_spec(spec).bonds}
-    return Network(spec, dims, in_features, out_features, rank=rank or None, bias=bias)
+    return Network(spec, in_features, out_features, expert_dims=dims, rank=rank or None, bias=bias)
 
 
 @st.composite
@@ -354,7 +354,9 @@ def custom_networks(draw: st.DrawFn, max_levels: int = 3, max_cores: int = 4) ->
         st.lists(_sizes, min_size=len(parsed.expert_legs), max_size=len(parsed.expert_legs))
     )
     rank = {bond: draw(_ranks) for bond in parsed.bonds}
-    return Network(spec, dims, draw(_sizes), draw(_sizes), rank=rank, bias=draw(st.booleans()))
+    return Network(
+        spec, draw(_sizes), draw(_sizes), expert_dims=dims, rank=rank, bias=draw(st.booleans())
+    )
 
 
 def networks(max_levels: int = 3) -> st.SearchStrategy[Network]:
@@ -400,7 +402,7 @@ def n_terms(network: Network) -> int:
     Examples
     --------
     >>> from mumoe import cp
-    >>> n_terms(cp(8, 5, 3, rank=2))  # N * I' * R
+    >>> n_terms(cp(5, 3, expert_dims=8, rank=2))  # N * I' * R
     96
     """
     return math.prod(network.expert_dims) * network.sizes["i"] * math.prod(network.ranks.values())

@@ -136,8 +136,12 @@ def check_bool(value: Any, what: str) -> bool:
 
 
 #: The largest finite value of each floating dtype, by name (NumPy has no bfloat16).
-_LARGEST = {"float16": 65504.0, "bfloat16": 3.3895313892515355e38,
-            "float32": 3.4028234663852886e38, "float64": 1.7976931348623157e308}  # fmt: skip
+_LARGEST = {
+    "float16": 65504.0,
+    "bfloat16": 3.3895313892515355e38,
+    "float32": 3.4028234663852886e38,
+    "float64": 1.7976931348623157e308,
+}
 
 
 def check_scales(scales: Any, what: str, dtype: Any) -> Any:

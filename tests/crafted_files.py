@@ -85,7 +85,7 @@ def main():
     path = os.path.join(folder, "w.safetensors")
     for name, craft in CASES.items():
         torch.manual_seed(0)
-        save(CPMuMoE(12, 5, (6, 3), rank=4).eval(), path)
+        save(CPMuMoE(12, 5, expert_dims=(6, 3), rank=4).eval(), path)
         craft(path, *header(path))
         code = (
             "import mumoe.inference\n" + PEAK + "\n"

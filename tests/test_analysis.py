@@ -191,7 +191,7 @@ def test_scale_experts_scales_that_mode_of_w(net, seed, data):
 def test_scale_experts_refuses_bad_arguments():
     from mumoe import cp
 
-    net = cp((3, 2), 4, 2, rank=2)
+    net = cp(4, 2, expert_dims=(3, 2), rank=2)
     cores = random_cores(net, random_state=0)
     with pytest.raises(ValueError, match=r"level must be an int in \[0, 2\), got 2"):
         scale_experts(net, cores, 2, np.ones(3))

@@ -89,8 +89,9 @@ def test_scale_experts_matches_the_scaled_w(backend_and_dtype):
         shape = [1] * (net.n_levels + 2)
         shape[level] = -1
         expected = to_numpy64(materialize(net, [tl.tensor(c) for c in host]))
-        assert_close(materialize(net, scaled), expected * scales.reshape(shape), dtype,
-                     scale=n_terms(net))  # fmt: skip
+        assert_close(
+            materialize(net, scaled), expected * scales.reshape(shape), dtype, scale=n_terms(net)
+        )
 
     check()
 
@@ -125,8 +126,9 @@ def test_expert_weight_and_materialize_on_every_backend(backend_and_dtype):
         expected = materialize(net, [tl.tensor(c) for c in host])
         assert_close(weight, expected, dtype, scale=n_terms(net))
         expert = expert_weight(net, cores, index)
-        assert_close(expert.weight, to_numpy64(expected)[index][: net.in_features], dtype,
-                     n_terms(net))  # fmt: skip
+        assert_close(
+            expert.weight, to_numpy64(expected)[index][: net.in_features], dtype, n_terms(net)
+        )
 
     check()
 
@@ -134,7 +136,7 @@ def test_expert_weight_and_materialize_on_every_backend(backend_and_dtype):
 def test_plans_use_the_kernels_their_backend_declares(backend):
     from mumoe.plan import backend_kernels
 
-    net = cp(4, 3, 2, rank=2)
+    net = cp(3, 2, expert_dims=4, rank=2)
     x, gates = random_inputs(net, (5,), random_state=0)
     plan = planner_of(net).forward(5, backend, x.dtype)
     kernels = backend_kernels(backend)
@@ -150,7 +152,7 @@ def test_plans_use_the_kernels_their_backend_declares(backend):
 
 
 def test_output_lives_where_the_input_lives(backend):
-    net = cp(4, 3, 2, rank=2)
+    net = cp(3, 2, expert_dims=4, rank=2)
     cores = random_cores(net, random_state=0)
     x, gates = random_inputs(net, (5,), random_state=0)
     y = forward(net, cores, x, gates)
@@ -160,7 +162,7 @@ def test_output_lives_where_the_input_lives(backend):
 
 def test_numpy_and_pytorch_give_the_same_numbers():
     pytest.importorskip("torch", reason="torch is not installed (pip install 'mumoe[torch]')")
-    net = tr((3, 2), 5, 4, rank=(2, 3, 2, 2))
+    net = tr(5, 4, expert_dims=(3, 2), rank=(2, 3, 2, 2))
     results = {}
     for name in ("numpy", "pytorch"):
         with use_backend(name):
@@ -172,7 +174,7 @@ def test_numpy_and_pytorch_give_the_same_numbers():
 
 def test_switching_backends_never_reuses_a_plan():
     torch = pytest.importorskip("torch", reason="torch is not installed")
-    net = cp((4, 3), 5, 2, rank=2)
+    net = cp(5, 2, expert_dims=(4, 3), rank=2)
     planner = Planner(net)
     with use_backend("numpy"):
         cores, x, gates = (
@@ -195,7 +197,7 @@ def test_switching_backends_never_reuses_a_plan():
 
 def test_thread_local_backends_are_respected():
     torch = pytest.importorskip("torch", reason="torch is not installed")
-    net = cp(4, 3, 2, rank=2)
+    net = cp(3, 2, expert_dims=4, rank=2)
     planner = Planner(net)
     out = {}
 
@@ -221,7 +223,7 @@ def test_arrays_of_another_backend_are_refused(active, foreign):
     for name in (active, foreign):
         if name not in AVAILABLE:
             pytest.skip(f"backend {name} is not usable here")
-    net = cp(4, 3, 2, rank=2)
+    net = cp(3, 2, expert_dims=4, rank=2)
     with use_backend(foreign):
         cores = random_cores(net, random_state=0)
         x, gates = random_inputs(net, (3,), random_state=0)
@@ -239,7 +241,11 @@ def test_arrays_of_another_backend_are_refused(active, foreign):
 
 GRAD_NETWORKS = pytest.mark.parametrize(
     "net",
-    [cp((3, 2), 3, 2, rank=2), tr(3, 2, 2, rank=2), tucker(3, 2, 2, rank=2, bias=False)],
+    [
+        cp(3, 2, expert_dims=(3, 2), rank=2),
+        tr(2, 2, expert_dims=3, rank=2),
+        tucker(2, 2, expert_dims=3, rank=2, bias=False),
+    ],
     ids=["cp-2-levels", "tr", "tucker-no-bias"],
 )
 
@@ -302,7 +308,7 @@ def test_gradients_agree_with_pytorch(backend_name, net):
 
 def test_non_contiguous_torch_input_gives_the_same_numbers():
     torch = pytest.importorskip("torch", reason="torch is not installed")
-    net = cp((4, 3), 5, 2, rank=2)
+    net = cp(5, 2, expert_dims=(4, 3), rank=2)
     with use_backend("pytorch"):
         cores = random_cores(net, random_state=0)
         x, gates = random_inputs(net, (6,), random_state=1)
@@ -335,9 +341,17 @@ def test_torch_layers_on_cuda_equal_the_cpu_layers(network):
     torch.manual_seed(0)
     for cpu in (
         MuMoE(12, 5, network, expert_dims=(6, 3), rank=rank, dtype=torch.float64),
-        MuMoEBlock(12, 16, 5, network=network, expert_dims=(6, 3), rank=rank,
-                   input_norm=True, dtype=torch.float64),
-    ):  # fmt: skip
+        MuMoEBlock(
+            12,
+            16,
+            5,
+            network=network,
+            expert_dims=(6, 3),
+            rank=rank,
+            input_norm=True,
+            dtype=torch.float64,
+        ),
+    ):
         for p in cpu.parameters():
             p.data.uniform_(-1, 1)
         gpu = __import__("copy").deepcopy(cpu).cuda()

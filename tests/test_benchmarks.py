@@ -18,13 +18,23 @@ def test_quick_run_writes_every_configuration(tmp_path):
     out = tmp_path / "bench.json"
     result = subprocess.run(
         [sys.executable, "-m", "benchmarks", "--quick", "--threads", "1", "--json", str(out)],
-        cwd=ROOT, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr
     records = json.loads(out.read_text())["records"]
     configs = {r["config"] for r in records}
-    assert {"quick-cp", "quick-tr-h2", "quick-tucker", "quick-tt", "quick-mxd", "tiny-cp",
-            "tiny-tr"} <= configs  # fmt: skip
+    assert {
+        "quick-cp",
+        "quick-tr-h2",
+        "quick-tucker",
+        "quick-tt",
+        "quick-mxd",
+        "tiny-cp",
+        "tiny-tr",
+    } <= configs
     for record in records:
         assert record["forward_ms"] > 0 and record["forward_backward_ms"] > 0
     impls = {r["impl"] for r in records if r["table"] == "contraction"}
@@ -35,10 +45,23 @@ def test_quick_run_writes_every_configuration(tmp_path):
 def test_the_activation_benchmark_runs(tmp_path):
     out = tmp_path / "activations.json"
     result = subprocess.run(
-        [sys.executable, "-m", "benchmarks.activations", "--quick", "--rounds", "1",
-         "--threads", "1", "--json", str(out)],
-        cwd=ROOT, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "benchmarks.activations",
+            "--quick",
+            "--rounds",
+            "1",
+            "--threads",
+            "1",
+            "--json",
+            str(out),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr
     written = json.loads(out.read_text())
     assert [row["shape"] for row in written["torch"]] == [[1, 8], [4, 100]]
@@ -52,7 +75,10 @@ def test_the_activation_benchmark_runs(tmp_path):
 def test_the_expert_health_benchmark_runs():
     result = subprocess.run(
         [sys.executable, "-m", "benchmarks.health", "--rounds", "1", "--threads", "1"],
-        cwd=ROOT, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr
     assert "| monitored |" in result.stdout and "| balance loss |" in result.stdout

@@ -21,17 +21,46 @@ def test_backends_lists_every_declaration_and_why_one_is_unusable(capsys):
 
 
 def test_describe_a_preset_matches_the_network(capsys):
-    argv = ["describe", "tr", "--expert-dims", "32", "4", "--in-features", "768",
-            "--out-features", "1000", "--rank", "4", "4", "4", "64", "--batch", "256"]  # fmt: skip
+    argv = [
+        "describe",
+        "tr",
+        "--expert-dims",
+        "32",
+        "4",
+        "--in-features",
+        "768",
+        "--out-features",
+        "1000",
+        "--rank",
+        "4",
+        "4",
+        "4",
+        "64",
+        "--batch",
+        "256",
+    ]
     assert main(argv) == 0
-    expected = describe(tr((32, 4), 768, 1000, rank=(4, 4, 4, 64)), batch_size=256)
+    expected = describe(tr(768, 1000, expert_dims=(32, 4), rank=(4, 4, 4, 64)), batch_size=256)
     assert capsys.readouterr().out.strip() == expected
 
 
 def test_describe_a_spec_with_named_bonds(capsys):
-    argv = ["describe", "n1 a, a n2 b, i b c, o c", "--expert-dims", "8", "4",
-            "--in-features", "16", "--out-features", "10",
-            "--rank", "a=3", "b=5", "c=5", "--no-bias"]  # fmt: skip
+    argv = [
+        "describe",
+        "n1 a, a n2 b, i b c, o c",
+        "--expert-dims",
+        "8",
+        "4",
+        "--in-features",
+        "16",
+        "--out-features",
+        "10",
+        "--rank",
+        "a=3",
+        "b=5",
+        "c=5",
+        "--no-bias",
+    ]
     assert main(argv) == 0
     out = capsys.readouterr().out
     assert "Network 'custom': 2 expert levels, 8 x 4 = 32 experts, no bias" in out
@@ -41,22 +70,94 @@ def test_describe_a_spec_with_named_bonds(capsys):
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
-        (["describe", "n r, i r, o q", "--expert-dims", "8", "--in-features", "4",
-          "--out-features", "2", "--rank", "3"], "bond 'q' appears only in core 2"),
-        (["describe", "cp", "--expert-dims", "8", "--in-features", "4", "--out-features", "2"],
-         "the cp network needs a rank"),
-        (["describe", "tr", "--expert-dims", "8", "--in-features", "4", "--out-features", "2",
-          "--rank", "2", "3", "2", "5"], r"TR ranks must close the ring"),
-        (["describe", "dense", "--expert-dims", "8", "--in-features", "4", "--out-features",
-          "2", "--rank", "3"], "the dense format has no rank, got rank=3"),
-        (["describe", "cp", "--expert-dims", "8", "--in-features", "4", "--out-features", "2",
-          "--rank", "x"], "--rank must be an int, got 'x'"),
-        (["describe", "cp", "--in-features", "4", "--out-features", "2", "--rank", "3"],
-         "needs --expert-dims"),
-        (["describe", "n r, i r, o r", "--expert-dims", "8", "--in-features", "4",
-          "--out-features", "2", "--rank", "same"], "chooses the rank of a format only"),
+        (
+            [
+                "describe",
+                "n r, i r, o q",
+                "--expert-dims",
+                "8",
+                "--in-features",
+                "4",
+                "--out-features",
+                "2",
+                "--rank",
+                "3",
+            ],
+            "bond 'q' appears only in core 2",
+        ),
+        (
+            ["describe", "cp", "--expert-dims", "8", "--in-features", "4", "--out-features", "2"],
+            "the cp network needs a rank",
+        ),
+        (
+            [
+                "describe",
+                "tr",
+                "--expert-dims",
+                "8",
+                "--in-features",
+                "4",
+                "--out-features",
+                "2",
+                "--rank",
+                "2",
+                "3",
+                "2",
+                "5",
+            ],
+            r"TR ranks must close the ring",
+        ),
+        (
+            [
+                "describe",
+                "dense",
+                "--expert-dims",
+                "8",
+                "--in-features",
+                "4",
+                "--out-features",
+                "2",
+                "--rank",
+                "3",
+            ],
+            "the dense format has no rank, got rank=3",
+        ),
+        (
+            [
+                "describe",
+                "cp",
+                "--expert-dims",
+                "8",
+                "--in-features",
+                "4",
+                "--out-features",
+                "2",
+                "--rank",
+                "x",
+            ],
+            "--rank must be an int, got 'x'",
+        ),
+        (
+            ["describe", "cp", "--in-features", "4", "--out-features", "2", "--rank", "3"],
+            "needs --expert-dims",
+        ),
+        (
+            [
+                "describe",
+                "n r, i r, o r",
+                "--expert-dims",
+                "8",
+                "--in-features",
+                "4",
+                "--out-features",
+                "2",
+                "--rank",
+                "same",
+            ],
+            "chooses the rank of a format only",
+        ),
     ],
-)  # fmt: skip
+)
 def test_bad_networks_exit_2_with_the_reason(capsys, argv, message):
     assert main(argv) == 2
     assert message in capsys.readouterr().err
@@ -69,8 +170,9 @@ def test_describe_takes_a_budget(capsys):
 
 
 def test_python_dash_m_and_console_script():
-    result = subprocess.run([sys.executable, "-m", "mumoe", "backends"], capture_output=True,
-                            text=True)  # fmt: skip
+    result = subprocess.run(
+        [sys.executable, "-m", "mumoe", "backends"], capture_output=True, text=True
+    )
     assert result.returncode == 0 and "numpy" in result.stdout
     result = subprocess.run([sys.executable, "-m", "mumoe"], capture_output=True, text=True)
     assert result.returncode == 2 and "usage: mumoe" in result.stderr
@@ -78,8 +180,21 @@ def test_python_dash_m_and_console_script():
 
 def test_a_reader_that_leaves_early_gets_no_traceback():
     # `mumoe describe ... | head` ended in a BrokenPipeError traceback (issue #16, item 7).
-    argv = [sys.executable, "-m", "mumoe", "describe", "cp", "--expert-dims", "128",
-            "--in-features", "768", "--out-features", "1000", "--rank", "64"]  # fmt: skip
+    argv = [
+        sys.executable,
+        "-m",
+        "mumoe",
+        "describe",
+        "cp",
+        "--expert-dims",
+        "128",
+        "--in-features",
+        "768",
+        "--out-features",
+        "1000",
+        "--rank",
+        "64",
+    ]
     process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     process.stdout.close()  # the reader leaves before anything is written
     stderr = process.stderr.read().decode()

@@ -56,8 +56,9 @@ def test_reference_readme_examples_run(example):
     assert namespace["y"].shape == (4, 1, 8)  # the reference's shape for 2-D input
 
 
-def reference_state_dict(kind, input_dim, output_dim, expert_dims, rank, second_dim=0,
-                         normalization="bn", apply_ln=False):  # fmt: skip
+def reference_state_dict(
+    kind, input_dim, output_dim, expert_dims, rank, second_dim=0, normalization="bn", apply_ln=False
+):
     """A checkpoint in the reference's key layout and shapes, as its code would save it."""
     state = {}
     sizes = [*expert_dims, input_dim + 1, output_dim]
@@ -135,8 +136,18 @@ def test_reference_checkpoints_load_and_compute_the_same(kind, hierarchy, second
         bonds = [2 + (k % 3) for k in range(d)]
         rank = [[bonds[k], 0, bonds[(k + 1) % d]] for k in range(d)]
     state = reference_state_dict(kind, 7, 4, expert_dims, rank, second_dim, "bn", apply_ln)
-    model = MuMoE(layer, 7, 4, expert_dims, rank, second_dim=second_dim, normalization="bn",
-                  act=entmax, hierarchy=hierarchy, apply_ln=apply_ln)  # fmt: skip
+    model = MuMoE(
+        layer,
+        7,
+        4,
+        expert_dims,
+        rank,
+        second_dim=second_dim,
+        normalization="bn",
+        act=entmax,
+        hierarchy=hierarchy,
+        apply_ln=apply_ln,
+    )
     assert set(model.state_dict()) == set(state)
     model.load_state_dict(state)  # strict: same keys, same shapes
     model.eval()
@@ -150,16 +161,32 @@ def test_reference_checkpoints_load_and_compute_the_same(kind, hierarchy, second
 def test_state_dict_keys_of_the_reference_layout():
     model = MuMoE(CPMuMoE, 4, 8, [32, 2], 16, second_dim=3, hierarchy=2, apply_ln=True)
     assert list(model.state_dict()) == [
-        "MuMoE.factors.0", "MuMoE.factors.1", "MuMoE.factors.2", "MuMoE.factors.3",
-        "MuMoE2.factors.0", "MuMoE2.factors.1", "MuMoE2.factors.2", "MuMoE2.factors.3",
-        "input_ln.weight", "input_ln.bias",
-        "projs.0", "projs.1",
-        "bn.0.running_mean", "bn.0.running_var", "bn.0.num_batches_tracked",
-        "bn.1.running_mean", "bn.1.running_var", "bn.1.num_batches_tracked",
-    ]  # fmt: skip
+        "MuMoE.factors.0",
+        "MuMoE.factors.1",
+        "MuMoE.factors.2",
+        "MuMoE.factors.3",
+        "MuMoE2.factors.0",
+        "MuMoE2.factors.1",
+        "MuMoE2.factors.2",
+        "MuMoE2.factors.3",
+        "input_ln.weight",
+        "input_ln.bias",
+        "projs.0",
+        "projs.1",
+        "bn.0.running_mean",
+        "bn.0.running_var",
+        "bn.0.num_batches_tracked",
+        "bn.1.running_mean",
+        "bn.1.running_var",
+        "bn.1.num_batches_tracked",
+    ]
     ln = MuMoE(CPMuMoE, 4, 8, [32], 16, normalization="ln")
-    assert list(ln.state_dict()) == ["MuMoE.factors.0", "MuMoE.factors.1", "MuMoE.factors.2",
-                                     "projs.0"]  # fmt: skip
+    assert list(ln.state_dict()) == [
+        "MuMoE.factors.0",
+        "MuMoE.factors.1",
+        "MuMoE.factors.2",
+        "projs.0",
+    ]
 
 
 def test_an_optimizer_state_saved_in_the_reference_order_resumes():
@@ -167,8 +194,13 @@ def test_an_optimizer_state_saved_in_the_reference_order_resumes():
     # the optimizer state a reference training run saves (item 2 of issue #15).
     torch.manual_seed(0)
     model = MuMoE(CPMuMoE, 4, 8, [6, 2], 5, second_dim=3, hierarchy=2, apply_ln=True)
-    reference_order = [*model.MuMoE.factors, *model.MuMoE2.factors,
-                       model.input_ln.weight, model.input_ln.bias, *model.projs]  # fmt: skip
+    reference_order = [
+        *model.MuMoE.factors,
+        *model.MuMoE2.factors,
+        model.input_ln.weight,
+        model.input_ln.bias,
+        *model.projs,
+    ]
     assert [id(p) for p in model.parameters()] == [id(p) for p in reference_order]
     saved = torch.optim.Adam(reference_order, lr=1e-2)
     model(torch.randn(8, 4)).square().mean().backward()
@@ -226,14 +258,20 @@ def test_reference_initialisation():
     ("call", "match"),
     [
         (lambda: CPMuMoE(4, 8, [32, 2], 16), r"hierarchy=1 but expert_dims=\[32, 2\] has 2 level"),
-        (lambda: TRMuMoE(4, 8, [32], [[4, 0, 4], [4, 0, 3], [4, 0, 4]]),
-         r"TR ranks must close the ring: ranks\[1\]\[2\]=3 != ranks\[2\]\[0\]=4"),
-        (lambda: TRMuMoE(4, 8, [32], [[4, 0, 4], [4, 0, 4]]),
-         r"ranks must list \[r_left, size, r_right\] for each of the 3 cores"),
-        (lambda: MuMoE(CPMuMoE, 4, 8, [32], 16, normalization="gn"),
-         r"normalization must be 'bn' or 'ln', got 'gn'"),
+        (
+            lambda: TRMuMoE(4, 8, [32], [[4, 0, 4], [4, 0, 3], [4, 0, 4]]),
+            r"TR ranks must close the ring: ranks\[1\]\[2\]=3 != ranks\[2\]\[0\]=4",
+        ),
+        (
+            lambda: TRMuMoE(4, 8, [32], [[4, 0, 4], [4, 0, 4]]),
+            r"ranks must list \[r_left, size, r_right\] for each of the 3 cores",
+        ),
+        (
+            lambda: MuMoE(CPMuMoE, 4, 8, [32], 16, normalization="gn"),
+            r"normalization must be 'bn' or 'ln', got 'gn'",
+        ),
     ],
-)  # fmt: skip
+)
 def test_bad_arguments_raise(call, match):
     with pytest.raises(ValueError, match=match):
         call()

@@ -31,7 +31,7 @@ def test_every_optimizers_path_computes_eq1(net, batch_shape, optimize, seed):
 
 
 def test_the_bias_falls_back_to_a_ones_column_when_x_meets_a_gate_first():
-    net = cp(4, 3, 2, rank=2)
+    net = cp(3, 2, expert_dims=4, rank=2)
     # Operands: gate, x, U_n, U_i, U_o. Contract gate with x first: no core holds i there.
     planner = Planner(net, optimize=[(0, 1), (0, 1), (0, 1), (0, 1)])
     plan = planner.forward(5, "numpy", np.dtype("float64"))
@@ -44,18 +44,24 @@ def test_the_bias_falls_back_to_a_ones_column_when_x_meets_a_gate_first():
 
 
 def test_cp_compiles_to_the_hand_written_sequence():
-    plan = planner_of(cp(16, 8, 4, rank=3)).forward(32, "numpy", np.dtype("float64"))
+    plan = planner_of(cp(8, 4, expert_dims=16, rank=3)).forward(32, "numpy", np.dtype("float64"))
     kinds = [(s.kind, s.reshape, s.bias) for s in plan.bias_program.steps]
     # gate @ U_n; x @ U_i[:I] + U_i[I]; Hadamard; h @ U_o.T — no reshapes, no copies
-    assert kinds == [("matmul", False, False), ("matmul", False, True),
-                     ("hadamard", True, False), ("matmul", False, False)]  # fmt: skip
+    assert kinds == [
+        ("matmul", False, False),
+        ("matmul", False, True),
+        ("hadamard", True, False),
+        ("matmul", False, False),
+    ]
     assert plan.bias_program.steps[-1].right_perm == (1, 0)  # a transposed view
     assert plan.bias_program.bias_width == 3
     assert not any(s.bias for s in plan.program.steps)  # [x, 1] @ U_i
 
 
 def test_intermediates_keep_the_batch_leading():
-    plan = planner_of(tr((8, 4), 16, 10, rank=3)).forward(64, "numpy", np.dtype("float64"))
+    plan = planner_of(tr(16, 10, expert_dims=(8, 4), rank=3)).forward(
+        64, "numpy", np.dtype("float64")
+    )
     for step in plan.program.steps:
         if isinstance(step, PairStep) and "a" in step.legs:
             assert step.legs[0] == "a"  # opt_einsum's symbol for the batch
@@ -64,7 +70,7 @@ def test_intermediates_keep_the_batch_leading():
 def test_the_smaller_operand_is_the_one_permuted():
     # TR's last step: (b, r0, r2) with the output core (r2, o, r0). Any order of the
     # summed legs (r0, r2) copies the core; only (r0, r2) leaves the intermediate a view.
-    plan = planner_of(tr(128, 768, 1000, rank=(4, 4, 94))).forward(
+    plan = planner_of(tr(768, 1000, expert_dims=128, rank=(4, 4, 94))).forward(
         256, "numpy", np.dtype("float32")
     )
     last = plan.program.steps[-1]
@@ -97,7 +103,7 @@ def test_plans_contract_numpy_arrays_as_einsum_does():
 
 
 def test_autotune_times_each_distinct_path_and_keeps_the_fastest():
-    planner = Planner(tr((8, 4), 16, 10, rank=3), autotune=True)
+    planner = Planner(tr(16, 10, expert_dims=(8, 4), rank=3), autotune=True)
     timed = []
 
     def timer(plan):
@@ -112,7 +118,7 @@ def test_autotune_times_each_distinct_path_and_keeps_the_fastest():
 
 
 def test_autotuned_forward_computes_eq1():
-    net = tr((8, 4), 16, 10, rank=3)
+    net = tr(16, 10, expert_dims=(8, 4), rank=3)
     planner = Planner(net, autotune=True)
     cores = random_cores(net, random_state=0)
     x, gates = random_inputs(net, (20,), random_state=1)
@@ -123,7 +129,7 @@ def test_autotuned_forward_computes_eq1():
 
 def test_autotuned_plans_are_kept_per_device():
     # A path timed on one device is not reused on another: the device is in the key.
-    net = tr((8, 4), 16, 10, rank=3)
+    net = tr(16, 10, expert_dims=(8, 4), rank=3)
     planner = Planner(net, autotune=True)
     cores = random_cores(net, random_state=0)
     x, gates = random_inputs(net, (20,), random_state=1)
@@ -139,7 +145,7 @@ def test_autotuned_plans_are_kept_per_device():
 
 def test_autotune_must_be_a_bool():
     with pytest.raises(TypeError, match="autotune must be True or False"):
-        planner_of(Network("n r, i r, o r", 4, 3, 2, rank=2), autotune="yes")
+        planner_of(Network("n r, i r, o r", 3, 2, expert_dims=4, rank=2), autotune="yes")
 
 
 def test_sums_of_legs_no_other_operand_needs():

@@ -60,9 +60,14 @@ def test_every_expert_starts_as_the_linear_layer(fmt, n_in, n_out, bias, seed):
 
 @pytest.mark.parametrize(
     ("fmt", "rank", "k"),
-    [("cp", 2, 2), ("tucker", (2, 3, 2), 2), ("tt", (2, 3), 3), ("tr", (2, 2, 3), 3),
-     ("lowrank", 2, 2)],
-)  # fmt: skip
+    [
+        ("cp", 2, 2),
+        ("tucker", (2, 3, 2), 2),
+        ("tt", (2, 3), 3),
+        ("tr", (2, 2, 3), 3),
+        ("lowrank", 2, 2),
+    ],
+)
 def test_below_full_rank_each_expert_is_the_best_approximation(fmt, rank, k):
     torch.manual_seed(0)
     linear = torch.nn.Linear(12, 9, dtype=torch.float64)
@@ -161,8 +166,9 @@ def test_replace_linear_converts_what_the_filter_selects_in_place():
     net.train()
     net(torch.randn(16, 8)).square().mean().backward()  # a training step runs
 
-    fresh = replace_linear(model(), include=lambda name, m: name.startswith("0."),
-                           network="mxd", expert_dims=16)  # fmt: skip
+    fresh = replace_linear(
+        model(), include=lambda name, m: name.startswith("0."), network="mxd", expert_dims=16
+    )
     fresh.load_state_dict(net.state_dict())  # state dicts round-trip
     torch.testing.assert_close(fresh.eval()(x), net.eval()(x))
 
@@ -191,5 +197,9 @@ def test_a_converted_layer_serves_on_numpy(tmp_path):
     layer = from_linear(torch.nn.Linear(12, 5), "cp", expert_dims=6, rank=4).eval()
     save(layer, tmp_path / "converted.safetensors")
     x = torch.randn(4, 12)
-    np.testing.assert_allclose(load(tmp_path / "converted.safetensors")(x.numpy()),
-                               layer(x).detach().numpy(), rtol=1e-5, atol=1e-5)  # fmt: skip
+    np.testing.assert_allclose(
+        load(tmp_path / "converted.safetensors")(x.numpy()),
+        layer(x).detach().numpy(),
+        rtol=1e-5,
+        atol=1e-5,
+    )

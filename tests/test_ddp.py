@@ -21,7 +21,7 @@ def build(normalization):
     torch.manual_seed(0)
     if normalization == "bn":
         return MuMoEBlock(6, 10, 3, network="cp", expert_dims=(4, 2), rank=3)
-    return TRMuMoE(6, 3, 4, rank=2, normalization="ln")
+    return TRMuMoE(6, 3, expert_dims=4, rank=2, normalization="ln")
 
 
 def batch(rank, step):
@@ -104,7 +104,7 @@ def build_fsdp(kind):
         return torch.nn.Sequential(
             MuMoE(6, 8, "cp", expert_dims=4, rank=3, normalization="ln"),
             torch.nn.GELU(),
-            TRMuMoE(8, 3, 4, rank=2, normalization="ln"),
+            TRMuMoE(8, 3, expert_dims=4, rank=2, normalization="ln"),
         )
     dense = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.GELU(), torch.nn.Linear(8, 3))
     return replace_linear(dense, include="0|2", network="mxd", expert_dims=4, normalization="ln")

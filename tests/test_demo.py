@@ -35,9 +35,21 @@ def test_the_command_trains_reports_edits_draws_and_writes_the_same_json_for_any
 ):
     printed = io.StringIO()
     rng = torch.get_rng_state()
-    argv = ["demo", "--fast", "--no-progress", "--seeds", "3,4", "--edit-class", str(EDIT_CLASS),
-            "--threads", "2", "--output", str(tmp_path / "cli"),
-            "--json", str(tmp_path / "cli.json")]  # fmt: skip
+    argv = [
+        "demo",
+        "--fast",
+        "--no-progress",
+        "--seeds",
+        "3,4",
+        "--edit-class",
+        str(EDIT_CLASS),
+        "--threads",
+        "2",
+        "--output",
+        str(tmp_path / "cli"),
+        "--json",
+        str(tmp_path / "cli.json"),
+    ]
     with contextlib.redirect_stdout(printed):
         assert main(argv) == 0
     assert torch.equal(torch.get_rng_state(), rng), "the demo changed torch's global RNG"
@@ -53,8 +65,16 @@ def test_the_command_trains_reports_edits_draws_and_writes_the_same_json_for_any
     previous = torch.get_num_threads()
     try:
         torch.set_num_threads(2)
-        again = run(experts=FAST_EXPERTS, epochs=FAST_EPOCHS, seeds=SEEDS, edit_class=EDIT_CLASS,
-                    threads=1, progress=False, output=None, stream=io.StringIO())  # fmt: skip
+        again = run(
+            experts=FAST_EXPERTS,
+            epochs=FAST_EPOCHS,
+            seeds=SEEDS,
+            edit_class=EDIT_CLASS,
+            threads=1,
+            progress=False,
+            output=None,
+            stream=io.StringIO(),
+        )
         assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(previous)
@@ -74,8 +94,13 @@ def check_the_report(printed, written):
 
 def check_the_json(written):
     assert written["version"] == 1 and written["seeds"] == SEEDS
-    assert written["settings"] == {"experts": FAST_EXPERTS, "network": "cp", "budget": 8,
-                                   "epochs": FAST_EPOCHS, "edit_class": EDIT_CLASS}  # fmt: skip
+    assert written["settings"] == {
+        "experts": FAST_EXPERTS,
+        "network": "cp",
+        "budget": 8,
+        "epochs": FAST_EPOCHS,
+        "edit_class": EDIT_CLASS,
+    }
     linear, *heads = written["heads"]
     assert linear["name"] == "linear" and linear["experts"] is None
     assert (linear["expert_params"], linear["gate_params"], linear["rank"]) == (650, 0, None)
@@ -109,10 +134,28 @@ def check_the_figures(folder):
 def made_up_result(seeds=(0, 1, 2)):
     """A result with known numbers: a seed without an edit, and a change that rounds to -0."""
     s = len(seeds)
-    linear = HeadResult("linear", 0, None, 650, 0, np.full(s, 0.9), np.full((s, 10), 0.9),
-                        np.full(s, np.nan), np.zeros(s, int))  # fmt: skip
-    moe = HeadResult("cp N=4", 4, 19, 5135, 256, np.full(s, 0.9) - 1e-4, np.full((s, 10), 0.9),
-                     np.linspace(0.2, 0.4, s), np.arange(s) + 2)  # fmt: skip
+    linear = HeadResult(
+        "linear",
+        0,
+        None,
+        650,
+        0,
+        np.full(s, 0.9),
+        np.full((s, 10), 0.9),
+        np.full(s, np.nan),
+        np.zeros(s, int),
+    )
+    moe = HeadResult(
+        "cp N=4",
+        4,
+        19,
+        5135,
+        256,
+        np.full(s, 0.9) - 1e-4,
+        np.full((s, 10), 0.9),
+        np.linspace(0.2, 0.4, s),
+        np.arange(s) + 2,
+    )
     before = np.full(10, 0.9)
     after = before.copy()
     after[3] = 0.5

@@ -58,7 +58,7 @@ def test_an_edit_computes_with_that_mode_of_w_scaled(net, seed, data):
 
 
 def test_edits_nest_and_restore_what_they_found():
-    layer = trained_like(CPMuMoE(6, 3, 5, rank=3, dtype=torch.float64), 0)
+    layer = trained_like(CPMuMoE(6, 3, expert_dims=5, rank=3, dtype=torch.float64), 0)
     x = torch.randn(7, 6, dtype=torch.float64)
     base = layer(x)
     with edit_experts(layer, {1: 0.5}):
@@ -72,7 +72,7 @@ def test_edits_nest_and_restore_what_they_found():
 
 
 def test_an_edit_is_undone_when_the_block_raises():
-    layer = CPMuMoE(6, 3, 5, rank=3)
+    layer = CPMuMoE(6, 3, expert_dims=5, rank=3)
     with pytest.raises(RuntimeError, match="boom"), edit_experts(layer, {0: 0.0}):
         raise RuntimeError("boom")
     assert layer._expert_scales == {}
@@ -92,7 +92,7 @@ def test_editing_a_block_edits_both_layers():
 
 
 def test_gradients_flow_through_an_edit_and_the_cores_are_untouched():
-    layer = CPMuMoE(6, 3, 4, rank=2).train()
+    layer = CPMuMoE(6, 3, expert_dims=4, rank=2).train()
     stored = [c.detach().clone() for c in layer.cores]
     with edit_experts(layer, {0: 0.0}):
         layer(torch.randn(8, 6)).sum().backward()
@@ -103,7 +103,7 @@ def test_gradients_flow_through_an_edit_and_the_cores_are_untouched():
 
 
 def test_edits_refuse_what_they_cannot_do():
-    layer = CPMuMoE(6, 3, (4, 2), rank=2)
+    layer = CPMuMoE(6, 3, expert_dims=(4, 2), rank=2)
     with pytest.raises(TypeError, match=r"Linear holds no mumoe\.nn\.MuMoE layer to edit"):
         with edit_experts(torch.nn.Linear(2, 2), {0: 0.0}):
             pass
@@ -122,7 +122,9 @@ def test_edits_refuse_what_they_cannot_do():
         edit_experts_(layer, {0: float("inf")})
     with pytest.raises(TypeError, match="expert indices must be ints"):
         edit_experts_(layer, {"0": 0.0})
-    mixed = torch.nn.Sequential(CPMuMoE(6, 6, 4, rank=2), CPMuMoE(6, 3, 8, rank=2))
+    mixed = torch.nn.Sequential(
+        CPMuMoE(6, 6, expert_dims=4, rank=2), CPMuMoE(6, 3, expert_dims=8, rank=2)
+    )
     with pytest.raises(ValueError, match=r"have \[4, 8\] experts at level 0; edit one layer"):
         edit_experts_(mixed, {0: 0.0})
     edit_experts_(mixed[1], {0: 0.0})  # one layer at a time works
@@ -134,7 +136,9 @@ def test_edits_refuse_what_they_cannot_do():
 def test_collect_gates_gives_the_eval_coefficients_and_restores_the_mode():
     # float64: batches of 16 and of 50 round differently in float32, and entmax is not
     # smooth where an expert enters the support (the unseeded float32 version was flaky).
-    model = torch.nn.Sequential(torch.nn.Linear(5, 6), TRMuMoE(6, 3, (4, 3), rank=(2, 2, 2, 2)))
+    model = torch.nn.Sequential(
+        torch.nn.Linear(5, 6), TRMuMoE(6, 3, expert_dims=(4, 3), rank=(2, 2, 2, 2))
+    )
     trained_like(model.double(), 2).train()
     x = torch.randn(50, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     gates = collect_gates(model, x, batch_size=16)
@@ -148,7 +152,9 @@ def test_collect_gates_gives_the_eval_coefficients_and_restores_the_mode():
 
 
 def test_collect_gates_asks_which_gate_when_there_are_several():
-    model = torch.nn.Sequential(CPMuMoE(4, 4, 3, rank=2), CPMuMoE(4, 2, 5, rank=2))
+    model = torch.nn.Sequential(
+        CPMuMoE(4, 4, expert_dims=3, rank=2), CPMuMoE(4, 2, expert_dims=5, rank=2)
+    )
     with pytest.raises(
         ValueError, match=r"several gates \['0.gate', '1.gate'\]: choose one with gate="
     ):
@@ -167,7 +173,7 @@ def test_collect_gates_asks_which_gate_when_there_are_several():
 @settings(max_examples=10)
 @given(seeds())
 def test_counterfactual_histogram_counts_the_changed_predictions(seed):
-    layer = trained_like(CPMuMoE(6, 4, 5, rank=3, dtype=torch.float64), seed)
+    layer = trained_like(CPMuMoE(6, 4, expert_dims=5, rank=3, dtype=torch.float64), seed)
     with torch.no_grad():
         layer.cores[0][3] = 0  # expert 3 contributes nothing: switching it off changes nothing
     x = torch.randn(40, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
@@ -187,7 +193,7 @@ def test_counterfactual_histogram_counts_the_changed_predictions(seed):
 
 
 def test_scaled_experts_is_the_layers_public_edit():
-    layer = CPMuMoE(6, 3, (5, 2), rank=3).eval()
+    layer = CPMuMoE(6, 3, expert_dims=(5, 2), rank=3).eval()
     x = torch.randn(4, 6)
     base = layer(x)
     with layer.scaled_experts(1, [2.0, 2.0]):  # W is linear in each expert mode

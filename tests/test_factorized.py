@@ -32,9 +32,9 @@ with preserved_backend():
 
 
 LAYERS = {
-    "cp": lambda: CPMuMoE(8, 5, (6, 3), rank=4),
-    "tucker": lambda: TuckerMuMoE(8, 5, 6, rank=(2, 3, 4)),
-    "tt": lambda: TTMuMoE(8, 5, (6, 3), rank=(2, 3, 2)),
+    "cp": lambda: CPMuMoE(8, 5, expert_dims=(6, 3), rank=4),
+    "tucker": lambda: TuckerMuMoE(8, 5, expert_dims=6, rank=(2, 3, 4)),
+    "tt": lambda: TTMuMoE(8, 5, expert_dims=(6, 3), rank=(2, 3, 2)),
 }
 
 
@@ -101,7 +101,9 @@ def test_a_factorized_layer_is_edited_in_a_block_but_not_for_good():
 
 def test_tensor_dropout_acts_on_the_layer():
     torch.manual_seed(0)
-    layer = randomise(FactorizedMuMoE(to_factorized_tensor(CPMuMoE(8, 5, 6, rank=16))), scale=0.5)
+    layer = randomise(
+        FactorizedMuMoE(to_factorized_tensor(CPMuMoE(8, 5, expert_dims=6, rank=16))), scale=0.5
+    )
     x = torch.randn(4, 8)
     layer.eval()
     reference = layer(x)
@@ -116,7 +118,7 @@ def test_tensor_dropout_acts_on_the_layer():
 
 
 def test_tensor_lasso_penalises_the_layer():
-    layer = FactorizedMuMoE(to_factorized_tensor(CPMuMoE(8, 5, 6, rank=4)))
+    layer = FactorizedMuMoE(to_factorized_tensor(CPMuMoE(8, 5, expert_dims=6, rank=4)))
     lasso = tltorch.tensor_lasso(factorization="cp", penalty=0.1)
     lasso.apply(layer.weight)
     layer(torch.randn(4, 8)).sum().backward()
@@ -125,7 +127,7 @@ def test_tensor_lasso_penalises_the_layer():
 
 
 def test_tltorch_initialisers_change_the_layer():
-    layer = FactorizedMuMoE(to_factorized_tensor(TuckerMuMoE(8, 5, 6, rank=3))).eval()
+    layer = FactorizedMuMoE(to_factorized_tensor(TuckerMuMoE(8, 5, expert_dims=6, rank=3))).eval()
     x = torch.randn(3, 8)
     before = layer(x)
     with thread_backend("pytorch"):
@@ -135,7 +137,7 @@ def test_tltorch_initialisers_change_the_layer():
 
 def test_unsupported_tensors_and_networks():
     with pytest.raises(TypeError, match="tensorly-torch has CP, Tucker and TT tensors"):
-        to_factorized_tensor(TRMuMoE(8, 5, 6, rank=2))
+        to_factorized_tensor(TRMuMoE(8, 5, expert_dims=6, rank=2))
     with thread_backend("pytorch"):
         dense = tltorch.FactorizedTensor.new((6, 9, 5), rank=None, factorization="Dense")
         flat = tltorch.FactorizedTensor.new((9, 5), rank=2, factorization="CP")
@@ -154,6 +156,6 @@ def test_bias_flag_sets_the_input_size():
 
 def test_layers_run_without_the_pytorch_backend_and_leave_it_alone():
     assert tl.get_backend() == "numpy"
-    layer = FactorizedMuMoE(to_factorized_tensor(CPMuMoE(8, 5, 6, rank=4)))
+    layer = FactorizedMuMoE(to_factorized_tensor(CPMuMoE(8, 5, expert_dims=6, rank=4)))
     layer(torch.randn(3, 8))
     assert tl.get_backend() == "numpy"

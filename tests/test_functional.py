@@ -150,8 +150,14 @@ def test_cached_plan_gives_the_same_result_as_a_fresh_one(net, batch_shape, seed
     first = forward(net, cores, x, gates)
     cached = forward(net, cores, x, gates)
     fresh = forward(net, cores, x, gates, planner=Planner(net))
-    rebuilt = Network(net.spec, net.expert_dims, net.in_features, net.out_features,
-                      rank=dict(net.ranks), bias=net.bias)  # fmt: skip
+    rebuilt = Network(
+        net.spec,
+        net.in_features,
+        net.out_features,
+        expert_dims=net.expert_dims,
+        rank=dict(net.ranks),
+        bias=net.bias,
+    )
     np.testing.assert_array_equal(cached, first)
     np.testing.assert_array_equal(fresh, first)
     np.testing.assert_array_equal(forward(rebuilt, cores, x, gates), first)
@@ -166,7 +172,7 @@ def test_empty_batch_gives_empty_output(net, leading, seed):
 
 
 def test_input_without_batch_dimensions():
-    net = tr((3, 2), 4, 5, rank=2)
+    net = tr(4, 5, expert_dims=(3, 2), rank=2)
     cores, x, gates = setup(net, (), 0)
     assert x.shape == (4,)
     y = forward(net, cores, x, gates)
@@ -175,7 +181,7 @@ def test_input_without_batch_dimensions():
 
 
 def test_single_gate_tensor_for_one_level():
-    net = cp(4, 3, 2, rank=2)
+    net = cp(3, 2, expert_dims=4, rank=2)
     cores, x, gates = setup(net, (5,), 0)
     np.testing.assert_array_equal(forward(net, cores, x, gates[0]), forward(net, cores, x, gates))
 
@@ -196,25 +202,28 @@ def test_negative_expert_indices_count_from_the_end(net, data, seed):
 @pytest.mark.parametrize(
     "net",
     [
-        dense(6, 5, 4),
-        cp((6, 3), 5, 4, rank=3),
-        tucker(6, 5, 4, rank=(2, 3, 2)),
-        tt((3, 3), 5, 4, rank=2),
-        tr(6, 5, 4, rank=(3, 2, 2)),
-        Network("n1 a b, n2 a, i b c, o c a", (3, 2), 5, 4, rank={"a": 2, "b": 3, "c": 2}),
+        dense(5, 4, expert_dims=6),
+        cp(5, 4, expert_dims=(6, 3), rank=3),
+        tucker(5, 4, expert_dims=6, rank=(2, 3, 2)),
+        tt(5, 4, expert_dims=(3, 3), rank=2),
+        tr(5, 4, expert_dims=6, rank=(3, 2, 2)),
+        Network(
+            "n1 a b, n2 a, i b c, o c a", 5, 4, expert_dims=(3, 2), rank={"a": 2, "b": 3, "c": 2}
+        ),
     ],
     ids=["dense", "cp", "tucker", "tt", "tr", "custom"],
 )
 def test_random_cores_give_weights_of_the_requested_std(net):
     # E[W^2] = std^2 exactly; averaged over many draws the mean square is close.
-    draws = np.stack([materialize(net, random_cores(net, std=0.5, random_state=s))
-                      for s in range(600)])  # fmt: skip
+    draws = np.stack(
+        [materialize(net, random_cores(net, std=0.5, random_state=s)) for s in range(600)]
+    )
     assert abs(np.mean(draws**2) / 0.25 - 1) < 0.1
     assert abs(np.mean(draws)) < 0.02
 
 
 def test_random_cores_default_std_and_determinism():
-    net = cp(8, 16, 4, rank=3)
+    net = cp(16, 4, expert_dims=8, rank=3)
     a = random_cores(net, random_state=7)
     b = random_cores(net, random_state=7)
     for x, y in zip(a, b, strict=True):
@@ -227,13 +236,13 @@ def test_random_cores_default_std_and_determinism():
 @pytest.mark.parametrize("std", [0, -1.0, "1", float("nan")])
 def test_random_cores_reject_bad_std(std):
     with pytest.raises(ValueError, match="std must be a positive number"):
-        random_cores(cp(4, 3, 2, rank=2), std=std)
+        random_cores(cp(3, 2, expert_dims=4, rank=2), std=std)
 
 
 # ----------------------------------------------------------------- bad input
 
 
-NET = cp((4, 3), 5, 2, rank=2)
+NET = cp(5, 2, expert_dims=(4, 3), rank=2)
 
 
 def good(batch=(6,)):
@@ -244,41 +253,86 @@ def good(batch=(6,)):
 @pytest.mark.parametrize(
     ("mutate", "error", "match"),
     [
-        (lambda c, x, g: (c, x[:, :4], g), ValueError,
-         r"x must have shape \(\.\.\., 5\) \(in_features\), got \(6, 4\)"),
-        (lambda c, x, g: (c, np.asarray(x[0, 0]), g), ValueError,
-         r"x must have shape \(\.\.\., 5\) \(in_features\), got \(\)"),
-        (lambda c, x, g: (c, x, g[:1]), ValueError,
-         r"network has 2 expert level\(s\) \(n1, n2\) but 1 gate tensor\(s\) were given"),
-        (lambda c, x, g: (c, x, g[0]), TypeError,
-         r"gates must be a list of 2 tensors, one per expert level \(n1, n2\); got a single"),
+        (
+            lambda c, x, g: (c, x[:, :4], g),
+            ValueError,
+            r"x must have shape \(\.\.\., 5\) \(in_features\), got \(6, 4\)",
+        ),
+        (
+            lambda c, x, g: (c, np.asarray(x[0, 0]), g),
+            ValueError,
+            r"x must have shape \(\.\.\., 5\) \(in_features\), got \(\)",
+        ),
+        (
+            lambda c, x, g: (c, x, g[:1]),
+            ValueError,
+            r"network has 2 expert level\(s\) \(n1, n2\) but 1 gate tensor\(s\) were given",
+        ),
+        (
+            lambda c, x, g: (c, x, g[0]),
+            TypeError,
+            r"gates must be a list of 2 tensors, one per expert level \(n1, n2\); got a single",
+        ),
         (lambda c, x, g: (c, x, {"n1": g[0]}), TypeError, r"gates must be a list of 2 tensor"),
-        (lambda c, x, g: (c, x, [g[0], g[1][:, :2]]), ValueError,
-         r"gates\[1\] must have shape \(6, 3\) \(the batch shape of x, \(6,\), then n2=3\), "
-         r"got \(6, 2\)"),
-        (lambda c, x, g: (c, x, [g[0][:1], g[1]]), ValueError,
-         r"gates\[0\] must have shape \(6, 4\) .* got \(1, 4\)"),
-        (lambda c, x, g: (c, x, [g[0][None], g[1]]), ValueError,
-         r"gates\[0\] must have shape \(6, 4\) .* got \(1, 6, 4\)"),
-        (lambda c, x, g: (c[:3], x, g), ValueError,
-         r"network 'n1 r, n2 r, i r, o r' has 4 cores, got 3 tensors"),
-        (lambda c, x, g: ([c[0], c[1], c[2][:5], c[3]], x, g), ValueError,
-         r"cores\[2\] \(legs i r\) must have shape \(6, 2\), got \(5, 2\)"),
+        (
+            lambda c, x, g: (c, x, [g[0], g[1][:, :2]]),
+            ValueError,
+            r"gates\[1\] must have shape \(6, 3\) \(the batch shape of x, \(6,\), then n2=3\), "
+            r"got \(6, 2\)",
+        ),
+        (
+            lambda c, x, g: (c, x, [g[0][:1], g[1]]),
+            ValueError,
+            r"gates\[0\] must have shape \(6, 4\) .* got \(1, 4\)",
+        ),
+        (
+            lambda c, x, g: (c, x, [g[0][None], g[1]]),
+            ValueError,
+            r"gates\[0\] must have shape \(6, 4\) .* got \(1, 6, 4\)",
+        ),
+        (
+            lambda c, x, g: (c[:3], x, g),
+            ValueError,
+            r"network 'n1 r, n2 r, i r, o r' has 4 cores, got 3 tensors",
+        ),
+        (
+            lambda c, x, g: ([c[0], c[1], c[2][:5], c[3]], x, g),
+            ValueError,
+            r"cores\[2\] \(legs i r\) must have shape \(6, 2\), got \(5, 2\)",
+        ),
         (lambda c, x, g: (c[0], x, g), TypeError, r"cores must be a sequence of 4 tensors \(a"),
-        (lambda c, x, g: (c, x.astype(np.float32), g), TypeError,
-         r"gates\[0\] has dtype float64 but x has float32"),
-        (lambda c, x, g: (c, x, [g[0].astype(np.float32), g[1]]), TypeError,
-         r"gates\[0\] has dtype float32 but x has float64"),
-        (lambda c, x, g: ([*c[:3], c[3].astype(np.float32)], x, g), TypeError,
-         r"cores\[3\] has dtype float32 but x has float64"),
-        (lambda c, x, g: (c, x.astype(np.int64), g), TypeError,
-         r"x has dtype int64; μMoE layers compute in a floating-point dtype"),
-        (lambda c, x, g: (c, x.tolist(), g), TypeError,
-         r"x is a builtins.list, not a tensor of the active TensorLy backend 'numpy'"),
-        (lambda c, x, g: (c, x, [g[0], g[1].tolist()]), TypeError,
-         r"gates\[1\] is a builtins.list, not a tensor"),
+        (
+            lambda c, x, g: (c, x.astype(np.float32), g),
+            TypeError,
+            r"gates\[0\] has dtype float64 but x has float32",
+        ),
+        (
+            lambda c, x, g: (c, x, [g[0].astype(np.float32), g[1]]),
+            TypeError,
+            r"gates\[0\] has dtype float32 but x has float64",
+        ),
+        (
+            lambda c, x, g: ([*c[:3], c[3].astype(np.float32)], x, g),
+            TypeError,
+            r"cores\[3\] has dtype float32 but x has float64",
+        ),
+        (
+            lambda c, x, g: (c, x.astype(np.int64), g),
+            TypeError,
+            r"x has dtype int64; μMoE layers compute in a floating-point dtype",
+        ),
+        (
+            lambda c, x, g: (c, x.tolist(), g),
+            TypeError,
+            r"x is a builtins.list, not a tensor of the active TensorLy backend 'numpy'",
+        ),
+        (
+            lambda c, x, g: (c, x, [g[0], g[1].tolist()]),
+            TypeError,
+            r"gates\[1\] is a builtins.list, not a tensor",
+        ),
     ],
-)  # fmt: skip
+)
 def test_forward_rejects_bad_operands(mutate, error, match):
     cores, x, gates = mutate(*good())
     with pytest.raises(error, match=match):
@@ -328,7 +382,7 @@ def test_materialize_rejects_mixed_dtypes():
 
 
 def test_flops_match_the_executed_plan():
-    net = cp(16, 8, 4, rank=3)
+    net = cp(8, 4, expert_dims=16, rank=3)
     plan = planner_of(net).forward(10, "numpy", np.dtype("float64"))
     assert plan.shapes[0] == (16, 16)  # searched at the bucket size
     assert flops(net, 16) == plan.flops

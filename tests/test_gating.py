@@ -54,16 +54,18 @@ def test_entmax15_and_sparsemax_equal_the_entmax_package(case):
 @given(logits)
 def test_softmax_equals_torch(case):
     z = draw_logits(*case)
-    np.testing.assert_allclose(softmax(z), torch.softmax(torch.from_numpy(z), -1).numpy(),
-                               rtol=1e-12, atol=1e-300)  # fmt: skip
+    np.testing.assert_allclose(
+        softmax(z), torch.softmax(torch.from_numpy(z), -1).numpy(), rtol=1e-12, atol=1e-300
+    )
 
 
 def test_activations_run_on_torch_tensors_too():
     import tensorly as tl
 
     z = np.random.default_rng(0).standard_normal((3, 50))
-    kernels = {name: resolve_activation(name, top_k=3 if name == "topk" else None)
-               for name in ACTIVATIONS}  # fmt: skip
+    kernels = {
+        name: resolve_activation(name, top_k=3 if name == "topk" else None) for name in ACTIVATIONS
+    }
     expected = {name: fn(z) for name, fn in kernels.items()}
     tl.set_backend("pytorch")
     try:
@@ -92,8 +94,9 @@ def test_norms_equal_torch():
     w, b = rng.standard_normal(7), rng.standard_normal(7)
     ln.weight.data.copy_(torch.from_numpy(w))
     ln.bias.data.copy_(torch.from_numpy(b))
-    np.testing.assert_allclose(layer_norm(x, w, b), ln(torch.from_numpy(x)).detach().numpy(),
-                               rtol=1e-12)  # fmt: skip
+    np.testing.assert_allclose(
+        layer_norm(x, w, b), ln(torch.from_numpy(x)).detach().numpy(), rtol=1e-12
+    )
 
 
 def test_gating_widens_16_bit_inputs_and_returns_their_dtype():
@@ -141,8 +144,9 @@ def test_topk_is_softmax_over_the_k_largest_and_their_ties(case, k):
 
 
 def test_topk_gradients_and_the_rules_edges():
-    z = torch.tensor([[3.0, 1.2, 1.0, 0.0], [0.5, 2.0, -1.0, 4.0]], dtype=torch.float64,
-                     requires_grad=True)  # fmt: skip
+    z = torch.tensor(
+        [[3.0, 1.2, 1.0, 0.0], [0.5, 2.0, -1.0, 4.0]], dtype=torch.float64, requires_grad=True
+    )
     kernel = TORCH_KERNELS["topk"]
     assert torch.autograd.gradcheck(lambda t: kernel(t, 2), (z,))
     tied = torch.tensor([[3.0, 1.0, 1.0, 0.0]], dtype=torch.float64, requires_grad=True)

@@ -23,8 +23,9 @@ from mumoe.gates import (
 from mumoe.testing import backend_dtype, to_numpy64
 from tests.helpers import backend_params, use_backend
 
-batches = st.tuples(st.integers(1, 40), st.integers(1, 60), st.floats(0.1, 10.0),
-                    st.integers(0, 2**31))  # fmt: skip
+batches = st.tuples(
+    st.integers(1, 40), st.integers(1, 60), st.floats(0.1, 10.0), st.integers(0, 2**31)
+)
 
 
 def draw(tokens, n, scale, seed):
@@ -57,8 +58,11 @@ def test_usage_is_the_masked_mean_of_the_kept_tokens(case):
     garbage[~mask] = np.eye(a.shape[-1])[0]
     for fn in (importance_cv2, uniform_kl):
         np.testing.assert_allclose(float(fn(garbage, mask)), float(fn(kept)), atol=1e-12)
-    np.testing.assert_allclose(float(router_z_loss(logits * 0 + 50 * ~mask[:, None], mask)),
-                               float(router_z_loss(logits[mask] * 0)), atol=1e-12)  # fmt: skip
+    np.testing.assert_allclose(
+        float(router_z_loss(logits * 0 + 50 * ~mask[:, None], mask)),
+        float(router_z_loss(logits[mask] * 0)),
+        atol=1e-12,
+    )
 
 
 @settings(max_examples=40)
@@ -93,11 +97,14 @@ def test_gradients_push_routing_away_from_collapse(backend):
     logits = np.tile([3.0, 0.0, -1.0, 0.5], (6, 1))
     with use_backend(backend):
         for name, (loss, takes_logits) in LOSSES.items():
-            grad = _gradient(backend, lambda z, f=loss, t=takes_logits: f(z if t else softmax(z)),
-                             logits)  # fmt: skip
+            grad = _gradient(
+                backend, lambda z, f=loss, t=takes_logits: f(z if t else softmax(z)), logits
+            )
             assert grad[:, 0].min() > 0, f"{name} on {backend}: {grad[:, 0]}"
             with use_backend("numpy"):
-                expected = _numeric_gradient(lambda z, f=loss, t=takes_logits: float(f(z if t else softmax(z))), logits)  # fmt: skip  # noqa: E501
+                expected = _numeric_gradient(
+                    lambda z, f=loss, t=takes_logits: float(f(z if t else softmax(z))), logits
+                )
             np.testing.assert_allclose(grad, expected, rtol=1e-4, atol=1e-6)
 
 
@@ -135,8 +142,9 @@ def test_metrics_and_losses_on_every_backend(backend):
         got = usage(ta, tmask)
         tolerance = 1e-5 if backend == "jax" else 1e-12
         for field in ("mass", "support"):
-            np.testing.assert_allclose(to_numpy64(getattr(got, field)),
-                                       getattr(expected, field), atol=tolerance)  # fmt: skip
+            np.testing.assert_allclose(
+                to_numpy64(getattr(got, field)), getattr(expected, field), atol=tolerance
+            )
         for name, (f, t) in LOSSES.items():
             assert float(f(tz if t else ta, tmask)) == pytest.approx(losses[name], rel=1e-4)
 
@@ -204,8 +212,9 @@ class TestTorch:
         from mumoe.nn import ExpertMonitor, MuMoE, gate_mask
 
         torch.manual_seed(0)
-        layer = MuMoE(8, 4, "cp", expert_dims=6, rank=2, normalization=None,
-                      balance={"importance_cv2": 1.0})  # fmt: skip
+        layer = MuMoE(
+            8, 4, "cp", expert_dims=6, rank=2, normalization=None, balance={"importance_cv2": 1.0}
+        )
         torch.nn.init.normal_(layer.gate.projections[0])
         x = torch.randn(2, 5, 8)
         mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
@@ -254,8 +263,11 @@ class TestTorch:
         from mumoe.nn import ExpertMonitor, MuMoE, collect_aux_losses, gate_mask
 
         ungated = MuMoE(8, 4, "cp", expert_dims=5, rank=2, gated=False)
-        for call in (lambda: collect_aux_losses(ungated), lambda: ExpertMonitor(ungated),
-                     lambda: gate_mask(ungated, torch.ones(3)).__enter__()):  # fmt: skip
+        for call in (
+            lambda: collect_aux_losses(ungated),
+            lambda: ExpertMonitor(ungated),
+            lambda: gate_mask(ungated, torch.ones(3)).__enter__(),
+        ):
             with pytest.raises(
                 ValueError, match="has no MuMoEGate: a layer built with gated=False"
             ):

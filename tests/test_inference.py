@@ -39,17 +39,27 @@ def trained(layer, steps=5, seed=0):
 
 
 LAYERS = {
-    "cp-bn-entmax": lambda **kw: CPMuMoE(12, 5, (6, 3), rank=4, **kw),
-    "tr-ln-sparsemax": lambda **kw: TRMuMoE(12, 5, 6, rank=(2, 3, 2), normalization="ln",
-                                            activation="sparsemax", **kw),
+    "cp-bn-entmax": lambda **kw: CPMuMoE(12, 5, expert_dims=(6, 3), rank=4, **kw),
+    "tr-ln-sparsemax": lambda **kw: TRMuMoE(
+        12, 5, expert_dims=6, rank=(2, 3, 2), normalization="ln", activation="sparsemax", **kw
+    ),
     "tucker-none-softmax-inputnorm": lambda **kw: TuckerMuMoE(
-        12, 5, 6, rank=(2, 3, 2), normalization=None, activation="softmax", input_norm=True, **kw),
-    "custom-nobias": lambda **kw: MuMoE(12, 5, "n1 a, a n2 b, i b c, o c", expert_dims=(4, 3),
-                                        rank=2, bias=False, **kw),
+        12,
+        5,
+        expert_dims=6,
+        rank=(2, 3, 2),
+        normalization=None,
+        activation="softmax",
+        input_norm=True,
+        **kw,
+    ),
+    "custom-nobias": lambda **kw: MuMoE(
+        12, 5, "n1 a, a n2 b, i b c, o c", expert_dims=(4, 3), rank=2, bias=False, **kw
+    ),
     "mxd-2-levels": lambda **kw: MuMoE(12, 5, "n1 o, n2 o, i o", expert_dims=(6, 3), **kw),
     "lowrank": lambda **kw: MuMoE(12, 5, "lowrank", expert_dims=6, rank=2, **kw),
     "mxd-topk": lambda **kw: MuMoE(12, 5, "mxd", expert_dims=16, activation="topk", top_k=3, **kw),
-}  # fmt: skip
+}
 
 
 def test_top_k_travels_with_the_file_and_must_match(tmp_path):
@@ -68,7 +78,7 @@ def test_top_k_travels_with_the_file_and_must_match(tmp_path):
     x = torch.randn(4, 12, dtype=torch.float64)
     torch.testing.assert_close(same(x), layer(x))
     save(
-        trained(CPMuMoE(12, 5, 8, rank=3)), tmp_path / "cp.safetensors"
+        trained(CPMuMoE(12, 5, expert_dims=8, rank=3)), tmp_path / "cp.safetensors"
     )  # other gates: no top_k key
     _, meta = read_back(tmp_path / "cp.safetensors")
     assert "top_k" not in meta["gate"]
@@ -97,7 +107,7 @@ def test_train_save_load_on_numpy_gives_the_same_predictions(tmp_path, name, dty
 def test_load_on_each_backend(tmp_path, backend_name):
     if backend_name not in AVAILABLE:
         pytest.skip(f"{backend_name} is not usable here")
-    layer = trained(CPMuMoE(12, 5, 8, rank=3, dtype=torch.float64))
+    layer = trained(CPMuMoE(12, 5, expert_dims=8, rank=3, dtype=torch.float64))
     save(layer, tmp_path / "w.safetensors")
     x = np.random.default_rng(0).standard_normal((4, 12))
     with torch.no_grad():
@@ -110,14 +120,14 @@ def test_load_on_each_backend(tmp_path, backend_name):
 
 
 def test_load_casts_to_a_requested_dtype(tmp_path):
-    save(trained(CPMuMoE(12, 5, 8, rank=3)), tmp_path / "w.safetensors")
+    save(trained(CPMuMoE(12, 5, expert_dims=8, rank=3)), tmp_path / "w.safetensors")
     served = load(tmp_path / "w.safetensors", dtype=tl.backend.float64)
     assert served.cores[0].dtype == np.float64
     assert served(np.ones((2, 12))).dtype == np.float64
 
 
 def test_custom_activations_are_not_saved(tmp_path):
-    layer = CPMuMoE(12, 5, 8, rank=3, activation=lambda t: torch.softmax(t, -1))
+    layer = CPMuMoE(12, 5, expert_dims=8, rank=3, activation=lambda t: torch.softmax(t, -1))
     with pytest.raises(ValueError, match="custom callable and cannot be saved"):
         save(layer, tmp_path / "w.safetensors")
 
@@ -125,12 +135,12 @@ def test_custom_activations_are_not_saved(tmp_path):
         return torch.softmax(2 * t, -1)
 
     with pytest.raises(ValueError, match="activation 'softmax' is a custom callable"):
-        save(CPMuMoE(12, 5, 8, rank=3, activation=softmax), tmp_path / "w.safetensors")
-    swapped = CPMuMoE(12, 5, 8, rank=3)
+        save(CPMuMoE(12, 5, expert_dims=8, rank=3, activation=softmax), tmp_path / "w.safetensors")
+    swapped = CPMuMoE(12, 5, expert_dims=8, rank=3)
     swapped.gate.activation = softmax  # replaced after construction
     with pytest.raises(ValueError, match="custom callable"):
         save(swapped, tmp_path / "w.safetensors")
-    affine = CPMuMoE(12, 5, 8, rank=3)
+    affine = CPMuMoE(12, 5, expert_dims=8, rank=3)
     affine.gate.norms[0] = torch.nn.BatchNorm1d(8)  # affine: not what the file can describe
     with pytest.raises(ValueError, match="not the BatchNorm1d without affine parameters"):
         save(affine, tmp_path / "w.safetensors")
@@ -146,7 +156,7 @@ def test_custom_activations_are_not_saved(tmp_path):
 @pytest.fixture
 def saved(tmp_path):
     path = tmp_path / "w.safetensors"
-    save(trained(CPMuMoE(12, 5, (6, 3), rank=4)), path)
+    save(trained(CPMuMoE(12, 5, expert_dims=(6, 3), rank=4)), path)
     return path
 
 
@@ -209,25 +219,39 @@ def test_unreadable_metadata(saved):
 @pytest.mark.parametrize(
     ("change", "match"),
     [
-        (lambda a, m: a.__setitem__("cores.1", np.zeros((4, 4), np.float32)),
-         r"entry 'cores.1' must have shape \(3, 4\) for spec .*, got \(4, 4\)"),
-        (lambda a, m: a.pop("gate.running_var.1"),
-         r"missing entries \['gate.running_var.1'\], unexpected entries \[\]"),
-        (lambda a, m: a.__setitem__("cores.9", np.zeros(2, np.float32)),
-         r"missing entries \[\], unexpected entries \['cores.9'\]"),
-        (lambda a, m: m.__setitem__("spec", "n1 r, n2 q, i r, o r"),
-         r"describes an invalid network: bond 'q' appears only in core 1"),
+        (
+            lambda a, m: a.__setitem__("cores.1", np.zeros((4, 4), np.float32)),
+            r"entry 'cores.1' must have shape \(3, 4\) for spec .*, got \(4, 4\)",
+        ),
+        (
+            lambda a, m: a.pop("gate.running_var.1"),
+            r"missing entries \['gate.running_var.1'\], unexpected entries \[\]",
+        ),
+        (
+            lambda a, m: a.__setitem__("cores.9", np.zeros(2, np.float32)),
+            r"missing entries \[\], unexpected entries \['cores.9'\]",
+        ),
+        (
+            lambda a, m: m.__setitem__("spec", "n1 r, n2 q, i r, o r"),
+            r"describes an invalid network: bond 'q' appears only in core 1",
+        ),
         (lambda a, m: m.__setitem__("version", 99), r"has version 99; this mumoe reads version 2"),
         (lambda a, m: m.__setitem__("format", "other"), r"is not a mumoe-weights file"),
-        (lambda a, m: a.__setitem__("cores.0", np.zeros((6, 4), np.int64)),
-         r"entry 'cores.0' must be floating point \(F16, F32, F64\), got I64"),
-        (lambda a, m: m.__setitem__("kind", "stack"),
-         r"holds a 'stack'; mumoe reads layers and blocks"),
+        (
+            lambda a, m: a.__setitem__("cores.0", np.zeros((6, 4), np.int64)),
+            r"entry 'cores.0' must be floating point \(F16, F32, F64\), got I64",
+        ),
+        (
+            lambda a, m: m.__setitem__("kind", "stack"),
+            r"holds a 'stack'; mumoe reads layers and blocks",
+        ),
         (lambda a, m: m.__setitem__("kind", "block"), r"the block's fc1 must be dict, got None"),
-        (lambda a, m: m.__setitem__("spec", "n1 r, i r, o r" + ", o r" * 2000),
-         r"holds a spec of 10,014 characters; files hold specs of at most 4,096"),
+        (
+            lambda a, m: m.__setitem__("spec", "n1 r, i r, o r" + ", o r" * 2000),
+            r"holds a spec of 10,014 characters; files hold specs of at most 4,096",
+        ),
     ],
-)  # fmt: skip
+)
 def test_mismatched_files_are_refused(saved, change, match):
     rewrite(saved, change)
     with pytest.raises(ValueError, match=match):
@@ -247,29 +271,61 @@ def test_inference_layer_checks_its_input(saved):
     [
         # a bit flipped in the header's length, or in its JSON
         (lambda h, b, p: p.write_bytes(b"\xff" + p.read_bytes()[1:]), "not a readable"),
-        (lambda h, b, p: p.write_bytes(p.read_bytes().replace(b'"dtype"', b'"dtypf"', 1)),
-         "not a readable"),
+        (
+            lambda h, b, p: p.write_bytes(p.read_bytes().replace(b'"dtype"', b'"dtypf"', 1)),
+            "not a readable",
+        ),
         # a tensor that claims more bytes than the file holds
-        (lambda h, b, p: (h["cores.0"].__setitem__("shape", [10**6, 10**6]), with_header(p, h, b)),
-         "not a readable"),
+        (
+            lambda h, b, p: (
+                h["cores.0"].__setitem__("shape", [10**6, 10**6]),
+                with_header(p, h, b),
+            ),
+            "not a readable",
+        ),
         # two tensors over the same bytes
-        (lambda h, b, p: (h["cores.1"].__setitem__("data_offsets", h["cores.0"]["data_offsets"]),
-                          with_header(p, h, b)), "not a readable"),
+        (
+            lambda h, b, p: (
+                h["cores.1"].__setitem__("data_offsets", h["cores.0"]["data_offsets"]),
+                with_header(p, h, b),
+            ),
+            "not a readable",
+        ),
         # a dtype the format does not allow
-        (lambda h, b, p: (h["cores.0"].__setitem__("dtype", "I32"), with_header(p, h, b)),
-         r"entry 'cores.0' must be floating point \(F16, F32, F64\), got I32"),
+        (
+            lambda h, b, p: (h["cores.0"].__setitem__("dtype", "I32"), with_header(p, h, b)),
+            r"entry 'cores.0' must be floating point \(F16, F32, F64\), got I32",
+        ),
         # metadata of the wrong types, or nested deep
-        (lambda h, b, p: with_meta(p, h, b, expert_dims="six"),
-         "expert_dims must be list, got 'six'"),
+        (
+            lambda h, b, p: with_meta(p, h, b, expert_dims="six"),
+            "expert_dims must be list, got 'six'",
+        ),
         (lambda h, b, p: with_meta(p, h, b, in_features=True), "in_features must be"),
-        (lambda h, b, p: (h["__metadata__"].__setitem__("mumoe", "[" * 100_000 + "]" * 100_000),
-                          with_header(p, h, b)), "has a description of 200,000 characters"),
-        (lambda h, b, p: with_meta(p, h, b, gate={"x": [[[[[[[[[[1]]]]]]]]]]}),
-         "nested deeper than 8"),
+        (
+            lambda h, b, p: (
+                h["__metadata__"].__setitem__("mumoe", "[" * 100_000 + "]" * 100_000),
+                with_header(p, h, b),
+            ),
+            "has a description of 200,000 characters",
+        ),
+        (
+            lambda h, b, p: with_meta(p, h, b, gate={"x": [[[[[[[[[[1]]]]]]]]]]}),
+            "nested deeper than 8",
+        ),
     ],
-    ids=["length-bit", "json-bit", "huge-shape", "overlap", "int-dtype", "wrong-type",
-         "bool-int", "deep-json", "deep-dict"],
-)  # fmt: skip
+    ids=[
+        "length-bit",
+        "json-bit",
+        "huge-shape",
+        "overlap",
+        "int-dtype",
+        "wrong-type",
+        "bool-int",
+        "deep-json",
+        "deep-dict",
+    ],
+)
 def test_crafted_files_are_refused_with_a_message(saved, craft, match):
     header, body = header_of(saved)
     craft(header, body, saved)
@@ -306,7 +362,7 @@ def test_a_large_spec_and_non_regular_files_are_refused(saved, tmp_path):
 
 def test_saving_is_atomic(tmp_path, monkeypatch):
     path = tmp_path / "w.safetensors"
-    save(trained(CPMuMoE(12, 5, 8, rank=3)), path)
+    save(trained(CPMuMoE(12, 5, expert_dims=8, rank=3)), path)
     before = path.read_bytes()
 
     def fail(*args, **kwargs):
@@ -314,7 +370,7 @@ def test_saving_is_atomic(tmp_path, monkeypatch):
 
     monkeypatch.setattr(os, "fsync", fail)
     with pytest.raises(OSError, match="disk full"):
-        save(trained(CPMuMoE(12, 5, 8, rank=3), seed=1), path)
+        save(trained(CPMuMoE(12, 5, expert_dims=8, rank=3), seed=1), path)
     assert path.read_bytes() == before  # the old file, whole
     assert sorted(p.name for p in tmp_path.iterdir()) == ["w.safetensors"]  # no leftovers
 
@@ -322,7 +378,7 @@ def test_saving_is_atomic(tmp_path, monkeypatch):
 def test_load_into_is_all_or_nothing_for_every_failure(saved):
     from mumoe.nn import load_into
 
-    layer = CPMuMoE(12, 5, (6, 3), rank=4)
+    layer = CPMuMoE(12, 5, expert_dims=(6, 3), rank=4)
     state = {k: v.clone() for k, v in layer.state_dict().items()}
     rewrite(saved, lambda a, m: a.__setitem__("gate.running_var.1", np.zeros(2, np.float32)))
     with pytest.raises(ValueError):
@@ -336,8 +392,18 @@ def test_blocks_save_and_serve_on_numpy(tmp_path, network):
     from mumoe.nn import MuMoEBlock
 
     rank = 3 if network == "cp" else (2, 2, 3)
-    block = trained(MuMoEBlock(12, 20, 7, network=network, expert_dims=6, rank=rank,
-                               input_norm=True, dtype=torch.float64))  # fmt: skip
+    block = trained(
+        MuMoEBlock(
+            12,
+            20,
+            7,
+            network=network,
+            expert_dims=6,
+            rank=rank,
+            input_norm=True,
+            dtype=torch.float64,
+        )
+    )
     save(block, tmp_path / "block.safetensors")
     served = load(tmp_path / "block.safetensors")
     assert isinstance(served, InferenceMuMoEBlock)
@@ -354,13 +420,14 @@ def test_gelu_is_torchs_on_every_usable_backend():
     expected = torch.nn.functional.gelu(torch.from_numpy(x)).numpy()
     for name in AVAILABLE:
         with use_backend(name):
-            np.testing.assert_allclose(to_numpy64(gelu(tl.tensor(x))), expected, rtol=1e-12,
-                                       atol=1e-15)  # fmt: skip
+            np.testing.assert_allclose(
+                to_numpy64(gelu(tl.tensor(x))), expected, rtol=1e-12, atol=1e-15
+            )
 
 
 def test_a_served_layer_names_its_backend_after_a_switch(tmp_path):
     # After tl.set_backend, a loaded layer failed deep in gating (issue #15, item 8).
-    save(trained(CPMuMoE(12, 5, 8, rank=3)), tmp_path / "w.safetensors")
+    save(trained(CPMuMoE(12, 5, expert_dims=8, rank=3)), tmp_path / "w.safetensors")
     served = load(tmp_path / "w.safetensors")
     assert "backend='numpy'" in repr(served)
     with use_backend("pytorch"):

@@ -54,7 +54,7 @@ def test_bias_matmul_names_the_shapes_it_expects(x_shape, core_shape):
 
 
 def test_torch_plans_use_the_kernel_for_inputs_of_the_threshold_size():
-    net = mxd(6, 512, 100)
+    net = mxd(512, 100, expert_dims=6)
     rows = BIAS_KERNEL_ELEMENTS // 512  # 128 rows of 512: the threshold
     torch_plan = planner_of(net).forward(rows, "pytorch", torch.float64)
     numpy_plan = planner_of(net).forward(rows, "numpy", np.dtype("float64"))
@@ -73,7 +73,7 @@ def test_torch_plans_use_the_kernel_for_inputs_of_the_threshold_size():
 )
 def test_training_keeps_no_copy_of_the_input(spec, experts, rank):
     # The memory kept for backward: the input itself, never [x, 1] or a slice's gradient.
-    net = Network(spec, experts, 512, 5, rank=rank)
+    net = Network(spec, 512, 5, expert_dims=experts, rank=rank)
     layer = MuMoE(512, 5, net, dtype=torch.float64)
     x = torch.randn(128, 512, dtype=torch.float64)  # BIAS_KERNEL_ELEMENTS
     kept: list[torch.Size] = []

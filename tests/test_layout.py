@@ -90,10 +90,19 @@ def test_the_layer_table_covers_the_package():
     graph = import_graph(PACKAGE)
     edge = sorted(m for m in graph.modules if layer_of(m) == "edge")
     assert edge == [
-        "mumoe", "mumoe.__main__", "mumoe.analysis", "mumoe.cli", "mumoe.demo",
-        "mumoe.demo._experiment", "mumoe.demo._figures", "mumoe.demo._report",
-        "mumoe.demo._results", "mumoe.demo._train", "mumoe.plotting", "mumoe.testing",
-    ]  # fmt: skip
+        "mumoe",
+        "mumoe.__main__",
+        "mumoe.analysis",
+        "mumoe.cli",
+        "mumoe.demo",
+        "mumoe.demo._experiment",
+        "mumoe.demo._figures",
+        "mumoe.demo._report",
+        "mumoe.demo._results",
+        "mumoe.demo._train",
+        "mumoe.plotting",
+        "mumoe.testing",
+    ]
 
 
 def test_a_module_inside_a_layer_never_imports_its_own_face():
@@ -178,7 +187,7 @@ def test_every_torch_free_module_imports_without_torch():
         f"for name in {torch_free!r}:\n"
         "    importlib.import_module(name)\n"
         "import numpy as np, mumoe\n"  # and the core computes
-        "net = mumoe.cp(4, 3, 2, rank=2)\n"
+        "net = mumoe.cp(3, 2, expert_dims=4, rank=2)\n"
         "y = mumoe.forward(net, mumoe.random_cores(net), np.ones((2, 3)), np.ones((2, 4)))\n"
         "print(y.shape)"
     )
@@ -195,18 +204,20 @@ def test_every_torch_free_module_imports_without_torch():
 def test_a_format_record_and_its_preset_agree(name, levels):
     record = FORMATS[name]
     rank = {} if not record.has_rank else {"rank": 2}
-    net = preset(name, [3] * levels, 4, 5, **rank)
+    net = preset(name, 4, 5, expert_dims=[3] * levels, **rank)
     assert net.spec == record.spec(levels)
     assert net.format == preset_format(net) == name
     # The same spec written by hand is the same format.
-    assert Network(record.spec(levels), [3] * levels, 4, 5, **rank).format == name
+    assert Network(record.spec(levels), 4, 5, expert_dims=[3] * levels, **rank).format == name
     assert len(record.init(net.core_legs, net.sizes, net.in_features)) == net.n_cores
     if record.free_rank is not None:
-        assert preset(name, [3] * levels, 4, 5, rank=record.free_rank(levels, 2, 5)).n_params
+        assert preset(
+            name, 4, 5, expert_dims=[3] * levels, rank=record.free_rank(levels, 2, 5)
+        ).n_params
 
 
 def test_a_custom_spec_has_the_custom_format():
-    net = Network("n i r, r o", 4, 3, 2, rank=2)
+    net = Network("n i r, r o", 3, 2, expert_dims=4, rank=2)
     assert net.format == "custom" and preset_format(net) is None
 
 

@@ -16,7 +16,9 @@ from mumoe.testing import custom_networks, networks, preset_networks
 
 
 def test_sizes_and_shapes_of_a_custom_network():
-    net = Network("r0 n r1, r1 i r2, r2 o r0", 6, 5, 4, rank={"r0": 2, "r1": 3, "r2": 4})
+    net = Network(
+        "r0 n r1, r1 i r2, r2 o r0", 5, 4, expert_dims=6, rank={"r0": 2, "r1": 3, "r2": 4}
+    )
     assert net.expert_legs == ("n1",)
     assert net.expert_dims == (6,)
     assert net.sizes["i"] == 6  # 5 inputs + bias
@@ -28,16 +30,16 @@ def test_sizes_and_shapes_of_a_custom_network():
 
 
 def test_bias_false_keeps_input_size():
-    assert Network("n r, i r, o r", 6, 5, 4, rank=2, bias=False).sizes["i"] == 5
+    assert Network("n r, i r, o r", 5, 4, expert_dims=6, rank=2, bias=False).sizes["i"] == 5
 
 
 def test_one_rank_for_every_bond():
-    net = Network("n1 a, n2 b, i c, o d, a b c d", (2, 3), 4, 5, rank=2)
+    net = Network("n1 a, n2 b, i c, o d, a b c d", 4, 5, expert_dims=(2, 3), rank=2)
     assert dict(net.ranks) == {"a": 2, "b": 2, "c": 2, "d": 2}
 
 
 def test_numpy_integers_are_sizes():
-    net = cp(np.int64(4), np.int32(3), 2, rank=np.int64(2))
+    net = cp(np.int32(3), 2, expert_dims=np.int64(4), rank=np.int64(2))
     assert net.core_shapes == ((4, 2), (4, 2), (2, 2))
     assert all(type(d) is int for shape in net.core_shapes for d in shape)
 
@@ -72,18 +74,18 @@ def test_parameter_counts_equal_the_closed_forms(net):
 
 def test_cp_parameter_count_of_the_paper_head():
     # CLIP head: I=768, O=1000, bias; R (sum N + I + 1 + O).
-    net = cp(128, 768, 1000, rank=64)
+    net = cp(768, 1000, expert_dims=128, rank=64)
     assert net.n_params == 64 * (128 + 769 + 1000)
 
 
 @pytest.mark.parametrize(
     ("build", "spec"),
     [
-        (lambda: dense((2, 3), 4, 5), "n1 n2 i o"),
-        (lambda: cp((2, 3), 4, 5, rank=2), "n1 r, n2 r, i r, o r"),
-        (lambda: tucker((2, 3), 4, 5, rank=2), "n1 r1, n2 r2, i ri, o ro, r1 r2 ri ro"),
-        (lambda: tt((2, 3), 4, 5, rank=2), "n1 r1, r1 n2 r2, r2 i r3, r3 o"),
-        (lambda: tr((2, 3), 4, 5, rank=2), "r0 n1 r1, r1 n2 r2, r2 i r3, r3 o r0"),
+        (lambda: dense(4, 5, expert_dims=(2, 3)), "n1 n2 i o"),
+        (lambda: cp(4, 5, expert_dims=(2, 3), rank=2), "n1 r, n2 r, i r, o r"),
+        (lambda: tucker(4, 5, expert_dims=(2, 3), rank=2), "n1 r1, n2 r2, i ri, o ro, r1 r2 ri ro"),
+        (lambda: tt(4, 5, expert_dims=(2, 3), rank=2), "n1 r1, r1 n2 r2, r2 i r3, r3 o"),
+        (lambda: tr(4, 5, expert_dims=(2, 3), rank=2), "r0 n1 r1, r1 n2 r2, r2 i r3, r3 o r0"),
     ],
 )
 def test_preset_specs_for_two_levels(build, spec):
@@ -95,17 +97,17 @@ def test_presets_any_number_of_levels(n_levels):
     dims = tuple(range(2, 2 + n_levels))
     for name in mumoe.PRESETS:
         options = {"rank": 2} if mumoe.FORMATS[name].has_rank else {}
-        net = preset(name, dims, 3, 4, **options)
+        net = preset(name, 3, 4, expert_dims=dims, **options)
         assert net.expert_legs == tuple(f"n{e}" for e in range(1, n_levels + 1))
         assert net.weight_shape == (*dims, 4, 4)
         assert net.format == name
 
 
 def test_tt_and_tr_rank_forms_agree():
-    assert tt(4, 3, 2, rank=(1, 2, 3, 1)) == tt(4, 3, 2, rank=(2, 3))
-    assert tr(4, 3, 2, rank=(2, 3, 4, 2)) == tr(4, 3, 2, rank=(2, 3, 4))
-    assert tt(4, 3, 2, rank=3) == tt(4, 3, 2, rank=(3, 3))
-    assert tr(4, 3, 2, rank=3) == tr(4, 3, 2, rank=(3, 3, 3))
+    assert tt(3, 2, expert_dims=4, rank=(1, 2, 3, 1)) == tt(3, 2, expert_dims=4, rank=(2, 3))
+    assert tr(3, 2, expert_dims=4, rank=(2, 3, 4, 2)) == tr(3, 2, expert_dims=4, rank=(2, 3, 4))
+    assert tt(3, 2, expert_dims=4, rank=3) == tt(3, 2, expert_dims=4, rank=(3, 3))
+    assert tr(3, 2, expert_dims=4, rank=3) == tr(3, 2, expert_dims=4, rank=(3, 3, 3))
 
 
 # --------------------------------------------------------------------- errors
@@ -114,50 +116,110 @@ def test_tt_and_tr_rank_forms_agree():
 @pytest.mark.parametrize(
     ("call", "error", "match"),
     [
-        (lambda: Network("n r, i r, o r", 4, 3, 2), ValueError,
-         r"has bonds r but no rank was given"),
-        (lambda: Network("n a, i b, o c, a b c", 4, 3, 2, rank={"a": 2, "b": 2}), ValueError,
-         r"bond 'c' of spec .* has no size"),
-        (lambda: Network("n r, i r, o r", 4, 3, 2, rank={"r": 2, "q": 3}), ValueError,
-         r"rank names bond 'q', which is not in spec"),
-        (lambda: Network("n r, i r, o r", 4, 3, 2, rank=0), ValueError,
-         r"rank must be a positive int, got 0"),
-        (lambda: Network("n r, i r, o r", 4, 3, 2, rank={"r": -1}), ValueError,
-         r"rank\['r'\] must be a positive int, got -1"),
-        (lambda: Network("n r, i r, o r", 4, 3, 2, rank=2.0), TypeError,
-         r"rank must be a positive int, got 2.0"),
-        (lambda: Network("n r, i r, o r", 4, 3, 2, rank=True), TypeError,
-         r"rank must be a positive int, got the bool True"),
-        (lambda: Network("n r, i r, o r", 4, 0, 2, rank=2), ValueError,
-         r"in_features must be a positive int, got 0"),
-        (lambda: Network("n r, i r, o r", 4, 3, -2, rank=2), ValueError,
-         r"out_features must be a positive int, got -2"),
-        (lambda: Network("n r, i r, o r", (4, 5), 3, 2, rank=2), ValueError,
-         r"has 1 expert level\(s\) \(n1\) but expert_dims has 2 entries"),
-        (lambda: Network("n1 r, n2 r, i r, o r", (4, 0), 3, 2, rank=2), ValueError,
-         r"expert_dims\[1\] must be a positive int, got 0"),
-        (lambda: Network("n i o", 4, 3, 2, rank={"r": 2}), ValueError,
-         r"rank names bonds \['r'\] but spec 'n1 i o' has no bonds"),
-        (lambda: Network("n r, i r, o r", 4, 3, 2, rank=2, bias=1), TypeError,
-         r"bias must be True or False"),
-        (lambda: cp(4, 3, 2, rank=(2, 3)), TypeError, r"a CP rank is one positive int"),
-        (lambda: cp((), 3, 2, rank=2), ValueError, r"expert_dims is empty"),
-        (lambda: tucker(4, 3, 2, rank=(2, 3)), ValueError,
-         r"Tucker rank needs one entry per mode \(3: experts..., input, output\), got 2"),
-        (lambda: tt(4, 3, 2, rank=(2, 3, 4, 1)), ValueError,
-         r"TT boundary ranks must be 1: rank\[0\]=2, rank\[-1\]=1"),
-        (lambda: tt(4, 3, 2, rank=(2, 3, 4)), ValueError,
-         r"TT rank for 3 modes needs 2 inner ranks or 4 ranks with boundary 1s, got 3"),
-        (lambda: tr(4, 3, 2, rank=(5, 3, 2, 4)), ValueError,
-         r"TR ranks must close the ring: rank\[-1\]=4 != rank\[0\]=5"),
-        (lambda: tr(4, 3, 2, rank=(5, 3)), ValueError,
-         r"TR rank for 3 modes needs 3 bond ranks or 4 ranks closing the ring, got 2"),
-        (lambda: tr(4, 3, 2, rank=(5, 0, 5)), ValueError,
-         r"TR rank\[1\] must be a positive int, got 0"),
-        (lambda: preset("cpd", 4, 3, 2, rank=2), ValueError,
-         r"unknown format 'cpd'; choose one of 'dense', 'cp'"),
+        (
+            lambda: Network("n r, i r, o r", 3, 2, expert_dims=4),
+            ValueError,
+            r"has bonds r but no rank was given",
+        ),
+        (
+            lambda: Network("n a, i b, o c, a b c", 3, 2, expert_dims=4, rank={"a": 2, "b": 2}),
+            ValueError,
+            r"bond 'c' of spec .* has no size",
+        ),
+        (
+            lambda: Network("n r, i r, o r", 3, 2, expert_dims=4, rank={"r": 2, "q": 3}),
+            ValueError,
+            r"rank names bond 'q', which is not in spec",
+        ),
+        (
+            lambda: Network("n r, i r, o r", 3, 2, expert_dims=4, rank=0),
+            ValueError,
+            r"rank must be a positive int, got 0",
+        ),
+        (
+            lambda: Network("n r, i r, o r", 3, 2, expert_dims=4, rank={"r": -1}),
+            ValueError,
+            r"rank\['r'\] must be a positive int, got -1",
+        ),
+        (
+            lambda: Network("n r, i r, o r", 3, 2, expert_dims=4, rank=2.0),
+            TypeError,
+            r"rank must be a positive int, got 2.0",
+        ),
+        (
+            lambda: Network("n r, i r, o r", 3, 2, expert_dims=4, rank=True),
+            TypeError,
+            r"rank must be a positive int, got the bool True",
+        ),
+        (
+            lambda: Network("n r, i r, o r", 0, 2, expert_dims=4, rank=2),
+            ValueError,
+            r"in_features must be a positive int, got 0",
+        ),
+        (
+            lambda: Network("n r, i r, o r", 3, -2, expert_dims=4, rank=2),
+            ValueError,
+            r"out_features must be a positive int, got -2",
+        ),
+        (
+            lambda: Network("n r, i r, o r", 3, 2, expert_dims=(4, 5), rank=2),
+            ValueError,
+            r"has 1 expert level\(s\) \(n1\) but expert_dims has 2 entries",
+        ),
+        (
+            lambda: Network("n1 r, n2 r, i r, o r", 3, 2, expert_dims=(4, 0), rank=2),
+            ValueError,
+            r"expert_dims\[1\] must be a positive int, got 0",
+        ),
+        (
+            lambda: Network("n i o", 3, 2, expert_dims=4, rank={"r": 2}),
+            ValueError,
+            r"rank names bonds \['r'\] but spec 'n1 i o' has no bonds",
+        ),
+        (
+            lambda: Network("n r, i r, o r", 3, 2, expert_dims=4, rank=2, bias=1),
+            TypeError,
+            r"bias must be True or False",
+        ),
+        (lambda: cp(3, 2, expert_dims=4, rank=(2, 3)), TypeError, r"a CP rank is one positive int"),
+        (lambda: cp(3, 2, expert_dims=(), rank=2), ValueError, r"expert_dims is empty"),
+        (
+            lambda: tucker(3, 2, expert_dims=4, rank=(2, 3)),
+            ValueError,
+            r"Tucker rank needs one entry per mode \(3: experts..., input, output\), got 2",
+        ),
+        (
+            lambda: tt(3, 2, expert_dims=4, rank=(2, 3, 4, 1)),
+            ValueError,
+            r"TT boundary ranks must be 1: rank\[0\]=2, rank\[-1\]=1",
+        ),
+        (
+            lambda: tt(3, 2, expert_dims=4, rank=(2, 3, 4)),
+            ValueError,
+            r"TT rank for 3 modes needs 2 inner ranks or 4 ranks with boundary 1s, got 3",
+        ),
+        (
+            lambda: tr(3, 2, expert_dims=4, rank=(5, 3, 2, 4)),
+            ValueError,
+            r"TR ranks must close the ring: rank\[-1\]=4 != rank\[0\]=5",
+        ),
+        (
+            lambda: tr(3, 2, expert_dims=4, rank=(5, 3)),
+            ValueError,
+            r"TR rank for 3 modes needs 3 bond ranks or 4 ranks closing the ring, got 2",
+        ),
+        (
+            lambda: tr(3, 2, expert_dims=4, rank=(5, 0, 5)),
+            ValueError,
+            r"TR rank\[1\] must be a positive int, got 0",
+        ),
+        (
+            lambda: preset("cpd", 3, 2, expert_dims=4, rank=2),
+            ValueError,
+            r"unknown format 'cpd'; choose one of 'dense', 'cp'",
+        ),
     ],
-)  # fmt: skip
+)
 def test_bad_sizes_raise_clear_errors(call, error, match):
     with pytest.raises(error, match=match):
         call()
@@ -167,7 +229,7 @@ def test_bad_sizes_raise_clear_errors(call, error, match):
 
 
 def test_equations_of_cp():
-    net = cp(4, 3, 2, rank=5)
+    net = cp(3, 2, expert_dims=4, rank=5)
     assert net.equation == "...n1, ...i, n1 r, i r, o r -> ...o"
     assert net.einsum_equation == "ab,ac,be,ce,de->ad"
 
@@ -184,22 +246,22 @@ def test_flops_are_affine_in_batch_within_a_bucket(net):
 def test_flops_of_cp_follow_the_chosen_path():
     # B rows: gate n (B N R) + input (B I' R) + Hadamard (B R) + output (B R O),
     # each pairwise product a multiply-add counted as two where it sums.
-    net = cp(16, 8, 4, rank=3)
+    net = cp(8, 4, expert_dims=16, rank=3)
     assert flops(net, 10) == 10 * (2 * 16 * 3 + 2 * 9 * 3 + 3 + 2 * 3 * 4)
 
 
 def test_describe_shows_equation_cores_parameters_and_flops():
-    text = describe(cp(128, 768, 1000, rank=64), batch_size=256)
+    text = describe(cp(768, 1000, expert_dims=128, rank=64), batch_size=256)
     assert "Network 'cp': 1 expert level, 128 experts, with bias" in text
     assert "n1 r, i r, o r" in text
     assert "(769, 64)" in text
     assert f"{64 * (128 + 769 + 1000):,}" in text
     assert "...n1, ...i, n1 r, i r, o r -> ...o" in text
-    assert f"{flops(cp(128, 768, 1000, rank=64), 256):,} for batch 256" in text
+    assert f"{flops(cp(768, 1000, expert_dims=128, rank=64), 256):,} for batch 256" in text
 
 
 def test_describe_two_levels():
-    text = describe(tr((8, 4), 16, 10, rank=2))
+    text = describe(tr(16, 10, expert_dims=(8, 4), rank=2))
     assert "2 expert levels, 8 x 4 = 32 experts" in text
     assert "core 3" in text
 
@@ -218,23 +280,29 @@ def test_pickle_round_trip(net):
 
 @given(custom_networks())
 def test_equal_arguments_make_equal_networks_that_share_a_planner(net):
-    twin = Network(net.spec, net.expert_dims, net.in_features, net.out_features,
-                   rank=dict(net.ranks) or None, bias=net.bias)  # fmt: skip
+    twin = Network(
+        net.spec,
+        net.in_features,
+        net.out_features,
+        expert_dims=net.expert_dims,
+        rank=dict(net.ranks) or None,
+        bias=net.bias,
+    )
     assert twin == net and hash(twin) == hash(net) and twin is not net
     assert planner_of(twin) is planner_of(net)
 
 
 def test_equality_and_repr():
-    assert cp(4, 3, 2, rank=2) == Network("n r, i r, o r", 4, 3, 2, rank=2)
-    assert cp(4, 3, 2, rank=2) != cp(4, 3, 2, rank=3)
-    assert cp(4, 3, 2, rank=2) != cp(4, 3, 2, rank=2, bias=False)
-    assert repr(cp(4, 3, 2, rank=2)) == (
-        "Network('n1 r, i r, o r', 4, 3, 2, rank={'r': 2}, bias=True)"
+    assert cp(3, 2, expert_dims=4, rank=2) == Network("n r, i r, o r", 3, 2, expert_dims=4, rank=2)
+    assert cp(3, 2, expert_dims=4, rank=2) != cp(3, 2, expert_dims=4, rank=3)
+    assert cp(3, 2, expert_dims=4, rank=2) != cp(3, 2, expert_dims=4, rank=2, bias=False)
+    assert repr(cp(3, 2, expert_dims=4, rank=2)) == (
+        "Network('n1 r, i r, o r', 3, 2, expert_dims=4, rank={'r': 2}, bias=True)"
     )
 
 
 def test_sizes_are_read_only():
-    net = cp(4, 3, 2, rank=2)
+    net = cp(3, 2, expert_dims=4, rank=2)
     with pytest.raises(TypeError):
         net.ranks["r"] = 3
     with pytest.raises(TypeError):
@@ -245,7 +313,7 @@ def test_sizes_are_read_only():
 
 
 def test_a_network_is_immutable_and_replace_makes_changed_copies():
-    net = cp(8, 5, 2, rank=3)
+    net = cp(5, 2, expert_dims=8, rank=3)
     with pytest.raises(AttributeError, match=r"immutable.*replace\(in_features=\.\.\.\)"):
         net.in_features = 7
     with pytest.raises(AttributeError, match="immutable"):
@@ -260,7 +328,7 @@ def test_a_network_is_immutable_and_replace_makes_changed_copies():
 
 
 def test_a_pickled_planner_keeps_its_policy_but_not_its_plans():
-    net = cp(8, 5, 2, rank=3)
+    net = cp(5, 2, expert_dims=8, rank=3)
     planner = Planner(net, cache_size=4, autotune=True, optimize="greedy")
     planner.forward(4, "numpy", np.dtype("float64"))
     copy = pickle.loads(pickle.dumps(planner))
@@ -276,7 +344,7 @@ def test_describe_and_flops_report_the_path_the_forward_pass_uses():
     from mumoe import forward, random_cores
     from mumoe.testing import random_inputs
 
-    net = tucker((4, 3), 6, 5, rank=(2, 2, 3, 3))
+    net = tucker(6, 5, expert_dims=(4, 3), rank=(2, 2, 3, 3))
     planner = Planner(net, autotune=True)
     assert "autotune: not timed yet" in describe(net, batch_size=16, planner=planner)
     x, gates = random_inputs(net, (16,), random_state=0)

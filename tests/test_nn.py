@@ -34,8 +34,14 @@ from tests.helpers import randomise  # noqa: E402
 @settings(max_examples=40)
 @given(networks(), st.sampled_from([(5,), (3, 4)]), st.sampled_from(["bn", "ln", None]))
 def test_module_equals_eq1_with_its_own_gates(net, batch_shape, normalization):
-    layer = MuMoE(net.in_features, net.out_features, net, bias=net.bias,
-                  normalization=normalization, dtype=torch.float64)  # fmt: skip
+    layer = MuMoE(
+        net.in_features,
+        net.out_features,
+        net,
+        bias=net.bias,
+        normalization=normalization,
+        dtype=torch.float64,
+    )
     randomise(layer)
     x = torch.rand(*batch_shape, net.in_features, dtype=torch.float64) * 2 - 1
     y, gates = layer(x, return_gates=True)
@@ -48,10 +54,10 @@ def test_module_equals_eq1_with_its_own_gates(net, batch_shape, normalization):
 @pytest.mark.parametrize(
     "build",
     [
-        lambda **kw: CPMuMoE(12, 5, (4, 3), rank=3, **kw),
-        lambda **kw: TuckerMuMoE(12, 5, 4, rank=(2, 3, 2), **kw),
-        lambda **kw: TTMuMoE(12, 5, (4, 3, 2), rank=2, **kw),
-        lambda **kw: TRMuMoE(12, 5, 4, rank=(2, 3, 2), **kw),
+        lambda **kw: CPMuMoE(12, 5, expert_dims=(4, 3), rank=3, **kw),
+        lambda **kw: TuckerMuMoE(12, 5, expert_dims=4, rank=(2, 3, 2), **kw),
+        lambda **kw: TTMuMoE(12, 5, expert_dims=(4, 3, 2), rank=2, **kw),
+        lambda **kw: TRMuMoE(12, 5, expert_dims=4, rank=(2, 3, 2), **kw),
         lambda **kw: MuMoE(12, 5, "dense", expert_dims=4, **kw),
         lambda **kw: MuMoE(12, 5, "n1 a, a n2 b, i b c, o c", expert_dims=(4, 3), rank=2, **kw),
         lambda **kw: MuMoE(12, 5, "mxd", expert_dims=(4, 3), **kw),
@@ -102,8 +108,10 @@ class TestTorchConventions:
     def test_gradcheck_through_given_gates(self, build):
         layer = randomise(build(dtype=torch.float64), scale=0.5)
         x = torch.randn(3, 12, dtype=torch.float64, requires_grad=True)
-        gates = [torch.rand(3, n, dtype=torch.float64, requires_grad=True)
-                 for n in layer.network.expert_dims]  # fmt: skip
+        gates = [
+            torch.rand(3, n, dtype=torch.float64, requires_grad=True)
+            for n in layer.network.expert_dims
+        ]
         assert torch.autograd.gradcheck(
             lambda x, *g: layer(x, list(g)), (x, *gates), fast_mode=True
         )
@@ -115,7 +123,7 @@ class TestTorchConventions:
 
 
 def test_torch_compile_gives_the_same_output():
-    layer = randomise(CPMuMoE(12, 5, (4, 3), rank=3)).eval()
+    layer = randomise(CPMuMoE(12, 5, expert_dims=(4, 3), rank=3)).eval()
     x = torch.randn(7, 12)
     # Dynamo's and AOTAutograd's tracing through the layer; codegen is torch's own concern.
     compiled = torch.compile(layer, backend="aot_eager")
@@ -123,7 +131,7 @@ def test_torch_compile_gives_the_same_output():
 
 
 def test_batch_norm_train_and_eval():
-    layer = randomise(CPMuMoE(12, 5, 8, rank=3))
+    layer = randomise(CPMuMoE(12, 5, expert_dims=8, rank=3))
     norm = layer.gate.norms[0]
     x = torch.randn(32, 12) * 3 + 1
     layer.train()
@@ -152,7 +160,7 @@ def test_batch_norm_statistics_span_batch_and_tokens():
 
 
 def test_caller_gates_replace_the_layers_gate():
-    layer = randomise(CPMuMoE(12, 5, (4, 3), rank=3))
+    layer = randomise(CPMuMoE(12, 5, expert_dims=(4, 3), rank=3))
     x = torch.randn(2, 12)
     gates = [torch.softmax(torch.randn(2, 4), -1), torch.softmax(torch.randn(2, 3), -1)]
     y, used = layer(x, gates, return_gates=True)
@@ -163,17 +171,17 @@ def test_caller_gates_replace_the_layers_gate():
 def test_activations_by_name_and_callable():
     x = torch.randn(5, 12)
     for activation in ("entmax15", "sparsemax", "softmax", lambda t: torch.softmax(2 * t, -1)):
-        layer = randomise(CPMuMoE(12, 5, 8, rank=3, activation=activation))
+        layer = randomise(CPMuMoE(12, 5, expert_dims=8, rank=3, activation=activation))
         _, (a,) = layer(x, return_gates=True)
         torch.testing.assert_close(a.sum(-1), torch.ones(5))
         assert (a >= 0).all()
-    sparse = randomise(CPMuMoE(12, 5, 64, rank=3, activation="sparsemax"), scale=3.0)
+    sparse = randomise(CPMuMoE(12, 5, expert_dims=64, rank=3, activation="sparsemax"), scale=3.0)
     _, (a,) = sparse(x, return_gates=True)
     assert (a == 0).any()  # sparse gating selects a subset of experts
 
 
 def test_input_norm_applies_to_the_contraction_not_the_gates():
-    layer = randomise(CPMuMoE(12, 5, 4, rank=3, input_norm=True)).eval()
+    layer = randomise(CPMuMoE(12, 5, expert_dims=4, rank=3, input_norm=True)).eval()
     x = torch.randn(3, 12) * 5 + 2
     y, gates = layer(x, return_gates=True)
     plain = MuMoE(12, 5, layer.network, gated=False)
@@ -206,7 +214,7 @@ def test_block_uses_one_gate_for_both_layers():
 
 def test_modules_leave_the_tensorly_backend_alone():
     assert tl.get_backend() == "numpy"
-    CPMuMoE(12, 5, 4, rank=3)(torch.randn(2, 12))
+    CPMuMoE(12, 5, expert_dims=4, rank=3)(torch.randn(2, 12))
     assert tl.get_backend() == "numpy"
     seen = []
 
@@ -236,21 +244,21 @@ def test_rank_same_matches_the_linear_layer(format, experts):
     bigger[free[format]] += 1
     if format == "tucker":
         bigger["ro"] += 1
-    grown = Network(net.spec, net.expert_dims, 256, 100, rank=bigger)
+    grown = Network(net.spec, 256, 100, expert_dims=net.expert_dims, rank=bigger)
     assert grown.n_params + gate_params(256, net.expert_dims) > budget
 
 
 def test_fractional_budget():
     from mumoe import Budget
 
-    half = CPMuMoE(96, 40, 8, rank=Budget(0.5))
-    full = CPMuMoE(96, 40, 8, rank="same")
+    half = CPMuMoE(96, 40, expert_dims=8, rank=Budget(0.5))
+    full = CPMuMoE(96, 40, expert_dims=8, rank="same")
     assert half.network.ranks["r"] < full.network.ranks["r"]
     assert sum(p.numel() for p in half.parameters()) <= 0.5 * linear_params(96, 40)
-    counted = CPMuMoE(96, 40, 8, rank=Budget(params=2000))
+    counted = CPMuMoE(96, 40, expert_dims=8, rank=Budget(params=2000))
     assert sum(p.numel() for p in counted.parameters()) <= 2000
     with pytest.raises(TypeError, match=r"is mumoe.Budget\(0.5\)"):
-        CPMuMoE(96, 40, 8, rank=0.5)
+        CPMuMoE(96, 40, expert_dims=8, rank=0.5)
     with pytest.raises(ValueError, match="give exactly one"):
         Budget(0.5, params=10)
     with pytest.raises(ValueError, match="positive and finite"):
@@ -262,7 +270,7 @@ def test_fractional_budget():
 
 def test_cp_init_follows_the_paper():
     torch.manual_seed(0)
-    layer = CPMuMoE(256, 300, (512, 4), rank=200)
+    layer = CPMuMoE(256, 300, expert_dims=(512, 4), rank=200)
     first, second, inp, out = layer.cores
     assert abs(first.mean().item() - 1) < 0.02 and abs(first.var().item() - 1) < 0.02
     assert torch.equal(second, torch.ones_like(second))
@@ -274,7 +282,7 @@ def test_cp_init_follows_the_paper():
 @pytest.mark.parametrize("n_levels", [1, 2])
 def test_tr_init_gives_diagonal_expert_slices(n_levels):
     torch.manual_seed(0)
-    layer = TRMuMoE(32, 20, (6,) * n_levels, rank=(3, 3, 5, 4)[: n_levels + 2])
+    layer = TRMuMoE(32, 20, expert_dims=(6,) * n_levels, rank=(3, 3, 5, 4)[: n_levels + 2])
     for level in range(n_levels):
         core = layer.cores[level]
         eye = torch.eye(core.shape[0], core.shape[2], dtype=torch.bool)
@@ -291,7 +299,7 @@ def test_tr_init_gives_diagonal_expert_slices(n_levels):
 @pytest.mark.parametrize(
     "build",
     [
-        lambda: TuckerMuMoE(64, 48, (12, 3), rank=(6, 3, 10, 10)),
+        lambda: TuckerMuMoE(64, 48, expert_dims=(12, 3), rank=(6, 3, 10, 10)),
         lambda: MuMoE(64, 48, "n1 a, a n2 b, i b c, o c", expert_dims=(12, 3), rank=4),
         lambda: MuMoE(64, 48, "dense", expert_dims=12),
     ],
@@ -305,7 +313,7 @@ def test_expert_matrices_start_with_the_variance_of_a_linear_layer(build):
 
 def test_tt_init_is_the_tr_scheme_with_boundary_ranks_one():
     torch.manual_seed(0)
-    layer = TTMuMoE(32, 20, 6, rank=(3, 4))
+    layer = TTMuMoE(32, 20, expert_dims=6, rank=(3, 4))
     first = layer.cores[0]  # (N, r1): diagonal of eye(1, r1) -> only column 0
     assert torch.all(first[:, 1:] == 0)
     assert layer.init_scheme == "tt"
@@ -317,48 +325,95 @@ def test_tt_init_is_the_tr_scheme_with_boundary_ranks_one():
 @pytest.mark.parametrize(
     ("call", "error", "match"),
     [
-        (lambda: CPMuMoE(12, 5, 4, rank=3)(torch.randn(2, 11)), ValueError,
-         r"input must have shape \(\.\.\., 12\) \(in_features\), got \(2, 11\)"),
-        (lambda: CPMuMoE(12, 5, 4, rank=3)(np.zeros((2, 12))), TypeError,
-         r"input must be a torch.Tensor, got ndarray"),
-        (lambda: CPMuMoE(12, 5, (4, 3), rank=3)(torch.randn(2, 12), [torch.rand(2, 4)]),
-         ValueError, r"network has 2 expert level\(s\) \(n1, n2\) but 1 gate tensor\(s\)"),
-        (lambda: CPMuMoE(12, 5, (4, 3), rank=3)(
-            torch.randn(2, 12), [torch.rand(2, 4), torch.rand(2, 5)]),
-         ValueError, r"gates\[1\] must have shape \(2, 3\) .* got \(2, 5\)"),
-        (lambda: CPMuMoE(12, 5, 4, rank=3)(torch.randn(2, 12), [torch.rand(2, 4).double()]),
-         TypeError, r"gates\[0\] has dtype float64 but x has float32"),
-        (lambda: CPMuMoE(12, 5, 512, rank="same"), ValueError,
-         r"no cp rank fits a budget of 65 parameters: at rank 1 the layer already has 6,674 "
-         r"\(6,144 of them gate projections\)"),
-        (lambda: TRMuMoE(12, 5, 4, rank=(2, 3, 2, 5)), ValueError,
-         r"TR ranks must close the ring: rank\[-1\]=5 != rank\[0\]=2"),
+        (
+            lambda: CPMuMoE(12, 5, expert_dims=4, rank=3)(torch.randn(2, 11)),
+            ValueError,
+            r"input must have shape \(\.\.\., 12\) \(in_features\), got \(2, 11\)",
+        ),
+        (
+            lambda: CPMuMoE(12, 5, expert_dims=4, rank=3)(np.zeros((2, 12))),
+            TypeError,
+            r"input must be a torch.Tensor, got ndarray",
+        ),
+        (
+            lambda: CPMuMoE(12, 5, expert_dims=(4, 3), rank=3)(
+                torch.randn(2, 12), [torch.rand(2, 4)]
+            ),
+            ValueError,
+            r"network has 2 expert level\(s\) \(n1, n2\) but 1 gate tensor\(s\)",
+        ),
+        (
+            lambda: CPMuMoE(12, 5, expert_dims=(4, 3), rank=3)(
+                torch.randn(2, 12), [torch.rand(2, 4), torch.rand(2, 5)]
+            ),
+            ValueError,
+            r"gates\[1\] must have shape \(2, 3\) .* got \(2, 5\)",
+        ),
+        (
+            lambda: CPMuMoE(12, 5, expert_dims=4, rank=3)(
+                torch.randn(2, 12), [torch.rand(2, 4).double()]
+            ),
+            TypeError,
+            r"gates\[0\] has dtype float64 but x has float32",
+        ),
+        (
+            lambda: CPMuMoE(12, 5, expert_dims=512, rank="same"),
+            ValueError,
+            r"no cp rank fits a budget of 65 parameters: at rank 1 the layer already has 6,674 "
+            r"\(6,144 of them gate projections\)",
+        ),
+        (
+            lambda: TRMuMoE(12, 5, expert_dims=4, rank=(2, 3, 2, 5)),
+            ValueError,
+            r"TR ranks must close the ring: rank\[-1\]=5 != rank\[0\]=2",
+        ),
         (lambda: MuMoE(12, 5, "cp", rank=3), ValueError, r"network 'cp' needs expert_dims"),
         (lambda: MuMoE(12, 5, "tr", expert_dims=4), ValueError, r"the tr network needs a rank"),
-        (lambda: MuMoE(12, 5, "dense", expert_dims=4, rank=3), ValueError,
-         r"the dense format has no rank"),
-        (lambda: MuMoE(12, 5, cp(4, 12, 6, rank=2)), ValueError,
-         r"network has in_features=12, out_features=6, but the layer was given 12, 5"),
-        (lambda: MuMoE(12, 5, cp(4, 12, 5, rank=2), rank=3), ValueError,
-         r"expert_dims and rank come from the Network"),
-        (lambda: MuMoE(12, 5, "n i r, r o", expert_dims=4, rank="same"), ValueError,
-         r"a parameter budget \('same' or a mumoe.Budget\) chooses the rank of a format only"),
+        (
+            lambda: MuMoE(12, 5, "dense", expert_dims=4, rank=3),
+            ValueError,
+            r"the dense format has no rank",
+        ),
+        (
+            lambda: MuMoE(12, 5, cp(12, 6, expert_dims=4, rank=2)),
+            ValueError,
+            r"network has in_features=12, out_features=6, but the layer was given 12, 5",
+        ),
+        (
+            lambda: MuMoE(12, 5, cp(12, 5, expert_dims=4, rank=2), rank=3),
+            ValueError,
+            r"expert_dims and rank come from the Network",
+        ),
+        (
+            lambda: MuMoE(12, 5, "n i r, r o", expert_dims=4, rank="same"),
+            ValueError,
+            r"a parameter budget \('same' or a mumoe.Budget\) chooses the rank of a format only",
+        ),
         (lambda: MuMoE(12, 5, 3), TypeError, r"network must be a Network, a format name"),
-        (lambda: CPMuMoE(12, 5, 4, rank=3, normalization="batch"), ValueError,
-         r"unknown gate normalization 'batch'; choose 'bn', 'ln' or None"),
-        (lambda: CPMuMoE(12, 5, 4, rank=3, activation="relu"), ValueError,
-         r"unknown gate activation 'relu'; choose one of 'entmax15', 'sparsemax', 'softmax'"),
-        (lambda: MuMoE(12, 5, cp(4, 12, 5, rank=2), gated=False)(torch.randn(2, 12)), ValueError,
-         r"this layer has no gate \(gated=False\): pass gates to the call"),
+        (
+            lambda: CPMuMoE(12, 5, expert_dims=4, rank=3, normalization="batch"),
+            ValueError,
+            r"unknown gate normalization 'batch'; choose 'bn', 'ln' or None",
+        ),
+        (
+            lambda: CPMuMoE(12, 5, expert_dims=4, rank=3, activation="relu"),
+            ValueError,
+            r"unknown gate activation 'relu'; choose one of 'entmax15', 'sparsemax', 'softmax'",
+        ),
+        (
+            lambda: MuMoE(12, 5, cp(12, 5, expert_dims=4, rank=2), gated=False)(torch.randn(2, 12)),
+            ValueError,
+            r"this layer has no gate \(gated=False\): pass gates to the call",
+        ),
     ],
-)  # fmt: skip
+)
 def test_bad_input_raises_clear_errors(call, error, match):
     with pytest.raises(error, match=match):
         call()
 
 
 def test_materialize_and_expert_weight_agree():
-    layer = randomise(TRMuMoE(12, 5, (4, 3), rank=2), seed=3)
+    layer = randomise(TRMuMoE(12, 5, expert_dims=(4, 3), rank=2), seed=3)
     weight = layer.materialize()
     assert weight.shape == (4, 3, 13, 5)
     expert = layer.expert_weight((2, 1))
@@ -386,7 +441,7 @@ def test_learning_reaches_the_loss_of_an_equal_size_linear_model():
         with torch.no_grad():
             return torch.nn.functional.mse_loss(model(x), y).item()
 
-    layer = CPMuMoE(d, o, 2, rank="same")
+    layer = CPMuMoE(d, o, expert_dims=2, rank="same")
     linear = torch.nn.Linear(d, o)
     n_layer = sum(p.numel() for p in layer.parameters())
     assert n_layer <= sum(p.numel() for p in linear.parameters()) == linear_params(d, o)

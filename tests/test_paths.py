@@ -92,10 +92,10 @@ def test_network_plans_are_flop_optimal(net, rows):
 @pytest.mark.parametrize(
     ("net", "auto_hq_excess"),
     [
-        (tucker((4, 3), 16, 8, rank=(2, 3, 4, 4)), 0.08),  # 8 operands
-        (tucker((8, 8), 768, 1000, rank=(8, 8, 64, 64)), 0.009),
-        (tr((4, 3, 2), 10, 10, rank=3), 0.04),  # 9 operands
-        (tucker((4, 3, 2), 10, 10, rank=3), 0.2),  # 10 operands
+        (tucker(16, 8, expert_dims=(4, 3), rank=(2, 3, 4, 4)), 0.08),  # 8 operands
+        (tucker(768, 1000, expert_dims=(8, 8), rank=(8, 8, 64, 64)), 0.009),
+        (tr(10, 10, expert_dims=(4, 3, 2), rank=3), 0.04),  # 9 operands
+        (tucker(10, 10, expert_dims=(4, 3, 2), rank=3), 0.2),  # 10 operands
     ],
     ids=["tucker-2-levels-small", "tucker-2-levels-clip", "tr-3-levels", "tucker-3-levels"],
 )
@@ -109,7 +109,7 @@ def test_the_cases_auto_hq_misses(net, auto_hq_excess):
 
 
 def test_past_the_limit_the_fallback_searches():
-    net = tucker((4, 3, 2, 2), 10, 10, rank=2)  # 12 operands
+    net = tucker(10, 10, expert_dims=(4, 3, 2, 2), rank=2)  # 12 operands
     assert len(net.forward_shapes(4)) > OPTIMAL_OPERANDS
     plan = planner_of(net).build_forward(4)
     assert plan.flops == cost(net.einsum_equation, net.forward_shapes(4), "auto-hq")
@@ -119,5 +119,5 @@ def test_past_the_limit_the_fallback_searches():
 def test_small_problems_and_explicit_optimisers():
     assert optimal_path(["ab"], "a", {"a": 2, "b": 3}) == [(0,)]
     assert optimal_path([], "", {}) == []
-    net = Network("n r, i r, o r", 8, 5, 2, rank=3)
+    net = Network("n r, i r, o r", 5, 2, expert_dims=8, rank=3)
     assert "opt_einsum 'greedy'" in describe(net, 4, planner=planner_of(net, optimize="greedy"))

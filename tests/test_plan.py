@@ -12,7 +12,7 @@ from mumoe.testing import random_inputs
 
 
 def test_a_plan_is_built_once_and_reused():
-    net = cp(8, 6, 4, rank=3)
+    net = cp(6, 4, expert_dims=8, rank=3)
     planner = Planner(net)
     cores = random_cores(net, random_state=0)
     x, gates = random_inputs(net, (5,), random_state=0)
@@ -25,7 +25,7 @@ def test_a_plan_is_built_once_and_reused():
 
 
 def test_batch_sizes_share_a_power_of_two_bucket():
-    net = cp(8, 6, 4, rank=3)
+    net = cp(6, 4, expert_dims=8, rank=3)
     planner = Planner(net)
     cores = random_cores(net, random_state=0)
     for batch in range(5, 9):
@@ -38,7 +38,7 @@ def test_batch_sizes_share_a_power_of_two_bucket():
 
 
 def test_dtype_is_part_of_the_key():
-    net = cp(8, 6, 4, rank=3)
+    net = cp(6, 4, expert_dims=8, rank=3)
     planner = Planner(net)
     for dtype in (tl.float64, tl.float32):
         cores = random_cores(net, random_state=0, dtype=dtype)
@@ -71,7 +71,7 @@ def test_cache_size_must_be_a_positive_int(maxsize, error):
 
 
 def test_a_planners_cache_respects_its_bound():
-    net = cp(4, 3, 2, rank=2)
+    net = cp(3, 2, expert_dims=4, rank=2)
     planner = Planner(net, cache_size=3)
     cores = random_cores(net, random_state=0)
     for batch in (1, 2, 4, 8, 16, 32):
@@ -109,7 +109,7 @@ def test_path_searches_leave_pythons_random_state_alone():
     expected = random.random()
     random.seed(123)
     Plan.build("ab,bc,cd->ad", [(3, 4), (4, 5), (5, 6)], optimize="random-greedy-128")
-    net = tr((4, 3, 2), 6, 5, rank=2)
+    net = tr(6, 5, expert_dims=(4, 3, 2), rank=2)
     planner = Planner(net, autotune=True)  # autotune times random-greedy too
     cores = random_cores(net, random_state=0)
     x, gates = random_inputs(net, (4,), random_state=0)

@@ -41,5 +41,5 @@ def test_it_draws_on_the_axes_it_is_given():
 
     fig = Figure()
     ax = fig.subplots()
-    assert draw_network(cp(4, 3, 2, rank=2), ax, title="mine") is fig
+    assert draw_network(cp(3, 2, expert_dims=4, rank=2), ax, title="mine") is fig
     assert ax.get_title() == "mine"

@@ -50,8 +50,13 @@ def test_the_demo_table_and_sentences_are_the_stored_default_run():
 
     stored = json.loads((ROOT / "docs" / "_static" / "demo" / "results.json").read_text())
     assert stored["seeds"] == [0, 1, 2]
-    assert stored["settings"] == {"experts": [8, 32, 128, 512], "network": "cp", "budget": 8,
-                                  "epochs": 40, "edit_class": None}  # fmt: skip
+    assert stored["settings"] == {
+        "experts": [8, 32, 128, 512],
+        "network": "cp",
+        "budget": 8,
+        "epochs": 40,
+        "edit_class": None,
+    }
     result = DemoResult.from_json(stored)
     printed = io.StringIO()
     print_report(result, printed)

@@ -50,7 +50,7 @@ def test_layer_forward_is_eq1_of_its_gates_edits_and_normed_input(
 
 
 def test_given_gates_replace_the_gate_and_one_level_may_be_a_tensor():
-    net = cp(4, 3, 2, rank=2)
+    net = cp(3, 2, expert_dims=4, rank=2)
     cores = random_cores(net, random_state=0)
     x, (a,) = random_inputs(net, (5,), random_state=1)
     never = lambda x: pytest.fail("the gate must not run when gates are given")  # noqa: E731
@@ -61,7 +61,7 @@ def test_given_gates_replace_the_gate_and_one_level_may_be_a_tensor():
 
 
 def test_a_layer_without_gate_needs_gates():
-    net = cp(4, 3, 2, rank=2)
+    net = cp(3, 2, expert_dims=4, rank=2)
     with pytest.raises(ValueError, match=r"no gate .*pass gates"):
         layer_forward(net, random_cores(net), np.ones((2, 3)))
 
@@ -70,7 +70,7 @@ def test_a_layer_without_gate_needs_gates():
 @given(seeds(), batch_shapes())
 def test_block_forward_shares_one_gate_between_two_layers(seed, batch_shape):
     rng = np.random.RandomState(seed)
-    first, second = cp((3, 2), 4, 6, rank=2), cp((3, 2), 6, 5, rank=3)
+    first, second = cp(4, 6, expert_dims=(3, 2), rank=2), cp(6, 5, expert_dims=(3, 2), rank=3)
     cores1, cores2 = random_cores(first, random_state=rng), random_cores(second, random_state=rng)
     gate = gate_of(first, rng)
     calls = []
@@ -83,8 +83,14 @@ def test_block_forward_shares_one_gate_between_two_layers(seed, batch_shape):
         return call
 
     x = rng.uniform(-1, 1, (*batch_shape, 4))
-    y, gates = block_forward(layer(first, cores1), layer(second, cores2), x, gate=gate,
-                             activation=gelu, input_norm=layer_norm)  # fmt: skip
+    y, gates = block_forward(
+        layer(first, cores1),
+        layer(second, cores2),
+        x,
+        gate=gate,
+        activation=gelu,
+        input_norm=layer_norm,
+    )
     assert calls == [first, second]
     hidden = dense_forward(materialize(first, cores1), layer_norm(x), gates, True)
     expected = dense_forward(materialize(second, cores2), gelu(hidden), gates, True)

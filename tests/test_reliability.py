@@ -208,7 +208,7 @@ def test_nan_and_inf_stay_in_their_rows(net, rows, seed):
 
 def test_threads_share_a_bounded_cache_and_get_correct_results():
     """16 threads, batch sizes 0-300: every result equals Eq. 1, the cache stays in bound."""
-    net = cp((8, 4), 12, 6, rank=5)
+    net = cp(12, 6, expert_dims=(8, 4), rank=5)
     planner = Planner(net, cache_size=6)
     cores = random_cores(net, random_state=0)
     weight = materialize(net, cores)
@@ -234,14 +234,18 @@ def test_threads_share_a_bounded_cache_and_get_correct_results():
 
 def test_a_plan_is_never_used_for_another_backend_or_dtype():
     torch = pytest.importorskip("torch", reason="needs a second backend")
-    net = tr(6, 5, 4, rank=2)
+    net = tr(5, 4, expert_dims=6, rank=2)
     planner = Planner(net)
     cores64 = random_cores(net, random_state=1)
     x = np.random.RandomState(2).uniform(-1, 1, (7, 5))
     gates = [np.random.RandomState(3).uniform(0, 1, (7, 6))]
     results = {}
-    for backend, dtype in [("numpy", "float64"), ("numpy", "float32"), ("pytorch", "float64"),
-                           ("pytorch", "float32")]:  # fmt: skip
+    for backend, dtype in [
+        ("numpy", "float64"),
+        ("numpy", "float32"),
+        ("pytorch", "float64"),
+        ("pytorch", "float32"),
+    ]:
         with use_backend(backend):
             kind = getattr(tl.backend, dtype)
             y = forward(
@@ -255,9 +259,11 @@ def test_a_plan_is_never_used_for_another_backend_or_dtype():
             results[backend, dtype] = y
     keys = {key[2:] for key in planner.cache.keys() if key[0] == "forward"}
     assert {(b, str(d)) for b, d in keys} == {
-        ("numpy", "float64"), ("numpy", "float32"), ("pytorch", str(torch.float64)),
+        ("numpy", "float64"),
+        ("numpy", "float32"),
+        ("pytorch", str(torch.float64)),
         ("pytorch", str(torch.float32)),
-    }  # fmt: skip
+    }
     expected = dense_forward(materialize(net, cores64), x, gates, True)
     for (_, dtype), y in results.items():
         assert_close(y, expected, dtype, scale=n_terms(net))
@@ -268,12 +274,13 @@ def test_a_plan_is_never_used_for_another_backend_or_dtype():
 
 def test_the_same_seed_gives_the_same_cores_and_outputs_on_every_backend():
     torch = pytest.importorskip("torch", reason="needs a second backend")
-    net = tr((4, 3), 6, 5, rank=(2, 2, 2, 3))
+    net = tr(6, 5, expert_dims=(4, 3), rank=(2, 2, 2, 3))
     x = np.random.RandomState(0).uniform(-1, 1, (8, 6))
     gates = [np.random.RandomState(e).uniform(0, 1, (8, n)) for e, n in enumerate((4, 3))]
     first = random_cores(net, random_state=7)
-    assert all(np.array_equal(a, b) for a, b in zip(first, random_cores(net, random_state=7),
-                                                     strict=True))  # fmt: skip
+    assert all(
+        np.array_equal(a, b) for a, b in zip(first, random_cores(net, random_state=7), strict=True)
+    )
     y_numpy = forward(net, first, x, gates)
     with use_backend("pytorch"):
         cores = random_cores(net, random_state=7, dtype=torch.float64)
@@ -285,7 +292,7 @@ def test_the_same_seed_gives_the_same_cores_and_outputs_on_every_backend():
 def test_the_same_seed_gives_the_same_outputs_across_runs():
     code = (
         "import numpy as np, mumoe\n"
-        "net = mumoe.cp((8, 4), 16, 6, rank=5)\n"
+        "net = mumoe.cp(16, 6, expert_dims=(8, 4), rank=5)\n"
         "x = np.random.RandomState(0).uniform(-1, 1, (32, 16))\n"
         "g = [np.random.RandomState(1).dirichlet(np.ones(n), 32) for n in (8, 4)]\n"
         "print(mumoe.forward(net, mumoe.random_cores(net, random_state=3), x, g).tobytes().hex())"
@@ -305,7 +312,7 @@ def test_the_same_seed_gives_the_same_outputs_across_runs():
 def test_array_subclasses_with_other_operators_are_refused(wrap, operand):
     # np.matrix's * is a matrix product: a CP forward gave wrong values when the batch
     # equalled the rank (issue #15, item 7).
-    net = cp(4, 3, 2, rank=2)
+    net = cp(3, 2, expert_dims=4, rank=2)
     cores = random_cores(net, random_state=0)
     x, gates = np.ones((2, 3)), [np.full((2, 4), 0.25)]
     if operand == "x":

@@ -75,7 +75,8 @@ def test_half_precision_is_close_to_float32_forward_and_backward(fmt, rank, dtyp
 def test_gating_cannot_overflow_in_half_precision(activation, dtype):
     """Logits of ~1e4 without normalisation: float16 squares overflow; gating runs in float32."""
     layer = trained_like(
-        CPMuMoE(16, 4, 64, rank=4, normalization=None, activation=activation), scale=30.0
+        CPMuMoE(16, 4, expert_dims=64, rank=4, normalization=None, activation=activation),
+        scale=30.0,
     ).to(dtype)
     x = (torch.randn(32, 16) * 300).to(dtype)
     y, gates = layer(x, return_gates=True)
@@ -87,7 +88,7 @@ def test_gating_cannot_overflow_in_half_precision(activation, dtype):
 
 def test_autocast_runs_the_contraction_in_its_dtype():
     torch.manual_seed(0)
-    layer = trained_like(TRMuMoE(24, 12, 16, rank=(2, 2, 6))).eval()
+    layer = trained_like(TRMuMoE(24, 12, expert_dims=16, rank=(2, 2, 6))).eval()
     x = torch.randn(64, 24)
     expected = layer(x)
     with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -101,7 +102,7 @@ def test_autocast_runs_the_contraction_in_its_dtype():
 def test_autocast_takes_inputs_and_parameters_of_different_dtypes():
     """bfloat16 parameters, float32 input: autocast's business, so mumoe casts them together."""
     torch.manual_seed(0)
-    reference = trained_like(CPMuMoE(24, 12, 16, rank=8)).eval()
+    reference = trained_like(CPMuMoE(24, 12, expert_dims=16, rank=8)).eval()
     layer = copy.deepcopy(reference).to(torch.bfloat16)
     x = torch.randn(64, 24)
     with pytest.raises(TypeError, match=r"parameters are torch\.bfloat16"):
@@ -120,7 +121,7 @@ def test_outputs_and_gates_keep_the_inputs_dtype(dtype):
 
 
 def test_the_gates_statistics_stay_float32_when_the_layer_is_cast():
-    layer = CPMuMoE(8, 4, 6, rank=3).to(torch.bfloat16)
+    layer = CPMuMoE(8, 4, expert_dims=6, rank=3).to(torch.bfloat16)
     norm = layer.gate.norms[0]
     assert layer.gate.projections[0].dtype == torch.bfloat16
     assert norm.running_mean.dtype == norm.running_var.dtype == torch.float32
@@ -132,7 +133,7 @@ def test_the_gates_statistics_stay_float32_when_the_layer_is_cast():
 
 def test_the_functional_core_makes_its_arrays_in_the_inputs_dtype():
     """The bias column (training) and the split bias (inference) in float16, on torch."""
-    net = cp(6, 5, 4, rank=3)
+    net = cp(5, 4, expert_dims=6, rank=3)
     with thread_backend("pytorch"):
         cores = [c.requires_grad_() for c in random_cores(net, random_state=0, dtype=torch.float16)]
         x = torch.rand(3, 5, dtype=torch.float16)
@@ -152,13 +153,19 @@ def test_the_reference_api_works_in_half_precision():
 
 LAYER_MUTATIONS = {
     "not a tensor": (lambda x: x.numpy(), TypeError, r"input must be a torch.Tensor, got ndarray"),
-    "integers": (lambda x: x.long(), TypeError,
-                 r"input has dtype torch.int64; μMoE layers compute in floating point"),
-    "float64": (lambda x: x.double(), TypeError,
-                r"input has dtype torch.float64 but the layer's parameters are torch.float32"),
+    "integers": (
+        lambda x: x.long(),
+        TypeError,
+        r"input has dtype torch.int64; μMoE layers compute in floating point",
+    ),
+    "float64": (
+        lambda x: x.double(),
+        TypeError,
+        r"input has dtype torch.float64 but the layer's parameters are torch.float32",
+    ),
     "features": (lambda x: x[..., :-1], ValueError, r"input must have shape \(\.\.\., \d+\)"),
     "scalar": (lambda x: x.flatten()[0], ValueError, r"input must have shape .* got \(\)"),
-}  # fmt: skip
+}
 
 
 @settings(max_examples=40)
@@ -168,14 +175,14 @@ LAYER_MUTATIONS = {
     st.lists(st.integers(1, 3), min_size=1, max_size=3),
 )
 def test_layers_refuse_hostile_input_naming_what_was_expected(cls, mutation, batch):
-    layer = cls(5, 3, 4, rank=2)
+    layer = cls(5, 3, expert_dims=4, rank=2)
     mutate, error, match = LAYER_MUTATIONS[mutation]
     with pytest.raises(error, match=match):
         layer(mutate(torch.randn(*batch, 5)))
 
 
 def test_wrong_gates_are_refused_by_the_layer():
-    layer = CPMuMoE(5, 3, (4, 2), rank=2)
+    layer = CPMuMoE(5, 3, expert_dims=(4, 2), rank=2)
     x = torch.randn(6, 5)
     with pytest.raises(ValueError, match=r"network has 2 expert level\(s\) \(n1, n2\) but 1 gate"):
         layer(x, [torch.rand(6, 4)])
@@ -187,7 +194,7 @@ def test_wrong_gates_are_refused_by_the_layer():
 
 @pytest.mark.parametrize("activation", ["entmax15", "sparsemax", "softmax"])
 def test_a_nan_row_gives_nan_in_that_row_only(activation):
-    layer = trained_like(CPMuMoE(6, 3, 40, rank=3, activation=activation)).eval()
+    layer = trained_like(CPMuMoE(6, 3, expert_dims=40, rank=3, activation=activation)).eval()
     x = torch.randn(5, 6)
     clean = layer(x)
     x[2, 1] = float("nan")
@@ -198,7 +205,7 @@ def test_a_nan_row_gives_nan_in_that_row_only(activation):
 
 
 def test_empty_and_strided_inputs_work():
-    layer = trained_like(TRMuMoE(6, 3, 8, rank=(2, 2, 3))).eval()
+    layer = trained_like(TRMuMoE(6, 3, expert_dims=8, rank=(2, 2, 3))).eval()
     assert layer(torch.randn(0, 6)).shape == (0, 3)
     assert layer(torch.randn(4, 0, 6)).shape == (4, 0, 3)
     base = torch.randn(6, 5)
@@ -213,7 +220,7 @@ def test_empty_and_strided_inputs_work():
 @pytest.fixture
 def trained_file(tmp_path):
     torch.manual_seed(1)
-    source = trained_like(CPMuMoE(12, 5, (6, 3), rank=4, input_norm=True)).eval()
+    source = trained_like(CPMuMoE(12, 5, expert_dims=(6, 3), rank=4, input_norm=True)).eval()
     source.train()(torch.randn(64, 12))  # running statistics away from their init
     path = tmp_path / "w.safetensors"
     save(source.eval(), path)
@@ -226,7 +233,7 @@ def state(module):
 
 def test_load_into_copies_everything(trained_file):
     source, path = trained_file
-    target = CPMuMoE(12, 5, (6, 3), rank=4, input_norm=True, dtype=torch.float64).eval()
+    target = CPMuMoE(12, 5, expert_dims=(6, 3), rank=4, input_norm=True, dtype=torch.float64).eval()
     load_into(target, path)
     x = torch.randn(9, 12)
     torch.testing.assert_close(target(x.double()).float(), source(x), rtol=1e-5, atol=1e-6)
@@ -238,14 +245,22 @@ def test_load_into_copies_everything(trained_file):
 @pytest.mark.parametrize(
     ("target", "match"),
     [
-        (lambda: CPMuMoE(12, 5, (6, 3), rank=5, input_norm=True), r"its rank is \{'r': 4\}"),
-        (lambda: CPMuMoE(12, 5, (6, 3), rank=4), r"its input_norm is \{'eps'"),
-        (lambda: CPMuMoE(12, 5, (6, 3), rank=4, input_norm=True, normalization="ln"),
-         r"its gate is \{'normalization': 'bn'"),
-        (lambda: TRMuMoE(12, 5, (6, 3), rank=2, input_norm=True), r"its spec is 'n1 r, n2 r"),
+        (
+            lambda: CPMuMoE(12, 5, expert_dims=(6, 3), rank=5, input_norm=True),
+            r"its rank is \{'r': 4\}",
+        ),
+        (lambda: CPMuMoE(12, 5, expert_dims=(6, 3), rank=4), r"its input_norm is \{'eps'"),
+        (
+            lambda: CPMuMoE(12, 5, expert_dims=(6, 3), rank=4, input_norm=True, normalization="ln"),
+            r"its gate is \{'normalization': 'bn'",
+        ),
+        (
+            lambda: TRMuMoE(12, 5, expert_dims=(6, 3), rank=2, input_norm=True),
+            r"its spec is 'n1 r, n2 r",
+        ),
         (lambda: MuMoEBlock(12, 8, 5, expert_dims=(6, 3), rank=4), r"its kind is 'layer'"),
     ],
-)  # fmt: skip
+)
 def test_load_into_a_different_module_changes_nothing(trained_file, target, match):
     _, path = trained_file
     module = target()
@@ -266,7 +281,7 @@ def test_load_into_a_different_module_changes_nothing(trained_file, target, matc
 def test_load_into_from_a_corrupt_file_changes_nothing(trained_file, corrupt, match):
     _, path = trained_file
     path.write_bytes(corrupt(path.read_bytes()))
-    module = CPMuMoE(12, 5, (6, 3), rank=4, input_norm=True)
+    module = CPMuMoE(12, 5, expert_dims=(6, 3), rank=4, input_norm=True)
     before = state(module)
     with pytest.raises(ValueError, match=match):
         load_into(module, path)
@@ -286,7 +301,7 @@ def test_load_into_an_entry_of_the_wrong_shape_changes_nothing(trained_file):
     arrays["cores.3"] = np.zeros((6, 4), dtype=np.float32)  # the last core written is broken
     safetensors.numpy.save_file(arrays, str(path), metadata=metadata)
     assert json.loads(metadata["mumoe"])["kind"] == "layer"
-    module = CPMuMoE(12, 5, (6, 3), rank=4, input_norm=True)
+    module = CPMuMoE(12, 5, expert_dims=(6, 3), rank=4, input_norm=True)
     before = state(module)
     with pytest.raises(
         ValueError, match=r"entry 'cores.3' must have shape \(5, 4\) for spec .* got \(6, 4\)"
@@ -308,7 +323,7 @@ def test_load_into_refuses_what_is_not_a_layer(trained_file):
 
 def test_a_layer_called_from_many_threads_gives_each_its_own_result():
     torch.manual_seed(0)
-    layer = trained_like(TuckerMuMoE(10, 6, (4, 3), rank=(2, 2, 3, 3))).eval()
+    layer = trained_like(TuckerMuMoE(10, 6, expert_dims=(4, 3), rank=(2, 2, 3, 3))).eval()
     inputs = [torch.randn(int(n), 10) for n in np.random.RandomState(0).randint(1, 200, 48)]
     with torch.no_grad():
         expected = [layer(x) for x in inputs]
@@ -332,7 +347,7 @@ def test_a_layer_called_from_many_threads_gives_each_its_own_result():
 def test_the_same_seed_gives_the_same_layer_and_outputs(cls):
     def build():
         torch.manual_seed(123)
-        return trained_like(cls(8, 4, (4, 2), rank=2), seed=5).eval()
+        return trained_like(cls(8, 4, expert_dims=(4, 2), rank=2), seed=5).eval()
 
     first, second = build(), build()
     for (name, a), b in zip(first.state_dict().items(), second.state_dict().values(), strict=True):
@@ -385,7 +400,7 @@ def test_whole_models_pickle(build):
 def test_bad_optimisers_fail_at_construction_and_bn_gating_names_the_one_row_problem():
     # Issue #15, item 12: a bad optimize= used to fail at the first forward; a batch of
     # one row under batch-norm gating failed inside torch with "Expected more than 1 value".
-    net = cp(4, 3, 2, rank=2)
+    net = cp(3, 2, expert_dims=4, rank=2)
     with pytest.raises(ValueError, match="unknown path optimiser 'gredy'; choose 'flop-optimal'"):
         planner_of(net, optimize="gredy")
     with pytest.raises(ValueError, match="the path leaves 4 operands of 5"):
@@ -468,7 +483,7 @@ def test_edit_factors_must_fit_the_dtype_they_scale():
     with pytest.raises(ValueError, match=r"must be finite in float16 \(at most 65504"):
         with edit_experts(half, {0: 1e5}):
             pass
-    net = cp(4, 3, 2, rank=2)
+    net = cp(3, 2, expert_dims=4, rank=2)
     cores = [c.astype(np.float32) for c in random_cores(net, random_state=0)]
     with pytest.raises(ValueError, match="scales for n1 must be finite in float32"):
         scale_experts(net, cores, 0, [1.0, 1e39, 1.0, 1.0])
@@ -500,8 +515,9 @@ def test_compilers_and_transforms_work_or_say_what_does():
         torch.export.export(layer, (x,), dynamic_shapes={"x": {0: torch.export.Dim("b", min=2)}})
 
     for activation, kwargs in (("softmax", {}), ("topk", {"top_k": 2})):
-        fn = MuMoE(8, 4, "cp", expert_dims=6, rank=3, normalization="ln",
-                   activation=activation, **kwargs)  # fmt: skip
+        fn = MuMoE(
+            8, 4, "cp", expert_dims=6, rank=3, normalization="ln", activation=activation, **kwargs
+        )
         params = dict(fn.named_parameters())
         grads = grad(lambda p: functional_call(fn, p, (x,)).square().sum())(params)  # noqa: B023
         loss = fn(x).square().sum()
@@ -528,7 +544,7 @@ def test_describe_builds_nothing_large():
     # The README's describe of a 128-expert CLIP head must not materialise W (98M entries).
     import tracemalloc
 
-    net = cp(128, 768, 1000, rank=64)
+    net = cp(768, 1000, expert_dims=128, rank=64)
     tracemalloc.start()
     try:
         describe(net, batch_size=256)

@@ -164,13 +164,15 @@ def test_gradients_match_finite_differences(torch_path, kind):
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_non_finite_logits_empty_batches_and_one_expert(torch_path, kind):
-    z = np.array([
-        [1.0, np.nan, 0.0, 2.0],  # a NaN: the row is NaN
-        [1.0, -np.inf, 0.0, 2.0],  # -inf: an exact zero there
-        [-np.inf] * 4,  # all -inf: NaN, as softmax
-        [np.inf, 0.0, 1.0, 2.0],  # +inf: NaN, as softmax
-        [0.5, 0.5, 0.5, 0.5],
-    ])  # fmt: skip
+    z = np.array(
+        [
+            [1.0, np.nan, 0.0, 2.0],  # a NaN: the row is NaN
+            [1.0, -np.inf, 0.0, 2.0],  # -inf: an exact zero there
+            [-np.inf] * 4,  # all -inf: NaN, as softmax
+            [np.inf, 0.0, 1.0, 2.0],  # +inf: NaN, as softmax
+            [0.5, 0.5, 0.5, 0.5],
+        ]
+    )
     numpy_activation = numpy_kernel(torch_path, kind)
     for out in (numpy_activation(z), TORCH[kind](torch.from_numpy(z)).numpy()):
         assert np.isnan(out[[0, 2, 3]]).all()

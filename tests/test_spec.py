@@ -14,13 +14,21 @@ from mumoe.testing import custom_specs
     ("spec", "cores", "experts", "bonds"),
     [
         ("n r, i r, o r", (("n1", "r"), ("i", "r"), ("o", "r")), ("n1",), ("r",)),
-        ("  n  a ,i b,o c,  a b c ", (("n1", "a"), ("i", "b"), ("o", "c"), ("a", "b", "c")),
-         ("n1",), ("a", "b", "c")),
-        ("n1 r1, r1 n2 r2, r2 i r3, r3 o", (("n1", "r1"), ("r1", "n2", "r2"), ("r2", "i", "r3"),
-         ("r3", "o")), ("n1", "n2"), ("r1", "r2", "r3")),
+        (
+            "  n  a ,i b,o c,  a b c ",
+            (("n1", "a"), ("i", "b"), ("o", "c"), ("a", "b", "c")),
+            ("n1",),
+            ("a", "b", "c"),
+        ),
+        (
+            "n1 r1, r1 n2 r2, r2 i r3, r3 o",
+            (("n1", "r1"), ("r1", "n2", "r2"), ("r2", "i", "r3"), ("r3", "o")),
+            ("n1", "n2"),
+            ("r1", "r2", "r3"),
+        ),
         ("n2 i o n1", (("n2", "i", "o", "n1"),), ("n1", "n2"), ()),
     ],
-)  # fmt: skip
+)
 def test_parse_valid(spec, cores, experts, bonds):
     parsed = parse_spec(spec)
     assert parsed.core_legs == cores
@@ -36,9 +44,17 @@ def test_canonical_spec_round_trips():
 
 @pytest.mark.parametrize(
     ("leg", "expected"),
-    [("n", True), ("n1", True), ("n12", True), ("n0", False), ("n01", False), ("nr", False),
-     ("r", False), ("i", False)],
-)  # fmt: skip
+    [
+        ("n", True),
+        ("n1", True),
+        ("n12", True),
+        ("n0", False),
+        ("n01", False),
+        ("nr", False),
+        ("r", False),
+        ("i", False),
+    ],
+)
 def test_is_expert_leg(leg, expected):
     assert is_expert_leg(leg) is expected
 
@@ -57,15 +73,21 @@ def test_is_expert_leg(leg, expected):
         ("n r, o r", r"has no input leg 'i'"),
         ("n r, i r", r"has no output leg 'o'"),
         ("n r, i r, o q", r"bond 'q' appears only in core 2"),
-        ("nr,ir,or", r"no 'n' leg but a leg 'nr' in core 0: legs are separated by white "
-                     r"space, e\.g\. 'n r'"),
+        (
+            "nr,ir,or",
+            r"no 'n' leg but a leg 'nr' in core 0: legs are separated by white "
+            r"space, e\.g\. 'n r'",
+        ),
         ("n1 r, n2 r, ir, o r", r"no 'i' leg but a leg 'ir' in core 2.*'i r'"),
         ("n r, i r, or", r"no 'o' leg but a leg 'or' in core 2"),
-        ("n r\uff0c i r\uff0c o r", r"separates cores with '\uff0c' \(U\+FF0C\); cores are "
-                                   r"separated by the ASCII comma ','"),
+        (
+            "n r\uff0c i r\uff0c o r",
+            r"separates cores with '\uff0c' \(U\+FF0C\); cores are "
+            r"separated by the ASCII comma ','",
+        ),
         ("n r, i r, o r\u00e9", r"invalid leg name 'r\u00e9': legs are ASCII identifiers"),
     ],
-)  # fmt: skip
+)
 def test_invalid_specs_name_the_problem(spec, match):
     with pytest.raises(ValueError, match=match):
         parse_spec(spec)

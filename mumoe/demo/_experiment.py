@@ -105,8 +105,13 @@ def run(
     started = time.perf_counter()
     out = stream if stream is not None else sys.stdout
     experts, seeds, threads = _check(experts, seeds, epochs, edit_class, threads)
-    settings = {"experts": experts, "network": network, "budget": budget, "epochs": epochs,
-                "edit_class": edit_class}  # fmt: skip
+    settings = {
+        "experts": experts,
+        "network": network,
+        "budget": budget,
+        "epochs": epochs,
+        "edit_class": edit_class,
+    }
     folder = None if output is None else Path(output)
     if folder is not None:
         folder.mkdir(parents=True, exist_ok=True)
@@ -125,8 +130,14 @@ def run(
         for n in sorted({0, *experts}, reverse=True)  # the slowest first: better packing
         for seed in seeds
     ]
-    bar = tqdm(total=len(jobs), disable=not progress, desc="training heads", unit="head",
-               leave=False, file=sys.stderr)  # fmt: skip
+    bar = tqdm(
+        total=len(jobs),
+        disable=not progress,
+        desc="training heads",
+        unit="head",
+        leave=False,
+        file=sys.stderr,
+    )
     with bar:
         runs = {(r.job.seed, r.job.n_experts): r for r in _train_all(jobs, threads, bar)}
     result = _assemble(runs, seeds, [0, *experts], settings, largest)
@@ -140,8 +151,11 @@ def run(
         print("Figures: " + ", ".join(str(f) for f in result.figures), file=out)
     elapsed = time.perf_counter() - started
     workers = min(threads, len(jobs))
-    print(f"\nDone in {elapsed:.1f} s ({len(jobs)} heads trained in {workers} "
-          f"process{'es' if workers > 1 else ''}, one torch thread each).", file=out)  # fmt: skip
+    print(
+        f"\nDone in {elapsed:.1f} s ({len(jobs)} heads trained in {workers} "
+        f"process{'es' if workers > 1 else ''}, one torch thread each).",
+        file=out,
+    )
     return result
 
 
@@ -209,15 +223,18 @@ def _assemble(
         first = per_seed[0]
         heads.append(
             HeadResult(
-                "linear" if n == 0 else f"{settings['network']} N={n}", n, first.rank,
-                first.expert_params, first.gate_params,
+                "linear" if n == 0 else f"{settings['network']} N={n}",
+                n,
+                first.rank,
+                first.expert_params,
+                first.gate_params,
                 np.array([r.accuracy for r in per_seed]),
                 np.array([r.class_accuracy for r in per_seed]),
                 np.array([r.polysemanticity for r in per_seed]),
                 np.array([r.experts_counted for r in per_seed]),
                 [r.histogram for r in per_seed if r.histogram is not None],
             )
-        )  # fmt: skip
+        )
     edits = [runs[seed, largest].edit for seed in seeds]
     return DemoResult(seeds, heads, settings, largest, edits)
 

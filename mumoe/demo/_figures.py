@@ -31,8 +31,15 @@ def _seeds_and_mean(ax: Any, x: np.ndarray, per_seed: np.ndarray, label: str) ->
     seeds = per_seed.shape[1]
     offsets = np.linspace(-0.06, 0.06, seeds) if seeds > 1 else np.zeros(1)
     for k in range(seeds):
-        ax.plot(x * (1 + offsets[k]), per_seed[:, k], "o", color="C0", alpha=0.35, ms=4,
-                label="one seed" if k == 0 else None)  # fmt: skip
+        ax.plot(
+            x * (1 + offsets[k]),
+            per_seed[:, k],
+            "o",
+            color="C0",
+            alpha=0.35,
+            ms=4,
+            label="one seed" if k == 0 else None,
+        )
     stats = np.array([mean_sd(row) for row in per_seed])
     ax.errorbar(x, stats[:, 0], yerr=stats[:, 1], fmt="o-", color="C0", capsize=3, label=label)
 
@@ -47,18 +54,29 @@ def plot_trend(result: DemoResult, path: Path) -> Path:
     fig = _figure(10, 3.9)
     left, right = fig.subplots(1, 2)
     _seeds_and_mean(left, counts, np.array([h.polysemanticity for h in moe]), spread)
-    left.set(xscale="log", xlabel="experts N", ylabel="mean polysemanticity", ylim=(0, 1),
-             title="Polysemanticity (0: one digit per expert)")  # fmt: skip
-    fig.suptitle(f"Over the experts that process >= {MIN_COUNT} of the 1,797 digits; "
-                 f"{PROCESSES}", fontsize=9)  # fmt: skip
+    left.set(
+        xscale="log",
+        xlabel="experts N",
+        ylabel="mean polysemanticity",
+        ylim=(0, 1),
+        title="Polysemanticity (0: one digit per expert)",
+    )
+    fig.suptitle(
+        f"Over the experts that process >= {MIN_COUNT} of the 1,797 digits; {PROCESSES}", fontsize=9
+    )
     accuracy = np.array([h.accuracy for h in moe])
     _seeds_and_mean(right, counts, accuracy, f"μMoE heads, {spread}")
     mean, sd = mean_sd(linear.accuracy)
     right.axhspan(mean - sd, mean + sd, color="gray", alpha=0.2, lw=0)
     right.axhline(mean, color="gray", ls="--", label=f"linear head, {spread}")
     low = min(0.9, np.floor((min(accuracy.min(), linear.accuracy.min()) - 0.01) * 20) / 20)
-    right.set(xscale="log", xlabel="experts N", ylabel="test accuracy", ylim=(low, 1.0),
-              title=f"Test accuracy (450 digits; the axis starts at {low:.2f})")  # fmt: skip
+    right.set(
+        xscale="log",
+        xlabel="experts N",
+        ylabel="test accuracy",
+        ylim=(low, 1.0),
+        title=f"Test accuracy (450 digits; the axis starts at {low:.2f})",
+    )
     right.legend(fontsize=8, loc="lower left")
     for ax in (left, right):
         ax.set_xticks(counts, [str(int(c)) for c in counts])
@@ -94,20 +112,27 @@ def plot_experts(
         for c, sample in enumerate(shown):
             top, left = r * height + 3, c * width + 1
             canvas[top : top + 8, left : left + 8] = images[sample]
-            ax.text(left + 3.5, top - 1.2, str(labels[sample]), ha="center", va="center",
-                    fontsize=7)  # fmt: skip
+            ax.text(
+                left + 3.5, top - 1.2, str(labels[sample]), ha="center", va="center", fontsize=7
+            )
     from matplotlib import colormaps
 
     cmap = colormaps["gray_r"].with_extremes(bad="white")
     ax.imshow(canvas, cmap=cmap, interpolation="nearest", vmin=0, vmax=16)
     ax.set_xticks([])
-    ax.set_yticks(np.arange(rows) * height + 7,
-                  [f"expert {e}\n({load[e]} digits)" for e in chosen], fontsize=7)  # fmt: skip
+    ax.set_yticks(
+        np.arange(rows) * height + 7,
+        [f"expert {e}\n({load[e]} digits)" for e in chosen],
+        fontsize=7,
+    )
     ax.tick_params(length=0)
     for side in ax.spines.values():
         side.set_visible(False)
-    ax.set_title(f"N={n}, seed {seed}: digits drawn at random from those each of its "
-                 f"busiest experts processes\n({PROCESSES})", fontsize=9)  # fmt: skip
+    ax.set_title(
+        f"N={n}, seed {seed}: digits drawn at random from those each of its "
+        f"busiest experts processes\n({PROCESSES})",
+        fontsize=9,
+    )
     fig.savefig(path, dpi=110)
     return path
 
@@ -118,8 +143,9 @@ def plot_edit(result: DemoResult, path: Path) -> Path:
     fig = _figure(6.5, 3.6)
     ax = fig.subplots()
     one_image = 1 / 45  # about 45 test images per digit
-    ax.axhspan(-one_image, one_image, color="gray", alpha=0.15, lw=0,
-               label="± one test image of a digit")  # fmt: skip
+    ax.axhspan(
+        -one_image, one_image, color="gray", alpha=0.15, lw=0, label="± one test image of a digit"
+    )
     ax.axhline(0, color="gray", lw=0.8)
     offsets = np.linspace(-0.12, 0.12, len(edits)) if len(edits) > 1 else np.zeros(1)
     groups = {0: [e.change_on_digit for e in edits], 1: [e.change_on_others for e in edits]}
@@ -127,20 +153,37 @@ def plot_edit(result: DemoResult, path: Path) -> Path:
         for offset, edit, change in zip(offsets, edits, changes, strict=True):
             ax.plot(x + offset, change, "o", color=f"C{3 * (1 - x)}", alpha=0.6, ms=5)
             if x == 0:
-                ax.annotate(f"seed {edit.seed}: digit {edit.digit}", (x + offset, change),
-                            xytext=(6, 0), textcoords="offset points", fontsize=7,
-                            va="center")  # fmt: skip
+                ax.annotate(
+                    f"seed {edit.seed}: digit {edit.digit}",
+                    (x + offset, change),
+                    xytext=(6, 0),
+                    textcoords="offset points",
+                    fontsize=7,
+                    va="center",
+                )
         mean, sd = mean_sd(changes)
-        ax.errorbar(x - 0.3, mean, yerr=sd, fmt="s", color="k", capsize=3,
-                    label="mean ± sd" if x == 0 else None)  # fmt: skip
+        ax.errorbar(
+            x - 0.3,
+            mean,
+            yerr=sd,
+            fmt="s",
+            color="k",
+            capsize=3,
+            label="mean ± sd" if x == 0 else None,
+        )
     values = [v for changes in groups.values() for v in changes]
-    ax.set(xticks=[0, 1], xlim=(-0.6, 1.5),
-           ylim=(min(-0.1, min(values) - 0.02), max(0.05, max(values) + 0.02)),
-           ylabel="test accuracy, after - before")  # fmt: skip
+    ax.set(
+        xticks=[0, 1],
+        xlim=(-0.6, 1.5),
+        ylim=(min(-0.1, min(values) - 0.02), max(0.05, max(values) + 0.02)),
+        ylabel="test accuracy, after - before",
+    )
     ax.set_xticklabels(["the edited digit", "the other nine digits (mean)"])
     seeds = f"{len(edits)} seed{'s' if len(edits) > 1 else ''}"
-    ax.set_title(f"Switching off the experts tied to one digit in the N={result.edit_experts} "
-                 f"head, {seeds}", fontsize=10)  # fmt: skip
+    ax.set_title(
+        f"Switching off the experts tied to one digit in the N={result.edit_experts} head, {seeds}",
+        fontsize=10,
+    )
     ax.legend(fontsize=8, loc="lower right")
     fig.savefig(path, dpi=110)
     return path

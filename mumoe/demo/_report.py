@@ -28,20 +28,31 @@ def print_report(result: DemoResult, out: IO[str]) -> None:
         f"{_over(seeds)}; 'vs linear' is the accuracy minus the linear head's, seed by seed.\n",
         file=out,
     )
-    rows = [("head", "rank", "experts+gate params", "test accuracy", "vs linear",
-             "polysemanticity", "counted")]  # fmt: skip
+    rows = [
+        (
+            "head",
+            "rank",
+            "experts+gate params",
+            "test accuracy",
+            "vs linear",
+            "polysemanticity",
+            "counted",
+        )
+    ]
     for h in result.heads:
         params = f"{h.expert_params:,}" + (f" + {h.gate_params:,}" if h.gate_params else "")
         moe = h.n_experts > 0
-        rows.append((
-            h.name,
-            str(h.rank) if moe else "-",
-            params,
-            _pm(h.accuracy, 3),
-            _pm(h.accuracy - linear.accuracy, 3, sign=True) if moe else "-",
-            _pm(h.polysemanticity, 3) if moe else "-",
-            f"{_span(h.experts_counted)}/{h.n_experts}" if moe else "-",
-        ))  # fmt: skip
+        rows.append(
+            (
+                h.name,
+                str(h.rank) if moe else "-",
+                params,
+                _pm(h.accuracy, 3),
+                _pm(h.accuracy - linear.accuracy, 3, sign=True) if moe else "-",
+                _pm(h.polysemanticity, 3) if moe else "-",
+                f"{_span(h.experts_counted)}/{h.n_experts}" if moe else "-",
+            )
+        )
     _table(rows, out)
     _print_edit(result, out)
 
@@ -62,18 +73,31 @@ def _print_edit(result: DemoResult, out: IO[str]) -> None:
         f"{TIED_SHARE:.0%} of their gate mass from one digit: {chosen}.",
         file=out,
     )
-    rows = [("seed", "digit", "experts", "share", "accuracy on the digit",
-             "mean accuracy on the others")]  # fmt: skip
+    rows = [
+        (
+            "seed",
+            "digit",
+            "experts",
+            "share",
+            "accuracy on the digit",
+            "mean accuracy on the others",
+        )
+    ]
     for seed, edit in zip(result.seeds, result.edits, strict=True):
         if edit is None:
             rows.append((str(seed), "-", "0", "-", "no expert tied to a digit", "-"))
             continue
         others = np.delete(np.arange(10), edit.digit)
-        rows.append((
-            str(seed), str(edit.digit), str(len(edit.experts)), f"{edit.share:.2f}",
-            f"{edit.before[edit.digit]:.2f} -> {edit.after[edit.digit]:.2f}",
-            f"{edit.before[others].mean():.3f} -> {edit.after[others].mean():.3f}",
-        ))  # fmt: skip
+        rows.append(
+            (
+                str(seed),
+                str(edit.digit),
+                str(len(edit.experts)),
+                f"{edit.share:.2f}",
+                f"{edit.before[edit.digit]:.2f} -> {edit.after[edit.digit]:.2f}",
+                f"{edit.before[others].mean():.3f} -> {edit.after[others].mean():.3f}",
+            )
+        )
     _table(rows, out, indent="  ")
     on_digit = _pm([e.change_on_digit for e in edits], 3, sign=True)
     on_others = _pm([e.change_on_others for e in edits], 3, sign=True)

@@ -286,22 +286,31 @@ class DemoResult:
             poly = [math.nan] * len(seeds) if linear else head["polysemanticity"]
             heads.append(
                 HeadResult(
-                    head["name"], 0 if linear else int(head["experts"]),
-                    _tuple(head["rank"]), head["expert_params"], head["gate_params"],
+                    head["name"],
+                    0 if linear else int(head["experts"]),
+                    _tuple(head["rank"]),
+                    head["expert_params"],
+                    head["gate_params"],
                     np.array(head["accuracy"], dtype=float),
                     np.array(head["class_accuracy"], dtype=float),
                     np.array([math.nan if p is None else p for p in poly], dtype=float),
                     np.zeros(len(seeds), int) if linear else np.array(head["experts_counted"]),
                 )
-            )  # fmt: skip
+            )
         edit = data["edit"]
         edits: list[EditResult | None] = [
-            None if edit["digit"][k] is None else EditResult(
-                seed, edit["digit"][k], list(edit["experts_switched_off"][k]), edit["share"][k],
-                np.array(edit["accuracy_before"][k]), np.array(edit["accuracy_after"][k]),
+            None
+            if edit["digit"][k] is None
+            else EditResult(
+                seed,
+                edit["digit"][k],
+                list(edit["experts_switched_off"][k]),
+                edit["share"][k],
+                np.array(edit["accuracy_before"][k]),
+                np.array(edit["accuracy_after"][k]),
             )
             for k, seed in enumerate(seeds)
-        ]  # fmt: skip
+        ]
         return cls(seeds, heads, dict(data["settings"]), edit["experts"], edits)
 
 

@@ -88,9 +88,12 @@ def digits(seed: int, test_size: float = 0.25) -> tuple[np.ndarray, ...]:
     )
     mean, std = x_train.mean(0), x_train.std(0) + 1e-6  # some border pixels are constant
     return (
-        (x_train - mean) / std, (x_test - mean) / std, y_train, y_test,
+        (x_train - mean) / std,
+        (x_test - mean) / std,
+        y_train,
+        y_test,
         data.images[np.concatenate([rows_train, rows_test])],
-    )  # fmt: skip
+    )
 
 
 def train_head(job: Job) -> Run:
@@ -111,23 +114,36 @@ def train_head(job: Job) -> Run:
             rank, expert_params, gates = None, linear_params(IN_FEATURES, CLASSES), 0
             model = torch.nn.Linear(IN_FEATURES, CLASSES)
         else:
-            rank = match_rank(job.network, job.n_experts, IN_FEATURES, CLASSES,
-                              budget=job.budget, gates=False)  # fmt: skip
+            rank = match_rank(
+                job.network,
+                IN_FEATURES,
+                CLASSES,
+                expert_dims=job.n_experts,
+                budget=job.budget,
+                gates=False,
+            )
             model = MuMoE(IN_FEATURES, CLASSES, job.network, expert_dims=job.n_experts, rank=rank)
             expert_params = model.network.n_params
             gates = gate_params(IN_FEATURES, job.n_experts)
         _train(model, xt_train, torch.from_numpy(y_train), job)
         predictions = _predict(model, xt_test)
-        run = Run(job, rank, expert_params, gates, float(np.mean(predictions == y_test)),
-                  _class_accuracy(predictions, y_test))  # fmt: skip
+        run = Run(
+            job,
+            rank,
+            expert_params,
+            gates,
+            float(np.mean(predictions == y_test)),
+            _class_accuracy(predictions, y_test),
+        )
         if job.n_experts == 0:
             return run
         # The statistics of the experts use every digit (train, then test): they
         # describe what the gate routes, not how well the head generalises.
         y_all = np.concatenate([y_train, y_test])
         coefficients = collect_gates(model, torch.cat([xt_train, xt_test]))[0]
-        run.histogram = analysis.class_histogram(coefficients, y_all, n_classes=CLASSES,
-                                                 threshold=THRESHOLD)  # fmt: skip
+        run.histogram = analysis.class_histogram(
+            coefficients, y_all, n_classes=CLASSES, threshold=THRESHOLD
+        )
         run.polysemanticity = analysis.mean_polysemanticity(run.histogram, min_count=MIN_COUNT)
         run.experts_counted = int(np.sum(run.histogram.sum(1) >= MIN_COUNT))
         if job.keep_coefficients:

@@ -39,7 +39,7 @@ def check_level(level: Any, network: Network) -> int:
     Examples
     --------
     >>> from mumoe import cp
-    >>> check_level(1, cp((4, 3), 5, 2, rank=2))
+    >>> check_level(1, cp(5, 2, expert_dims=(4, 3), rank=2))
     1
     """
     where = f"in [0, {network.n_levels}), got {level!r} (expert legs {network.expert_legs})"
@@ -85,7 +85,7 @@ def check_cores(network: Network, cores: Sequence[Tensor], backend: str, dtype: 
     --------
     >>> import numpy as np
     >>> from mumoe import cp
-    >>> net = cp(4, 3, 2, rank=2)
+    >>> net = cp(3, 2, expert_dims=4, rank=2)
     >>> check_cores(net, [np.ones(s) for s in net.core_shapes], "numpy")
     dtype('float64')
     """

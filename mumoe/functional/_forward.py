@@ -103,7 +103,7 @@ def forward(
     --------
     >>> import numpy as np
     >>> from mumoe import cp, random_cores
-    >>> net = cp(4, 3, 2, rank=5)
+    >>> net = cp(3, 2, expert_dims=4, rank=5)
     >>> cores = random_cores(net, random_state=0)
     >>> x = np.ones((7, 3))
     >>> gates = np.full((7, 4), 0.25)
@@ -156,7 +156,7 @@ def contract(
     --------
     >>> import numpy as np
     >>> from mumoe import cp, random_cores
-    >>> net = cp(4, 3, 2, rank=5)
+    >>> net = cp(3, 2, expert_dims=4, rank=5)
     >>> contract(net, random_cores(net, random_state=0), np.ones((7, 3)), np.ones((7, 4))).shape
     (7, 2)
     """
@@ -315,7 +315,7 @@ def materialize(network: Network, cores: Sequence[Tensor]) -> Tensor:
     --------
     >>> import numpy as np
     >>> from mumoe import cp
-    >>> net = cp(4, 3, 2, rank=1, bias=False)
+    >>> net = cp(3, 2, expert_dims=4, rank=1, bias=False)
     >>> cores = [np.ones((4, 1)), np.ones((3, 1)), np.ones((2, 1))]
     >>> materialize(net, cores).shape
     (4, 3, 2)
@@ -336,7 +336,7 @@ class ExpertWeight(NamedTuple):
     Examples
     --------
     >>> from mumoe import cp, expert_weight, random_cores
-    >>> net = cp(4, 3, 2, rank=5)
+    >>> net = cp(3, 2, expert_dims=4, rank=5)
     >>> w = expert_weight(net, random_cores(net, random_state=0), 1)
     >>> w.weight.shape, w.bias.shape
     ((3, 2), (2,))
@@ -379,7 +379,7 @@ def expert_weight(
     Examples
     --------
     >>> from mumoe import tr, random_cores
-    >>> net = tr((4, 3), 5, 2, rank=2)
+    >>> net = tr(5, 2, expert_dims=(4, 3), rank=2)
     >>> w = expert_weight(net, random_cores(net, random_state=0), (3, 0))
     >>> w.weight.shape, w.bias.shape
     ((5, 2), (2,))
@@ -449,7 +449,7 @@ def scale_experts(
     --------
     >>> import numpy as np
     >>> from mumoe import cp, random_cores
-    >>> net = cp(4, 3, 2, rank=5)
+    >>> net = cp(3, 2, expert_dims=4, rank=5)
     >>> cores = random_cores(net, random_state=0)
     >>> off = scale_experts(net, cores, 0, [1, 0, 1, 1])  # switch expert 1 off
     >>> bool(np.all(materialize(net, off)[1] == 0))
@@ -516,7 +516,7 @@ def random_cores(
     Examples
     --------
     >>> from mumoe import cp
-    >>> [tuple(c.shape) for c in random_cores(cp(4, 3, 2, rank=5), random_state=0)]
+    >>> [tuple(c.shape) for c in random_cores(cp(3, 2, expert_dims=4, rank=5), random_state=0)]
     [(4, 5), (4, 5), (2, 5)]
     """
     if std is None:

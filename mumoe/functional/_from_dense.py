@@ -215,7 +215,7 @@ def cores_from_dense(network: Network, matrix: Any, cores: Sequence[Any]) -> Cor
     Examples
     --------
     >>> from mumoe import cp, expert_weight, random_cores
-    >>> net = cp(4, 3, 2, rank=2)
+    >>> net = cp(3, 2, expert_dims=4, rank=2)
     >>> m = np.arange(8.0).reshape(4, 2)  # rank 2: exact
     >>> cores = cores_from_dense(net, m, random_cores(net, random_state=0))
     >>> w = expert_weight(net, cores, (3,))
@@ -259,7 +259,7 @@ def relative_error(network: Network, cores: Sequence[Any], matrix: Any) -> float
     Examples
     --------
     >>> from mumoe import mxd, random_cores
-    >>> net = mxd(4, 3, 2)
+    >>> net = mxd(3, 2, expert_dims=4)
     >>> m = np.ones((4, 2))
     >>> relative_error(net, cores_from_dense(net, m, random_cores(net)), m)
     0.0

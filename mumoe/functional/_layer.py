@@ -143,7 +143,7 @@ def layer_forward(
     >>> import numpy as np
     >>> from mumoe import cp, random_cores
     >>> from mumoe.gates import gate_coefficients, softmax
-    >>> net = cp(4, 3, 2, rank=5)
+    >>> net = cp(3, 2, expert_dims=4, rank=5)
     >>> gate = lambda x: gate_coefficients(x, [np.zeros((3, 4))], [None], softmax)
     >>> y, gates = layer_forward(net, random_cores(net, random_state=0), np.ones((6, 3)), gate=gate)
     >>> y.shape, gates[0][0]
@@ -200,7 +200,7 @@ def block_forward(
     >>> import numpy as np
     >>> from mumoe import cp, random_cores
     >>> from mumoe.gates import gate_coefficients, gelu, softmax
-    >>> fc1, fc2 = cp(4, 6, 10, rank=2), cp(4, 10, 6, rank=2)
+    >>> fc1, fc2 = cp(6, 10, expert_dims=4, rank=2), cp(10, 6, expert_dims=4, rank=2)
     >>> def layer(net, cores):
     ...     return lambda x, gates: layer_forward(net, cores, x, gates=gates)[0]
     >>> gate = lambda x: gate_coefficients(x, [np.zeros((6, 4))], [None], softmax)

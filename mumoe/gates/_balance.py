@@ -60,8 +60,10 @@ def _rows(values: Tensor, mask: Any, what: str) -> tuple[Tensor, Tensor | None, 
     """``values`` as ``(T, N)``, the mask as float weights ``(T, 1)``, and the token count."""
     shape = tuple(tl.shape(values))
     if len(shape) < 1 or not is_floating(values.dtype):
-        raise TypeError(f"{what} must be a floating tensor of shape (..., N), got {shape} "
-                        f"of {dtype_name(getattr(values, 'dtype', type(values)))}")  # fmt: skip
+        raise TypeError(
+            f"{what} must be a floating tensor of shape (..., N), got {shape} "
+            f"of {dtype_name(getattr(values, 'dtype', type(values)))}"
+        )
     rows = tl.reshape(values, (-1, shape[-1]))
     if mask is None:
         count = tl.shape(rows)[0]

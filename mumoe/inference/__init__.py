@@ -10,6 +10,9 @@ are the file format's one writer and one reader.
 from mumoe.inference._layers import InferenceMuMoE, InferenceMuMoEBlock
 from mumoe.inference._weights_file import (
     FORMAT,
+    MAX_DESCRIPTION,
+    MAX_HEADER,
+    MAX_SPEC_LENGTH,
     VERSION,
     load,
     network_meta,
@@ -19,6 +22,9 @@ from mumoe.inference._weights_file import (
 
 __all__ = [
     "FORMAT",
+    "MAX_DESCRIPTION",
+    "MAX_HEADER",
+    "MAX_SPEC_LENGTH",
     "VERSION",
     "InferenceMuMoE",
     "InferenceMuMoEBlock",

@@ -79,7 +79,7 @@ class InferenceMuMoE:
     --------
     >>> import numpy as np
     >>> from mumoe import cp, random_cores
-    >>> net = cp(8, 6, 4, rank=3)
+    >>> net = cp(6, 4, expert_dims=8, rank=3)
     >>> layer = InferenceMuMoE(net, random_cores(net, random_state=0),
     ...                        projections=[np.zeros((6, 8))], normalization=None)
     >>> layer(np.ones((5, 6))).shape
@@ -161,7 +161,7 @@ class InferenceMuMoE:
         --------
         >>> import numpy as np
         >>> from mumoe import cp, random_cores
-        >>> net = cp((3, 2), 4, 5, rank=2)
+        >>> net = cp(4, 5, expert_dims=(3, 2), rank=2)
         >>> projections = [np.zeros((4, 3)), np.zeros((4, 2))]
         >>> layer = InferenceMuMoE(net, random_cores(net), projections=projections,
         ...                        normalization=None, activation="softmax")
@@ -213,15 +213,20 @@ class InferenceMuMoE:
         --------
         >>> import numpy as np
         >>> from mumoe import cp, random_cores
-        >>> net = cp(4, 3, 2, rank=2)
+        >>> net = cp(3, 2, expert_dims=4, rank=2)
         >>> InferenceMuMoE(net, random_cores(net))(np.ones((5, 3)), [np.ones((5, 4))]).shape
         (5, 2)
         """
         self._check(x)
         y, _ = layer_forward(
-            self.network, self.cores, x, gate=self._gate(), gates=gates,
-            input_norm=_input_norm(self.input_norm_affine, self.input_eps), planner=self.planner,
-        )  # fmt: skip
+            self.network,
+            self.cores,
+            x,
+            gate=self._gate(),
+            gates=gates,
+            input_norm=_input_norm(self.input_norm_affine, self.input_eps),
+            planner=self.planner,
+        )
         return y
 
     def __repr__(self) -> str:
@@ -254,7 +259,7 @@ class InferenceMuMoEBlock:
     --------
     >>> import numpy as np
     >>> from mumoe import cp, random_cores
-    >>> first, second = cp(4, 6, 10, rank=2), cp(4, 10, 6, rank=2)
+    >>> first, second = cp(6, 10, expert_dims=4, rank=2), cp(10, 6, expert_dims=4, rank=2)
     >>> fc1 = InferenceMuMoE(first, random_cores(first), projections=[np.zeros((6, 4))],
     ...                      normalization=None)
     >>> fc2 = InferenceMuMoE(second, random_cores(second))
@@ -296,7 +301,7 @@ class InferenceMuMoEBlock:
         --------
         >>> import numpy as np
         >>> from mumoe import cp, random_cores
-        >>> first, second = cp(2, 3, 5, rank=2), cp(2, 5, 3, rank=2)
+        >>> first, second = cp(3, 5, expert_dims=2, rank=2), cp(5, 3, expert_dims=2, rank=2)
         >>> fc1 = InferenceMuMoE(first, random_cores(first), projections=[np.zeros((3, 2))],
         ...                      normalization=None)
         >>> InferenceMuMoEBlock(fc1, InferenceMuMoE(second, random_cores(second)))(np.ones(3)).shape
@@ -304,9 +309,13 @@ class InferenceMuMoEBlock:
         """
         self.fc1._check(x)
         y, _ = block_forward(
-            self.fc1, self.fc2, x, gate=self.fc1.gates, activation=gelu,
+            self.fc1,
+            self.fc2,
+            x,
+            gate=self.fc1.gates,
+            activation=gelu,
             input_norm=_input_norm(self.input_norm_affine, self.input_eps),
-        )  # fmt: skip
+        )
         return y
 
     def __repr__(self) -> str:

@@ -77,7 +77,7 @@ def network_meta(network: Network) -> dict[str, Any]:
     Examples
     --------
     >>> from mumoe import cp
-    >>> network_meta(cp(8, 4, 2, rank=3))["spec"]
+    >>> network_meta(cp(4, 2, expert_dims=8, rank=3))["spec"]
     'n1 r, i r, o r'
     """
     return {
@@ -109,7 +109,7 @@ def write(path: PathLike, meta: Mapping[str, Any], arrays: Mapping[str, np.ndarr
     >>> import os, tempfile
     >>> import numpy as np
     >>> from mumoe import cp
-    >>> net = cp(4, 3, 2, rank=2)
+    >>> net = cp(3, 2, expert_dims=4, rank=2)
     >>> path = os.path.join(tempfile.mkdtemp(), "w.safetensors")
     >>> arrays = {f"cores.{k}": np.zeros(s) for k, s in enumerate(net.core_shapes)}
     >>> write(path, {"kind": "layer", **network_meta(net), "gate": None, "input_norm": None},
@@ -180,9 +180,10 @@ def _read(path: PathLike) -> tuple[dict[str, Any], dict[str, tuple[str, tuple[in
         raise _refuse(path, f"cannot read it ({error})") from error
     if declared > MAX_HEADER:  # before safetensors parses (and copies) a huge header
         raise _refuse(
-            path, f"its header declares {declared:,} bytes; mumoe files have headers of at "
-            f"most {MAX_HEADER:,} (mumoe.inference.MAX_HEADER)"
-        )  # fmt: skip
+            path,
+            f"its header declares {declared:,} bytes; mumoe files have headers of at "
+            f"most {MAX_HEADER:,} (mumoe.inference.MAX_HEADER)",
+        )
     try:
         handle = safetensors.safe_open(os.fspath(path), framework="numpy")
         raw = (handle.metadata() or {}).get("mumoe")
@@ -192,9 +193,10 @@ def _read(path: PathLike) -> tuple[dict[str, Any], dict[str, tuple[str, tuple[in
             tensors[name] = (str(piece.get_dtype()), tuple(int(d) for d in piece.get_shape()))
     except (safetensors.SafetensorError, OSError, ValueError, TypeError) as error:
         raise _refuse(
-            path, f"expected a safetensors file written by mumoe.nn.save; it may be "
-            f"truncated or corrupt ({type(error).__name__}: {error})"
-        ) from error  # fmt: skip
+            path,
+            f"expected a safetensors file written by mumoe.nn.save; it may be "
+            f"truncated or corrupt ({type(error).__name__}: {error})",
+        ) from error
     if not isinstance(raw, str):
         raise ValueError(f"{os.fspath(path)!r} has no 'mumoe' description in its metadata")
     if len(raw) > MAX_DESCRIPTION:
@@ -285,9 +287,13 @@ def _network(meta: dict[str, Any], path: PathLike) -> Network:
         )
     try:
         return Network(
-            meta["spec"], meta["expert_dims"], meta["in_features"], meta["out_features"],
-            rank=meta["rank"] or None, bias=meta["bias"],
-        )  # fmt: skip
+            meta["spec"],
+            meta["in_features"],
+            meta["out_features"],
+            expert_dims=meta["expert_dims"],
+            rank=meta["rank"] or None,
+            bias=meta["bias"],
+        )
     except (KeyError, TypeError, ValueError) as error:
         raise ValueError(f"{os.fspath(path)!r} describes an invalid network: {error}") from error
 
@@ -415,7 +421,7 @@ def load(path: PathLike, *, dtype: Any = None) -> InferenceMuMoE | InferenceMuMo
     >>> import os, tempfile
     >>> import numpy as np
     >>> from mumoe import cp
-    >>> net = cp(4, 3, 2, rank=2)
+    >>> net = cp(3, 2, expert_dims=4, rank=2)
     >>> path = os.path.join(tempfile.mkdtemp(), "w.safetensors")
     >>> arrays = {f"cores.{k}": np.ones(s) for k, s in enumerate(net.core_shapes)}
     >>> write(path, {"kind": "layer", **network_meta(net), "gate": None, "input_norm": None},

@@ -121,7 +121,7 @@ def edit_experts(model: torch.nn.Module, scales: Scales, *, level: int = 0) -> I
     --------
     >>> import torch
     >>> from mumoe.nn import CPMuMoE
-    >>> layer = CPMuMoE(8, 3, 4, rank=2).eval()
+    >>> layer = CPMuMoE(8, 3, expert_dims=4, rank=2).eval()
     >>> x = torch.randn(5, 8)
     >>> with edit_experts(layer, {0: 0.0, 1: 0.0, 2: 0.0, 3: 0.0}):
     ...     layer(x).abs().max().item()  # every expert off
@@ -158,7 +158,7 @@ def edit_experts_(model: torch.nn.Module, scales: Scales, *, level: int = 0) -> 
     --------
     >>> import torch
     >>> from mumoe.nn import CPMuMoE
-    >>> layer = CPMuMoE(8, 3, 4, rank=2)
+    >>> layer = CPMuMoE(8, 3, expert_dims=4, rank=2)
     >>> edit_experts_(layer, {2: 0.0})
     >>> bool(torch.all(layer.cores[0][2] == 0))  # expert 2's row of the expert factor
     True
@@ -222,7 +222,8 @@ def collect_gates(
     --------
     >>> import torch
     >>> from mumoe.nn import CPMuMoE
-    >>> [a.shape for a in collect_gates(CPMuMoE(8, 3, (4, 2), rank=2), torch.randn(5, 8))]
+    >>> layer = CPMuMoE(8, 3, expert_dims=(4, 2), rank=2)
+    >>> [a.shape for a in collect_gates(layer, torch.randn(5, 8))]
     [(5, 4), (5, 2)]
     """
     names = [name for name, m in model.named_modules() if isinstance(m, MuMoEGate)]
@@ -300,7 +301,7 @@ def counterfactual_histogram(
     >>> import torch
     >>> from mumoe.nn import CPMuMoE
     >>> torch.manual_seed(0) and None
-    >>> layer = CPMuMoE(8, 3, 4, rank=2).eval()
+    >>> layer = CPMuMoE(8, 3, expert_dims=4, rank=2).eval()
     >>> counterfactual_histogram(layer, torch.randn(20, 8), np.zeros(20, dtype=int)).shape
     (4, 1)
     """

@@ -72,18 +72,32 @@ class MuMoEBlock(nn.Module):
         self.out_features = out_features
         factory: dict[str, Any] = {"device": device, "dtype": dtype}
         first = build_network(
-            in_features, hidden_features, network,
-            expert_dims=expert_dims, rank=rank, bias=bias, count_gates=True,
-        )  # fmt: skip
+            in_features,
+            hidden_features,
+            network,
+            expert_dims=expert_dims,
+            rank=rank,
+            bias=bias,
+            count_gates=True,
+        )
         second = build_network(
-            hidden_features, out_features, network,
-            expert_dims=expert_dims, rank=rank, bias=bias, count_gates=False,
-        )  # fmt: skip
+            hidden_features,
+            out_features,
+            network,
+            expert_dims=expert_dims,
+            rank=rank,
+            bias=bias,
+            count_gates=False,
+        )
         self.gate = MuMoEGate(
-            in_features, first.expert_dims,
-            normalization=normalization, activation=activation, top_k=top_k, balance=balance,
+            in_features,
+            first.expert_dims,
+            normalization=normalization,
+            activation=activation,
+            top_k=top_k,
+            balance=balance,
             **factory,
-        )  # fmt: skip
+        )
         self.input_norm = nn.LayerNorm(in_features, **factory) if input_norm else None
         self.fc1 = MuMoE(in_features, hidden_features, first, bias=bias, gated=False, **factory)
         self.act = nn.GELU()

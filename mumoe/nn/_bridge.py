@@ -90,7 +90,7 @@ def torch_forward(
     --------
     >>> import torch
     >>> from mumoe import cp
-    >>> net = cp(4, 3, 2, rank=5)
+    >>> net = cp(3, 2, expert_dims=4, rank=5)
     >>> cores = [torch.randn(s, requires_grad=True) for s in net.core_shapes]
     >>> y = torch_forward(net, cores, torch.randn(6, 3), [torch.rand(6, 4)])
     >>> y.shape, y.requires_grad
@@ -133,7 +133,7 @@ def module_contract(
     >>> import torch
     >>> from mumoe import cp
     >>> from mumoe.backends import thread_backend
-    >>> net = cp(4, 3, 2, rank=5)
+    >>> net = cp(3, 2, expert_dims=4, rank=5)
     >>> cores = [torch.randn(s) for s in net.core_shapes]
     >>> with thread_backend("pytorch"):
     ...     module_contract(net, cores, torch.randn(6, 3), [torch.rand(6, 4)]).shape
@@ -143,9 +143,15 @@ def module_contract(
         x, cores, gates = _autocast(x, cores, gates)
     differentiable = torch.is_grad_enabled() and any(c.requires_grad for c in cores)
     return functional.contract(
-        network, cores, x, gates, planner=planner, differentiable=differentiable,
-        backend="pytorch", check_x=False,
-    )  # fmt: skip
+        network,
+        cores,
+        x,
+        gates,
+        planner=planner,
+        differentiable=differentiable,
+        backend="pytorch",
+        check_x=False,
+    )
 
 
 def _other_device(a: torch.Tensor, b: torch.Tensor) -> bool:

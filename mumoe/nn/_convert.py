@@ -159,12 +159,17 @@ def from_linear(
         raise ValueError(f"{layer_class.__qualname__} is a {preset} layer, got network={network!r}")
     if isinstance(network, str) and network in ("mxd", "dense") and rank == "same":
         rank = None  # no rank to match
-    options = {"rank": rank, "bias": bias is not None, "device": weight.device,
-               "dtype": weight.dtype, **layer_kwargs}  # fmt: skip
+    options = {
+        "rank": rank,
+        "bias": bias is not None,
+        "device": weight.device,
+        "dtype": weight.dtype,
+        **layer_kwargs,
+    }
     sizes = (weight.shape[1], weight.shape[0])
     if preset is not None:
-        build: Any = layer_class  # a preset class: (in, out, expert_dims, *, rank, ...)
-        layer = build(*sizes, expert_dims, **options)
+        build: Any = layer_class  # a preset class: (in, out, *, expert_dims, rank, ...)
+        layer = build(*sizes, expert_dims=expert_dims, **options)
     else:
         layer = layer_class(*sizes, network, expert_dims=expert_dims, **options)
     with torch.no_grad():

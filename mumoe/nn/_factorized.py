@@ -60,7 +60,7 @@ def network_of(tensor: Any, bias: bool = True) -> Network:
     >>> with thread_backend("pytorch"):
     ...     tensor = tltorch.FactorizedTensor.new((32, 17, 10), rank=4, factorization="cp")
     >>> network_of(tensor)
-    Network('n1 r, i r, o r', 32, 16, 10, rank={'r': 4}, bias=True)
+    Network('n1 r, i r, o r', 16, 10, expert_dims=32, rank={'r': 4}, bias=True)
     """
     tltorch = _tltorch()
     shape = tuple(tensor.shape)
@@ -71,11 +71,11 @@ def network_of(tensor: Any, bias: bool = True) -> Network:
     *dims, n_in, n_out = shape
     in_features = n_in - int(bias)
     if isinstance(tensor, tltorch.CPTensor):
-        return cp(dims, in_features, n_out, rank=tensor.rank, bias=bias)
+        return cp(in_features, n_out, expert_dims=dims, rank=tensor.rank, bias=bias)
     if isinstance(tensor, tltorch.TuckerTensor):
-        return tucker(dims, in_features, n_out, rank=tuple(tensor.rank), bias=bias)
+        return tucker(in_features, n_out, expert_dims=dims, rank=tuple(tensor.rank), bias=bias)
     if isinstance(tensor, tltorch.TTTensor):
-        return tt(dims, in_features, n_out, rank=tuple(tensor.rank), bias=bias)
+        return tt(in_features, n_out, expert_dims=dims, rank=tuple(tensor.rank), bias=bias)
     raise TypeError(
         f"{type(tensor).__qualname__} is not supported: use a tltorch CPTensor, TuckerTensor "
         "or TTTensor"
@@ -191,7 +191,7 @@ def to_factorized_tensor(layer: MuMoE) -> nn.Module:
     Examples
     --------
     >>> from mumoe.nn import TuckerMuMoE
-    >>> tensor = to_factorized_tensor(TuckerMuMoE(8, 4, 16, rank=3))
+    >>> tensor = to_factorized_tensor(TuckerMuMoE(8, 4, expert_dims=16, rank=3))
     >>> type(tensor).__name__, tuple(tensor.shape)
     ('TuckerTensor', (16, 9, 4))
     """

@@ -123,7 +123,7 @@ def init_cores_(network: Network, cores: Sequence[torch.Tensor]) -> str:
     --------
     >>> import torch
     >>> from mumoe import cp
-    >>> net = cp(8, 16, 4, rank=3)
+    >>> net = cp(16, 4, expert_dims=8, rank=3)
     >>> cores = [torch.empty(shape) for shape in net.core_shapes]
     >>> init_cores_(net, cores)
     'cp'

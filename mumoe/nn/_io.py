@@ -27,8 +27,19 @@ from mumoe.typing import PathLike
 __all__ = ["load_into", "module_entries", "save"]
 
 #: The metadata a file and a module must agree on before load_into writes anything.
-_COMPARED = ("kind", "spec", "expert_dims", "in_features", "out_features", "rank", "bias",
-             "fc1", "fc2", "gate", "input_norm")  # fmt: skip
+_COMPARED = (
+    "kind",
+    "spec",
+    "expert_dims",
+    "in_features",
+    "out_features",
+    "rank",
+    "bias",
+    "fc1",
+    "fc2",
+    "gate",
+    "input_norm",
+)
 
 
 def _networks_only(meta: Any) -> Any:
@@ -61,7 +72,7 @@ def module_entries(module: MuMoE | MuMoEBlock) -> tuple[dict[str, Any], dict[str
     Examples
     --------
     >>> from mumoe.nn import CPMuMoE
-    >>> meta, tensors = module_entries(CPMuMoE(8, 4, 6, rank=2))
+    >>> meta, tensors = module_entries(CPMuMoE(8, 4, expert_dims=6, rank=2))
     >>> meta["kind"], sorted(tensors)[:2]
     ('layer', ['cores.0', 'cores.1'])
     """
@@ -154,10 +165,10 @@ def save(module: MuMoE | MuMoEBlock, path: PathLike) -> None:
     >>> from mumoe.inference import load
     >>> from mumoe.nn import CPMuMoE
     >>> path = os.path.join(tempfile.mkdtemp(), "head.safetensors")
-    >>> save(CPMuMoE(16, 4, 8, rank=3).eval(), path)
+    >>> save(CPMuMoE(16, 4, expert_dims=8, rank=3).eval(), path)
     >>> served = load(path)
     >>> served.network, served.activation
-    (Network('n1 r, i r, o r', 8, 16, 4, rank={'r': 3}, bias=True), 'entmax15')
+    (Network('n1 r, i r, o r', 16, 4, expert_dims=8, rank={'r': 3}, bias=True), 'entmax15')
     """
     meta, tensors = module_entries(module)
     arrays: dict[str, np.ndarray] = {}
@@ -202,9 +213,9 @@ def load_into(module: MuMoE | MuMoEBlock, path: PathLike) -> None:
     >>> import torch
     >>> from mumoe.nn import TRMuMoE
     >>> path = os.path.join(tempfile.mkdtemp(), "layer.safetensors")
-    >>> trained = TRMuMoE(8, 4, 6, rank=(2, 2, 3)).eval()
+    >>> trained = TRMuMoE(8, 4, expert_dims=6, rank=(2, 2, 3)).eval()
     >>> save(trained, path)
-    >>> fresh = TRMuMoE(8, 4, 6, rank=(2, 2, 3)).eval()
+    >>> fresh = TRMuMoE(8, 4, expert_dims=6, rank=(2, 2, 3)).eval()
     >>> load_into(fresh, path)
     >>> x = torch.randn(3, 8)
     >>> torch.equal(fresh(x), trained(x))

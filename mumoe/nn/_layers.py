@@ -142,9 +142,14 @@ class MuMoE(nn.Module):
     ) -> None:
         super().__init__()
         self.network = build_network(
-            in_features, out_features, network,
-            expert_dims=expert_dims, rank=rank, bias=bias, count_gates=gated,
-        )  # fmt: skip
+            in_features,
+            out_features,
+            network,
+            expert_dims=expert_dims,
+            rank=rank,
+            bias=bias,
+            count_gates=gated,
+        )
         self.planner = planner  # None: the default planner
         self.in_features = in_features
         self.out_features = out_features
@@ -153,8 +158,13 @@ class MuMoE(nn.Module):
         self.cores = nn.ParameterList(
             [nn.Parameter(torch.empty(shape, **factory)) for shape in shapes]
         )
-        gate_options = {"normalization": normalization, "activation": activation,
-                        "top_k": top_k, "balance": balance, **factory}  # fmt: skip
+        gate_options = {
+            "normalization": normalization,
+            "activation": activation,
+            "top_k": top_k,
+            "balance": balance,
+            **factory,
+        }
         dims = self.network.expert_dims
         self.gate = MuMoEGate(in_features, dims, **gate_options) if gated else None
         self.input_norm = nn.LayerNorm(in_features, **factory) if input_norm else None
@@ -256,7 +266,7 @@ class MuMoE(nn.Module):
         Examples
         --------
         >>> import torch
-        >>> layer = CPMuMoE(8, 3, 4, rank=2).eval()
+        >>> layer = CPMuMoE(8, 3, expert_dims=4, rank=2).eval()
         >>> with layer.scaled_experts(0, [0.0, 0.0, 0.0, 0.0]):  # every expert off
         ...     layer(torch.randn(5, 8)).abs().max().item()
         0.0
@@ -345,10 +355,16 @@ class MuMoE(nn.Module):
         planner = self.__dict__["_planner"] if network is self.network else None
         with thread_backend("pytorch"):
             y, coefficients = layer_forward(
-                network, cores, x, gate=modules.get("gate") if gates is None else None,
-                gates=gates, input_norm=modules.get("input_norm"), expert_scales=scales,
-                planner=planner, contract=module_contract,
-            )  # fmt: skip
+                network,
+                cores,
+                x,
+                gate=modules.get("gate") if gates is None else None,
+                gates=gates,
+                input_norm=modules.get("input_norm"),
+                expert_scales=scales,
+                planner=planner,
+                contract=module_contract,
+            )
         return (y, coefficients) if return_gates else y
 
     def materialize(self) -> torch.Tensor:
@@ -409,8 +425,8 @@ class _PresetMuMoE(MuMoE):
         self,
         in_features: int,
         out_features: int,
-        expert_dims: int | Sequence[int],
         *,
+        expert_dims: int | Sequence[int],
         rank: Rank | str | Budget,
         bias: bool = True,
         normalization: str | None = "bn",
@@ -424,17 +440,28 @@ class _PresetMuMoE(MuMoE):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__(
-            in_features, out_features, self.format, expert_dims=expert_dims, rank=rank,
-            bias=bias, normalization=normalization, activation=activation, top_k=top_k,
-            balance=balance, input_norm=input_norm, gated=gated, planner=planner,
-            device=device, dtype=dtype,
-        )  # fmt: skip
+            in_features,
+            out_features,
+            self.format,
+            expert_dims=expert_dims,
+            rank=rank,
+            bias=bias,
+            normalization=normalization,
+            activation=activation,
+            top_k=top_k,
+            balance=balance,
+            input_norm=input_norm,
+            gated=gated,
+            planner=planner,
+            device=device,
+            dtype=dtype,
+        )
 
 
 class CPMuMoE(_PresetMuMoE):
     r"""A μMoE layer whose weight tensor is a CP network (:func:`mumoe.cp`).
 
-    ``CPMuMoE(in_features, out_features, expert_dims, rank=...)`` is
+    ``CPMuMoE(in_features, out_features, expert_dims=..., rank=...)`` is
     ``MuMoE(in_features, out_features, "cp", expert_dims=..., rank=...)``.
 
     Parameters
@@ -450,7 +477,7 @@ class CPMuMoE(_PresetMuMoE):
     Examples
     --------
     >>> import torch
-    >>> layer = CPMuMoE(64, 32, (8, 4), rank="same")  # as many parameters as nn.Linear
+    >>> layer = CPMuMoE(64, 32, expert_dims=(8, 4), rank="same")  # as many parameters as nn.Linear
     >>> layer(torch.randn(3, 64)).shape
     torch.Size([3, 32])
     """
@@ -461,7 +488,7 @@ class CPMuMoE(_PresetMuMoE):
 class TuckerMuMoE(_PresetMuMoE):
     r"""A μMoE layer whose weight tensor is a Tucker network (:func:`mumoe.tucker`).
 
-    ``TuckerMuMoE(in_features, out_features, expert_dims, rank=...)`` is
+    ``TuckerMuMoE(in_features, out_features, expert_dims=..., rank=...)`` is
     ``MuMoE(in_features, out_features, "tucker", expert_dims=..., rank=...)``.
 
     Parameters
@@ -477,7 +504,7 @@ class TuckerMuMoE(_PresetMuMoE):
     Examples
     --------
     >>> import torch
-    >>> layer = TuckerMuMoE(64, 32, (8, 4), rank=(2, 2, 8, 8))
+    >>> layer = TuckerMuMoE(64, 32, expert_dims=(8, 4), rank=(2, 2, 8, 8))
     >>> layer(torch.randn(3, 64)).shape
     torch.Size([3, 32])
     """
@@ -488,7 +515,7 @@ class TuckerMuMoE(_PresetMuMoE):
 class TTMuMoE(_PresetMuMoE):
     r"""A μMoE layer whose weight tensor is a TT network (:func:`mumoe.tt`).
 
-    ``TTMuMoE(in_features, out_features, expert_dims, rank=...)`` is
+    ``TTMuMoE(in_features, out_features, expert_dims=..., rank=...)`` is
     ``MuMoE(in_features, out_features, "tt", expert_dims=..., rank=...)``.
 
     Parameters
@@ -504,7 +531,7 @@ class TTMuMoE(_PresetMuMoE):
     Examples
     --------
     >>> import torch
-    >>> layer = TTMuMoE(64, 32, (8, 4), rank=(2, 2, 8))
+    >>> layer = TTMuMoE(64, 32, expert_dims=(8, 4), rank=(2, 2, 8))
     >>> layer(torch.randn(3, 64)).shape
     torch.Size([3, 32])
     """
@@ -515,7 +542,7 @@ class TTMuMoE(_PresetMuMoE):
 class TRMuMoE(_PresetMuMoE):
     r"""A μMoE layer whose weight tensor is a TR network (:func:`mumoe.tr`).
 
-    ``TRMuMoE(in_features, out_features, expert_dims, rank=...)`` is
+    ``TRMuMoE(in_features, out_features, expert_dims=..., rank=...)`` is
     ``MuMoE(in_features, out_features, "tr", expert_dims=..., rank=...)``.
 
     Parameters
@@ -531,7 +558,7 @@ class TRMuMoE(_PresetMuMoE):
     Examples
     --------
     >>> import torch
-    >>> layer = TRMuMoE(64, 32, (8, 4), rank=(4, 4, 4, 16))
+    >>> layer = TRMuMoE(64, 32, expert_dims=(8, 4), rank=(4, 4, 4, 16))
     >>> layer(torch.randn(3, 64)).shape
     torch.Size([3, 32])
     """

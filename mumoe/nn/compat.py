@@ -130,7 +130,7 @@ class CPMuMoE(_FactorisedLayer):
     ) -> None:
         super().__init__()
         dims = _check_hierarchy(expert_dims, hierarchy)
-        self._build(cp(dims, input_dim, output_dim, rank=rank, bias=use_bias))
+        self._build(cp(input_dim, output_dim, expert_dims=dims, rank=rank, bias=use_bias))
 
 
 class TRMuMoE(_FactorisedLayer):
@@ -190,7 +190,7 @@ class TRMuMoE(_FactorisedLayer):
                     f"ranks[{(k + 1) % len(ranks)}][0]={following[0]}"
                 )
         bonds = tuple(core[0] for core in ranks)
-        self._build(tr(dims, input_dim, output_dim, rank=bonds, bias=use_bias))
+        self._build(tr(input_dim, output_dim, expert_dims=dims, rank=bonds, bias=use_bias))
 
 
 def _default_act(logits: torch.Tensor) -> torch.Tensor:
@@ -299,16 +299,24 @@ class MuMoE(nn.Module):
             x = x.unsqueeze(1)
         if self.second_dim:
             y, _ = block_forward(
-                self.MuMoE, self.MuMoE2, x, gate=self._gate, activation=self.gelu,
+                self.MuMoE,
+                self.MuMoE2,
+                x,
+                gate=self._gate,
+                activation=self.gelu,
                 input_norm=self.input_ln,
-            )  # fmt: skip
+            )
             return y
         layer = self.MuMoE
         with thread_backend("pytorch"):
             y, _ = layer_forward(
-                layer.network, list(layer.factors), x, gate=self._gate,
-                input_norm=self.input_ln, contract=torch_forward,
-            )  # fmt: skip
+                layer.network,
+                list(layer.factors),
+                x,
+                gate=self._gate,
+                input_norm=self.input_ln,
+                contract=torch_forward,
+            )
         return y
 
     def _apply(self, fn, recurse=True):  # type: ignore[no-untyped-def]

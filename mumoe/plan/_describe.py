@@ -53,7 +53,7 @@ def describe(
     Examples
     --------
     >>> from mumoe import cp
-    >>> print(describe(cp(8, 5, 2, rank=3), batch_size=4))  # doctest: +ELLIPSIS
+    >>> print(describe(cp(5, 2, expert_dims=8, rank=3), batch_size=4))  # doctest: +ELLIPSIS
     Network 'cp': 1 expert level, 8 experts, with bias
       spec        n1 r, i r, o r
       ...

@@ -109,7 +109,8 @@ class Plan:
     Examples
     --------
     >>> from mumoe import cp, planner_of
-    >>> plan = planner_of(cp(16, 8, 4, rank=3)).forward(16, "numpy", "float64")  # batch 16
+    >>> net = cp(8, 4, expert_dims=16, rank=3)
+    >>> plan = planner_of(net).forward(16, "numpy", "float64")  # batch 16
     >>> plan.equation, plan.path, plan.flops
     ('ab,ac,be,ce,de->ad', ((0, 2), (0, 1), (1, 2), (0, 1)), 2832)
     >>> [step.kind for step in plan.program.steps]
@@ -178,8 +179,11 @@ class Plan:
             random.setstate(state)
         inputs, output = equation.split("->")
         terms = inputs.split(",")
-        sizes = {leg: d for term, shape in zip(terms, dims, strict=True)
-                 for leg, d in zip(term, shape, strict=True)}  # fmt: skip
+        sizes = {
+            leg: d
+            for term, shape in zip(terms, dims, strict=True)
+            for leg, d in zip(term, shape, strict=True)
+        }
         program = compile_program(terms, output, path, sizes, lead=lead, kernels=kernels)
         bias_program = None
         if bias_input is not None:
@@ -221,7 +225,7 @@ class Plan:
         Examples
         --------
         >>> from mumoe import cp, planner_of
-        >>> plan = planner_of(cp(8, 5, 2, rank=3)).forward(4, "numpy", "float64")
+        >>> plan = planner_of(cp(5, 2, expert_dims=8, rank=3)).forward(4, "numpy", "float64")
         >>> plan.bias_inside(4, differentiable=False), plan.bias_inside(4, differentiable=True)
         (True, False)
         """

@@ -71,7 +71,7 @@ class Planner:
     Examples
     --------
     >>> from mumoe import cp
-    >>> planner = Planner(cp(8, 5, 2, rank=3))
+    >>> planner = Planner(cp(5, 2, expert_dims=8, rank=3))
     >>> planner.forward(100, "numpy", "float64") is planner.forward(70, "numpy", "float64")
     True
     """
@@ -143,7 +143,7 @@ class Planner:
         Examples
         --------
         >>> from mumoe import cp
-        >>> plan = Planner(cp(8, 5, 2, rank=3)).forward(100, "numpy", "float64")
+        >>> plan = Planner(cp(5, 2, expert_dims=8, rank=3)).forward(100, "numpy", "float64")
         >>> plan.shapes[0]  # bucket 128
         (128, 8)
         """
@@ -185,7 +185,7 @@ class Planner:
         Examples
         --------
         >>> from mumoe import cp
-        >>> Planner(cp(8, 5, 2, rank=3)).build_forward(4, "greedy").shapes[0]
+        >>> Planner(cp(5, 2, expert_dims=8, rank=3)).build_forward(4, "greedy").shapes[0]
         (4, 8)
         """
         net = self.network
@@ -224,7 +224,7 @@ class Planner:
         Examples
         --------
         >>> from mumoe import cp
-        >>> Planner(cp(8, 5, 2, rank=3)).chosen(4)[1]
+        >>> Planner(cp(5, 2, expert_dims=8, rank=3)).chosen(4)[1]
         'not built yet'
         """
         bucket = batch_bucket(batch_size)
@@ -256,15 +256,17 @@ class Planner:
         Examples
         --------
         >>> from mumoe import cp
-        >>> Planner(cp(16, 8, 4, rank=3)).flops(10)
+        >>> Planner(cp(8, 4, expert_dims=16, rank=3)).flops(10)
         1770
         """
         path = (plan or self.chosen(batch_size)[0]).path
         net = self.network
         _, info = opt_einsum.contract_path(
-            net.einsum_equation, *net.forward_shapes(batch_size), shapes=True,
+            net.einsum_equation,
+            *net.forward_shapes(batch_size),
+            shapes=True,
             optimize=list(path),
-        )  # fmt: skip
+        )
         return int(info.opt_cost)
 
     # ------------------------------------------------------- dense and expert
@@ -287,7 +289,7 @@ class Planner:
         --------
         >>> import numpy as np
         >>> from mumoe import cp
-        >>> net = cp(8, 5, 2, rank=3)
+        >>> net = cp(5, 2, expert_dims=8, rank=3)
         >>> cores = [np.ones(s) for s in net.core_shapes]
         >>> Planner(net).materialize("numpy", "float64")(*cores).shape
         (8, 6, 2)
@@ -322,7 +324,7 @@ class Planner:
         >>> import numpy as np
         >>> from mumoe import cp
         >>> sliced = [np.ones(3), np.ones((6, 3)), np.ones((2, 3))]  # expert leg indexed away
-        >>> Planner(cp(8, 5, 2, rank=3)).expert("numpy", "float64")(*sliced)[0]
+        >>> Planner(cp(5, 2, expert_dims=8, rank=3)).expert("numpy", "float64")(*sliced)[0]
         array([3., 3.])
         """
         return self.cache.get(("expert", backend, dtype), lambda: self._expert(backend))
@@ -390,9 +392,9 @@ def planner_of(
     Examples
     --------
     >>> from mumoe import cp
-    >>> planner_of(cp(8, 5, 2, rank=3)) is planner_of(cp(8, 5, 2, rank=3))
+    >>> planner_of(cp(5, 2, expert_dims=8, rank=3)) is planner_of(cp(5, 2, expert_dims=8, rank=3))
     True
-    >>> planner_of(cp(8, 5, 2, rank=3), autotune=True).autotune
+    >>> planner_of(cp(5, 2, expert_dims=8, rank=3), autotune=True).autotune
     True
     """
     key = (network, _policy_key(optimize), autotune, cache_size)
@@ -437,9 +439,10 @@ def flops(network: Network, batch_size: int = 1, *, planner: Planner | None = No
     Examples
     --------
     >>> from mumoe import Network
-    >>> flops(Network("n r, i r, o r", 16, 8, 4, rank=3), batch_size=10)
+    >>> flops(Network("n r, i r, o r", 8, 4, expert_dims=16, rank=3), batch_size=10)
     1770
-    >>> flops(Network("n r, i r, o r", 16, 8, 4, rank=3, bias=False), batch_size=10)  # 2bR less
+    >>> no_bias = Network("n r, i r, o r", 8, 4, expert_dims=16, rank=3, bias=False)
+    >>> flops(no_bias, batch_size=10)  # 2bR less
     1710
     """
     planner = resolve_planner(network, planner)
@@ -469,7 +472,8 @@ def resolve_planner(network: Network, planner: Planner | None = None) -> Planner
     Examples
     --------
     >>> from mumoe import cp
-    >>> resolve_planner(cp(8, 5, 2, rank=3)) is planner_of(cp(8, 5, 2, rank=3))
+    >>> net = cp(5, 2, expert_dims=8, rank=3)
+    >>> resolve_planner(net) is planner_of(net)
     True
     """
     if planner is None:

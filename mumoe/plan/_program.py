@@ -187,7 +187,8 @@ class Program:
     Examples
     --------
     >>> from mumoe import planner_of, tr
-    >>> program = planner_of(tr(8, 6, 4, rank=(2, 2, 3))).forward(32, "numpy", "float64").program
+    >>> net = tr(6, 4, expert_dims=8, rank=(2, 2, 3))
+    >>> program = planner_of(net).forward(32, "numpy", "float64").program
     >>> len(program.steps), program.bias_inside
     (4, False)
     """
@@ -428,11 +429,14 @@ def _compile(
         m = [leg for leg in la if leg not in lb]
         n = [leg for leg in lb if leg not in la]
         summed = min(
-            ([leg for leg in la if leg in lb and leg not in needed],
-             [leg for leg in lb if leg in la and leg not in needed]),
-            key=lambda k: _copy_cost(la, [batch, m, k], sizes)
-            + _copy_cost(lb, [batch, k, n], sizes),
-        )  # fmt: skip
+            (
+                [leg for leg in la if leg in lb and leg not in needed],
+                [leg for leg in lb if leg in la and leg not in needed],
+            ),
+            key=lambda k: (
+                _copy_cost(la, [batch, m, k], sizes) + _copy_cost(lb, [batch, k, n], sizes)
+            ),
+        )
         new_a = "".join(batch + m + summed)
         new_b = "".join(batch + summed + n)
         kind = "matmul" if summed and (m or n) else ("dot" if summed else "outer")

@@ -223,10 +223,10 @@ def resolve_budget(
 
 def match_rank(
     format: str,
-    expert_dims: int | Sequence[int],
     in_features: int,
     out_features: int,
     *,
+    expert_dims: int | Sequence[int],
     budget: Budget | int | float | str = "same",
     bias: bool = True,
     gates: bool = True,
@@ -238,9 +238,9 @@ def match_rank(
     ----------
     format : {"cp", "tucker", "tt", "tr"}
         The preset.
+    in_features, out_features : int
     expert_dims : int or sequence of int
         Experts per level.
-    in_features, out_features : int
     budget : Budget, int, float or "same", default "same"
         See :func:`resolve_budget`; ``"same"`` matches ``nn.Linear``.
     bias : bool, default True
@@ -262,9 +262,9 @@ def match_rank(
 
     Examples
     --------
-    >>> match_rank("cp", 128, 768, 1000)
+    >>> match_rank("cp", 768, 1000, expert_dims=128)
     353
-    >>> match_rank("tr", 128, 768, 1000)
+    >>> match_rank("tr", 768, 1000, expert_dims=128)
     (4, 4, 94)
     """
     record = FORMATS.get(format) if isinstance(format, str) else None
@@ -285,7 +285,9 @@ def match_rank(
     extra = gate_params(in_features, dims) if gates else 0
 
     def total(r: int) -> int:
-        net = preset(format, dims, in_features, out_features, rank=rank_for(r), bias=bias)
+        net = preset(
+            format, in_features, out_features, expert_dims=dims, rank=rank_for(r), bias=bias
+        )
         return net.n_params + extra
 
     if total(1) > target:

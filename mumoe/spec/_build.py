@@ -100,10 +100,15 @@ def build_network(
             )
         if budget is not None:
             rank = match_rank(
-                network, expert_dims, in_features, out_features,
-                budget=budget, bias=bias, gates=count_gates,
-            )  # fmt: skip
-        return _build(network, expert_dims, in_features, out_features, rank, bias=bias)  # type: ignore[arg-type]
+                network,
+                in_features,
+                out_features,
+                expert_dims=expert_dims,
+                budget=budget,
+                bias=bias,
+                gates=count_gates,
+            )
+        return _build(network, in_features, out_features, expert_dims, rank, bias=bias)  # type: ignore[arg-type]
     if budget is not None:
         raise ValueError(
             "a parameter budget ('same' or a mumoe.Budget) chooses the rank of a format only; "
@@ -113,4 +118,6 @@ def build_network(
         raise TypeError(
             f"the rank of a spec string is an int or a mapping of bond sizes, got {rank!r}"
         )
-    return Network(network, expert_dims, in_features, out_features, rank=rank, bias=bias)
+    return Network(
+        network, in_features, out_features, expert_dims=expert_dims, rank=rank, bias=bias
+    )

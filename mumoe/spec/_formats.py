@@ -207,7 +207,7 @@ def custom_init(core_legs: Legs, sizes: Sizes, in_features: int) -> list[CoreIni
     Examples
     --------
     >>> from mumoe import Network
-    >>> net = Network("n i r, r o", 4, 3, 2, rank=1)
+    >>> net = Network("n i r, r o", 3, 2, expert_dims=4, rank=1)
     >>> custom_init(net.core_legs, net.sizes, net.in_features)[0].std  # doctest: +ELLIPSIS
     0.577...
     """
@@ -434,28 +434,48 @@ FORMATS: dict[str, Format] = {
     for f in (
         Format("dense", "dense", _dense_legs, _no_bonds("dense"), _dense_init, None),
         Format(
-            "cp", "CP", _cp_legs, _cp_bonds, _cp_init,
+            "cp",
+            "CP",
+            _cp_legs,
+            _cp_bonds,
+            _cp_init,
             lambda levels, expert_rank, r: r,
         ),
         Format(
-            "tucker", "Tucker", _tucker_legs, _tucker_bonds, _tucker_init,
+            "tucker",
+            "Tucker",
+            _tucker_legs,
+            _tucker_bonds,
+            _tucker_init,
             lambda levels, expert_rank, r: (expert_rank,) * levels + (r, r),
         ),
         Format(
-            "tt", "TT", _tt_legs, _tt_bonds, _chain_init,
+            "tt",
+            "TT",
+            _tt_legs,
+            _tt_bonds,
+            _chain_init,
             lambda levels, expert_rank, r: (expert_rank,) * levels + (r,),
         ),
         Format(
-            "tr", "TR", _tr_legs, _tr_bonds, _chain_init,
+            "tr",
+            "TR",
+            _tr_legs,
+            _tr_bonds,
+            _chain_init,
             lambda levels, expert_rank, r: (expert_rank,) * (levels + 1) + (r,),
         ),
         Format("mxd", "MxD", _mxd_legs, _no_bonds("mxd"), _mxd_init, None),
         Format(
-            "lowrank", "per-expert low-rank", _lowrank_legs, _lowrank_bonds, custom_init,
+            "lowrank",
+            "per-expert low-rank",
+            _lowrank_legs,
+            _lowrank_bonds,
+            custom_init,
             lambda levels, expert_rank, r: r,
         ),
     )
-}  # fmt: skip
+}
 
 
 def format_of(spec: str, n_levels: int) -> str:

@@ -28,7 +28,7 @@ from mumoe.validation import check_bool, positive_int, positive_ints
 __all__ = ["Network"]
 
 #: The constructor's arguments: what :meth:`Network.replace` changes and equality compares.
-_FIELDS = ("spec", "expert_dims", "in_features", "out_features", "rank", "bias")
+_FIELDS = ("spec", "in_features", "out_features", "expert_dims", "rank", "bias")
 
 
 class Network:
@@ -47,13 +47,13 @@ class Network:
     spec : str
         The cores and their legs, e.g. ``"n r, i r, o r"``; see
         :func:`mumoe.spec.parse_spec`.
-    expert_dims : int or sequence of int
-        :math:`N_1, \dots, N_E`, the number of experts along each expert
-        level; an int when there is one level.
     in_features : int
         :math:`I`, the size of the input.
     out_features : int
         :math:`O`, the size of the output.
+    expert_dims : int or sequence of int
+        :math:`N_1, \dots, N_E`, the number of experts along each expert
+        level; an int when there is one level.
     rank : int or mapping of str to int, optional
         The size of every bond: one int for all, or a mapping from bond name
         to size that names each bond.  Needed whenever the spec has bonds.
@@ -71,7 +71,7 @@ class Network:
 
     Examples
     --------
-    >>> net = Network("n r, i r, o r", 16, 8, 4, rank=3)
+    >>> net = Network("n r, i r, o r", 8, 4, expert_dims=16, rank=3)
     >>> net.core_shapes
     ((16, 3), (9, 3), (4, 3))
     >>> net.n_params, net.format
@@ -99,10 +99,10 @@ class Network:
     def __init__(
         self,
         spec: str,
-        expert_dims: int | Sequence[int],
         in_features: int,
         out_features: int,
         *,
+        expert_dims: int | Sequence[int],
         rank: RankLike | None = None,
         bias: bool = True,
     ) -> None:
@@ -205,7 +205,7 @@ class Network:
 
         Examples
         --------
-        >>> net = Network("n r, i r, o r", 8, 5, 2, rank=3)
+        >>> net = Network("n r, i r, o r", 5, 2, expert_dims=8, rank=3)
         >>> net.replace(rank=4, bias=False).core_shapes
         ((8, 4), (5, 4), (2, 4))
         """
@@ -213,16 +213,18 @@ class Network:
         if unknown:
             raise TypeError(f"replace() got unknown arguments {unknown}; it takes {_FIELDS}")
         args = {**self._arguments(), **changes}
-        return Network(args.pop("spec"), args.pop("expert_dims"), args.pop("in_features"),
-                       args.pop("out_features"), **args)  # fmt: skip
+        return Network(args.pop("spec"), args.pop("in_features"), args.pop("out_features"), **args)
 
     def _arguments(self) -> dict[str, Any]:
         dims = self.expert_dims[0] if self.n_levels == 1 else self.expert_dims
         return {
-            "spec": self.spec, "expert_dims": dims, "in_features": self.in_features,
-            "out_features": self.out_features, "rank": dict(self.ranks) or None,
+            "spec": self.spec,
+            "in_features": self.in_features,
+            "out_features": self.out_features,
+            "expert_dims": dims,
+            "rank": dict(self.ranks) or None,
             "bias": self.bias,
-        }  # fmt: skip
+        }
 
     # ------------------------------------------------------------------ sizes
 
@@ -232,7 +234,7 @@ class Network:
 
         Examples
         --------
-        >>> Network("n1 a, n2 a, i a, o a", (4, 3), 5, 2, rank=2).n_levels
+        >>> Network("n1 a, n2 a, i a, o a", 5, 2, expert_dims=(4, 3), rank=2).n_levels
         2
         """
         return len(self.expert_legs)
@@ -243,7 +245,7 @@ class Network:
 
         Examples
         --------
-        >>> Network("n1 a, n2 a, i a, o a", (4, 3), 5, 2, rank=2).n_experts
+        >>> Network("n1 a, n2 a, i a, o a", 5, 2, expert_dims=(4, 3), rank=2).n_experts
         12
         """
         return math.prod(self.expert_dims)
@@ -254,7 +256,7 @@ class Network:
 
         Examples
         --------
-        >>> Network("n1 a, n2 a, i a, o a", (4, 3), 5, 2, rank=2).n_cores
+        >>> Network("n1 a, n2 a, i a, o a", 5, 2, expert_dims=(4, 3), rank=2).n_cores
         4
         """
         return len(self.core_legs)
@@ -265,7 +267,7 @@ class Network:
 
         Examples
         --------
-        >>> Network("n r, i r, o r", 8, 5, 2, rank=3).weight_shape  # I' = 5 + 1 with the bias
+        >>> Network("n r, i r, o r", 5, 2, expert_dims=8, rank=3).weight_shape  # I' = 5 + 1
         (8, 6, 2)
         """
         return (*self.expert_dims, self.sizes[INPUT], self.out_features)
@@ -276,7 +278,7 @@ class Network:
 
         Examples
         --------
-        >>> Network("r0 n r1, r1 i r2, r2 o r0", 8, 5, 2, rank=3).core_shapes
+        >>> Network("r0 n r1, r1 i r2, r2 o r0", 5, 2, expert_dims=8, rank=3).core_shapes
         ((3, 8, 3), (3, 6, 3), (3, 2, 3))
         """
         return self._core_shapes
@@ -287,7 +289,7 @@ class Network:
 
         Examples
         --------
-        >>> Network("n r, i r, o r", 8, 5, 2, rank=3).n_params  # 3 * (8 + 6 + 2)
+        >>> Network("n r, i r, o r", 5, 2, expert_dims=8, rank=3).n_params  # 3 * (8 + 6 + 2)
         48
         """
         return sum(math.prod(shape) for shape in self.core_shapes)
@@ -298,7 +300,7 @@ class Network:
 
         Examples
         --------
-        >>> Network("n r, i r, o r", 8, 5, 2, rank=3).n_dense_params  # 8 * 6 * 2
+        >>> Network("n r, i r, o r", 5, 2, expert_dims=8, rank=3).n_dense_params  # 8 * 6 * 2
         96
         """
         return math.prod(self.weight_shape)
@@ -321,7 +323,7 @@ class Network:
 
         Examples
         --------
-        >>> net = Network("n r, i r, o r", 8, 5, 2, rank=3)
+        >>> net = Network("n r, i r, o r", 5, 2, expert_dims=8, rank=3)
         >>> net.term(["n1", "r"]), net.term(["i"], batch=True)
         ('be', 'ac')
         """
@@ -343,7 +345,7 @@ class Network:
 
         Examples
         --------
-        >>> Network("n r, i r, o r", 8, 5, 2, rank=3).forward_shapes(4)
+        >>> Network("n r, i r, o r", 5, 2, expert_dims=8, rank=3).forward_shapes(4)
         [(4, 8), (4, 6), (8, 3), (6, 3), (2, 3)]
         """
         shapes: list[Shape] = [(batch_size, n) for n in self.expert_dims]
@@ -359,7 +361,7 @@ class Network:
 
         Examples
         --------
-        >>> Network("n r, i r, o r", 8, 5, 2, rank=3).einsum_equation
+        >>> Network("n r, i r, o r", 5, 2, expert_dims=8, rank=3).einsum_equation
         'ab,ac,be,ce,de->ad'
         """
         gates = [self.term([leg], batch=True) for leg in self.expert_legs]
@@ -372,7 +374,7 @@ class Network:
 
         Examples
         --------
-        >>> Network("n r, i r, o r", 8, 5, 2, rank=3).materialize_equation
+        >>> Network("n r, i r, o r", 5, 2, expert_dims=8, rank=3).materialize_equation
         'be,ce,de->bcd'
         """
         output = self.term([*self.expert_legs, INPUT, OUTPUT])
@@ -384,7 +386,7 @@ class Network:
 
         Examples
         --------
-        >>> Network("r0 n r1, r1 i r2, r2 o r0", 8, 5, 2, rank=3).expert_core_legs
+        >>> Network("r0 n r1, r1 i r2, r2 o r0", 5, 2, expert_dims=8, rank=3).expert_core_legs
         (('r0', 'r1'), ('r1', 'i', 'r2'), ('r2', 'o', 'r0'))
         """
         experts = set(self.expert_legs)
@@ -396,7 +398,7 @@ class Network:
 
         Examples
         --------
-        >>> Network("n r, i r, o r", 8, 5, 2, rank=3).expert_equation
+        >>> Network("n r, i r, o r", 5, 2, expert_dims=8, rank=3).expert_equation
         'e,ce,de->cd'
         """
         inputs = ",".join(map(self.term, self.expert_core_legs))
@@ -410,7 +412,7 @@ class Network:
 
         Examples
         --------
-        >>> Network("n r, i r, o r", 16, 8, 4, rank=3).equation
+        >>> Network("n r, i r, o r", 8, 4, expert_dims=16, rank=3).equation
         '...n1, ...i, n1 r, i r, o r -> ...o'
         """
         inputs = [f"...{leg}" for leg in (*self.expert_legs, INPUT)]
@@ -440,20 +442,20 @@ class Network:
         return self._hash
 
     def __repr__(self) -> str:
-        rank = f", rank={dict(self.ranks)}" if self.ranks else ""
-        dims = self.expert_dims[0] if self.n_levels == 1 else self.expert_dims
+        args = self._arguments()
+        rank = f", rank={args['rank']}" if args["rank"] else ""
         return (
-            f"Network({self.spec!r}, {dims}, {self.in_features}, {self.out_features}"
-            f"{rank}, bias={self.bias})"
+            f"Network({self.spec!r}, {self.in_features}, {self.out_features}, "
+            f"expert_dims={args['expert_dims']}{rank}, bias={self.bias})"
         )
 
     def __reduce__(self) -> tuple[Any, ...]:
         # Rebuilt from its arguments (the hash of a string differs between processes).
         args = self._arguments()
-        positional = tuple(
-            args.pop(k) for k in ("spec", "expert_dims", "in_features", "out_features")
+        return (
+            _rebuild,
+            ((args.pop("spec"), args.pop("in_features"), args.pop("out_features")), args),
         )
-        return (_rebuild, (positional, args))
 
 
 def _rebuild(positional: tuple[Any, ...], options: dict[str, Any]) -> Network:

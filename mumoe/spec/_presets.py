@@ -43,9 +43,9 @@ __all__ = [
 
 def _build(
     format: str,
-    expert_dims: int | Sequence[int],
     in_features: int,
     out_features: int,
+    expert_dims: int | Sequence[int],
     rank: Rank | None,
     **options: Any,
 ) -> Network:
@@ -53,24 +53,24 @@ def _build(
     dims = positive_ints(expert_dims, "expert_dims")
     bonds = record.bond_sizes(rank, len(dims))
     spec = record.spec(len(dims))
-    return Network(spec, dims, in_features, out_features, rank=bonds or None, **options)
+    return Network(spec, in_features, out_features, expert_dims=dims, rank=bonds or None, **options)
 
 
 def dense(
-    expert_dims: int | Sequence[int],
     in_features: int,
     out_features: int,
     *,
+    expert_dims: int | Sequence[int],
     bias: bool = True,
 ) -> Network:
     r"""The unfactorised weight: one core of shape ``(N_1, ..., N_E, I', O)``.
 
     Parameters
     ----------
-    expert_dims : int or sequence of int
-        Experts per level, :math:`N_1, \dots, N_E`.
     in_features, out_features : int
         :math:`I` and :math:`O`.
+    expert_dims : int or sequence of int
+        Experts per level, :math:`N_1, \dots, N_E`.
     bias : bool, default True
         Whether the input mode has a bias slice (:math:`I' = I + 1`).
 
@@ -80,20 +80,24 @@ def dense(
 
     Examples
     --------
-    >>> dense(4, 3, 2).core_shapes
+    >>> dense(3, 2, expert_dims=4).core_shapes
     ((4, 4, 2),)
     """
     return _build(
-        "dense", expert_dims, in_features, out_features, None,
+        "dense",
+        in_features,
+        out_features,
+        expert_dims,
+        None,
         bias=bias,
-    )  # fmt: skip
+    )
 
 
 def cp(
-    expert_dims: int | Sequence[int],
     in_features: int,
     out_features: int,
     *,
+    expert_dims: int | Sequence[int],
     rank: int,
     bias: bool = True,
 ) -> Network:
@@ -105,10 +109,10 @@ def cp(
 
     Parameters
     ----------
-    expert_dims : int or sequence of int
-        Experts per level, :math:`N_1, \dots, N_E`.
     in_features, out_features : int
         :math:`I` and :math:`O`.
+    expert_dims : int or sequence of int
+        Experts per level, :math:`N_1, \dots, N_E`.
     rank : int
         :math:`R`.
     bias : bool, default True
@@ -120,23 +124,27 @@ def cp(
 
     Examples
     --------
-    >>> net = cp((8, 4), 16, 10, rank=5)
+    >>> net = cp(16, 10, expert_dims=(8, 4), rank=5)
     >>> net.spec
     'n1 r, n2 r, i r, o r'
     >>> net.n_params == 5 * (8 + 4 + 17 + 10)
     True
     """
     return _build(
-        "cp", expert_dims, in_features, out_features, rank,
+        "cp",
+        in_features,
+        out_features,
+        expert_dims,
+        rank,
         bias=bias,
-    )  # fmt: skip
+    )
 
 
 def tucker(
-    expert_dims: int | Sequence[int],
     in_features: int,
     out_features: int,
     *,
+    expert_dims: int | Sequence[int],
     rank: Rank,
     bias: bool = True,
 ) -> Network:
@@ -148,10 +156,10 @@ def tucker(
 
     Parameters
     ----------
-    expert_dims : int or sequence of int
-        Experts per level, :math:`N_1, \dots, N_E`.
     in_features, out_features : int
         :math:`I` and :math:`O`.
+    expert_dims : int or sequence of int
+        Experts per level, :math:`N_1, \dots, N_E`.
     rank : int or sequence of int
         One rank for all modes, or :math:`E + 2` ranks (experts..., input, output).
     bias : bool, default True
@@ -163,23 +171,27 @@ def tucker(
 
     Examples
     --------
-    >>> net = tucker(8, 16, 10, rank=(2, 3, 4))
+    >>> net = tucker(16, 10, expert_dims=8, rank=(2, 3, 4))
     >>> net.spec
     'n1 r1, i ri, o ro, r1 ri ro'
     >>> net.core_shapes
     ((8, 2), (17, 3), (10, 4), (2, 3, 4))
     """
     return _build(
-        "tucker", expert_dims, in_features, out_features, rank,
+        "tucker",
+        in_features,
+        out_features,
+        expert_dims,
+        rank,
         bias=bias,
-    )  # fmt: skip
+    )
 
 
 def tt(
-    expert_dims: int | Sequence[int],
     in_features: int,
     out_features: int,
     *,
+    expert_dims: int | Sequence[int],
     rank: Rank,
     bias: bool = True,
 ) -> Network:
@@ -195,10 +207,10 @@ def tt(
 
     Parameters
     ----------
-    expert_dims : int or sequence of int
-        Experts per level, :math:`N_1, \dots, N_E`.
     in_features, out_features : int
         :math:`I` and :math:`O`.
+    expert_dims : int or sequence of int
+        Experts per level, :math:`N_1, \dots, N_E`.
     rank : int or sequence of int
         See :func:`validate_tt_rank`.
     bias : bool, default True
@@ -210,23 +222,27 @@ def tt(
 
     Examples
     --------
-    >>> net = tt(8, 16, 10, rank=(3, 4))
+    >>> net = tt(16, 10, expert_dims=8, rank=(3, 4))
     >>> net.spec
     'n1 r1, r1 i r2, r2 o'
     >>> net.core_shapes
     ((8, 3), (3, 17, 4), (4, 10))
     """
     return _build(
-        "tt", expert_dims, in_features, out_features, rank,
+        "tt",
+        in_features,
+        out_features,
+        expert_dims,
+        rank,
         bias=bias,
-    )  # fmt: skip
+    )
 
 
 def tr(
-    expert_dims: int | Sequence[int],
     in_features: int,
     out_features: int,
     *,
+    expert_dims: int | Sequence[int],
     rank: Rank,
     bias: bool = True,
 ) -> Network:
@@ -241,10 +257,10 @@ def tr(
 
     Parameters
     ----------
-    expert_dims : int or sequence of int
-        Experts per level, :math:`N_1, \dots, N_E`.
     in_features, out_features : int
         :math:`I` and :math:`O`.
+    expert_dims : int or sequence of int
+        Experts per level, :math:`N_1, \dots, N_E`.
     rank : int or sequence of int
         See :func:`validate_tr_rank`.
     bias : bool, default True
@@ -256,23 +272,27 @@ def tr(
 
     Examples
     --------
-    >>> net = tr(8, 16, 10, rank=(2, 3, 4))
+    >>> net = tr(16, 10, expert_dims=8, rank=(2, 3, 4))
     >>> net.spec
     'r0 n1 r1, r1 i r2, r2 o r0'
     >>> net.core_shapes
     ((2, 8, 3), (3, 17, 4), (4, 10, 2))
     """
     return _build(
-        "tr", expert_dims, in_features, out_features, rank,
+        "tr",
+        in_features,
+        out_features,
+        expert_dims,
+        rank,
         bias=bias,
-    )  # fmt: skip
+    )
 
 
 def mxd(
-    expert_dims: int | Sequence[int],
     in_features: int,
     out_features: int,
     *,
+    expert_dims: int | Sequence[int],
     bias: bool = True,
 ) -> Network:
     r"""MxD's Hadamard experts: the output leg shared, open, by every core.
@@ -287,10 +307,10 @@ def mxd(
 
     Parameters
     ----------
-    expert_dims : int or sequence of int
-        Experts per level, :math:`N_1, \dots, N_E`.
     in_features, out_features : int
         :math:`I` and :math:`O`.
+    expert_dims : int or sequence of int
+        Experts per level, :math:`N_1, \dots, N_E`.
     bias : bool, default True
         Whether the input mode has a bias slice (:math:`I' = I + 1`).
 
@@ -300,21 +320,25 @@ def mxd(
 
     Examples
     --------
-    >>> net = mxd(16, 12, 8)
+    >>> net = mxd(12, 8, expert_dims=16)
     >>> net.spec, net.core_shapes, net.n_params  # O * (N + I')
     ('n1 o, i o', ((16, 8), (13, 8)), 232)
     """
     return _build(
-        "mxd", expert_dims, in_features, out_features, None,
+        "mxd",
+        in_features,
+        out_features,
+        expert_dims,
+        None,
         bias=bias,
-    )  # fmt: skip
+    )
 
 
 def lowrank(
-    expert_dims: int | Sequence[int],
     in_features: int,
     out_features: int,
     *,
+    expert_dims: int | Sequence[int],
     rank: int,
     bias: bool = True,
 ) -> Network:
@@ -328,10 +352,10 @@ def lowrank(
 
     Parameters
     ----------
-    expert_dims : int or sequence of int
-        Experts per level, :math:`N_1, \dots, N_E`.
     in_features, out_features : int
         :math:`I` and :math:`O`.
+    expert_dims : int or sequence of int
+        Experts per level, :math:`N_1, \dots, N_E`.
     rank : int
         :math:`R`.
     bias : bool, default True
@@ -343,14 +367,18 @@ def lowrank(
 
     Examples
     --------
-    >>> net = lowrank(8, 16, 10, rank=2)
+    >>> net = lowrank(16, 10, expert_dims=8, rank=2)
     >>> net.spec, net.core_shapes
     ('n1 i r, n1 o r', ((8, 17, 2), (8, 10, 2)))
     """
     return _build(
-        "lowrank", expert_dims, in_features, out_features, rank,
+        "lowrank",
+        in_features,
+        out_features,
+        expert_dims,
+        rank,
         bias=bias,
-    )  # fmt: skip
+    )
 
 
 #: The presets by format name, one per record of :data:`mumoe.spec.FORMATS`.
@@ -367,9 +395,10 @@ PRESETS: dict[str, Callable[..., Network]] = {
 
 def preset(
     format: str,
-    expert_dims: int | Sequence[int],
     in_features: int,
     out_features: int,
+    *,
+    expert_dims: int | Sequence[int],
     **options: Any,
 ) -> Network:
     """Build the preset network named ``format``.
@@ -378,7 +407,7 @@ def preset(
     ----------
     format : {"dense", "cp", "tucker", "tt", "tr", "mxd", "lowrank"}
         The factorisation, a key of :data:`mumoe.spec.FORMATS`.
-    expert_dims, in_features, out_features
+    in_features, out_features, expert_dims
         As for every preset.
     **options
         The preset's keyword arguments (``rank``, ``bias``, ...).
@@ -389,7 +418,7 @@ def preset(
 
     Examples
     --------
-    >>> preset("tr", 8, 16, 10, rank=2).format
+    >>> preset("tr", 16, 10, expert_dims=8, rank=2).format
     'tr'
     """
     try:
@@ -398,7 +427,7 @@ def preset(
         raise ValueError(
             f"unknown format {format!r}; choose one of {', '.join(map(repr, PRESETS))}"
         ) from None
-    return build(expert_dims, in_features, out_features, **options)
+    return build(in_features, out_features, expert_dims=expert_dims, **options)
 
 
 def preset_format(network: Network) -> str | None:
@@ -418,11 +447,11 @@ def preset_format(network: Network) -> str | None:
 
     Examples
     --------
-    >>> preset_format(tr(8, 16, 10, rank=2))
+    >>> preset_format(tr(16, 10, expert_dims=8, rank=2))
     'tr'
-    >>> preset_format(Network("n r, i r, o r", 8, 16, 10, rank=2))
+    >>> preset_format(Network("n r, i r, o r", 16, 10, expert_dims=8, rank=2))
     'cp'
-    >>> preset_format(Network("n i r, r o", 8, 16, 10, rank=2)) is None
+    >>> preset_format(Network("n i r, r o", 16, 10, expert_dims=8, rank=2)) is None
     True
     """
     name = format_of(network.spec, network.n_levels)
