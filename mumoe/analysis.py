@@ -42,8 +42,8 @@ __all__ = [
 ]
 
 
-def _matrix(coefficients: Any, name: str = "coefficients") -> np.ndarray:
-    matrix = host_array(coefficients)
+def _matrix(gates: Any, name: str = "gates") -> np.ndarray:
+    matrix = host_array(gates)
     if matrix.ndim != 2:
         raise ValueError(
             f"{name} must be 2-D (samples, experts); got shape {matrix.shape} "
@@ -106,12 +106,12 @@ def expert_coefficients(gates: Any) -> np.ndarray:
     return joint
 
 
-def expert_load(coefficients: Any, threshold: float = 0.5) -> np.ndarray:
+def expert_load(gates: Any, threshold: float = 0.5) -> np.ndarray:
     r"""How many samples each expert processes: coefficient :math:`\ge` ``threshold``.
 
     Parameters
     ----------
-    coefficients : array, shape (S, N)
+    gates : array, shape (S, N)
         Gate coefficients (:func:`expert_coefficients` for several levels).
     threshold : float in (0, 1], default 0.5
         The paper's choice: an expert *processes* a sample when its
@@ -128,12 +128,12 @@ def expert_load(coefficients: Any, threshold: float = 0.5) -> np.ndarray:
     >>> expert_load(np.array([[0.7, 0.3], [0.5, 0.5], [0.2, 0.8]]))
     array([2, 2])
     """
-    matrix = _matrix(coefficients)
+    matrix = _matrix(gates)
     return (matrix >= _threshold(threshold)).sum(axis=0)
 
 
 def class_histogram(
-    coefficients: Any, labels: Any, *, n_classes: int | None = None, threshold: float = 0.5
+    gates: Any, labels: Any, *, n_classes: int | None = None, threshold: float = 0.5
 ) -> np.ndarray:
     r"""Per expert, the classes of the samples it processes.
 
@@ -142,7 +142,7 @@ def class_histogram(
 
     Parameters
     ----------
-    coefficients : array, shape (S, N)
+    gates : array, shape (S, N)
     labels : array of int, shape (S,)
         The class of each sample.
     n_classes : int, optional
@@ -162,14 +162,14 @@ def class_histogram(
     array([[1, 1, 0],
            [0, 1, 0]])
     """
-    matrix = _matrix(coefficients)
+    matrix = _matrix(gates)
     classes, n_classes = check_labels(labels, matrix.shape[0], n_classes)
     processed = (matrix >= _threshold(threshold)).astype(np.int64)  # (S, N)
     onehot = np.eye(n_classes, dtype=np.int64)[classes]  # (S, C)
     return processed.T @ onehot
 
 
-def class_mass(coefficients: Any, labels: Any, *, n_classes: int | None = None) -> np.ndarray:
+def class_mass(gates: Any, labels: Any, *, n_classes: int | None = None) -> np.ndarray:
     r"""Per expert, the gate coefficient it receives from each class.
 
     .. math::
@@ -183,7 +183,7 @@ def class_mass(coefficients: Any, labels: Any, *, n_classes: int | None = None) 
 
     Parameters
     ----------
-    coefficients : array, shape (S, N)
+    gates : array, shape (S, N)
     labels : array of int, shape (S,)
     n_classes : int, optional
 
@@ -198,7 +198,7 @@ def class_mass(coefficients: Any, labels: Any, *, n_classes: int | None = None) 
     array([[0.7, 0.8],
            [0.3, 1.2]])
     """
-    matrix = _matrix(coefficients)
+    matrix = _matrix(gates)
     classes, n_classes = check_labels(labels, matrix.shape[0], n_classes)
     return matrix.T @ np.eye(n_classes, dtype=matrix.dtype)[classes]
 
@@ -284,12 +284,12 @@ def mean_polysemanticity(histogram: Any, *, min_count: int = 1) -> float:
     return float(kept.mean()) if kept.size else math.nan
 
 
-def top_samples(coefficients: Any, k: int = 8) -> np.ndarray:
+def top_samples(gates: Any, k: int = 8) -> np.ndarray:
     """The samples each expert weights most, largest coefficient first.
 
     Parameters
     ----------
-    coefficients : array, shape (S, N)
+    gates : array, shape (S, N)
     k : int, default 8
         Samples per expert, at most ``S``.
 
@@ -306,7 +306,7 @@ def top_samples(coefficients: Any, k: int = 8) -> np.ndarray:
     array([[1, 2],
            [0, 2]])
     """
-    matrix = _matrix(coefficients)
+    matrix = _matrix(gates)
     k = positive_int(k, "k")
     if k > matrix.shape[0]:
         raise ValueError(f"k must be an int in [1, {matrix.shape[0]}] (the samples), got {k!r}")

@@ -197,15 +197,15 @@ def test_scaled_experts_is_the_layers_public_edit():
     x = torch.randn(4, 6)
     base = layer(x)
     with layer.scaled_experts(1, [2.0, 2.0]):  # W is linear in each expert mode
-        with layer.scaled_experts(1, [0.5, 0.5]):  # edits nest: factors multiply
+        with layer.scaled_experts(1, [0.5, 0.5]):  # edits nest: scales multiply
             torch.testing.assert_close(layer(x), base)
         doubled = layer(x)
     torch.testing.assert_close(doubled, 2 * base)
     assert layer._expert_scales == {}
-    torch.testing.assert_close(doubled, layer(x, expert_scales={1: torch.tensor([2.0, 2.0])}))
+    torch.testing.assert_close(doubled, layer(x, scales={1: torch.tensor([2.0, 2.0])}))
     with pytest.raises(TypeError, match=r"level must be an int in \[0, 2\), got 1.0"):
         layer.scaled_experts(1.0, [1.0, 1.0]).__enter__()
     with pytest.raises(ValueError, match=r"level must be an int in \[0, 2\), got 2"):
         layer.scaled_experts(2, [1.0, 1.0]).__enter__()
-    with pytest.raises(ValueError, match=r"factors for level 0 must have shape \(5,\), got \(2,\)"):
+    with pytest.raises(ValueError, match=r"scales for level 0 must have shape \(5,\), got \(2,\)"):
         layer.scaled_experts(0, [1.0, 1.0]).__enter__()

@@ -159,7 +159,7 @@ def test_bad_masks_and_empty_batches_say_what_was_expected():
         usage(a, np.ones((2, 3)))
     with pytest.raises(ValueError, match=r"an integer mask must hold 0 .* and 1 .* only"):
         usage(a, np.full((2, 3), 2))
-    with pytest.raises(ValueError, match="every token of coefficients is masked"):
+    with pytest.raises(ValueError, match="every token of gates is masked"):
         uniform_kl(a, np.zeros((2, 3), dtype=bool))
     with pytest.raises(ValueError, match="has no tokens \\(an empty batch\\)"):
         usage(np.zeros((0, 4)))

@@ -39,7 +39,7 @@ def test_layer_forward_is_eq1_of_its_gates_edits_and_normed_input(
     level = rng.randint(net.n_levels)
     scales = {level: rng.uniform(-2, 2, net.expert_dims[level])}
     norm = layer_norm if normed else None
-    y, gates = layer_forward(net, cores, x, gate=gate, input_norm=norm, expert_scales=scales)
+    y, gates = layer_forward(net, cores, x, gate=gate, input_norm=norm, scales=scales)
     expected_gates = gate(x)
     for a, b in zip(gates, expected_gates, strict=True):
         np.testing.assert_array_equal(a, b)  # reported before the edit

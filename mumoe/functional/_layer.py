@@ -53,10 +53,8 @@ def _contract(
     return contract(network, cores, x, gates, planner=planner, differentiable=False)
 
 
-def scale_gates(
-    gates: Sequence[Tensor], expert_scales: Mapping[int, Tensor] | None
-) -> list[Tensor]:
-    r"""The coefficients of an expert edit: ``gates[e] * expert_scales[e]``.
+def scale_gates(gates: Sequence[Tensor], scales: Mapping[int, Tensor] | None) -> list[Tensor]:
+    r"""The coefficients of an expert edit: ``gates[e] * scales[e]``.
 
     :math:`\mathcal{W}` is linear in each expert mode, so scaling the
     coefficient :math:`a^{(e)}_n` is scaling the expert slice
@@ -65,7 +63,7 @@ def scale_gates(
     Parameters
     ----------
     gates : sequence of tensors, each (..., N_e)
-    expert_scales : mapping of level to tensor of shape (N_e,), or None
+    scales : mapping of level to tensor of shape (N_e,), or None
         Factors per expert of some levels; None or empty: no edit.
 
     Returns
@@ -78,9 +76,9 @@ def scale_gates(
     >>> scale_gates([np.full((2, 3), 0.5)], {0: np.array([1.0, 0.0, 2.0])})[0][0]
     array([0.5, 0. , 1. ])
     """
-    if not expert_scales:
+    if not scales:
         return list(gates)
-    return [a * expert_scales[e] if e in expert_scales else a for e, a in enumerate(gates)]
+    return [a * scales[e] if e in scales else a for e, a in enumerate(gates)]
 
 
 def layer_forward(
@@ -91,7 +89,7 @@ def layer_forward(
     gate: Gate | None = None,
     gates: Tensor | Sequence[Tensor] | None = None,
     input_norm: Transform | None = None,
-    expert_scales: Mapping[int, Tensor] | None = None,
+    scales: Mapping[int, Tensor] | None = None,
     planner: Planner | None = None,
     contract: Contract = _contract,
 ) -> tuple[Tensor, list[Tensor]]:
@@ -118,7 +116,7 @@ def layer_forward(
         expert level.
     input_norm : callable, optional
         Applied to ``x`` before the contraction (not before the gate).
-    expert_scales : mapping of level to tensor (N_e,), optional
+    scales : mapping of level to tensor (N_e,), optional
         See :func:`scale_gates`.
     planner : Planner, optional
         The planner of ``network`` the contraction uses (the layer's own);
@@ -158,7 +156,7 @@ def layer_forward(
     else:
         coefficients = [gates]
     z = x if input_norm is None else input_norm(x)
-    y = contract(network, cores, z, scale_gates(coefficients, expert_scales), planner)
+    y = contract(network, cores, z, scale_gates(coefficients, scales), planner)
     return y, coefficients
 
 

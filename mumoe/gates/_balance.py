@@ -162,13 +162,13 @@ class Usage:
         }
 
 
-def usage(coefficients: Tensor, mask: Any = None) -> Usage:
+def usage(gates: Tensor, mask: Any = None) -> Usage:
     """Mass, support and balance of one expert level over a batch of tokens.
 
     Parameters
     ----------
-    coefficients : tensor, shape (..., N)
-        Gate coefficients of one level, each token's on the simplex.
+    gates : tensor, shape (..., N)
+        The gate coefficients of one level, each token's on the simplex.
     mask : bool or integer tensor, shape (...), optional
         1 (or True) for the tokens to count, 0 for padding; every token by default.
 
@@ -182,7 +182,7 @@ def usage(coefficients: Tensor, mask: Any = None) -> Usage:
         If the mask's shape is not the tokens' shape, an integer mask holds
         values other than 0 and 1, or there is no token to count.
     TypeError
-        If the coefficients are not floating or the mask is not bool or integer.
+        If the gates are not floating or the mask is not bool or integer.
 
     Examples
     --------
@@ -192,7 +192,7 @@ def usage(coefficients: Tensor, mask: Any = None) -> Usage:
     >>> u.mass, u.support, round(float(u.entropy), 4), float(u.mean_support), u.tokens
     (array([0.75, 0.25, 0.  ]), array([1. , 0.5, 0. ]), 0.5119, 1.5, 2)
     """
-    rows, weights, count = _rows(coefficients, mask, "coefficients")
+    rows, weights, count = _rows(gates, mask, "gates")
     n = tl.shape(rows)[-1]
     mass = _mean(rows, weights, count)
     # [a != 0] as sign(|a|): a float pass, where casting a boolean mask is several
@@ -204,7 +204,7 @@ def usage(coefficients: Tensor, mask: Any = None) -> Usage:
     return Usage(mass, support, normalised, tl.exp(entropy), mean_support, int(float(count)))
 
 
-def joint_usage(coefficients: Sequence[Tensor], mask: Any = None) -> Tensor:
+def joint_usage(gates: Sequence[Tensor], mask: Any = None) -> Tensor:
     r"""Mean mass of the joint experts :math:`(n_1, \dots, n_E)` of several levels.
 
     The coefficient of a joint expert is the product of its levels'
@@ -213,7 +213,7 @@ def joint_usage(coefficients: Sequence[Tensor], mask: Any = None) -> Tensor:
 
     Parameters
     ----------
-    coefficients : sequence of tensors, each (..., N_e)
+    gates : sequence of tensors, each (..., N_e)
         Every level's coefficients for the same tokens.
     mask : bool or integer tensor, shape (...), optional
 
@@ -235,16 +235,16 @@ def joint_usage(coefficients: Sequence[Tensor], mask: Any = None) -> Tensor:
     array([[0.25, 0.25],
            [0.5 , 0.  ]])
     """
-    shapes = [tuple(tl.shape(a)) for a in coefficients]
+    shapes = [tuple(tl.shape(a)) for a in gates]
     if not shapes or len({s[:-1] for s in shapes}) != 1:
-        raise ValueError(f"the levels' coefficients must share their token shape, got {shapes}")
+        raise ValueError(f"the levels' gates must share their token shape, got {shapes}")
     sizes = [s[-1] for s in shapes]
     if math.prod(sizes) > JOINT_LIMIT:
         raise ValueError(
             f"{math.prod(sizes):,} joint experts {tuple(sizes)}: more than JOINT_LIMIT = "
             f"{JOINT_LIMIT:,}; measure the levels one by one"
         )
-    flat = [_rows(a, mask, f"coefficients[{e}]") for e, a in enumerate(coefficients)]
+    flat = [_rows(a, mask, f"gates[{e}]") for e, a in enumerate(gates)]
     rows, weights, count = flat[0]
     letters = "abcdefghijklmnopqrs"[: len(flat)]
     operands = [rows if weights is None else rows * weights] + [r for r, _, _ in flat[1:]]
@@ -252,12 +252,12 @@ def joint_usage(coefficients: Sequence[Tensor], mask: Any = None) -> Tensor:
     return tl.einsum(equation, *operands) / count
 
 
-def importance_cv2(coefficients: Tensor, mask: Any = None) -> Tensor:
+def importance_cv2(gates: Tensor, mask: Any = None) -> Tensor:
     """Squared coefficient of variation of the experts' importance (Shazeer et al., 2017).
 
     Parameters
     ----------
-    coefficients : tensor, shape (..., N)
+    gates : tensor, shape (..., N)
     mask : bool or integer tensor, shape (...), optional
 
     Returns
@@ -272,18 +272,18 @@ def importance_cv2(coefficients: Tensor, mask: Any = None) -> Tensor:
     >>> float(importance_cv2(np.array([[1.0, 0.0, 0.0, 0.0]] * 3)))
     3.0
     """
-    rows, weights, _ = _rows(coefficients, mask, "coefficients")
+    rows, weights, _ = _rows(gates, mask, "gates")
     importance = tl.sum(rows if weights is None else rows * weights, axis=0)
     mean = tl.mean(importance)
     return tl.mean((importance - mean) ** 2) / (mean * mean)
 
 
-def uniform_kl(coefficients: Tensor, mask: Any = None) -> Tensor:
+def uniform_kl(gates: Tensor, mask: Any = None) -> Tensor:
     """KL divergence from the mean coefficient mass to the uniform distribution.
 
     Parameters
     ----------
-    coefficients : tensor, shape (..., N)
+    gates : tensor, shape (..., N)
     mask : bool or integer tensor, shape (...), optional
 
     Returns
@@ -298,7 +298,7 @@ def uniform_kl(coefficients: Tensor, mask: Any = None) -> Tensor:
     >>> round(float(uniform_kl(np.array([[1.0, 0.0, 0.0, 0.0]]))), 4)  # log 4
     1.3863
     """
-    rows, weights, count = _rows(coefficients, mask, "coefficients")
+    rows, weights, count = _rows(gates, mask, "gates")
     n = tl.shape(rows)[-1]
     return math.log(n) - _entropy(_mean(rows, weights, count))
 
@@ -377,7 +377,7 @@ def check_balance(balance: Mapping[str, float] | None) -> dict[str, float]:
 
 def balance_loss(
     balance: Mapping[str, float],
-    coefficients: Sequence[Tensor],
+    gates: Sequence[Tensor],
     logits: Sequence[Tensor],
     mask: Any = None,
 ) -> Tensor:
@@ -387,7 +387,7 @@ def balance_loss(
     ----------
     balance : mapping of str to float
         ``{name: coefficient}`` (:func:`check_balance`).
-    coefficients, logits : sequences of tensors, each (..., N_e)
+    gates, logits : sequences of tensors, each (..., N_e)
         Every level's coefficients and the activation's input.
     mask : bool or integer tensor, shape (...), optional
 
@@ -405,7 +405,7 @@ def balance_loss(
     total = None
     for name, weight in balance.items():
         function, takes_logits = LOSSES[name]
-        for values in logits if takes_logits else coefficients:
+        for values in logits if takes_logits else gates:
             term = weight * function(values, mask)
             total = term if total is None else total + term
     if total is None:

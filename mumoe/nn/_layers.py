@@ -235,14 +235,14 @@ class MuMoE(nn.Module):
         return self.network, list(cores)
 
     @contextmanager
-    def scaled_experts(self, level: int, factors: Any) -> Iterator[None]:
-        r"""Inside the block, compute with the experts of ``level`` scaled by ``factors``.
+    def scaled_experts(self, level: int, scales: Any) -> Iterator[None]:
+        r"""Inside the block, compute with the experts of ``level`` scaled by ``scales``.
 
         :math:`\mathcal{W}[\dots, n_e, \dots]` acts multiplied by
-        ``factors[n_e]`` (0 switches an expert off); the stored cores are not
+        ``scales[n_e]`` (0 switches an expert off); the stored cores are not
         touched and gradients still flow.  Done on the coefficients, exact
         because :math:`\mathcal{W}` is linear in each expert mode; the other
-        coefficients are not renormalised.  Edits nest (factors multiply),
+        coefficients are not renormalised.  Edits nest (scales multiply),
         and each block restores what it found.  :func:`mumoe.nn.edit_experts`
         edits every layer of a model this way.  An edit applies to every
         thread's calls while it lasts, and a layer is edited by one thread at
@@ -253,13 +253,13 @@ class MuMoE(nn.Module):
         ----------
         level : int
             The expert level (0-based).
-        factors : array-like, shape (N_level,)
+        scales : array-like, shape (N_level,)
             Converted to a float64 tensor on the layer's device.
 
         Raises
         ------
         ValueError
-            If ``level`` is out of range or ``factors`` has the wrong shape.
+            If ``level`` is out of range or ``scales`` has the wrong shape.
         RuntimeError
             If another thread is editing this layer.
 
@@ -275,13 +275,13 @@ class MuMoE(nn.Module):
         n = self.network.expert_dims[level]
         weight = next(iter(self.parameters()), None)
         device = None if weight is None else weight.device
-        vector = torch.as_tensor(factors, dtype=torch.float64, device=device)
+        vector = torch.as_tensor(scales, dtype=torch.float64, device=device)
         if tuple(vector.shape) != (n,):
             raise ValueError(
-                f"factors for level {level} must have shape ({n},), got {tuple(vector.shape)}"
+                f"scales for level {level} must have shape ({n},), got {tuple(vector.shape)}"
             )
         dtype = torch.float64 if weight is None else weight.dtype
-        check_scales(vector.cpu().numpy(), f"factors for level {level}", dtype)
+        check_scales(vector.cpu().numpy(), f"scales for level {level}", dtype)
         me = threading.get_ident()
         with _EDITS:  # check and take ownership at once
             owner, depth = self.__dict__.get("_edit_owner") or (me, 0)
@@ -308,7 +308,7 @@ class MuMoE(nn.Module):
         gates: Sequence[torch.Tensor] | torch.Tensor | None = None,
         *,
         return_gates: bool = False,
-        expert_scales: Mapping[int, torch.Tensor] | None = None,
+        scales: Mapping[int, torch.Tensor] | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, list[torch.Tensor]]:
         """Mix the experts for input ``x``: :func:`mumoe.functional.layer_forward`.
 
@@ -320,7 +320,7 @@ class MuMoE(nn.Module):
             the layer has none); a single tensor with one expert level.
         return_gates : bool, default False
             Also return the coefficients used.
-        expert_scales : mapping of level to torch.Tensor (N_e,), optional
+        scales : mapping of level to torch.Tensor (N_e,), optional
             Factors per expert for this call, on top of any
             :meth:`scaled_experts` edit in force.
 
@@ -341,14 +341,11 @@ class MuMoE(nn.Module):
         check_input(x, self.in_features, cores[0])
         if gates is not None:
             check_gate_devices(gates, x)
-        scales = self._expert_scales
-        if expert_scales:
-            scales = {
-                e: scales[e] * s if e in scales else s
-                for e, s in {**scales, **expert_scales}.items()
-            }
+        edits = self._expert_scales
         if scales:
-            scales = {e: s.to(x) for e, s in scales.items()}
+            edits = {e: edits[e] * s if e in edits else s for e, s in {**edits, **scales}.items()}
+        if edits:
+            edits = {e: s.to(x) for e, s in edits.items()}
         # Submodules from the dict, not through nn.Module.__getattr__ (see _weights).
         modules = self._modules
         # A network of another rank (tensor dropout) contracts with its default planner.
@@ -361,7 +358,7 @@ class MuMoE(nn.Module):
                 gate=modules.get("gate") if gates is None else None,
                 gates=gates,
                 input_norm=modules.get("input_norm"),
-                expert_scales=scales,
+                scales=edits,
                 planner=planner,
                 contract=module_contract,
             )
