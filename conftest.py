@@ -59,6 +59,17 @@ settings.register_profile("dev", deadline=None, max_examples=60, print_blob=True
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci" if os.environ.get("CI") else "dev"))
 
 
+#: Doctests among the dozen slowest tests (the demo trains heads): ``-m "not slow"`` leaves them.
+SLOW_DOCTESTS = {"mumoe/demo/_experiment.py::mumoe.demo._experiment.run"}
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Mark the slow doctests ``slow`` (tests mark themselves)."""
+    for item in items:
+        if item.nodeid in SLOW_DOCTESTS:
+            item.add_marker(pytest.mark.slow)
+
+
 def pytest_report_header(config: pytest.Config) -> list[str]:
     """Say which backends the run can use (compare with MUMOE_EXPECT_BACKENDS in CI)."""
     declared = ", ".join(s.name for s in BACKENDS)

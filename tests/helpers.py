@@ -35,6 +35,8 @@ def backend_params(differentiable: bool = False) -> list[Any]:
         marks = [pytest.mark.skipif(reason is not None, reason=reason or "")]
         if spec.device == "cuda":
             marks.append(pytest.mark.gpu)
+        if spec.jit:  # every new shape compiles (JAX): seconds a test
+            marks.append(pytest.mark.slow)
         params.append(pytest.param(spec.name, marks=marks, id=spec.name))
     return params
 

@@ -1,4 +1,4 @@
-"""Network diagrams: every core, bond and open leg of any network is drawn."""
+"""Diagrams: every core, bond and open leg of any network is drawn; the usage heatmap."""
 
 from __future__ import annotations
 
@@ -6,11 +6,12 @@ import pytest
 
 pytest.importorskip("matplotlib", reason="matplotlib is not installed (pip install 'mumoe[demo]')")
 
+import numpy as np
 from hypothesis import given, settings
 from matplotlib.figure import Figure
 from matplotlib.patches import Circle, FancyArrowPatch
 
-from mumoe.plotting import draw_network
+from mumoe.plotting import draw_network, plot_usage
 from mumoe.testing import networks
 
 
@@ -43,3 +44,15 @@ def test_it_draws_on_the_axes_it_is_given():
     ax = fig.subplots()
     assert draw_network(cp(3, 2, expert_dims=4, rank=2), ax, title="mine") is fig
     assert ax.get_title() == "mine"
+
+
+def test_the_usage_heatmap_draws():
+    history = np.random.default_rng(0).dirichlet(np.ones(6), size=12)
+    figure = plot_usage(history, every=5)
+    assert figure.axes[0].get_ylabel() == "forward pass"
+    assert figure.axes[0].get_ylim() == (60.0, 0.0)  # 12 rows, every 5th pass
+    assert figure.axes[0].images[0].get_clim() == (0.0, history.max())
+    shared = plot_usage(history, vmax=0.1)
+    assert shared.axes[0].images[0].get_clim() == (0.0, 0.1)
+    with pytest.raises(ValueError, match="history must be \\(passes, experts\\)"):
+        plot_usage(np.ones(3))

@@ -280,7 +280,7 @@ def _backward(p: Any, g: Any, out: Any, kind: int) -> None:
 
 # The parallel launches are compiled in each process (about 2 s, at the first large input)
 # and not cached: loaded from Numba's cache, they gave results 1 ulp away from the serial
-# kernels'; compiled afresh, the same bits (tests/test_simplex.py checks it).
+# kernels'; compiled afresh, the same bits (tests/gates/test_entmax.py checks it).
 @numba.njit(nogil=True, parallel=True, fastmath=_FM, error_model="numpy")
 def _forward_blocks(x: Any, out: Any, kind: int, blocks: int) -> None:
     step = (x.shape[0] + blocks - 1) // blocks

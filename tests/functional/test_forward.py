@@ -20,6 +20,7 @@ from mumoe import (
     materialize,
     planner_of,
     random_cores,
+    scale_experts,
     tr,
     tt,
     tucker,
@@ -387,3 +388,42 @@ def test_flops_match_the_executed_plan():
     assert plan.shapes[0] == (16, 16)  # searched at the bucket size
     assert flops(net, 16) == plan.flops
     assert math.isclose(flops(net, 10) / flops(net, 16), 10 / 16)
+
+
+# ------------------------------------------------- scaling experts in the cores
+
+
+@given(networks(max_levels=2), seeds(), st.data())
+def test_scale_experts_scales_that_mode_of_w(net, seed, data):
+    # NumPy here; tests/functional/test_backends.py runs it on every backend and dtype.
+    level = data.draw(st.integers(0, net.n_levels - 1))
+    n = net.expert_dims[level]
+    scales = np.random.RandomState(seed).uniform(-2, 2, n) * (np.arange(n) % 3 != 0)
+    cores = random_cores(net, random_state=seed)
+    before = [c.copy() for c in cores]
+    scaled = scale_experts(net, cores, level, scales)
+    shape = [1] * (net.n_levels + 2)
+    shape[level] = n
+    np.testing.assert_allclose(
+        materialize(net, scaled), materialize(net, cores) * scales.reshape(shape), atol=1e-12
+    )
+    for core, original in zip(cores, before, strict=True):  # the inputs are untouched
+        np.testing.assert_array_equal(core, original)
+    assert sum(a is not b for a, b in zip(scaled, cores, strict=True)) == 1
+
+
+def test_scale_experts_refuses_bad_arguments():
+    net = cp(4, 2, expert_dims=(3, 2), rank=2)
+    cores = random_cores(net, random_state=0)
+    with pytest.raises(ValueError, match=r"level must be an int in \[0, 2\), got 2"):
+        scale_experts(net, cores, 2, np.ones(3))
+    with pytest.raises(TypeError, match="level must be an int"):
+        scale_experts(net, cores, 0.0, np.ones(3))
+    with pytest.raises(ValueError, match=r"scales for n2 must have shape \(2,\), got \(3,\)"):
+        scale_experts(net, cores, 1, np.ones(3))
+    with pytest.raises(ValueError, match="scales for n1 must be finite"):
+        scale_experts(net, cores, 0, [1, np.nan, 1])
+    with pytest.raises(
+        ValueError, match=r"cores\[0\] \(legs n1 r\) must have shape \(3, 2\), got \(2, 3\)"
+    ):
+        scale_experts(net, [tl.transpose(cores[0]), *cores[1:]], 0, np.ones(3))

@@ -18,10 +18,13 @@ from hypothesis import strategies as st
 from mumoe.gates import entmax as simplex
 from mumoe.gates import entmax_cpu as simplex_cpu
 
-torch = pytest.importorskip("torch", reason="the oracle is the entmax package, on torch")
-entmax = pytest.importorskip("entmax", reason="the oracle is the entmax package")
+pytest.importorskip("torch", reason="the oracle is the entmax package, on torch")
+pytest.importorskip("entmax", reason="the oracle is the entmax package")
 
-import mumoe.nn._entmax as torch_simplex  # noqa: E402
+import entmax
+import torch
+
+import mumoe.nn._entmax as torch_simplex
 
 KINDS = ("entmax15", "sparsemax")
 ORACLE = {"entmax15": entmax.entmax15, "sparsemax": entmax.sparsemax}
@@ -229,6 +232,7 @@ def test_many_minus_infinity_logits_in_short_and_long_rows(path, kind, n):
     assert (out[np.isinf(z)] == 0).all()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", KINDS)
 def test_row_blocks_on_threads_give_the_same_coefficients(kind, monkeypatch):
     # Bit for bit: the parallel launch runs the serial kernel, compiled alike, on row blocks.
@@ -250,6 +254,7 @@ def test_row_blocks_on_threads_give_the_same_coefficients(kind, monkeypatch):
         torch.set_num_threads(previous)
 
 
+@pytest.mark.slow
 def test_parallel_launches_from_many_threads_and_after_fork(monkeypatch):
     # Large inputs are one parallel launch of Numba's threading layer: launches from several
     # Python threads take turns (the workqueue layer would abort on concurrent ones), and a
@@ -350,6 +355,7 @@ def test_torch_compile_runs_the_kernels(kind):
     torch.testing.assert_close(ours, expected, rtol=1e-9, atol=1e-10)
 
 
+@pytest.mark.slow
 def test_jax_runs_the_same_algorithm_on_whole_rows_with_gradients():
     jax = pytest.importorskip("jax", reason="jax is not installed (pip install 'mumoe[jax]')")
     jnp = jax.numpy

@@ -5,17 +5,17 @@ from __future__ import annotations
 import importlib.util
 
 import pytest
+import torch
 
-torch = pytest.importorskip("torch", reason="torch is not installed (pip install 'mumoe[torch]')")
 if importlib.util.find_spec("tltorch") is None:  # importorskip would switch TensorLy's backend
     pytest.skip(
         "tensorly-torch is not installed (pip install 'mumoe[torch]')", allow_module_level=True
     )
 
-import tensorly as tl  # noqa: E402
+import tensorly as tl
 
-from mumoe.backends import preserved_backend, thread_backend  # noqa: E402
-from mumoe.nn import (  # noqa: E402
+from mumoe.backends import preserved_backend, thread_backend
+from mumoe.nn import (
     CPMuMoE,
     FactorizedMuMoE,
     TRMuMoE,
@@ -24,8 +24,8 @@ from mumoe.nn import (  # noqa: E402
     network_of,
     to_factorized_tensor,
 )
-from mumoe.testing import dense_forward  # noqa: E402
-from tests.helpers import randomise  # noqa: E402
+from mumoe.testing import dense_forward
+from tests.helpers import randomise
 
 with preserved_backend():
     import tltorch  # sets TensorLy's backend to pytorch at import

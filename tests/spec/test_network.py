@@ -10,9 +10,8 @@ import pytest
 from hypothesis import given
 
 import mumoe
-from mumoe import Network, cp, dense, describe, flops, planner_of, preset, tr, tt, tucker
-from mumoe.plan import Planner
-from mumoe.testing import custom_networks, networks, preset_networks
+from mumoe import Network, cp, dense, preset, tr, tt, tucker
+from mumoe.testing import custom_networks, preset_networks
 
 
 def test_sizes_and_shapes_of_a_custom_network():
@@ -234,38 +233,6 @@ def test_equations_of_cp():
     assert net.einsum_equation == "ab,ac,be,ce,de->ad"
 
 
-@given(networks())
-def test_flops_are_affine_in_batch_within_a_bucket(net):
-    # Batches 5..8 share one path (bucket 8): its FLOPs are a*b + c, where c
-    # counts the contractions between cores alone.
-    f5, f6, f7, f8 = (flops(net, b) for b in (5, 6, 7, 8))
-    assert f6 - f5 == f7 - f6 == f8 - f7 > 0
-    assert f5 - 5 * (f6 - f5) >= 0
-
-
-def test_flops_of_cp_follow_the_chosen_path():
-    # B rows: gate n (B N R) + input (B I' R) + Hadamard (B R) + output (B R O),
-    # each pairwise product a multiply-add counted as two where it sums.
-    net = cp(8, 4, expert_dims=16, rank=3)
-    assert flops(net, 10) == 10 * (2 * 16 * 3 + 2 * 9 * 3 + 3 + 2 * 3 * 4)
-
-
-def test_describe_shows_equation_cores_parameters_and_flops():
-    text = describe(cp(768, 1000, expert_dims=128, rank=64), batch_size=256)
-    assert "Network 'cp': 1 expert level, 128 experts, with bias" in text
-    assert "n1 r, i r, o r" in text
-    assert "(769, 64)" in text
-    assert f"{64 * (128 + 769 + 1000):,}" in text
-    assert "...n1, ...i, n1 r, i r, o r -> ...o" in text
-    assert f"{flops(cp(768, 1000, expert_dims=128, rank=64), 256):,} for batch 256" in text
-
-
-def test_describe_two_levels():
-    text = describe(tr(16, 10, expert_dims=(8, 4), rank=2))
-    assert "2 expert levels, 8 x 4 = 32 experts" in text
-    assert "core 3" in text
-
-
 # ------------------------------------------------------ identity and pickling
 
 
@@ -276,20 +243,6 @@ def test_pickle_round_trip(net):
     assert clone.core_shapes == net.core_shapes
     assert repr(clone) == repr(net)
     assert pickle.dumps(net) == pickle.dumps(clone)  # a value: nothing but its arguments
-
-
-@given(custom_networks())
-def test_equal_arguments_make_equal_networks_that_share_a_planner(net):
-    twin = Network(
-        net.spec,
-        net.in_features,
-        net.out_features,
-        expert_dims=net.expert_dims,
-        rank=dict(net.ranks) or None,
-        bias=net.bias,
-    )
-    assert twin == net and hash(twin) == hash(net) and twin is not net
-    assert planner_of(twin) is planner_of(net)
 
 
 def test_equality_and_repr():
@@ -325,32 +278,3 @@ def test_a_network_is_immutable_and_replace_makes_changed_copies():
     assert net.replace(spec="n i r, r o").format == "custom"
     with pytest.raises(TypeError, match="unknown arguments \\['width'\\]"):
         net.replace(width=3)
-
-
-def test_a_pickled_planner_keeps_its_policy_but_not_its_plans():
-    net = cp(5, 2, expert_dims=8, rank=3)
-    planner = Planner(net, cache_size=4, autotune=True, optimize="greedy")
-    planner.forward(4, "numpy", np.dtype("float64"))
-    copy = pickle.loads(pickle.dumps(planner))
-    assert copy.network == net and copy is not planner
-    assert copy is planner_of(net, cache_size=4, autotune=True, optimize="greedy")
-    assert (copy.optimize, copy.autotune, copy.cache.maxsize) == ("greedy", True, 4)
-    assert not any(key[:2] == ("forward", 4) for key in copy.cache.keys())
-
-
-def test_describe_and_flops_report_the_path_the_forward_pass_uses():
-    import tensorly as tl
-
-    from mumoe import forward, random_cores
-    from mumoe.testing import random_inputs
-
-    net = tucker(6, 5, expert_dims=(4, 3), rank=(2, 2, 3, 3))
-    planner = Planner(net, autotune=True)
-    assert "autotune: not timed yet" in describe(net, batch_size=16, planner=planner)
-    x, gates = random_inputs(net, (16,), random_state=0)
-    forward(net, random_cores(net), x, gates, planner=planner)
-    plan, source = planner.chosen(16, tl.get_backend(), x.dtype)
-    assert source == "autotuned"
-    text = describe(net, batch_size=16, planner=planner)
-    assert "autotuned" in text and f"{flops(net, 16, planner=planner):,} for batch 16" in text
-    assert flops(net, 16, planner=planner) == planner.flops(16, plan)

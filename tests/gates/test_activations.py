@@ -17,10 +17,14 @@ from mumoe.gates import (
     sparsemax,
     topk,
 )
-from mumoe.nn import TORCH_KERNELS
 
-torch = pytest.importorskip("torch", reason="the oracles are torch and the entmax package")
-entmax = pytest.importorskip("entmax", reason="the oracle is the entmax package")
+pytest.importorskip("torch", reason="the oracles are torch and the entmax package")
+pytest.importorskip("entmax", reason="the oracle is the entmax package")
+
+import entmax
+import torch
+
+from mumoe.nn import TORCH_KERNELS
 
 logits = st.tuples(
     st.integers(1, 6),

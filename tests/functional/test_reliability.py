@@ -1,8 +1,8 @@
 """Reliability: global state, hostile input, concurrency, determinism, on NumPy.
 
 The torch side (mixed precision, autocast, the layers' input checks, loading
-into a module) is in ``tests/test_reliability_torch.py``; the file checks of
-``mumoe.inference.load`` are in ``tests/test_inference.py``.
+into a module) is in ``tests/nn/test_reliability.py``; the file checks of
+``mumoe.inference.load`` are in ``tests/nn/test_io.py`` and ``tests/inference/``.
 """
 
 from __future__ import annotations
@@ -46,6 +46,7 @@ def snapshot():
 """
 
 
+@pytest.mark.slow
 def test_importing_any_module_changes_nothing_global():
     """One interpreter imports every module in turn; the global state is compared after each."""
     code = SNAPSHOT + (
@@ -289,6 +290,7 @@ def test_the_same_seed_gives_the_same_cores_and_outputs_on_every_backend():
     np.testing.assert_allclose(y_torch.numpy(), y_numpy, rtol=1e-12, atol=1e-14)
 
 
+@pytest.mark.slow
 def test_the_same_seed_gives_the_same_outputs_across_runs():
     code = (
         "import numpy as np, mumoe\n"

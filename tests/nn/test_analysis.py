@@ -6,13 +6,11 @@ import copy
 
 import numpy as np
 import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-torch = pytest.importorskip("torch", reason="torch is not installed (pip install 'mumoe[torch]')")
-
-from hypothesis import given, settings  # noqa: E402
-from hypothesis import strategies as st  # noqa: E402
-
-from mumoe.nn import (  # noqa: E402
+from mumoe.nn import (
     CPMuMoE,
     MuMoE,
     MuMoEBlock,
@@ -22,8 +20,8 @@ from mumoe.nn import (  # noqa: E402
     edit_experts,
     edit_experts_,
 )
-from mumoe.testing import assert_close, dense_forward, n_terms, networks, seeds  # noqa: E402
-from tests.helpers import randomise  # noqa: E402
+from mumoe.testing import assert_close, dense_forward, n_terms, networks, seeds
+from tests.helpers import randomise
 
 
 def trained_like(layer, seed):

@@ -7,11 +7,10 @@ import copy
 
 import numpy as np
 import pytest
+import torch
 
-torch = pytest.importorskip("torch", reason="torch is not installed (pip install 'mumoe[torch]')")
-
-from mumoe.inference import load  # noqa: E402
-from mumoe.nn import (  # noqa: E402
+from mumoe.inference import load
+from mumoe.nn import (
     MuMoE,
     linear_weights,
     replace_linear,
@@ -19,7 +18,7 @@ from mumoe.nn import (  # noqa: E402
 )
 
 # timm's MLP-Mixer test passed on 2026-12-01 in a venv with torch 2.14.1, torchvision 0.29.1
-# and timm 1.0.31 (PYTHONPATH=. python -m pytest tests/test_pretrained.py).
+# and timm 1.0.31 (PYTHONPATH=. python -m pytest tests/nn/test_pretrained.py).
 
 
 def n_params(module):

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import numpy as np
-import pytest
 import tensorly as tl
 from hypothesis import given
 from hypothesis import strategies as st
 
-from mumoe import Network, cp, describe, forward, materialize, planner_of, random_cores, tr
+from mumoe import cp, describe, forward, materialize, planner_of, random_cores, tr
 from mumoe.plan import AUTOTUNE_OPTIMIZERS, PairStep, Plan, Planner
 from mumoe.testing import (
     assert_close,
@@ -100,52 +99,6 @@ def test_plans_contract_numpy_arrays_as_einsum_does():
     rng = np.random.default_rng(0)
     ops = [rng.standard_normal(s) for s in plan.shapes]
     np.testing.assert_allclose(plan(*ops), np.einsum("abc,cd,bd->ad", *ops))
-
-
-def test_autotune_times_each_distinct_path_and_keeps_the_fastest():
-    planner = Planner(tr(16, 10, expert_dims=(8, 4), rank=3), autotune=True)
-    timed = []
-
-    def timer(plan):
-        timed.append(plan.path)
-        return len(timed)  # the first candidate is the "fastest"
-
-    chosen = planner.forward(64, "numpy", np.dtype("float64"), timer)
-    assert len(timed) == len(set(timed)) >= 1
-    assert chosen.path == timed[0]
-    assert planner.forward(64, "numpy", np.dtype("float64"), timer) is chosen  # cached
-    assert len(timed) == len(set(timed))
-
-
-def test_autotuned_forward_computes_eq1():
-    net = tr(16, 10, expert_dims=(8, 4), rank=3)
-    planner = Planner(net, autotune=True)
-    cores = random_cores(net, random_state=0)
-    x, gates = random_inputs(net, (20,), random_state=1)
-    expected = dense_forward(materialize(net, cores), x, gates, True)
-    assert_close(forward(net, cores, x, gates, planner=planner), expected, "float64", scale=1000)
-    assert len(planner.cache) == 1  # the tuned forward plan (materialize used the default's)
-
-
-def test_autotuned_plans_are_kept_per_device():
-    # A path timed on one device is not reused on another: the device is in the key.
-    net = tr(16, 10, expert_dims=(8, 4), rank=3)
-    planner = Planner(net, autotune=True)
-    cores = random_cores(net, random_state=0)
-    x, gates = random_inputs(net, (20,), random_state=1)
-    forward(net, cores, x, gates, planner=planner)
-    (key,) = [k for k in planner.cache.keys() if k[0] == "forward"]
-    assert key[-1] == "cpu"
-    timed = []
-    dtype = np.dtype("float64")
-    other = planner.forward(20, "numpy", dtype, lambda p: timed.append(p) or 0.0, "cuda:0")
-    assert timed and other is not planner.cache.peek(key)
-    assert ("forward", 32, "numpy", dtype, "cuda:0") in planner.cache.keys()
-
-
-def test_autotune_must_be_a_bool():
-    with pytest.raises(TypeError, match="autotune must be True or False"):
-        planner_of(Network("n r, i r, o r", 3, 2, expert_dims=4, rank=2), autotune="yes")
 
 
 def test_sums_of_legs_no_other_operand_needs():

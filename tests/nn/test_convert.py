@@ -4,23 +4,21 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-torch = pytest.importorskip("torch", reason="torch is not installed (pip install 'mumoe[torch]')")
-
-from hypothesis import given, settings  # noqa: E402
-from hypothesis import strategies as st  # noqa: E402
-
-from mumoe import Budget, random_cores  # noqa: E402
-from mumoe.functional import cores_from_dense, dense_matrix  # noqa: E402
-from mumoe.inference import load  # noqa: E402
-from mumoe.nn import (  # noqa: E402
+from mumoe import Budget, random_cores
+from mumoe.functional import cores_from_dense, dense_matrix
+from mumoe.inference import load
+from mumoe.nn import (
     CPMuMoE,
     TRMuMoE,
     from_linear,
     replace_linear,
     save,
 )
-from mumoe.spec import gate_params, linear_params  # noqa: E402
+from mumoe.spec import gate_params, linear_params
 
 #: Full-rank (exact) settings of every format with two expert levels, for I' <= 9, O <= 6.
 EXACT = {

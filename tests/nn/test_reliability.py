@@ -8,19 +8,14 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
+import tensorly as tl
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from mumoe import describe, planner_of
-from mumoe.plan import Planner
-
-torch = pytest.importorskip("torch", reason="torch is not installed (pip install 'mumoe[torch]')")
-
-import tensorly as tl  # noqa: E402
-from hypothesis import given, settings  # noqa: E402
-from hypothesis import strategies as st  # noqa: E402
-
-from mumoe import cp, forward, random_cores, scale_experts  # noqa: E402
-from mumoe.backends import thread_backend  # noqa: E402
-from mumoe.nn import (  # noqa: E402  # noqa: E402
+from mumoe import cp, describe, forward, planner_of, random_cores, scale_experts
+from mumoe.backends import thread_backend
+from mumoe.nn import (
     CPMuMoE,
     MuMoE,
     MuMoEBlock,
@@ -31,8 +26,9 @@ from mumoe.nn import (  # noqa: E402  # noqa: E402
     load_into,
     save,
 )
-from mumoe.testing import HALF_PRECISION_TOLERANCES  # noqa: E402
-from tests.helpers import randomise  # noqa: E402
+from mumoe.plan import Planner
+from mumoe.testing import HALF_PRECISION_TOLERANCES
+from tests.helpers import randomise
 
 PRESETS = [("cp", 8), ("tucker", (2, 4, 4)), ("tt", (2, 6)), ("tr", (2, 2, 6)), ("dense", None)]
 HALF = [torch.float16, torch.bfloat16]

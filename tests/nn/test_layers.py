@@ -7,16 +7,14 @@ import threading
 
 import numpy as np
 import pytest
+import tensorly as tl
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch.func import functional_call
 
-torch = pytest.importorskip("torch", reason="torch is not installed (pip install 'mumoe[torch]')")
-
-import tensorly as tl  # noqa: E402
-from hypothesis import given, settings  # noqa: E402
-from hypothesis import strategies as st  # noqa: E402
-from torch.func import functional_call  # noqa: E402
-
-from mumoe import Network, cp  # noqa: E402
-from mumoe.nn import (  # noqa: E402
+from mumoe import Network, cp
+from mumoe.nn import (
     CPMuMoE,
     MuMoE,
     MuMoEBlock,
@@ -26,9 +24,9 @@ from mumoe.nn import (  # noqa: E402
     TuckerMuMoE,
     record_gates,
 )
-from mumoe.spec import gate_params, linear_params  # noqa: E402
-from mumoe.testing import assert_close, dense_forward, n_terms, networks  # noqa: E402
-from tests.helpers import randomise  # noqa: E402
+from mumoe.spec import gate_params, linear_params
+from mumoe.testing import assert_close, dense_forward, n_terms, networks
+from tests.helpers import randomise
 
 
 @settings(max_examples=40)
@@ -122,6 +120,7 @@ class TestTorchConventions:
         assert "params=" in text and "spec=" in text
 
 
+@pytest.mark.slow
 def test_torch_compile_gives_the_same_output():
     layer = randomise(CPMuMoE(12, 5, expert_dims=(4, 3), rank=3)).eval()
     x = torch.randn(7, 12)

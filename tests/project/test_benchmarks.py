@@ -14,6 +14,7 @@ pytest.importorskip("torch", reason="the benchmarks time torch implementations")
 pytest.importorskip("einops", reason="the reference order is written with einops (mumoe[bench])")
 
 
+@pytest.mark.slow
 def test_quick_run_writes_every_configuration(tmp_path):
     out = tmp_path / "bench.json"
     result = subprocess.run(
@@ -42,6 +43,7 @@ def test_quick_run_writes_every_configuration(tmp_path):
     assert "## quick-cp" in result.stdout
 
 
+@pytest.mark.slow
 def test_the_activation_benchmark_runs(tmp_path):
     out = tmp_path / "activations.json"
     result = subprocess.run(
@@ -72,6 +74,7 @@ def test_the_activation_benchmark_runs(tmp_path):
     assert "| 4 × 100 |" in result.stdout
 
 
+@pytest.mark.slow
 def test_the_expert_health_benchmark_runs():
     result = subprocess.run(
         [sys.executable, "-m", "benchmarks.health", "--rounds", "1", "--threads", "1"],

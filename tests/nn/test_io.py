@@ -7,23 +7,21 @@ import os
 
 import numpy as np
 import pytest
+import safetensors.numpy
+import tensorly as tl
+import torch
+from safetensors import safe_open
 
-torch = pytest.importorskip("torch", reason="the layers are trained in torch")
-
-import safetensors.numpy  # noqa: E402
-import tensorly as tl  # noqa: E402
-from safetensors import safe_open  # noqa: E402
-
-from mumoe.inference import InferenceMuMoE, load  # noqa: E402
-from mumoe.nn import (  # noqa: E402
+from mumoe.inference import InferenceMuMoE, load
+from mumoe.nn import (
     CPMuMoE,
     MuMoE,
     TRMuMoE,
     TuckerMuMoE,
     save,
 )
-from mumoe.testing import to_numpy64  # noqa: E402
-from tests.helpers import AVAILABLE, use_backend  # noqa: E402
+from mumoe.testing import to_numpy64
+from tests.helpers import AVAILABLE, use_backend
 
 
 def trained(layer, steps=5, seed=0):

@@ -14,22 +14,23 @@ import json
 import numpy as np
 import pytest
 
-for _module in ("torch", "sklearn", "matplotlib", "tqdm"):
-    pytest.importorskip(
-        _module, reason=f"{_module} is not installed (pip install 'mumoe[torch,demo]')"
-    )
+pytest.importorskip("torch", reason="the demo trains torch modules (pip install torch)")
+pytest.importorskip("sklearn", reason="the demo's data (pip install 'mumoe[demo]')")
+pytest.importorskip("matplotlib", reason="the demo's figures (pip install 'mumoe[demo]')")
+pytest.importorskip("tqdm", reason="the demo's progress bars (pip install 'mumoe[demo]')")
 
-import torch  # noqa: E402
+import torch
 
-from mumoe.cli import FAST_EPOCHS, FAST_EXPERTS, main  # noqa: E402
-from mumoe.demo import DemoResult, EditResult, HeadResult, run  # noqa: E402
-from mumoe.demo._figures import plot_edit, plot_trend  # noqa: E402
-from mumoe.demo._report import print_report  # noqa: E402
+from mumoe.cli import FAST_EPOCHS, FAST_EXPERTS, main
+from mumoe.demo import DemoResult, EditResult, HeadResult, run
+from mumoe.demo._figures import plot_edit, plot_trend
+from mumoe.demo._report import print_report
 
 PNG = b"\x89PNG\r\n\x1a\n"
 SEEDS, EDIT_CLASS = [3, 4], 1
 
 
+@pytest.mark.slow
 def test_the_command_trains_reports_edits_draws_and_writes_the_same_json_for_any_threads(
     tmp_path,
 ):

@@ -1,10 +1,10 @@
 """Crafted weights files, the message each gets, and the peak memory of loading it.
 
-``python tests/crafted_files.py``: writes a small trained layer, crafts each hostile file
-from it (the same kinds ``tests/test_inference.py`` refuses), loads each in a fresh process,
-and prints the message and the process's peak resident memory after importing
-:mod:`mumoe.inference` and after the load: what loading the file added.  Not collected
-by pytest (the tests hold the messages; this script measures the memory).
+``python -m benchmarks.crafted_files``: writes a small trained layer, crafts each hostile
+file from it (the same kinds ``tests/nn/test_io.py`` refuses), loads each in a fresh
+process, and prints the message and the process's peak resident memory after importing
+:mod:`mumoe.inference` and after the load: what loading the file added.  The tests hold
+the messages; this script measures the memory.
 """
 
 from __future__ import annotations
@@ -24,18 +24,21 @@ PEAK = "import resource\nprint(resource.getrusage(resource.RUSAGE_SELF).ru_maxrs
 
 
 def header(path):
+    """The JSON header and the body of a safetensors file."""
     data = open(path, "rb").read()
     n = int.from_bytes(data[:8], "little")
     return json.loads(data[8 : 8 + n]), data[8 + n :]
 
 
 def with_header(path, head, body):
+    """Write ``head`` (JSON) and ``body`` to ``path`` as a safetensors file."""
     raw = json.dumps(head).encode()
     with open(path, "wb") as f:
         f.write(len(raw).to_bytes(8, "little") + raw + body)
 
 
 def with_meta(path, head, body, **fields):
+    """Rewrite the file with ``fields`` changed in its mumoe description."""
     head["__metadata__"]["mumoe"] = json.dumps(
         {**json.loads(head["__metadata__"]["mumoe"]), **fields}
     )
@@ -43,6 +46,7 @@ def with_meta(path, head, body, **fields):
 
 
 def rewrite_bytes(path, change):
+    """Rewrite the file's bytes through ``change``."""
     data = open(path, "rb").read()
     with open(path, "wb") as f:
         f.write(change(data))
@@ -76,11 +80,13 @@ CASES = {
 
 
 def run(code):
+    """The lines ``code`` prints in a fresh interpreter."""
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     return out.stdout.strip().splitlines()
 
 
 def main():
+    """Craft every file, load it in a fresh process, print the message and the memory."""
     folder = tempfile.mkdtemp()
     path = os.path.join(folder, "w.safetensors")
     for name, craft in CASES.items():

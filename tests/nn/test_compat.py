@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import pytest
+import tensorly as tl
+import torch
 
-torch = pytest.importorskip("torch", reason="torch is not installed (pip install 'mumoe[torch]')")
-
-import tensorly as tl  # noqa: E402
-
-from mumoe.nn.compat import CPMuMoE, MuMoE, TRMuMoE  # noqa: E402
+from mumoe.nn.compat import CPMuMoE, MuMoE, TRMuMoE
 
 # The usage examples of the reference README (github.com/james-oldfield/muMoE), verbatim
 # but for the import line, which names mumoe.nn.compat instead of the reference's module.

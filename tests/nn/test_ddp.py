@@ -6,12 +6,11 @@ import os
 import socket
 
 import pytest
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
 
-torch = pytest.importorskip("torch", reason="torch is not installed (pip install 'mumoe[torch]')")
-import torch.distributed as dist  # noqa: E402
-from torch.nn.parallel import DistributedDataParallel  # noqa: E402
-
-from mumoe.nn import MuMoEBlock, TRMuMoE  # noqa: E402
+from mumoe.nn import MuMoEBlock, TRMuMoE
 
 WORLD = 2
 STEPS = 4
@@ -70,6 +69,7 @@ def free_port():
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_ddp_keeps_replicas_identical_and_averages_gradients(tmp_path):
     torch.multiprocessing.spawn(worker, args=(free_port(), str(tmp_path)), nprocs=WORLD, join=True)
     for normalization in ("bn", "ln"):
@@ -156,6 +156,7 @@ def fsdp_worker(rank, port, out):
     os._exit(0)  # see worker()
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(
     not hasattr(__import__("torch.distributed.fsdp", fromlist=["x"]), "fully_shard"),
     reason="this torch has no torch.distributed.fsdp.fully_shard (FSDP2, torch >= 2.6)",

@@ -6,14 +6,11 @@ import dataclasses
 
 import numpy as np
 import pytest
+import torch
 
-from mumoe import planner_of
-
-torch = pytest.importorskip("torch", reason="torch is not installed (pip install 'mumoe[torch]')")
-
-from mumoe import Network, mxd  # noqa: E402
-from mumoe.nn import MuMoE, bias_matmul  # noqa: E402
-from mumoe.plan import (  # noqa: E402
+from mumoe import Network, mxd, planner_of
+from mumoe.nn import MuMoE, bias_matmul
+from mumoe.plan import (
     BIAS_KERNEL_ELEMENTS,
     Kernels,
     Plan,

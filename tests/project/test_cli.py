@@ -169,6 +169,7 @@ def test_describe_takes_a_budget(capsys):
     assert "r=353" in capsys.readouterr().out  # the parameters of nn.Linear(768, 1000)
 
 
+@pytest.mark.slow
 def test_python_dash_m_and_console_script():
     result = subprocess.run(
         [sys.executable, "-m", "mumoe", "backends"], capture_output=True, text=True
