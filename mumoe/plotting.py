@@ -1,7 +1,6 @@
 """Tensor-network diagrams of :class:`~mumoe.Network` objects, and expert-usage heatmaps.
 
-Needs matplotlib (``pip install "mumoe[demo]"``); nothing else in mumoe
-imports this module.
+Needs matplotlib (``pip install "mumoe[demo]"``).
 """
 
 from __future__ import annotations

@@ -205,7 +205,7 @@ def backend_erf(backend: str | None = None) -> Any:
     name = tl.get_backend() if backend is None else backend
     function = backend_function(name, "erf")
     if function is None:
-        raise ValueError(f"backend {name!r} is not declared in backends/; add a file for it")
+        raise ValueError(f"backend {name!r} is not declared in mumoe/backends/; add a file for it")
     return function
 
 

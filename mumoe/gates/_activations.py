@@ -1,15 +1,13 @@
 r"""The gate activations' kernels on any TensorLy backend: logits to coefficients on the simplex.
 
-Named in the one vocabulary :data:`mumoe.gates.ACTIVATIONS`; the PyTorch
-modules run the same names with torch kernels (:data:`mumoe.nn.TORCH_KERNELS`).
+The kernels of the names of :data:`mumoe.gates.ACTIVATIONS`:
 
-entmax-1.5 and sparsemax are exact: a backend that declares its kernels of them
-(``entmax15`` / ``sparsemax`` in ``backends/*.toml``) runs those, so the layers
-and the serving functions share one implementation per backend family: NumPy's
-are compiled for the CPU (:mod:`mumoe.gates.entmax_cpu`, which PyTorch's CPU tensors
-run too, through :mod:`mumoe.nn`); the other backends run
-:mod:`mumoe.gates.entmax`'s candidate-window algorithm on their own arrays (a
-selection of each row's largest logits, a sort of those only);
+* entmax-1.5 and sparsemax, exact: a backend that declares its kernels of them
+  (``entmax15`` / ``sparsemax`` in ``mumoe/backends/<name>.toml``) runs those, so
+  every layer on a backend shares one implementation (NumPy's are compiled for
+  the CPU, :mod:`mumoe.gates.entmax_cpu`); the other backends run
+  :mod:`mumoe.gates.entmax`'s candidate-window algorithm on their own arrays (a
+  selection of each row's largest logits, a sort of those only);
 
 * top-k: softmax over the logits at or above the row's :math:`k`-th
   largest, :math:`p \propto e^{z} [z \ge z_{(k)}]`, with :math:`z_{(k)}` from a
@@ -129,7 +127,7 @@ def kth_largest_by_partition(z: Tensor, k: int) -> Tensor:
 
     ``numpy.partition`` selects in linear time (introselect) without sorting
     the row; CuPy arrays dispatch to ``cupy.partition``.  The ``kth_largest``
-    kernel ``backends/numpy.toml`` and ``backends/cupy.toml`` declare.
+    kernel ``mumoe/backends/numpy.toml`` and ``cupy.toml`` declare.
 
     Parameters
     ----------
@@ -154,7 +152,7 @@ def kth_largest_by_partition(z: Tensor, k: int) -> Tensor:
 def kth_largest_by_top_k(z: Tensor, k: int) -> Tensor:
     """The ``k``-th largest entry of each row, by ``jax.lax.top_k`` (no full sort).
 
-    The ``kth_largest`` kernel ``backends/jax.toml`` declares.
+    The ``kth_largest`` kernel ``mumoe/backends/jax.toml`` declares.
 
     Parameters
     ----------
@@ -264,7 +262,7 @@ def topk(logits: Tensor, k: int) -> Tensor:
     select = backend_function(backend, "kth_largest")
     if select is None:
         raise ValueError(
-            f"top-k gating on backend {backend!r} needs a kth_largest kernel in backends/"
+            f"top-k gating on backend {backend!r} needs a kth_largest kernel in mumoe/backends/"
         )
     e = tl.exp(logits - _keep(tl.max(logits, axis=-1), logits))
     e = tl.where(logits >= select(logits, k), e, _zeros(e))

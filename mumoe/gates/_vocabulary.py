@@ -10,17 +10,13 @@ computed by :func:`gate_coefficients`, the gate step of the layer recipe
 (:mod:`mumoe.functional`).  ``norm`` is one of :data:`NORMALIZATIONS` (batch
 normalisation without affine parameters, layer normalisation without affine
 parameters, or nothing) and :math:`\phi` one of :data:`ACTIVATIONS` or any
-callable.  Those names are the whole vocabulary: the PyTorch modules
-(:mod:`mumoe.nn`) run the same names with torch kernels (the
-``entmax`` package's, with exact gradients) and the serving layers with the
-TensorLy kernels written here.
+callable.  Those names are the whole vocabulary: every layer accepts them,
+and every backend has a kernel for each.
 
 Gating computes in float32 at least: 16-bit inputs are widened for the
 logits, their normalisation and the activation, and the coefficients cast
 back (:func:`gate_dtype`).  In float16, logits of a few tens of thousands
 overflow entmax-1.5's squares.
-
-The activations' kernels live in :mod:`mumoe.gates`.
 """
 
 from __future__ import annotations
@@ -201,7 +197,7 @@ def gelu(x: Tensor) -> Tensor:
 
     :math:`x \Phi(x) = \tfrac{x}{2}(1 + \mathrm{erf}(x/\sqrt{2}))`.
 
-    The error function is the active backend's, as declared in ``backends/``
+    The error function is the active backend's, as declared in ``mumoe/backends/``
     (TensorLy has none).
 
     Parameters

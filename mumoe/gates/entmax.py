@@ -35,7 +35,7 @@ The functions take any NumPy-API array module ``xp`` (``numpy``, ``cupy``,
 JAX run, and PyTorch off the CPU (:mod:`mumoe.nn`, with ``torch.topk``
 as the selection).  On the CPU, NumPy arrays and PyTorch tensors run the
 compiled kernels of :mod:`mumoe.gates.entmax_cpu` instead (declared in
-``backends/numpy.toml``): no sort, and several times faster than this
+``mumoe/backends/numpy.toml``): no sort, and several times faster than this
 (``python -m benchmarks.activations``).
 
 Non-finite logits: a ``-inf`` logit gets an exact 0; a row with a NaN or

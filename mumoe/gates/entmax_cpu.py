@@ -1,8 +1,8 @@
 r"""entmax-1.5 and sparsemax on CPU arrays, compiled: no sort, a few vectorised passes a row.
 
 The CPU kernels of the gate activations, shared by the NumPy backend
-(``backends/numpy.toml``) and by PyTorch's CPU tensors (:mod:`mumoe.nn`,
-on NumPy views of them): one implementation for the NumPy family.  Numba
+(``mumoe/backends/numpy.toml``) and by PyTorch's CPU tensors (on NumPy views of
+them): one implementation for the NumPy family.  Numba
 compiles them on first use (and caches them on disk); large inputs are split
 into row blocks, one parallel launch of Numba's threading layer (:func:`run`).
 

@@ -17,13 +17,8 @@ dtype against what the description implies.  Each failure is a
 size.  The writer writes a temporary file and renames it over ``path``, so
 a reader never sees half a file.
 
-(Files of mumoe 0.1, ``.npz`` archives, are no longer read: the package is
-pre-release; re-save them with mumoe 0.1's ``load_into`` and this ``save``.)
-
 :func:`write` and :func:`read_checked` are the only code that touches the
-format; :func:`load` builds serving layers (:mod:`mumoe.inference`) from a
-file, and :mod:`mumoe.nn` writes and reads torch modules through the same
-two functions.
+format; :func:`load` builds serving layers from a file.
 """
 
 from __future__ import annotations

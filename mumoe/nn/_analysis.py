@@ -1,12 +1,11 @@
-r"""Analysis and editing of the experts of torch models: the torch half of :mod:`mumoe.analysis`.
+r"""Analysis and editing of the experts of torch models: records, edits, counterfactuals.
 
 :func:`collect_gates` records the coefficients of a model over a data set,
 :func:`counterfactual_histogram` counts the predictions that change when
 each expert is switched off, :func:`edit_experts` / :func:`edit_experts_`
 switch experts off or rescale them, for a ``with`` block or for good, and
-:func:`record_gates` records the coefficients of every gate of a model.
-All are importable from :mod:`mumoe.analysis` (and :func:`record_gates`
-from :mod:`mumoe.nn`).
+:func:`record_gates` records the coefficients of every gate of a model.  The
+statistics of the coefficients they collect are :mod:`mumoe.analysis`'s.
 """
 
 from __future__ import annotations

@@ -1,12 +1,10 @@
 """Portable weights from and into PyTorch modules: :func:`save` and :func:`load_into`.
 
-The torch side of the weights file of :mod:`mumoe.inference`: a
-:class:`~mumoe.nn.MuMoE` or :class:`~mumoe.nn.MuMoEBlock` is described
-(:func:`module_entries`) as the file's metadata and tensors, written with
+A :class:`~mumoe.nn.MuMoE` or :class:`~mumoe.nn.MuMoEBlock` is described
+(:func:`module_entries`) as a weights file's metadata and tensors, written with
 :func:`mumoe.inference.write`, and read back, all or nothing, with
-:func:`mumoe.inference.read_checked`.  Both are importable from
-:mod:`mumoe.inference`, where :func:`mumoe.inference.load` serves a file on
-any backend.
+:func:`mumoe.inference.read_checked`; :func:`mumoe.inference.load` serves the
+same file on any backend, without torch.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Torch kernels that ``backends/pytorch.toml`` declares for the backend-agnostic core.
+"""Torch kernels that ``mumoe/backends/pytorch.toml`` declares for the backend-agnostic core.
 
 :func:`bias_matmul` adds the input's bias inside the contraction,
 ``x @ core[:I] + core[I]``, with a backward pass that writes the core's

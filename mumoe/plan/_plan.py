@@ -1,16 +1,16 @@
 r"""Compiled contractions and the bounded cache that keeps them.
 
 A :class:`Plan` is one einsum equation compiled for one set of operand
-shapes: opt_einsum searches the path once, when the plan is built, and
-:mod:`mumoe.plan` compiles its pairwise steps into matrix multiplies
-with fixed layouts; every call afterwards only executes them.  Plans are stored in a
-:class:`PlanCache`, a small thread-safe LRU owned by each
-:class:`~mumoe.spec.Network` and keyed by plain tuples.
+shapes: the path is searched once, when the plan is built, and its pairwise
+steps compiled into matrix multiplies with fixed layouts
+(:func:`~mumoe.plan.compile_program`); every call afterwards only executes
+them.  Plans are stored in a :class:`PlanCache`, a small thread-safe LRU
+keyed by plain tuples, one per :class:`~mumoe.plan.Planner`.
 
 A compiled plan stays valid for operands whose sizes differ from the ones it
-was built for, as long as their number of dimensions agrees.  The
-network uses that to key forward plans on a power-of-two *bucket* of the batch
-size rather than on the exact size, so a data loader whose last batch is
+was built for, as long as their number of dimensions agrees.  A planner
+uses that to key forward plans on a power-of-two *bucket* of the batch size
+rather than on the exact size, so a data loader whose last batch is
 smaller, or sequences of varying length, do not fill the cache.
 """
 

@@ -51,7 +51,7 @@ __all__ = ["Kernels", "PairStep", "Program", "SumStep", "backend_kernels", "comp
 class Kernels:
     """A backend's own kernels that compiled programs use where it declares them.
 
-    Read from ``backends/*.toml`` by :func:`mumoe.plan.backend_kernels`.
+    Read from ``mumoe/backends/*.toml`` by :func:`mumoe.plan.backend_kernels`.
 
     Parameters
     ----------

@@ -2,8 +2,7 @@
 
 A layer is given a :class:`~mumoe.spec.Network`, a format name or a spec
 string, sizes, and a rank or a parameter budget; this is the one place that
-turns them into a network (the PyTorch layers, the block, the
-reference-compatible layers and ``mumoe describe`` call it).
+turns them into a network.
 """
 
 from __future__ import annotations

@@ -16,10 +16,9 @@ the weight tensor :math:`\mathcal{W}` of shape ``(N_1, ..., N_E, I', O)``:
   parameter budget solves for (:func:`mumoe.spec.match_rank`);
 * ``label`` — the name in prose.
 
-The presets (:mod:`mumoe.spec`), the budget solver, the torch
-initialisation, the test strategies and the command line all read
-:data:`FORMATS`, so adding a format is one record here plus its tests and
-theory page.  With :math:`d = E + 2` modes of sizes :math:`D_1, \dots, D_d`:
+Everything that depends on the format reads :data:`FORMATS`, so adding a
+format is one record here plus its tests and theory page.  With
+:math:`d = E + 2` modes of sizes :math:`D_1, \dots, D_d`:
 
 ========  ==================================  =============================================
 format    spec (E = 1)                        parameters
@@ -37,8 +36,6 @@ lowrank   ``n1 i r, n1 o r``                  :math:`R \prod_e N_e (I' + O)`
 2025): :math:`\mathcal{W}[n, i, o] = C[n, o] D[i, o]`, the output leg an open
 hyperedge shared by every core; ``lowrank`` gives every expert its own rank-:math:`R`
 matrix :math:`U_n V_n^\top` (the expert legs shared by both cores).
-
-The rank validators of the records live in :mod:`mumoe.spec`.
 """
 
 from __future__ import annotations

@@ -1,10 +1,11 @@
 r"""Networks for the standard factorisations, for any number of expert levels.
 
-Each preset writes the spec of one format of :data:`mumoe.spec.FORMATS`,
-with its modes in the reference order (experts, input, output), and returns a
-:class:`~mumoe.spec.Network`; the table of specs and parameter counts is
-in :mod:`mumoe.spec`.  :func:`mumoe.spec.build_network` is the one way a
-layer gets its network.
+Each preset writes the spec of one format of :data:`mumoe.spec.FORMATS`
+(whose :class:`~mumoe.spec.Format` documentation tables the specs and
+parameter counts), with its modes in the reference order (experts, input,
+output), and returns a :class:`~mumoe.spec.Network`.  Every preset takes the
+sizes as ``nn.Linear`` does, ``(in_features, out_features)``, and the experts
+by keyword, ``expert_dims=``.
 """
 
 from __future__ import annotations

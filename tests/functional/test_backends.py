@@ -1,4 +1,4 @@
-"""The one file that runs mumoe on every backend declared in backends/.
+"""The one file that runs mumoe on every backend declared in mumoe/backends/.
 
 Each test is parametrised by the backends usable on this machine (and the
 dtypes each declares); the others are skipped with the reason.  CI can run
@@ -48,7 +48,7 @@ def test_expected_backends_are_usable():
     expected = [n for n in os.environ.get("MUMOE_EXPECT_BACKENDS", "").split(",") if n]
     declared = {s.name for s in BACKENDS}
     for name in expected:
-        assert name in declared, f"MUMOE_EXPECT_BACKENDS names {name!r}, not in backends/"
+        assert name in declared, f"MUMOE_EXPECT_BACKENDS names {name!r}, not in mumoe/backends/"
         assert name in AVAILABLE, f"backend {name!r} was expected but is not usable here"
 
 
