@@ -64,7 +64,13 @@ class thread_backend:
         self._previous = previous
         active = BackendManager._backend if previous is _MISSING else previous
         if active.backend_name != self._name:
-            tl.set_backend(self._name, local_threadsafe=True)
+            # What tl.set_backend(name, local_threadsafe=True) does once the backend is
+            # loaded, without its call: the torch modules switch on every forward pass.
+            loaded = BackendManager._loaded_backends.get(self._name)
+            if loaded is None:
+                tl.set_backend(self._name, local_threadsafe=True)
+            else:
+                local["backend"] = loaded
 
     def __exit__(self, *exc: object) -> None:
         local = BackendManager._THREAD_LOCAL_DATA.__dict__

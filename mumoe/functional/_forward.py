@@ -205,13 +205,17 @@ def _contract(
     batch_size = rows.shape[0]
     if differentiable is None:
         differentiable = any(getattr(core, "requires_grad", False) for core in cores)
-    args = (network, gates, rows, cores, batch_size, differentiable)
     if planner.autotune:
+        args = (network, gates, rows, cores, batch_size, differentiable)
         timer = lambda plan: _time(_run, plan, *args)  # noqa: E731
         plan = planner.forward(batch_size, backend, x.dtype, timer, array_device(x))
         out = _run(plan, *args)
     else:
-        out = _run(planner.forward(batch_size, backend, x.dtype), *args)
+        plan = planner.forward(batch_size, backend, x.dtype)
+        if plan.bias_inside(batch_size, differentiable):  # _run's common case, inlined
+            out = plan.bias_program((*gates, rows, *cores))  # type: ignore[misc]
+        else:
+            out = _run(plan, network, gates, rows, cores, batch_size, differentiable)
     if len(batch_shape) == 1:
         return out
     return tl.reshape(out, (*batch_shape, network.out_features))
