@@ -91,3 +91,21 @@ def test_no_tutorial_cell_ends_in_an_expression_whose_repr_is_printed(path):
         ):
             offenders.append(f"line {last.lineno}: {ast.unparse(last)[:60]}")
     assert not offenders, f"{path.name}: cells end in an expression whose repr prints: {offenders}"
+
+
+def test_the_architecture_page_matches_the_tree():
+    # Every module is on the page (by its path, or its folder's), and every path the page
+    # names exists: the page is the map of the package, kept true by this test.
+    page = (ROOT / "docs" / "architecture.rst").read_text()
+    named = set(re.findall(r"``(mumoe/[\w/]*(?:\.py)?)``", page))
+    assert named, "the page names no module"
+    missing = [
+        str(path.relative_to(ROOT))
+        for path in sorted((ROOT / "mumoe").rglob("*.py"))
+        if path.name not in ("__init__.py", "__main__.py")
+        and str(path.relative_to(ROOT)) not in named
+        and not any(str(folder.relative_to(ROOT)) + "/" in named for folder in path.parents)
+    ]
+    assert missing == [], f"add to docs/architecture.rst: {missing}"
+    stale = [name for name in named if not (ROOT / name).exists()]
+    assert stale == [], f"docs/architecture.rst names what does not exist: {stale}"
