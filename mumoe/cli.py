@@ -14,7 +14,7 @@ from typing import Any
 
 from mumoe.backends import declared_backends, unavailable_reason
 from mumoe.plan import describe
-from mumoe.spec import build_network
+from mumoe.spec import Budget, build_network
 
 __all__ = ["main"]
 
@@ -60,8 +60,6 @@ def _rank(values: Sequence[str] | None) -> Any:
             fraction = float(values[0])
         except ValueError:
             raise TypeError(f"--rank must be numbers, got {values[0]!r}") from None
-        from mumoe.spec import Budget
-
         return Budget(fraction)
     if all("=" in v for v in values):
         pairs = (v.split("=", 1) for v in values)

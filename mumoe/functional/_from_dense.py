@@ -39,14 +39,13 @@ would be a saddle that gradients never leave).
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
 from mumoe.backends import thread_backend
-
-if TYPE_CHECKING:
-    from mumoe.spec import Network
+from mumoe.functional._forward import expert_weight
+from mumoe.spec import Network
 
 __all__ = ["STARTS", "cores_from_dense", "dense_matrix", "relative_error"]
 
@@ -264,8 +263,6 @@ def relative_error(network: Network, cores: Sequence[Any], matrix: Any) -> float
     >>> relative_error(net, cores_from_dense(net, m, random_cores(net)), m)
     0.0
     """
-    from mumoe.functional._forward import expert_weight
-
     with thread_backend("numpy"):
         w = expert_weight(network, [np.asarray(c) for c in cores], (0,) * network.n_levels)
     first = np.asarray(w.weight) if w.bias is None else np.vstack([w.weight, w.bias])

@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 import tensorly as tl
 
-from mumoe.backends import cast
+from mumoe.backends import backend_erf, cast
 from mumoe.gates._activations import _keep, check_top_k, entmax15, softmax, sparsemax, topk
 from mumoe.typing import Tensor
 from mumoe.validation import dtype_name
@@ -215,8 +215,6 @@ def gelu(x: Tensor) -> Tensor:
     >>> gelu(np.array([0.0, 1.0]))  # doctest: +ELLIPSIS
     array([0.        , 0.841344...])
     """
-    from mumoe.backends import backend_erf
-
     return x * (1 + backend_erf()(x * 0.7071067811865476)) / 2
 
 
