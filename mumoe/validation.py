@@ -24,6 +24,7 @@ __all__ = [
     "check_labels",
     "check_scales",
     "check_tensor",
+    "check_tensor_type",
     "dtype_name",
     "host_array",
     "is_floating",
@@ -272,6 +273,43 @@ _FLOATING: dict[Any, bool] = {}
 _TENSOR_TYPES: dict[tuple[str, type], bool] = {}
 
 
+def check_tensor_type(array: Any, name: str, backend: str) -> None:
+    """Check that ``array`` is a tensor of the active backend (any dtype, any shape).
+
+    Parameters
+    ----------
+    array : object
+    name : str
+        How the error message calls it, e.g. ``"gates"``.
+    backend : str
+        The active TensorLy backend, ``tl.get_backend()``.
+
+    Raises
+    ------
+    TypeError
+        Naming the array's type, the active backend and the two ways out.
+
+    Examples
+    --------
+    >>> check_tensor_type([1.0], "x", "numpy")  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+        ...
+    TypeError: x is a builtins.list, not a tensor of the active TensorLy backend 'numpy'; ...
+    """
+    if isinstance(array, _OTHER_SEMANTICS):
+        raise TypeError(
+            f"{name} is a {type(array).__module__}.{type(array).__qualname__}, whose operators "
+            "are not an ndarray's (np.matrix multiplies by *, a masked array skips entries); "
+            f"pass np.asarray({name}) (filled first, for a masked array)"
+        )
+    if not is_tensor(array, backend):
+        raise TypeError(
+            f"{name} is a {type(array).__module__}.{type(array).__qualname__}, not a tensor of "
+            f"the active TensorLy backend {backend!r}; convert it with tl.tensor(...) or "
+            "choose its backend with tl.set_backend(...)"
+        )
+
+
 def check_tensor(array: Any, name: str, backend: str, dtype: Any = None, like: str = "x") -> Shape:
     """Check that ``array`` is a tensor of the active backend (and of ``dtype``).
 
@@ -308,18 +346,7 @@ def check_tensor(array: Any, name: str, backend: str, dtype: Any = None, like: s
         ...
     TypeError: x has dtype int64; μMoE layers compute in a floating-point dtype ...
     """
-    if isinstance(array, _OTHER_SEMANTICS):
-        raise TypeError(
-            f"{name} is a {type(array).__module__}.{type(array).__qualname__}, whose operators "
-            "are not an ndarray's (np.matrix multiplies by *, a masked array skips entries); "
-            f"pass np.asarray({name}) (filled first, for a masked array)"
-        )
-    if not is_tensor(array, backend):
-        raise TypeError(
-            f"{name} is a {type(array).__module__}.{type(array).__qualname__}, not a tensor of "
-            f"the active TensorLy backend {backend!r}; convert it with tl.tensor(...) or "
-            "choose its backend with tl.set_backend(...)"
-        )
+    check_tensor_type(array, name, backend)
     if dtype is None:
         if not is_floating(array.dtype):
             raise TypeError(

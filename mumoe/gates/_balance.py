@@ -37,7 +37,7 @@ import tensorly as tl
 
 from mumoe.backends import cast
 from mumoe.typing import Tensor
-from mumoe.validation import dtype_name, is_floating
+from mumoe.validation import check_tensor_type, dtype_name, is_floating
 
 __all__ = [
     "JOINT_LIMIT",
@@ -58,6 +58,10 @@ JOINT_LIMIT = 1 << 20
 
 def _rows(values: Tensor, mask: Any, what: str) -> tuple[Tensor, Tensor | None, Any]:
     """``values`` as ``(T, N)``, the mask as float weights ``(T, 1)``, and the token count."""
+    backend = tl.get_backend()
+    check_tensor_type(values, what, backend)  # a torch tensor under NumPy: say so, by name
+    if mask is not None:
+        check_tensor_type(mask, "mask", backend)
     shape = tuple(tl.shape(values))
     if len(shape) < 1 or not is_floating(values.dtype):
         raise TypeError(

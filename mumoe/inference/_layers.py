@@ -29,6 +29,7 @@ from mumoe.gates import (
 from mumoe.plan import Planner, resolve_planner
 from mumoe.spec import Network
 from mumoe.typing import Tensor
+from mumoe.validation import check_tensor
 
 __all__ = ["InferenceMuMoE", "InferenceMuMoEBlock"]
 
@@ -174,14 +175,13 @@ class InferenceMuMoE:
         return gate_coefficients(x, self.projections, self._norms(), self._activation)
 
     def _check(self, x: Tensor) -> None:
+        # As mumoe.forward checks its input: the backend's tensor, the layer's dtype (nothing
+        # promoted: NumPy and JAX would compute a float32 layer in float64 silently).
         self._check_backend()
+        shape = check_tensor(x, "x", self.backend, self.cores[0].dtype, like="the layer")
         n_in = self.network.in_features
-        if not tl.is_tensor(x) or len(tl.shape(x)) == 0 or tl.shape(x)[-1] != n_in:
-            shape = tuple(tl.shape(x)) if tl.is_tensor(x) else type(x).__qualname__
-            raise ValueError(
-                f"input must be a tensor of the active backend with shape (..., {n_in}), "
-                f"got {shape}"
-            )
+        if not shape or shape[-1] != n_in:
+            raise ValueError(f"input must be a tensor with shape (..., {n_in}), got {shape}")
 
     def _check_backend(self) -> None:
         active = tl.get_backend()

@@ -114,8 +114,10 @@ def from_linear(
         builds its own format (``network`` None or that format).
     **layer_kwargs
         Other :class:`MuMoE` arguments (``normalization``, ``activation``,
-        ``top_k``, ``input_norm``); ``bias``, ``device`` and ``dtype`` come
-        from ``linear``.
+        ``top_k``, ...); ``bias``, ``device`` and ``dtype`` come from
+        ``linear``.  Not ``input_norm=True``: a layer norm of the input
+        changes what the experts see, so no cores start such a layer at
+        ``linear``.
 
     Returns
     -------
@@ -132,7 +134,7 @@ def from_linear(
         layer decides.
     ValueError
         For a layer on the meta device, a custom spec (no rule to start it),
-        or a budget no rank can reach.
+        ``input_norm=True``, or a budget no rank can reach.
 
     Examples
     --------
@@ -150,6 +152,12 @@ def from_linear(
     if taken:
         raise TypeError(
             f"from_linear takes {', '.join(taken)} from the linear layer; do not pass them"
+        )
+    if layer_kwargs.get("input_norm"):
+        raise ValueError(
+            "from_linear cannot start a layer with input_norm=True at the linear layer: the "
+            "layer norm changes the input of every expert, so its outputs would not be "
+            "linear(x); convert without it (and add a norm before the layer if one is wanted)"
         )
     weight, bias = linear_weights(linear)
     preset = getattr(layer_class, "format", None)  # CPMuMoE, TRMuMoE, ...: their own format

@@ -173,3 +173,15 @@ def test_bad_masks_and_empty_batches_say_what_was_expected():
         joint_usage([np.ones((2, 3)), np.ones((3, 3))])
     with pytest.raises(ValueError, match="balance has no loss"):
         balance_loss({}, [a], [a])
+
+
+def test_a_tensor_of_another_backend_is_refused_by_name():
+    # Issue #26, item 5: a torch tensor while TensorLy's backend is NumPy failed inside NumPy
+    # ("sum() got an unexpected keyword argument 'axis'").
+    torch = pytest.importorskip("torch", reason="needs a second backend")
+    with pytest.raises(TypeError, match=r"gates is a torch\.Tensor, not a tensor of the active"):
+        usage(torch.full((3, 4), 0.25))
+    with pytest.raises(TypeError, match=r"mask is a torch\.Tensor, not a tensor of the active"):
+        usage(np.full((3, 4), 0.25), mask=torch.ones(3, dtype=torch.bool))
+    with use_backend("pytorch"):
+        assert float(usage(torch.full((3, 4), 0.25)).entropy) == pytest.approx(1.0)

@@ -129,6 +129,9 @@ def test_bad_input_is_refused_naming_what_was_expected():
         from_linear(linear, "n1 a, i a b, o b", expert_dims=4, rank=2)
     with pytest.raises(ValueError, match="no cp rank fits a budget"):
         from_linear(linear, "cp", expert_dims=4096)
+    with pytest.raises(ValueError, match="cannot start a layer with input_norm=True"):
+        from_linear(linear, "mxd", expert_dims=4, input_norm=True)  # issue #26, item 3
+    from_linear(linear, "mxd", expert_dims=4, input_norm=False)  # asking for none is fine
     with pytest.raises(ValueError, match="CPMuMoE is a cp layer, got network='tr'"):
         from_linear(linear, "tr", expert_dims=4, rank=2, layer_class=CPMuMoE)
     net = from_linear(linear, "mxd", expert_dims=2).network

@@ -259,9 +259,12 @@ def test_mismatched_files_are_refused(saved, change, match):
 def test_inference_layer_checks_its_input(saved):
     served = load(saved)
     with pytest.raises(ValueError, match=r"shape \(\.\.\., 12\), got \(3, 11\)"):
-        served(np.ones((3, 11)))
-    with pytest.raises(ValueError, match=r"got list"):
+        served(np.ones((3, 11), dtype=np.float32))
+    # Issue #26, item 4: forward's TypeErrors, not a promotion or torch's RuntimeError.
+    with pytest.raises(TypeError, match=r"x is a builtins.list, not a tensor of the active"):
         served([[1.0] * 12])
+    with pytest.raises(TypeError, match="x has dtype float64 but the layer has float32"):
+        served(np.ones((3, 12)))
 
 
 @pytest.mark.parametrize(
