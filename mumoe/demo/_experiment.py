@@ -105,6 +105,7 @@ def run(
     started = time.perf_counter()
     out = stream if stream is not None else sys.stdout
     experts, seeds, threads = _check(experts, seeds, epochs, edit_class, threads)
+    _check_paths(output, json_path)  # before minutes of training, not after
     settings = {
         "experts": experts,
         "network": network,
@@ -144,7 +145,7 @@ def run(
     print_report(result, out)
     if json_path is not None:
         path = Path(json_path)
-        path.write_text(json.dumps(result.to_json(), indent=2) + "\n", encoding="utf-8")
+        _write_atomically(path, json.dumps(result.to_json(), indent=2) + "\n")
         print(f"\nResults: {path}", file=out)
     if folder is not None:
         result.figures = _draw(result, runs, folder, seeds[0], sorted(drawn))
@@ -180,6 +181,36 @@ def _check(
         raise ValueError(f"epochs must be at least 1, got {epochs}")
     threads = default_threads() if threads is None else positive_int(threads, "threads")
     return experts, seeds, threads
+
+
+def _check_paths(output: str | Path | None, json_path: str | Path | None) -> None:
+    """Refuse, before any training, an output folder or a JSON path that cannot be written."""
+    if output is not None:
+        folder = Path(output)
+        existing = next((p for p in (folder, *folder.parents) if p.exists()), None)
+        if existing is not None and not existing.is_dir():
+            raise ValueError(
+                f"the output folder {str(folder)!r} cannot be made: {str(existing)!r} is a file"
+            )
+    if json_path is not None:
+        path = Path(json_path)
+        if path.is_dir():
+            raise ValueError(f"the JSON path {str(path)!r} is a folder; name a file in it")
+        if not path.parent.is_dir():
+            raise ValueError(
+                f"the JSON path {str(path)!r} is in {str(path.parent)!r}, which is not a folder "
+                "that exists; make it first or name another path"
+            )
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    # A failed write leaves the old file, or none, never half of one.
+    part = path.with_name(f".{path.name}.part")
+    try:
+        part.write_text(text, encoding="utf-8")
+        os.replace(part, path)
+    finally:
+        part.unlink(missing_ok=True)
 
 
 def _ints(values: Sequence[int], what: str) -> list[int]:

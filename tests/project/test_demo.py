@@ -216,3 +216,23 @@ def test_seeds_that_are_not_integers_are_refused_by_the_parser(capsys):
         main(["demo", "--seeds", "0,x"])
     assert exit_.value.code == 2
     assert "expected comma-separated integers such as 0,1,2, got '0,x'" in capsys.readouterr().err
+
+
+def test_output_paths_are_checked_before_any_training(tmp_path, capsys, monkeypatch):
+    # Issue #26, item 6: a bad --json path died with a traceback after every head had
+    # trained; an --output naming a file gave a raw FileExistsError.
+    import mumoe.demo._experiment as experiment
+
+    monkeypatch.setattr(experiment, "train_head", lambda job: pytest.fail("trained"))
+    (tmp_path / "file").write_text("")
+    cases = [
+        (["--json", str(tmp_path / "no" / "such" / "r.json")], "which is not a folder"),
+        (["--json", str(tmp_path)], "is a folder; name a file in it"),
+        (["--output", str(tmp_path / "file")], "cannot be made: "),
+        (["--output", str(tmp_path / "file" / "below")], "is a file"),
+    ]
+    for argv, message in cases:
+        assert main(["demo", "--no-progress", "--threads", "1", *argv]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("mumoe demo: error: ") and message in err, err
+        assert err.count("\n") == 1  # one line, no traceback
