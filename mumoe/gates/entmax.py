@@ -38,6 +38,10 @@ compiled kernels of :mod:`mumoe.gates.entmax_cpu` instead (declared in
 ``mumoe/backends/numpy.toml``): no sort, and several times faster than this
 (``python -m benchmarks.activations``).
 
+Precision: float16 and bfloat16 logits are computed in float32, and float32
+windows take their prefix sums in float64 (except under JAX); the coefficients
+keep the logits' dtype.
+
 Non-finite logits: a ``-inf`` logit gets an exact 0; a row with a NaN or
 ``+inf``, or with every logit ``-inf``, gets NaN coefficients (as softmax).
 """
@@ -52,6 +56,9 @@ __all__ = ["WINDOW", "entmax15", "namespace", "sparsemax", "threshold"]
 
 #: The first window: the largest logits of each row that are sorted.
 WINDOW = 64
+
+#: Dtypes computed in float32 and cast back (their prefix sums cannot hold the simplex).
+_NARROW = frozenset({"float16", "bfloat16"})
 
 
 def namespace(array: Any) -> Any:
@@ -184,12 +191,17 @@ def _coefficients(z: Any, kind: str, xp: Any) -> Any:
     if 0 in shape:  # no rows, or rows of no logits
         return xp.zeros(shape, dtype=z.dtype)
     rows = z.reshape(-1, shape[-1])
+    narrow = str(z.dtype).rsplit(".", 1)[-1] in _NARROW
+    if narrow:  # in float16 the window's prefix sums took a row to a sum of 0.82
+        rows = rows.astype(xp.float32)
     with _quiet(xp):
         m, tau = threshold(rows, kind, xp)
         if kind == "sparsemax":
-            return xp.maximum(rows - m - tau, 0).reshape(shape)
-        p = xp.maximum((rows - m) * 0.5 - tau, 0)
-        return (p * p).reshape(shape)
+            p = xp.maximum(rows - m - tau, 0)
+        else:
+            p = xp.maximum((rows - m) * 0.5 - tau, 0)
+            p = p * p
+    return (p.astype(z.dtype) if narrow else p).reshape(shape)
 
 
 def sparsemax(z: Any, xp: Any = None) -> Any:
