@@ -25,8 +25,10 @@ Differences, all deliberate:
 As in the reference, ``MuMoE.a`` holds the coefficients of the last forward,
 attached to the autograd graph in training (an auxiliary loss on the gates,
 such as load balancing, gets their gradient); :func:`mumoe.nn.record_gates`
-records them detached instead.  Parameters and buffers are registered in the
-reference's order, so an optimizer state saved with the reference resumes.
+records them detached instead.  Each call computes with its own coefficients, so
+one layer serves many threads (``.a`` is then the last call's to finish its gate).
+Parameters and buffers are registered in the reference's order, so an optimizer
+state saved with the reference resumes.
 """
 
 from __future__ import annotations
@@ -326,7 +328,9 @@ class MuMoE(nn.Module):
         return self
 
     def _gate(self, x: torch.Tensor) -> list[torch.Tensor]:
-        # The reference keeps the last coefficients as .a, attached to the graph.
+        # The reference keeps the last coefficients as .a, attached to the graph.  The call
+        # uses its own: another thread may replace .a before this one reads it back.
         norms = self.bn if self.normalization == "bn" else self.ln
-        self.a = torch_gate_coefficients(x, list(self.projs), list(norms), self.act)
-        return self.a
+        coefficients = torch_gate_coefficients(x, list(self.projs), list(norms), self.act)
+        self.a = coefficients
+        return coefficients

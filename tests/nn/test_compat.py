@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
 import pytest
 import tensorly as tl
 import torch
@@ -223,6 +227,32 @@ def test_token_inputs_and_coefficients_attached_in_training():
     with torch.no_grad():
         model(x)
     assert not model.a[0].requires_grad
+
+
+def test_one_layer_serves_many_threads_each_with_its_own_coefficients():
+    # Issue #26, item 13: the gate stored .a and returned the attribute, which another
+    # thread had replaced (8 threads, mixed batch sizes: 15 of 15 trials failed).
+    torch.manual_seed(0)
+    model = MuMoE(CPMuMoE, 16, 8, [16], 4, second_dim=6).eval()
+    with torch.no_grad():
+        model.projs[0].normal_()
+    inputs = [torch.randn(int(n), 16) for n in np.random.RandomState(0).randint(1, 64, 64)]
+    with torch.no_grad():
+        expected = [model(x) for x in inputs]
+    barrier = threading.Barrier(8)
+
+    def work(k):
+        if k < 8:
+            barrier.wait()
+        with torch.no_grad():
+            return model(inputs[k])
+
+    for _ in range(3):
+        with ThreadPoolExecutor(8) as pool:
+            results = list(pool.map(work, range(len(inputs))))
+        for got, want in zip(results, expected, strict=True):
+            torch.testing.assert_close(got, want)
+    assert model.a[0].shape[-1] == 16  # .a: the last call's coefficients, as the reference
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
