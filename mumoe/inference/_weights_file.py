@@ -14,8 +14,10 @@ hold), validates the description in full — types, lengths, nesting, the
 spec — before it reads any tensor, and checks every tensor's name, shape and
 dtype against what the description implies.  Each failure is a
 ``ValueError`` that names what was wrong; memory stays within the file's
-size.  The writer writes a temporary file and renames it over ``path``, so
-a reader never sees half a file.
+size.  A ZIP archive (``torch.save``, ``numpy.savez``), a pickle, an ``.npy``
+or an HDF5 file is named as what it is.  The writer writes a temporary file
+and renames it over ``path``, so a reader never sees half a file; the file
+gets the mode ``open`` would give it, and a failure names ``path``.
 
 :func:`write` and :func:`read_checked` are the only code that touches the
 format; :func:`load` builds serving layers from a file.
@@ -23,10 +25,12 @@ format; :func:`load` builds serving layers from a file.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import secrets
 import stat
-import tempfile
+import zipfile
 from collections.abc import Mapping
 from typing import Any
 
@@ -115,18 +119,54 @@ def write(path: PathLike, meta: Mapping[str, Any], arrays: Mapping[str, np.ndarr
     data = {name: np.ascontiguousarray(array) for name, array in arrays.items()}
     full = {"format": FORMAT, "version": VERSION, **meta}
     payload = safetensors.numpy.save(data, metadata={"mumoe": json.dumps(full)})
-    folder = os.path.dirname(os.path.abspath(path))
-    handle, temporary = tempfile.mkstemp(prefix=".mumoe-", suffix=".tmp", dir=folder)
+    target = os.fspath(path)
+    if os.path.isdir(target):
+        raise IsADirectoryError(errno.EISDIR, "cannot write the weights file over a folder", target)
     try:
+        mode = stat.S_IMODE(os.stat(target).st_mode)  # an existing file keeps its mode
+    except OSError:
+        mode = 0o666  # a new file: what the umask leaves of it, as open() gives
+    folder = os.path.dirname(os.path.abspath(target))
+    temporary = None
+    try:
+        temporary, handle = _create_beside(folder, mode)
         with os.fdopen(handle, "wb") as f:
             f.write(payload)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(temporary, path)
+        os.replace(temporary, target)
+    except OSError as error:
+        _discard(temporary)
+        # The temporary file is ours: the user's path is what failed.
+        if error.errno is None:
+            raise OSError(f"cannot write the weights file {target!r}: {error}") from error
+        raise OSError(
+            error.errno, f"cannot write the weights file ({error.strerror})", target
+        ) from error
     except BaseException:
-        if os.path.exists(temporary):
-            os.unlink(temporary)
+        _discard(temporary)
         raise
+
+
+def _create_beside(folder: str, mode: int) -> tuple[str, int]:
+    # A new temporary file in the target's folder (mkstemp's would keep mode 0600).
+    while True:
+        name = os.path.join(folder, f".mumoe-{secrets.token_hex(8)}.tmp")
+        try:
+            fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _BINARY, mode)
+        except FileExistsError:
+            continue
+        if mode != 0o666:
+            os.chmod(name, mode)  # an existing target's mode, not narrowed by the umask
+        return name, fd
+
+
+_BINARY = getattr(os, "O_BINARY", 0)
+
+
+def _discard(temporary: str | None) -> None:
+    if temporary is not None and os.path.exists(temporary):
+        os.unlink(temporary)
 
 
 #: The longest description (JSON) a file may hold: a real one is about a kilobyte.
@@ -160,6 +200,38 @@ def _depth(value: Any, limit: int = _MAX_DEPTH) -> int:
     return deepest
 
 
+_TORCH_HINT = (
+    "load it with torch.load and the module's load_state_dict; mumoe.nn.save(layer, path) "
+    "then writes a mumoe weights file"
+)
+
+
+def _foreign(path: PathLike, start: bytes) -> str | None:
+    """What a file of another format is, from its first bytes, and what to do with it."""
+    if start.startswith(b"PK\x03\x04"):  # a ZIP archive: torch.save and numpy.savez
+        try:
+            with zipfile.ZipFile(path) as archive:
+                names = archive.namelist()[:10_000]
+        except (OSError, zipfile.BadZipFile, ValueError):
+            names = []
+        if any(name.endswith("data.pkl") for name in names):
+            return f"it is a PyTorch checkpoint (torch.save's ZIP archive); {_TORCH_HINT}"
+        if names and all(name.endswith(".npy") for name in names):
+            return (
+                "it is a NumPy .npz archive (mumoe's weights files were .npz before version "
+                f"{VERSION}, which this mumoe no longer reads); numpy.load reads its arrays: "
+                "copy them into a layer and save it with mumoe.nn.save"
+            )
+        return "it is a ZIP archive; mumoe weights files are safetensors files"
+    if start[:1] == b"\x80":
+        return f"it is a Python pickle (a legacy torch.save checkpoint?); {_TORCH_HINT}"
+    if start.startswith(b"\x93NUMPY"):
+        return "it is a NumPy .npy array; mumoe weights files are safetensors files"
+    if start.startswith(b"\x89HDF"):
+        return "it is an HDF5 file; mumoe weights files are safetensors files"
+    return None
+
+
 def _read(path: PathLike) -> tuple[dict[str, Any], dict[str, tuple[str, tuple[int, ...]]], Any]:
     """The description, the tensors' (dtype, shape) and an open safetensors handle."""
     try:
@@ -174,6 +246,9 @@ def _read(path: PathLike) -> tuple[dict[str, Any], dict[str, tuple[str, tuple[in
     except OSError as error:
         raise _refuse(path, f"cannot read it ({error})") from error
     if declared > MAX_HEADER:  # before safetensors parses (and copies) a huge header
+        foreign = _foreign(path, declared.to_bytes(8, "little"))
+        if foreign is not None:
+            raise _refuse(path, foreign)
         raise _refuse(
             path,
             f"its header declares {declared:,} bytes; mumoe files have headers of at "

@@ -7,6 +7,7 @@ turns them into a network.
 
 from __future__ import annotations
 
+import difflib
 from collections.abc import Mapping, Sequence
 
 from mumoe.spec._budget import as_budget, match_rank
@@ -88,9 +89,17 @@ def build_network(
         raise TypeError(
             f"network must be a Network, a format name or a spec string, got {network!r}"
         )
+    record = FORMATS.get(network)
+    if record is None and len(network.split()) == 1 and "," not in network:
+        # One word is never a spec (a core holds at least the legs n, i and o).
+        close = difflib.get_close_matches(network.lower(), FORMATS, n=1)
+        raise ValueError(
+            f"network {network!r} is neither a format name ({', '.join(map(repr, FORMATS))}"
+            f"{f'; did you mean {close[0]!r}?' if close else ''}) nor a spec (cores of "
+            "legs such as 'n r, i r, o r')"
+        )
     if expert_dims is None:
         raise ValueError(f"network {network!r} needs expert_dims (experts per level)")
-    record = FORMATS.get(network)
     budget = as_budget(rank)
     if record is not None:
         if record.has_rank and rank is None:

@@ -40,6 +40,7 @@ matrix :math:`U_n V_n^\top` (the expert legs shared by both cores).
 
 from __future__ import annotations
 
+import difflib
 import functools
 import math
 from collections.abc import Callable, Mapping
@@ -473,6 +474,42 @@ FORMATS: dict[str, Format] = {
         ),
     )
 }
+
+
+def name_hint(name: str) -> str:
+    """A hint for a one-word string that is not a spec: the format it names or resembles.
+
+    Parameters
+    ----------
+    name : str
+
+    Returns
+    -------
+    str
+        ``""`` for a string of several words, else a sentence to append to an
+        error message.
+
+    Examples
+    --------
+    >>> name_hint("cp")
+    "; 'cp' is a format name: mumoe.preset('cp', ...) builds its network (spec 'n1 r, i r, o r')"
+    >>> name_hint("cpp")
+    "; it is not a format name either (did you mean 'cp'?)"
+    """
+    if len(name.split()) != 1 or "," in name:
+        return ""
+    if name in FORMATS:
+        return (
+            f"; {name!r} is a format name: mumoe.preset({name!r}, ...) builds its network "
+            f"(spec {_spec(name, 1)!r})"
+        )
+    close = difflib.get_close_matches(name.lower(), FORMATS, n=1)
+    suggestion = f"did you mean {close[0]!r}?" if close else f"choose one of {_names()}"
+    return f"; it is not a format name either ({suggestion})"
+
+
+def _names() -> str:
+    return ", ".join(map(repr, FORMATS))
 
 
 def format_of(spec: str, n_levels: int) -> str:

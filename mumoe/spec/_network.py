@@ -20,7 +20,7 @@ from typing import Any
 
 import opt_einsum
 
-from mumoe.spec._formats import format_of
+from mumoe.spec._formats import format_of, name_hint
 from mumoe.spec._parse import INPUT, OUTPUT, parse_spec
 from mumoe.typing import RankLike, Shape
 from mumoe.validation import check_bool, positive_int, positive_ints
@@ -106,7 +106,10 @@ class Network:
         rank: RankLike | None = None,
         bias: bool = True,
     ) -> None:
-        parsed = parse_spec(spec)
+        try:
+            parsed = parse_spec(spec)
+        except ValueError as error:
+            raise ValueError(f"{error}{name_hint(spec)}") from None
         n_levels = len(parsed.expert_legs)
         dims = positive_ints(expert_dims, "expert_dims")
         if len(dims) != n_levels:

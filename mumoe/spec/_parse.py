@@ -37,12 +37,21 @@ _LEG = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 _EXPERT = re.compile(r"n([1-9][0-9]*)?\Z")
 
 
-#: A role leg glued to the next leg: the role, then the rest.
+#: A role leg glued to the next leg: the role, then the rest (itself a leg name).
 _GLUED = {
     "n": re.compile(r"(n[1-9][0-9]*|n)([A-Za-z_][A-Za-z0-9_]*)\Z"),
-    INPUT: re.compile(r"(i)([A-Za-z0-9_]+)\Z"),
-    OUTPUT: re.compile(r"(o)([A-Za-z0-9_]+)\Z"),
+    INPUT: re.compile(r"(i)([A-Za-z_][A-Za-z0-9_]*)\Z"),
+    OUTPUT: re.compile(r"(o)([A-Za-z_][A-Za-z0-9_]*)\Z"),
 }
+#: A role leg numbered as an expert leg would be ('i1', 'o2').
+_NUMBERED = {INPUT: re.compile(r"i[0-9]+\Z"), OUTPUT: re.compile(r"o[0-9]+\Z")}
+#: Role legs spelled out as words.
+_WORDS = {
+    "n": ("expert", "experts"),
+    INPUT: ("in", "inp", "input", "inputs"),
+    OUTPUT: ("out", "output", "outputs"),
+}
+_ROLE_NAMES = {"n": "expert", INPUT: "input", OUTPUT: "output"}
 
 #: Commas of other scripts that look like ','.
 _LOOKALIKE_COMMAS = ("\uff0c", "\u3001", "\ufe50", "\u060c")
@@ -50,19 +59,38 @@ _LOOKALIKE_COMMAS = ("\uff0c", "\u3001", "\ufe50", "\u060c")
 
 def _refuse_glued_legs(spec: str, where: dict[str, list[int]]) -> None:
     # "nr, ir, or": a role leg glued to a bond reads as one bond and the role goes
-    # missing; say so, rather than that the spec has no input leg.
+    # missing; say so, rather than that the spec has no input leg.  Each suggestion
+    # is itself a valid spec fragment.
     roles = [INPUT, OUTPUT] if any(is_expert_leg(leg) for leg in where) else ["n", INPUT, OUTPUT]
     for role in roles:
         if role in where:
             continue
         for leg in where:
-            glued = _GLUED[role].match(leg)
-            if glued is not None and not is_expert_leg(leg):
+            found = (
+                f"spec {_quote(spec)} has no {role!r} leg but a leg {leg!r} in core {where[leg][0]}"
+            )
+            glued = None if is_expert_leg(leg) else _GLUED[role].match(leg)
+            # 'in' is 'i' glued to 'n' where 'n' is a leg; 'out' is a word ('ut' is no leg).
+            if glued is not None and _is_leg_of(glued.group(2), where):
+                raise ValueError(f"{found}: {_separated(glued)}")
+            if leg.lower() in _WORDS[role]:
+                several = " ('n1', 'n2', ... for several levels)" if role == "n" else ""
+                raise ValueError(f"{found}: the {_ROLE_NAMES[role]} leg is named {role!r}{several}")
+            if role in _NUMBERED and _NUMBERED[role].match(leg):
                 raise ValueError(
-                    f"spec {_quote(spec)} has no {role!r} leg but a leg {leg!r} in core "
-                    f"{where[leg][0]}: legs are separated by white space, e.g. "
-                    f"'{glued.group(1)} {glued.group(2)}'"
+                    f"{found}: the {_ROLE_NAMES[role]} leg is {role!r}, unnumbered (only the "
+                    "expert legs are numbered: n1, n2, ...)"
                 )
+            if glued is not None:
+                raise ValueError(f"{found}: {_separated(glued)}")
+
+
+def _is_leg_of(name: str, where: dict[str, list[int]]) -> bool:
+    return name in where or name in (INPUT, OUTPUT) or is_expert_leg(name)
+
+
+def _separated(glued: re.Match[str]) -> str:
+    return f"legs are separated by white space, e.g. '{glued.group(1)} {glued.group(2)}'"
 
 
 def is_expert_leg(leg: str) -> bool:

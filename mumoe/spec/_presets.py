@@ -10,6 +10,7 @@ by keyword, ``expert_dims=``.
 
 from __future__ import annotations
 
+import difflib
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -425,8 +426,10 @@ def preset(
     try:
         build = PRESETS[format]
     except (KeyError, TypeError):
+        close = difflib.get_close_matches(str(format).lower(), PRESETS, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
         raise ValueError(
-            f"unknown format {format!r}; choose one of {', '.join(map(repr, PRESETS))}"
+            f"unknown format {format!r}{hint}; choose one of {', '.join(map(repr, PRESETS))}"
         ) from None
     return build(in_features, out_features, expert_dims=expert_dims, **options)
 

@@ -48,3 +48,23 @@ def test_what_is_not_a_regular_file_is_refused_before_it_is_opened(tmp_path):
         load(tmp_path)
     with pytest.raises(ValueError, match="is not a readable mumoe weights file: cannot stat it"):
         load(tmp_path / "missing.safetensors")
+
+
+@pytest.mark.parametrize(
+    ("write", "match"),
+    [
+        (lambda p: np.savez(p, a=np.zeros(3)), r"it is a NumPy \.npz archive .*numpy\.load"),
+        (lambda p: np.save(p, np.zeros(3)), r"it is a NumPy \.npy array"),
+        (lambda p: p.write_bytes(b"\x80\x02}q\x00." + bytes(64)), r"it is a Python pickle"),
+        (lambda p: p.write_bytes(b"\x89HDF\r\n\x1a\n" + bytes(64)), r"it is an HDF5 file"),
+    ],
+    ids=["npz", "npy", "pickle", "hdf5"],
+)
+def test_files_of_other_formats_are_named(tmp_path, write, match):
+    # Issue #26, item 7: an .npz was "a header of 193,340,853,072 bytes".
+    path = tmp_path / "weights.bin"
+    write(path)
+    if not path.exists():  # numpy adds its extension
+        path = next(tmp_path.iterdir())
+    with pytest.raises(ValueError, match=match):
+        load(path)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 
 import numpy as np
 import pytest
@@ -374,6 +375,44 @@ def test_saving_is_atomic(tmp_path, monkeypatch):
         save(trained(CPMuMoE(12, 5, expert_dims=8, rank=3), seed=1), path)
     assert path.read_bytes() == before  # the old file, whole
     assert sorted(p.name for p in tmp_path.iterdir()) == ["w.safetensors"]  # no leftovers
+
+
+def test_a_torch_checkpoint_is_named_with_what_to_do(tmp_path):
+    # Issue #26, item 7: a .pt was "a header of 578,712,552,184,433,488 bytes".
+    layer = CPMuMoE(4, 3, expert_dims=4, rank=2)
+    torch.save(layer.state_dict(), tmp_path / "a.pt")
+    with pytest.raises(ValueError, match=r"it is a PyTorch checkpoint .*load_state_dict"):
+        load(tmp_path / "a.pt")
+    torch.save(layer.state_dict(), tmp_path / "b.pt", _use_new_zipfile_serialization=False)
+    with pytest.raises(ValueError, match=r"it is a Python pickle \(a legacy torch\.save"):
+        load(tmp_path / "b.pt")
+
+
+def test_a_failed_save_names_the_users_path_and_leaves_nothing(tmp_path):
+    # Issue #26, item 7: the error named the temporary file ('.mumoe-....tmp').
+    layer = CPMuMoE(4, 3, expert_dims=4, rank=2)
+    (tmp_path / "folder").mkdir()
+    with pytest.raises(IsADirectoryError, match=r"over a folder: '.*folder'"):
+        save(layer, tmp_path / "folder")
+    missing = tmp_path / "no" / "such" / "w.safetensors"
+    with pytest.raises(FileNotFoundError) as caught:
+        save(layer, missing)
+    assert caught.value.filename == str(missing) and ".tmp" not in str(caught.value)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["folder"]
+
+
+def test_saved_files_get_the_mode_open_would_give(tmp_path):
+    # Issue #26, item 12: mkstemp's 0600 survived the rename.
+    layer = CPMuMoE(4, 3, expert_dims=4, rank=2)
+    umask = os.umask(0o022)
+    try:
+        save(layer, tmp_path / "new.safetensors")
+        assert stat.S_IMODE(os.stat(tmp_path / "new.safetensors").st_mode) == 0o644
+        os.chmod(tmp_path / "new.safetensors", 0o640)
+        save(layer, tmp_path / "new.safetensors")  # an existing file keeps its mode
+        assert stat.S_IMODE(os.stat(tmp_path / "new.safetensors").st_mode) == 0o640
+    finally:
+        os.umask(umask)
 
 
 def test_load_into_is_all_or_nothing_for_every_failure(saved):

@@ -11,6 +11,7 @@ from hypothesis import given
 
 import mumoe
 from mumoe import Network, cp, dense, preset, tr, tt, tucker
+from mumoe.spec import build_network
 from mumoe.testing import custom_networks, preset_networks
 
 
@@ -215,7 +216,24 @@ def test_tt_and_tr_rank_forms_agree():
         (
             lambda: preset("cpd", 3, 2, expert_dims=4, rank=2),
             ValueError,
-            r"unknown format 'cpd'; choose one of 'dense', 'cp'",
+            r"unknown format 'cpd' \(did you mean 'cp'\?\); choose one of 'dense', 'cp'",
+        ),
+        # Issue #26, item 7: a format name, or a typo of one, as a spec.
+        (
+            lambda: Network("cp", 3, 2, expert_dims=4, rank=2),
+            ValueError,
+            r"'cp' is a format name: mumoe\.preset\('cp', \.\.\.\) builds its network",
+        ),
+        (
+            lambda: Network("cpp", 3, 2, expert_dims=4, rank=2),
+            ValueError,
+            r"no expert leg.*; it is not a format name either \(did you mean 'cp'\?\)",
+        ),
+        (
+            lambda: build_network(16, 10, "cpp", expert_dims=4, rank=3),
+            ValueError,
+            r"network 'cpp' is neither a format name \('dense', 'cp', .*; did you mean 'cp'\?\) "
+            r"nor a spec",
         ),
     ],
 )

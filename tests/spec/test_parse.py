@@ -80,6 +80,12 @@ def test_is_expert_leg(leg, expected):
         ),
         ("n1 r, n2 r, ir, o r", r"no 'i' leg but a leg 'ir' in core 2.*'i r'"),
         ("n r, i r, or", r"no 'o' leg but a leg 'or' in core 2"),
+        # Issue #26, item 7: 'out' was read as 'o' glued to 'ut'; 'i1' got 'i 1', refused.
+        ("n r, i r, out r", r"a leg 'out' in core 2: the output leg is named 'o'\Z"),
+        ("n r, input r, o r", r"a leg 'input' in core 1: the input leg is named 'i'\Z"),
+        ("experts r, i r, o r", r"the expert leg is named 'n' \('n1', 'n2', \.\.\."),
+        ("n r, i1 r, o r", r"a leg 'i1' in core 1: the input leg is 'i', unnumbered"),
+        ("n1 r, n2 r, i r, o3 r", r"a leg 'o3' in core 3: the output leg is 'o', unnumbered"),
         (
             "n r\uff0c i r\uff0c o r",
             r"separates cores with '\uff0c' \(U\+FF0C\); cores are "
@@ -91,6 +97,37 @@ def test_is_expert_leg(leg, expected):
 def test_invalid_specs_name_the_problem(spec, match):
     with pytest.raises(ValueError, match=match):
         parse_spec(spec)
+
+
+@given(custom_specs(), st.data())
+def test_a_glued_role_legs_suggestion_is_a_valid_spec(spec, data):
+    # Glue one role leg to the next leg of its core: the message's suggestion, put back
+    # in its place, must parse (issue #26, item 7: 'i1' got the suggestion 'i 1').
+    parsed = parse_spec(spec)
+    cores = [list(legs) for legs in parsed.core_legs]
+    roles = ["i", "o"] + (["n1"] if len(parsed.expert_legs) == 1 else [])
+    holders = [
+        (k, j)
+        for k, legs in enumerate(cores)
+        for j, leg in enumerate(legs[:-1])
+        if leg in roles and sum(leg in c for c in cores) == 1
+    ]
+    if not holders:
+        return
+    k, j = data.draw(st.sampled_from(holders))
+    role = "n" if cores[k][j] == "n1" else cores[k][j]
+    if len(parsed.expert_legs) == 1:  # written 'n', as a user would
+        cores = [["n" if leg == "n1" else leg for leg in legs] for legs in cores]
+    glued = role + cores[k][j + 1]
+    cores[k][j : j + 2] = [glued]
+    broken = ", ".join(" ".join(legs) for legs in cores)
+    with pytest.raises(ValueError) as caught:
+        parse_spec(broken)
+    message = str(caught.value)
+    assert f"a leg {glued!r} in core {k}" in message
+    suggestion = message.rsplit("e.g. ", 1)[-1].strip("'")
+    repaired = broken.replace(glued, suggestion)
+    assert parse_spec(repaired).core_legs == parse_spec(spec).core_legs
 
 
 @pytest.mark.parametrize("spec", [None, 3, ["n r", "i r", "o r"]])
