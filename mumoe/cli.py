@@ -6,6 +6,7 @@ Run ``mumoe --help`` (or ``python -m mumoe --help``).
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import os
 import sys
 from collections.abc import Sequence
@@ -14,7 +15,7 @@ from typing import Any
 
 from mumoe.backends import declared_backends, unavailable_reason
 from mumoe.plan import describe
-from mumoe.spec import Budget, build_network
+from mumoe.spec import FORMATS, Budget, build_network
 
 __all__ = ["main"]
 
@@ -38,6 +39,9 @@ def _backends(_: argparse.Namespace) -> int:
     for row in rows:
         cells = (cell.ljust(width) for cell, width in zip(row, widths, strict=True))
         print("  ".join(cells).rstrip())
+    for backend in declared_backends():
+        if backend.note:
+            print(f"\n{backend.name}: {backend.note}")
     print("\nChoose one with tensorly.set_backend(name); mumoe never switches it for you.")
     return 0
 
@@ -115,6 +119,17 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _positive(text: str) -> int:
+    """A positive integer argument (``--budget``, ``--epochs``, ``--experts``, ...)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
 def _seeds(text: str) -> list[int]:
     """``--seeds 0,1,2``: a comma-separated list of non-negative integers."""
     try:
@@ -142,6 +157,14 @@ It holds no wall time or thread count: the same seeds and options give the same 
 """
 
 
+def _version() -> str:
+    # The installed distribution's version, which hatch reads from mumoe.__version__.
+    try:
+        return importlib.metadata.version("mumoe")
+    except importlib.metadata.PackageNotFoundError:
+        return "(not installed)"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``mumoe`` command line.
 
@@ -166,6 +189,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="mumoe", description="Multilinear Mixture-of-Experts layers as tensor networks."
     )
+    parser.add_argument("--version", action="version", version=f"mumoe {_version()}")
     commands = parser.add_subparsers(dest="command", required=True)
     demo = commands.add_parser(
         "demo",
@@ -179,7 +203,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     demo.add_argument(
         "--experts",
-        type=int,
+        type=_positive,
         nargs="+",
         metavar="N",
         help="expert counts of the heads (default: 8 32 128 512)",
@@ -192,11 +216,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     demo.add_argument(
         "--budget",
-        type=int,
+        type=_positive,
         default=8,
         help="expert parameters, in linear classifiers (default: 8)",
     )
-    demo.add_argument("--epochs", type=int, help="training epochs per head (default: 40)")
+    demo.add_argument("--epochs", type=_positive, help="training epochs per head (default: 40)")
     demo.add_argument(
         "--seeds",
         type=_seeds,
@@ -218,10 +242,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     demo.add_argument(
         "--fast", action="store_true", help="a smoke run: experts 4 16, 3 epochs (unless given)"
     )
-    demo.add_argument("--no-progress", action="store_true", help="no progress bars")
+    demo.add_argument(
+        "--no-progress",
+        action="store_true",
+        help="no progress bar (there is none where stderr is not a terminal)",
+    )
     demo.add_argument(
         "--threads",
-        type=int,
+        type=_positive,
         help="heads trained at once, each in its own process with ONE torch "
         "thread (default: the usable CPUs, at most 4). The models are tiny: "
         "torch's intra-op threads would only add synchronisation, and would make "
@@ -233,7 +261,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     describe = commands.add_parser(
         "describe", help="a network's cores, parameters, contraction path and FLOPs"
     )
-    describe.add_argument("network", help="a format (cp, tucker, tt, tr, dense) or a spec string")
+    describe.add_argument(
+        "network", help=f"a format ({', '.join(FORMATS)}) or a spec string such as 'n r, i r, o r'"
+    )
     describe.add_argument(
         "--expert-dims",
         type=int,
@@ -249,7 +279,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="one rank, one per bond, NAME=SIZE pairs, or a budget: "
         "'same' or a fraction such as 0.5 (formats only)",
     )
-    describe.add_argument("--batch", type=int, default=1, help="batch size of the path and FLOPs")
+    describe.add_argument(
+        "--batch", type=_positive, default=1, help="batch size of the path and FLOPs (default: 1)"
+    )
     describe.add_argument("--no-bias", action="store_true", help="experts without a bias")
     describe.set_defaults(run=_describe)
     args = parser.parse_args(argv)

@@ -45,11 +45,32 @@ def _xy(point: np.ndarray) -> tuple[float, float]:
     return float(point[0]), float(point[1])
 
 
+def _label(ax: Axes, at: np.ndarray, direction: np.ndarray, text: str, **style: object) -> None:
+    # Anchor the text at ``at`` on the side it faces, so that it grows away along
+    # ``direction``: a label beside or beyond a line never lies across it.
+    dx, dy = direction / (np.linalg.norm(direction) + 1e-12)
+    ha = "left" if dx > 0.38 else "right" if dx < -0.38 else "center"
+    va = "bottom" if dy > 0.38 else "top" if dy < -0.38 else "center"
+    ax.text(*_xy(at), text, ha=ha, va=va, **style)  # type: ignore[arg-type]
+
+
+def _free_direction(node: np.ndarray, ends: list[np.ndarray]) -> np.ndarray:
+    # A hyperedge's label goes into the widest gap between the lines leaving ``node``.
+    angles = sorted(math.atan2(*(end - node)[::-1]) for end in ends)
+    gaps = [(b - a, a) for a, b in zip(angles, [*angles[1:], angles[0] + 2 * math.pi], strict=True)]
+    width, start = max(gaps)
+    middle = start + width / 2
+    # Far enough out that a label fits between the two lines of a narrow gap.
+    reach = min(0.45, max(0.1, 0.18 / math.tan(min(width, 3.0) / 2)))
+    return reach * np.array([math.cos(middle), math.sin(middle)])
+
+
 def _open_hyperedge(
-    ax: Axes, leg: str, holders: list[np.ndarray], centre: np.ndarray, k: int, size: int
+    ax: Axes, leg: str, holders: list[np.ndarray], centre: np.ndarray, k: int, n: int, size: int
 ) -> None:
     # An open leg shared by several cores: a node in the leg's colour joined to each,
     # with one free line, set off the line between the cores (where a bond may run).
+    # The ``n`` shared legs alternate sides; those on one side fan out.
     color = OPEN.get(leg, "tab:orange")
     node = np.mean(holders, axis=0)
     direction = node - centre
@@ -57,14 +78,19 @@ def _open_hyperedge(
         first, last = holders[0], holders[-1]
         direction = np.array([first[1] - last[1], last[0] - first[0]])
     direction = direction / (np.linalg.norm(direction) + 1e-12) * (-1) ** k
-    node = node + (0.55 + 0.25 * (k // 2)) * direction
+    on_side = (n + 1 - k % 2) // 2
+    turn = math.radians(50) * (k // 2 - (on_side - 1) / 2)
+    cos, sin = math.cos(turn), math.sin(turn)
+    direction = np.array(
+        [cos * direction[0] - sin * direction[1], sin * direction[0] + cos * direction[1]]
+    )
+    node = node + 0.6 * direction
     for point in holders:
         ax.plot(*zip(point, node, strict=True), color=color, lw=2.2, zorder=1)
     end = node + 0.45 * direction
     ax.plot(*zip(node, end, strict=True), color=color, lw=2.2, zorder=1)
     ax.add_patch(Circle(_xy(node), 0.06, color=color, zorder=3))
-    x, y = node + 0.7 * direction
-    ax.text(x, y, f"{leg}={size}", fontsize=8.5, ha="center", va="center", color=color)
+    _label(ax, end + 0.06 * direction, direction, f"{leg}={size}", fontsize=8.5, color=color)
 
 
 def draw_network(network: Network, ax: Axes | None = None, title: str | None = None) -> Figure:
@@ -133,11 +159,15 @@ def draw_network(network: Network, ax: Axes | None = None, title: str | None = N
                     shrinkB=0,
                 )
             )
-            middle = (pos[a] + pos[b]) / 2
-            normal = np.array([pos[a][1] - pos[b][1], pos[b][0] - pos[a][0]])
-            normal /= np.linalg.norm(normal) + 1e-12
-            x, y = middle + normal * (0.12 - bend * 0.5)
-            ax.text(x, y, label, fontsize=8, ha="center", va="center", color="0.25")
+            # arc3 bows the line by bend/2 of its length, away from ``normal``.
+            along = pos[b] - pos[a]
+            normal = np.array([-along[1], along[0]]) / (np.linalg.norm(along) + 1e-12)
+            apex = (pos[a] + pos[b]) / 2 - 0.5 * bend * np.linalg.norm(along) * normal
+            if bend:
+                side = -normal if bend > 0 else normal
+            else:  # a straight bond: labelled on the side away from the centre
+                side = normal if np.dot(normal, apex - centre) >= 0 else -normal
+            _label(ax, apex + 0.07 * side, side, label, fontsize=8, color="0.25")
         else:
             node = np.mean([pos[c] for c in holders], axis=0)
             if np.linalg.norm(node - centre) < 1e-9 and any(
@@ -147,7 +177,8 @@ def draw_network(network: Network, ax: Axes | None = None, title: str | None = N
             for c in holders:
                 ax.plot(*zip(pos[c], node, strict=True), color="0.3", lw=1.6, zorder=1)
             ax.add_patch(Circle(_xy(node), 0.05, color="black", zorder=3))
-            ax.text(node[0] + 0.08, node[1] - 0.14, label, fontsize=8, color="0.25")
+            free = _free_direction(node, [pos[c] for c in holders])
+            _label(ax, node + free, free, label, fontsize=8, color="0.25")
 
     open_holders = {
         leg: [c for c, legs in enumerate(network.core_legs) if leg in legs]
@@ -155,7 +186,8 @@ def draw_network(network: Network, ax: Axes | None = None, title: str | None = N
     }
     shared = [leg for leg, cores in open_holders.items() if len(cores) > 1]
     for k, leg in enumerate(shared):
-        _open_hyperedge(ax, leg, [pos[c] for c in open_holders[leg]], centre, k, sizes[leg])
+        points = [pos[c] for c in open_holders[leg]]
+        _open_hyperedge(ax, leg, points, centre, k, len(shared), sizes[leg])
 
     for c, legs in enumerate(network.core_legs):
         ax.add_patch(
@@ -174,10 +206,8 @@ def draw_network(network: Network, ax: Axes | None = None, title: str | None = N
             start, end = pos[c] + RADIUS * direction, pos[c] + 0.7 * direction
             color = OPEN.get(leg, "tab:orange")
             ax.plot(*zip(start, end, strict=True), color=color, lw=2.2, zorder=1)
-            x, y = pos[c] + 0.9 * direction
-            ax.text(
-                x, y, f"{leg}={sizes[leg]}", fontsize=8.5, ha="center", va="center", color=color
-            )
+            label = f"{leg}={sizes[leg]}"
+            _label(ax, end + 0.06 * direction, direction, label, fontsize=8.5, color=color)
 
     ax.set_xlim(-2.2, 2.2)
     ax.set_ylim(-2.2, 2.2)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 
 pytest.importorskip("matplotlib", reason="matplotlib is not installed (pip install 'mumoe[demo]')")
@@ -11,8 +13,11 @@ from hypothesis import given, settings
 from matplotlib.figure import Figure
 from matplotlib.patches import Circle, FancyArrowPatch
 
+import mumoe
 from mumoe.plotting import draw_network, plot_usage
 from mumoe.testing import networks
+
+FORMATS_DRAWN = ["cp", "tucker", "tt", "tr", "mxd", "lowrank", "dense"]
 
 
 @settings(max_examples=25)
@@ -35,6 +40,52 @@ def test_every_core_bond_and_open_leg_is_drawn(net):
     for leg in (*net.expert_legs, "i", "o"):  # every open leg drawn once, shared or not
         assert labels.count(f"{leg}={net.sizes[leg]}") == 1
     assert ax.get_title() == f"{net.format}: {net.spec}"
+
+
+def _lines_under_labels(fig):
+    """The labels whose box any drawn line crosses (core numbers excepted: they sit on cores)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    ax = fig.axes[0]
+    renderer = FigureCanvasAgg(fig).get_renderer()
+    to_data = ax.transData.inverted()
+    polylines = [line.get_xydata() for line in ax.lines]
+    for patch in ax.patches:
+        if isinstance(patch, FancyArrowPatch):  # a bond, maybe curved: its drawn path
+            for vertices in patch.get_path().to_polygons(closed_only=False):
+                polylines.append(to_data.transform(patch.get_transform().transform(vertices)))
+    crossed = []
+    for text in ax.texts:
+        if text.get_text().startswith("#"):
+            continue
+        box = text.get_window_extent(renderer)
+        (x0, y0), (x1, y1) = to_data.transform([[box.x0, box.y0], [box.x1, box.y1]])
+        samples = (
+            a + t * (b - a)
+            for line in polylines
+            for a, b in itertools.pairwise(line)
+            for t in np.linspace(0, 1, 60)
+        )
+        if any(x0 < x < x1 and y0 < y < y1 for x, y in samples):
+            crossed.append(text.get_text())
+    return crossed
+
+
+@pytest.mark.parametrize("levels", [1, 2, 3])
+@pytest.mark.parametrize("fmt", FORMATS_DRAWN)
+def test_labels_keep_off_the_lines(fmt, levels):
+    # Issue #26, item 10: bond labels were centred on their lines, and hyperedge and
+    # open-leg labels touched theirs (59 crossings over these 21 diagrams).
+    rank = {} if fmt in ("mxd", "dense") else {"rank": 3}
+    net = mumoe.preset(fmt, 768, 1000, expert_dims=(32, 4, 2)[:levels], **rank)
+    assert _lines_under_labels(draw_network(net)) == []
+
+
+@pytest.mark.parametrize("spec", ["n1 a, a i b, b o", "n o, i o", "n1 n2 a, a i b, b o"])
+def test_labels_of_custom_networks_keep_off_the_lines(spec):
+    levels = 2 if "n2" in spec else 1
+    net = mumoe.Network(spec, 768, 1000, expert_dims=(32, 4)[:levels], rank=16)
+    assert _lines_under_labels(draw_network(net)) == []
 
 
 def test_it_draws_on_the_axes_it_is_given():

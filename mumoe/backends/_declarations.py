@@ -71,6 +71,8 @@ class BackendDeclaration:
     max_examples : int, default 0
         Hypothesis examples per property test on this backend (0: the
         profile's); for backends that compile every new shape.
+    note : str, default ""
+        What a user of the backend should know, printed by ``mumoe backends``.
 
     Examples
     --------
@@ -93,6 +95,7 @@ class BackendDeclaration:
     sparsemax: str = ""
     jit: str = ""
     max_examples: int = 0
+    note: str = ""
 
 
 def _declarations_dir() -> Path:
@@ -140,6 +143,7 @@ def declared_backends() -> list[BackendDeclaration]:
                     sparsemax=str(data.get("sparsemax", "")),
                     jit=str(data.get("jit", "")),
                     max_examples=int(data.get("max_examples", 0)),
+                    note=str(data.get("note", "")),
                 )
             )
         except KeyError as error:

@@ -73,7 +73,8 @@ def run(
         Write :meth:`DemoResult.to_json` there (indented; identical for
         identical seeds and options, whatever ``threads``).
     progress : bool, default True
-        Show a tqdm progress bar (on stderr).
+        Show a tqdm progress bar on stderr, where stderr is a terminal (a
+        log file gets none).
     stream : text stream, optional
         Where the report is printed; standard output by default.
     threads : int, optional
@@ -105,6 +106,7 @@ def run(
     started = time.perf_counter()
     out = stream if stream is not None else sys.stdout
     experts, seeds, threads = _check(experts, seeds, epochs, edit_class, threads)
+    budget = positive_int(budget, "budget")
     _check_paths(output, json_path)  # before minutes of training, not after
     settings = {
         "experts": experts,
@@ -133,7 +135,7 @@ def run(
     ]
     bar = tqdm(
         total=len(jobs),
-        disable=not progress,
+        disable=None if progress else True,  # None: off where stderr is no terminal
         desc="training heads",
         unit="head",
         leave=False,

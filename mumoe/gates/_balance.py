@@ -202,10 +202,12 @@ def usage(gates: Tensor, mask: Any = None) -> Usage:
     # [a != 0] as sign(|a|): a float pass, where casting a boolean mask is several
     # times slower on torch's CPU kernels (131k entries: 38 us against 152).
     support = _mean(tl.sign(tl.abs(rows)), weights, count)
-    entropy = _entropy(mass)
+    # Within [0, log N]: rounding took a uniform float32 mass to 1.0000001 of its bound.
+    entropy = tl.clip(_entropy(mass), 0.0, math.log(n))
     normalised = entropy / math.log(n) if n > 1 else entropy * 0 + 1
     mean_support = tl.sum(support)
-    return Usage(mass, support, normalised, tl.exp(entropy), mean_support, int(float(count)))
+    effective = tl.clip(tl.exp(entropy), 1.0, float(n))
+    return Usage(mass, support, normalised, effective, mean_support, int(float(count)))
 
 
 def joint_usage(gates: Sequence[Tensor], mask: Any = None) -> Tensor:

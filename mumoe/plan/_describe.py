@@ -101,7 +101,7 @@ def describe(
         f"  einsum      {net.einsum_equation}",
         f"  path        batch {batch_size}, {optimizer}:{pad}" + pad.join(_steps(net, plan)),
         f"  FLOPs       {planner.flops(batch_size, plan):,} for batch {batch_size}",
-        f"  bias        {_bias_text(net, plan)}",
+        f"  bias        {_bias_text(net, plan, batch_size)}",
     ]
     return "\n".join(lines)
 
@@ -121,22 +121,25 @@ def _steps(net: Network, plan: Plan) -> list[str]:
     return steps
 
 
-def _bias_text(net: Network, plan: Plan) -> str:
+def _bias_text(net: Network, plan: Plan, batch_size: int) -> str:
+    # Which branch of the bias rule this batch takes, then the rule itself.
     if not net.bias:
         return "none"
     program = plan.bias_program
     if program is None:
         return "a column of ones concatenated to x (the path meets x before its core)"
     step = next(k for k, s in enumerate(program.steps, 1) if isinstance(s, PairStep) and s.bias)
+    inside = f"x @ core[:I] + core[I] in step ({step})"
     rows = BIAS_INSIDE_ROWS * program.bias_width + 1
     if program.kernels.bias_matmul is not None:
         kernel_rows = -(-BIAS_KERNEL_ELEMENTS // program.bias_features)
-        return (
-            f"x @ core[:I] + core[I] in step ({step}) without gradients to the cores, by the "
-            f"bias_matmul kernel for batches of {min(rows, kernel_rows):,} rows or more; "
-            "else a column of ones"
-        )
+        rule = f"by the bias_matmul kernel from {min(rows, kernel_rows):,} rows"
+    else:
+        rule = f"from {rows:,} rows"
+    if plan.bias_inside(batch_size, differentiable=True):
+        kernel = " (with them by the bias_matmul kernel)" if program.kernels.bias_matmul else ""
+        return f"for batch {batch_size}: {inside}, with or without gradients to the cores{kernel}"
     return (
-        f"x @ core[:I] + core[I] in step ({step}) without gradients to the cores or for "
-        f"batches over {rows - 1:,} rows; else a column of ones"
+        f"for batch {batch_size}: {inside} without gradients to the cores; with them a column "
+        f"of ones (the split {rule})"
     )

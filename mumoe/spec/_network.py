@@ -13,7 +13,9 @@ serves NumPy, CuPy and PyTorch alike.
 
 from __future__ import annotations
 
+import functools
 import math
+import warnings
 from collections.abc import Mapping, Sequence
 from types import MappingProxyType
 from typing import Any
@@ -29,6 +31,27 @@ __all__ = ["Network"]
 
 #: The constructor's arguments: what :meth:`Network.replace` changes and equality compares.
 _FIELDS = ("spec", "in_features", "out_features", "expert_dims", "rank", "bias")
+
+
+@functools.lru_cache(maxsize=256)
+def _components(core_legs: tuple[tuple[str, ...], ...]) -> list[list[int]]:
+    """The cores grouped by the legs they share (bonds and shared role legs)."""
+    group = list(range(len(core_legs)))
+
+    def root(k: int) -> int:
+        while group[k] != k:
+            group[k] = group[group[k]]
+            k = group[k]
+        return k
+
+    first: dict[str, int] = {}
+    for k, legs in enumerate(core_legs):
+        for leg in legs:
+            group[root(k)] = root(first.setdefault(leg, k))
+    parts: dict[int, list[int]] = {}
+    for k in range(len(core_legs)):
+        parts.setdefault(root(k), []).append(k)
+    return list(parts.values())
 
 
 class Network:
@@ -117,6 +140,16 @@ class Network:
                 f"spec {parsed.spec!r} has {n_levels} expert level(s) "
                 f"({', '.join(parsed.expert_legs)}) but expert_dims has {len(dims)} "
                 f"entries: {dims}"
+            )
+        parts = _components(parsed.core_legs)
+        if len(parts) > 1:
+            shown = " and ".join("{" + ", ".join(map(str, part)) + "}" for part in parts)
+            warnings.warn(
+                f"spec {parsed.spec!r} is disconnected: no leg joins its cores {shown}, so "
+                "W is an outer product of their tensors; a bond is probably missing or "
+                "misspelt",
+                UserWarning,
+                stacklevel=2,
             )
         derived = format_of(parsed.spec, n_levels)
         put = object.__setattr__

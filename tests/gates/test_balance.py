@@ -149,6 +149,22 @@ def test_metrics_and_losses_on_every_backend(backend):
             assert float(f(tz if t else ta, tmask)) == pytest.approx(losses[name], rel=1e-4)
 
 
+@pytest.mark.parametrize("backend", backend_params())
+@pytest.mark.parametrize("n", [2, 3, 7, 32, 100, 1000])
+def test_normalised_metrics_stay_within_their_bounds_in_float32(backend, n):
+    # Issue #26, item 10: a uniform float32 mass gave entropy 1.0000001 and 32.000008
+    # effective experts of 32.
+    with use_backend(backend):
+        for tokens in (1, 7, 13):
+            uniform = tl.tensor(np.full((tokens, n), 1 / n), dtype=backend_dtype("float32"))
+            got = usage(uniform)
+            assert 0.0 <= float(got.entropy) <= 1.0
+            assert 1.0 <= float(got.effective_experts) <= n
+        one_hot = tl.tensor(np.eye(n)[:1], dtype=backend_dtype("float32"))
+        assert float(usage(one_hot).entropy) == 0.0
+        assert float(usage(one_hot).effective_experts) == 1.0
+
+
 def test_bad_masks_and_empty_batches_say_what_was_expected():
     a = np.full((2, 3, 4), 0.25)
     with pytest.raises(

@@ -61,7 +61,9 @@ def test_torch_plans_use_the_kernel_for_inputs_of_the_threshold_size():
     assert torch_plan.bias_inside(1, differentiable=False)
     assert not numpy_plan.bias_inside(rows, differentiable=True)  # numpy keeps the batch rule
     text = describe(net, rows, backend="pytorch", dtype=torch.float64)
-    assert "by the bias_matmul kernel for batches of 128 rows or more" in text
+    assert "with or without gradients to the cores (with them by the bias_matmul kernel)" in text
+    text = describe(net, rows - 1, backend="pytorch", dtype=torch.float64)
+    assert "with them a column of ones (the split by the bias_matmul kernel from 128 rows)" in text
 
 
 @pytest.mark.parametrize(

@@ -7,7 +7,8 @@ import sys
 
 import pytest
 
-from mumoe import describe, tr
+import mumoe
+from mumoe import FORMATS, describe, tr
 from mumoe.cli import main
 
 
@@ -167,6 +168,56 @@ def test_describe_takes_a_budget(capsys):
     argv = ["describe", "cp", "--in-features", "768", "--out-features", "1000", "--rank", "same"]
     assert main([*argv, "--expert-dims", "128"]) == 0
     assert "r=353" in capsys.readouterr().out  # the parameters of nn.Linear(768, 1000)
+
+
+def test_the_jax_note_is_what_tensorly_does(capsys):
+    # Issue #26, item 10: the docs said JAX computes in float32 unless JAX_ENABLE_X64 is set.
+    pytest.importorskip("jax", reason="the note is JAX's (pip install 'mumoe[jax]')")
+    assert main(["backends"]) == 0
+    assert "jax: TensorLy's set_backend('jax') turns on jax_enable_x64" in capsys.readouterr().out
+    probe = (
+        "import tensorly as tl; tl.set_backend('jax'); import jax, jax.numpy as jnp, numpy as np;"
+        "print(jax.config.jax_enable_x64, tl.tensor(np.zeros(2)).dtype, jnp.zeros(2).dtype)"
+    )
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
+    assert result.stdout.split() == ["True", "float64", "float64"], result.stderr
+
+
+def test_version(capsys):
+    # Issue #26, item 10: `mumoe --version` was an error.
+    with pytest.raises(SystemExit) as exit_:
+        main(["--version"])
+    assert exit_.value.code == 0
+    assert capsys.readouterr().out.strip() == f"mumoe {mumoe.__version__}"
+
+
+def test_describe_help_lists_every_format_and_the_batch_default(capsys):
+    with pytest.raises(SystemExit):
+        main(["describe", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert f"a format ({', '.join(FORMATS)}) or a spec string" in text
+    assert "batch size of the path and FLOPs (default: 1)" in text
+
+
+@pytest.mark.parametrize(
+    ("batch", "line"),
+    [
+        (
+            1,
+            "for batch 1: x @ core[:I] + core[I] in step (2) without gradients to the cores; "
+            "with them a column of ones (the split from 7 rows)",
+        ),
+        (
+            7,
+            "for batch 7: x @ core[:I] + core[I] in step (2), with or without gradients to "
+            "the cores",
+        ),
+    ],
+)
+def test_describes_bias_line_says_which_rule_applies_to_the_batch(capsys, batch, line):
+    argv = ["describe", "cp", "--expert-dims", "8", "--in-features", "4", "--out-features", "2"]
+    assert main([*argv, "--rank", "3", "--batch", str(batch)]) == 0
+    assert capsys.readouterr().out.splitlines()[-1] == f"  bias        {line}"
 
 
 @pytest.mark.slow

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import re
 
 import numpy as np
 import pytest
@@ -191,18 +192,56 @@ def test_the_figures_draw_every_seed_and_a_missing_edit(tmp_path):
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
-        (["--experts", "0"], "experts must be positive expert counts, got [0]"),
         (["--experts", "4", "4"], "experts must be different expert counts, got [4, 4]"),
         (["--seeds", "0,0"], "seeds must be different non-negative integers, got [0, 0]"),
         (["--seeds", "-1"], "seeds must be different non-negative integers, got [-1]"),
         (["--edit-class", "12"], "edit_class must be a digit 0-9, got 12"),
-        (["--epochs", "-1"], "epochs must be at least 1, got -1"),
-        (["--threads", "0"], "threads must be a positive int"),
     ],
 )
 def test_bad_options_are_refused_with_the_reason(tmp_path, capsys, argv, message):
     assert main(["demo", "--no-progress", "--output", str(tmp_path), *argv]) == 2
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("option", ["--experts", "--epochs", "--threads", "--budget"])
+@pytest.mark.parametrize("value", ["0", "-3", "x"])
+def test_counts_that_are_not_positive_are_refused_by_the_parser(capsys, option, value):
+    # Issue #26, item 12: --budget -3 was reported as "-1950" (the budget in parameters).
+    with pytest.raises(SystemExit) as exit_:
+        main(["demo", option, value])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert f"argument {option}: expected a positive integer, got '{value}'" in err
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"experts": [0]}, "experts must be positive expert counts, got [0]"),
+        ({"epochs": -1}, "epochs must be at least 1, got -1"),
+        ({"threads": 0}, "threads must be a positive int"),
+        ({"budget": -3}, "budget must be a positive int, got -3"),
+    ],
+)
+def test_run_refuses_counts_that_are_not_positive(options, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        run(output=None, progress=False, **options)
+
+
+def test_the_progress_bar_is_off_where_stderr_is_not_a_terminal(monkeypatch):
+    # Issue #26, item 10: a log file got the bar's every redraw.
+    import tqdm.auto
+
+    seen = {}
+
+    class Bar(tqdm.auto.tqdm):
+        def __init__(self, *args, **kwargs):
+            seen["disable"] = kwargs.get("disable")
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(tqdm.auto, "tqdm", Bar)
+    run(experts=(4,), epochs=1, seeds=(0,), output=None, threads=1, stream=io.StringIO())
+    assert seen["disable"] is None  # tqdm's "off where the stream is not a terminal"
 
 
 @pytest.mark.parametrize("options", [{"seeds": "0,1"}, {"seeds": [0.5]}, {"experts": 8}])

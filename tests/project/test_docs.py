@@ -113,3 +113,25 @@ def test_the_architecture_page_matches_the_tree():
     assert missing == [], f"add to docs/architecture.rst: {missing}"
     stale = [name for name in named if not (ROOT / name).exists()]
     assert stale == [], f"docs/architecture.rst names what does not exist: {stale}"
+
+
+def _words(path: str) -> str:
+    """A page's text with its line breaks and indentation folded into single spaces."""
+    return " ".join((ROOT / path).read_text().split())
+
+
+def test_the_pages_tell_one_story():
+    # Issue #26, item 10: pages that disagreed with each other or with the code.
+    readme, install = _words("README.md"), _words("docs/install.rst")
+    cpu_index = "pip install torch --index-url https://download.pytorch.org/whl/cpu"
+    for page in (readme, install):  # torch==2.13.0 is the CI machines' wheel, not "the CPU one"
+        assert cpu_index in page
+        assert "for the CPU wheel" not in page
+    theory, networks = _words("docs/theory/index.rst"), _words("docs/networks.rst")
+    for page in (theory, networks):  # who finds the path: mumoe's search, then opt_einsum's
+        assert "mumoe.plan.FlopOptimal" in page and '"auto-hq"' in page
+        assert "asks opt_einsum for a path" not in page
+        assert "searches a contraction path with opt_einsum" not in page
+    toml = (ROOT / "mumoe" / "backends" / "jax.toml").read_text()
+    for page in (install, toml):  # tensorly's JAX backend turns x64 on
+        assert "float32 unless" not in page and "jax_enable_x64" in page

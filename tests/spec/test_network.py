@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import math
 import pickle
+import re
+import warnings
 
 import numpy as np
 import pytest
@@ -296,3 +298,21 @@ def test_a_network_is_immutable_and_replace_makes_changed_copies():
     assert net.replace(spec="n i r, r o").format == "custom"
     with pytest.raises(TypeError, match="unknown arguments \\['width'\\]"):
         net.replace(width=3)
+
+
+@pytest.mark.parametrize(
+    ("spec", "groups"),
+    [("n r, i r, o", "{0, 1} and {2}"), ("n a, a, i o b, b", "{0, 1} and {2, 3}")],
+)
+def test_a_disconnected_network_is_warned_about(spec, groups):
+    # Issue #26, item 10: W an outer product (almost always a typo) built silently.
+    expected = f"is disconnected: no leg joins its cores {re.escape(groups)},"
+    with pytest.warns(UserWarning, match=expected):
+        Network(spec, 4, 3, expert_dims=4, rank=2)
+
+
+@given(custom_networks())
+def test_connected_networks_build_without_a_warning(net):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        net.replace(in_features=net.in_features + 1)
