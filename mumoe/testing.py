@@ -8,8 +8,9 @@ layers, can hold them to the same checks as mumoe's test suite:
 * :data:`TOLERANCES` and :func:`assert_close` compare results per dtype;
 * :func:`networks`, :func:`custom_networks` and :func:`preset_networks` are
   hypothesis strategies that draw network *structure* (levels, cores, bonds,
-  sizes 1-5, ranks 1-4); values come from a seeded generator
-  (:func:`random_inputs`), bounded in [-1, 1].
+  sizes 1-5, ranks 1-4), and :func:`networks_of` the sizes of one spec of
+  your own; values come from a seeded generator (:func:`random_inputs`),
+  bounded in [-1, 1].
 
 Importing this module needs ``hypothesis`` (the ``test`` extra).
 """
@@ -27,6 +28,7 @@ from hypothesis import strategies as st
 
 from mumoe.spec import FORMATS, Network, parse_spec
 from mumoe.typing import Shape, Tensor
+from mumoe.validation import check_bool, positive_int
 
 __all__ = [
     "HALF_PRECISION_TOLERANCES",
@@ -39,6 +41,7 @@ __all__ = [
     "dense_forward",
     "n_terms",
     "networks",
+    "networks_of",
     "preset_networks",
     "random_inputs",
     "seeds",
@@ -356,6 +359,62 @@ def custom_networks(draw: st.DrawFn, max_levels: int = 3, max_cores: int = 4) ->
     rank = {bond: draw(_ranks) for bond in parsed.bonds}
     return Network(
         spec, draw(_sizes), draw(_sizes), expert_dims=dims, rank=rank, bias=draw(st.booleans())
+    )
+
+
+def networks_of(
+    spec: str, *, max_size: int = 5, max_rank: int = 4, bias: bool | None = None
+) -> st.SearchStrategy[Network]:
+    """Networks of one spec, your own: random sizes and bond sizes, the structure fixed.
+
+    Parameters
+    ----------
+    spec : str
+        The network's spec (checked now: an invalid one raises here, not in
+        the test).
+    max_size : int, default 5
+        Expert counts, ``in_features`` and ``out_features`` are drawn in
+        ``1..max_size``.
+    max_rank : int, default 4
+        Every bond's size is drawn in ``1..max_rank``, each on its own.
+    bias : bool, optional
+        Both by default.
+
+    Returns
+    -------
+    hypothesis.strategies.SearchStrategy of Network
+
+    Examples
+    --------
+    Hold a network of your own to the oracle, Eq. (1) over the materialised
+    weight tensor:
+
+    >>> from hypothesis import given, settings
+    >>> from mumoe import forward, materialize, random_cores
+    >>> @settings(max_examples=20)
+    ... @given(networks_of("n1 a, a n2 b, i b c, o c"), batch_shapes(), seeds())
+    ... def test(net, batch_shape, seed):
+    ...     cores = random_cores(net, random_state=seed)
+    ...     x, gates = random_inputs(net, batch_shape, random_state=seed)
+    ...     expected = dense_forward(materialize(net, cores), x, gates, net.bias)
+    ...     assert_close(forward(net, cores, x, gates), expected, scale=n_terms(net))
+    >>> test()
+    """
+    parsed = parse_spec(spec)
+    sizes = st.integers(1, positive_int(max_size, "max_size"))
+    ranks = st.integers(1, positive_int(max_rank, "max_rank"))
+    levels = len(parsed.expert_legs)
+
+    def build(dims: list[int], i: int, o: int, rank: dict[str, int], with_bias: bool) -> Network:
+        return Network(spec, i, o, expert_dims=dims, rank=rank or None, bias=with_bias)
+
+    return st.builds(
+        build,
+        st.lists(sizes, min_size=levels, max_size=levels),
+        sizes,
+        sizes,
+        st.fixed_dictionaries({bond: ranks for bond in parsed.bonds}),
+        st.booleans() if bias is None else st.just(check_bool(bias, "bias")),
     )
 
 
