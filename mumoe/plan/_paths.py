@@ -53,16 +53,19 @@ DEFAULT_OPTIMIZE = "flop-optimal"
 
 
 def optimal_path(
-    inputs: Sequence[Collection[str]], output: Collection[str], size_dict: Mapping[str, int]
-) -> list[tuple[int, int]]:
-    """The pairwise contraction path of least FLOPs, as opt_einsum counts them.
+    inputs: Sequence[Collection[str]],
+    output: Collection[str],
+    size_dict: Mapping[str, int],
+    memory_limit: int | None = None,
+) -> list[tuple[int, ...]]:
+    """The contraction path of least FLOPs, as opt_einsum counts them.
 
     The least ``opt_cost`` of ``opt_einsum.contract_path`` over every
-    sequence of pairwise contractions.  (Where one operand alone holds a leg
-    that is summed, which no :class:`mumoe.Network` has, opt_einsum may also
-    sum it in a single-operand step first; that is not searched.)  Ties are
-    broken by the smaller largest intermediate, then by the first split found
-    (deterministic).
+    sequence of pairwise contractions, each operand that alone holds legs
+    the output lacks summing them first in a step of its own where that is
+    cheaper (no :class:`mumoe.Network` has such a leg: a bond joins two
+    cores).  Ties are broken by the smaller largest intermediate, then by the
+    first split found (deterministic).
 
     Parameters
     ----------
@@ -72,22 +75,41 @@ def optimal_path(
         The legs of the result.
     size_dict : mapping
         The size of every leg.
+    memory_limit : int, optional
+        The most entries any intermediate may hold (the result aside): the
+        cheapest path within it.  None or a negative number: no limit.
 
     Returns
     -------
-    list of (int, int)
+    list of tuple of int
         The path in opt_einsum's convention (positions in the working list).
+
+    Raises
+    ------
+    ValueError
+        If no pairwise path keeps every intermediate within ``memory_limit``
+        (opt_einsum's ``"dp"`` raises too; its ``"optimal"`` ends the path
+        with one einsum over the operands left).
 
     Examples
     --------
     >>> optimal_path(["ab", "bc", "cd"], "ad", {"a": 10, "b": 2, "c": 10, "d": 2})
     [(1, 2), (0, 1)]
+    >>> optimal_path(["abc", "cd", "de"], "e", {"a": 9, "b": 9, "c": 9, "d": 9, "e": 9})
+    [(0,), (0, 2), (0, 1)]
     """
     n = len(inputs)
     if n < 2:
-        return [(0,)] if n == 1 else []  # type: ignore[list-item]
+        return [(0,)] if n == 1 else []
+    if memory_limit is not None and memory_limit < 0:
+        memory_limit = None  # opt_einsum's "no limit"
+    limited, limit = memory_limit is not None, memory_limit or 0
+    counts: dict[str, int] = {}
+    for legs in (*inputs, output):
+        for leg in set(legs):
+            counts[leg] = counts.get(leg, 0) + 1
     # Legs as bits of an int, so that unions and differences are single operations.
-    bit = {leg: 1 << k for k, leg in enumerate(sorted(set().union(*inputs, output)))}
+    bit = {leg: 1 << k for k, leg in enumerate(sorted(counts))}
     legs_of = [sum(bit[leg] for leg in set(legs)) for legs in inputs]
     out = sum(bit[leg] for leg in set(output))
     sizes: dict[int, int] = {}
@@ -96,6 +118,16 @@ def optimal_path(
         if legs not in sizes:
             sizes[legs] = math.prod(size_dict[leg] for leg, b in bit.items() if legs & b)
         return sizes[legs]
+
+    # An operand may first sum, in a step of its own, the legs it alone holds (those
+    # vanish at its first pairwise step either way): its variants, (legs, flops).
+    variants: list[list[tuple[int, int]]] = []
+    for j, held in enumerate(legs_of):
+        alone = sum(bit[leg] for leg in set(inputs[j]) if counts[leg] == 1)
+        options = [(held, 0)]
+        if alone and not (limited and size(held & ~alone) > limit):
+            options.append((held & ~alone, 2 * size(held)))  # opt_einsum's single-term cost
+        variants.append(options)
 
     full = (1 << n) - 1
     union = [0] * (full + 1)
@@ -106,47 +138,89 @@ def optimal_path(
     for mask in range(1, full + 1):  # an intermediate keeps the legs still needed
         single = mask & (mask - 1) == 0  # one operand keeps all its legs
         keeps[mask] = union[mask] if single else union[mask] & (union[full ^ mask] | out)
-    cost = [0] * (full + 1)
+
+    # The sides of a split with a choice, (legs, extra flops, summed alone first);
+    # None elsewhere (the hot loop's common case).
+    choices: list[list[tuple[int, int, bool]] | None] = [None] * (full + 1)
+    for j, options in enumerate(variants):
+        if len(options) > 1:
+            choices[1 << j] = [(held, extra, k > 0) for k, (held, extra) in enumerate(options)]
+
+    cost = [0] * (full + 1)  # -1: no path within the memory limit
     largest = [0] * (full + 1)
     split = [0] * (full + 1)
+    choice: dict[int, tuple[bool, bool]] = {}
     for mask in sorted(range(1, full + 1), key=int.bit_count):
         if mask & (mask - 1) == 0:
             continue
         low = mask & -mask
         rest = mask ^ low
         kept = keeps[mask]
-        best = (-1, 0, 0)
+        best = (-1, 0, 0, (False, False))
         sub = rest
-        while True:  # every split (A, S \ A) with A holding the lowest operand
+        too_big = limited and mask != full and size(kept) > limit
+        while not too_big:  # every split (A, S \ A) with A holding the lowest operand
             left = low | sub
             right = mask ^ left
-            if right:
-                involved = keeps[left] | keeps[right]
-                step = size(involved) * (2 if involved & ~kept else 1)
-                total = cost[left] + cost[right] + step
-                peak = max(largest[left], largest[right], size(kept))
-                if best[0] < 0 or (total, peak) < best[:2]:
-                    best = (total, peak, left)
+            if right and cost[left] >= 0 and cost[right] >= 0:
+                if choices[left] is None and choices[right] is None:
+                    involved = keeps[left] | keeps[right]
+                    step = size(involved) * (2 if involved & ~kept else 1)
+                    total = cost[left] + cost[right] + step
+                    peak = max(largest[left], largest[right], size(kept))
+                    if best[0] < 0 or (total, peak) < best[:2]:
+                        best = (total, peak, left, (False, False))
+                else:
+                    for left_legs, left_extra, left_first in choices[left] or [
+                        (keeps[left], 0, False)
+                    ]:
+                        for right_legs, right_extra, right_first in choices[right] or [
+                            (keeps[right], 0, False)
+                        ]:
+                            involved = left_legs | right_legs
+                            step = size(involved) * (2 if involved & ~kept else 1)
+                            total = cost[left] + cost[right] + step + left_extra + right_extra
+                            peak = max(largest[left], largest[right], size(kept))
+                            if left_first or right_first:
+                                peak = max(peak, size(left_legs), size(right_legs))
+                            if best[0] < 0 or (total, peak) < best[:2]:
+                                best = (total, peak, left, (left_first, right_first))
             if sub == 0:
                 break
             sub = (sub - 1) & rest
-        cost[mask], largest[mask], split[mask] = best
+        cost[mask], largest[mask], split[mask], choice[mask] = best
 
-    ssa: list[tuple[int, int]] = []
+    if cost[full] < 0:
+        raise ValueError(
+            f"no pairwise contraction path keeps every intermediate within memory_limit="
+            f"{memory_limit:,} entries; raise the limit, or use opt_einsum's 'optimal', "
+            "which ends such a path with one einsum over the operands left"
+        )
+    ssa: list[tuple[int, ...]] = []
 
-    def build(mask: int) -> int:
+    def build(mask: int, first: bool = False) -> int:
         if mask & (mask - 1) == 0:
-            return mask.bit_length() - 1
-        a, b = build(split[mask]), build(mask ^ split[mask])
+            if not first:
+                return mask.bit_length() - 1
+            ssa.append((mask.bit_length() - 1,))
+            return n + len(ssa) - 1
+        left_first, right_first = choice[mask]
+        a = build(split[mask], left_first)
+        b = build(mask ^ split[mask], right_first)
         ssa.append((a, b))
         return n + len(ssa) - 1
 
     build(full)
-    return [tuple(step) for step in ssa_to_linear(ssa)]
+    return [tuple(int(i) for i in step) for step in ssa_to_linear(ssa)]
 
 
 class FlopOptimal(PathOptimizer):
     """opt_einsum path optimiser: :func:`optimal_path` up to ``max_operands``, else ``fallback``.
+
+    A general optimiser, usable as ``optimize=`` of ``opt_einsum.contract``:
+    legs one operand alone sums are summed first, and ``memory_limit`` (the
+    most entries of an intermediate) is honoured by the exact search and
+    passed to the fallback.
 
     Parameters
     ----------
@@ -174,11 +248,11 @@ class FlopOptimal(PathOptimizer):
         size_dict: dict[str, int],
         memory_limit: int | None = None,
     ) -> Any:
-        """The path for opt_einsum (``memory_limit`` is passed to the fallback only)."""
+        """The path for opt_einsum, within ``memory_limit`` entries per intermediate."""
         if len(inputs) > self.max_operands:
             search = opt_einsum.paths.get_path_fn(self.fallback)
             return search(inputs, output, size_dict, memory_limit)
-        return optimal_path(inputs, output, size_dict)
+        return optimal_path(inputs, output, size_dict, memory_limit)
 
 
 def path_optimizer(optimize: Any) -> Any:

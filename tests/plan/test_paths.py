@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import opt_einsum
 import pytest
 from hypothesis import assume, given, settings
@@ -19,12 +20,12 @@ def cost(equation, shapes, optimize):
 
 
 @st.composite
-def equations(draw, max_operands=6):
+def equations(draw, max_operands=6, lone=False):
     """Random einsum problems as networks make them: shared, open and hyper-legs, outer products.
 
     Every summed leg is held by two operands or more, as in any :class:`mumoe.Network`
-    (a bond must join two cores): a leg one operand alone sums could be cheaper with a
-    single-operand step first, which a pairwise search does not consider.
+    (a bond must join two cores), unless ``lone``: then a leg one operand alone holds
+    may be summed too (a general einsum's, which a single-operand step sums first).
     """
     letters = "abcdefgh"
     n = draw(st.integers(2, max_operands))
@@ -34,8 +35,9 @@ def equations(draw, max_operands=6):
     ]
     used = sorted(set("".join(terms)))
     output = "".join(draw(st.lists(st.sampled_from(used), max_size=3, unique=True)))
-    lone = {leg for leg in used if "".join(terms).count(leg) == 1}
-    output += "".join(sorted(lone - set(output)))
+    if not lone:
+        alone = {leg for leg in used if "".join(terms).count(leg) == 1}
+        output += "".join(sorted(alone - set(output)))
     sizes = {leg: draw(st.integers(1, 6)) for leg in used}
     shapes = [tuple(sizes[leg] for leg in term) for term in terms]
     return f"{','.join(terms)}->{output}", shapes
@@ -73,6 +75,59 @@ def test_the_path_is_never_dearer_than_the_exhaustive_search(problem):
     ours = cost(equation, shapes, FlopOptimal())
     assert ours <= cost(equation, shapes, "optimal")
     assert ours <= cost(equation, shapes, "auto-hq")
+
+
+def test_a_leg_one_operand_alone_sums_is_summed_first():
+    # Issue #26, item 9: "abc,cd,de->e" cost 19.7x what opt_einsum's "dp" finds.
+    shapes = [(9, 9, 9), (9, 9), (9, 9)]
+    assert cost("abc,cd,de->e", shapes, FlopOptimal()) == cost("abc,cd,de->e", shapes, "dp")
+
+
+@settings(max_examples=100)
+@given(equations(max_operands=6, lone=True))
+def test_general_einsums_are_never_dearer_than_opt_einsums_searches(problem):
+    equation, shapes = problem
+    ours = cost(equation, shapes, FlopOptimal())
+    for optimize in ("dp", "optimal", "auto-hq", "greedy"):
+        assert ours <= cost(equation, shapes, optimize), optimize
+    if len(shapes) <= 4:
+        assert ours <= min(cost(equation, shapes, path) for path in every_path(len(shapes)))
+    operands = [np.random.default_rng(0).random(shape) for shape in shapes]
+    np.testing.assert_allclose(
+        opt_einsum.contract(equation, *operands, optimize=FlopOptimal()),
+        np.einsum(equation, *operands),
+        rtol=1e-12,
+    )
+
+
+def intermediates(equation, shapes, path):
+    """The entries of each intermediate a path makes, the result aside."""
+    info = opt_einsum.contract_path(equation, *shapes, shapes=True, optimize=path)[1]
+    return info.size_list[:-1]
+
+
+@settings(max_examples=80)
+@given(equations(max_operands=5), st.integers(1, 300))
+def test_the_memory_limit_is_honoured_by_the_cheapest_path_within_it(problem, limit):
+    # Issue #26, item 9: memory_limit was ignored up to 10 operands.
+    equation, shapes = problem
+    fitting = [
+        cost(equation, shapes, path)
+        for path in every_path(len(shapes))
+        if max(intermediates(equation, shapes, path), default=0) <= limit
+    ]
+    optimizer = FlopOptimal()
+    if not fitting:
+        with pytest.raises(ValueError, match=f"within memory_limit={limit:,} entries"):
+            opt_einsum.contract_path(
+                equation, *shapes, shapes=True, optimize=optimizer, memory_limit=limit
+            )
+        return
+    _, info = opt_einsum.contract_path(
+        equation, *shapes, shapes=True, optimize=optimizer, memory_limit=limit
+    )
+    assert max(info.size_list[:-1], default=0) <= limit
+    assert int(info.opt_cost) == min(fitting)
 
 
 @settings(max_examples=30)
