@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Callable, Sequence
+import warnings
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -78,6 +79,11 @@ def linear_weights(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None
     else:
         raise TypeError(
             f"expected a torch.nn.Linear (or transformers' Conv1D), got {type(module).__qualname__}"
+        )
+    if isinstance(weight, nn.parameter.UninitializedParameter):
+        raise ValueError(
+            f"the {type(module).__name__} is not initialised yet (its weight has no shape): "
+            "run the model once on an input, so that it infers its sizes, then convert it"
         )
     if weight.is_meta:
         raise ValueError(
@@ -191,6 +197,9 @@ def from_linear(
         layer.conversion_error = relative_error(
             layer.network, [_numpy(core) for core in layer.cores], m
         )
+    # Parents that read their linear layer's .weight (its dtype, say) get a stand-in.
+    layer._stands_in_for = f"the layer converted from {type(linear).__name__}{tuple(sizes)}"
+    layer._linear_bias = bias is not None
     return layer
 
 
@@ -205,22 +214,41 @@ def replace_linear(
     network: str = "cp",
     expert_dims: int | Sequence[int],
     rank: RankOrBudget | None = "same",
+    example_inputs: Any = None,
     **layer_kwargs: Any,
 ) -> nn.Module:
     r"""Replace, in place, the linear layers of ``model`` that ``include`` selects.
 
     Each is converted by :func:`from_linear` (a budget such as ``"same"`` is
-    matched per layer, its gate counted).  Every replacement is built before
-    any is put in: if one fails, ``model`` is left untouched.
+    matched per layer, its gate counted).  Every replacement is built, and
+    checked, before any is put in: if one fails, ``model`` is left untouched.
+
+    A linear layer registered under several names (weight tying by
+    aliasing) is selected by any of them and replaced, under all of them, by
+    one shared μMoE layer.  A linear layer whose weight is tied to another
+    module's parameter (``lm_head`` to the embedding) starts from its values
+    and the tie is dropped, with a warning.  A converted layer shows its
+    parent a stand-in ``.weight`` and ``.bias`` (dtype, device and shape:
+    what T5 or ``nn.TransformerEncoderLayer`` read); a parent known to
+    compute with the weight itself, ``nn.MultiheadAttention`` (its
+    ``out_proj``), is refused.  Give ``example_inputs`` to check any other
+    parent: the model runs once on them before the replacement and once
+    after, in eval mode and without gradients, and the replacement is undone
+    if that fails or a layer that ran before no longer runs.
 
     Parameters
     ----------
     model : torch.nn.Module
+        A model holding linear layers (not a linear layer itself: use
+        :func:`from_linear`).
     include : callable or str
         ``include(qualified_name, module) -> bool``, or a regular expression
         searched in the qualified name (``"mlp"``, ``r"\.c_fc$"``).
     network, expert_dims, rank, **layer_kwargs
         As for :func:`from_linear`.
+    example_inputs : tuple or mapping, optional
+        Positional (a tuple; one tensor alone is taken as one argument) or
+        keyword arguments of ``model``'s forward, for the check above.
 
     Returns
     -------
@@ -230,10 +258,12 @@ def replace_linear(
     Raises
     ------
     ValueError
-        If no linear layer matches (the message lists those there are), or a
-        conversion fails (naming the layer).
+        If no linear layer matches (the message lists those there are), a
+        conversion fails (naming the layer), a parent computes with a
+        selected layer's weight, or the check on ``example_inputs`` fails.
     TypeError
-        If ``include`` is neither callable nor a string.
+        If ``include`` is neither callable nor a string, or ``model`` is a
+        linear layer.
 
     Examples
     --------
@@ -246,35 +276,129 @@ def replace_linear(
     >>> type(model[0]).__name__, torch.allclose(model(x), before, atol=1e-5)
     ('MuMoE', True)
     """
-    select = _selector(include)
-    linears = [
-        (name, module)
-        for name, module in model.named_modules()
-        if name and (isinstance(module, nn.Linear) or _is_conv1d(module))
-    ]
-    chosen = [(name, module) for name, module in linears if select(name, module)]
-    if not chosen:
-        names = ", ".join(repr(name) for name, _ in linears[:10])
-        more = f" (and {len(linears) - 10} more)" if len(linears) > 10 else ""
-        raise ValueError(
-            f"include={include!r} matches none of the model's {len(linears)} linear layers: "
-            f"{names or 'none'}{more}"
+    if isinstance(model, nn.Linear) or _is_conv1d(model):
+        raise TypeError(
+            f"model is itself a linear layer ({type(model).__name__}); replace_linear replaces "
+            "the linear layers inside a model: convert this one with mumoe.nn.from_linear"
         )
+    select = _selector(include)
+    # Every name of every linear layer: one registered twice (aliased) has both.
+    names_of: dict[int, list[str]] = {}
+    linears: dict[int, nn.Module] = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        if name and (isinstance(module, nn.Linear) or _is_conv1d(module)):
+            names_of.setdefault(id(module), []).append(name)
+            linears[id(module)] = module
+    chosen = [key for key, names in names_of.items() if any(select(n, linears[key]) for n in names)]
+    if not chosen:
+        every = [name for names in names_of.values() for name in names]
+        shown = ", ".join(repr(name) for name in every[:10])
+        more = f" (and {len(every) - 10} more)" if len(every) > 10 else ""
+        raise ValueError(
+            f"include={include!r} matches none of the model's {len(every)} linear layers: "
+            f"{shown or 'none'}{more}"
+        )
+    for key in chosen:
+        for name in names_of[key]:
+            parent = _parent(model, name)[0]
+            if isinstance(parent, nn.MultiheadAttention):
+                raise ValueError(
+                    f"{name!r} cannot become a μMoE layer: nn.MultiheadAttention computes its "
+                    "out_proj with out_proj.weight itself (F.multi_head_attention_forward) and "
+                    "never calls the module; leave it out of include="
+                )
+    _warn_of_dropped_ties(model, chosen, names_of, linears)
     replacements = {}
-    for name, module in chosen:
+    for key in chosen:
+        name = names_of[key][0]
         try:
-            replacements[name] = from_linear(
-                module, network, expert_dims=expert_dims, rank=rank, **layer_kwargs
+            layer = from_linear(
+                linears[key], network, expert_dims=expert_dims, rank=rank, **layer_kwargs
             )
         except (TypeError, ValueError) as error:
             raise type(error)(
                 f"replacing {name!r} failed, the model is unchanged: {error}"
             ) from error
-    for name, layer in replacements.items():
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, layer)
+        layer._stands_in_for = " and ".join(map(repr, names_of[key]))
+        replacements[key] = layer
+    if example_inputs is not None:
+        ran_before = _layers_run(model, {key: linears[key] for key in chosen}, example_inputs)
+    _put(model, names_of, replacements)
+    if example_inputs is not None:
+        try:
+            ran_after = _layers_run(model, replacements, example_inputs)
+        except Exception as error:
+            _put(model, names_of, {key: linears[key] for key in chosen})
+            raise ValueError(
+                "with the μMoE layers in place the model failed on example_inputs, so the "
+                f"model is unchanged: {type(error).__name__}: {error}"
+            ) from error
+        skipped = [names_of[key][0] for key in chosen if key in ran_before - ran_after]
+        if skipped:
+            _put(model, names_of, {key: linears[key] for key in chosen})
+            raise ValueError(
+                f"{', '.join(map(repr, skipped))} ran on example_inputs as linear layers but "
+                "not as μMoE layers: their parents compute with the weights themselves, which "
+                "would skip the experts; the model is unchanged (leave them out of include=)"
+            )
     return model
+
+
+def _parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
+    parent_name, _, child = name.rpartition(".")
+    return (model.get_submodule(parent_name) if parent_name else model), child
+
+
+def _put(model: nn.Module, names_of: dict[int, list[str]], layers: Mapping[int, nn.Module]) -> None:
+    for key, layer in layers.items():
+        for name in names_of[key]:  # every alias: one shared layer
+            parent, child = _parent(model, name)
+            setattr(parent, child, layer)
+
+
+def _warn_of_dropped_ties(
+    model: nn.Module,
+    chosen: list[int],
+    names_of: dict[int, list[str]],
+    linears: dict[int, nn.Module],
+) -> None:
+    owners: dict[int, list[str]] = {}
+    for name, parameter in model.named_parameters(remove_duplicate=False):
+        owners.setdefault(id(parameter), []).append(name)
+    for key in chosen:
+        own = tuple(f"{name}." for name in names_of[key])
+        tied = [p for p in owners.get(id(linears[key].weight), []) if not p.startswith(own)]
+        if tied:
+            warnings.warn(
+                f"{names_of[key][0]}.weight is tied to {', '.join(tied)}: the μMoE layer starts "
+                "from its values and holds its own cores, so the tie is dropped (the other "
+                "module keeps the parameter and trains it alone)",
+                UserWarning,
+                stacklevel=3,
+            )
+
+
+def _layers_run(model: nn.Module, layers: Mapping[int, nn.Module], inputs: Any) -> set[int]:
+    """Which of ``layers`` run when ``model`` runs once on ``inputs`` (eval, no gradients)."""
+    ran: set[int] = set()
+    hooks = [
+        layer.register_forward_hook(lambda *_, key=key: ran.add(key))
+        for key, layer in layers.items()
+    ]
+    modes = [(module, module.training) for module in model.modules()]
+    try:
+        model.eval()
+        with torch.no_grad():
+            if isinstance(inputs, Mapping):
+                model(**inputs)
+            else:
+                model(*(inputs if isinstance(inputs, tuple) else (inputs,)))
+    finally:
+        for hook in hooks:
+            hook.remove()
+        for module, training in modes:
+            module.training = training
+    return ran
 
 
 def _selector(include: Include) -> Callable[[str, nn.Module], bool]:

@@ -135,11 +135,19 @@ class FactorizedMuMoE(MuMoE):
     def __init__(self, tensor: Any, *, bias: bool = True, init: bool = False, **options: Any):
         network = network_of(tensor, bias)
         super().__init__(network.in_features, network.out_features, network, bias=bias, **options)
-        self.weight = tensor
+        self.add_module("weight", tensor)
         self._rank = _rank_key(tensor)
         self._networks: OrderedDict[Any, Network] = OrderedDict()
         if init:
             self._init_weights_()
+
+    @property
+    def weight(self) -> Any:
+        """The tensorly-torch tensor holding the cores (a submodule)."""
+        try:
+            return self._modules["weight"]
+        except KeyError:  # during construction: not attached yet
+            raise AttributeError("weight") from None
 
     def _init_weights_(self) -> None:
         weight = self._modules.get("weight")

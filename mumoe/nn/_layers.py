@@ -14,6 +14,7 @@ whatever backend the rest of the program has chosen.
 from __future__ import annotations
 
 import threading
+import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
@@ -27,6 +28,7 @@ from mumoe.functional import check_level, layer_forward
 from mumoe.nn._bridge import check_gate_devices, check_input, module_contract, not_scriptable
 from mumoe.nn._gate import Activation, MuMoEGate
 from mumoe.nn._init import init_cores_
+from mumoe.nn._stand_in import LinearStandIn, stand_in
 from mumoe.plan import Planner, resolve_planner
 from mumoe.spec import Budget, Network, build_network
 from mumoe.typing import Rank, RankOrBudget
@@ -98,6 +100,12 @@ class MuMoE(nn.Module):
         One parameter per core, of shapes ``network.core_shapes``.
     gate : MuMoEGate or None
     input_norm : torch.nn.LayerNorm or None
+    weight, bias : LinearStandIn
+        Only on layers made by :func:`mumoe.nn.from_linear`, for parents that
+        read their linear layer's: the dtype, device and shape of
+        ``nn.Linear(in_features, out_features)``'s, and nothing else
+        (:mod:`mumoe.nn`'s "Converting pretrained models").  Assigning
+        ``weight`` (``tie_weights``) is ignored with a warning.
 
     Notes
     -----
@@ -174,6 +182,11 @@ class MuMoE(nn.Module):
 
     #: Whether the cores are this module's own parameters (``self.cores``); False: elsewhere.
     _owns_cores = True
+    #: Set by :func:`mumoe.nn.from_linear` (the layer's name in messages): the layer
+    #: stands in for a linear layer, and shows ``weight``/``bias`` stand-ins.
+    _stands_in_for: str | None = None
+    #: Whether the linear layer it stands in for had a bias.
+    _linear_bias = False
     #: Set by :func:`mumoe.nn.from_linear`: the experts' relative error against the linear layer.
     conversion_error: float | None = None
     __prepare_scriptable__ = not_scriptable  # torch.jit.script: say what works instead
@@ -224,6 +237,58 @@ class MuMoE(nn.Module):
     @planner.setter
     def planner(self, planner: Planner | None) -> None:
         self.__dict__["_planner"] = resolve_planner(self.network, planner)
+
+    @property
+    def weight(self) -> LinearStandIn:
+        """The replaced linear layer's weight, as a stand-in: dtype, device and shape only.
+
+        Only on layers made by :func:`mumoe.nn.from_linear`; any computation
+        with it raises ``RuntimeError`` naming the layer.
+
+        Examples
+        --------
+        >>> import torch
+        >>> from mumoe.nn import from_linear
+        >>> layer = from_linear(torch.nn.Linear(8, 4), "mxd", expert_dims=6)
+        >>> layer.weight.dtype, tuple(layer.weight.shape)
+        (torch.float32, (4, 8))
+        """
+        return self._stand_in("weight", (self.out_features, self.in_features))
+
+    @property
+    def bias(self) -> LinearStandIn | None:
+        """The replaced linear layer's bias, as a stand-in (None where it had none).
+
+        Only on layers made by :func:`mumoe.nn.from_linear`, as :attr:`weight`.
+
+        Examples
+        --------
+        >>> import torch
+        >>> from mumoe.nn import from_linear
+        >>> tuple(from_linear(torch.nn.Linear(8, 4), "mxd", expert_dims=6).bias.shape)
+        (4,)
+        """
+        if self._stands_in_for is not None and not self._linear_bias:
+            return None
+        return self._stand_in("bias", (self.out_features,))
+
+    def _stand_in(self, role: str, shape: tuple[int, ...]) -> LinearStandIn:
+        if self._stands_in_for is None:  # nn.Module's message
+            raise AttributeError(f"'{type(self).__name__}' object has no attribute '{role}'")
+        first = self._weights()[1][0]
+        return stand_in(shape, first.dtype, first.device, self._stands_in_for, role)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name == "weight" and self.__dict__.get("_stands_in_for") is not None:
+            # transformers' tie_weights: a μMoE layer has no dense weight to tie.
+            warnings.warn(
+                f"{self._stands_in_for} is a μMoE layer and holds no dense weight: the "
+                "assignment to its .weight is ignored (a tie to it stays dropped)",
+                UserWarning,
+                stacklevel=2,
+            )
+            return
+        super().__setattr__(name, value)
 
     def _weights(self) -> tuple[Network, list[torch.Tensor]]:
         # The network and cores to contract; subclasses that hold their
