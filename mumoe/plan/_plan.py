@@ -16,14 +16,17 @@ smaller, or sequences of varying length, do not fill the cache.
 
 from __future__ import annotations
 
+import contextlib
 import random
 import threading
 from collections import OrderedDict
-from collections.abc import Callable, Hashable, Sequence
+from collections.abc import Callable, Hashable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import opt_einsum
+from opt_einsum import path_random
+from opt_einsum import paths as opt_paths
 
 from mumoe.plan._paths import DEFAULT_OPTIMIZE, path_optimizer
 from mumoe.plan._program import Kernels, Program, compile_program
@@ -55,6 +58,28 @@ BIAS_INSIDE_ROWS = 2
 #: training: its backward runs in Python (about 0.1 ms a call on a 2-core CPU,
 #: ``benchmarks/README.md``), which a copy of a smaller ``x`` undercuts.
 BIAS_KERNEL_ELEMENTS = 1 << 16
+
+
+_RANDOM_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def _private_random() -> Iterator[None]:
+    # opt_einsum's random-greedy search (auto-hq past 20 operands, and an autotune
+    # candidate) seeds and draws from Python's global random, which another thread may
+    # be drawing from: give it a generator of its own while it searches (its paths are
+    # the same, since it seeds each trial).
+    # (It seeds with random_seed, draws with random_choices, and its cost jitter calls
+    # opt_einsum.paths' random.gauss.)
+    rng = random.Random()
+    with _RANDOM_LOCK:
+        saved = path_random.random_seed, path_random.random_choices, opt_paths.random
+        path_random.random_seed, path_random.random_choices = rng.seed, rng.choices
+        opt_paths.random = rng
+        try:
+            yield
+        finally:
+            path_random.random_seed, path_random.random_choices, opt_paths.random = saved
 
 
 def batch_bucket(batch_size: int) -> int:
@@ -168,15 +193,10 @@ class Plan:
         (((0, 1),), 48)
         """
         dims = tuple(tuple(int(d) for d in s) for s in shapes)
-        # opt_einsum's random-greedy search (auto-hq past 20 operands, and some
-        # autotune candidates) reseeds Python's global random: leave it as it was.
-        state = random.getstate()
-        try:
+        with _private_random():
             path, info = opt_einsum.contract_path(
                 equation, *dims, shapes=True, optimize=path_optimizer(optimize)
             )
-        finally:
-            random.setstate(state)
         inputs, output = equation.split("->")
         terms = inputs.split(",")
         sizes = {

@@ -104,3 +104,33 @@ def test_path_searches_leave_pythons_random_state_alone():
     x, gates = random_inputs(net, (4,), random_state=0)
     forward(net, cores, x, gates, planner=planner)
     assert random.random() == expected
+
+
+def test_a_thread_drawing_from_random_during_a_search_draws_each_number_once():
+    # Issue #26, item 12: the search saved and restored the global state around itself,
+    # so a thread drawing meanwhile had its draws repeated (1,150,456 of 6,024,250).
+    import random
+    import threading
+
+    random.seed(7)
+    reference = [random.random() for _ in range(200_000)]
+    random.seed(7)
+    drawn, done = [], threading.Event()
+
+    def draw():
+        while not done.is_set() and len(drawn) < len(reference):
+            drawn.append(random.random())
+
+    thread = threading.Thread(target=draw)
+    thread.start()
+    try:
+        for k in range(40):
+            Plan.build(
+                "ab,bc,cd,de->ae",
+                [(3, 4), (4, 5), (5, 6), (6, 2 + k % 3)],
+                optimize="random-greedy-128",
+            )
+    finally:
+        done.set()
+        thread.join()
+    assert drawn == reference[: len(drawn)]
