@@ -75,7 +75,16 @@ def positive_int(value: Any, what: str) -> int:
         raise TypeError(f"{what} must be a positive int, got {value!r}") from None
     if size < 1:
         raise ValueError(f"{what} must be a positive int, got {size}")
+    if size >= _INT64:
+        raise ValueError(
+            f"{what}={size:,} is larger than any array dimension can be (sizes are int64, "
+            "below 2**63)"
+        )
     return size
+
+
+#: Array sizes are int64 in every backend.
+_INT64 = 2**63
 
 
 def positive_ints(values: Any, what: str, *, allow_empty: bool = False) -> tuple[int, ...]:

@@ -225,10 +225,12 @@ def topk(logits: Tensor, k: int) -> Tensor:
     the logits permutes the coefficients) and is the same on every backend.
     A row keeps more than ``k`` experts only on such exact ties, such as the
     equal logits of a zero-initialised gate, where top-k is softmax.
-    ``k >= N`` is softmax.  The ``k``-th largest value comes from the
-    backend's declared ``kth_largest`` kernel, a selection rather than a
-    sort of the row; the rest is elementwise and differentiable where the
-    backend is (the selection carries no gradient, as in any top-k router).
+    ``k >= N`` is softmax.  A row holding NaN or ``+inf`` gets NaN
+    coefficients throughout, as softmax's, on every backend.  The ``k``-th
+    largest value comes from the backend's declared ``kth_largest`` kernel, a
+    selection rather than a sort of the row; the rest is elementwise and
+    differentiable where the backend is (the selection carries no gradient,
+    as in any top-k router).
 
     Parameters
     ----------

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import errno
 import json
+import math
 import os
 import secrets
 import stat
@@ -46,6 +47,7 @@ from mumoe.typing import PathLike, Tensor
 __all__ = [
     "FORMAT",
     "VERSION",
+    "check_values_fit",
     "load",
     "network_meta",
     "read_checked",
@@ -232,8 +234,12 @@ def _foreign(path: PathLike, start: bytes) -> str | None:
     return None
 
 
-def _read(path: PathLike) -> tuple[dict[str, Any], dict[str, tuple[str, tuple[int, ...]]], Any]:
-    """The description, the tensors' (dtype, shape) and an open safetensors handle."""
+#: A tensor of the file: its dtype (safetensors' name), shape and byte range.
+Entry = tuple[str, tuple[int, ...], tuple[int, int]]
+
+
+def _read(path: PathLike) -> tuple[dict[str, Any], dict[str, Entry], Any]:
+    """The description, the tensors' dtype, shape and bytes, and an open safetensors handle."""
     try:
         info = os.stat(path)
     except OSError as error:
@@ -243,6 +249,7 @@ def _read(path: PathLike) -> tuple[dict[str, Any], dict[str, tuple[str, tuple[in
     try:
         with open(path, "rb") as f:
             declared = int.from_bytes(f.read(8), "little")
+            header = f.read(declared) if declared <= MAX_HEADER else b""
     except OSError as error:
         raise _refuse(path, f"cannot read it ({error})") from error
     if declared > MAX_HEADER:  # before safetensors parses (and copies) a huge header
@@ -258,10 +265,15 @@ def _read(path: PathLike) -> tuple[dict[str, Any], dict[str, tuple[str, tuple[in
         handle = safetensors.safe_open(os.fspath(path), framework="numpy")
         raw = (handle.metadata() or {}).get("mumoe")
         tensors = {}
+        # Where each tensor's bytes lie: read from the header safetensors has just checked.
+        layout = json.loads(header)
+        start = 8 + declared
         for name in handle.keys():
             piece = handle.get_slice(name)
-            tensors[name] = (str(piece.get_dtype()), tuple(int(d) for d in piece.get_shape()))
-    except (safetensors.SafetensorError, OSError, ValueError, TypeError) as error:
+            begin, end = (start + int(offset) for offset in layout[name]["data_offsets"])
+            shape = tuple(int(d) for d in piece.get_shape())
+            tensors[name] = (str(piece.get_dtype()), shape, (begin, end))
+    except (safetensors.SafetensorError, OSError, ValueError, TypeError, KeyError) as error:
         raise _refuse(
             path,
             f"expected a safetensors file written by mumoe.nn.save; it may be "
@@ -276,7 +288,7 @@ def _read(path: PathLike) -> tuple[dict[str, Any], dict[str, tuple[str, tuple[in
         )
     try:
         meta = json.loads(raw)
-    except (json.JSONDecodeError, RecursionError) as error:
+    except (ValueError, RecursionError) as error:  # ValueError: also an int of 5,000 digits
         raise ValueError(f"{os.fspath(path)!r} has unreadable metadata: {error}") from None
     if _depth(meta) > _MAX_DEPTH:
         raise ValueError(f"{os.fspath(path)!r} has metadata nested deeper than {_MAX_DEPTH}")
@@ -327,20 +339,32 @@ def _check_meta(meta: dict[str, Any], path: PathLike) -> None:
             _check_network_meta(meta.get(part), f"the block's {part}", path)
     else:
         raise ValueError(f"{os.fspath(path)!r} holds a {kind!r}; mumoe reads layers and blocks")
+    if kind == "block" and meta["fc1"]["expert_dims"] != meta["fc2"]["expert_dims"]:
+        raise ValueError(
+            f"{os.fspath(path)!r}: the block's layers must have the same experts (one gate "
+            f"drives both): fc1 has expert_dims {meta['fc1']['expert_dims']}, fc2 "
+            f"{meta['fc2']['expert_dims']}"
+        )
     gate = meta.get("gate")
     if gate is not None:
         _typed(gate, dict, "gate", path)
         if gate.get("normalization") not in ("bn", "ln", None):
             raise ValueError(f"{os.fspath(path)!r}: unknown gate normalization")
         _typed(gate.get("activation"), str, "gate activation", path)
-        _typed(gate.get("eps"), (int, float), "gate eps", path)
-        if gate.get("top_k") is not None:
-            _typed(gate["top_k"], int, "gate top_k", path)
+        _positive_float(gate.get("eps"), "gate eps", path)
+        if gate.get("top_k") is not None and _typed(gate["top_k"], int, "gate top_k", path) < 1:
+            raise ValueError(
+                f"{os.fspath(path)!r}: gate top_k must be at least 1, got {gate['top_k']}"
+            )
     norm = meta.get("input_norm")
     if norm is not None:
-        _typed(
-            _typed(norm, dict, "input_norm", path).get("eps"), (int, float), "input_norm eps", path
-        )
+        _positive_float(_typed(norm, dict, "input_norm", path).get("eps"), "input_norm eps", path)
+
+
+def _positive_float(value: Any, where: str, path: PathLike) -> None:
+    _typed(value, (int, float), where, path)
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"{os.fspath(path)!r}: {where} must be a positive number, got {value!r}")
 
 
 #: The longest spec a file may hold: far above any real network (a Tucker spec with
@@ -429,14 +453,16 @@ def read_checked(
 def _checked(
     path: PathLike,
     meta: dict[str, Any],
-    tensors: dict[str, tuple[str, tuple[int, ...]]],
+    tensors: dict[str, Entry],
     handle: Any,
 ) -> tuple[dict[str, Any], dict[str, Network], dict[str, np.ndarray]]:
     _check_meta(meta, path)
     if meta["kind"] == "layer":
         networks = {"": _network(meta, path)}
+        meta["spec"] = networks[""].spec  # canonical: the same network, however written
     else:
         networks = {"fc1.": _network(meta["fc1"], path), "fc2.": _network(meta["fc2"], path)}
+        meta["fc1"]["spec"], meta["fc2"]["spec"] = (n.spec for n in networks.values())
     spec = " / ".join(network.spec for network in networks.values())
     expected = _expected(networks, meta)
     missing = sorted(set(expected) - set(tensors))
@@ -447,7 +473,7 @@ def _checked(
             f"missing entries {missing}, unexpected entries {extra}"
         )
     for name, shape in expected.items():
-        dtype, found = tensors[name]
+        dtype, found, _ = tensors[name]
         if found != shape:
             raise ValueError(
                 f"{os.fspath(path)!r}: entry {name!r} must have shape {shape} for spec "
@@ -458,11 +484,95 @@ def _checked(
                 f"{os.fspath(path)!r}: entry {name!r} must be floating point "
                 f"({', '.join(DTYPES)}), got {dtype}"
             )
-    try:  # every check passed: only now are the arrays read
-        arrays = {name: np.asarray(handle.get_tensor(name)) for name in expected}
-    except (safetensors.SafetensorError, OSError, ValueError) as error:
-        raise _refuse(path, f"{type(error).__name__}: {error}") from error
+    core_dtypes = {tensors[name][0] for name in expected if "cores." in name}
+    if len(core_dtypes) > 1:
+        raise ValueError(
+            f"{os.fspath(path)!r}: the cores must share one dtype, got {sorted(core_dtypes)}"
+        )
+    arrays = _read_arrays(path, {name: tensors[name] for name in expected})
+    for name, array in arrays.items():
+        if ".running_var." in name and not (array >= 0).all():  # NaN fails too
+            raise ValueError(
+                f"{os.fspath(path)!r}: entry {name!r} is a variance and must be non-negative, "
+                f"got {array.min()!r}"
+            )
     return meta, networks, arrays
+
+
+#: safetensors' dtype names, as NumPy's (little-endian, by the format's specification).
+_NUMPY_DTYPES = {"F16": "<f2", "F32": "<f4", "F64": "<f8"}
+
+
+def _read_arrays(path: PathLike, entries: Mapping[str, Entry]) -> dict[str, np.ndarray]:
+    # Every check passed: only now are the arrays read, by plain reads rather than a
+    # memory map, so that a file cut short meanwhile is an error, not a SIGBUS.
+    arrays = {}
+    try:
+        with open(path, "rb") as f:
+            for name, (dtype, shape, (begin, end)) in entries.items():
+                array = np.empty(shape, dtype=_NUMPY_DTYPES[dtype])
+                f.seek(begin)
+                read = f.readinto(array.data.cast("B")) if array.nbytes else 0
+                if read != array.nbytes or end - begin != array.nbytes:
+                    raise ValueError(
+                        f"entry {name!r} has {read:,} of its {array.nbytes:,} bytes; the file "
+                        "is truncated (or was cut short while it was read)"
+                    )
+                arrays[name] = array
+    except (OSError, ValueError) as error:
+        raise _refuse(path, str(error)) from error
+    return arrays
+
+
+def check_values_fit(arrays: Mapping[str, np.ndarray], dtype: Any, path: PathLike) -> None:
+    """Refuse to cast an array whose finite values the dtype cannot hold (they would be inf).
+
+    Parameters
+    ----------
+    arrays : mapping of entry name to numpy.ndarray
+    dtype : numpy, torch or other backend dtype
+        The dtype the arrays are cast to.
+    path : str or path-like
+        Named in the message.
+
+    Raises
+    ------
+    ValueError
+        Naming the first entry, its largest magnitude and the dtype's.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> check_values_fit({"cores.0": np.array([7e4])}, np.float16, "w.safetensors")
+    Traceback (most recent call last):
+    ...
+    ValueError: 'w.safetensors': entry 'cores.0' holds 70000.0, beyond float16's largest ...
+    """
+    largest = _largest(dtype)
+    if largest is None:
+        return
+    for name, array in arrays.items():
+        finite = np.abs(array[np.isfinite(array)])
+        if finite.size and float(finite.max()) > largest:
+            raise ValueError(
+                f"{os.fspath(path)!r}: entry {name!r} holds {float(finite.max())!r}, beyond "
+                f"{_dtype_name(dtype)}'s largest value ({largest!r}); load it in a wider dtype"
+            )
+
+
+def _dtype_name(dtype: Any) -> str:
+    return str(dtype).rsplit(".", 1)[-1].replace("<class '", "").rstrip("'>")
+
+
+def _largest(dtype: Any) -> float | None:
+    # The largest finite value of a floating dtype of any backend (None: not floating).
+    name = _dtype_name(dtype)
+    if name == "bfloat16":
+        return float(np.finfo(np.float32).max) * (1 - 2.0**-8)
+    try:
+        return float(np.finfo(np.dtype(name)).max)
+    except (TypeError, ValueError):
+        return None
 
 
 def load(path: PathLike, *, dtype: Any = None) -> InferenceMuMoE | InferenceMuMoEBlock:
@@ -502,6 +612,9 @@ def load(path: PathLike, *, dtype: Any = None) -> InferenceMuMoE | InferenceMuMo
     """
     meta, networks, arrays = read_checked(path)
     kind = meta["kind"]
+
+    if dtype is not None:
+        check_values_fit(arrays, dtype, path)
 
     def tensor(name: str) -> Tensor:
         array = arrays[name]

@@ -39,6 +39,7 @@ from mumoe.gates import (
     balance_loss,
     check_balance,
     check_normalization,
+    check_top_k,
     gate_dtype,
 )
 from mumoe.gates import gate_coefficients as _gate_coefficients
@@ -115,6 +116,10 @@ def _topk(logits: torch.Tensor, k: int) -> torch.Tensor:
         return torch.softmax(logits, dim=-1)
     values, index = torch.topk(logits, k + 1, dim=-1)
     out = torch.zeros_like(logits).scatter(-1, index[..., :k], torch.softmax(values[..., :k], -1))
+    # A row holding NaN or +inf is NaN throughout, as softmax's (topk ranks NaN first):
+    # its largest value minus itself is NaN there and 0 elsewhere.
+    top = values[..., :1].detach()
+    out = out + (top - top)
     tied = values[..., k - 1] == values[..., k]
     # Under vmap a data-dependent branch is not allowed: every row takes the tie path.
     if _under_functorch(logits) or bool(tied.any()):
@@ -324,7 +329,7 @@ class MuMoEGate(nn.Module):
         self.expert_dims = tuple(expert_dims)
         self.normalization = check_normalization(normalization)
         self.activation = resolve_activation(activation, top_k=top_k)
-        self.top_k = top_k
+        self.top_k = check_top_k(activation, top_k)  # a plain int: np.int64(2) saves as 2
         self.activation_name = activation_name(activation)
         self.projections = nn.ParameterList(
             [

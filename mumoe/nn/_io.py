@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from mumoe.gates import ACTIVATIONS
-from mumoe.inference import network_meta, read_checked, write
+from mumoe.inference import check_values_fit, network_meta, read_checked, write
 from mumoe.nn._block import MuMoEBlock
 from mumoe.nn._gate import builtin_name
 from mumoe.nn._layers import MuMoE
@@ -130,13 +130,13 @@ def module_entries(module: MuMoE | MuMoEBlock) -> tuple[dict[str, Any], dict[str
             "activation": gate.activation_name,
             # top_k only where set, so files of other gates stay as they were
             **({} if gate.top_k is None else {"top_k": gate.top_k}),
-            "eps": eps,
+            "eps": float(eps),
         }
     meta["input_norm"] = None
     if module.input_norm is not None:
         tensors["input_norm.weight"] = module.input_norm.weight
         tensors["input_norm.bias"] = module.input_norm.bias
-        meta["input_norm"] = {"eps": module.input_norm.eps}
+        meta["input_norm"] = {"eps": float(module.input_norm.eps)}
     return meta, tensors
 
 
@@ -178,6 +178,22 @@ def save(module: MuMoE | MuMoEBlock, path: PathLike) -> None:
             host = host.float()
         arrays[name] = host.numpy()
     write(path, meta, arrays)
+
+
+def _check_writable(module: torch.nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+    # Before anything is written: a copy that would fail half-way must not start.
+    for name, tensor in tensors.items():
+        if tensor.is_meta:
+            raise ValueError(
+                f"the module is on the meta device (its {name!r} has no storage), so nothing "
+                "can be loaded into it; materialise it first: module.to_empty(device='cpu')"
+            )
+        if tensor.is_inference() and not torch.is_inference_mode_enabled():
+            raise ValueError(
+                f"the module's {name!r} is an inference tensor (the module was built, or "
+                "moved, under torch.inference_mode), which cannot be written outside that "
+                "mode; build the module outside it, or call load_into under inference_mode"
+            )
 
 
 def load_into(module: MuMoE | MuMoEBlock, path: PathLike) -> None:
@@ -239,6 +255,9 @@ def load_into(module: MuMoE | MuMoEBlock, path: PathLike) -> None:
                 f"{os.fspath(path)!r}: entry {name!r} has shape {arrays[name].shape}, "
                 f"the module's is {None if tensor is None else tuple(tensor.shape)}"
             )
+    _check_writable(module, tensors)
+    for name, tensor in tensors.items():
+        check_values_fit({name: arrays[name]}, tensor.dtype, path)
     # Convert every entry before writing any: a failure leaves the module untouched.
     values = {
         name: torch.from_numpy(np.ascontiguousarray(arrays[name])).to(tensor.device, tensor.dtype)

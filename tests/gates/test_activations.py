@@ -189,3 +189,16 @@ def test_topk_selects_without_sorting_the_row(monkeypatch):
     z = np.random.default_rng(0).standard_normal((4, 300))
     assert (np.count_nonzero(topk(z, 5), axis=-1) == 5).all()
     assert (torch.count_nonzero(TORCH_KERNELS["topk"](torch.from_numpy(z), 5), -1) == 5).all()
+
+
+def test_topk_of_a_row_with_nan_or_inf_is_nan_on_every_path():
+    # Issue #26, item 12: NumPy gave NaN everywhere, torch NaN in two entries and zeros.
+    rows = np.array(
+        [[1.0, np.nan, 3.0, 0.5, 0.2], [1.0, np.inf, 3.0, 0.5, 0.1], [1.0, -np.inf, 3.0, 0.5, 0.1]]
+    )
+    with np.errstate(invalid="ignore"):
+        expected = topk(rows, 2)
+    assert np.isnan(expected[:2]).all() and np.isfinite(expected[2]).all()
+    got = TORCH_KERNELS["topk"](torch.from_numpy(rows), 2).numpy()
+    np.testing.assert_array_equal(np.isnan(got), np.isnan(expected))
+    np.testing.assert_allclose(got[2], expected[2])

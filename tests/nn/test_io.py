@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import stat
 
 import numpy as np
@@ -17,8 +18,10 @@ from mumoe.inference import InferenceMuMoE, load
 from mumoe.nn import (
     CPMuMoE,
     MuMoE,
+    MuMoEBlock,
     TRMuMoE,
     TuckerMuMoE,
+    load_into,
     save,
 )
 from mumoe.testing import to_numpy64
@@ -255,6 +258,144 @@ def test_mismatched_files_are_refused(saved, change, match):
     rewrite(saved, change)
     with pytest.raises(ValueError, match=match):
         load(saved)
+
+
+def gate_field(**fields):
+    return lambda a, m: m["gate"].update(fields)
+
+
+@pytest.mark.parametrize(
+    ("change", "match"),
+    [
+        (gate_field(eps=float("nan")), r"gate eps must be a positive number, got nan"),
+        (gate_field(eps=-1.0), r"gate eps must be a positive number, got -1\.0"),
+        (
+            lambda a, m: m.__setitem__("input_norm", {"eps": 0}),
+            r"input_norm eps must be a positive number, got 0",
+        ),
+        (
+            lambda a, m: m["gate"].update(activation="topk", top_k=0),
+            r"gate top_k must be at least 1, got 0",
+        ),
+        (
+            lambda a, m: a["gate.running_var.0"].__setitem__(0, -1.0),
+            r"entry 'gate.running_var.0' is a variance and must be non-negative",
+        ),
+        (
+            lambda a, m: a["gate.running_var.1"].__setitem__(1, np.nan),
+            r"entry 'gate.running_var.1' is a variance and must be non-negative",
+        ),
+        (
+            lambda a, m: a.__setitem__("cores.1", a["cores.1"].astype(np.float64)),
+            r"the cores must share one dtype, got \['F32', 'F64'\]",
+        ),
+    ],
+    ids=[
+        "eps-nan",
+        "eps-negative",
+        "input-eps-0",
+        "top-k-0",
+        "var-negative",
+        "var-nan",
+        "mixed-dtypes",
+    ],
+)
+def test_values_the_file_holds_but_no_module_can_are_refused_naming_the_file(saved, change, match):
+    # Issue #26, item 12: these loaded (NaN outputs later) or failed without naming the file.
+    rewrite(saved, change)
+    with pytest.raises(ValueError, match=f"^'{re.escape(str(saved))}'.*{match}"):
+        load(saved)
+    with pytest.raises(ValueError, match=match):
+        load_into(CPMuMoE(12, 5, expert_dims=(6, 3), rank=4), saved)
+
+
+def test_an_integer_of_5000_digits_is_unreadable_metadata(saved):
+    # Issue #26, item 12: Python's own digit-limit message, naming no file.
+    header, body = header_of(saved)
+    raw = header["__metadata__"]["mumoe"].replace(
+        '"in_features": 12', '"in_features": ' + "1" * 5000
+    )
+    header["__metadata__"]["mumoe"] = raw
+    with_header(saved, header, body)
+    with pytest.raises(ValueError, match=r"has unreadable metadata: Exceeds the limit"):
+        load(saved)
+
+
+def test_values_beyond_the_target_dtype_are_refused_not_made_inf(tmp_path):
+    # Issue #26, item 12: 1e300 into float32, or 70,000 into float16, became inf silently.
+    path = tmp_path / "w.safetensors"
+    layer = CPMuMoE(4, 3, expert_dims=4, rank=2, dtype=torch.float64)
+    with torch.no_grad():
+        layer.cores[1][0, 0] = 1e300
+    save(layer, path)
+    with pytest.raises(ValueError, match=r"entry 'cores.1' holds 1e\+300, beyond float32's"):
+        load_into(CPMuMoE(4, 3, expert_dims=4, rank=2), path)
+    with pytest.raises(ValueError, match=r"entry 'cores.1' holds 1e\+300, beyond float32's"):
+        load(path, dtype=np.float32)
+    with torch.no_grad():
+        layer.cores[1][0, 0] = 7e4
+    save(layer, path)
+    with pytest.raises(ValueError, match=r"holds 70000.0, beyond float16's largest value"):
+        load_into(CPMuMoE(4, 3, expert_dims=4, rank=2, dtype=torch.float16), path)
+    load_into(CPMuMoE(4, 3, expert_dims=4, rank=2, dtype=torch.bfloat16), path)  # fits
+
+
+def test_a_block_whose_layers_have_other_experts_is_refused(tmp_path):
+    path = tmp_path / "b.safetensors"
+    save(MuMoEBlock(6, 8, network="cp", expert_dims=(4, 2), rank=3), path)
+    rewrite(path, lambda a, m: m["fc2"].__setitem__("expert_dims", [4, 3]))
+    with pytest.raises(ValueError, match=r"one gate drives both\): fc1 has expert_dims \[4, 2\]"):
+        load(path)
+
+
+def test_a_spec_written_otherwise_is_the_same_network(saved):
+    # Issue #26, item 12: load accepted it and load_into refused it as another module.
+    rewrite(saved, lambda a, m: m.__setitem__("spec", "n1   r ,n2 r,i r,   o r"))
+    fresh = CPMuMoE(12, 5, expert_dims=(6, 3), rank=4)
+    load_into(fresh, saved)
+    assert load(saved).network == fresh.network
+
+
+def test_load_into_refuses_modules_it_cannot_write_before_writing(saved):
+    # Issue #26, item 12: a meta module loaded nothing without an error; an inference
+    # tensor failed half-way with torch's in-place error.
+    with torch.device("meta"):
+        meta = CPMuMoE(12, 5, expert_dims=(6, 3), rank=4)
+    with pytest.raises(ValueError, match=r"on the meta device .* module\.to_empty"):
+        load_into(meta, saved)
+    with torch.inference_mode():
+        built = CPMuMoE(12, 5, expert_dims=(6, 3), rank=4)
+    before = {k: v.clone() for k, v in built.state_dict().items()}
+    with pytest.raises(ValueError, match=r"is an inference tensor .* torch\.inference_mode"):
+        load_into(built, saved)
+    assert all(torch.equal(v, before[k]) for k, v in built.state_dict().items())
+    with torch.inference_mode():
+        load_into(built, saved)  # inside the mode, it may write them
+
+
+def test_a_file_cut_short_while_it_is_read_is_an_error_not_a_crash(saved, monkeypatch):
+    # Issue #26, item 12: the memory-mapped read died of SIGBUS when another writer
+    # truncated the file between the header check and the tensor read.
+    import mumoe.inference._weights_file as weights_file
+
+    check = weights_file._check_meta
+
+    def truncate_then_check(meta, path):
+        check(meta, path)
+        data = saved.read_bytes()
+        saved.write_bytes(data[: len(data) - 40])
+
+    monkeypatch.setattr(weights_file, "_check_meta", truncate_then_check)
+    with pytest.raises(ValueError, match=r"is truncated \(or was cut short while it was read\)"):
+        load(saved)
+
+
+def test_integer_likes_are_plain_ints_and_saved(tmp_path):
+    # Issue #26, item 12: top_k=np.int64(2) crashed save in json.
+    layer = CPMuMoE(4, 3, expert_dims=4, rank=2, activation="topk", top_k=np.int64(2))
+    assert type(layer.gate.top_k) is int
+    save(layer, tmp_path / "w.safetensors")
+    assert load(tmp_path / "w.safetensors").top_k == 2
 
 
 def test_inference_layer_checks_its_input(saved):
