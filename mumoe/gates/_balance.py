@@ -252,10 +252,28 @@ def joint_usage(gates: Sequence[Tensor], mask: Any = None) -> Tensor:
         )
     flat = [_rows(a, mask, f"gates[{e}]") for e, a in enumerate(gates)]
     rows, weights, count = flat[0]
-    letters = "abcdefghijklmnopqrs"[: len(flat)]
-    operands = [rows if weights is None else rows * weights] + [r for r, _, _ in flat[1:]]
-    equation = ",".join(f"t{c}" for c in letters) + "->" + letters
-    return tl.einsum(equation, *operands) / count
+    levels = [rows if weights is None else rows * weights] + [r for r, _, _ in flat[1:]]
+    # The sum over tokens of the levels' outer product, as one matrix product of two
+    # halves (tokens x experts of the first levels, of the last): any number of levels,
+    # and no tokens x joint-experts intermediate.
+    split, product = 1, sizes[0]
+    while split < len(sizes) - 1 and product * product < math.prod(sizes):
+        product *= sizes[split]
+        split += 1
+    left = _outer_rows(levels[:split])
+    if split == len(levels):
+        joint = tl.sum(left, axis=0)
+    else:
+        joint = tl.dot(tl.transpose(left), _outer_rows(levels[split:]))
+    return tl.reshape(joint, tuple(sizes)) / count
+
+
+def _outer_rows(levels: list[Tensor]) -> Tensor:
+    """Row by row, the outer product of the levels' coefficients, ``(T, N_1 * ... * N_k)``."""
+    out = levels[0]
+    for rows in levels[1:]:
+        out = tl.reshape(out[:, :, None] * rows[:, None, :], (tl.shape(out)[0], -1))
+    return out
 
 
 def importance_cv2(gates: Tensor, mask: Any = None) -> Tensor:

@@ -201,3 +201,15 @@ def test_a_tensor_of_another_backend_is_refused_by_name():
         usage(np.full((3, 4), 0.25), mask=torch.ones(3, dtype=torch.bool))
     with use_backend("pytorch"):
         assert float(usage(torch.full((3, 4), 0.25)).entropy) == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("backend", backend_params())
+def test_joint_usage_of_many_levels(backend):
+    # Issue #26, item 12: 21 levels hit an einsum letter limit with NumPy's message.
+    with use_backend(backend):
+        ones = [tl.tensor(np.ones((3, 1)), dtype=backend_dtype("float32")) for _ in range(21)]
+        assert tuple(tl.shape(joint_usage(ones))) == (1,) * 21
+        halves = [tl.tensor(np.full((3, 2), 0.5), dtype=backend_dtype("float32"))] * 20
+        joint = to_numpy64(joint_usage(halves))  # 2**20 joint experts: JOINT_LIMIT exactly
+        assert joint.shape == (2,) * 20
+        np.testing.assert_allclose(joint, 2.0**-20, rtol=1e-5)
