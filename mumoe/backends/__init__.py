@@ -20,6 +20,7 @@ from mumoe.backends._declarations import (
     declared_backends,
     unavailable_reason,
 )
+from mumoe.backends._fork import forked_child
 
 __all__ = [
     "BackendDeclaration",
@@ -29,6 +30,7 @@ __all__ = [
     "cast",
     "creation_context",
     "declared_backends",
+    "forked_child",
     "preserved_backend",
     "thread_backend",
     "unavailable_reason",

@@ -49,6 +49,8 @@ from typing import Any
 import numba
 import numpy as np
 
+from mumoe.backends import forked_child
+
 __all__ = ["entmax15", "entmax15_backward", "sparsemax", "sparsemax_backward"]
 
 ENTMAX15, SPARSEMAX = 0, 1
@@ -303,7 +305,6 @@ _BLOCKS: dict[str, Any] = {"_forward": _forward_blocks, "_backward": _backward_b
 # One parallel launch at a time: Numba's workqueue threading layer (where no OpenMP or TBB
 # is installed) aborts the process on concurrent launches.
 _LAUNCH = threading.Lock()
-_PARENT = os.getpid()  # a forked child runs serially: GNU OpenMP's threads do not survive fork
 
 
 def _threads() -> int:
@@ -338,7 +339,7 @@ def run(kernel: Any, arrays: Sequence[np.ndarray], kind: int, threads: int | Non
         return
     limit: int = numba.config.NUMBA_NUM_THREADS  # type: ignore[attr-defined]  # (set at import)
     workers = min(_threads() if threads is None else threads, rows, size // PARALLEL, limit)
-    if workers < 2 or os.getpid() != _PARENT:
+    if workers < 2 or forked_child():  # GNU OpenMP's threads do not survive fork
         kernel(*arrays, kind)
         return
     with _LAUNCH:

@@ -383,3 +383,38 @@ def test_jax_runs_the_same_algorithm_on_whole_rows_with_gradients():
             (ORACLE[kind](theirs, dim=-1) * torch.from_numpy(weights)).sum(), theirs
         )
         np.testing.assert_allclose(np.asarray(grad), expected.numpy(), atol=1e-5)
+
+
+@pytest.mark.slow
+def test_a_child_forked_after_torchs_threads_started_imports_the_kernels_and_runs():
+    # Issue #26, item 12: the fork guard recorded the pid at the kernels' first import,
+    # which was the child's when the child imported them first: it launched OpenMP
+    # threads and hung.  The child here, and a fork-started Pool's worker, import them
+    # only after the fork.
+    import subprocess
+    import sys
+
+    code = (
+        "import multiprocessing, os, numpy as np, torch\n"
+        "torch.set_num_threads(2)\n"
+        "a = torch.randn(1500, 1500)\n"
+        "for _ in range(3): a @ a  # torch's OpenMP team starts\n"
+        "import mumoe  # the parent uses mumoe, not yet the compiled kernels\n"
+        "def gate(seed):\n"
+        "    from mumoe.gates import entmax_cpu\n"
+        "    entmax_cpu.PARALLEL = 64\n"
+        "    z = np.random.default_rng(seed).standard_normal((256, 1024))\n"
+        "    return float(entmax_cpu.entmax15(z).sum())\n"
+        "if __name__ == '__main__':\n"
+        "    pid = os.fork()\n"
+        "    if pid == 0:\n"
+        "        os._exit(0 if abs(gate(0) - 256) < 1e-6 else 3)\n"
+        "    assert os.waitpid(pid, 0)[1] == 0\n"
+        "    with multiprocessing.get_context('fork').Pool(2) as pool:\n"
+        "        assert all(abs(s - 256) < 1e-6 for s in pool.map(gate, range(4)))\n"
+        "    print('ok')\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr
