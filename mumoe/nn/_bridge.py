@@ -6,15 +6,21 @@ The one path every torch module takes into the functional core
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
 import torch
+from tensorly.backend import BackendManager
 
 from mumoe import functional
 from mumoe.backends import thread_backend
-from mumoe.plan import Planner
+from mumoe.plan import Planner, batch_bucket, resolve_planner
 from mumoe.spec import Network
+
+# TensorLy's pytorch backend, loaded (not selected) now: the modules' first forward pass
+# switches to it without an import, which torch.compile could not trace.
+BackendManager.load_backend("pytorch")
 
 __all__ = [
     "check_gate_devices",
@@ -142,6 +148,8 @@ def module_contract(
     if torch.is_autocast_enabled("cpu" if x.is_cpu else x.device.type):
         x, cores, gates = _autocast(x, cores, gates)
     differentiable = torch.is_grad_enabled() and any(c.requires_grad for c in cores)
+    if torch.compiler.is_compiling():
+        _plan_before_tracing(resolve_planner(network, planner), math.prod(x.shape[:-1]), x.dtype)
     return functional.contract(
         network,
         cores,
@@ -152,6 +160,20 @@ def module_contract(
         backend="pytorch",
         check_x=False,
     )
+
+
+def _plan_before_tracing(planner: Planner, rows: int, dtype: torch.dtype) -> None:
+    # Under torch.compile the cached plan is read lock-free and traced through; a plan
+    # not built yet is built outside the graph (a path search is not traceable): a graph
+    # break, which fullgraph=True refuses: run the layer once on that batch size first.
+    if planner.autotune or planner.cache.hit(("forward", batch_bucket(rows), "pytorch", dtype)):
+        return
+    _build_plan_outside_the_graph(planner, rows, dtype)
+
+
+@torch.compiler.disable
+def _build_plan_outside_the_graph(planner: Planner, rows: int, dtype: torch.dtype) -> None:
+    planner.forward(rows, "pytorch", dtype)
 
 
 def _other_device(a: torch.Tensor, b: torch.Tensor) -> bool:

@@ -121,8 +121,9 @@ def _topk(logits: torch.Tensor, k: int) -> torch.Tensor:
     top = values[..., :1].detach()
     out = out + (top - top)
     tied = values[..., k - 1] == values[..., k]
-    # Under vmap a data-dependent branch is not allowed: every row takes the tie path.
-    if _under_functorch(logits) or bool(tied.any()):
+    # Under vmap or torch.compile a data-dependent branch is not allowed (or breaks the
+    # graph): every row takes the tie path.
+    if _under_functorch(logits) or torch.compiler.is_compiling() or bool(tied.any()):
         kept = logits >= values[..., k - 1 : k].detach()
         e = torch.exp(logits - values[..., :1].detach()).masked_fill(~kept, 0.0)
         out = torch.where(tied.unsqueeze(-1), e / e.sum(-1, keepdim=True), out)

@@ -279,7 +279,8 @@ class PlanCache:
     Notes
     -----
     Keys are plain tuples such as ``("forward", 256, "pytorch", torch.float32)``,
-    never formatted strings or hash values.  A plan is built outside the lock,
+    never formatted strings or hash values.  A hit takes no lock (each
+    dictionary operation is atomic).  A plan is built outside the lock,
     so a slow path search does not stall other threads; if two threads build
     the same plan at once, the first one stored wins and both use it.
 
@@ -353,12 +354,17 @@ class PlanCache:
         >>> cache.hit("a"), cache.hit("b"), (cache.hits, cache.misses)
         ('plan a', None, (1, 1))
         """
-        with self._lock:
-            plan = self._plans.get(key)
-            if plan is not None:
-                self._plans.move_to_end(key)
-                self.hits += 1
-            return plan
+        # Lock-free, the hot path of every call (and traceable by torch.compile, which
+        # cannot enter a lock): each OrderedDict operation is atomic, and a plan evicted
+        # by another thread between the two is still a plan.  The hit count may miss a
+        # concurrent increment; it is a statistic.
+        plans = self._plans
+        plan = plans.get(key)
+        if plan is not None:
+            with contextlib.suppress(KeyError):
+                plans.move_to_end(key)
+            self.hits += 1
+        return plan
 
     def peek(self, key: Hashable) -> Plan | None:
         """The plan stored under ``key``, or None; neither counted nor moved.

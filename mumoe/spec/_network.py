@@ -118,6 +118,7 @@ class Network:
     batch_symbol: str
     _core_shapes: tuple[Shape, ...]
     _hash: int
+    _key: tuple[Any, ...]
 
     def __init__(
         self,
@@ -180,7 +181,10 @@ class Network:
         put(self, "symbols", MappingProxyType(symbols))
         put(self, "batch_symbol", opt_einsum.get_symbol(0))
         # Networks key plan caches on every call: the hash is computed once.
-        put(self, "_hash", hash(self._identity()))
+        # (The identity is kept as a plain tuple: comparing it reads no mapping proxy,
+        # which torch.compile cannot trace after a dict was mutated.)
+        put(self, "_key", self._identity())
+        put(self, "_hash", hash(self._key))
 
     def __setattr__(self, name: str, value: Any) -> None:
         raise AttributeError(
@@ -472,7 +476,7 @@ class Network:
             return True
         if not isinstance(other, Network):
             return NotImplemented
-        return self._hash == other._hash and self._identity() == other._identity()
+        return self._hash == other._hash and self._key == other._key
 
     def __hash__(self) -> int:
         return self._hash

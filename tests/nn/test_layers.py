@@ -129,6 +129,29 @@ def test_torch_compile_gives_the_same_output():
     torch.testing.assert_close(compiled(x), layer(x))
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("activation", ["softmax", "topk"])
+def test_torch_compile_fullgraph_traces_the_whole_layer(activation):
+    # Issue #26, item 12: fullgraph=True failed at the plan cache's lock (and at TensorLy's
+    # backend import, and at top-k's data-dependent tie branch).  The plan of each batch
+    # size comes from an eager call: a path search is not traceable.
+    import torch._dynamo
+
+    options = {"top_k": 2} if activation == "topk" else {}
+    layer = randomise(
+        MuMoE(12, 5, "tucker", expert_dims=(4, 3), rank=2, activation=activation, **options)
+    ).eval()
+    x = torch.randn(7, 12)
+    with torch.no_grad():
+        expected = layer(x)
+        torch._dynamo.reset()
+        compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)
+        torch.testing.assert_close(compiled(x), expected)
+    x.requires_grad_(True)
+    compiled(x).sum().backward()  # training traces too
+    assert x.grad is not None
+
+
 def test_batch_norm_train_and_eval():
     layer = randomise(CPMuMoE(12, 5, expert_dims=8, rank=3))
     norm = layer.gate.norms[0]
