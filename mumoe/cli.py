@@ -14,7 +14,7 @@ from importlib.util import find_spec
 from typing import Any
 
 from mumoe.backends import declared_backends, unavailable_reason
-from mumoe.plan import describe
+from mumoe.plan import PlanTooLargeError, describe
 from mumoe.spec import FORMATS, Budget, build_network
 
 __all__ = ["main"]
@@ -287,7 +287,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return int(args.run(args))
-    except (ValueError, TypeError) as error:
+    except (ValueError, TypeError, PlanTooLargeError) as error:
         print(f"mumoe {args.command}: error: {error}", file=sys.stderr)
         return 2
     except BrokenPipeError:

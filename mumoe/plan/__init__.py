@@ -13,14 +13,23 @@ from mumoe.plan._describe import describe
 from mumoe.plan._paths import (
     DEFAULT_OPTIMIZE,
     OPTIMAL_OPERANDS,
+    SEARCH_SECONDS,
     FlopOptimal,
     check_optimize,
     optimal_path,
     path_optimizer,
 )
-from mumoe.plan._plan import BIAS_INSIDE_ROWS, BIAS_KERNEL_ELEMENTS, Plan, PlanCache, batch_bucket
+from mumoe.plan._plan import (
+    BIAS_INSIDE_ROWS,
+    BIAS_KERNEL_ELEMENTS,
+    Plan,
+    PlanCache,
+    PlanTooLargeError,
+    batch_bucket,
+)
 from mumoe.plan._planner import (
     AUTOTUNE_OPTIMIZERS,
+    MEMORY_LIMIT,
     PLANNERS_KEPT,
     Planner,
     flops,
@@ -41,13 +50,16 @@ __all__ = [
     "BIAS_INSIDE_ROWS",
     "BIAS_KERNEL_ELEMENTS",
     "DEFAULT_OPTIMIZE",
+    "MEMORY_LIMIT",
     "OPTIMAL_OPERANDS",
     "PLANNERS_KEPT",
+    "SEARCH_SECONDS",
     "FlopOptimal",
     "Kernels",
     "PairStep",
     "Plan",
     "PlanCache",
+    "PlanTooLargeError",
     "Planner",
     "Program",
     "SumStep",

@@ -5,7 +5,9 @@ cores, the equation, the path the forward pass uses for the batch size asked
 (the autotuned one once a call has timed it, see
 :meth:`Planner.chosen <mumoe.plan.Planner.chosen>`), its FLOPs, and how the
 bias is added, from the bias rule of :meth:`Plan.bias_inside
-<mumoe.plan.Plan.bias_inside>`.
+<mumoe.plan.Plan.bias_inside>`, and the largest intermediate against the
+planner's memory budget (a network over it is described along the path it
+would take without one).
 """
 
 from __future__ import annotations
@@ -13,9 +15,17 @@ from __future__ import annotations
 import math
 from collections.abc import Hashable
 
+import opt_einsum
+
 from mumoe.plan._paths import DEFAULT_OPTIMIZE, OPTIMAL_OPERANDS
-from mumoe.plan._plan import BIAS_INSIDE_ROWS, BIAS_KERNEL_ELEMENTS, Plan
-from mumoe.plan._planner import Planner, resolve_planner
+from mumoe.plan._plan import (
+    BIAS_INSIDE_ROWS,
+    BIAS_KERNEL_ELEMENTS,
+    Plan,
+    PlanTooLargeError,
+    batch_bucket,
+)
+from mumoe.plan._planner import Planner, _bytes, _dtype_name, _itemsize, resolve_planner
 from mumoe.plan._program import PairStep
 from mumoe.spec import INPUT, OUTPUT, Network
 from mumoe.validation import positive_int
@@ -63,7 +73,13 @@ def describe(
     net = network
     planner = resolve_planner(network, planner)
     batch_size = positive_int(batch_size, "batch_size")
-    plan, source = planner.chosen(batch_size, backend, dtype)
+    try:
+        plan, source = planner.chosen(batch_size, backend, dtype)
+        over: PlanTooLargeError | None = None
+    except PlanTooLargeError as error:  # described all the same: the path without a budget
+        over = error
+        unbudgeted = Planner(network, optimize=planner.optimize, memory_limit=None)
+        plan, source = unbudgeted.build_forward(batch_bucket(batch_size)), "not built yet"
     levels = f"{net.n_levels} expert level{'s' if net.n_levels > 1 else ''}"
     experts = f"{net.n_experts:,} experts"
     if net.n_levels > 1:
@@ -82,10 +98,9 @@ def describe(
     ]
     ratio = net.n_dense_params / net.n_params
     pad = "\n" + " " * 14
-    optimizer = f"opt_einsum {planner.optimize!r}"
-    if planner.optimize == DEFAULT_OPTIMIZE:
-        exact = len(plan.shapes) <= OPTIMAL_OPERANDS
-        optimizer = "FLOP-optimal" if exact else "opt_einsum 'auto-hq' (too many operands to prove)"
+    optimizer = plan.search or f"opt_einsum {planner.optimize!r}"
+    if planner.optimize == DEFAULT_OPTIMIZE and not optimizer.startswith("FLOP-optimal"):
+        optimizer += f" (more than {OPTIMAL_OPERANDS} operands: not proven optimal)"
     if source == "autotuned":
         optimizer = "autotuned (the fastest candidate timed on the first call)"
     elif planner.autotune:
@@ -101,6 +116,7 @@ def describe(
         f"  einsum      {net.einsum_equation}",
         f"  path        batch {batch_size}, {optimizer}:{pad}" + pad.join(_steps(net, plan)),
         f"  FLOPs       {planner.flops(batch_size, plan):,} for batch {batch_size}",
+        f"  memory      {_memory_text(planner, plan, batch_size, dtype, over)}",
         f"  bias        {_bias_text(net, plan, batch_size)}",
     ]
     return "\n".join(lines)
@@ -119,6 +135,34 @@ def _steps(net: Network, plan: Plan) -> list[str]:
         kind = step.kind if isinstance(step, PairStep) else "sum"
         steps.append(f"({n}) {' * '.join(picked)}: {step.equation}  [{kind}]")
     return steps
+
+
+def _memory_text(
+    planner: Planner,
+    plan: Plan,
+    batch_size: int,
+    dtype: Hashable,
+    over: PlanTooLargeError | None,
+) -> str:
+    # The largest intermediate of the path, at this batch size, and the budget.
+    net = planner.network
+    _, info = opt_einsum.contract_path(
+        net.einsum_equation, *net.forward_shapes(batch_size), shapes=True, optimize=list(plan.path)
+    )
+    sizes = [int(size) for size in info.size_list]
+    largest = max(sizes)
+    step = sizes.index(largest) + 1
+    size = _itemsize(dtype)
+    text = (
+        f"largest intermediate {largest:,} entries ({_bytes(largest * size)} "
+        f"{_dtype_name(dtype)}), step ({step})"
+    )
+    if planner.memory_limit is None:
+        return text + "; no memory budget"
+    budget = f"budget {_bytes(planner.memory_limit)} an intermediate"
+    if over is not None:
+        return f"{text}; over the {budget}, so a call raises PlanTooLargeError: {over.reason}"
+    return f"{text}; {budget}"
 
 
 def _bias_text(net: Network, plan: Plan, batch_size: int) -> str:

@@ -22,22 +22,30 @@ outer products included, in :math:`O(3^n)` steps: milliseconds for the
 eight operands of a Tucker network with two expert levels, about 50 ms for
 ten (measured on one core; a plan is searched once and cached).  Above
 :data:`OPTIMAL_OPERANDS` operands the search falls back to opt_einsum's
-``"auto-hq"`` (dynamic programming without outer products, then
-random-greedy), which is not guaranteed optimal.
+dynamic programming without outer products (as its ``"auto-hq"`` does up to 16
+operands; random-greedy above), which is not guaranteed optimal, and is
+exponential in the worst case: a complete graph of 14 cores searches for
+minutes.  It stops at :data:`SEARCH_SECONDS` and keeps the best of
+opt_einsum's random-greedy trials instead, with a warning.
 """
 
 from __future__ import annotations
 
 import math
+import time
+import warnings
 from collections.abc import Collection, Mapping, Sequence
 from typing import Any
 
 import opt_einsum
+from opt_einsum import paths as opt_paths
+from opt_einsum.path_random import RandomGreedy
 from opt_einsum.paths import PathOptimizer, ssa_to_linear
 
 __all__ = [
     "DEFAULT_OPTIMIZE",
     "OPTIMAL_OPERANDS",
+    "SEARCH_SECONDS",
     "FlopOptimal",
     "check_optimize",
     "optimal_path",
@@ -47,6 +55,14 @@ __all__ = [
 #: The most operands :func:`optimal_path` searches exhaustively (3^10 = 59,049
 #: subset splits); networks with more use opt_einsum's ``"auto-hq"``.
 OPTIMAL_OPERANDS = 10
+
+#: The most seconds :class:`FlopOptimal` spends in the dynamic-programming search of
+#: a network with more than :data:`OPTIMAL_OPERANDS` operands before it keeps a
+#: random-greedy path instead.
+SEARCH_SECONDS = 10.0
+
+#: The most operands opt_einsum's ``"auto-hq"`` searches by dynamic programming.
+_DP_OPERANDS = 16
 
 #: The name of the default path search of new plans: :class:`FlopOptimal`.
 DEFAULT_OPTIMIZE = "flop-optimal"
@@ -215,31 +231,60 @@ def optimal_path(
 
 
 class FlopOptimal(PathOptimizer):
-    """opt_einsum path optimiser: :func:`optimal_path` up to ``max_operands``, else ``fallback``.
+    """opt_einsum path optimiser: :func:`optimal_path` up to ``max_operands``, then bounded.
 
     A general optimiser, usable as ``optimize=`` of ``opt_einsum.contract``:
     legs one operand alone sums are summed first, and ``memory_limit`` (the
-    most entries of an intermediate) is honoured by the exact search and
-    passed to the fallback.
+    most entries of an intermediate) is honoured by the exact search and the
+    dynamic programming.  With more than ``max_operands`` operands, opt_einsum's
+    dynamic programming (without outer products, up to 16 operands) runs for
+    at most ``max_seconds``; past that, or with more operands, the best of 128
+    random-greedy trials is kept (within ``max_seconds`` too), which is not
+    guaranteed optimal: a ``UserWarning`` says so when the time ran out.
 
     Parameters
     ----------
     max_operands : int, default OPTIMAL_OPERANDS
-    fallback : str, default "auto-hq"
-        The opt_einsum optimiser for more operands.
+        The most operands searched exactly (:math:`O(3^n)`).
+    max_seconds : float, optional
+        The time budget of the searches past ``max_operands``;
+        :data:`SEARCH_SECONDS` by default.
+
+    Attributes
+    ----------
+    search : str
+        How the last path was found: ``"FLOP-optimal"``,
+        ``"dynamic programming"`` or ``"random-greedy"`` (empty before a search).
 
     Examples
     --------
     >>> import opt_einsum
+    >>> optimizer = FlopOptimal()
     >>> path, _ = opt_einsum.contract_path("ab,bc,cd->ad", (10, 2), (2, 10), (10, 2),
-    ...                                    shapes=True, optimize=FlopOptimal())
-    >>> path
-    [(1, 2), (0, 1)]
+    ...                                    shapes=True, optimize=optimizer)
+    >>> path, optimizer.search
+    ([(1, 2), (0, 1)], 'FLOP-optimal')
     """
 
-    def __init__(self, max_operands: int = OPTIMAL_OPERANDS, fallback: str = "auto-hq") -> None:
+    def __init__(
+        self, max_operands: int = OPTIMAL_OPERANDS, max_seconds: float | None = None
+    ) -> None:
+        if max_seconds is None:
+            max_seconds = SEARCH_SECONDS
+        if not (isinstance(max_seconds, int | float) and max_seconds > 0):
+            raise ValueError(f"max_seconds must be a positive number, got {max_seconds!r}")
         self.max_operands = max_operands
-        self.fallback = fallback
+        self.max_seconds = float(max_seconds)
+        self.search = ""
+        self.deadline: float | None = None
+
+    def start_clock(self) -> None:
+        """Make the searches from now on share one budget of ``max_seconds``.
+
+        A plan searches twice where the cheapest path is over its memory
+        budget: the second search gets the time the first left.
+        """
+        self.deadline = time.perf_counter() + self.max_seconds
 
     def __call__(
         self,
@@ -249,10 +294,78 @@ class FlopOptimal(PathOptimizer):
         memory_limit: int | None = None,
     ) -> Any:
         """The path for opt_einsum, within ``memory_limit`` entries per intermediate."""
-        if len(inputs) > self.max_operands:
-            search = opt_einsum.paths.get_path_fn(self.fallback)
-            return search(inputs, output, size_dict, memory_limit)
-        return optimal_path(inputs, output, size_dict, memory_limit)
+        n = len(inputs)
+        if n <= self.max_operands:
+            self.search = "FLOP-optimal"
+            return optimal_path(inputs, output, size_dict, memory_limit)
+        deadline = self.deadline or time.perf_counter() + self.max_seconds
+        if n <= _DP_OPERANDS:
+            naive = n * math.prod(size_dict[leg] for leg in set().union(*inputs, output))
+            bounded = _BoundedFlops(deadline, naive)
+            try:
+                path = opt_paths.DynamicProgramming(minimize=bounded)(
+                    inputs, output, size_dict, memory_limit
+                )
+            except _OutOfTime:
+                warnings.warn(
+                    f"the dynamic-programming path search over {n} operands passed its "
+                    f"{self.max_seconds:g} s budget; the path is the best of opt_einsum's "
+                    "random-greedy trials and may cost more FLOPs than the optimum "
+                    "(FlopOptimal(max_seconds=...) searches longer; an explicit path or "
+                    "optimiser skips the search)",
+                    UserWarning,
+                    stacklevel=2,
+                )
+            except _NoPathFits:
+                raise ValueError(
+                    f"no pairwise contraction path keeps every intermediate within "
+                    f"memory_limit={memory_limit:,} entries"
+                ) from None
+            else:
+                self.search = "dynamic programming"
+                return path
+        self.search = "random-greedy"
+        remaining = max(deadline - time.perf_counter(), 0.01 * self.max_seconds)
+        return RandomGreedy(max_repeats=128, max_time=remaining)(
+            inputs, output, size_dict, memory_limit
+        )
+
+
+class _OutOfTime(Exception):
+    pass
+
+
+class _NoPathFits(Exception):
+    pass
+
+
+class _BoundedFlops:
+    """opt_einsum's dynamic-programming FLOP comparison, with a deadline.
+
+    Passed as ``DynamicProgramming(minimize=...)``: called for every pair of
+    sub-networks the search considers.  (A callable also turns off the search's
+    own end when no path fits ``memory_limit``, which is restored here: the
+    cost cap passing ``naive``, the most any path costs, ends the search.)
+    """
+
+    def __init__(self, deadline: float, naive: int) -> None:
+        self.deadline = deadline
+        self.naive = naive
+        self.calls = 0
+        self.cost_cap = 0
+
+    def __call__(self, *args: Any) -> None:
+        self.calls += 1
+        if not self.calls & 1023 and time.perf_counter() > self.deadline:
+            raise _OutOfTime
+        cost_cap = args[4]
+        if cost_cap != self.cost_cap:
+            # The cap grows after a sweep that found no path; a smaller one starts the
+            # next disconnected sub-network.  A sweep past naive found none: none fits.
+            if self.naive < self.cost_cap < cost_cap:
+                raise _NoPathFits
+            self.cost_cap = cost_cap
+        opt_paths._dp_compare_flops(*args)
 
 
 def path_optimizer(optimize: Any) -> Any:

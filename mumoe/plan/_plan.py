@@ -17,6 +17,7 @@ smaller, or sequences of varying length, do not fill the cache.
 from __future__ import annotations
 
 import contextlib
+import math
 import random
 import threading
 from collections import OrderedDict
@@ -28,7 +29,7 @@ import opt_einsum
 from opt_einsum import path_random
 from opt_einsum import paths as opt_paths
 
-from mumoe.plan._paths import DEFAULT_OPTIMIZE, path_optimizer
+from mumoe.plan._paths import DEFAULT_OPTIMIZE, FlopOptimal, path_optimizer
 from mumoe.plan._program import Kernels, Program, compile_program
 from mumoe.validation import positive_int
 
@@ -38,6 +39,7 @@ __all__ = [
     "DEFAULT_OPTIMIZE",
     "Plan",
     "PlanCache",
+    "PlanTooLargeError",
     "batch_bucket",
 ]
 # DEFAULT_OPTIMIZE is mumoe.plan's, kept importable from here.
@@ -80,6 +82,33 @@ def _private_random() -> Iterator[None]:
             yield
         finally:
             path_random.random_seed, path_random.random_choices, opt_paths.random = saved
+
+
+class PlanTooLargeError(MemoryError):
+    """A contraction whose every path holds an intermediate over the memory limit.
+
+    Raised when a plan is built, before anything is allocated.  A
+    ``MemoryError``, so that code which retries smaller batches on running out
+    of memory retries on it too.
+
+    Parameters
+    ----------
+    message : str
+    needed : int
+        Entries of the largest intermediate of the path searched without the
+        limit (the cheapest one where the search is exact).
+    limit : int
+        The most entries an intermediate was allowed.
+    reason : str
+        Why no other path was taken: none exists (the search was exhaustive),
+        the search within its time budget found none, or the path was given.
+    """
+
+    def __init__(self, message: str, *, needed: int, limit: int, reason: str) -> None:
+        super().__init__(message)
+        self.needed = needed
+        self.limit = limit
+        self.reason = reason
 
 
 def batch_bucket(batch_size: int) -> int:
@@ -130,6 +159,11 @@ class Plan:
         With ``bias_input``, the same path compiled to add the input's bias
         inside the contraction (``x`` without its column of ones); None where
         the path does not allow it.
+    search : str
+        How the path was found: ``"FLOP-optimal"``, ``"dynamic programming"``,
+        ``"random-greedy"`` (:class:`~mumoe.plan.FlopOptimal`'s searches), an
+        opt_einsum optimiser's name, or ``"explicit path"``; ``", within the
+        memory limit"`` is added where the cheapest path held more.
 
     Examples
     --------
@@ -150,6 +184,7 @@ class Plan:
     step_equations: tuple[str, ...]
     program: Program
     bias_program: Program | None = None
+    search: str = ""
 
     @classmethod
     def build(
@@ -161,6 +196,7 @@ class Plan:
         lead: str | None = None,
         bias_input: int | None = None,
         kernels: Kernels | None = None,
+        memory_limit: int | None = None,
     ) -> Plan:
         """Search a contraction path and compile it.
 
@@ -181,22 +217,61 @@ class Plan:
             its bias column: see :func:`mumoe.plan.compile_program`.
         kernels : mumoe.plan.Kernels, optional
             The backend's own kernels for the compiled steps.
+        memory_limit : int, optional
+            The most entries any intermediate may hold (the result aside,
+            which exists anyway).  The cheapest path is kept if it fits;
+            otherwise the path is searched again within the limit (more FLOPs).
 
         Returns
         -------
         Plan
 
+        Raises
+        ------
+        PlanTooLargeError
+            If no path (or the explicit one) keeps every intermediate within
+            ``memory_limit``; nothing has been allocated.
+
         Examples
         --------
         >>> plan = Plan.build("ab,bc->ac", [(4, 3), (3, 2)])
-        >>> plan.path, plan.flops
-        (((0, 1),), 48)
+        >>> plan.path, plan.flops, plan.largest_intermediate
+        (((0, 1),), 48, 8)
+        >>> Plan.build("ab,bc,ca->", [(100, 100)] * 3, memory_limit=1000)  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        mumoe.plan._plan.PlanTooLargeError: ... 10,000 entries, ...: no contraction order keeps ...
         """
         dims = tuple(tuple(int(d) for d in s) for s in shapes)
-        with _private_random():
-            path, info = opt_einsum.contract_path(
-                equation, *dims, shapes=True, optimize=path_optimizer(optimize)
-            )
+        optimizer = path_optimizer(optimize)
+        if isinstance(optimizer, FlopOptimal):
+            optimizer.start_clock()
+        path, info, search = _search(equation, dims, optimizer, None)
+        if memory_limit is not None:
+            inputs, output = equation.split("->")
+            legs = dict(zip("".join(inputs.split(",")), (d for s in dims for d in s), strict=True))
+            memory_limit = max(memory_limit, math.prod(legs[leg] for leg in output))
+        if memory_limit is not None and info.largest_intermediate > memory_limit:
+            needed = int(info.largest_intermediate)
+            if search == "explicit path":
+                reason = "the path given holds more"
+            else:
+                reason = "no contraction order keeps within it"  # an exhaustive search said so
+                try:
+                    path, info, search = _search(equation, dims, optimizer, memory_limit)
+                except (ValueError, RuntimeError):  # opt_einsum's dp: RuntimeError
+                    pass
+                else:
+                    reason = f"the {search} search found no path within it"
+            if info.largest_intermediate > memory_limit:
+                raise PlanTooLargeError(
+                    f"the contraction {equation} holds an intermediate of {needed:,} entries, "
+                    f"over the memory limit of {memory_limit:,}: {reason}",
+                    needed=needed,
+                    limit=memory_limit,
+                    reason=reason,
+                )
+            search += ", within the memory limit"
         inputs, output = equation.split("->")
         terms = inputs.split(",")
         sizes = {
@@ -220,6 +295,7 @@ class Plan:
             step_equations=tuple(step[2] for step in info.contraction_list),
             program=program,
             bias_program=bias_program,
+            search=search,
         )
 
     def bias_inside(self, batch_size: int, differentiable: bool) -> bool:
@@ -266,6 +342,25 @@ class Plan:
         :attr:`bias_program` runs (it must exist).
         """
         return (self.bias_program if bias_inside else self.program)(operands)  # type: ignore[misc]
+
+
+def _search(
+    equation: str, dims: tuple[tuple[int, ...], ...], optimizer: Any, memory_limit: int | None
+) -> tuple[Any, Any, str]:
+    # One path search: the path, opt_einsum's PathInfo, and how it was found.
+    with _private_random():
+        path, info = opt_einsum.contract_path(
+            equation, *dims, shapes=True, optimize=optimizer, memory_limit=memory_limit
+        )
+    if isinstance(optimizer, FlopOptimal):
+        search = optimizer.search
+    elif isinstance(optimizer, str):
+        search = f"opt_einsum {optimizer!r}"
+    elif isinstance(optimizer, opt_paths.PathOptimizer):
+        search = type(optimizer).__name__
+    else:
+        search = "explicit path"
+    return path, info, search
 
 
 class PlanCache:

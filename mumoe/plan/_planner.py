@@ -15,21 +15,24 @@ network finds its planner in one dictionary lookup.  Layers hold theirs.
 
 from __future__ import annotations
 
+import math
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Hashable, Sequence
 from typing import Any
 
+import numpy as np
 import opt_einsum
 
 from mumoe.plan._paths import DEFAULT_OPTIMIZE, check_optimize
-from mumoe.plan._plan import Plan, PlanCache, batch_bucket
+from mumoe.plan._plan import Plan, PlanCache, PlanTooLargeError, batch_bucket
 from mumoe.plan._program import backend_kernels
 from mumoe.spec import Network
 from mumoe.validation import check_bool, positive_int
 
 __all__ = [
     "AUTOTUNE_OPTIMIZERS",
+    "MEMORY_LIMIT",
     "PLANNERS_KEPT",
     "Planner",
     "flops",
@@ -39,6 +42,11 @@ __all__ = [
 
 #: The opt_einsum optimisers whose paths autotuning times, besides the network's own.
 AUTOTUNE_OPTIMIZERS = ("greedy", "branch-2", "dp", "random-greedy-128")
+
+#: The default memory budget of a plan: the most bytes one intermediate of a
+#: contraction may hold (2 GiB), though never less than its largest operand or
+#: its result, which exist anyway.
+MEMORY_LIMIT = 1 << 31
 
 
 class Planner:
@@ -62,11 +70,21 @@ class Planner:
     autotune : bool, default False
         Time the candidate paths of :data:`AUTOTUNE_OPTIMIZERS` on the first
         forward call per batch bucket, backend and dtype; keep the fastest.
+        Candidates over ``memory_limit`` are not timed.
+    memory_limit : int or None, default MEMORY_LIMIT
+        The memory budget of every plan: the most bytes one intermediate may
+        hold, at the operands' dtype (8 bytes an entry where it is not known),
+        though never less than the largest operand or the result.  The
+        cheapest path is kept where it fits; otherwise the cheapest path within
+        the budget, and where none fits, building the plan raises
+        :class:`~mumoe.plan.PlanTooLargeError` before anything is allocated.
+        None: no budget.
 
     Raises
     ------
     ValueError, TypeError
-        For an optimiser no plan can be built with, or a flag that is not a bool.
+        For an optimiser no plan can be built with, a flag that is not a bool,
+        or a budget that is not a positive integer.
 
     Examples
     --------
@@ -83,6 +101,7 @@ class Planner:
         optimize: str | Sequence[tuple[int, ...]] = DEFAULT_OPTIMIZE,
         cache_size: int = 32,
         autotune: bool = False,
+        memory_limit: int | None = MEMORY_LIMIT,
     ) -> None:
         if not isinstance(network, Network):
             raise TypeError(f"a Planner plans a mumoe.Network, got {type(network).__qualname__}")
@@ -90,14 +109,21 @@ class Planner:
         n_operands = network.n_levels + 1 + network.n_cores  # gates, input, cores
         self.optimize = check_optimize(optimize, n_operands)
         self.autotune = check_bool(autotune, "autotune")
+        if memory_limit is not None:
+            memory_limit = positive_int(memory_limit, "memory_limit")
+        self.memory_limit = memory_limit
         self.cache = PlanCache(cache_size)
 
     def __repr__(self) -> str:
-        return f"Planner(optimize={self.optimize!r}, autotune={self.autotune}, cache={self.cache})"
+        return (
+            f"Planner(optimize={self.optimize!r}, autotune={self.autotune}, "
+            f"memory_limit={self.memory_limit!r}, cache={self.cache})"
+        )
 
     def __reduce__(self) -> tuple[Any, ...]:
         # Pickled (with a layer that holds it) as its policy; plans are built again.
-        return (_unpickle, (self.network, self.optimize, self.cache.maxsize, self.autotune))
+        policy = (self.optimize, self.cache.maxsize, self.autotune, self.memory_limit)
+        return (_unpickle, (self.network, *policy))
 
     # ----------------------------------------------------------------- forward
 
@@ -151,21 +177,33 @@ class Planner:
         key = ("forward", bucket, backend, dtype)
         if self.autotune and timer is not None:
             tuned = (*key, device)
-            return self.cache.get(tuned, lambda: self._tune(bucket, backend, timer))
+            return self.cache.get(tuned, lambda: self._tune(bucket, backend, dtype, timer))
         plan = self.cache.hit(key)  # the common case: no closure built
         if plan is None:
-            plan = self.cache.get(key, lambda: self.build_forward(bucket, backend=backend))
+            plan = self.cache.get(
+                key, lambda: self.build_forward(bucket, backend=backend, dtype=dtype)
+            )
         return plan
 
-    def _tune(self, batch_size: int, backend: str, timer: Callable[[Plan], float]) -> Plan:
-        candidates: dict[tuple[tuple[int, ...], ...], Plan] = {}
-        for optimize in (self.optimize, *AUTOTUNE_OPTIMIZERS):
+    def _tune(
+        self, batch_size: int, backend: str, dtype: Hashable, timer: Callable[[Plan], float]
+    ) -> Plan:
+        own = self.build_forward(batch_size, backend=backend, dtype=dtype)
+        candidates = {own.path: own}
+        for optimize in AUTOTUNE_OPTIMIZERS:
             plan = self.build_forward(batch_size, optimize, backend=backend)
-            candidates.setdefault(plan.path, plan)
+            # A candidate over the budget is not timed: timing allocates it.
+            if self._fits(plan, dtype):
+                candidates.setdefault(plan.path, plan)
         return min(candidates.values(), key=timer)
 
     def build_forward(
-        self, batch_size: int, optimize: Any = None, *, backend: str | None = None
+        self,
+        batch_size: int,
+        optimize: Any = None,
+        *,
+        backend: str | None = None,
+        dtype: Hashable = None,
     ) -> Plan:
         """Build (without caching) the forward plan for ``batch_size`` rows.
 
@@ -177,10 +215,19 @@ class Planner:
         backend : str, optional
             The backend the plan runs on, for the kernels it declares
             (:func:`mumoe.plan.backend_kernels`).
+        dtype : hashable, optional
+            The operands' dtype, for the memory budget (8 bytes an entry
+            where None).  Only this planner's own optimiser is held to the
+            budget: an ``optimize`` given here is built as it is.
 
         Returns
         -------
         Plan
+
+        Raises
+        ------
+        PlanTooLargeError
+            If no path keeps within the memory budget.
 
         Examples
         --------
@@ -189,14 +236,68 @@ class Planner:
         (4, 8)
         """
         net = self.network
-        return Plan.build(
+        shapes = net.forward_shapes(batch_size)
+        result = (batch_size, net.out_features)
+        return self._build(
+            "forward contraction",
+            f"at batch {batch_size}",
             net.einsum_equation,
-            net.forward_shapes(batch_size),
+            shapes,
+            result,
             self.optimize if optimize is None else optimize,
+            dtype,
+            limited=optimize is None,
             lead=net.batch_symbol,
             bias_input=net.n_levels if net.bias else None,  # x follows the gates
             kernels=None if backend is None else backend_kernels(backend),
         )
+
+    def _build(
+        self,
+        what: str,
+        where: str,
+        equation: str,
+        shapes: Sequence[Sequence[int]],
+        result: Sequence[int],
+        optimize: Any,
+        dtype: Hashable,
+        *,
+        limited: bool = True,
+        **options: Any,
+    ) -> Plan:
+        # Plan.build within this planner's budget, its error told in bytes and in the
+        # network's terms.
+        limit = self._entries(shapes, result, dtype) if limited else None
+        try:
+            return Plan.build(equation, shapes, optimize, memory_limit=limit, **options)
+        except PlanTooLargeError as error:
+            size = _itemsize(dtype)
+            where = f" {where}" if where else ""
+            raise PlanTooLargeError(
+                f"the {what} of {_short(self.network)}{where} needs an intermediate of "
+                f"{error.needed:,} entries ({_bytes(error.needed * size)} "
+                f"{_dtype_name(dtype)}), over the planner's memory budget of "
+                f"{_bytes(self.memory_limit or 0)}: {error.reason}; use smaller batches or "
+                "bonds, or a planner with a larger budget: planner_of(network, "
+                "memory_limit=...) (None: no budget)",
+                needed=error.needed,
+                limit=error.limit,
+                reason=error.reason,
+            ) from None
+
+    def _entries(
+        self, shapes: Sequence[Sequence[int]], result: Sequence[int], dtype: Hashable
+    ) -> int | None:
+        """The budget in entries of one intermediate of a contraction of ``shapes``."""
+        if self.memory_limit is None:
+            return None
+        unavoidable = max(math.prod(shape) for shape in (*shapes, result))
+        return max(self.memory_limit // _itemsize(dtype), unavoidable)
+
+    def _fits(self, plan: Plan, dtype: Hashable) -> bool:
+        result = (plan.shapes[0][0], self.network.out_features)
+        limit = self._entries(plan.shapes, result, dtype)
+        return limit is None or plan.largest_intermediate <= limit
 
     def chosen(
         self, batch_size: int, backend: str | None = None, dtype: Hashable = None
@@ -238,7 +339,7 @@ class Planner:
                 plan = self.cache.peek(key)
                 if plan is not None:
                     return plan, "autotuned" if self.autotune else "cached"
-        return self.build_forward(bucket), "not built yet"
+        return self.build_forward(bucket, dtype=dtype), "not built yet"
 
     def flops(self, batch_size: int, plan: Plan | None = None) -> int:
         """FLOPs of the forward contraction over ``batch_size`` rows along :meth:`chosen`'s path.
@@ -294,14 +395,20 @@ class Planner:
         >>> Planner(net).materialize("numpy", "float64")(*cores).shape
         (8, 6, 2)
         """
-        return self.cache.get(("materialize", backend, dtype), lambda: self._materialize(backend))
+        return self.cache.get(
+            ("materialize", backend, dtype), lambda: self._materialize(backend, dtype)
+        )
 
-    def _materialize(self, backend: str) -> Plan:
+    def _materialize(self, backend: str, dtype: Hashable) -> Plan:
         net = self.network
-        return Plan.build(
+        return self._build(
+            "contraction into W",
+            "",
             net.materialize_equation,
             net.core_shapes,
+            net.weight_shape,
             self._other_optimize,
+            dtype,
             kernels=backend_kernels(backend),
         )
 
@@ -327,13 +434,23 @@ class Planner:
         >>> Planner(cp(5, 2, expert_dims=8, rank=3)).expert("numpy", "float64")(*sliced)[0]
         array([3., 3.])
         """
-        return self.cache.get(("expert", backend, dtype), lambda: self._expert(backend))
+        return self.cache.get(("expert", backend, dtype), lambda: self._expert(backend, dtype))
 
-    def _expert(self, backend: str) -> Plan:
+    def _expert(self, backend: str, dtype: Hashable) -> Plan:
         net = self.network
         shapes = [[net.sizes[leg] for leg in legs] for legs in net.expert_core_legs]
+        result = net.weight_shape[net.n_levels :]
         kernels = backend_kernels(backend)
-        return Plan.build(net.expert_equation, shapes, self._other_optimize, kernels=kernels)
+        return self._build(
+            "contraction of one expert",
+            "",
+            net.expert_equation,
+            shapes,
+            result,
+            self._other_optimize,
+            dtype,
+            kernels=kernels,
+        )
 
     @property
     def _other_optimize(self) -> str:
@@ -341,8 +458,49 @@ class Planner:
         return self.optimize if isinstance(self.optimize, str) else DEFAULT_OPTIMIZE
 
 
-def _unpickle(network: Network, optimize: Any, cache_size: int, autotune: bool) -> Planner:
-    return planner_of(network, optimize=optimize, cache_size=cache_size, autotune=autotune)
+def _unpickle(
+    network: Network, optimize: Any, cache_size: int, autotune: bool, memory_limit: int | None
+) -> Planner:
+    return planner_of(
+        network,
+        optimize=optimize,
+        cache_size=cache_size,
+        autotune=autotune,
+        memory_limit=memory_limit,
+    )
+
+
+def _short(network: Network) -> str:
+    # A network's repr holds every leg: too long for a message about a large one.
+    bonds = len(network.ranks)
+    return (
+        f"the {network.format} network ({network.n_cores} cores, {bonds} bond"
+        f"{'s' if bonds != 1 else ''}, {network.n_experts:,} experts, "
+        f"{network.in_features} -> {network.out_features})"
+    )
+
+
+def _itemsize(dtype: Hashable) -> int:
+    # Bytes an entry: NumPy, CuPy and JAX dtypes and torch.dtype say; 8 where unknown.
+    size = getattr(dtype, "itemsize", None)
+    if isinstance(size, int):
+        return size
+    try:
+        return int(np.dtype(dtype).itemsize)  # type: ignore[call-overload]
+    except TypeError:
+        return 8
+
+
+def _dtype_name(dtype: Hashable) -> str:
+    # "in float32", or how entries are counted where the dtype is not known.
+    return "at 8 bytes an entry" if dtype is None else f"in {str(dtype).removeprefix('torch.')}"
+
+
+def _bytes(n: int) -> str:
+    for unit, scale in (("TiB", 1 << 40), ("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if n >= scale:
+            return f"{n / scale:,.1f} {unit}"
+    return f"{n} bytes"
 
 
 #: How many planners :func:`planner_of` keeps (least recently used dropped first).
@@ -365,6 +523,7 @@ def planner_of(
     optimize: str | Sequence[tuple[int, ...]] = DEFAULT_OPTIMIZE,
     autotune: bool = False,
     cache_size: int = 32,
+    memory_limit: int | None = MEMORY_LIMIT,
 ) -> Planner:
     """The planner of ``network`` under a path policy, made once and then kept.
 
@@ -377,7 +536,7 @@ def planner_of(
     Parameters
     ----------
     network : Network
-    optimize, autotune, cache_size
+    optimize, autotune, cache_size, memory_limit
         The policy; see :class:`Planner`.
 
     Returns
@@ -397,14 +556,20 @@ def planner_of(
     >>> planner_of(cp(5, 2, expert_dims=8, rank=3), autotune=True).autotune
     True
     """
-    key = (network, _policy_key(optimize), autotune, cache_size)
+    key = (network, _policy_key(optimize), autotune, cache_size, memory_limit)
     try:
         planner = _PLANNERS[key]
     except TypeError:  # an unhashable optimiser: refused with the reason
         check_optimize(optimize, network.n_levels + 1 + network.n_cores)
         raise
     except KeyError:
-        planner = Planner(network, optimize=optimize, cache_size=cache_size, autotune=autotune)
+        planner = Planner(
+            network,
+            optimize=optimize,
+            cache_size=cache_size,
+            autotune=autotune,
+            memory_limit=memory_limit,
+        )
         with _PLANNERS_LOCK:
             planner = _PLANNERS.setdefault(key, planner)
             while len(_PLANNERS) > PLANNERS_KEPT:
