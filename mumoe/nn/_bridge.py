@@ -168,11 +168,15 @@ def _plan_before_tracing(planner: Planner, rows: int, dtype: torch.dtype) -> Non
     # break, which fullgraph=True refuses: run the layer once on that batch size first.
     if planner.autotune or planner.cache.hit(("forward", batch_bucket(rows), "pytorch", dtype)):
         return
-    _build_plan_outside_the_graph(planner, rows, dtype)
+    if not _OUTSIDE_THE_GRAPH:  # made when first needed: torch.compiler.disable imports dynamo
+        _OUTSIDE_THE_GRAPH.append(torch.compiler.disable(_build_plan))
+    _OUTSIDE_THE_GRAPH[0](planner, rows, dtype)
 
 
-@torch.compiler.disable
-def _build_plan_outside_the_graph(planner: Planner, rows: int, dtype: torch.dtype) -> None:
+_OUTSIDE_THE_GRAPH: list[Any] = []  # torch.compiler.disable(_build_plan)
+
+
+def _build_plan(planner: Planner, rows: int, dtype: torch.dtype) -> None:
     planner.forward(rows, "pytorch", dtype)
 
 
