@@ -283,6 +283,13 @@ class FlopOptimal(PathOptimizer):
 
         A plan searches twice where the cheapest path is over its memory
         budget: the second search gets the time the first left.
+
+        Examples
+        --------
+        >>> optimizer = FlopOptimal(max_seconds=5)
+        >>> optimizer.start_clock()
+        >>> optimizer.deadline is not None
+        True
         """
         self.deadline = time.perf_counter() + self.max_seconds
 

@@ -102,6 +102,14 @@ class PlanTooLargeError(MemoryError):
     reason : str
         Why no other path was taken: none exists (the search was exhaustive),
         the search within its time budget found none, or the path was given.
+
+    Examples
+    --------
+    >>> try:
+    ...     Plan.build("ab,bc,ca->", [(100, 100)] * 3, memory_limit=1000)
+    ... except PlanTooLargeError as error:
+    ...     print(error.needed, error.limit, error.reason)
+    10000 1000 no contraction order keeps within it
     """
 
     def __init__(self, message: str, *, needed: int, limit: int, reason: str) -> None:
