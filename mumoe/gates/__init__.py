@@ -3,17 +3,19 @@ r"""The gate: its vocabulary, normalisations, activations, and the health of its
 For each expert level, :math:`a^{(e)} = \phi(\mathrm{norm}(x G_e))`
 (:func:`gate_coefficients`), with ``norm`` one of :data:`NORMALIZATIONS`
 and :math:`\phi` one of :data:`ACTIVATIONS`: entmax-1.5, sparsemax,
-softmax or top-k, on any TensorLy backend.  entmax-1.5 and sparsemax are
-exact: :mod:`mumoe.gates.entmax` on any NumPy-API array,
+softmax, top-k or ReLU-top-k (MxD's, unnormalised), on any TensorLy
+backend.  entmax-1.5 and sparsemax are exact: :mod:`mumoe.gates.entmax` on any NumPy-API array,
 :mod:`mumoe.gates.entmax_cpu` compiled for the CPU.  :func:`usage` and the
 balance losses measure and balance the experts' use.
 """
 
 from mumoe.gates._activations import (
+    TOP_K_ACTIVATIONS,
     check_top_k,
     entmax15,
     kth_largest_by_partition,
     kth_largest_by_top_k,
+    relu_topk,
     softmax,
     sparsemax,
     topk,
@@ -48,6 +50,7 @@ __all__ = [
     "JOINT_LIMIT",
     "LOSSES",
     "NORMALIZATIONS",
+    "TOP_K_ACTIVATIONS",
     "Usage",
     "activation_name",
     "balance_loss",
@@ -64,6 +67,7 @@ __all__ = [
     "kth_largest_by_partition",
     "kth_largest_by_top_k",
     "layer_norm",
+    "relu_topk",
     "resolve_activation",
     "router_z_loss",
     "softmax",

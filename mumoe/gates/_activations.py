@@ -1,4 +1,4 @@
-r"""The gate activations' kernels on any TensorLy backend: logits to coefficients on the simplex.
+r"""The gate activations' kernels on any TensorLy backend: logits to non-negative coefficients.
 
 The kernels of the names of :data:`mumoe.gates.ACTIVATIONS`:
 
@@ -11,7 +11,12 @@ The kernels of the names of :data:`mumoe.gates.ACTIVATIONS`:
 
 * top-k: softmax over the logits at or above the row's :math:`k`-th
   largest, :math:`p \propto e^{z} [z \ge z_{(k)}]`, with :math:`z_{(k)}` from a
-  selection (the backend's declared ``kth_largest``), not a sort.
+  selection (the backend's declared ``kth_largest``), not a sort;
+
+* ReLU-top-k (MxD's gate): :math:`a = r\,[r \ge r_{(k)}]` with :math:`r = \max(z, 0)`,
+  the ``k`` largest rectified logits kept as they are, not normalised.
+
+All but ReLU-top-k put each row on the probability simplex.
 """
 
 from __future__ import annotations
@@ -26,10 +31,12 @@ from mumoe.gates import entmax as window
 from mumoe.typing import Tensor
 
 __all__ = [
+    "TOP_K_ACTIVATIONS",
     "check_top_k",
     "entmax15",
     "kth_largest_by_partition",
     "kth_largest_by_top_k",
+    "relu_topk",
     "softmax",
     "sparsemax",
     "topk",
@@ -175,14 +182,19 @@ def kth_largest_by_top_k(z: Tensor, k: int) -> Tensor:
     return jax.lax.top_k(jax.lax.stop_gradient(z), k)[0][..., k - 1 : k]
 
 
+#: The activations that take ``top_k``.
+TOP_K_ACTIVATIONS = ("topk", "relu_topk")
+
+
 def check_top_k(activation: Any, top_k: Any) -> int | None:
-    """Return ``top_k`` as an int if ``activation`` is ``"topk"``, None if it is not given.
+    """Return ``top_k`` as an int for a top-k activation, None if it is not given.
 
     Parameters
     ----------
     activation : str or callable
     top_k : int or None
-        The number of experts each row keeps, for ``activation="topk"`` only.
+        The number of experts each row keeps, for ``activation="topk"`` or
+        ``"relu_topk"`` only.
 
     Returns
     -------
@@ -191,19 +203,21 @@ def check_top_k(activation: Any, top_k: Any) -> int | None:
     Raises
     ------
     ValueError
-        If ``"topk"`` comes without ``top_k`` or with ``top_k < 1``, or
-        ``top_k`` comes with another activation.
+        If a top-k activation comes without ``top_k`` or with ``top_k < 1``,
+        or ``top_k`` comes with another activation.
     TypeError
         If ``top_k`` is not an int.
 
     Examples
     --------
-    >>> check_top_k("topk", 2), check_top_k("entmax15", None)
-    (2, None)
+    >>> check_top_k("topk", 2), check_top_k("relu_topk", 8), check_top_k("entmax15", None)
+    (2, 8, None)
     """
-    if activation == "topk":
+    if isinstance(activation, str) and activation in TOP_K_ACTIVATIONS:
         if top_k is None:
-            raise ValueError("activation='topk' needs top_k, the number of experts each row keeps")
+            raise ValueError(
+                f"activation={activation!r} needs top_k, the number of experts each row keeps"
+            )
         if isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer)):
             raise TypeError(f"top_k must be an int, got {top_k!r}")
         if top_k < 1:
@@ -212,9 +226,20 @@ def check_top_k(activation: Any, top_k: Any) -> int | None:
     if top_k is not None:
         name = activation if isinstance(activation, str) else getattr(activation, "__name__", "")
         raise ValueError(
-            f"top_k={top_k!r} is for activation='topk'; the activation is {name or 'custom'!r}"
+            f"top_k={top_k!r} is for activation='topk' or 'relu_topk'; the activation is "
+            f"{name or 'custom'!r}"
         )
     return None
+
+
+def _kth_largest(logits: Tensor, k: int, what: str) -> Tensor:
+    backend = tl.get_backend()
+    select = backend_function(backend, "kth_largest")
+    if select is None:
+        raise ValueError(
+            f"{what} gating on backend {backend!r} needs a kth_largest kernel in mumoe/backends/"
+        )
+    return select(logits, k)
 
 
 def topk(logits: Tensor, k: int) -> Tensor:
@@ -260,12 +285,53 @@ def topk(logits: Tensor, k: int) -> Tensor:
     k = check_top_k("topk", k)  # type: ignore[assignment]
     if k >= tl.shape(logits)[-1]:
         return softmax(logits)
-    backend = tl.get_backend()
-    select = backend_function(backend, "kth_largest")
-    if select is None:
-        raise ValueError(
-            f"top-k gating on backend {backend!r} needs a kth_largest kernel in mumoe/backends/"
-        )
+    kth = _kth_largest(logits, k, "top-k")
     e = tl.exp(logits - _keep(tl.max(logits, axis=-1), logits))
-    e = tl.where(logits >= select(logits, k), e, _zeros(e))
+    e = tl.where(logits >= kth, e, _zeros(e))
     return e / _keep(tl.sum(e, axis=-1), e)
+
+
+def relu_topk(logits: Tensor, k: int) -> Tensor:
+    r"""ReLU-top-k gating (MxD's): the ``k`` largest rectified logits of each row, unnormalised.
+
+    :math:`a = r\,[r \ge r_{(k)}]` with :math:`r = \max(z, 0)` and
+    :math:`r_{(k)}` the row's ``k``-th largest: the coefficients are the
+    rectified logits themselves, not a distribution (rows sum to anything
+    non-negative, and a row of non-positive logits is all zeros).  As for
+    :func:`topk`, entries tied with the ``k``-th largest are all kept, so a
+    row keeps more than ``k`` experts only on exact ties (zeros aside); ``k >=
+    N`` is ReLU.  A row holding NaN or ``+inf`` is NaN throughout, on every
+    backend.  The gradient is 1 on the kept positive entries, 0 elsewhere.
+
+    Parameters
+    ----------
+    logits : tensor, shape (..., N)
+    k : int
+        Experts kept per row, at least 1.
+
+    Returns
+    -------
+    tensor, shape (..., N)
+        Non-negative, at most ``k`` non-zero entries per row (ties aside).
+
+    Raises
+    ------
+    ValueError
+        If ``k < 1``, or the backend declares no ``kth_largest`` kernel.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> relu_topk(np.array([[0.5, 2.0, -1.0, 1.0]]), 2)
+    array([[0., 2., 0., 1.]])
+    >>> relu_topk(np.array([[-1.0, -2.0, 0.5]]), 2)  # one positive logit: one expert
+    array([[0. , 0. , 0.5]])
+    """
+    k = check_top_k("relu_topk", k)  # type: ignore[assignment]
+    rectified = tl.clip(logits, 0, None)  # NaN stays NaN (a where would make it 0)
+    # NaN or +inf anywhere in a row: the whole row NaN (its largest minus itself).
+    top = _keep(tl.max(rectified, axis=-1), rectified)
+    if k < tl.shape(logits)[-1]:
+        kth = _kth_largest(rectified, k, "ReLU-top-k")
+        rectified = tl.where(rectified >= kth, rectified, _zeros(rectified))
+    return rectified + (top - top)

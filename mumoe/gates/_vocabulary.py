@@ -30,7 +30,15 @@ import numpy as np
 import tensorly as tl
 
 from mumoe.backends import backend_erf, cast
-from mumoe.gates._activations import _keep, check_top_k, entmax15, softmax, sparsemax, topk
+from mumoe.gates._activations import (
+    _keep,
+    check_top_k,
+    entmax15,
+    relu_topk,
+    softmax,
+    sparsemax,
+    topk,
+)
 from mumoe.typing import Tensor
 from mumoe.validation import dtype_name
 
@@ -51,14 +59,16 @@ Activation = Callable[[Tensor], Tensor]
 
 
 #: The gate activations by name, with their kernels on any TensorLy backend; each
-#: maps logits ``(..., N)`` to coefficients on the simplex.  The vocabulary of every
-#: layer: :mod:`mumoe.nn` gives the same names torch kernels.  ``"topk"``
-#: also takes ``k``, the layer's ``top_k`` (:func:`resolve_activation`).
+#: maps logits ``(..., N)`` to non-negative coefficients, on the simplex for all
+#: but ``"relu_topk"`` (MxD's unnormalised gate).  The vocabulary of every layer:
+#: :mod:`mumoe.nn` gives the same names torch kernels.  ``"topk"`` and
+#: ``"relu_topk"`` also take ``k``, the layer's ``top_k`` (:func:`resolve_activation`).
 ACTIVATIONS: dict[str, Callable[..., Tensor]] = {
     "entmax15": entmax15,
     "sparsemax": sparsemax,
     "softmax": softmax,
     "topk": topk,
+    "relu_topk": relu_topk,
 }
 
 #: The normalisations of the gate logits: batch norm and layer norm without
@@ -76,13 +86,13 @@ def resolve_activation(
 
     Parameters
     ----------
-    activation : {"entmax15", "sparsemax", "softmax", "topk"} or callable
+    activation : {"entmax15", "sparsemax", "softmax", "topk", "relu_topk"} or callable
     kernels : mapping, optional
         Kernels for the names of :data:`ACTIVATIONS` (the torch modules pass
         theirs); :data:`ACTIVATIONS` itself by default.
     top_k : int, optional
-        With ``"topk"`` (and only then): the experts each row keeps
-        (:func:`check_top_k`).
+        With ``"topk"`` or ``"relu_topk"`` (and only then): the experts each
+        row keeps (:func:`check_top_k`).
 
     Returns
     -------
@@ -92,8 +102,8 @@ def resolve_activation(
     Raises
     ------
     ValueError
-        For a name outside the vocabulary, or ``top_k`` missing for
-        ``"topk"`` or given for anything else.
+        For a name outside the vocabulary, or ``top_k`` missing for a top-k
+        activation or given for anything else.
 
     Examples
     --------

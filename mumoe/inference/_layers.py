@@ -62,9 +62,9 @@ class InferenceMuMoE:
     normalization : {"bn", "ln", None}
     running_mean, running_var : sequences of tensors, each (N_e,)
         With ``"bn"``.
-    activation : {"entmax15", "sparsemax", "softmax", "topk"}
+    activation : {"entmax15", "sparsemax", "softmax", "topk", "relu_topk"}
     top_k : int, optional
-        With ``activation="topk"``: the experts each row keeps.
+        With ``activation="topk"`` or ``"relu_topk"``: the experts each row keeps.
     input_norm_affine : tuple of (weight, bias), optional
         The input layer norm's affine parameters, each (I,); no input norm
         without.

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import torch
@@ -130,12 +131,25 @@ def _topk(logits: torch.Tensor, k: int) -> torch.Tensor:
     return out
 
 
+def _relu_topk(logits: torch.Tensor, k: int) -> torch.Tensor:
+    # mumoe.gates.relu_topk's rule: the rectified logits at or above the row's k-th
+    # largest, unnormalised; the selection carries no gradient.
+    rectified = torch.relu(logits)  # NaN stays NaN
+    # A row holding NaN or +inf is NaN throughout, as on every backend.
+    top = rectified.detach().amax(-1, keepdim=True)
+    if k < logits.shape[-1]:
+        kth = torch.topk(rectified.detach(), k, dim=-1).values[..., k - 1 :]
+        rectified = rectified.masked_fill(rectified < kth, 0.0)
+    return rectified + (top - top)
+
+
 #: The torch kernels of the names of :data:`mumoe.gates.ACTIVATIONS` (the same keys).
 TORCH_KERNELS: dict[str, Callable[..., torch.Tensor]] = {
     "entmax15": _entmax15,
     "sparsemax": _sparsemax,
     "softmax": _softmax,
     "topk": _topk,
+    "relu_topk": _relu_topk,
 }
 
 
@@ -172,9 +186,9 @@ def resolve_activation(activation: str | Activation, *, top_k: int | None = None
 
     Parameters
     ----------
-    activation : {"entmax15", "sparsemax", "softmax", "topk"} or callable
+    activation : {"entmax15", "sparsemax", "softmax", "topk", "relu_topk"} or callable
     top_k : int, optional
-        With ``"topk"`` (and only then): the experts each row keeps.
+        With ``"topk"`` or ``"relu_topk"`` (and only then): the experts each row keeps.
 
     Returns
     -------
@@ -185,7 +199,7 @@ def resolve_activation(activation: str | Activation, *, top_k: int | None = None
     ------
     ValueError
         For a name outside :data:`mumoe.gates.ACTIVATIONS`, or ``top_k``
-        missing for ``"topk"`` or given for anything else.
+        missing for a top-k activation or given for anything else.
 
     Examples
     --------
@@ -279,10 +293,12 @@ class MuMoEGate(nn.Module):
         :math:`N_1, \dots, N_E`.
     normalization : {"bn", "ln", None}, default "bn"
         Of the logits: batch norm or layer norm without affine parameters.
-    activation : {"entmax15", "sparsemax", "softmax", "topk"} or callable, default "entmax15"
+    activation : str or callable, default "entmax15"
+        One of :data:`mumoe.gates.ACTIVATIONS` (``"entmax15"``, ``"sparsemax"``,
+        ``"softmax"``, ``"topk"``, ``"relu_topk"``), or a callable.
     top_k : int, optional
-        With ``activation="topk"``: the experts each row keeps
-        (:func:`mumoe.gates.topk`).
+        With ``activation="topk"`` or ``"relu_topk"``: the experts each row
+        keeps (:func:`mumoe.gates.topk`, :func:`mumoe.gates.relu_topk`).
     balance : mapping of str to float, optional
         Balance losses and their coefficients, e.g. ``{"importance_cv2":
         0.01, "z_loss": 1e-3}`` (:data:`mumoe.gates.LOSSES`).  Each forward
@@ -351,7 +367,11 @@ class MuMoEGate(nn.Module):
         return self
 
     def reset_parameters(self) -> None:
-        """Zero the projections (every expert starts equally weighted) and reset norms.
+        r"""Zero the projections (every expert starts equally weighted) and reset norms.
+
+        Under ``"relu_topk"`` zero logits would leave every expert off, with no
+        gradient to turn one on: its projections start as ``nn.Linear``'s
+        weights do, uniform in :math:`\pm 1/\sqrt{I}` (MxD's reference).
 
         Examples
         --------
@@ -362,7 +382,11 @@ class MuMoEGate(nn.Module):
         tensor([0.3333, 0.3333, 0.3333], grad_fn=<SelectBackward0>)
         """
         for projection in self.projections:
-            nn.init.zeros_(projection)
+            if self.activation_name == "relu_topk":
+                bound = 1 / math.sqrt(self.in_features) if self.in_features else 0.0
+                nn.init.uniform_(projection, -bound, bound)
+            else:
+                nn.init.zeros_(projection)
         for norm in self.norms:
             if isinstance(norm, nn.BatchNorm1d):
                 norm.reset_running_stats()

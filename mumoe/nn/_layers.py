@@ -70,11 +70,13 @@ class MuMoE(nn.Module):
         Whether every expert has a bias (the input mode's extra slice).
     normalization : {"bn", "ln", None}, default "bn"
         Of the gate logits.
-    activation : {"entmax15", "sparsemax", "softmax", "topk"} or callable, default "entmax15"
-        Of the gate logits.
+    activation : str or callable, default "entmax15"
+        Of the gate logits: one of :data:`mumoe.gates.ACTIVATIONS`
+        (``"entmax15"``, ``"sparsemax"``, ``"softmax"``, ``"topk"``,
+        ``"relu_topk"``), or a callable.
     top_k : int, optional
-        With ``activation="topk"``: the experts each token keeps
-        (:func:`mumoe.gates.topk`).
+        With ``activation="topk"`` or ``"relu_topk"``: the experts each token
+        keeps (:func:`mumoe.gates.topk`, :func:`mumoe.gates.relu_topk`).
     balance : mapping of str to float, optional
         Balance losses for the gate, ``{name: coefficient}``: each forward
         pass sets ``gate.aux_loss`` (:class:`MuMoEGate`,

@@ -9,7 +9,14 @@ from hypothesis import strategies as st
 
 from mumoe import cp, materialize, random_cores
 from mumoe.functional import block_forward, layer_forward, scale_gates
-from mumoe.gates import ACTIVATIONS, gate_coefficients, gelu, layer_norm, resolve_activation
+from mumoe.gates import (
+    ACTIVATIONS,
+    TOP_K_ACTIVATIONS,
+    gate_coefficients,
+    gelu,
+    layer_norm,
+    resolve_activation,
+)
 from mumoe.testing import (
     assert_close,
     batch_shapes,
@@ -23,7 +30,7 @@ from mumoe.testing import (
 
 def gate_of(net, rng, activation="softmax"):
     projections = [rng.uniform(-1, 1, (net.in_features, n)) for n in net.expert_dims]
-    kernel = resolve_activation(activation, top_k=2 if activation == "topk" else None)
+    kernel = resolve_activation(activation, top_k=2 if activation in TOP_K_ACTIVATIONS else None)
     return lambda x: gate_coefficients(x, projections, [None] * net.n_levels, kernel)
 
 

@@ -9,9 +9,11 @@ from hypothesis import strategies as st
 
 from mumoe.gates import (
     ACTIVATIONS,
+    TOP_K_ACTIVATIONS,
     batch_norm,
     entmax15,
     layer_norm,
+    relu_topk,
     resolve_activation,
     softmax,
     sparsemax,
@@ -68,7 +70,8 @@ def test_activations_run_on_torch_tensors_too():
 
     z = np.random.default_rng(0).standard_normal((3, 50))
     kernels = {
-        name: resolve_activation(name, top_k=3 if name == "topk" else None) for name in ACTIVATIONS
+        name: resolve_activation(name, top_k=3 if name in TOP_K_ACTIVATIONS else None)
+        for name in ACTIVATIONS
     }
     expected = {name: fn(z) for name, fn in kernels.items()}
     tl.set_backend("pytorch")
@@ -169,7 +172,8 @@ def test_topk_gradients_and_the_rules_edges():
     with pytest.raises(ValueError, match="activation='topk' needs top_k"):
         resolve_activation("topk")
     with pytest.raises(
-        ValueError, match="top_k=2 is for activation='topk'; the activation is 'softmax'"
+        ValueError,
+        match="top_k=2 is for activation='topk' or 'relu_topk'; the activation is 'softmax'",
     ):
         resolve_activation("softmax", top_k=2)
     with pytest.raises(TypeError, match=r"top_k must be an int, got 2\.5"):
@@ -202,3 +206,45 @@ def test_topk_of_a_row_with_nan_or_inf_is_nan_on_every_path():
     got = TORCH_KERNELS["topk"](torch.from_numpy(rows), 2).numpy()
     np.testing.assert_array_equal(np.isnan(got), np.isnan(expected))
     np.testing.assert_allclose(got[2], expected[2])
+
+
+@settings(max_examples=60)
+@given(logits, st.integers(1, 40))
+def test_relu_topk_keeps_the_k_largest_rectified_logits_as_they_are(case, k):
+    # Issue #27, item 1: MxD's gate, TopK(ReLU(z)), unnormalised.
+    z = draw_logits(*case)
+    a = relu_topk(z, k)
+    rectified = np.maximum(z, 0)
+    kept = _kept(rectified, k)
+    np.testing.assert_array_equal(a, np.where(kept, rectified, 0.0))
+    assert (a >= 0).all() and ((a > 0) <= (z > 0)).all()
+    if not case[3]:  # no ties drawn: at most min(k, N) experts per row
+        assert (np.count_nonzero(a, axis=-1) <= min(k, z.shape[1])).all()
+    torch_a = TORCH_KERNELS["relu_topk"](torch.from_numpy(z), k)
+    np.testing.assert_array_equal(torch_a.numpy(), a)
+
+
+def test_relu_topk_gradient_edges_and_errors():
+    z = torch.tensor(
+        [[3.0, 1.2, 1.0, -0.5], [0.5, 2.0, -1.0, 4.0]], dtype=torch.float64, requires_grad=True
+    )
+    kernel = TORCH_KERNELS["relu_topk"]
+    assert torch.autograd.gradcheck(lambda t: kernel(t, 2), (z,))
+    (grad,) = torch.autograd.grad(kernel(z, 2).sum(), z)
+    torch.testing.assert_close(
+        grad, torch.tensor([[1.0, 1.0, 0.0, 0.0], [0.0, 1.0, 0.0, 1.0]], dtype=torch.float64)
+    )
+    np.testing.assert_array_equal(relu_topk(np.full((2, 5), 0.2), 2), np.full((2, 5), 0.2))  # ties
+    np.testing.assert_array_equal(relu_topk(np.full((1, 3), -1.0), 1), np.zeros((1, 3)))
+    np.testing.assert_array_equal(relu_topk(z.detach().numpy(), 9), np.maximum(z.detach(), 0))
+    rows = np.array([[1.0, np.nan, 3.0], [1.0, np.inf, 3.0], [1.0, -np.inf, 3.0]])
+    with np.errstate(invalid="ignore"):
+        expected = relu_topk(rows, 2)
+    assert np.isnan(expected[:2]).all()
+    np.testing.assert_array_equal(expected[2], [1.0, 0.0, 3.0])
+    np.testing.assert_array_equal(kernel(torch.from_numpy(rows), 2).numpy(), expected)
+    with pytest.raises(ValueError, match="activation='relu_topk' needs top_k"):
+        resolve_activation("relu_topk")
+    with pytest.raises(ValueError, match="top_k must be at least 1, got 0"):
+        relu_topk(np.zeros((1, 3)), 0)
+    assert set(TOP_K_ACTIVATIONS) <= set(ACTIVATIONS)

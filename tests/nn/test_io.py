@@ -28,10 +28,10 @@ from mumoe.testing import to_numpy64
 from tests.helpers import AVAILABLE, use_backend
 
 
-def trained(layer, steps=5, seed=0):
+def trained(layer, steps=5, seed=0, lr=0.05):
     """A few optimiser steps in train mode: the cores, the gate and the statistics move."""
     torch.manual_seed(seed)
-    opt = torch.optim.SGD(layer.parameters(), lr=0.05)
+    opt = torch.optim.SGD(layer.parameters(), lr=lr)
     for _ in range(steps):
         x = torch.randn(32, layer.in_features, dtype=next(layer.parameters()).dtype) * 2 + 0.5
         opt.zero_grad()
@@ -61,6 +61,9 @@ LAYERS = {
     "mxd-2-levels": lambda **kw: MuMoE(12, 5, "n1 o, n2 o, i o", expert_dims=(6, 3), **kw),
     "lowrank": lambda **kw: MuMoE(12, 5, "lowrank", expert_dims=6, rank=2, **kw),
     "mxd-topk": lambda **kw: MuMoE(12, 5, "mxd", expert_dims=16, activation="topk", top_k=3, **kw),
+    "mxd-relu-topk": lambda **kw: MuMoE(
+        12, 5, "mxd", expert_dims=16, activation="relu_topk", top_k=3, normalization=None, **kw
+    ),
 }
 
 
@@ -89,7 +92,8 @@ def test_top_k_travels_with_the_file_and_must_match(tmp_path):
 @pytest.mark.parametrize("name", list(LAYERS))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
 def test_train_save_load_on_numpy_gives_the_same_predictions(tmp_path, name, dtype):
-    layer = trained(LAYERS[name](dtype=dtype))
+    # Unnormalised ReLU gates make the loss cubic in the parameters: a smaller step.
+    layer = trained(LAYERS[name](dtype=dtype), lr=0.005 if "relu" in name else 0.05)
     path = tmp_path / "layer.safetensors"
     save(layer, path)
     assert path.exists()  # written exactly there, no extension added

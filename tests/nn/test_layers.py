@@ -516,3 +516,22 @@ def test_top_k_gating_routes_each_token_to_k_experts_and_trains():
         MuMoE(12, 8, "mxd", expert_dims=16, activation="topk")
     with pytest.raises(ValueError, match="top_k=2 is for activation='topk'"):
         MuMoE(12, 8, "mxd", expert_dims=16, top_k=2)
+
+
+def test_relu_topk_gates_start_alive_and_keep_at_most_k():
+    # Issue #27, item 1: MxD's TopK(ReLU(.)) gate.  A zero projection would leave every
+    # expert off with no gradient: it starts as nn.Linear's weight does.
+    from mumoe.nn import MuMoEGate
+
+    torch.manual_seed(0)
+    gate = MuMoEGate(16, (32,), normalization=None, activation="relu_topk", top_k=4)
+    bound = 1 / 16**0.5
+    assert gate.projections[0].abs().max() <= bound and gate.projections[0].abs().max() > 0
+    x = torch.randn(64, 16)
+    (a,) = gate(x)
+    kept = torch.count_nonzero(a, -1)
+    assert (kept <= 4).all() and (kept > 0).float().mean() > 0.9
+    assert (a >= 0).all() and not torch.allclose(a.sum(-1), torch.ones(64))  # unnormalised
+    a.sum().backward()
+    assert gate.projections[0].grad.abs().sum() > 0
+    assert "activation='relu_topk', top_k=4" in repr(gate)
