@@ -292,8 +292,9 @@ def gate_coefficients(
     norms: Sequence[Callable[[Tensor], Tensor] | None],
     activation: Callable[[Tensor], Tensor],
     logits: list[Tensor] | None = None,
+    biases: Sequence[Tensor] | None = None,
 ) -> list[Tensor]:
-    """The gate coefficients ``activation(norm(x @ G_e))`` of every level.
+    """The gate coefficients ``activation(norm(x @ G_e + b_e))`` of every level.
 
     The gate step of the layer recipe, on any backend (torch modules are
     valid ``norms``).  Computes in :func:`gate_dtype` of the input's dtype
@@ -310,9 +311,11 @@ def gate_coefficients(
     activation : callable
         From logits ``(B, N_e)`` to coefficients, such as :func:`entmax15`.
     logits : list, optional
-        If given, each level's activation input ``norm(x @ G_e)``, shaped
-        ``(..., N_e)``, is appended to it (for the router z-loss,
+        If given, each level's activation input ``norm(x @ G_e + b_e)``,
+        shaped ``(..., N_e)``, is appended to it (for the router z-loss,
         :func:`mumoe.gates.router_z_loss`).
+    biases : sequence of tensors, each (N_e,), optional
+        The gate biases :math:`b_e` (MxD's gate has one); none by default.
 
     Returns
     -------
@@ -324,6 +327,9 @@ def gate_coefficients(
     >>> x = np.ones((2, 3, 4))
     >>> [a.shape for a in gate_coefficients(x, [np.zeros((4, 5))], [None], softmax)]
     [(2, 3, 5)]
+    >>> bias = np.array([0.0, 0.0, 0.0, 0.0, 1.0])
+    >>> gate_coefficients(x, [np.zeros((4, 5))], [None], softmax, biases=[bias])[0][0, 0].round(3)
+    array([0.149, 0.149, 0.149, 0.149, 0.405])
     """
     lead = tuple(x.shape[:-1])
     rows = x.reshape(-1, x.shape[-1])
@@ -331,8 +337,11 @@ def gate_coefficients(
     if compute != x.dtype:
         rows = cast(rows, compute)
     gates = []
-    for projection, norm in zip(projections, norms, strict=True):
+    for e, (projection, norm) in enumerate(zip(projections, norms, strict=True)):
         z = rows @ (projection if projection.dtype == compute else cast(projection, compute))
+        if biases is not None:
+            bias = biases[e]
+            z = z + (bias if bias.dtype == compute else cast(bias, compute))
         if norm is not None:
             z = norm(z)
         if logits is not None:

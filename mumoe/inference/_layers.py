@@ -59,6 +59,8 @@ class InferenceMuMoE:
         Of shapes ``network.core_shapes``, on the active backend (checked here).
     projections : sequence of tensors, each (I, N_e), optional
         The gate projections; without them, calls need ``gates``.
+    biases : sequence of tensors, each (N_e,), optional
+        The gate biases, added to the logits (with ``projections``).
     normalization : {"bn", "ln", None}
     running_mean, running_var : sequences of tensors, each (N_e,)
         With ``"bn"``.
@@ -93,6 +95,7 @@ class InferenceMuMoE:
         cores: Sequence[Tensor],
         *,
         projections: Sequence[Tensor] | None = None,
+        biases: Sequence[Tensor] | None = None,
         normalization: str | None = "bn",
         running_mean: Sequence[Tensor] | None = None,
         running_var: Sequence[Tensor] | None = None,
@@ -122,6 +125,13 @@ class InferenceMuMoE:
         self.planner = resolve_planner(network, planner)
         self.cores = list(cores)
         self.projections = None if projections is None else list(projections)
+        if biases is not None and (projections is None or len(biases) != len(projections)):
+            raise ValueError(
+                f"biases must come with the gate's projections, one per level: got "
+                f"{len(biases)} biases and {0 if projections is None else len(projections)} "
+                "projections"
+            )
+        self.biases = None if biases is None else list(biases)
         self.normalization = normalization
         self.running_mean = None if running_mean is None else list(running_mean)
         self.running_var = None if running_var is None else list(running_var)
@@ -172,7 +182,9 @@ class InferenceMuMoE:
         if self.projections is None:
             raise ValueError("this layer has no gate: pass gates to the call")
         self._check_backend()
-        return gate_coefficients(x, self.projections, self._norms(), self._activation)
+        return gate_coefficients(
+            x, self.projections, self._norms(), self._activation, biases=self.biases
+        )
 
     def _check(self, x: Tensor) -> None:
         # As mumoe.forward checks its input: the backend's tensor, the layer's dtype (nothing

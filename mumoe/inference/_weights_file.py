@@ -356,6 +356,8 @@ def _check_meta(meta: dict[str, Any], path: PathLike) -> None:
             raise ValueError(
                 f"{os.fspath(path)!r}: gate top_k must be at least 1, got {gate['top_k']}"
             )
+        if gate.get("bias") is not None:
+            _typed(gate["bias"], bool, "gate bias", path)
     norm = meta.get("input_norm")
     if norm is not None:
         _positive_float(_typed(norm, dict, "input_norm", path).get("eps"), "input_norm eps", path)
@@ -401,6 +403,8 @@ def _expected(networks: dict[str, Network], meta: dict[str, Any]) -> dict[str, t
     if gate is not None:
         for e, n in enumerate(first.expert_dims):
             shapes[f"gate.projections.{e}"] = (first.in_features, n)
+            if gate.get("bias"):
+                shapes[f"gate.biases.{e}"] = (n,)
             if gate.get("normalization") == "bn":
                 shapes[f"gate.running_mean.{e}"] = (n,)
                 shapes[f"gate.running_var.{e}"] = (n,)
@@ -627,8 +631,10 @@ def load(path: PathLike, *, dtype: Any = None) -> InferenceMuMoE | InferenceMuMo
     first = next(iter(networks.values()))
     levels = range(first.n_levels)
     bn = gate is not None and gate["normalization"] == "bn"
+    biased = gate is not None and bool(gate.get("bias"))
     gate_options: dict[str, Any] = {
         "projections": None if gate is None else [tensor(f"gate.projections.{e}") for e in levels],
+        "biases": [tensor(f"gate.biases.{e}") for e in levels] if biased else None,
         "normalization": None if gate is None else gate["normalization"],
         "running_mean": [tensor(f"gate.running_mean.{e}") for e in levels] if bn else None,
         "running_var": [tensor(f"gate.running_var.{e}") for e in levels] if bn else None,

@@ -36,7 +36,7 @@ class MuMoEBlock(nn.Module):
     rank : int, tuple, mapping, "same" or Budget
         For both layers; a budget is matched per layer against
         ``nn.Linear`` of that layer's sizes, the gate counted in the first.
-    bias, normalization, activation, top_k, balance, input_norm, device, dtype
+    bias, normalization, activation, top_k, gate_bias, balance, input_norm, device, dtype
         As for :class:`MuMoE`.
 
     Examples
@@ -60,6 +60,7 @@ class MuMoEBlock(nn.Module):
         normalization: str | None = "bn",
         activation: str | Activation = "entmax15",
         top_k: int | None = None,
+        gate_bias: bool = False,
         balance: Mapping[str, float] | None = None,
         input_norm: bool = False,
         device: torch.device | str | None = None,
@@ -79,6 +80,7 @@ class MuMoEBlock(nn.Module):
             rank=rank,
             bias=bias,
             count_gates=True,
+            gate_bias=gate_bias,
         )
         second = build_network(
             hidden_features,
@@ -95,6 +97,7 @@ class MuMoEBlock(nn.Module):
             normalization=normalization,
             activation=activation,
             top_k=top_k,
+            bias=gate_bias,
             balance=balance,
             **factory,
         )

@@ -47,6 +47,7 @@ from mumoe.gates import gate_coefficients as _gate_coefficients
 from mumoe.gates import resolve_activation as _resolve
 from mumoe.nn import _entmax
 from mumoe.nn._bridge import device_type
+from mumoe.validation import check_bool
 
 NO_CONTEXT = contextlib.nullcontext()
 
@@ -216,6 +217,7 @@ def torch_gate_coefficients(
     norms: Sequence[nn.Module | None],
     activation: Activation,
     logits: list[torch.Tensor] | None = None,
+    biases: Sequence[torch.Tensor] | None = None,
 ) -> list[torch.Tensor]:
     """:func:`mumoe.gates.gate_coefficients` with ``torch.autocast`` off (float32 at least).
 
@@ -228,6 +230,7 @@ def torch_gate_coefficients(
     activation : callable
     logits : list, optional
         Receives each level's activation input, ``(..., N_e)``.
+    biases : sequence of torch.Tensor, each (N_e,), optional
 
     Returns
     -------
@@ -245,7 +248,7 @@ def torch_gate_coefficients(
     kept = [None if isinstance(n, nn.Identity) else n for n in norms]
     device = device_type(x)
     with torch.autocast(device, enabled=False) if torch.is_autocast_enabled(device) else NO_CONTEXT:
-        return _gate_coefficients(x, projections, kept, activation, logits)
+        return _gate_coefficients(x, projections, kept, activation, logits, biases)
 
 
 def keep_statistics_wide(norms: Iterable[nn.Module]) -> None:
@@ -299,6 +302,9 @@ class MuMoEGate(nn.Module):
     top_k : int, optional
         With ``activation="topk"`` or ``"relu_topk"``: the experts each row
         keeps (:func:`mumoe.gates.topk`, :func:`mumoe.gates.relu_topk`).
+    bias : bool, default False
+        A bias on each level's logits, :math:`x G_e + b_e`, zero-initialised
+        (MxD's gate); refused with batch norm, which would cancel it.
     balance : mapping of str to float, optional
         Balance losses and their coefficients, e.g. ``{"importance_cv2":
         0.01, "z_loss": 1e-3}`` (:data:`mumoe.gates.LOSSES`).  Each forward
@@ -332,11 +338,17 @@ class MuMoEGate(nn.Module):
         normalization: str | None = "bn",
         activation: str | Activation = "entmax15",
         top_k: int | None = None,
+        bias: bool = False,
         balance: Mapping[str, float] | None = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
+        if check_bool(bias, "bias") and normalization == "bn":
+            raise ValueError(
+                "a gate bias is cancelled by batch normalization (it subtracts each expert's "
+                "mean logit); use normalization=None or 'ln' with a gate bias"
+            )
         self.balance = check_balance(balance)
         #: The balance losses of the last forward pass (None without ``balance``).
         self.aux_loss: torch.Tensor | None = None
@@ -356,6 +368,13 @@ class MuMoEGate(nn.Module):
         )
         self.norms = nn.ModuleList(
             [_norm(normalization, n, device, dtype) for n in self.expert_dims]
+        )
+        self.biases = (
+            nn.ParameterList(
+                [nn.Parameter(torch.empty(n, device=device, dtype=dtype)) for n in self.expert_dims]
+            )
+            if bias
+            else None
         )
         self.reset_parameters()
 
@@ -387,6 +406,8 @@ class MuMoEGate(nn.Module):
                 nn.init.uniform_(projection, -bound, bound)
             else:
                 nn.init.zeros_(projection)
+        for bias in self.biases or ():
+            nn.init.zeros_(bias)
         for norm in self.norms:
             if isinstance(norm, nn.BatchNorm1d):
                 norm.reset_running_stats()
@@ -415,10 +436,12 @@ class MuMoEGate(nn.Module):
                 "statistics of one row are undefined; train on larger batches, use "
                 "normalization='ln' or None, or call .eval() to use the running statistics"
             )
+        norms: list[nn.Module | None] = list(self.norms)
+        biases = None if self.biases is None else list(self.biases._parameters.values())
         if not self.balance:
-            return torch_gate_coefficients(x, projections, list(self.norms), self.activation)  # type: ignore[arg-type]
+            return torch_gate_coefficients(x, projections, norms, self.activation, None, biases)  # type: ignore[arg-type]
         logits: list[torch.Tensor] = []
-        gates = torch_gate_coefficients(x, projections, list(self.norms), self.activation, logits)  # type: ignore[arg-type]
+        gates = torch_gate_coefficients(x, projections, norms, self.activation, logits, biases)  # type: ignore[arg-type]
         with thread_backend("pytorch"):
             self.aux_loss = balance_loss(self.balance, gates, logits, self.mask)
         return gates
@@ -429,5 +452,6 @@ class MuMoEGate(nn.Module):
             f"in_features={self.in_features}, expert_dims={self.expert_dims}, "
             f"normalization={self.normalization!r}, activation={self.activation_name!r}"
             + ("" if self.top_k is None else f", top_k={self.top_k}")
+            + (", bias=True" if self.biases is not None else "")
             + (f", balance={self.balance}" if self.balance else "")
         )

@@ -118,6 +118,8 @@ def module_entries(module: MuMoE | MuMoEBlock) -> tuple[dict[str, Any], dict[str
         eps = 1e-5
         for e, projection in enumerate(gate.projections):
             tensors[f"gate.projections.{e}"] = projection
+        for e, bias in enumerate(gate.biases or ()):
+            tensors[f"gate.biases.{e}"] = bias
         for e, norm in enumerate(gate.norms):
             if isinstance(norm, torch.nn.BatchNorm1d):
                 tensors[f"gate.running_mean.{e}"] = norm.running_mean
@@ -130,6 +132,7 @@ def module_entries(module: MuMoE | MuMoEBlock) -> tuple[dict[str, Any], dict[str
             "activation": gate.activation_name,
             # top_k only where set, so files of other gates stay as they were
             **({} if gate.top_k is None else {"top_k": gate.top_k}),
+            **({} if gate.biases is None else {"bias": True}),  # likewise
             "eps": float(eps),
         }
     meta["input_norm"] = None

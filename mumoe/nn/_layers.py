@@ -77,6 +77,9 @@ class MuMoE(nn.Module):
     top_k : int, optional
         With ``activation="topk"`` or ``"relu_topk"``: the experts each token
         keeps (:func:`mumoe.gates.topk`, :func:`mumoe.gates.relu_topk`).
+    gate_bias : bool, default False
+        A bias on the gate logits (:class:`MuMoEGate`, ``bias``), counted by
+        a parameter budget; not with ``normalization="bn"``.
     balance : mapping of str to float, optional
         Balance losses for the gate, ``{name: coefficient}``: each forward
         pass sets ``gate.aux_loss`` (:class:`MuMoEGate`,
@@ -143,6 +146,7 @@ class MuMoE(nn.Module):
         normalization: str | None = "bn",
         activation: str | Activation = "entmax15",
         top_k: int | None = None,
+        gate_bias: bool = False,
         balance: Mapping[str, float] | None = None,
         input_norm: bool = False,
         gated: bool = True,
@@ -159,6 +163,7 @@ class MuMoE(nn.Module):
             rank=rank,
             bias=bias,
             count_gates=gated,
+            gate_bias=gate_bias,
         )
         self.planner = planner  # None: the default planner
         self.in_features = in_features
@@ -172,6 +177,7 @@ class MuMoE(nn.Module):
             "normalization": normalization,
             "activation": activation,
             "top_k": top_k,
+            "bias": gate_bias,
             "balance": balance,
             **factory,
         }
@@ -496,6 +502,7 @@ class _PresetMuMoE(MuMoE):
         normalization: str | None = "bn",
         activation: str | Activation = "entmax15",
         top_k: int | None = None,
+        gate_bias: bool = False,
         balance: Mapping[str, float] | None = None,
         input_norm: bool = False,
         gated: bool = True,
@@ -513,6 +520,7 @@ class _PresetMuMoE(MuMoE):
             normalization=normalization,
             activation=activation,
             top_k=top_k,
+            gate_bias=gate_bias,
             balance=balance,
             input_norm=input_norm,
             gated=gated,

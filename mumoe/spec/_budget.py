@@ -160,8 +160,8 @@ def linear_params(in_features: int, out_features: int, bias: bool = True) -> int
     return (in_features + int(bias)) * out_features
 
 
-def gate_params(in_features: int, expert_dims: int | Sequence[int]) -> int:
-    r"""Parameters of the gate projections, :math:`I \sum_e N_e`.
+def gate_params(in_features: int, expert_dims: int | Sequence[int], bias: bool = False) -> int:
+    r"""Parameters of the gate, :math:`I \sum_e N_e`; :math:`(I + 1) \sum_e N_e` with a bias.
 
     Parameters
     ----------
@@ -169,6 +169,8 @@ def gate_params(in_features: int, expert_dims: int | Sequence[int]) -> int:
         :math:`I`.
     expert_dims : int or sequence of int
         :math:`N_1, \dots, N_E`.
+    bias : bool, default False
+        Whether the gate has a bias per expert (``MuMoEGate(bias=True)``).
 
     Returns
     -------
@@ -176,10 +178,10 @@ def gate_params(in_features: int, expert_dims: int | Sequence[int]) -> int:
 
     Examples
     --------
-    >>> gate_params(768, (32, 4))
-    27648
+    >>> gate_params(768, (32, 4)), gate_params(768, (32, 4), bias=True)
+    (27648, 27684)
     """
-    return in_features * sum(positive_ints(expert_dims, "expert_dims"))
+    return (in_features + bool(bias)) * sum(positive_ints(expert_dims, "expert_dims"))
 
 
 def resolve_budget(
@@ -230,6 +232,7 @@ def match_rank(
     budget: Budget | int | float | str = "same",
     bias: bool = True,
     gates: bool = True,
+    gate_bias: bool = False,
     expert_rank: int = 4,
 ) -> Rank:
     """The largest rank of a preset whose layer fits a parameter budget.
@@ -247,6 +250,8 @@ def match_rank(
         Whether the layer (and the linear layer of a relative budget) has a bias.
     gates : bool, default True
         Count the gate projections in the layer's parameters.
+    gate_bias : bool, default False
+        With ``gates``: the gate has a bias too (:func:`gate_params`).
     expert_rank : int, default 4
         The fixed rank of bonds that touch expert cores (Tucker, TT, TR).
 
@@ -282,7 +287,7 @@ def match_rank(
         return free_rank(len(dims), fixed, r)
 
     target = resolve_budget(budget, in_features, out_features, bias)
-    extra = gate_params(in_features, dims) if gates else 0
+    extra = gate_params(in_features, dims, gate_bias) if gates else 0
 
     def total(r: int) -> int:
         net = preset(
@@ -293,7 +298,7 @@ def match_rank(
     if total(1) > target:
         raise ValueError(
             f"no {format} rank fits a budget of {target:,} parameters: at rank 1 the layer "
-            f"already has {total(1):,} ({extra:,} of them gate projections); raise the budget "
+            f"already has {total(1):,} ({extra:,} of them the gate's); raise the budget "
             "or use fewer experts"
         )
     low, high = 1, 2

@@ -28,6 +28,7 @@ def build_network(
     rank: RankOrBudget | None = None,
     bias: bool = True,
     count_gates: bool = True,
+    gate_bias: bool = False,
 ) -> Network:
     """The network of a layer, from a Network, a format name or a spec string.
 
@@ -53,6 +54,8 @@ def build_network(
     bias : bool, default True
     count_gates : bool, default True
         Whether a budget counts the gate projections.
+    gate_bias : bool, default False
+        Whether a budget counts a gate bias as well.
 
     Returns
     -------
@@ -115,6 +118,7 @@ def build_network(
                 budget=budget,
                 bias=bias,
                 gates=count_gates,
+                gate_bias=gate_bias,
             )
         return _build(network, in_features, out_features, expert_dims, rank, bias=bias)  # type: ignore[arg-type]
     if budget is not None:

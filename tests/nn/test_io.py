@@ -61,8 +61,16 @@ LAYERS = {
     "mxd-2-levels": lambda **kw: MuMoE(12, 5, "n1 o, n2 o, i o", expert_dims=(6, 3), **kw),
     "lowrank": lambda **kw: MuMoE(12, 5, "lowrank", expert_dims=6, rank=2, **kw),
     "mxd-topk": lambda **kw: MuMoE(12, 5, "mxd", expert_dims=16, activation="topk", top_k=3, **kw),
-    "mxd-relu-topk": lambda **kw: MuMoE(
-        12, 5, "mxd", expert_dims=16, activation="relu_topk", top_k=3, normalization=None, **kw
+    "mxd-relu-topk": lambda **kw: MuMoE(  # MxD's gate: TopK(ReLU(G x + b))
+        12,
+        5,
+        "mxd",
+        expert_dims=16,
+        activation="relu_topk",
+        top_k=3,
+        normalization=None,
+        gate_bias=True,
+        **kw,
     ),
 }
 
@@ -293,6 +301,8 @@ def gate_field(**fields):
             lambda a, m: a.__setitem__("cores.1", a["cores.1"].astype(np.float64)),
             r"the cores must share one dtype, got \['F32', 'F64'\]",
         ),
+        (gate_field(bias="yes"), r"gate bias must be bool, got 'yes'"),
+        (gate_field(bias=True), r"missing entries \['gate\.biases\.0', 'gate\.biases\.1'\]"),
     ],
     ids=[
         "eps-nan",
@@ -302,6 +312,8 @@ def gate_field(**fields):
         "var-negative",
         "var-nan",
         "mixed-dtypes",
+        "bias-not-bool",
+        "bias-without-entries",
     ],
 )
 def test_values_the_file_holds_but_no_module_can_are_refused_naming_the_file(saved, change, match):
@@ -625,3 +637,42 @@ def test_a_served_layer_names_its_backend_after_a_switch(tmp_path):
         with pytest.raises(ValueError, match="arrays are on the 'numpy' backend"):
             served.gates(torch.ones(2, 12))
     assert served(np.ones((2, 12), dtype=np.float32)).shape == (2, 5)
+
+
+def test_a_gate_bias_travels_with_the_file_and_must_match(tmp_path):
+    # Issue #27, item 1: MxD's gate has a bias; files of other gates stay as they were.
+    layer = trained(LAYERS["mxd-relu-topk"](dtype=torch.float64), lr=0.005)
+    assert layer.gate.biases[0].abs().sum() > 0  # training moved it
+    save(layer, tmp_path / "biased.safetensors")
+    arrays, meta = read_back(tmp_path / "biased.safetensors")
+    assert meta["gate"]["bias"] is True and arrays["gate.biases.0"].shape == (16,)
+    served = load(tmp_path / "biased.safetensors")
+    x = torch.randn(6, 12, dtype=torch.float64)
+    with torch.no_grad():
+        np.testing.assert_allclose(served.gates(x.numpy())[0], layer.gate(x)[0].numpy())
+    unbiased = MuMoE(
+        12, 5, "mxd", expert_dims=16, activation="relu_topk", top_k=3, normalization=None
+    )
+    with pytest.raises(ValueError, match="holds a different module: its gate is"):
+        load_into(unbiased.double(), tmp_path / "biased.safetensors")
+    save(trained(LAYERS["mxd-topk"]()), tmp_path / "plain.safetensors")
+    assert "bias" not in read_back(tmp_path / "plain.safetensors")[1]["gate"]
+    block = MuMoEBlock(
+        12,
+        20,
+        5,
+        network="mxd",
+        expert_dims=8,
+        activation="relu_topk",
+        top_k=2,
+        normalization="ln",
+        gate_bias=True,
+        dtype=torch.float64,
+    )
+    with torch.no_grad():
+        block.gate.biases[0].normal_()
+    save(block.eval(), tmp_path / "block.safetensors")
+    with torch.no_grad():
+        np.testing.assert_allclose(
+            load(tmp_path / "block.safetensors")(x.numpy()), block(x).numpy(), rtol=1e-12
+        )

@@ -382,7 +382,7 @@ def test_tt_init_is_the_tr_scheme_with_boundary_ranks_one():
             lambda: CPMuMoE(12, 5, expert_dims=512, rank="same"),
             ValueError,
             r"no cp rank fits a budget of 65 parameters: at rank 1 the layer already has 6,674 "
-            r"\(6,144 of them gate projections\)",
+            r"\(6,144 of them the gate's\)",
         ),
         (
             lambda: TRMuMoE(12, 5, expert_dims=4, rank=(2, 3, 2, 5)),
@@ -535,3 +535,43 @@ def test_relu_topk_gates_start_alive_and_keep_at_most_k():
     a.sum().backward()
     assert gate.projections[0].grad.abs().sum() > 0
     assert "activation='relu_topk', top_k=4" in repr(gate)
+
+
+def test_a_gate_bias_shifts_the_logits_and_is_counted_by_a_budget():
+    # Issue #27, item 1: MxD's gate is TopK(ReLU(G x + b)).
+    from mumoe.gates import gate_coefficients, resolve_activation
+    from mumoe.nn import MuMoEGate
+    from mumoe.spec import gate_params
+
+    gate = MuMoEGate(8, (6, 3), normalization="ln", activation="softmax", bias=True).double()
+    assert [tuple(b.shape) for b in gate.biases] == [(6,), (3,)]
+    assert all(not b.any() for b in gate.biases)  # zero at the start
+    with torch.no_grad():
+        for b in (*gate.biases, *gate.projections):
+            b.normal_()
+    x = torch.randn(5, 8, dtype=torch.float64)
+    expected = gate_coefficients(
+        x.numpy(),
+        [p.detach().numpy() for p in gate.projections],
+        [lambda z: torch.nn.functional.layer_norm(torch.from_numpy(z), z.shape[-1:]).numpy()] * 2,
+        resolve_activation("softmax"),
+        biases=[b.detach().numpy() for b in gate.biases],
+    )
+    got = gate(x)
+    for a, b in zip(got, expected, strict=True):
+        np.testing.assert_allclose(a.detach().numpy(), b, rtol=1e-12)
+    weights = [torch.randn(a.shape, dtype=torch.float64) for a in got]
+    sum((a * w).sum() for a, w in zip(got, weights, strict=True)).backward()
+    assert all(b.grad is not None and b.grad.abs().sum() > 0 for b in gate.biases)
+    assert "bias=True" in repr(gate)
+    with pytest.raises(ValueError, match="a gate bias is cancelled by batch normalization"):
+        MuMoE(8, 4, "cp", expert_dims=6, rank=2, gate_bias=True)  # normalization="bn"
+    # A budget counts the bias: the layer stays within nn.Linear's parameters.
+    assert gate_params(8, (6, 3), bias=True) == gate_params(8, (6, 3)) + 9
+    # 20 -> 32 with 16 experts: rank 5 fits nn.Linear's 672 parameters without the 16
+    # biases, rank 4 with them.
+    options = {"expert_dims": 16, "rank": "same", "normalization": None}
+    assert MuMoE(20, 32, "cp", **options).network.ranks["r"] == 5
+    layer = MuMoE(20, 32, "cp", gate_bias=True, **options)
+    assert layer.network.ranks["r"] == 4
+    assert sum(p.numel() for p in layer.parameters()) <= 21 * 32
