@@ -11,7 +11,8 @@ Every μMoE layer computes
 optionally rescaled per expert (:math:`s^{(e)}`, an expert edit: exact because
 :math:`\mathcal{W}` is linear in each expert mode), an optional layer norm of
 the input, then Eq. 1 contracted from the factors.  A block shares one gate
-across two layers with an activation (GELU) between.  :func:`layer_forward`
+across an encoder (μMoE or dense, optionally gated as a GLU) and a μMoE
+decoder, with a hidden activation between.  :func:`layer_forward`
 and :func:`block_forward` are that recipe; the PyTorch modules
 (:mod:`mumoe.nn`), the serving layers (:mod:`mumoe.inference`) and the
 reference-compatible layers (:mod:`mumoe.nn.compat`) hold parameters and state
@@ -168,25 +169,35 @@ def block_forward(
     gate: Gate,
     activation: Transform,
     input_norm: Transform | None = None,
+    up: LayerCall | None = None,
+    output_bias: Tensor | None = None,
 ) -> tuple[Tensor, list[Tensor]]:
-    """Two μMoE layers driven by one gate: ``second(act(first(norm(x), a)), a)``, ``a = gate(x)``.
+    """An MLP block driven by one gate: ``second(act(first(z, a)) [* up(z, a)], a) [+ b]``.
 
-    The μMoE replacement of a transformer or MLP-Mixer MLP; the gate is
-    computed once, from the block's raw input (the reference's ``second_dim``).
+    With ``a = gate(x)`` and ``z = norm(x)``: the μMoE replacement of a
+    transformer or MLP-Mixer MLP.  The gate is computed once, from the block's
+    raw input (the reference's ``second_dim``; MxD's gate reads the MLP's
+    input too), and drives every μMoE layer of the block.
 
     Parameters
     ----------
     first, second : callable
-        The two layers, each called as ``layer(x, gates)`` (a
-        :class:`mumoe.nn.MuMoE` or :class:`mumoe.inference.InferenceMuMoE`
-        without a gate of its own, which runs :func:`layer_forward`).
+        The encoder and the decoder, each called as ``layer(x, gates)``: a
+        μMoE layer without a gate of its own (:class:`mumoe.nn.MuMoE`,
+        :class:`mumoe.inference.InferenceMuMoE`, which run
+        :func:`layer_forward`), or a dense layer that ignores the gates.
     x : tensor, shape (..., I)
     gate : callable
-        From ``x`` to the coefficients of every level (shared by both layers).
+        From ``x`` to the coefficients of every level (shared by the layers).
     activation : callable
-        Between the layers (GELU in mumoe's blocks).
+        The hidden activation, on ``first``'s output.
     input_norm : callable, optional
-        Applied to ``x`` before the first layer (not before the gate).
+        Applied to ``x`` before the encoder (not before the gate).
+    up : callable, optional
+        A gated (GLU) block's second encoder, called as ``first`` is: the
+        hidden is ``activation(first(z, a)) * up(z, a)`` (SwiGLU with SiLU).
+    output_bias : tensor, shape (O,), optional
+        Added to the decoder's output: one bias shared by every expert (MxD's).
 
     Returns
     -------
@@ -206,7 +217,16 @@ def block_forward(
     ...                      np.ones((2, 6)), gate=gate, activation=gelu)
     >>> y.shape
     (2, 6)
+    >>> dense = lambda x, gates: x @ np.ones((6, 10))  # a dense encoder: gates unused
+    >>> y, _ = block_forward(dense, layer(fc2, random_cores(fc2)), np.ones((2, 6)), gate=gate,
+    ...                      activation=gelu, up=dense, output_bias=np.zeros(6))
+    >>> y.shape
+    (2, 6)
     """
     gates = list(gate(x))
     z = x if input_norm is None else input_norm(x)
-    return second(activation(first(z, gates)), gates), gates
+    hidden = activation(first(z, gates))
+    if up is not None:
+        hidden = hidden * up(z, gates)
+    y = second(hidden, gates)
+    return (y, gates) if output_bias is None else (y + output_bias, gates)

@@ -44,15 +44,20 @@ from mumoe.validation import dtype_name
 
 __all__ = [
     "ACTIVATIONS",
+    "HIDDEN_ACTIVATIONS",
     "NORMALIZATIONS",
     "activation_name",
     "batch_norm",
+    "check_hidden_activation",
     "check_normalization",
     "gate_coefficients",
     "gate_dtype",
     "gelu",
+    "gelu_tanh",
     "layer_norm",
+    "relu",
     "resolve_activation",
+    "silu",
 ]
 
 Activation = Callable[[Tensor], Tensor]
@@ -226,6 +231,111 @@ def gelu(x: Tensor) -> Tensor:
     array([0.        , 0.841344...])
     """
     return x * (1 + backend_erf()(x * 0.7071067811865476)) / 2
+
+
+def gelu_tanh(x: Tensor) -> Tensor:
+    r"""GELU's tanh approximation, exactly as ``torch.nn.GELU(approximate="tanh")`` (GPT-2's).
+
+    :math:`\tfrac{x}{2}\bigl(1 + \tanh(\sqrt{2/\pi}\,(x + 0.044715\,x^3))\bigr)`.
+
+    Parameters
+    ----------
+    x : tensor
+
+    Returns
+    -------
+    tensor
+        Of the shape and dtype of ``x``.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> gelu_tanh(np.array([0.0, 1.0]))  # doctest: +ELLIPSIS
+    array([0.        , 0.841191...])
+    """
+    return x * (1 + tl.tanh(0.7978845608028654 * (x + 0.044715 * x * x * x))) / 2
+
+
+def relu(x: Tensor) -> Tensor:
+    r"""ReLU, :math:`\max(x, 0)` (NaN stays NaN, as ``torch.relu``).
+
+    Parameters
+    ----------
+    x : tensor
+
+    Returns
+    -------
+    tensor
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> relu(np.array([-1.0, 2.0]))
+    array([0., 2.])
+    """
+    return tl.clip(x, 0, None)
+
+
+def silu(x: Tensor) -> Tensor:
+    r"""SiLU (swish), :math:`x\,\sigma(x)`, as ``torch.nn.SiLU`` (Llama's MLP).
+
+    The sigmoid is :math:`(1 + \tanh(x/2))/2`, which overflows nowhere.
+
+    Parameters
+    ----------
+    x : tensor
+
+    Returns
+    -------
+    tensor
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> silu(np.array([0.0, 1.0, -1000.0]))  # doctest: +ELLIPSIS
+    array([ 0.        ,  0.731058..., -0.        ])
+    """
+    return x * (1 + tl.tanh(x / 2)) / 2
+
+
+#: The hidden activations of MLP blocks by name, on any TensorLy backend
+#: (:class:`mumoe.nn.MuMoEBlock` gives the same names torch modules).
+HIDDEN_ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
+    "gelu": gelu,
+    "gelu_tanh": gelu_tanh,
+    "relu": relu,
+    "silu": silu,
+}
+
+
+def check_hidden_activation(name: Any) -> str:
+    """Return ``name`` if it is one of :data:`HIDDEN_ACTIVATIONS`, else raise.
+
+    Parameters
+    ----------
+    name : str
+
+    Returns
+    -------
+    str
+
+    Raises
+    ------
+    ValueError
+        For anything else, listing the names.
+
+    Examples
+    --------
+    >>> check_hidden_activation("silu")
+    'silu'
+    """
+    if not isinstance(name, str) or name not in HIDDEN_ACTIVATIONS:
+        raise ValueError(
+            f"unknown hidden activation {name!r}; choose one of "
+            f"{', '.join(map(repr, HIDDEN_ACTIVATIONS))} (glu=True makes any of them gated: "
+            "'silu' is SwiGLU, 'gelu' GeGLU)"
+        )
+    return name
 
 
 def batch_norm(logits: Tensor, mean: Tensor, var: Tensor, eps: float = 1e-5) -> Tensor:

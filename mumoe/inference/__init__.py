@@ -7,13 +7,16 @@ module computes in ``eval()`` mode.  :func:`write` and :func:`read_checked`
 are the file format's one writer and one reader.
 """
 
-from mumoe.inference._layers import InferenceMuMoE, InferenceMuMoEBlock
+from mumoe.inference._layers import InferenceLinear, InferenceMuMoE, InferenceMuMoEBlock
 from mumoe.inference._weights_file import (
+    BLOCK_FORMS,
     FORMAT,
     MAX_DESCRIPTION,
     MAX_HEADER,
     MAX_SPEC_LENGTH,
     VERSION,
+    block_forms,
+    block_parts,
     check_values_fit,
     load,
     network_meta,
@@ -22,13 +25,17 @@ from mumoe.inference._weights_file import (
 )
 
 __all__ = [
+    "BLOCK_FORMS",
     "FORMAT",
     "MAX_DESCRIPTION",
     "MAX_HEADER",
     "MAX_SPEC_LENGTH",
     "VERSION",
+    "InferenceLinear",
     "InferenceMuMoE",
     "InferenceMuMoEBlock",
+    "block_forms",
+    "block_parts",
     "check_values_fit",
     "load",
     "network_meta",

@@ -1,6 +1,7 @@
 r"""Serving μMoE layers in eval mode on any TensorLy backend, no PyTorch needed.
 
-:class:`InferenceMuMoE` and :class:`InferenceMuMoEBlock` hold arrays of the
+:class:`InferenceMuMoE` and :class:`InferenceMuMoEBlock` (with
+:class:`InferenceLinear` for a block's dense encoder) hold arrays of the
 active backend (NumPy, CuPy, JAX, PyTorch) and run the layer recipe of
 :mod:`mumoe.functional` with the TensorLy gate kernels of :mod:`mumoe.gates`:
 batch norm from running statistics, layer norm or none, then the named
@@ -19,10 +20,11 @@ import tensorly as tl
 from mumoe.functional import block_forward, check_cores, layer_forward
 from mumoe.gates import (
     ACTIVATIONS,
+    HIDDEN_ACTIVATIONS,
     batch_norm,
+    check_hidden_activation,
     check_normalization,
     gate_coefficients,
-    gelu,
     layer_norm,
     resolve_activation,
 )
@@ -31,7 +33,7 @@ from mumoe.spec import Network
 from mumoe.typing import Tensor
 from mumoe.validation import check_tensor
 
-__all__ = ["InferenceMuMoE", "InferenceMuMoEBlock"]
+__all__ = ["InferenceLinear", "InferenceMuMoE", "InferenceMuMoEBlock"]
 
 Affine = tuple[Tensor, Tensor]
 
@@ -187,11 +189,13 @@ class InferenceMuMoE:
         )
 
     def _check(self, x: Tensor) -> None:
+        self._check_input(x, self.network.in_features)
+
+    def _check_input(self, x: Tensor, n_in: int) -> None:
         # As mumoe.forward checks its input: the backend's tensor, the layer's dtype (nothing
         # promoted: NumPy and JAX would compute a float32 layer in float64 silently).
         self._check_backend()
         shape = check_tensor(x, "x", self.backend, self.cores[0].dtype, like="the layer")
-        n_in = self.network.in_features
         if not shape or shape[-1] != n_in:
             raise ValueError(f"input must be a tensor with shape (..., {n_in}), got {shape}")
 
@@ -250,22 +254,99 @@ class InferenceMuMoE:
         )
 
 
-class InferenceMuMoEBlock:
-    r"""The two-layer μMoE block in eval mode on the active TensorLy backend.
+class InferenceLinear:
+    """A dense layer on the active TensorLy backend, as ``torch.nn.Linear``: ``x W^T + b``.
 
-    ``fc2(gelu(fc1(norm(x), a)), a)`` with ``a = fc1.gates(x)``, as
-    :class:`mumoe.nn.MuMoEBlock` (:func:`mumoe.functional.block_forward`); GELU is
-    exact (see :func:`mumoe.gates.gelu`).
+    A block's dense encoder (MxD's).
 
     Parameters
     ----------
-    fc1 : InferenceMuMoE
-        The first layer, which holds the block's gate.
+    weight : tensor, shape (O, I)
+        ``nn.Linear``'s layout.
+    bias : tensor, shape (O,), optional
+
+    Raises
+    ------
+    ValueError
+        If the shapes do not fit each other.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> InferenceLinear(np.ones((3, 2)), np.arange(3.0))(np.ones((4, 2))).shape
+    (4, 3)
+    """
+
+    def __init__(self, weight: Tensor, bias: Tensor | None = None) -> None:
+        shape = tuple(tl.shape(weight))
+        if len(shape) != 2:
+            raise ValueError(f"weight must have shape (out_features, in_features), got {shape}")
+        if bias is not None and tuple(tl.shape(bias)) != shape[:1]:
+            raise ValueError(f"bias must have shape {shape[:1]}, got {tuple(tl.shape(bias))}")
+        self.out_features, self.in_features = shape
+        self.weight = weight
+        self.bias = bias
+        self._transposed = tl.transpose(weight)  # once: each call multiplies by W^T
+
+    def __call__(self, x: Tensor, gates: Sequence[Tensor] | None = None) -> Tensor:
+        """``x @ weight.T + bias`` for ``x`` of shape ``(..., I)``; ``gates`` are ignored.
+
+        Parameters
+        ----------
+        x : tensor, shape (..., I)
+        gates : ignored
+            Accepted so that a dense layer is called as a block's μMoE layers are.
+
+        Returns
+        -------
+        tensor, shape (..., O)
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> InferenceLinear(np.eye(2))(np.array([[1.0, 2.0]]))
+        array([[1., 2.]])
+        """
+        y = x @ self._transposed
+        return y if self.bias is None else y + self.bias
+
+    def __repr__(self) -> str:
+        return (
+            f"InferenceLinear(in_features={self.in_features}, out_features={self.out_features}, "
+            f"bias={self.bias is not None})"
+        )
+
+
+class InferenceMuMoEBlock:
+    r"""An MLP block with a μMoE decoder in eval mode on the active TensorLy backend.
+
+    ``fc2(act(fc1(z, a)) [* up(z, a)], a) [+ b]`` with ``z = norm(x)`` and
+    ``a`` the gates of ``x``, as :class:`mumoe.nn.MuMoEBlock`
+    (:func:`mumoe.functional.block_forward`); the hidden activations are
+    exact (:data:`mumoe.gates.HIDDEN_ACTIVATIONS`).
+
+    Parameters
+    ----------
+    fc1 : InferenceMuMoE or InferenceLinear
+        The encoder.  A μMoE encoder holds the block's gate.
     fc2 : InferenceMuMoE
-        The second layer.
+        The decoder; after a dense encoder it holds the block's gate, whose
+        projections read the block's input.
+    up : InferenceMuMoE or InferenceLinear, optional
+        A gated (GLU) block's second encoder, of ``fc1``'s kind.
+    hidden_activation : str, default "gelu"
+        One of :data:`mumoe.gates.HIDDEN_ACTIVATIONS`.
+    output_bias : tensor, shape (O,), optional
+        One bias for every expert, added after the decoder (MxD's).
     input_norm_affine : tuple of (weight, bias), optional
         The block's input layer norm.
     input_eps : float
+
+    Raises
+    ------
+    ValueError
+        If the layers' sizes do not chain, no layer holds a gate, or the
+        hidden activation is unknown.
 
     Examples
     --------
@@ -281,22 +362,67 @@ class InferenceMuMoEBlock:
 
     def __init__(
         self,
-        fc1: InferenceMuMoE,
+        fc1: InferenceMuMoE | InferenceLinear,
         fc2: InferenceMuMoE,
         *,
+        up: InferenceMuMoE | InferenceLinear | None = None,
+        hidden_activation: str = "gelu",
+        output_bias: Tensor | None = None,
         input_norm_affine: Affine | None = None,
         input_eps: float = 1e-5,
     ) -> None:
-        if fc1.network.out_features != fc2.network.in_features:
+        encoders = [fc1] if up is None else [fc1, up]
+        if up is not None and type(up) is not type(fc1):
             raise ValueError(
-                f"fc1 gives {fc1.network.out_features} features but fc2 takes "
-                f"{fc2.network.in_features}"
+                f"up must be of fc1's kind, {type(fc1).__name__}; got {type(up).__name__}"
             )
-        if fc1.projections is None:
-            raise ValueError("fc1 holds the block's gate: give it projections")
-        self.fc1, self.fc2 = fc1, fc2
+        hidden = fc2.network.in_features
+        for name, encoder in zip(("fc1", "up"), encoders, strict=False):
+            out = _features(encoder)[1]
+            if out != hidden:
+                raise ValueError(f"{name} gives {out} features but fc2 takes {hidden}")
+        if up is not None and _features(up)[0] != _features(fc1)[0]:
+            raise ValueError("up must read fc1's input")
+        gate_holder = fc1 if isinstance(fc1, InferenceMuMoE) else fc2
+        if gate_holder.projections is None:
+            which = "fc1" if gate_holder is fc1 else "fc2 (after a dense encoder)"
+            raise ValueError(f"{which} holds the block's gate: give it projections")
+        self.fc1, self.fc2, self.up = fc1, fc2, up
+        self.hidden_activation = check_hidden_activation(hidden_activation)
+        self._activation = HIDDEN_ACTIVATIONS[hidden_activation]
+        self.output_bias = output_bias
+        self._gate = gate_holder
         self.input_norm_affine = input_norm_affine
         self.input_eps = input_eps
+
+    @property
+    def in_features(self) -> int:
+        """The block's input size."""
+        return _features(self.fc1)[0]
+
+    def gates(self, x: Tensor) -> list[Tensor]:
+        """The block's gate coefficients for ``x`` of shape ``(..., I)``.
+
+        Parameters
+        ----------
+        x : tensor, shape (..., I)
+
+        Returns
+        -------
+        list of tensors, each (..., N_e)
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> from mumoe import cp, random_cores
+        >>> first, second = cp(3, 5, expert_dims=2, rank=2), cp(5, 3, expert_dims=2, rank=2)
+        >>> fc1 = InferenceMuMoE(first, random_cores(first), projections=[np.zeros((3, 2))],
+        ...                      normalization=None, activation="softmax")
+        >>> InferenceMuMoEBlock(fc1, InferenceMuMoE(second, random_cores(second))).gates(
+        ...     np.ones((1, 3)))
+        [array([[0.5, 0.5]])]
+        """
+        return self._gate.gates(x)
 
     def __call__(self, x: Tensor) -> Tensor:
         """The block's output for ``x`` of shape ``(..., I)``: shape ``(..., O)``.
@@ -319,16 +445,29 @@ class InferenceMuMoEBlock:
         >>> InferenceMuMoEBlock(fc1, InferenceMuMoE(second, random_cores(second)))(np.ones(3)).shape
         (3,)
         """
-        self.fc1._check(x)
+        self._gate._check_input(x, self.in_features)
         y, _ = block_forward(
             self.fc1,
             self.fc2,
             x,
-            gate=self.fc1.gates,
-            activation=gelu,
+            gate=self.gates,
+            activation=self._activation,
             input_norm=_input_norm(self.input_norm_affine, self.input_eps),
+            up=self.up,
+            output_bias=self.output_bias,
         )
         return y
 
     def __repr__(self) -> str:
-        return f"InferenceMuMoEBlock(fc1={self.fc1!r}, fc2={self.fc2!r})"
+        up = "" if self.up is None else f", up={self.up!r}"
+        return (
+            f"InferenceMuMoEBlock(fc1={self.fc1!r}{up}, fc2={self.fc2!r}, "
+            f"hidden_activation={self.hidden_activation!r}, "
+            f"output_bias={self.output_bias is not None})"
+        )
+
+
+def _features(layer: InferenceMuMoE | InferenceLinear) -> tuple[int, int]:
+    if isinstance(layer, InferenceLinear):
+        return layer.in_features, layer.out_features
+    return layer.network.in_features, layer.network.out_features

@@ -40,7 +40,8 @@ import safetensors
 import safetensors.numpy
 import tensorly as tl
 
-from mumoe.inference._layers import InferenceMuMoE, InferenceMuMoEBlock
+from mumoe.gates import check_hidden_activation
+from mumoe.inference._layers import InferenceLinear, InferenceMuMoE, InferenceMuMoEBlock
 from mumoe.spec import Network
 from mumoe.typing import PathLike, Tensor
 
@@ -335,16 +336,9 @@ def _check_meta(meta: dict[str, Any], path: PathLike) -> None:
     if kind == "layer":
         _check_network_meta(meta, "the layer's network", path)
     elif kind == "block":
-        for part in ("fc1", "fc2"):
-            _check_network_meta(meta.get(part), f"the block's {part}", path)
+        _check_block_meta(meta, path)
     else:
         raise ValueError(f"{os.fspath(path)!r} holds a {kind!r}; mumoe reads layers and blocks")
-    if kind == "block" and meta["fc1"]["expert_dims"] != meta["fc2"]["expert_dims"]:
-        raise ValueError(
-            f"{os.fspath(path)!r}: the block's layers must have the same experts (one gate "
-            f"drives both): fc1 has expert_dims {meta['fc1']['expert_dims']}, fc2 "
-            f"{meta['fc2']['expert_dims']}"
-        )
     gate = meta.get("gate")
     if gate is not None:
         _typed(gate, dict, "gate", path)
@@ -361,6 +355,102 @@ def _check_meta(meta: dict[str, Any], path: PathLike) -> None:
     norm = meta.get("input_norm")
     if norm is not None:
         _positive_float(_typed(norm, dict, "input_norm", path).get("eps"), "input_norm eps", path)
+
+
+#: A block's forms (:class:`mumoe.nn.MuMoEBlock`) and their values where a file omits them.
+BLOCK_FORMS = {
+    "encoder": "mumoe",
+    "hidden_activation": "gelu",
+    "glu": False,
+    "output_bias": "experts",
+}
+
+
+def block_forms(meta: Mapping[str, Any]) -> dict[str, Any]:
+    """A block file's forms: encoder, hidden activation, glu and output bias.
+
+    Parameters
+    ----------
+    meta : mapping
+        The file's metadata (of a block).
+
+    Returns
+    -------
+    dict
+        :data:`BLOCK_FORMS` updated with the file's own.
+
+    Examples
+    --------
+    >>> block_forms({"kind": "block", "glu": True})["glu"], block_forms({})["encoder"]
+    (True, 'mumoe')
+    """
+    return {key: meta.get(key, default) for key, default in BLOCK_FORMS.items()}
+
+
+def block_parts(meta: Mapping[str, Any]) -> list[str]:
+    """The layers of a block file in order: ``fc1``, ``up`` (gated blocks), ``fc2``.
+
+    Parameters
+    ----------
+    meta : mapping
+
+    Returns
+    -------
+    list of str
+
+    Examples
+    --------
+    >>> block_parts({"glu": True})
+    ['fc1', 'up', 'fc2']
+    """
+    return ["fc1", "up", "fc2"] if block_forms(meta)["glu"] else ["fc1", "fc2"]
+
+
+def _check_block_meta(meta: dict[str, Any], path: PathLike) -> None:
+    forms = block_forms(meta)
+    where = os.fspath(path)
+    if forms["encoder"] not in ("mumoe", "linear"):
+        raise ValueError(f"{where!r}: unknown block encoder {forms['encoder']!r}")
+    if forms["output_bias"] not in ("experts", "shared"):
+        raise ValueError(f"{where!r}: unknown block output_bias {forms['output_bias']!r}")
+    _typed(forms["glu"], bool, "block glu", path)
+    try:
+        check_hidden_activation(forms["hidden_activation"])
+    except ValueError as error:
+        raise ValueError(f"{where!r}: {error}") from None
+    parts = block_parts(meta)
+    for part in parts:
+        if part != "fc2" and forms["encoder"] == "linear":
+            dense = _typed(meta.get(part), dict, f"the block's {part}", path)
+            for key in ("in_features", "out_features"):
+                _typed(dense.get(key), int, f"the block's {part} {key}", path)
+            _typed(dense.get("bias"), bool, f"the block's {part} bias", path)
+        else:
+            _check_network_meta(meta.get(part), f"the block's {part}", path)
+    unused = {"up"} - set(parts)
+    if any(key in meta for key in unused):
+        raise ValueError(f"{where!r}: the block has an 'up' layer but no glu")
+    mumoe_parts = [p for p in parts if p == "fc2" or forms["encoder"] == "mumoe"]
+    dims = {str(meta[p]["expert_dims"]) for p in mumoe_parts}
+    if len(dims) > 1:
+        described = ", ".join(f"{p} has expert_dims {meta[p]['expert_dims']}" for p in mumoe_parts)
+        raise ValueError(
+            f"{where!r}: the block's layers must have the same experts (one gate drives "
+            f"them all): {described}"
+        )
+    hidden = meta["fc2"]["in_features"]
+    for part in parts[:-1]:
+        if meta[part]["in_features"] != meta["fc1"]["in_features"]:
+            raise ValueError(f"{where!r}: the block's {part} reads another input than fc1")
+        if meta[part]["out_features"] != hidden:
+            raise ValueError(
+                f"{where!r}: the block's {part} gives {meta[part]['out_features']} features "
+                f"but fc2 takes {hidden}"
+            )
+    if forms["output_bias"] == "shared" and meta["fc2"]["bias"]:
+        raise ValueError(
+            f"{where!r}: a shared output bias replaces fc2's expert biases; fc2 has bias=True"
+        )
 
 
 def _positive_float(value: Any, where: str, path: PathLike) -> None:
@@ -398,19 +488,30 @@ def _expected(networks: dict[str, Network], meta: dict[str, Any]) -> dict[str, t
     shapes: dict[str, tuple[int, ...]] = {}
     for prefix, network in networks.items():
         shapes.update({f"{prefix}cores.{k}": s for k, s in enumerate(network.core_shapes)})
-    first = next(iter(networks.values()))
+    layer = meta["kind"] == "layer"
+    in_features = meta["in_features"] if layer else meta["fc1"]["in_features"]
+    expert_dims = next(iter(networks.values())).expert_dims
+    if not layer:
+        forms = block_forms(meta)
+        for part in block_parts(meta)[:-1]:
+            if forms["encoder"] == "linear":
+                shapes[f"{part}.weight"] = (meta[part]["out_features"], meta[part]["in_features"])
+                if meta[part]["bias"]:
+                    shapes[f"{part}.bias"] = (meta[part]["out_features"],)
+        if forms["output_bias"] == "shared":
+            shapes["bias"] = (meta["fc2"]["out_features"],)
     gate = meta.get("gate")
     if gate is not None:
-        for e, n in enumerate(first.expert_dims):
-            shapes[f"gate.projections.{e}"] = (first.in_features, n)
+        for e, n in enumerate(expert_dims):
+            shapes[f"gate.projections.{e}"] = (in_features, n)
             if gate.get("bias"):
                 shapes[f"gate.biases.{e}"] = (n,)
             if gate.get("normalization") == "bn":
                 shapes[f"gate.running_mean.{e}"] = (n,)
                 shapes[f"gate.running_var.{e}"] = (n,)
     if meta.get("input_norm") is not None:
-        shapes["input_norm.weight"] = (first.in_features,)
-        shapes["input_norm.bias"] = (first.in_features,)
+        shapes["input_norm.weight"] = (in_features,)
+        shapes["input_norm.bias"] = (in_features,)
     return shapes
 
 
@@ -465,8 +566,12 @@ def _checked(
         networks = {"": _network(meta, path)}
         meta["spec"] = networks[""].spec  # canonical: the same network, however written
     else:
-        networks = {"fc1.": _network(meta["fc1"], path), "fc2.": _network(meta["fc2"], path)}
-        meta["fc1"]["spec"], meta["fc2"]["spec"] = (n.spec for n in networks.values())
+        dense = block_forms(meta)["encoder"] == "linear"
+        networks = {}
+        for part in block_parts(meta):
+            if part == "fc2" or not dense:
+                networks[f"{part}."] = _network(meta[part], path)
+                meta[part]["spec"] = networks[f"{part}."].spec
     spec = " / ".join(network.spec for network in networks.values())
     expected = _expected(networks, meta)
     missing = sorted(set(expected) - set(tensors))
@@ -628,7 +733,7 @@ def load(path: PathLike, *, dtype: Any = None) -> InferenceMuMoE | InferenceMuMo
         return [tensor(f"{prefix}cores.{k}") for k in range(networks[prefix].n_cores)]
 
     gate = meta.get("gate")
-    first = next(iter(networks.values()))
+    first = next(iter(networks.values()))  # the layer's, or the block's first μMoE layer
     levels = range(first.n_levels)
     bn = gate is not None and gate["normalization"] == "bn"
     biased = gate is not None and bool(gate.get("bias"))
@@ -649,6 +754,27 @@ def load(path: PathLike, *, dtype: Any = None) -> InferenceMuMoE | InferenceMuMo
         return InferenceMuMoE(
             first, cores(""), input_norm_affine=input_norm, input_eps=input_eps, **gate_options
         )
-    fc1 = InferenceMuMoE(first, cores("fc1."), **gate_options)
-    fc2 = InferenceMuMoE(networks["fc2."], cores("fc2."), projections=None)
-    return InferenceMuMoEBlock(fc1, fc2, input_norm_affine=input_norm, input_eps=input_eps)
+    forms = block_forms(meta)
+
+    def layer(part: str) -> InferenceMuMoE | InferenceLinear:
+        prefix = f"{part}."
+        if prefix not in networks:  # a dense encoder
+            bias = tensor(f"{prefix}bias") if meta[part]["bias"] else None
+            return InferenceLinear(tensor(f"{prefix}weight"), bias)
+        return decoder(part)
+
+    def decoder(part: str) -> InferenceMuMoE:
+        # The first μMoE layer holds the block's gate (it reads the block's input).
+        network = networks[f"{part}."]
+        options = gate_options if network is first else {"projections": None}
+        return InferenceMuMoE(network, cores(f"{part}."), **options)
+
+    return InferenceMuMoEBlock(
+        layer("fc1"),
+        decoder("fc2"),
+        up=layer("up") if forms["glu"] else None,
+        hidden_activation=forms["hidden_activation"],
+        output_bias=tensor("bias") if forms["output_bias"] == "shared" else None,
+        input_norm_affine=input_norm,
+        input_eps=input_eps,
+    )

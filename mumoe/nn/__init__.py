@@ -17,7 +17,7 @@ from mumoe.nn._analysis import (
     edit_experts_,
     record_gates,
 )
-from mumoe.nn._block import MuMoEBlock
+from mumoe.nn._block import TORCH_HIDDEN_ACTIVATIONS, MuMoEBlock
 from mumoe.nn._bridge import torch_forward
 from mumoe.nn._convert import from_linear, linear_weights, replace_linear
 from mumoe.nn._entmax import entmax15, sparsemax
@@ -30,6 +30,7 @@ from mumoe.nn._layers import CPMuMoE, MuMoE, TRMuMoE, TTMuMoE, TuckerMuMoE
 from mumoe.nn._monitor import ExpertMonitor, collect_aux_losses, gate_mask
 
 __all__ = [
+    "TORCH_HIDDEN_ACTIVATIONS",
     "TORCH_KERNELS",
     "CPMuMoE",
     "ExpertMonitor",

@@ -1,29 +1,59 @@
-"""The two-layer μMoE block as a torch module: :class:`MuMoEBlock`."""
+"""MLP blocks with a μMoE decoder as a torch module: :class:`MuMoEBlock`.
+
+The μMoE paper's block (two μMoE layers, GELU between) and MxD's (a dense
+encoder, a Hadamard-factorised μMoE decoder, ReLU-top-k gating from the MLP's
+input), and their gated (GLU) forms: one module, its forms chosen by keyword.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
 from mumoe.functional import block_forward
+from mumoe.gates import check_hidden_activation
 from mumoe.nn._bridge import check_input
 from mumoe.nn._gate import Activation, MuMoEGate
 from mumoe.nn._layers import MuMoE
 from mumoe.spec import build_network
 from mumoe.typing import RankOrBudget
+from mumoe.validation import check_bool
 
-__all__ = ["MuMoEBlock"]
+__all__ = ["ENCODERS", "OUTPUT_BIASES", "TORCH_HIDDEN_ACTIVATIONS", "MuMoEBlock"]
+
+
+#: The torch modules of :data:`mumoe.gates.HIDDEN_ACTIVATIONS` (the same names).
+TORCH_HIDDEN_ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
+    "gelu": nn.GELU,
+    "gelu_tanh": lambda: nn.GELU(approximate="tanh"),
+    "relu": nn.ReLU,
+    "silu": nn.SiLU,
+}
+
+#: The encoders a block takes: a μMoE layer (of the block's network) or a dense linear layer.
+ENCODERS = ("mumoe", "linear")
+
+#: Where a block's decoder keeps its bias: each expert its own, or one shared by all.
+OUTPUT_BIASES = ("experts", "shared")
 
 
 class MuMoEBlock(nn.Module):
-    r"""Two μMoE layers with a GELU between, driven by the same gates.
+    r"""An MLP block whose decoder is a μMoE layer, all its μMoE layers driven by one gate.
 
-    The μMoE replacement of a transformer or MLP-Mixer MLP
-    (``in -> hidden -> out``); the gates are computed once, from the block's
-    input, and mix the experts of both layers (the reference's ``second_dim``).
+    ``y = fc2(act(fc1(z, a)) [* up(z, a)], a) [+ b]`` with ``a = gate(x)``,
+    ``z = norm(x)``: the μMoE replacement of a transformer or MLP-Mixer MLP
+    (``in -> hidden -> out``).  The gate is computed once, from the block's
+    input, and mixes the experts of every μMoE layer (the reference's
+    ``second_dim``).  The encoder ``fc1`` is a μMoE layer of the block's
+    network (the μMoE paper's block) or a dense ``nn.Linear`` (MxD's); with
+    ``glu=True`` a second encoder ``up`` of the same kind multiplies the
+    activated one (SwiGLU with ``"silu"``, Llama's MLP).  MxD as published
+    (Oldfield et al., 2025) is ``MuMoEBlock(I, H, O, "mxd", expert_dims=N,
+    encoder="linear", activation="relu_topk", top_k=k, normalization=None,
+    gate_bias=True, output_bias="shared")``.
 
     Parameters
     ----------
@@ -31,13 +61,32 @@ class MuMoEBlock(nn.Module):
     out_features : int, optional
         Defaults to ``in_features``.
     network : str, default "cp"
-        A format name or a spec string, used for both layers.
+        A format name or a spec string, used for every μMoE layer.
     expert_dims : int or sequence of int
     rank : int, tuple, mapping, "same" or Budget
-        For both layers; a budget is matched per layer against
-        ``nn.Linear`` of that layer's sizes, the gate counted in the first.
-    bias, normalization, activation, top_k, gate_bias, balance, input_norm, device, dtype
+        For every μMoE layer; a budget is matched per layer against
+        ``nn.Linear`` of that layer's sizes, the gate counted in the first
+        μMoE layer.
+    bias : bool, default True
+        Whether the layers have biases (each expert its own in a μMoE layer,
+        the input mode's extra slice; ``nn.Linear``'s in a dense encoder).
+    encoder : {"mumoe", "linear"}, default "mumoe"
+    hidden_activation : {"gelu", "gelu_tanh", "relu", "silu"}, default "gelu"
+        :data:`mumoe.gates.HIDDEN_ACTIVATIONS`.
+    glu : bool, default False
+        A gated hidden layer: ``act(fc1(z)) * up(z)``.
+    output_bias : {"experts", "shared"}, default "experts"
+        With ``bias``: the decoder's bias is each expert's own (mixed by the
+        gate, as μMoE's) or one vector added after the mixture (MxD's, as
+        ``nn.Linear``'s); the decoder's network then has no bias slice.
+    normalization, activation, top_k, gate_bias, balance, input_norm, device, dtype
         As for :class:`MuMoE`.
+
+    Raises
+    ------
+    ValueError
+        For an unknown encoder, hidden activation or output bias, or
+        ``output_bias="shared"`` without ``bias``.
 
     Examples
     --------
@@ -45,6 +94,11 @@ class MuMoEBlock(nn.Module):
     >>> block = MuMoEBlock(16, 64, network="cp", expert_dims=8, rank=16)
     >>> block(torch.randn(2, 5, 16)).shape
     torch.Size([2, 5, 16])
+    >>> mxd = MuMoEBlock(16, 64, 16, "mxd", expert_dims=512, encoder="linear",
+    ...                  activation="relu_topk", top_k=8, normalization=None, gate_bias=True,
+    ...                  output_bias="shared")
+    >>> mxd(torch.randn(3, 16)).shape, type(mxd.fc1).__name__
+    (torch.Size([3, 16]), 'Linear')
     """
 
     def __init__(
@@ -57,6 +111,10 @@ class MuMoEBlock(nn.Module):
         expert_dims: int | Sequence[int],
         rank: RankOrBudget | None = None,
         bias: bool = True,
+        encoder: str = "mumoe",
+        hidden_activation: str = "gelu",
+        glu: bool = False,
+        output_bias: str = "experts",
         normalization: str | None = "bn",
         activation: str | Activation = "entmax15",
         top_k: int | None = None,
@@ -67,33 +125,35 @@ class MuMoEBlock(nn.Module):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
+        if encoder not in ENCODERS:
+            raise ValueError(f"unknown encoder {encoder!r}; choose 'mumoe' or 'linear'")
+        if output_bias not in OUTPUT_BIASES:
+            raise ValueError(f"unknown output_bias {output_bias!r}; choose 'experts' or 'shared'")
+        if output_bias == "shared" and not bias:
+            raise ValueError("output_bias='shared' is the decoder's bias: it needs bias=True")
         out_features = in_features if out_features is None else out_features
         self.in_features = in_features
         self.hidden_features = hidden_features
         self.out_features = out_features
+        self.encoder = encoder
+        self.hidden_activation = check_hidden_activation(hidden_activation)
+        self.glu = check_bool(glu, "glu")
+        self.output_bias = output_bias
         factory: dict[str, Any] = {"device": device, "dtype": dtype}
-        first = build_network(
-            in_features,
-            hidden_features,
-            network,
-            expert_dims=expert_dims,
-            rank=rank,
-            bias=bias,
-            count_gates=True,
-            gate_bias=gate_bias,
-        )
+        gated_encoder = encoder == "mumoe"
         second = build_network(
             hidden_features,
             out_features,
             network,
             expert_dims=expert_dims,
             rank=rank,
-            bias=bias,
-            count_gates=False,
+            bias=bias and output_bias == "experts",
+            count_gates=not gated_encoder,  # the gate is counted once, in the first μMoE layer
+            gate_bias=gate_bias,
         )
         self.gate = MuMoEGate(
             in_features,
-            first.expert_dims,
+            second.expert_dims,
             normalization=normalization,
             activation=activation,
             top_k=top_k,
@@ -102,12 +162,47 @@ class MuMoEBlock(nn.Module):
             **factory,
         )
         self.input_norm = nn.LayerNorm(in_features, **factory) if input_norm else None
-        self.fc1 = MuMoE(in_features, hidden_features, first, bias=bias, gated=False, **factory)
-        self.act = nn.GELU()
-        self.fc2 = MuMoE(hidden_features, out_features, second, bias=bias, gated=False, **factory)
+
+        def make_encoder(count_gates: bool) -> MuMoE | nn.Linear:
+            if not gated_encoder:
+                return nn.Linear(in_features, hidden_features, bias=bias, **factory)
+            first = build_network(
+                in_features,
+                hidden_features,
+                network,
+                expert_dims=expert_dims,
+                rank=rank,
+                bias=bias,
+                count_gates=count_gates,
+                gate_bias=gate_bias,
+            )
+            return MuMoE(in_features, hidden_features, first, bias=bias, gated=False, **factory)
+
+        self.fc1: MuMoE | nn.Linear = make_encoder(count_gates=True)
+        self.up: MuMoE | nn.Linear | None = make_encoder(count_gates=False) if self.glu else None
+        self.act = TORCH_HIDDEN_ACTIVATIONS[self.hidden_activation]()
+        self.fc2 = MuMoE(
+            hidden_features, out_features, second, bias=second.bias, gated=False, **factory
+        )
+        self.bias: nn.Parameter | None = (
+            nn.Parameter(torch.zeros(out_features, **factory)) if output_bias == "shared" else None
+        )
+
+    @property
+    def mumoe_layers(self) -> list[MuMoE]:
+        """The block's μMoE layers, encoders first, the decoder last.
+
+        Examples
+        --------
+        >>> block = MuMoEBlock(8, 16, expert_dims=4, rank=2, encoder="linear")
+        >>> [layer.in_features for layer in block.mumoe_layers]
+        [16]
+        """
+        layers = [self.fc1, self.up, self.fc2]
+        return [layer for layer in layers if isinstance(layer, MuMoE)]
 
     def reset_parameters(self) -> None:
-        """Re-initialise both layers and the gate.
+        """Re-initialise every layer and the gate.
 
         Examples
         --------
@@ -117,15 +212,18 @@ class MuMoEBlock(nn.Module):
         ('cp', 'cp')
         """
         self.gate.reset_parameters()
-        self.fc1.reset_parameters()
-        self.fc2.reset_parameters()
+        for layer in (self.fc1, self.up, self.fc2):
+            if layer is not None:
+                layer.reset_parameters()
+        if self.bias is not None:
+            nn.init.zeros_(self.bias)
         if self.input_norm is not None:
             self.input_norm.reset_parameters()
 
     def forward(
         self, x: torch.Tensor, *, return_gates: bool = False
     ) -> torch.Tensor | tuple[torch.Tensor, list[torch.Tensor]]:
-        """``fc2(gelu(fc1(norm(x), a)), a)`` with ``a = gate(x)``, by the block recipe.
+        """``fc2(act(fc1(norm(x), a)) [* up(norm(x), a)], a) [+ bias]`` with ``a = gate(x)``.
 
         Parameters
         ----------
@@ -146,8 +244,30 @@ class MuMoEBlock(nn.Module):
         >>> y.shape, gates[0].shape
         (torch.Size([2, 3, 6]), torch.Size([2, 3, 4]))
         """
-        check_input(x, self.fc1.in_features)
+        check_input(x, self.in_features)
         y, gates = block_forward(
-            self.fc1, self.fc2, x, gate=self.gate, activation=self.act, input_norm=self.input_norm
+            self._encoder_call(self.fc1),
+            self.fc2,
+            x,
+            gate=self.gate,
+            activation=self.act,
+            input_norm=self.input_norm,
+            up=None if self.up is None else self._encoder_call(self.up),
+            output_bias=self.bias,
         )
         return (y, gates) if return_gates else y
+
+    @staticmethod
+    def _encoder_call(layer: nn.Module) -> Any:
+        if isinstance(layer, MuMoE):
+            return layer
+        return lambda z, gates: layer(z)
+
+    def extra_repr(self) -> str:
+        """Sizes and forms, for ``repr``."""
+        return (
+            f"in_features={self.in_features}, hidden_features={self.hidden_features}, "
+            f"out_features={self.out_features}, encoder={self.encoder!r}, "
+            f"hidden_activation={self.hidden_activation!r}, glu={self.glu}, "
+            f"output_bias={self.output_bias!r}"
+        )

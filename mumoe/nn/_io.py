@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from mumoe.gates import ACTIVATIONS
-from mumoe.inference import check_values_fit, network_meta, read_checked, write
+from mumoe.inference import BLOCK_FORMS, check_values_fit, network_meta, read_checked, write
 from mumoe.nn._block import MuMoEBlock
 from mumoe.nn._gate import builtin_name
 from mumoe.nn._layers import MuMoE
@@ -33,7 +33,12 @@ _COMPARED = (
     "out_features",
     "rank",
     "bias",
+    "encoder",
+    "hidden_activation",
+    "glu",
+    "output_bias",
     "fc1",
+    "up",
     "fc2",
     "gate",
     "input_norm",
@@ -81,9 +86,27 @@ def module_entries(module: MuMoE | MuMoEBlock) -> tuple[dict[str, Any], dict[str
         layers = {"": module}
     elif isinstance(module, MuMoEBlock):
         meta["kind"] = "block"
-        meta["fc1"] = network_meta(module.fc1.network)
-        meta["fc2"] = network_meta(module.fc2.network)
-        layers = {"fc1.": module.fc1, "fc2.": module.fc2}
+        # The forms only where they differ from the μMoE paper's block, so files of
+        # such blocks stay as they were.
+        forms = {
+            "encoder": (module.encoder, "mumoe"),
+            "hidden_activation": (module.hidden_activation, "gelu"),
+            "glu": (module.glu, False),
+            "output_bias": (module.output_bias, "experts"),
+        }
+        meta.update({key: value for key, (value, default) in forms.items() if value != default})
+        parts = {"fc1": module.fc1, "up": module.up, "fc2": module.fc2}
+        layers = {}
+        for name, part in parts.items():
+            if isinstance(part, MuMoE):
+                meta[name] = network_meta(part.network)
+                layers[f"{name}."] = part
+            elif isinstance(part, torch.nn.Linear):
+                meta[name] = {
+                    "in_features": part.in_features,
+                    "out_features": part.out_features,
+                    "bias": part.bias is not None,
+                }
     else:
         raise TypeError(
             "save and load_into take a mumoe.nn.MuMoE or MuMoEBlock, "
@@ -93,6 +116,15 @@ def module_entries(module: MuMoE | MuMoEBlock) -> tuple[dict[str, Any], dict[str
     for prefix, layer in layers.items():
         for k, core in enumerate(layer._weights()[1]):
             tensors[f"{prefix}cores.{k}"] = core
+    if isinstance(module, MuMoEBlock):
+        for name in ("fc1", "up"):
+            dense = getattr(module, name)
+            if isinstance(dense, torch.nn.Linear):
+                tensors[f"{name}.weight"] = dense.weight
+                if dense.bias is not None:
+                    tensors[f"{name}.bias"] = dense.bias
+        if module.bias is not None:
+            tensors["bias"] = module.bias
 
     meta["gate"] = None
     if module.gate is not None:
@@ -240,12 +272,14 @@ def load_into(module: MuMoE | MuMoEBlock, path: PathLike) -> None:
     """
     meta, _, arrays = read_checked(path)
     own, tensors = module_entries(module)
-    layers = [module] if isinstance(module, MuMoE) else [module.fc1, module.fc2]
+    layers = [module] if isinstance(module, MuMoE) else module.mumoe_layers
     if not all(layer._owns_cores for layer in layers):
         raise TypeError(
             f"{type(module).__qualname__} takes its cores from elsewhere; load_into writes "
             "the cores of a MuMoE or MuMoEBlock"
         )
+    if meta.get("kind") == "block" == own.get("kind"):  # forms a file omits are the defaults
+        meta, own = {**BLOCK_FORMS, **meta}, {**BLOCK_FORMS, **own}
     for key in _COMPARED:
         if _networks_only(meta.get(key)) != _networks_only(own.get(key)):
             raise ValueError(

@@ -248,3 +248,15 @@ def test_relu_topk_gradient_edges_and_errors():
     with pytest.raises(ValueError, match="top_k must be at least 1, got 0"):
         relu_topk(np.zeros((1, 3)), 0)
     assert set(TOP_K_ACTIVATIONS) <= set(ACTIVATIONS)
+
+
+def test_hidden_activations_equal_torch_modules():
+    # Issue #27, item 1: the blocks' hidden activations on any backend, as torch computes them.
+    from mumoe.gates import HIDDEN_ACTIVATIONS
+    from mumoe.nn import TORCH_HIDDEN_ACTIVATIONS
+
+    x = np.concatenate([np.linspace(-30, 30, 601), [-1e4, 1e4, 0.0]])
+    for name, kernel in HIDDEN_ACTIVATIONS.items():
+        expected = TORCH_HIDDEN_ACTIVATIONS[name]()(torch.from_numpy(x)).numpy()
+        # (atol: the tanh form cancels in its tail, -1e-10 to a few 1e-16, in torch too)
+        np.testing.assert_allclose(kernel(x), expected, rtol=1e-12, atol=1e-14, err_msg=name)

@@ -360,7 +360,9 @@ def test_a_block_whose_layers_have_other_experts_is_refused(tmp_path):
     path = tmp_path / "b.safetensors"
     save(MuMoEBlock(6, 8, network="cp", expert_dims=(4, 2), rank=3), path)
     rewrite(path, lambda a, m: m["fc2"].__setitem__("expert_dims", [4, 3]))
-    with pytest.raises(ValueError, match=r"one gate drives both\): fc1 has expert_dims \[4, 2\]"):
+    with pytest.raises(
+        ValueError, match=r"one gate drives them all\): fc1 has expert_dims \[4, 2\]"
+    ):
         load(path)
 
 

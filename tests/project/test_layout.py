@@ -226,4 +226,8 @@ def test_the_torch_kernels_cover_the_gate_vocabulary():
     from mumoe.nn import TORCH_KERNELS, _gate
 
     assert TORCH_KERNELS.keys() == ACTIVATIONS.keys()
+    from mumoe.gates import HIDDEN_ACTIVATIONS
+    from mumoe.nn import TORCH_HIDDEN_ACTIVATIONS
+
+    assert TORCH_HIDDEN_ACTIVATIONS.keys() == HIDDEN_ACTIVATIONS.keys()
     assert _gate.NORMALIZATIONS is NORMALIZATIONS
