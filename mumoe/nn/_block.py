@@ -18,9 +18,10 @@ from mumoe.gates import check_hidden_activation
 from mumoe.nn._bridge import check_input
 from mumoe.nn._gate import Activation, MuMoEGate
 from mumoe.nn._layers import MuMoE
+from mumoe.plan import describe, flops
 from mumoe.spec import build_network
 from mumoe.typing import RankOrBudget
-from mumoe.validation import check_bool
+from mumoe.validation import check_bool, positive_int
 
 __all__ = ["ENCODERS", "OUTPUT_BIASES", "TORCH_HIDDEN_ACTIVATIONS", "MuMoEBlock"]
 
@@ -256,6 +257,84 @@ class MuMoEBlock(nn.Module):
             output_bias=self.bias,
         )
         return (y, gates) if return_gates else y
+
+    def describe(self, batch_size: int = 1) -> str:
+        r"""A readable account of the block: forms, parameters and FLOPs per part.
+
+        Each μMoE layer is then described by :func:`mumoe.describe` (its
+        network, path and FLOPs); a dense layer costs :math:`2BIH` (with its
+        bias), the gate :math:`2BI\sum_e N_e` (its activation aside).
+
+        Parameters
+        ----------
+        batch_size : int, default 1
+
+        Returns
+        -------
+        str
+
+        Examples
+        --------
+        >>> block = MuMoEBlock(16, 64, 16, "mxd", expert_dims=512, encoder="linear",
+        ...                    activation="relu_topk", top_k=8, normalization=None,
+        ...                    gate_bias=True, output_bias="shared")
+        >>> print(block.describe(batch_size=4))  # doctest: +ELLIPSIS
+        MuMoEBlock 16 -> 64 -> 16: encoder linear, hidden gelu, decoder mxd, output bias shared
+          gate        512 experts, relu_topk (top_k=8), normalization None, bias: 8,704 parameters
+          fc1         linear 16 -> 64: 1,088 parameters, 8,448 FLOPs for batch 4
+          fc2         mxd 64 -> 16: 9,216 parameters, 73,792 FLOPs for batch 4
+          bias        16 parameters
+          total       19,024 parameters, 147,776 FLOPs for batch 4 (gate 65,536)
+        <BLANKLINE>
+        fc2: Network 'mxd': 1 expert level, 512 experts, no bias
+        ...
+        """
+        batch = positive_int(batch_size, "batch_size")
+        gate = self.gate
+        n_experts = sum(gate.expert_dims)
+        gate_params = sum(p.numel() for p in gate.parameters())
+        gate_flops = 2 * batch * self.in_features * n_experts
+        options = f"{gate.activation_name}" + (
+            "" if gate.top_k is None else f" (top_k={gate.top_k})"
+        )
+        bias = ", bias" if gate.biases is not None else ""
+        lines = [
+            f"MuMoEBlock {self.in_features} -> {self.hidden_features} -> {self.out_features}: "
+            f"encoder {self.encoder}, hidden {self.hidden_activation}"
+            + (" (GLU)" if self.glu else "")
+            + f", decoder {self.fc2.network.format}, output bias {self.output_bias}",
+            f"  gate        {' x '.join(map(str, gate.expert_dims))} experts, {options}, "
+            f"normalization {gate.normalization}{bias}: {gate_params:,} parameters",
+        ]
+        total_params, total_flops = gate_params, gate_flops
+        details = []
+        for name in ("fc1", "up", "fc2"):
+            layer = getattr(self, name)
+            if layer is None:
+                continue
+            n_params = sum(p.numel() for p in layer.parameters())
+            if isinstance(layer, MuMoE):
+                n_flops = flops(layer.network, batch, planner=layer.planner)
+                kind = layer.network.format
+                details.append(f"{name}: {describe(layer.network, batch, planner=layer.planner)}")
+            else:
+                n_flops = 2 * batch * layer.in_features * layer.out_features
+                n_flops += batch * layer.out_features if layer.bias is not None else 0
+                kind = "linear"
+            lines.append(
+                f"  {name:<11} {kind} {layer.in_features} -> {layer.out_features}: "
+                f"{n_params:,} parameters, {n_flops:,} FLOPs for batch {batch}"
+            )
+            total_params += n_params
+            total_flops += n_flops
+        if self.bias is not None:
+            lines.append(f"  bias        {self.bias.numel():,} parameters")
+            total_params += self.bias.numel()
+        lines.append(
+            f"  total       {total_params:,} parameters, {total_flops:,} FLOPs for batch "
+            f"{batch} (gate {gate_flops:,})"
+        )
+        return "\n".join([*lines, "", *details])
 
     @staticmethod
     def _encoder_call(layer: nn.Module) -> Any:

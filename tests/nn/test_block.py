@@ -202,3 +202,14 @@ def test_a_budget_counts_the_gate_in_the_first_mumoe_layer():
     assert decoder <= 257 * 64
     paper = MuMoEBlock(64, 256, 64, "cp", expert_dims=16, rank="same", normalization=None)
     assert paper.fc2.network.ranks["r"] > block.fc2.network.ranks["r"]  # no gate to pay for
+
+
+@pytest.mark.parametrize("form", list(FORMS))
+def test_describe_counts_every_parameter_of_every_form(form):
+    block = block_of(form)
+    text = block.describe(batch_size=8)
+    total = sum(p.numel() for p in block.parameters())
+    assert f"  total       {total:,} parameters" in text
+    for layer in block.mumoe_layers:  # each μMoE layer's network, described in full
+        assert f"spec        {layer.network.spec}" in text
+    assert ("(GLU)" in text) == block.glu and f"encoder {block.encoder}" in text
