@@ -330,6 +330,10 @@ class MuMoEBlock(nn.Module):
         if self.bias is not None:
             lines.append(f"  bias        {self.bias.numel():,} parameters")
             total_params += self.bias.numel()
+        if self.input_norm is not None:
+            n_params = sum(p.numel() for p in self.input_norm.parameters())
+            lines.append(f"  input norm  layer norm: {n_params:,} parameters")
+            total_params += n_params
         lines.append(
             f"  total       {total_params:,} parameters, {total_flops:,} FLOPs for batch "
             f"{batch} (gate {gate_flops:,})"
