@@ -19,7 +19,7 @@ from mumoe.nn._analysis import (
 )
 from mumoe.nn._block import TORCH_HIDDEN_ACTIVATIONS, MuMoEBlock
 from mumoe.nn._bridge import torch_forward
-from mumoe.nn._convert import from_linear, linear_weights, replace_linear
+from mumoe.nn._convert import block_from_mlp, from_linear, linear_weights, replace_linear
 from mumoe.nn._entmax import entmax15, sparsemax
 from mumoe.nn._factorized import FactorizedMuMoE, network_of, to_factorized_tensor
 from mumoe.nn._gate import TORCH_KERNELS, MuMoEGate, resolve_activation, torch_gate_coefficients
@@ -44,6 +44,7 @@ __all__ = [
     "TuckerMuMoE",
     "apply_init_",
     "bias_matmul",
+    "block_from_mlp",
     "collect_aux_losses",
     "collect_gates",
     "counterfactual_histogram",

@@ -102,6 +102,10 @@ class MuMoEBlock(nn.Module):
     (torch.Size([3, 16]), 'Linear')
     """
 
+    #: Set by :func:`mumoe.nn.block_from_mlp`: each μMoE layer's relative error
+    #: against the dense layer it started from (None for a block built otherwise).
+    conversion_error: dict[str, float] | None = None
+
     def __init__(
         self,
         in_features: int,

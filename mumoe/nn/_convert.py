@@ -26,11 +26,12 @@ import torch
 from torch import nn
 
 from mumoe.functional import cores_from_dense, dense_matrix, relative_error
+from mumoe.nn._block import MuMoEBlock
 from mumoe.nn._layers import MuMoE
 from mumoe.spec import Network
 from mumoe.typing import RankOrBudget
 
-__all__ = ["from_linear", "linear_weights", "replace_linear"]
+__all__ = ["block_from_mlp", "from_linear", "linear_weights", "replace_linear"]
 
 Include = Callable[[str, nn.Module], bool] | str
 
@@ -205,6 +206,156 @@ def from_linear(
 
 def _numpy(tensor: torch.Tensor) -> Any:
     return tensor.detach().to("cpu", torch.float64).numpy()
+
+
+def block_from_mlp(
+    fc1: nn.Module,
+    fc2: nn.Module,
+    network: str = "mxd",
+    *,
+    expert_dims: int | Sequence[int],
+    up: nn.Module | None = None,
+    hidden_activation: str = "gelu",
+    encoder: str = "linear",
+    rank: RankOrBudget | None = "same",
+    **block_kwargs: Any,
+) -> MuMoEBlock:
+    """A :class:`MuMoEBlock` that starts as a dense MLP: ``fc2(act(fc1(x)) [* up(x)])``.
+
+    Every expert starts as the MLP, exactly where the network can hold its
+    layers (MxD's decoder ``"n o, i o"``; a dense encoder copies ``fc1``) and
+    at their best rank-k approximation otherwise (:func:`from_linear`'s rule
+    per μMoE layer); the MLP's output bias becomes the block's shared output
+    bias (``output_bias="shared"``, exact for any network).  The gate starts
+    so that the block computes the MLP: with a simplex activation at random
+    (``N(0, 1/I)``, each level summing to one), with ``"relu_topk"`` at zero
+    projections and biases of :math:`1/N_e` (every expert tied and kept, the
+    coefficients summing to one; training then breaks the ties).
+
+    Parameters
+    ----------
+    fc1, fc2 : torch.nn.Linear or transformers' Conv1D
+        The MLP's first layer ``(H, I)`` and second ``(O, H)``.
+    network : str, default "mxd"
+        The decoder's (and a μMoE encoder's) format name or spec.
+    expert_dims : int or sequence of int
+    up : torch.nn.Linear or Conv1D, optional
+        A gated MLP's second first layer (Llama's ``up_proj``; ``fc1`` is its
+        ``gate_proj``, activated): the block is then a GLU block.
+    hidden_activation : str, default "gelu"
+        The MLP's: ``"gelu"``, ``"gelu_tanh"`` (GPT-2's ``gelu_new``),
+        ``"relu"`` or ``"silu"``.
+    encoder : {"linear", "mumoe"}, default "linear"
+    rank : int, tuple, "same" or Budget, default "same"
+        Of the μMoE layers; ``"same"`` matches each dense layer's parameters
+        (ignored by formats without a rank).
+    **block_kwargs
+        Other :class:`MuMoEBlock` arguments (``activation``, ``top_k``,
+        ``normalization``, ``gate_bias``, ``output_bias``, ...); ``bias``,
+        ``device`` and ``dtype`` come from the MLP.
+
+    Returns
+    -------
+    MuMoEBlock
+        In train mode, with ``conversion_error``: each μMoE layer's relative
+        error against its dense layer (0 where exact).
+
+    Raises
+    ------
+    TypeError
+        For a layer that is not linear, or a keyword the MLP decides.
+    ValueError
+        If the layers' shapes do not chain, some have biases and others do
+        not, or ``"relu_topk"`` comes without ``gate_bias=True`` (no exact start).
+
+    Examples
+    --------
+    >>> import torch
+    >>> mlp = torch.nn.Sequential(torch.nn.Linear(16, 64), torch.nn.GELU(), torch.nn.Linear(64, 16))
+    >>> block = block_from_mlp(mlp[0], mlp[2], "mxd", expert_dims=128, activation="relu_topk",
+    ...                        top_k=8, normalization=None, gate_bias=True)
+    >>> x = torch.randn(5, 16)
+    >>> torch.allclose(block(x), mlp(x), atol=1e-6), block.conversion_error
+    (True, {'fc2': 0.0})
+    """
+    taken = sorted(set(block_kwargs) & {"bias", "device", "dtype", "glu"})
+    if taken:
+        raise TypeError(f"block_from_mlp takes {', '.join(taken)} from the MLP; do not pass them")
+    if block_kwargs.get("input_norm"):
+        raise ValueError(
+            "block_from_mlp cannot start a block with input_norm=True at the MLP: the layer "
+            "norm changes what the encoder sees"
+        )
+    layers = {"fc1": fc1, "fc2": fc2} | ({} if up is None else {"up": up})
+    weights = {name: linear_weights(layer) for name, layer in layers.items()}
+    (hidden, in_features), (out_features, fc2_in) = (
+        tuple(weights["fc1"][0].shape),
+        tuple(weights["fc2"][0].shape),
+    )
+    if fc2_in != hidden:
+        raise ValueError(
+            f"the MLP's layers do not chain: fc1 gives {hidden} features, fc2 takes {fc2_in}"
+        )
+    if up is not None and tuple(weights["up"][0].shape) != (hidden, in_features):
+        raise ValueError(
+            f"a gated MLP's up layer must have fc1's shape {(hidden, in_features)} (out, in), "
+            f"got {tuple(weights['up'][0].shape)}"
+        )
+    biased = {name: bias is not None for name, (_, bias) in weights.items()}
+    if len(set(biased.values())) > 1:
+        raise ValueError(f"the MLP's layers must all have biases or none, got {biased}")
+    bias = next(iter(biased.values()))
+    activation = block_kwargs.get("activation", "entmax15")
+    if activation == "relu_topk" and not block_kwargs.get("gate_bias"):
+        raise ValueError(
+            "a block gated by 'relu_topk' starts at the MLP only with gate_bias=True (every "
+            "expert's logit 1/N, all kept, summing to one); pass gate_bias=True"
+        )
+    if isinstance(network, str) and network in ("mxd", "dense") and rank == "same":
+        rank = None
+    reference = weights["fc1"][0]
+    block = MuMoEBlock(
+        in_features,
+        hidden,
+        out_features,
+        network,
+        expert_dims=expert_dims,
+        rank=rank,
+        bias=bias,
+        encoder=encoder,
+        hidden_activation=hidden_activation,
+        glu=up is not None,
+        output_bias=block_kwargs.pop("output_bias", "shared" if bias else "experts"),
+        device=reference.device,
+        dtype=reference.dtype,
+        **block_kwargs,
+    )
+    errors = {}
+    with torch.no_grad():
+        for name, (weight, layer_bias) in weights.items():
+            part = getattr(block, name)
+            if isinstance(part, nn.Linear):
+                part.weight.copy_(weight)
+                if layer_bias is not None:
+                    part.bias.copy_(layer_bias)
+                continue
+            own_bias = layer_bias if part.network.bias else None
+            m = dense_matrix(_numpy(weight), None if own_bias is None else _numpy(own_bias))
+            start = cores_from_dense(part.network, m, [_numpy(core) for core in part.cores])
+            for core, values in zip(part.cores, start, strict=True):
+                core.copy_(torch.from_numpy(values))
+            errors[name] = relative_error(part.network, [_numpy(c) for c in part.cores], m)
+        if block.bias is not None:
+            block.bias.copy_(weights["fc2"][1])  # type: ignore[arg-type]
+        gate = block.gate
+        for e, projection in enumerate(gate.projections):
+            if gate.activation_name == "relu_topk":
+                nn.init.zeros_(projection)
+                gate.biases[e].fill_(1 / gate.expert_dims[e])  # type: ignore[index]
+            else:
+                nn.init.normal_(projection, std=1 / math.sqrt(in_features))
+    block.conversion_error = errors
+    return block
 
 
 def replace_linear(
