@@ -27,6 +27,7 @@ from mumoe.nn._init import apply_init_, init_cores_
 from mumoe.nn._io import load_into, save
 from mumoe.nn._kernels import bias_matmul, kth_largest
 from mumoe.nn._layers import CPMuMoE, MuMoE, TRMuMoE, TTMuMoE, TuckerMuMoE
+from mumoe.nn._mlp import MLPParts, find_mlps, hidden_activation_of, replace_mlp
 from mumoe.nn._monitor import ExpertMonitor, collect_aux_losses, gate_mask
 
 __all__ = [
@@ -36,6 +37,7 @@ __all__ = [
     "ExpertMonitor",
     "FactorizedMuMoE",
     "GateRecord",
+    "MLPParts",
     "MuMoE",
     "MuMoEBlock",
     "MuMoEGate",
@@ -51,8 +53,10 @@ __all__ = [
     "edit_experts",
     "edit_experts_",
     "entmax15",
+    "find_mlps",
     "from_linear",
     "gate_mask",
+    "hidden_activation_of",
     "init_cores_",
     "kth_largest",
     "linear_weights",
@@ -60,6 +64,7 @@ __all__ = [
     "network_of",
     "record_gates",
     "replace_linear",
+    "replace_mlp",
     "resolve_activation",
     "save",
     "sparsemax",
