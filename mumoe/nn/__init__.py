@@ -20,6 +20,7 @@ from mumoe.nn._analysis import (
 from mumoe.nn._block import TORCH_HIDDEN_ACTIVATIONS, MuMoEBlock
 from mumoe.nn._bridge import torch_forward
 from mumoe.nn._convert import block_from_mlp, from_linear, linear_weights, replace_linear
+from mumoe.nn._distill import ActivationPairs, DistillHistory, distill, fit_metrics
 from mumoe.nn._entmax import entmax15, sparsemax
 from mumoe.nn._factorized import FactorizedMuMoE, network_of, to_factorized_tensor
 from mumoe.nn._gate import TORCH_KERNELS, MuMoEGate, resolve_activation, torch_gate_coefficients
@@ -33,7 +34,9 @@ from mumoe.nn._monitor import ExpertMonitor, collect_aux_losses, gate_mask
 __all__ = [
     "TORCH_HIDDEN_ACTIVATIONS",
     "TORCH_KERNELS",
+    "ActivationPairs",
     "CPMuMoE",
+    "DistillHistory",
     "ExpertMonitor",
     "FactorizedMuMoE",
     "GateRecord",
@@ -50,10 +53,12 @@ __all__ = [
     "collect_aux_losses",
     "collect_gates",
     "counterfactual_histogram",
+    "distill",
     "edit_experts",
     "edit_experts_",
     "entmax15",
     "find_mlps",
+    "fit_metrics",
     "from_linear",
     "gate_mask",
     "hidden_activation_of",
