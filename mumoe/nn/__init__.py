@@ -30,6 +30,7 @@ from mumoe.nn._kernels import bias_matmul, kth_largest
 from mumoe.nn._layers import CPMuMoE, MuMoE, TRMuMoE, TTMuMoE, TuckerMuMoE
 from mumoe.nn._mlp import MLPParts, find_mlps, hidden_activation_of, replace_mlp
 from mumoe.nn._monitor import ExpertMonitor, collect_aux_losses, gate_mask
+from mumoe.nn._splice import SpliceReport, ZeroOutput, splice_report, spliced
 
 __all__ = [
     "TORCH_HIDDEN_ACTIVATIONS",
@@ -44,9 +45,11 @@ __all__ = [
     "MuMoE",
     "MuMoEBlock",
     "MuMoEGate",
+    "SpliceReport",
     "TRMuMoE",
     "TTMuMoE",
     "TuckerMuMoE",
+    "ZeroOutput",
     "apply_init_",
     "bias_matmul",
     "block_from_mlp",
@@ -73,6 +76,8 @@ __all__ = [
     "resolve_activation",
     "save",
     "sparsemax",
+    "splice_report",
+    "spliced",
     "to_factorized_tensor",
     "torch_forward",
     "torch_gate_coefficients",
