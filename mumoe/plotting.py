@@ -6,6 +6,8 @@ Needs matplotlib (``pip install "mumoe[demo]"``).
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 from matplotlib.axes import Axes
@@ -14,7 +16,7 @@ from matplotlib.patches import Circle, FancyArrowPatch
 
 from mumoe.spec import Network
 
-__all__ = ["draw_network", "plot_usage"]
+__all__ = ["FRONTIER_METRICS", "draw_network", "plot_frontier", "plot_usage"]
 
 OPEN = {"i": "tab:blue", "o": "tab:green"}  # expert legs: tab:orange
 RADIUS = 0.22
@@ -269,4 +271,77 @@ def plot_usage(
     )
     ax.set(xlabel="expert", ylabel="forward pass", title=title or "mean coefficient per expert")
     figure.colorbar(image, ax=ax, label="mass")
+    return figure
+
+
+#: The axis labels of :func:`plot_frontier`'s metrics.
+FRONTIER_METRICS = {
+    "delta_ce": "ΔCE spliced in (nats/token)",
+    "nmse": "normalised MSE (held out)",
+    "fvu": "fraction of variance unexplained",
+}
+
+
+def plot_frontier(
+    records: Sequence[Mapping[str, Any]],
+    ax: Axes | None = None,
+    metric: str = "delta_ce",
+    title: str | None = None,
+) -> Figure:
+    """The sparsity–faithfulness frontier: ``metric`` against L0, one curve per kind.
+
+    Records (:func:`mumoe.nn.frontier`) of one kind and ``k`` are averaged
+    over their seeds: a point at the mean L0 and the mean ``metric``, with
+    error bars of one standard deviation both ways.
+
+    Parameters
+    ----------
+    records : sequence of mappings
+        Each with ``kind``, ``k``, ``l0`` and ``metric``.
+    ax : matplotlib.axes.Axes, optional
+    metric : {"delta_ce", "nmse", "fvu"}, default "delta_ce"
+    title : str, optional
+
+    Returns
+    -------
+    matplotlib.figure.Figure
+
+    Raises
+    ------
+    ValueError
+        For no records, or an unknown metric.
+
+    Examples
+    --------
+    >>> records = [{"kind": kind, "k": k, "seed": s, "l0": k, "delta_ce": 1 / k + s / 10}
+    ...            for kind in ("mxd", "transcoder") for k in (2, 8) for s in (0, 1)]
+    >>> fig = plot_frontier(records)
+    >>> fig.axes[0].get_xlabel(), len(fig.axes[0].get_legend().get_texts())
+    ('L0 (experts or latents a token uses)', 2)
+    """
+    if metric not in FRONTIER_METRICS:
+        raise ValueError(f"unknown metric {metric!r}; choose one of {list(FRONTIER_METRICS)}")
+    if not records:
+        raise ValueError("no records to plot")
+    if ax is None:
+        ax = Figure(figsize=(5, 3.4), layout="constrained").subplots()
+    figure = ax.get_figure()
+    assert isinstance(figure, Figure)
+    kinds = sorted({r["kind"] for r in records})
+    for kind in kinds:
+        ks = sorted({r["k"] for r in records if r["kind"] == kind})
+        points = []
+        for k in ks:
+            group = [r for r in records if r["kind"] == kind and r["k"] == k]
+            l0 = np.array([r["l0"] for r in group], dtype=float)
+            value = np.array([r[metric] for r in group], dtype=float)
+            points.append((l0.mean(), value.mean(), l0.std(), value.std()))
+        x, y, x_err, y_err = (np.array(column) for column in zip(*points, strict=True))
+        ax.errorbar(x, y, xerr=x_err, yerr=y_err, marker="o", capsize=3, label=kind)
+    ax.set(
+        xlabel="L0 (experts or latents a token uses)",
+        ylabel=FRONTIER_METRICS[metric],
+        title=title or "sparsity–faithfulness frontier",
+    )
+    ax.legend()
     return figure

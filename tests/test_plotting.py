@@ -107,3 +107,24 @@ def test_the_usage_heatmap_draws():
     assert shared.axes[0].images[0].get_clim() == (0.0, 0.1)
     with pytest.raises(ValueError, match="history must be \\(passes, experts\\)"):
         plot_usage(np.ones(3))
+
+
+def test_the_frontier_plots_the_mean_and_spread_over_seeds():
+    from mumoe.plotting import plot_frontier
+
+    records = [
+        {"kind": kind, "k": k, "seed": s, "l0": k + s, "nmse": 1 / k + s}
+        for kind in ("mxd", "transcoder")
+        for k in (2, 8)
+        for s in (0, 1)
+    ]
+    fig = plot_frontier(records, metric="nmse")
+    ax = fig.axes[0]
+    lines = [line for line in ax.get_lines() if line.get_marker() == "o"]
+    assert len(lines) == 2
+    np.testing.assert_allclose(lines[0].get_xdata(), [2.5, 8.5])  # mean L0 over the seeds
+    np.testing.assert_allclose(lines[0].get_ydata(), [1.0, 0.625])
+    with pytest.raises(ValueError, match="unknown metric 'ce'"):
+        plot_frontier(records, metric="ce")
+    with pytest.raises(ValueError, match="no records"):
+        plot_frontier([])

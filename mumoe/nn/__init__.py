@@ -23,6 +23,7 @@ from mumoe.nn._convert import block_from_mlp, from_linear, linear_weights, repla
 from mumoe.nn._distill import ActivationPairs, DistillHistory, distill, fit_metrics
 from mumoe.nn._entmax import entmax15, sparsemax
 from mumoe.nn._factorized import FactorizedMuMoE, network_of, to_factorized_tensor
+from mumoe.nn._frontier import Transcoder, frontier, transcoder_width
 from mumoe.nn._gate import TORCH_KERNELS, MuMoEGate, resolve_activation, torch_gate_coefficients
 from mumoe.nn._init import apply_init_, init_cores_
 from mumoe.nn._io import load_into, save
@@ -48,6 +49,7 @@ __all__ = [
     "SpliceReport",
     "TRMuMoE",
     "TTMuMoE",
+    "Transcoder",
     "TuckerMuMoE",
     "ZeroOutput",
     "apply_init_",
@@ -63,6 +65,7 @@ __all__ = [
     "find_mlps",
     "fit_metrics",
     "from_linear",
+    "frontier",
     "gate_mask",
     "hidden_activation_of",
     "init_cores_",
@@ -81,4 +84,5 @@ __all__ = [
     "to_factorized_tensor",
     "torch_forward",
     "torch_gate_coefficients",
+    "transcoder_width",
 ]

@@ -12,7 +12,9 @@ finds them), and returns what the fit did: NMSE, FVU, L0 and dead experts.
 
 from __future__ import annotations
 
+import inspect
 import math
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -248,7 +250,8 @@ class DistillHistory:
     nmse, fvu, l0 : list of float
         On each logged step's batch, before its update (:func:`fit_metrics`).
     dead : list of int
-        Experts (over every level) no token used in the monitor's window.
+        Experts (over every level; a transcoder's latents) no token used in
+        the last :data:`DEAD_WINDOW` steps.
     resampled : int
         Experts whose gate was resampled.
     """
@@ -305,7 +308,8 @@ def distill(
     ----------
     block : torch.nn.Module
         Called as ``block(x, return_gates=True)`` where it takes the keyword
-        (:class:`~mumoe.nn.MuMoEBlock`), else ``block(x)``.
+        (:class:`~mumoe.nn.MuMoEBlock`, :class:`~mumoe.nn.Transcoder`: L0 and
+        dead experts come from those gates), else ``block(x)``.
     pairs : iterable of (x, y)
         Such as :class:`ActivationPairs`; re-iterable.
     steps : int
@@ -355,9 +359,11 @@ def distill(
             )
     if optimizer is None:
         optimizer = torch.optim.Adam(block.parameters(), lr=lr)
-    returns_gates = isinstance(getattr(block, "gate", None), MuMoEGate)
+    returns_gates = "return_gates" in inspect.signature(block.forward).parameters
     history = DistillHistory()
-    monitor = ExpertMonitor(block, window=resample_every or 100)
+    monitor = ExpertMonitor(block, window=resample_every) if resample_every else None
+    # Which experts (or latents) each of the last DEAD_WINDOW steps used, per level.
+    used: deque[list[torch.Tensor]] = deque(maxlen=DEAD_WINDOW)
     block.train()
     step = 0
     try:
@@ -370,14 +376,17 @@ def distill(
                 else:
                     prediction, batch_gates = block(x), None
                 loss = (prediction - y).square().sum() / y.square().sum().clamp_min(1e-30)
+                if batch_gates:
+                    used.append(
+                        [(a.detach() != 0).reshape(-1, a.shape[-1]).any(0) for a in batch_gates]
+                    )
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
                 step += 1
                 if step % log_every == 0 or step == steps:
                     metrics = fit_metrics(prediction.detach(), y, batch_gates)
-                    dead = monitor.metrics()
-                    n_dead = int(sum(v for k, v in dead.items() if k.endswith("/dead")))
+                    n_dead = _dead(used)
                     history.step.append(step)
                     history.nmse.append(metrics["nmse"])
                     history.fvu.append(metrics["fvu"])
@@ -385,17 +394,34 @@ def distill(
                     history.dead.append(n_dead)
                     if on_step is not None:
                         on_step(step, {**metrics, "dead": n_dead})
-                if resample_every is not None and step % resample_every == 0:
+                if monitor is not None and step % resample_every == 0:  # type: ignore[operator]
                     history.resampled += _resample(*gates[0], monitor, x, prediction, y)
                     monitor.close()
-                    monitor = ExpertMonitor(block, window=resample_every)
+                    monitor = ExpertMonitor(block, window=resample_every)  # type: ignore[arg-type]
+                    used.clear()
                 if step >= steps:
                     break
             if not seen:
                 raise ValueError("pairs yielded nothing to distill on")
     finally:
-        monitor.close()
+        if monitor is not None:
+            monitor.close()
     return history
+
+
+#: The steps over which :func:`distill` counts an expert dead: no token used it.
+DEAD_WINDOW = 100
+
+
+def _used(gates: torch.Tensor) -> torch.Tensor:
+    return (gates.detach() != 0).reshape(-1, gates.shape[-1]).any(0)
+
+
+def _dead(used: deque[list[torch.Tensor]]) -> int:
+    if not used:
+        return 0
+    levels = zip(*used, strict=True)
+    return int(sum(int((~torch.stack(masks).any(0)).sum()) for masks in levels))
 
 
 def _resample(
