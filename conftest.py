@@ -43,6 +43,7 @@ NEEDS = {
     "matplotlib": ("mumoe/plotting.py", "mumoe/demo/"),
     "sklearn": ("mumoe/demo/",),
     "tqdm": ("mumoe/demo/",),
+    "transformers": ("mumoe/nn/_frontier.py::mumoe.nn._frontier.frontier",),
 }
 MISSING = [name for name in NEEDS if importlib.util.find_spec(name) is None]
 

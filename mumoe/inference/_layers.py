@@ -397,7 +397,18 @@ class InferenceMuMoEBlock:
 
     @property
     def in_features(self) -> int:
-        """The block's input size."""
+        """The block's input size.
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> from mumoe import mxd, random_cores
+        >>> decoder = mxd(6, 3, expert_dims=4, bias=False)
+        >>> fc2 = InferenceMuMoE(decoder, random_cores(decoder), projections=[np.zeros((5, 4))],
+        ...                      normalization=None)
+        >>> InferenceMuMoEBlock(InferenceLinear(np.ones((6, 5))), fc2).in_features
+        5
+        """
         return _features(self.fc1)[0]
 
     def gates(self, x: Tensor) -> list[Tensor]:

@@ -244,7 +244,7 @@ def fit_metrics(
 class DistillHistory:
     """What :func:`distill` did, one entry per logged step.
 
-    Attributes
+    Parameters
     ----------
     step : list of int
     nmse, fvu, l0 : list of float
@@ -254,6 +254,11 @@ class DistillHistory:
         the last :data:`DEAD_WINDOW` steps.
     resampled : int
         Experts whose gate was resampled.
+
+    Examples
+    --------
+    >>> DistillHistory(step=[10], nmse=[0.25], fvu=[0.3], l0=[4.0], dead=[0]).nmse
+    [0.25]
     """
 
     step: list[int] = field(default_factory=list)

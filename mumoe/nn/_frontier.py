@@ -78,6 +78,11 @@ class Transcoder(nn.Module):
         -------
         torch.Tensor, shape (..., O)
             And ``[latents]`` (``(..., width)``) with ``return_gates``.
+
+        Examples
+        --------
+        >>> Transcoder(4, 8, 2, top_k=2)(torch.randn(5, 4)).shape
+        torch.Size([5, 2])
         """
         latents = TORCH_KERNELS["relu_topk"](self.encoder(x), self.top_k)
         y = self.decoder(latents)
@@ -170,6 +175,19 @@ def frontier(
     ------
     ValueError
         For a split MLP (splice it by hand), or no ``ks``.
+
+    Examples
+    --------
+    >>> import transformers
+    >>> from mumoe.nn import find_mlps
+    >>> _ = torch.manual_seed(0)
+    >>> config = transformers.GPT2Config(n_embd=16, n_layer=1, n_head=2, vocab_size=40)
+    >>> model = transformers.GPT2LMHeadModel(config).eval()
+    >>> batches = [{"input_ids": torch.randint(0, 40, (4, 12))} for _ in range(3)]
+    >>> records = frontier(model, find_mlps(model)[0], batches[:2], batches[2:], ks=[4],
+    ...                    expert_dims=32, steps=5, batch_size=32, buffer_size=64)
+    >>> [(r["kind"], r["k"], r["params"]) for r in records]
+    [('mxd', 4, 3184), ('transcoder', 4, 3184)]
     """
     if parts.split is not None:
         raise ValueError("frontier takes a two-layer or gated MLP; a split MLP is spliced by hand")

@@ -543,8 +543,10 @@ class CPMuMoE(_PresetMuMoE):
         Experts per level.
     rank : int, "same" or Budget
         The CP rank (:func:`mumoe.validate_cp_rank`), or a parameter budget.
-    bias, normalization, activation, top_k, balance, input_norm, gated, planner, device, dtype
+    bias, normalization, activation, top_k, gate_bias, balance, input_norm, gated, planner
         As for :class:`MuMoE`.
+    device, dtype
+        Of the parameters.
 
     Examples
     --------
@@ -570,8 +572,10 @@ class TuckerMuMoE(_PresetMuMoE):
         Experts per level.
     rank : int or tuple of int, "same" or Budget
         The Tucker rank (:func:`mumoe.validate_tucker_rank`), or a parameter budget.
-    bias, normalization, activation, top_k, balance, input_norm, gated, planner, device, dtype
+    bias, normalization, activation, top_k, gate_bias, balance, input_norm, gated, planner
         As for :class:`MuMoE`.
+    device, dtype
+        Of the parameters.
 
     Examples
     --------
@@ -597,8 +601,10 @@ class TTMuMoE(_PresetMuMoE):
         Experts per level.
     rank : int or tuple of int, "same" or Budget
         The TT rank (:func:`mumoe.validate_tt_rank`), or a parameter budget.
-    bias, normalization, activation, top_k, balance, input_norm, gated, planner, device, dtype
+    bias, normalization, activation, top_k, gate_bias, balance, input_norm, gated, planner
         As for :class:`MuMoE`.
+    device, dtype
+        Of the parameters.
 
     Examples
     --------
@@ -624,8 +630,10 @@ class TRMuMoE(_PresetMuMoE):
         Experts per level.
     rank : int or tuple of int, "same" or Budget
         The TR rank (:func:`mumoe.validate_tr_rank`), or a parameter budget.
-    bias, normalization, activation, top_k, balance, input_norm, gated, planner, device, dtype
+    bias, normalization, activation, top_k, gate_bias, balance, input_norm, gated, planner
         As for :class:`MuMoE`.
+    device, dtype
+        Of the parameters.
 
     Examples
     --------

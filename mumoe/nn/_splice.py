@@ -45,7 +45,23 @@ class ZeroOutput(nn.Module):
         self.out_features = out_features
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        """Zeros of shape ``(..., out_features)``, of ``x``'s dtype and device."""
+        """Zeros of shape ``(..., out_features)``, of ``x``'s dtype and device.
+
+        Parameters
+        ----------
+        x : torch.Tensor, shape (..., I)
+        *args, **kwargs
+            Ignored: whatever else the replaced module took.
+
+        Returns
+        -------
+        torch.Tensor, shape (..., out_features)
+
+        Examples
+        --------
+        >>> ZeroOutput(2)(torch.ones(3, 4), "ignored").sum()
+        tensor(0.)
+        """
         return x.new_zeros(*x.shape[:-1], self.out_features)
 
 
@@ -94,7 +110,7 @@ def spliced(model: nn.Module, replacements: Mapping[str, nn.Module]) -> Iterator
 class SpliceReport:
     """What a model's loss does with replacements spliced in (:func:`splice_report`).
 
-    Attributes
+    Parameters
     ----------
     loss, loss_spliced, loss_zero : float
         The mean loss per token (per example for a classifier) of the model,
@@ -112,6 +128,13 @@ class SpliceReport:
         Tokens (or examples) the means are over.
     accuracy, accuracy_spliced, accuracy_zero : float or None
         For a classifier.
+
+    Examples
+    --------
+    >>> report = SpliceReport(loss=2.0, loss_spliced=2.1, loss_zero=3.0, delta=0.1,
+    ...                       recovered=0.9, l0=8.0, tokens=100)
+    >>> report.delta, report.accuracy
+    (0.1, None)
     """
 
     loss: float
