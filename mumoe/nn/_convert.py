@@ -218,6 +218,8 @@ def block_from_mlp(
     hidden_activation: str = "gelu",
     encoder: str = "linear",
     rank: RankOrBudget | None = "same",
+    gate_init: str = "exact",
+    calibrate: torch.Tensor | None = None,
     **block_kwargs: Any,
 ) -> MuMoEBlock:
     """A :class:`MuMoEBlock` that starts as a dense MLP: ``fc2(act(fc1(x)) [* up(x)])``.
@@ -249,6 +251,20 @@ def block_from_mlp(
     rank : int, tuple, "same" or Budget, default "same"
         Of the μMoE layers; ``"same"`` matches each dense layer's parameters
         (ignored by formats without a rank).
+    gate_init : {"exact", "random"}, default "exact"
+        ``"exact"``: the gate start described above, the block computing the
+        MLP.  ``"random"``: under ``"relu_topk"``, projections as
+        ``nn.Linear``'s weights and zero biases (MxD's reference), so that
+        each token starts with its own ``k`` experts; not exact, but a start
+        that distillation moves from quickly, where the tied exact start's
+        ReLU logits of :math:`1/N` die within a few optimiser steps.
+    calibrate : torch.Tensor, shape (..., I), optional
+        With ``gate_init="random"``: inputs of the MLP on which the random
+        gate's coefficients sum, per token and over the levels' product, to
+        :math:`s` on average; each μMoE layer's first core is divided by
+        :math:`s`, so that the block starts near the MLP (every expert starts
+        as the MLP, so the block computes it times the token's total
+        coefficient over :math:`s`).
     **block_kwargs
         Other :class:`MuMoEBlock` arguments (``activation``, ``top_k``,
         ``normalization``, ``gate_bias``, ``output_bias``, ...); ``bias``,
@@ -305,8 +321,12 @@ def block_from_mlp(
     if len(set(biased.values())) > 1:
         raise ValueError(f"the MLP's layers must all have biases or none, got {biased}")
     bias = next(iter(biased.values()))
+    if gate_init not in ("exact", "random"):
+        raise ValueError(f"unknown gate_init {gate_init!r}; choose 'exact' or 'random'")
+    if calibrate is not None and gate_init != "random":
+        raise ValueError("calibrate= scales a random gate's start; pass gate_init='random'")
     activation = block_kwargs.get("activation", "entmax15")
-    if activation == "relu_topk" and not block_kwargs.get("gate_bias"):
+    if activation == "relu_topk" and gate_init == "exact" and not block_kwargs.get("gate_bias"):
         raise ValueError(
             "a block gated by 'relu_topk' starts at the MLP only with gate_bias=True (every "
             "expert's logit 1/N, all kept, summing to one); pass gate_bias=True"
@@ -349,11 +369,20 @@ def block_from_mlp(
             block.bias.copy_(weights["fc2"][1])  # type: ignore[arg-type]
         gate = block.gate
         for e, projection in enumerate(gate.projections):
-            if gate.activation_name == "relu_topk":
+            if gate.activation_name == "relu_topk" and gate_init == "random":
+                pass  # MuMoEGate's own start: nn.Linear's weights, zero biases
+            elif gate.activation_name == "relu_topk":
                 nn.init.zeros_(projection)
                 gate.biases[e].fill_(1 / gate.expert_dims[e])  # type: ignore[index]
             else:
                 nn.init.normal_(projection, std=1 / math.sqrt(in_features))
+        if calibrate is not None:
+            total = torch.ones(())
+            for a in gate(calibrate.to(gate.projections[0])):
+                total = total * a.sum(-1).mean()
+            if total > 0:
+                for layer in block.mumoe_layers:
+                    layer.cores[0].div_(total)
     block.conversion_error = errors
     return block
 

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from mumoe.nn._block import MuMoEBlock
 from mumoe.nn._convert import block_from_mlp
 from mumoe.nn._distill import ActivationPairs, distill, fit_metrics
 from mumoe.nn._gate import TORCH_KERNELS
@@ -136,11 +137,15 @@ def frontier(
     batch_size: int = 256,
     buffer_size: int = 16384,
     block_kwargs: Mapping[str, Any] | None = None,
+    from_scratch: bool = False,
 ) -> list[dict[str, Any]]:
     """Fit an MxD block and a parameter-matched transcoder for every ``k`` and seed.
 
-    Each MxD block starts at the MLP (:func:`block_from_mlp`: a dense encoder,
-    ReLU-top-k gating with a bias), each transcoder at random with as many
+    Each MxD block starts from the MLP (:func:`block_from_mlp`: a dense
+    encoder and decoder from its layers, ReLU-top-k gating with a bias, the
+    gate at random, ``gate_init="random"``, calibrated on the first batch of
+    inputs so that the block starts near the MLP), each transcoder at random
+    (as in the MxD paper: the comparison is of what each starts from too) with as many
     parameters or fewer (:func:`transcoder_width`); both are trained by
     :func:`distill` for ``steps`` on the MLP's pairs over ``train`` and
     measured on ``test``: NMSE, FVU and L0 on its pairs, ΔCE spliced in
@@ -164,11 +169,15 @@ def frontier(
         Of the fits (:func:`distill`, :class:`ActivationPairs`).
     block_kwargs : mapping, optional
         More :func:`block_from_mlp` arguments.
+    from_scratch : bool, default False
+        Also fit an MxD block of the same form started at random (kind
+        ``"mxd-scratch"``), as the MxD paper trains it: what the MLP's
+        weights are worth as a start.
 
     Returns
     -------
     list of dict
-        One per fit: ``kind`` ("mxd" or "transcoder"), ``k``, ``seed``,
+        One per fit: ``kind`` ("mxd", "mxd-scratch" or "transcoder"), ``k``, ``seed``,
         ``params``, ``nmse``, ``fvu``, ``l0``, ``delta_ce``, ``recovered``.
 
     Raises
@@ -200,6 +209,7 @@ def frontier(
     )
     held_out = list(ActivationPairs(model, test, inputs_of=parts.name, batch_size=4096))
     options = {"normalization": None, "gate_bias": True, **(block_kwargs or {})}
+    calibration = next(iter(pairs))[0]  # the MLP's inputs the random gate is scaled on
     records = []
     for k in ks:
         for seed in seeds:
@@ -213,6 +223,8 @@ def frontier(
                 hidden_activation=parts.activation,
                 activation="relu_topk",
                 top_k=k,
+                gate_init="random",
+                calibrate=calibration,
                 **options,
             )
             n_params = _parameters(block)
@@ -226,7 +238,12 @@ def frontier(
                 device=weight.device,
                 dtype=weight.dtype,
             )
-            for kind, candidate in (("mxd", block), ("transcoder", transcoder)):
+            candidates: list[tuple[str, nn.Module]] = [("mxd", block)]
+            if from_scratch:
+                torch.manual_seed(seed)
+                candidates.append(("mxd-scratch", _scratch(block)))
+            candidates.append(("transcoder", transcoder))
+            for kind, candidate in candidates:
                 distill(candidate, pairs, steps=steps, lr=lr)
                 candidate.eval()
                 fits = []
@@ -250,3 +267,26 @@ def frontier(
                     }
                 )
     return records
+
+
+def _scratch(block: MuMoEBlock) -> MuMoEBlock:
+    # A block of the same form and sizes, every parameter at its own initialisation.
+    gate = block.gate
+    return MuMoEBlock(
+        block.in_features,
+        block.hidden_features,
+        block.out_features,
+        block.fc2.network.spec,
+        expert_dims=block.fc2.network.expert_dims,
+        bias=block.bias is not None or block.fc2.network.bias,
+        encoder=block.encoder,
+        hidden_activation=block.hidden_activation,
+        glu=block.glu,
+        output_bias=block.output_bias,
+        normalization=gate.normalization,
+        activation=gate.activation_name,
+        top_k=gate.top_k,
+        gate_bias=gate.biases is not None,
+        device=gate.projections[0].device,
+        dtype=gate.projections[0].dtype,
+    )

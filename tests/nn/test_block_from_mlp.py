@@ -127,3 +127,26 @@ def test_gpt2s_mlp_from_transformers():
     ).eval()
     x = torch.randn(2, 5, 32, dtype=torch.float64)
     torch.testing.assert_close(block(x), mlp_module(x), rtol=1e-12, atol=1e-12)
+
+
+def test_a_random_relu_topk_gate_calibrated_starts_near_the_mlp():
+    fc1, fc2 = mlp()
+    x = torch.randn(256, 12, dtype=torch.float64)
+    options = {"activation": "relu_topk", "top_k": 8, "normalization": None, "gate_bias": True}
+    raw = block_from_mlp(fc1, fc2, "mxd", expert_dims=64, gate_init="random", **options)
+    calibrated = block_from_mlp(
+        fc1, fc2, "mxd", expert_dims=64, gate_init="random", calibrate=x, **options
+    )
+    target = fc2(nn.functional.gelu(fc1(x)))
+    with torch.no_grad():
+        total = calibrated.gate(x)[0].sum(-1).mean()
+        nmse = [
+            ((b(x) - target).square().sum() / target.square().sum()).item()
+            for b in (raw, calibrated)
+        ]
+    assert total > 1  # k rectified logits: the raw start is about `total` times the MLP
+    assert nmse[1] < 0.2 < nmse[0]
+    with pytest.raises(ValueError, match="pass gate_init='random'"):
+        block_from_mlp(fc1, fc2, "mxd", expert_dims=64, calibrate=x, **options)
+    with pytest.raises(ValueError, match="unknown gate_init 'zero'"):
+        block_from_mlp(fc1, fc2, "mxd", expert_dims=64, gate_init="zero", **options)
