@@ -43,7 +43,10 @@ NEEDS = {
     "matplotlib": ("mumoe/plotting.py", "mumoe/demo/"),
     "sklearn": ("mumoe/demo/",),
     "tqdm": ("mumoe/demo/",),
-    "transformers": ("mumoe/nn/_frontier.py::mumoe.nn._frontier.frontier",),
+    "transformers": (
+        "mumoe/nn/_frontier.py::mumoe.nn._frontier.frontier",
+        "mumoe/demo/_lm.py",
+    ),
 }
 MISSING = [name for name in NEEDS if importlib.util.find_spec(name) is None]
 
@@ -68,7 +71,10 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci" if os.environ.ge
 
 
 #: Doctests among the dozen slowest tests (the demo trains heads): ``-m "not slow"`` leaves them.
-SLOW_DOCTESTS = {"mumoe/demo/_experiment.py::mumoe.demo._experiment.run"}
+SLOW_DOCTESTS = {
+    "mumoe/demo/_experiment.py::mumoe.demo._experiment.run",
+    "mumoe/demo/_lm.py::mumoe.demo._lm.run_lm",
+}
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

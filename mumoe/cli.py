@@ -92,7 +92,14 @@ def _describe(args: argparse.Namespace) -> int:
 FAST_EXPERTS, FAST_EPOCHS = [4, 16], 3
 
 
+#: The digits demo's own options (and their defaults), refused by ``mumoe demo lm``.
+DIGITS_ONLY = ("experts", "network", "budget", "epochs", "edit_class", "threads")
+DIGITS_DEFAULTS = {"network": "cp", "budget": 8}
+
+
 def _demo(args: argparse.Namespace) -> int:
+    if args.task == "lm":
+        return _demo_lm(args)
     missing = [m for m in ("torch", "sklearn", "matplotlib", "tqdm") if find_spec(m) is None]
     if missing:
         raise ValueError(
@@ -111,10 +118,35 @@ def _demo(args: argparse.Namespace) -> int:
         epochs=epochs,
         seeds=seeds,
         edit_class=args.edit_class,
-        output=args.output,
+        output=args.output or "mumoe-demo",
         json_path=args.json,
         progress=not args.no_progress,
         threads=args.threads,
+    )
+    return 0
+
+
+def _demo_lm(args: argparse.Namespace) -> int:
+    given = [
+        "--" + name.replace("_", "-")
+        for name in DIGITS_ONLY
+        if getattr(args, name) not in (None, DIGITS_DEFAULTS.get(name))
+    ]
+    if given:
+        raise ValueError(f"{', '.join(given)} are options of the digits demo, not of 'lm'")
+    missing = [m for m in ("torch", "transformers", "matplotlib") if find_spec(m) is None]
+    if missing:
+        raise ValueError(
+            f"mumoe demo lm needs {', '.join(missing)}: pip install torch==2.13.0 "
+            "(or another torch build) and pip install 'mumoe[torch,demo,models]'"
+        )
+    from mumoe.demo import run_lm
+
+    run_lm(
+        seeds=args.seeds,
+        fast=args.fast,
+        output=args.output or "mumoe-demo-lm",
+        json_path=args.json,
     )
     return 0
 
@@ -154,6 +186,11 @@ DEMO_EPILOG = """\
             expert is tied to a digit) of "digit", "experts_switched_off", "share",
             "accuracy_before", "accuracy_after", "change_on_digit", "change_on_others"}}
 It holds no wall time or thread count: the same seeds and options give the same file.
+
+mumoe demo lm --json PATH writes {"corpus", "model", "mlp", "starts", "exact_start",
+"frontier": [one entry per kind, k and seed: "params", "nmse", "fvu", "l0", "delta_ce",
+"recovered"], "summary": [mean and sd over the seeds per kind and k], "experts", "seeds",
+"fast"}; it takes --seeds, --output, --json and --fast, and needs transformers.
 """
 
 
@@ -202,6 +239,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         "the seeds, switch off the experts of one digit, and write PNG figures.",
     )
     demo.add_argument(
+        "task",
+        nargs="?",
+        default="digits",
+        choices=["digits", "lm"],
+        help="digits (default): μMoE heads on scikit-learn's digits; lm: a character-level "
+        "GPT-2 trained on Python's own help topics, its last MLP decomposed into MxD experts "
+        "against parameter-matched transcoders",
+    )
+    demo.add_argument(
         "--experts",
         type=_positive,
         nargs="+",
@@ -236,7 +282,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "whose tied experts carry the largest share of its gate mass)",
     )
     demo.add_argument(
-        "--output", default="mumoe-demo", help="folder for the figures (default: ./mumoe-demo)"
+        "--output",
+        help="folder for the figures (default: ./mumoe-demo, ./mumoe-demo-lm for lm)",
     )
     demo.add_argument("--json", metavar="PATH", help="write the results there (see below)")
     demo.add_argument(

@@ -17,9 +17,13 @@ data flow, in private modules: ``_train`` (one head, one seed: a ``Job``) →
 ``_results`` (per seed, and as JSON) → ``_report`` and ``_figures``;
 :func:`run` (``_experiment``) drives them.  Run ``mumoe demo --help`` for the options.  It
 needs the ``torch`` and ``demo`` extras (``pip install "mumoe[torch,demo]"``).
+
+``mumoe demo lm`` (:func:`run_lm`, ``_lm``) is the second main job: a small
+language model's MLP decomposed into experts (it needs the ``models`` extra too).
 """
 
 from mumoe.demo._experiment import run
+from mumoe.demo._lm import run_lm
 from mumoe.demo._results import DemoResult, EditResult, HeadResult
 
-__all__ = ["DemoResult", "EditResult", "HeadResult", "run"]
+__all__ = ["DemoResult", "EditResult", "HeadResult", "run", "run_lm"]

@@ -97,6 +97,7 @@ def test_the_layer_table_covers_the_package():
         "mumoe.demo",
         "mumoe.demo._experiment",
         "mumoe.demo._figures",
+        "mumoe.demo._lm",
         "mumoe.demo._report",
         "mumoe.demo._results",
         "mumoe.demo._train",
