@@ -177,7 +177,9 @@ def frontier(
     Returns
     -------
     list of dict
-        One per fit: ``kind`` ("mxd", "mxd-scratch" or "transcoder"), ``k``, ``seed``,
+        One per fit: ``kind`` ("mxd", "mxd-scratch" or "transcoder"), ``k``,
+        ``experts`` (the MxD block's :math:`N`: call once per ``expert_dims`` to
+        sweep it too), ``seed``,
         ``params``, ``nmse``, ``fvu``, ``l0``, ``delta_ce``, ``recovered``.
 
     Raises
@@ -257,6 +259,7 @@ def frontier(
                     {
                         "kind": kind,
                         "k": k,
+                        "experts": block.fc2.network.n_experts,
                         "seed": seed,
                         "params": _parameters(candidate),
                         "nmse": sum(f["nmse"] * f["rows"] for f in fits) / rows,

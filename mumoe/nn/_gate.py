@@ -359,6 +359,13 @@ class MuMoEGate(nn.Module):
         self.normalization = check_normalization(normalization)
         self.activation = resolve_activation(activation, top_k=top_k)
         self.top_k = check_top_k(activation, top_k)  # a plain int: np.int64(2) saves as 2
+        small = [(e, n) for e, n in enumerate(expert_dims) if self.top_k and self.top_k > n]
+        if small:
+            level, n = small[0]
+            raise ValueError(
+                f"top_k={self.top_k} is more experts than level {level} has ({n}); a token "
+                f"keeps at most the {n} there are: give top_k <= {n}"
+            )
         self.activation_name = activation_name(activation)
         self.projections = nn.ParameterList(
             [

@@ -575,3 +575,16 @@ def test_a_gate_bias_shifts_the_logits_and_is_counted_by_a_budget():
     layer = MuMoE(20, 32, "cp", gate_bias=True, **options)
     assert layer.network.ranks["r"] == 4
     assert sum(p.numel() for p in layer.parameters()) <= 21 * 32
+
+
+def test_top_k_beyond_a_levels_experts_is_refused():
+    # Issue #27, bad input: k larger than N.
+    from mumoe.nn import MuMoEBlock, MuMoEGate
+
+    with pytest.raises(ValueError, match=r"top_k=9 is more experts than level 1 has \(4\)"):
+        MuMoEGate(8, (16, 4), activation="topk", top_k=9)
+    with pytest.raises(ValueError, match="top_k=100 is more experts than level 0 has"):
+        MuMoEBlock(
+            8, 16, 8, "mxd", expert_dims=8, activation="relu_topk", top_k=100, normalization=None
+        )
+    assert MuMoEGate(8, (4,), activation="topk", top_k=4).top_k == 4  # k = N: every expert
