@@ -472,12 +472,7 @@ def replace_linear(
     chosen = [key for key, names in names_of.items() if any(select(n, linears[key]) for n in names)]
     if not chosen:
         every = [name for names in names_of.values() for name in names]
-        shown = ", ".join(repr(name) for name in every[:10])
-        more = f" (and {len(every) - 10} more)" if len(every) > 10 else ""
-        raise ValueError(
-            f"include={include!r} matches none of the model's {len(every)} linear layers: "
-            f"{shown or 'none'}{more}"
-        )
+        raise _none_matched(include, every, "linear layers")
     for key in chosen:
         for name in names_of[key]:
             parent = _parent(model, name)[0]
@@ -579,6 +574,16 @@ def _layers_run(model: nn.Module, layers: Mapping[int, nn.Module], inputs: Any) 
         for module, training in modes:
             module.training = training
     return ran
+
+
+def _none_matched(include: Include, names: Sequence[str], what: str) -> ValueError:
+    """The error of an ``include`` that selects nothing, listing (ten of) the candidates."""
+    shown = ", ".join(repr(name) for name in names[:10])
+    more = f" (and {len(names) - 10} more)" if len(names) > 10 else ""
+    return ValueError(
+        f"include={include!r} matches none of the model's {len(names)} {what}: "
+        f"{shown or 'none'}{more}"
+    )
 
 
 def _selector(include: Include) -> Callable[[str, nn.Module], bool]:

@@ -23,6 +23,7 @@ from mumoe.nn._block import TORCH_HIDDEN_ACTIVATIONS, MuMoEBlock
 from mumoe.nn._convert import (
     Include,
     _is_conv1d,
+    _none_matched,
     _parent,
     _selector,
     block_from_mlp,
@@ -277,12 +278,7 @@ def replace_mlp(
     every = find_mlps(model)
     chosen = [parts for parts in every if select(parts.name, model.get_submodule(parts.name))]
     if not chosen:
-        shown = ", ".join(repr(parts.name) for parts in every[:10])
-        more = f" (and {len(every) - 10} more)" if len(every) > 10 else ""
-        raise ValueError(
-            f"include={include!r} matches none of the model's {len(every)} MLPs: "
-            f"{shown or 'none'}{more}"
-        )
+        raise _none_matched(include, [parts.name for parts in every], "MLPs")
     blocks: dict[str, MuMoEBlock] = {}
     for parts in chosen:
         _check_computes_its_layers(model, parts)

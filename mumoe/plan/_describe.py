@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Hashable
+from typing import Any
 
 import opt_einsum
 
@@ -105,6 +106,10 @@ def describe(
         optimizer = "autotuned (the fastest candidate timed on the first call)"
     elif planner.autotune:
         optimizer += " (autotune: not timed yet; a first call may choose another path)"
+    # One count along the plan's path gives the FLOPs (as planner.flops) and the sizes.
+    _, info = opt_einsum.contract_path(
+        net.einsum_equation, *net.forward_shapes(batch_size), shapes=True, optimize=list(plan.path)
+    )
     lines = [
         f"Network '{net.format}': {levels}, {experts}, {'with' if net.bias else 'no'} bias",
         f"  spec        {net.spec}",
@@ -115,8 +120,8 @@ def describe(
         f"  equation    {net.equation}",
         f"  einsum      {net.einsum_equation}",
         f"  path        batch {batch_size}, {optimizer}:{pad}" + pad.join(_steps(net, plan)),
-        f"  FLOPs       {planner.flops(batch_size, plan):,} for batch {batch_size}",
-        f"  memory      {_memory_text(planner, plan, batch_size, dtype, over)}",
+        f"  FLOPs       {int(info.opt_cost):,} for batch {batch_size}",
+        f"  memory      {_memory_text(planner, info, dtype, over)}",
         f"  bias        {_bias_text(net, plan, batch_size)}",
     ]
     return "\n".join(lines)
@@ -138,17 +143,9 @@ def _steps(net: Network, plan: Plan) -> list[str]:
 
 
 def _memory_text(
-    planner: Planner,
-    plan: Plan,
-    batch_size: int,
-    dtype: Hashable,
-    over: PlanTooLargeError | None,
+    planner: Planner, info: Any, dtype: Hashable, over: PlanTooLargeError | None
 ) -> str:
-    # The largest intermediate of the path, at this batch size, and the budget.
-    net = planner.network
-    _, info = opt_einsum.contract_path(
-        net.einsum_equation, *net.forward_shapes(batch_size), shapes=True, optimize=list(plan.path)
-    )
+    # The largest intermediate of the path (opt_einsum's PathInfo), and the budget.
     sizes = [int(size) for size in info.size_list]
     largest = max(sizes)
     step = sizes.index(largest) + 1
