@@ -50,6 +50,7 @@ from mumoe.spec import (
     validate_tt_rank,
     validate_tucker_rank,
 )
+from mumoe.typing import SparseGate
 
 __version__ = "0.1.0.dev0"
 
@@ -62,6 +63,7 @@ __all__ = [
     "Network",
     "Plan",
     "PlanCache",
+    "SparseGate",
     "__version__",
     "build_network",
     "cp",

@@ -1,12 +1,13 @@
-"""Type aliases of mumoe's public signatures."""
+"""Type aliases of mumoe's public signatures, and :class:`SparseGate`, a gate by its support."""
 
 from __future__ import annotations
 
 import os
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any, TypeAlias
 
-__all__ = ["PathLike", "Rank", "RankLike", "RankOrBudget", "Shape", "Tensor"]
+__all__ = ["PathLike", "Rank", "RankLike", "RankOrBudget", "Shape", "SparseGate", "Tensor"]
 
 #: An array of the active TensorLy backend (``numpy.ndarray``, ``torch.Tensor``,
 #: ``cupy.ndarray``, ...).  TensorLy has no common base class, hence ``Any``.
@@ -28,3 +29,60 @@ RankOrBudget: TypeAlias = Rank | Mapping[str, int] | str | Any
 
 #: A file path.
 PathLike: TypeAlias = str | os.PathLike[str]
+
+
+@dataclass(frozen=True, eq=False)
+class SparseGate:
+    r"""One level's gate coefficients given by each row's support: indices and values.
+
+    Stands for the dense coefficients ``a`` of shape ``(..., N)`` with
+    ``a[..., indices[..., j]] = values[..., j]`` and zeros elsewhere: what a
+    top-k gate (or an entmax-1.5 or sparsemax gate of small support) hands
+    the contraction instead of a mostly-zero ``(..., N)`` matrix, so that the
+    step that consumes the expert leg gathers ``k`` rows of its core instead
+    of multiplying ``N`` (:func:`mumoe.functional.forward`).  Every row has
+    the same number ``k`` of entries; a row whose support is smaller carries
+    entries whose value is 0.  The indices of a row are distinct.
+
+    Made by the gate step (:func:`mumoe.gates.gate_coefficients` with
+    ``max_density``, :func:`mumoe.gates.sparsify`) or by hand; checked where
+    it is used.
+
+    Parameters
+    ----------
+    indices : integer tensor, shape (..., k)
+        The experts of each row's support, in ``[0, n_experts)``.
+    values : tensor, shape (..., k)
+        Their coefficients (differentiable where the backend is).
+    n_experts : int
+        :math:`N_e`, the size of the level: the last dimension of the dense
+        coefficients.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> gate = SparseGate(np.array([[2, 0]]), np.array([[0.75, 0.25]]), 4)
+    >>> gate.k, gate.n_experts, gate.density
+    (2, 4, 0.5)
+    """
+
+    #: shape (..., k), integer
+    indices: Tensor
+    #: shape (..., k)
+    values: Tensor
+    #: N_e, the size of the level
+    n_experts: int
+
+    @property
+    def k(self) -> int:
+        """Entries per row (the last dimension of ``indices`` and ``values``)."""
+        return int(self.indices.shape[-1])
+
+    @property
+    def density(self) -> float:
+        """``k / n_experts``: the share of the level each row pays for."""
+        return self.k / self.n_experts
+
+    def __repr__(self) -> str:
+        shape = tuple(self.indices.shape)
+        return f"SparseGate(shape={shape}, n_experts={self.n_experts})"

@@ -18,6 +18,7 @@ from mumoe.backends._declarations import (
     backend_erf,
     backend_function,
     declared_backends,
+    sparse_crossover,
     unavailable_reason,
 )
 from mumoe.backends._fork import forked_child
@@ -32,6 +33,7 @@ __all__ = [
     "declared_backends",
     "forked_child",
     "preserved_backend",
+    "sparse_crossover",
     "thread_backend",
     "unavailable_reason",
 ]

@@ -24,6 +24,7 @@ __all__ = [
     "backend_erf",
     "backend_function",
     "declared_backends",
+    "sparse_crossover",
     "unavailable_reason",
 ]
 
@@ -65,6 +66,24 @@ class BackendDeclaration:
         activation (NumPy's, :mod:`mumoe.gates.entmax_cpu`; the torch family's,
         :mod:`mumoe.nn`), or empty: :mod:`mumoe.gates.entmax` runs on the
         backend's arrays.
+    top_k : str, default ""
+        ``"module:function"`` returning each row's ``k`` largest entries and
+        their indices, largest first, ``(..., N) -> ((..., k), (..., k))``:
+        what a top-k gate's support (:class:`mumoe.typing.SparseGate`) needs.
+    scatter_rows : str, default ""
+        ``"module:function"`` of ``scatter_rows(values, indices, n)``, the
+        dense ``(B, n)`` rows of a support ``(B, k)`` (differentiable in
+        ``values`` where the backend is).
+    gather_sum : str, default ""
+        ``"module:function"`` of ``gather_sum(table, indices, values)``,
+        ``sum_j values[b, j] * table[indices[b, j]]`` for a table ``(N, D)``
+        and a support ``(B, k)``, with a backward that touches only the
+        gathered rows (``torch.nn.functional.embedding_bag``), or empty: a
+        take and a batched product.
+    sparse_crossover : float, default 0.0
+        The largest support density ``k / N`` at which a level is contracted
+        sparsely (gathering ``k`` rows) rather than densely, as measured on
+        the backend (``benchmarks/README.md``); 0: never by default.
     jit : str, default ""
         ``"module:function"`` compiling a function of arrays once per shape
         (``jax.jit``), or empty: compiled plans are wrapped in it.
@@ -93,6 +112,10 @@ class BackendDeclaration:
     bias_matmul: str = ""
     entmax15: str = ""
     sparsemax: str = ""
+    top_k: str = ""
+    scatter_rows: str = ""
+    gather_sum: str = ""
+    sparse_crossover: float = 0.0
     jit: str = ""
     max_examples: int = 0
     note: str = ""
@@ -141,6 +164,10 @@ def declared_backends() -> list[BackendDeclaration]:
                     bias_matmul=str(data.get("bias_matmul", "")),
                     entmax15=str(data.get("entmax15", "")),
                     sparsemax=str(data.get("sparsemax", "")),
+                    top_k=str(data.get("top_k", "")),
+                    scatter_rows=str(data.get("scatter_rows", "")),
+                    gather_sum=str(data.get("gather_sum", "")),
+                    sparse_crossover=float(data.get("sparse_crossover", 0.0)),
                     jit=str(data.get("jit", "")),
                     max_examples=int(data.get("max_examples", 0)),
                     note=str(data.get("note", "")),
@@ -244,6 +271,38 @@ def backend_function(backend: str, kind: str) -> Any:
         _FUNCTIONS[key] = function
     return _FUNCTIONS[key]
 
+
+def sparse_crossover(backend: str) -> float:
+    """The support density ``k / N`` up to which ``backend`` contracts a level sparsely.
+
+    As declared (``sparse_crossover`` in ``mumoe/backends/<name>.toml``,
+    measured by ``python -m benchmarks sparse``); 0.0 for a backend that
+    declares none, or is not declared: never sparse unless a planner is told
+    otherwise (:class:`mumoe.plan.Planner`, ``crossover``).
+
+    Parameters
+    ----------
+    backend : str
+        A TensorLy backend name.
+
+    Returns
+    -------
+    float
+        In ``[0, 1]``.
+
+    Examples
+    --------
+    >>> 0 < sparse_crossover("numpy") < 1, sparse_crossover("no such backend")
+    (True, 0.0)
+    """
+    if backend not in _CROSSOVERS:
+        declaration = next((b for b in declared_backends() if b.name == backend), None)
+        _CROSSOVERS[backend] = 0.0 if declaration is None else declaration.sparse_crossover
+    return _CROSSOVERS[backend]
+
+
+# Declared crossovers, by backend.
+_CROSSOVERS: dict[str, float] = {}
 
 # Resolved declared functions, by (backend, kind).
 _FUNCTIONS: dict[tuple[str, str], Any] = {}

@@ -5,7 +5,9 @@
 :func:`expert_weight` and :func:`scale_experts` are the dense and per-expert
 views; :func:`layer_forward` and :func:`block_forward` are the layer recipe
 every layer runs; :func:`cores_from_dense` starts a network's cores at a
-dense layer.
+dense layer.  A level may come as its support (:class:`~mumoe.typing.SparseGate`):
+:func:`gather_sum` then gathers the rows of the core it needs instead of
+multiplying zeros, and :func:`densify` gives the dense coefficients back.
 """
 
 from mumoe.functional._checks import check_cores, check_level
@@ -20,6 +22,13 @@ from mumoe.functional._forward import (
 )
 from mumoe.functional._from_dense import STARTS, cores_from_dense, dense_matrix, relative_error
 from mumoe.functional._layer import Contract, block_forward, layer_forward, scale_gates
+from mumoe.functional._sparse import (
+    contract_sparse,
+    dense_gates,
+    densify,
+    gather_core,
+    gather_sum,
+)
 
 __all__ = [
     "STARTS",
@@ -29,10 +38,15 @@ __all__ = [
     "check_cores",
     "check_level",
     "contract",
+    "contract_sparse",
     "cores_from_dense",
+    "dense_gates",
     "dense_matrix",
+    "densify",
     "expert_weight",
     "forward",
+    "gather_core",
+    "gather_sum",
     "layer_forward",
     "materialize",
     "random_cores",

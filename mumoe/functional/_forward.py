@@ -22,9 +22,10 @@ import tensorly as tl
 
 from mumoe.backends import array_device, creation_context
 from mumoe.functional._checks import check_cores, check_level
+from mumoe.functional._sparse import contract_sparse, densify
 from mumoe.plan import Plan, Planner, planner_of, resolve_planner
 from mumoe.spec import Network
-from mumoe.typing import Tensor
+from mumoe.typing import SparseGate, Tensor
 from mumoe.validation import check_scales, check_tensor, is_tensor
 
 __all__ = [
@@ -64,6 +65,13 @@ def forward(
     ``z = [x, 1]`` is formed, which costs less in a backward pass (the bias
     rule, :meth:`mumoe.plan.Plan.bias_inside`).
 
+    A level given as a support whose density ``k / N_e`` is at most the
+    planner's crossover (:meth:`mumoe.plan.Planner.max_density`) is contracted
+    sparsely: the core holding its expert leg is gathered at the ``k``
+    indices of each row (:func:`mumoe.functional.gather_sum`) instead of
+    multiplied by ``N_e - k`` zeros; a wider support is made dense first
+    (:func:`mumoe.plan.describe` tells which).  Both give the same result.
+
     Parameters
     ----------
     network : Network
@@ -72,14 +80,15 @@ def forward(
         One tensor per core of ``network``, of shapes ``network.core_shapes``.
     x : tensor, shape (..., I)
         The input; any number of leading batch dimensions (none included).
-    gates : sequence of tensors, each of shape (..., N_e)
+    gates : sequence of tensors (..., N_e) or SparseGate
         The expert coefficients of each level, with exactly the leading
-        dimensions of ``x``.  With one expert level a single tensor may be
-        passed.
+        dimensions of ``x``: dense, or given by each row's support, a
+        :class:`~mumoe.typing.SparseGate` with indices and values of shape
+        ``(..., k)``.  With one expert level a single one may be passed.
     planner : Planner, optional
         The planner of ``network`` whose plans (and path policy: optimiser,
-        autotuning) the call uses; :func:`mumoe.plan.planner_of`
-        ``(network)`` by default.
+        autotuning, sparse crossover) the call uses;
+        :func:`mumoe.plan.planner_of` ``(network)`` by default.
     differentiable : bool, optional
         Whether gradients will flow to the cores (it chooses how the bias is
         added, see above); by default, whether a core has ``requires_grad``.
@@ -97,22 +106,27 @@ def forward(
         floating point, or the dtypes differ.
     ValueError
         If a shape does not match the network or the leading dimensions of
-        ``x`` (nothing is broadcast).
+        ``x`` (nothing is broadcast), or a support's indices are out of range.
 
     Examples
     --------
     >>> import numpy as np
-    >>> from mumoe import cp, random_cores
+    >>> from mumoe import SparseGate, cp, random_cores
     >>> net = cp(3, 2, expert_dims=4, rank=5)
     >>> cores = random_cores(net, random_state=0)
     >>> x = np.ones((7, 3))
     >>> gates = np.full((7, 4), 0.25)
     >>> forward(net, cores, x, gates).shape
     (7, 2)
+    >>> two = SparseGate(np.tile([0, 3], (7, 1)), np.full((7, 2), 0.5), 4)  # experts 0 and 3
+    >>> dense = np.tile([0.5, 0.0, 0.0, 0.5], (7, 1))
+    >>> bool(np.allclose(forward(net, cores, x, two), forward(net, cores, x, dense)))
+    True
     """
     planner = resolve_planner(network, planner)
     backend = tl.get_backend()
     rows, flat_gates, batch_shape = _operands(network, x, gates, backend)
+    _check_support_range(flat_gates)
     check_cores(network, cores, backend, x.dtype)
     return _contract(planner, cores, x, rows, flat_gates, batch_shape, differentiable, backend)
 
@@ -185,10 +199,27 @@ def _operands(
     # where the layout allows), and skip the reshapes when there is exactly one.
     batch_size = math.prod(batch_shape)
     rows = tl.reshape(x, (batch_size, network.in_features))
-    gates = [
-        tl.reshape(g, (batch_size, n)) for g, n in zip(gates, network.expert_dims, strict=True)
-    ]
+    gates = [_flat_gate(g, batch_size, n) for g, n in zip(gates, network.expert_dims, strict=True)]
     return rows, gates, batch_shape
+
+
+def _flat_gate(gate: Any, batch_size: int, n: int) -> Any:
+    if isinstance(gate, SparseGate):
+        shape = (batch_size, gate.k)
+        return SparseGate(tl.reshape(gate.indices, shape), tl.reshape(gate.values, shape), n)
+    return tl.reshape(gate, (batch_size, n))
+
+
+def _check_support_range(gates: list[Any]) -> None:
+    # Indices outside [0, N) would wrap (NumPy) or fail deep in a kernel: said here.
+    for e, gate in enumerate(gates):
+        if isinstance(gate, SparseGate) and gate.indices.shape[0] and gate.k:
+            low, high = int(tl.min(gate.indices)), int(tl.max(gate.indices))
+            if low < 0 or high >= gate.n_experts:
+                raise ValueError(
+                    f"gates[{e}]: support indices must be in [0, {gate.n_experts}), got values "
+                    f"from {low} to {high}"
+                )
 
 
 def _contract(
@@ -205,6 +236,13 @@ def _contract(
     batch_size = rows.shape[0]
     if differentiable is None:
         differentiable = any(getattr(core, "requires_grad", False) for core in cores)
+    if any(type(gate) is SparseGate for gate in gates):
+        gates, levels = _route(planner, gates, backend)
+        if levels:
+            out = contract_sparse(planner, cores, rows, gates, levels, differentiable, backend)
+            if len(batch_shape) == 1:
+                return out
+            return tl.reshape(out, (*batch_shape, network.out_features))
     if planner.autotune:
         args = (network, gates, rows, cores, batch_size, differentiable)
         timer = lambda plan: _time(_run, plan, *args)  # noqa: E731
@@ -219,6 +257,21 @@ def _contract(
     if len(batch_shape) == 1:
         return out
     return tl.reshape(out, (*batch_shape, network.out_features))
+
+
+def _route(planner: Planner, gates: list[Any], backend: str) -> tuple[list[Any], tuple[int, ...]]:
+    # The levels contracted sparsely (support density within the crossover); the
+    # supports of the others made dense.
+    limit = planner.max_density(backend)
+    routed, levels = [], []
+    for e, gate in enumerate(gates):
+        if isinstance(gate, SparseGate):
+            if gate.k / gate.n_experts <= limit:
+                levels.append(e)
+            else:
+                gate = densify(gate)
+        routed.append(gate)
+    return routed, tuple(levels)
 
 
 def _run(
@@ -246,7 +299,7 @@ def _check_gates(
         dims = network.expert_dims
         if len(gates) == len(dims) and _fits(gates, dims, batch_shape, backend, dtype):
             return list(gates)  # the common case, checked without building messages
-    elif is_tensor(gates, backend):
+    elif is_tensor(gates, backend) or isinstance(gates, SparseGate):
         if network.n_levels != 1:
             raise TypeError(
                 f"gates must be a list of {network.n_levels} tensors, one per expert level "
@@ -263,6 +316,9 @@ def _check_gates(
             f"but {len(gates)} gate tensor(s) were given"
         )
     for e, (gate, n) in enumerate(zip(gates, network.expert_dims, strict=True)):
+        if isinstance(gate, SparseGate):
+            _check_support(gate, e, network.expert_legs[e], n, batch_shape, backend, dtype)
+            continue
         gate_shape = check_tensor(gate, f"gates[{e}]", backend, dtype)
         if gate_shape != (*batch_shape, n):
             raise ValueError(
@@ -270,6 +326,42 @@ def _check_gates(
                 f"{batch_shape}, then {network.expert_legs[e]}={n}), got {gate_shape}"
             )
     return list(gates)
+
+
+def _check_support(
+    gate: SparseGate,
+    e: int,
+    leg: str,
+    n: int,
+    batch_shape: tuple[int, ...],
+    backend: str,
+    dtype: Any,
+) -> None:
+    if gate.n_experts != n:
+        raise ValueError(
+            f"gates[{e}] is a support over {gate.n_experts} experts, but {leg} has {n}"
+        )
+    values_shape = check_tensor(gate.values, f"gates[{e}].values", backend, dtype)
+    if not is_tensor(gate.indices, backend):
+        raise TypeError(
+            f"gates[{e}].indices must be a tensor of the {backend!r} backend, got "
+            f"{type(gate.indices).__qualname__}"
+        )
+    kind = str(gate.indices.dtype)
+    if "int" not in kind or "uint8" in kind:
+        raise TypeError(f"gates[{e}].indices must be integers (int64 or int32), got {kind}")
+    indices_shape = tuple(gate.indices.shape)
+    if indices_shape != values_shape or indices_shape[:-1] != batch_shape:
+        raise ValueError(
+            f"gates[{e}] must hold indices and values of one shape (*{batch_shape}, k) (the "
+            f"batch shape of x, then the support size), got indices {indices_shape} and "
+            f"values {values_shape}"
+        )
+    if not indices_shape[-1]:
+        raise ValueError(
+            f"gates[{e}] has an empty support (k = 0): give at least one entry per row "
+            "(an entry of value 0 stands for all-zero coefficients)"
+        )
 
 
 def _fits(

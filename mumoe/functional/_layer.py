@@ -30,7 +30,7 @@ from typing import Any
 from mumoe.functional._forward import contract
 from mumoe.plan import Planner
 from mumoe.spec import Network
-from mumoe.typing import Tensor
+from mumoe.typing import SparseGate, Tensor
 
 __all__ = ["Contract", "block_forward", "layer_forward", "scale_gates"]
 
@@ -63,7 +63,9 @@ def scale_gates(gates: Sequence[Tensor], scales: Mapping[int, Tensor] | None) ->
 
     Parameters
     ----------
-    gates : sequence of tensors, each (..., N_e)
+    gates : sequence of tensors (..., N_e) or SparseGate
+        A :class:`~mumoe.typing.SparseGate`'s values are scaled by the
+        factors of their experts.
     scales : mapping of level to tensor of shape (N_e,), or None
         Factors per expert of some levels; None or empty: no edit.
 
@@ -79,7 +81,13 @@ def scale_gates(gates: Sequence[Tensor], scales: Mapping[int, Tensor] | None) ->
     """
     if not scales:
         return list(gates)
-    return [a * scales[e] if e in scales else a for e, a in enumerate(gates)]
+    return [_scaled(a, scales[e]) if e in scales else a for e, a in enumerate(gates)]
+
+
+def _scaled(gate: Any, scales: Tensor) -> Any:
+    if isinstance(gate, SparseGate):  # each entry scaled by its expert's factor
+        return SparseGate(gate.indices, gate.values * scales[gate.indices], gate.n_experts)
+    return gate * scales
 
 
 def layer_forward(

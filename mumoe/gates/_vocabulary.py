@@ -39,7 +39,8 @@ from mumoe.gates._activations import (
     sparsemax,
     topk,
 )
-from mumoe.typing import Tensor
+from mumoe.gates._sparse import sparsify
+from mumoe.typing import SparseGate, Tensor
 from mumoe.validation import dtype_name
 
 __all__ = [
@@ -403,7 +404,10 @@ def gate_coefficients(
     activation: Callable[[Tensor], Tensor],
     logits: list[Tensor] | None = None,
     biases: Sequence[Tensor] | None = None,
-) -> list[Tensor]:
+    *,
+    max_density: float | None = None,
+    support: Callable[[Tensor, float], Any] | None = None,
+) -> list[Any]:
     """The gate coefficients ``activation(norm(x @ G_e + b_e))`` of every level.
 
     The gate step of the layer recipe, on any backend (torch modules are
@@ -426,10 +430,21 @@ def gate_coefficients(
         :func:`mumoe.gates.router_z_loss`).
     biases : sequence of tensors, each (N_e,), optional
         The gate biases :math:`b_e` (MxD's gate has one); none by default.
+    max_density : float, optional
+        Give a level as its support, a :class:`~mumoe.typing.SparseGate`,
+        where that support is at most this share of ``N_e``
+        (:func:`mumoe.gates.sparsify`); None (default): dense coefficients.
+    support : callable, optional
+        With ``max_density``: ``support(logits, max_density=...)``, the
+        activation computed as a support directly
+        (:data:`mumoe.gates.SPARSE_ACTIVATIONS`); by default the activation's
+        dense coefficients are sparsified.
 
     Returns
     -------
-    list of tensors, each (..., N_e)
+    list of tensors, each (..., N_e), or SparseGate
+        A :class:`~mumoe.typing.SparseGate` (indices and values of shape
+        ``(..., k)``) where ``max_density`` asks for one and the support fits.
 
     Examples
     --------
@@ -456,8 +471,23 @@ def gate_coefficients(
             z = norm(z)
         if logits is not None:
             logits.append(z.reshape(*lead, projection.shape[-1]))
-        coefficients = activation(z)
-        if coefficients.dtype != x.dtype:
-            coefficients = cast(coefficients, x.dtype)
-        gates.append(coefficients.reshape(*lead, projection.shape[-1]))
+        if max_density is None:
+            coefficients = activation(z)
+        elif support is not None:
+            coefficients = support(z, max_density=max_density)
+        else:
+            coefficients = sparsify(activation(z), max_density)
+        if isinstance(coefficients, SparseGate):
+            values = coefficients.values
+            if values.dtype != x.dtype:
+                values = cast(values, x.dtype)
+            shape = (*lead, coefficients.k)
+            coefficients = SparseGate(
+                coefficients.indices.reshape(shape), values.reshape(shape), coefficients.n_experts
+            )
+        else:
+            if coefficients.dtype != x.dtype:
+                coefficients = cast(coefficients, x.dtype)
+            coefficients = coefficients.reshape(*lead, projection.shape[-1])
+        gates.append(coefficients)
     return gates

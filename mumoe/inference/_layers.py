@@ -21,6 +21,7 @@ from mumoe.functional import block_forward, check_cores, layer_forward
 from mumoe.gates import (
     ACTIVATIONS,
     HIDDEN_ACTIVATIONS,
+    SPARSE_ACTIVATIONS,
     batch_norm,
     check_hidden_activation,
     check_normalization,
@@ -30,7 +31,7 @@ from mumoe.gates import (
 )
 from mumoe.plan import Planner, resolve_planner
 from mumoe.spec import Network
-from mumoe.typing import Tensor
+from mumoe.typing import SparseGate, Tensor
 from mumoe.validation import check_tensor
 
 __all__ = ["InferenceLinear", "InferenceMuMoE", "InferenceMuMoEBlock"]
@@ -114,6 +115,8 @@ class InferenceMuMoE:
                 f"{', '.join(map(repr, ACTIVATIONS))}"
             )
         self._activation = resolve_activation(activation, top_k=top_k)
+        support = SPARSE_ACTIVATIONS.get(activation)
+        self._support = None if support is None else functools.partial(support, k=top_k)
         check_normalization(normalization)
         if (
             normalization == "bn"
@@ -154,16 +157,21 @@ class InferenceMuMoE:
             return [lambda z: layer_norm(z, eps=self.eps)] * levels
         return [None] * levels
 
-    def gates(self, x: Tensor) -> list[Tensor]:
+    def gates(self, x: Tensor, max_density: float | None = None) -> list[Tensor | SparseGate]:
         """The gate coefficients of every level.
 
         Parameters
         ----------
         x : tensor, shape (..., I)
+        max_density : float, optional
+            Give each level whose support is at most this share of its
+            experts as a :class:`~mumoe.typing.SparseGate`, as the layer's
+            own call does with its planner's crossover
+            (:meth:`mumoe.plan.Planner.max_density`); None: dense.
 
         Returns
         -------
-        list of tensors, each (..., N_e)
+        list of tensors (..., N_e), or SparseGate
 
         Raises
         ------
@@ -184,9 +192,21 @@ class InferenceMuMoE:
         if self.projections is None:
             raise ValueError("this layer has no gate: pass gates to the call")
         self._check_backend()
+        if self.activation == "softmax":
+            max_density = None  # a softmax support is the whole level
         return gate_coefficients(
-            x, self.projections, self._norms(), self._activation, biases=self.biases
+            x,
+            self.projections,
+            self._norms(),
+            self._activation,
+            biases=self.biases,
+            max_density=max_density,
+            support=self._support,
         )
+
+    def _sparse_gates(self, x: Tensor) -> list[Tensor | SparseGate]:
+        # The gate step of a call: levels of small support as supports.
+        return self.gates(x, self.planner.max_density(self.backend))
 
     def _check(self, x: Tensor) -> None:
         self._check_input(x, self.network.in_features)
@@ -209,8 +229,8 @@ class InferenceMuMoE:
                 "it again on the active backend"
             )
 
-    def _gate(self) -> Callable[[Tensor], list[Tensor]] | None:
-        return None if self.projections is None else self.gates
+    def _gate(self) -> Callable[[Tensor], list[Tensor | SparseGate]] | None:
+        return None if self.projections is None else self._sparse_gates
 
     def __call__(self, x: Tensor, gates: Sequence[Tensor] | None = None) -> Tensor:
         """The layer's output for ``x`` of shape ``(..., I)``: shape ``(..., O)``.
@@ -461,7 +481,7 @@ class InferenceMuMoEBlock:
             self.fc1,
             self.fc2,
             x,
-            gate=self.gates,
+            gate=self._gate._sparse_gates,
             activation=self._activation,
             input_norm=_input_norm(self.input_norm_affine, self.input_eps),
             up=self.up,

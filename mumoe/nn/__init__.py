@@ -24,10 +24,16 @@ from mumoe.nn._distill import ActivationPairs, DistillHistory, distill, fit_metr
 from mumoe.nn._entmax import entmax15, sparsemax
 from mumoe.nn._factorized import FactorizedMuMoE, network_of, to_factorized_tensor
 from mumoe.nn._frontier import Transcoder, frontier, transcoder_width
-from mumoe.nn._gate import TORCH_KERNELS, MuMoEGate, resolve_activation, torch_gate_coefficients
+from mumoe.nn._gate import (
+    TORCH_KERNELS,
+    MuMoEGate,
+    dense_coefficients,
+    resolve_activation,
+    torch_gate_coefficients,
+)
 from mumoe.nn._init import apply_init_, init_cores_
 from mumoe.nn._io import load_into, save
-from mumoe.nn._kernels import bias_matmul, kth_largest
+from mumoe.nn._kernels import bias_matmul, gather_sum, kth_largest, scatter_rows
 from mumoe.nn._layers import CPMuMoE, MuMoE, TRMuMoE, TTMuMoE, TuckerMuMoE
 from mumoe.nn._mlp import MLPParts, find_mlps, hidden_activation_of, replace_mlp
 from mumoe.nn._monitor import ExpertMonitor, collect_aux_losses, gate_mask
@@ -58,6 +64,7 @@ __all__ = [
     "collect_aux_losses",
     "collect_gates",
     "counterfactual_histogram",
+    "dense_coefficients",
     "distill",
     "edit_experts",
     "edit_experts_",
@@ -67,6 +74,7 @@ __all__ = [
     "from_linear",
     "frontier",
     "gate_mask",
+    "gather_sum",
     "hidden_activation_of",
     "init_cores_",
     "kth_largest",
@@ -78,6 +86,7 @@ __all__ = [
     "replace_mlp",
     "resolve_activation",
     "save",
+    "scatter_rows",
     "sparsemax",
     "splice_report",
     "spliced",

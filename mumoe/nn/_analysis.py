@@ -22,7 +22,7 @@ from torch import nn
 
 from mumoe.backends import thread_backend
 from mumoe.functional import scale_experts
-from mumoe.nn._gate import MuMoEGate
+from mumoe.nn._gate import MuMoEGate, dense_coefficients
 from mumoe.nn._layers import MuMoE
 from mumoe.validation import check_labels, host_array, positive_int
 
@@ -371,7 +371,7 @@ def record_gates(model: nn.Module) -> Iterator[GateRecord]:
 
             def hook(_: nn.Module, __: Any, output: list[torch.Tensor], name: str = name) -> None:
                 if threading.get_ident() == owner:
-                    record[name] = [a.detach() for a in output]
+                    record[name] = [a.detach() for a in dense_coefficients(output)]
 
             handles.append(module.register_forward_hook(hook))
     try:

@@ -7,13 +7,15 @@ input), and their gated (GLU) forms: one module, its forms chosen by keyword.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
-from mumoe.functional import block_forward
+from mumoe.backends import thread_backend
+from mumoe.functional import block_forward, dense_gates
 from mumoe.gates import check_hidden_activation
 from mumoe.nn._bridge import check_input
 from mumoe.nn._gate import Activation, MuMoEGate
@@ -234,7 +236,8 @@ class MuMoEBlock(nn.Module):
         ----------
         x : torch.Tensor, shape (..., I)
         return_gates : bool, default False
-            Also return the coefficients used.
+            Also return the coefficients used, as dense tensors (see
+            :meth:`MuMoE.forward <mumoe.nn.MuMoE.forward>`).
 
         Returns
         -------
@@ -250,17 +253,22 @@ class MuMoEBlock(nn.Module):
         (torch.Size([2, 3, 6]), torch.Size([2, 3, 4]))
         """
         check_input(x, self.in_features)
+        # Levels whose support is within the decoder's crossover come as supports.
+        density = self.fc2.planner.max_density("pytorch")
         y, gates = block_forward(
             self._encoder_call(self.fc1),
             self.fc2,
             x,
-            gate=self.gate,
+            gate=functools.partial(self.gate, max_density=density),
             activation=self.act,
             input_norm=self.input_norm,
             up=None if self.up is None else self._encoder_call(self.up),
             output_bias=self.bias,
         )
-        return (y, gates) if return_gates else y
+        if not return_gates:
+            return y
+        with thread_backend("pytorch"):
+            return y, dense_gates(gates)
 
     def describe(self, batch_size: int = 1) -> str:
         r"""A readable account of the block: forms, parameters and FLOPs per part.

@@ -17,6 +17,7 @@ from mumoe import functional
 from mumoe.backends import thread_backend
 from mumoe.plan import Planner, batch_bucket, resolve_planner
 from mumoe.spec import Network
+from mumoe.typing import SparseGate
 
 # TensorLy's pytorch backend, loaded (not selected) now: the modules' first forward pass
 # switches to it without an import, which torch.compile could not trace.
@@ -61,7 +62,13 @@ def _autocast(
     if not torch.is_autocast_enabled(device):
         return x, cores, gates
     dtype = torch.get_autocast_dtype(device)
-    return x.to(dtype), [c.to(dtype) for c in cores], [g.to(dtype) for g in gates]
+    return x.to(dtype), [c.to(dtype) for c in cores], [_cast_gate(g, dtype) for g in gates]
+
+
+def _cast_gate(gate: Any, dtype: torch.dtype) -> Any:
+    if isinstance(gate, SparseGate):
+        return SparseGate(gate.indices, gate.values.to(dtype), gate.n_experts)
+    return gate.to(dtype)
 
 
 def torch_forward(
@@ -265,7 +272,10 @@ def check_gate_devices(gates: Any, x: torch.Tensor) -> None:
     ValueError: gates[0] is on meta but the input is on cpu
     """
     on_cpu = x.is_cpu  # CPU against CPU, the common case, needs no device read
-    for e, gate in enumerate([gates] if isinstance(gates, torch.Tensor) else gates):
+    single = isinstance(gates, torch.Tensor | SparseGate)
+    for e, gate in enumerate([gates] if single else gates):
+        if isinstance(gate, SparseGate):
+            gate = gate.values
         if (
             isinstance(gate, torch.Tensor)
             and not (on_cpu and gate.is_cpu)

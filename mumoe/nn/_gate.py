@@ -34,8 +34,10 @@ import torch
 from torch import nn
 
 from mumoe.backends import thread_backend
+from mumoe.functional import dense_gates
 from mumoe.gates import (
     NORMALIZATIONS,
+    SPARSE_ACTIVATIONS,
     activation_name,
     balance_loss,
     check_balance,
@@ -47,6 +49,7 @@ from mumoe.gates import gate_coefficients as _gate_coefficients
 from mumoe.gates import resolve_activation as _resolve
 from mumoe.nn import _entmax
 from mumoe.nn._bridge import device_type
+from mumoe.typing import SparseGate
 from mumoe.validation import check_bool
 
 NO_CONTEXT = contextlib.nullcontext()
@@ -56,6 +59,7 @@ __all__ = [
     "TORCH_KERNELS",
     "MuMoEGate",
     "builtin_name",
+    "dense_coefficients",
     "gate_dtype",
     "keep_statistics_wide",
     "resolve_activation",
@@ -218,7 +222,10 @@ def torch_gate_coefficients(
     activation: Activation,
     logits: list[torch.Tensor] | None = None,
     biases: Sequence[torch.Tensor] | None = None,
-) -> list[torch.Tensor]:
+    *,
+    max_density: float | None = None,
+    support: Callable[..., torch.Tensor | SparseGate] | None = None,
+) -> list[torch.Tensor | SparseGate]:
     """:func:`mumoe.gates.gate_coefficients` with ``torch.autocast`` off (float32 at least).
 
     Parameters
@@ -231,10 +238,13 @@ def torch_gate_coefficients(
     logits : list, optional
         Receives each level's activation input, ``(..., N_e)``.
     biases : sequence of torch.Tensor, each (N_e,), optional
+    max_density, support : optional
+        A level as its support where it fits (see
+        :func:`mumoe.gates.gate_coefficients`).
 
     Returns
     -------
-    list of torch.Tensor, each (..., N_e)
+    list of torch.Tensor, each (..., N_e), or SparseGate
 
     Examples
     --------
@@ -248,7 +258,43 @@ def torch_gate_coefficients(
     kept = [None if isinstance(n, nn.Identity) else n for n in norms]
     device = device_type(x)
     with torch.autocast(device, enabled=False) if torch.is_autocast_enabled(device) else NO_CONTEXT:
-        return _gate_coefficients(x, projections, kept, activation, logits, biases)
+        return _gate_coefficients(
+            x,
+            projections,
+            kept,
+            activation,
+            logits,
+            biases,
+            max_density=max_density,
+            support=support,
+        )
+
+
+def dense_coefficients(gates: Sequence[torch.Tensor | SparseGate]) -> list[torch.Tensor]:
+    """A gate's output as dense tensors (:func:`mumoe.functional.densify` where sparse).
+
+    What hooks on a :class:`MuMoEGate` read: its levels come as supports
+    (:class:`~mumoe.typing.SparseGate`) when a layer asks for them.
+
+    Parameters
+    ----------
+    gates : sequence of torch.Tensor or SparseGate
+
+    Returns
+    -------
+    list of torch.Tensor, each (..., N_e)
+
+    Examples
+    --------
+    >>> import torch
+    >>> sparse = SparseGate(torch.tensor([[1]]), torch.tensor([[1.0]]), 3)
+    >>> dense_coefficients([sparse])
+    [tensor([[0., 1., 0.]])]
+    """
+    if all(isinstance(g, torch.Tensor) for g in gates):
+        return list(gates)  # type: ignore[arg-type]
+    with thread_backend("pytorch"):
+        return dense_gates(gates)
 
 
 def keep_statistics_wide(norms: Iterable[nn.Module]) -> None:
@@ -367,6 +413,9 @@ class MuMoEGate(nn.Module):
                 f"keeps at most the {n} there are: give top_k <= {n}"
             )
         self.activation_name = activation_name(activation)
+        # The activation computed as a support directly (top-k), or None: sparsified.
+        support = SPARSE_ACTIVATIONS.get(self.activation_name)
+        self.support = None if support is None else functools.partial(support, k=self.top_k)
         self.projections = nn.ParameterList(
             [
                 nn.Parameter(torch.empty(in_features, n, device=device, dtype=dtype))
@@ -419,22 +468,38 @@ class MuMoEGate(nn.Module):
             if isinstance(norm, nn.BatchNorm1d):
                 norm.reset_running_stats()
 
-    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+    def forward(
+        self, x: torch.Tensor, max_density: float | None = None
+    ) -> list[torch.Tensor | SparseGate]:
         """The gate coefficients of every level.
 
         Parameters
         ----------
         x : torch.Tensor, shape (..., I)
+        max_density : float, optional
+            Give each level whose support is at most this share of its
+            experts as a :class:`~mumoe.typing.SparseGate` (top-k gates
+            select it directly; entmax-1.5, sparsemax and custom activations
+            are sparsified); the layers pass their planner's crossover
+            (:meth:`mumoe.plan.Planner.max_density`).  None (default), a
+            softmax gate, and calls under ``torch.compile`` or ``torch.func``
+            (whose graphs cannot hold a data-dependent ``k``) give dense
+            coefficients.
 
         Returns
         -------
-        list of torch.Tensor, each (..., N_e)
+        list of torch.Tensor, each (..., N_e), or SparseGate
+            The same coefficients either way (:func:`mumoe.functional.densify`).
 
         Examples
         --------
         >>> import torch
         >>> [tuple(a.shape) for a in MuMoEGate(4, (3, 2))(torch.randn(5, 4))]
         [(5, 3), (5, 2)]
+        >>> gate = MuMoEGate(4, (64,), normalization=None, activation="topk", top_k=2)
+        >>> _ = torch.nn.init.normal_(gate.projections[0])  # zero logits tie: every expert kept
+        >>> gate(torch.randn(5, 4), max_density=0.25)[0]
+        SparseGate(shape=(5, 2), n_experts=64)
         """
         projections = list(self.projections._parameters.values())
         if self.training and self.normalization == "bn" and x.numel() == x.shape[-1]:
@@ -445,12 +510,26 @@ class MuMoEGate(nn.Module):
             )
         norms: list[nn.Module | None] = list(self.norms)
         biases = None if self.biases is None else list(self.biases._parameters.values())
-        if not self.balance:
-            return torch_gate_coefficients(x, projections, norms, self.activation, None, biases)  # type: ignore[arg-type]
-        logits: list[torch.Tensor] = []
-        gates = torch_gate_coefficients(x, projections, norms, self.activation, logits, biases)  # type: ignore[arg-type]
+        if max_density is not None and (
+            self.activation_name == "softmax"
+            or torch.compiler.is_compiling()
+            or _under_functorch(x)
+        ):
+            max_density = None
+        logits: list[torch.Tensor] | None = [] if self.balance else None
         with thread_backend("pytorch"):
-            self.aux_loss = balance_loss(self.balance, gates, logits, self.mask)
+            gates = torch_gate_coefficients(
+                x,
+                projections,
+                norms,  # type: ignore[arg-type]
+                self.activation,
+                logits,
+                biases,
+                max_density=max_density,
+                support=self.support,
+            )
+            if self.balance:
+                self.aux_loss = balance_loss(self.balance, dense_gates(gates), logits, self.mask)
         return gates
 
     def extra_repr(self) -> str:

@@ -6,6 +6,10 @@ gradient once.  Slicing the core in autograd instead (``torch.addmm(core[I],
 x, core[:I])``) makes each slice's backward a zero-filled gradient of the
 whole core, and concatenating a column of ones to ``x`` keeps a copy of
 ``x`` for the backward pass; this kernel does neither.
+
+:func:`gather_sum` and :func:`scatter_rows` serve sparse gates
+(:class:`mumoe.typing.SparseGate`): the weighted sum of the ``k`` rows of a
+core a row's support names, by ``embedding_bag``, and a support's dense rows.
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["bias_matmul", "kth_largest"]
+__all__ = ["bias_matmul", "gather_sum", "kth_largest", "scatter_rows"]
 
 
 class _BiasMatmul(torch.autograd.Function):
@@ -102,3 +106,57 @@ def kth_largest(z: torch.Tensor, k: int) -> torch.Tensor:
     tensor([[7.]])
     """
     return torch.topk(z.detach(), k, dim=-1).values[..., k - 1 : k]
+
+
+def gather_sum(table: torch.Tensor, indices: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """``sum_j values[b, j] * table[indices[b, j]]``: the ``gather_sum`` kernel of sparse gates.
+
+    ``torch.nn.functional.embedding_bag`` in ``"sum"`` mode with per-sample
+    weights, on the CPU and CUDA: no ``(B, k, D)`` copy of the gathered rows,
+    and a backward pass that accumulates into the gathered rows only.
+
+    Parameters
+    ----------
+    table : torch.Tensor, shape (N, D)
+    indices : torch.Tensor, shape (B, k), integer
+    values : torch.Tensor, shape (B, k)
+        Of the table's dtype.
+
+    Returns
+    -------
+    torch.Tensor, shape (B, D)
+
+    Examples
+    --------
+    >>> import torch
+    >>> table = torch.arange(6.0).reshape(3, 2)
+    >>> gather_sum(table, torch.tensor([[2, 0]]), torch.tensor([[1.0, 0.5]]))
+    tensor([[4.0000, 5.5000]])
+    """
+    if not indices.shape[0]:
+        return table.new_zeros((0, table.shape[1])) + values.sum() * 0
+    return torch.nn.functional.embedding_bag(indices, table, mode="sum", per_sample_weights=values)
+
+
+def scatter_rows(values: torch.Tensor, indices: torch.Tensor, n: int) -> torch.Tensor:
+    """Dense rows ``(B, n)`` holding ``values`` at ``indices``: the ``scatter_rows`` kernel.
+
+    Parameters
+    ----------
+    values : torch.Tensor, shape (B, k)
+    indices : torch.Tensor, shape (B, k), integer
+    n : int
+
+    Returns
+    -------
+    torch.Tensor, shape (B, n)
+        Differentiable in ``values``.
+
+    Examples
+    --------
+    >>> import torch
+    >>> scatter_rows(torch.tensor([[0.5, 0.5]]), torch.tensor([[2, 0]]), 3)
+    tensor([[0.5000, 0.0000, 0.5000]])
+    """
+    out = values.new_zeros((values.shape[0], n))
+    return out.scatter(1, indices, values)

@@ -13,6 +13,7 @@ whatever backend the rest of the program has chosen.
 
 from __future__ import annotations
 
+import functools
 import threading
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
@@ -388,11 +389,15 @@ class MuMoE(nn.Module):
         Parameters
         ----------
         x : torch.Tensor, shape (..., I)
-        gates : sequence of torch.Tensor, each (..., N_e), optional
+        gates : sequence of torch.Tensor (..., N_e) or SparseGate, optional
             Coefficients to use instead of the layer's gate (required when
-            the layer has none); a single tensor with one expert level.
+            the layer has none), dense or as supports
+            (:class:`~mumoe.typing.SparseGate`); a single one with one
+            expert level.
         return_gates : bool, default False
-            Also return the coefficients used.
+            Also return the coefficients used, as dense tensors (the gate
+            hands levels of small support to the contraction as
+            :class:`~mumoe.typing.SparseGate`; they are made dense here).
         scales : mapping of level to torch.Tensor (N_e,), optional
             Factors per expert for this call, on top of any
             :meth:`scaled_experts` edit in force.
@@ -423,19 +428,27 @@ class MuMoE(nn.Module):
         modules = self._modules
         # A network of another rank (tensor dropout) contracts with its default planner.
         planner = self.__dict__["_planner"] if network is self.network else None
+        gate = modules.get("gate") if gates is None else None
+        if gate is not None:
+            # Levels whose support is within the crossover come as supports (SparseGate).
+            density = (planner or resolve_planner(network)).max_density("pytorch")
+            gate = functools.partial(gate, max_density=density)
         with thread_backend("pytorch"):
             y, coefficients = layer_forward(
                 network,
                 cores,
                 x,
-                gate=modules.get("gate") if gates is None else None,
+                gate=gate,
                 gates=gates,
                 input_norm=modules.get("input_norm"),
                 scales=edits,
                 planner=planner,
                 contract=module_contract,
             )
-        return (y, coefficients) if return_gates else y
+        if not return_gates:
+            return y
+        with thread_backend("pytorch"):
+            return y, functional.dense_gates(coefficients)
 
     def materialize(self) -> torch.Tensor:
         """The dense weight tensor, for inspection.

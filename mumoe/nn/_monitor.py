@@ -23,7 +23,7 @@ from torch import nn
 
 from mumoe.backends import thread_backend
 from mumoe.gates import Usage, usage
-from mumoe.nn._gate import MuMoEGate
+from mumoe.nn._gate import MuMoEGate, dense_coefficients
 
 __all__ = ["ExpertMonitor", "collect_aux_losses", "gate_mask"]
 
@@ -171,7 +171,7 @@ class ExpertMonitor:
                 return
             mask = gate.mask
             with torch.no_grad(), thread_backend("pytorch"):
-                levels = [usage(a.detach().float(), mask) for a in output]
+                levels = [usage(a.detach().float(), mask) for a in dense_coefficients(output)]
             # Tensors kept as they are: floats only in metrics(), not a device sync per step.
             self._recent[name].append(levels)
             count = self._counts.get(name, 0)

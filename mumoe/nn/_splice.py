@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from mumoe.nn._convert import _parent
-from mumoe.nn._gate import MuMoEGate
+from mumoe.nn._gate import MuMoEGate, dense_coefficients
 from mumoe.nn._monitor import gate_mask
 
 __all__ = ["SpliceReport", "ZeroOutput", "splice_report", "spliced"]
@@ -294,7 +294,9 @@ def splice_report(
         gates = [m for r in replacements.values() for m in r.modules() if isinstance(m, MuMoEGate)]
         recorded: list[tuple[list[torch.Tensor], torch.Tensor | None]] = []
         handles = [
-            g.register_forward_hook(lambda gate, _, out: recorded.append((out, gate.mask)))
+            g.register_forward_hook(
+                lambda gate, _, out: recorded.append((dense_coefficients(out), gate.mask))
+            )
             for g in gates
         ]
         try:

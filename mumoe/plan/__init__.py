@@ -44,6 +44,7 @@ from mumoe.plan._program import (
     backend_kernels,
     compile_program,
 )
+from mumoe.plan._sparse import SparseLayout, check_crossover, sparse_layout
 
 __all__ = [
     "AUTOTUNE_OPTIMIZERS",
@@ -62,9 +63,11 @@ __all__ = [
     "PlanTooLargeError",
     "Planner",
     "Program",
+    "SparseLayout",
     "SumStep",
     "backend_kernels",
     "batch_bucket",
+    "check_crossover",
     "check_optimize",
     "compile_program",
     "describe",
@@ -73,4 +76,5 @@ __all__ = [
     "path_optimizer",
     "planner_of",
     "resolve_planner",
+    "sparse_layout",
 ]

@@ -24,9 +24,11 @@ from typing import Any
 import numpy as np
 import opt_einsum
 
+from mumoe.backends import sparse_crossover
 from mumoe.plan._paths import DEFAULT_OPTIMIZE, check_optimize
 from mumoe.plan._plan import Plan, PlanCache, PlanTooLargeError, batch_bucket
 from mumoe.plan._program import backend_kernels
+from mumoe.plan._sparse import SparseLayout, check_crossover, sparse_layout
 from mumoe.spec import Network
 from mumoe.validation import check_bool, positive_int
 
@@ -79,12 +81,21 @@ class Planner:
         the budget, and where none fits, building the plan raises
         :class:`~mumoe.plan.PlanTooLargeError` before anything is allocated.
         None: no budget.
+    crossover : float, optional
+        The largest support density ``k / N_e`` at which a level given as a
+        support (:class:`~mumoe.typing.SparseGate`) is contracted sparsely,
+        by gathering ``k`` rows of its core; a wider one is made dense
+        first.  The layers' gates also hand a level over as its support only
+        up to this density.  By default each backend's measured crossover
+        (:func:`mumoe.backends.sparse_crossover`); 0: always dense; 1: sparse
+        whenever a support is given.
 
     Raises
     ------
     ValueError, TypeError
         For an optimiser no plan can be built with, a flag that is not a bool,
-        or a budget that is not a positive integer.
+        a budget that is not a positive integer, or a crossover that is not a
+        number from 0 to 1.
 
     Examples
     --------
@@ -102,6 +113,7 @@ class Planner:
         cache_size: int = 32,
         autotune: bool = False,
         memory_limit: int | None = MEMORY_LIMIT,
+        crossover: float | None = None,
     ) -> None:
         if not isinstance(network, Network):
             raise TypeError(f"a Planner plans a mumoe.Network, got {type(network).__qualname__}")
@@ -112,18 +124,125 @@ class Planner:
         if memory_limit is not None:
             memory_limit = positive_int(memory_limit, "memory_limit")
         self.memory_limit = memory_limit
+        self.crossover = check_crossover(crossover)
         self.cache = PlanCache(cache_size)
 
     def __repr__(self) -> str:
+        crossover = "" if self.crossover is None else f", crossover={self.crossover}"
         return (
             f"Planner(optimize={self.optimize!r}, autotune={self.autotune}, "
-            f"memory_limit={self.memory_limit!r}, cache={self.cache})"
+            f"memory_limit={self.memory_limit!r}{crossover}, cache={self.cache})"
         )
 
     def __reduce__(self) -> tuple[Any, ...]:
         # Pickled (with a layer that holds it) as its policy; plans are built again.
-        policy = (self.optimize, self.cache.maxsize, self.autotune, self.memory_limit)
+        policy = (
+            self.optimize,
+            self.cache.maxsize,
+            self.autotune,
+            self.memory_limit,
+            self.crossover,
+        )
         return (_unpickle, (self.network, *policy))
+
+    # ------------------------------------------------------------------ sparse
+
+    def max_density(self, backend: str) -> float:
+        """The widest support, as a share of a level, contracted sparsely on ``backend``.
+
+        This planner's ``crossover`` where it has one, else the backend's
+        declared one (:func:`mumoe.backends.sparse_crossover`).
+
+        Parameters
+        ----------
+        backend : str
+
+        Returns
+        -------
+        float
+
+        Examples
+        --------
+        >>> from mumoe import cp
+        >>> Planner(cp(5, 2, expert_dims=8, rank=3), crossover=0.5).max_density("numpy")
+        0.5
+        """
+        return sparse_crossover(backend) if self.crossover is None else self.crossover
+
+    def sparse_forward(
+        self,
+        batch_size: int,
+        backend: str,
+        dtype: Hashable,
+        levels: tuple[int, ...],
+        ks: dict[int, int],
+    ) -> tuple[SparseLayout, Plan]:
+        """The forward contraction with ``levels`` given as supports of ``ks[e]`` entries a row.
+
+        Cached as :meth:`forward`, per sparse levels too, and per bucket of
+        ``k`` for the levels whose values stay operands (the path depends on
+        ``k`` only there); fused levels' ``k`` does not enter the plan.
+
+        Parameters
+        ----------
+        batch_size : int
+        backend : str
+        dtype : hashable
+        levels : tuple of int
+            The sparse levels, increasing.
+        ks : dict of int to int
+            Entries per row of each sparse level's support.
+
+        Returns
+        -------
+        layout : SparseLayout
+        plan : Plan
+            Called with the operands :class:`SparseLayout` lists.
+
+        Examples
+        --------
+        >>> from mumoe import cp
+        >>> planner = Planner(cp(5, 2, expert_dims=64, rank=3))
+        >>> layout, plan = planner.sparse_forward(32, "numpy", "float64", (0,), {0: 4})
+        >>> plan.equation
+        'ac,ae,ce,de->ad'
+        """
+        layout = sparse_layout(self.network, levels)
+        bucket = 1 if batch_size <= 1 else 1 << (batch_size - 1).bit_length()  # batch_bucket
+        k_buckets = tuple(batch_bucket(ks[e]) for e in layout.value_levels)
+        key = ("sparse", bucket, backend, dtype, levels, k_buckets)
+        plan = self.cache.hit(key)
+        if plan is None:
+            sizes = dict(zip(layout.value_levels, k_buckets, strict=True))
+            sizes.update({e: ks[e] for e in levels if e not in sizes})
+            plan = self.cache.get(
+                key, lambda: self._build_sparse(layout, bucket, sizes, backend, dtype)
+            )
+        return layout, plan
+
+    def _build_sparse(
+        self,
+        layout: SparseLayout,
+        batch_size: int,
+        ks: dict[int, int],
+        backend: str,
+        dtype: Hashable,
+    ) -> Plan:
+        net = self.network
+        shapes = layout.shapes(net, batch_size, ks)
+        optimize = self.optimize if isinstance(self.optimize, str) else DEFAULT_OPTIMIZE
+        return self._build(
+            "sparse forward contraction",
+            f"at batch {batch_size}",
+            layout.equation,
+            shapes,
+            (batch_size, net.out_features),
+            optimize,
+            dtype,
+            lead=net.batch_symbol,
+            bias_input=layout.input_position if net.bias else None,
+            kernels=backend_kernels(backend),
+        )
 
     # ----------------------------------------------------------------- forward
 
@@ -459,7 +578,12 @@ class Planner:
 
 
 def _unpickle(
-    network: Network, optimize: Any, cache_size: int, autotune: bool, memory_limit: int | None
+    network: Network,
+    optimize: Any,
+    cache_size: int,
+    autotune: bool,
+    memory_limit: int | None,
+    crossover: float | None = None,
 ) -> Planner:
     return planner_of(
         network,
@@ -467,6 +591,7 @@ def _unpickle(
         cache_size=cache_size,
         autotune=autotune,
         memory_limit=memory_limit,
+        crossover=crossover,
     )
 
 
@@ -524,6 +649,7 @@ def planner_of(
     autotune: bool = False,
     cache_size: int = 32,
     memory_limit: int | None = MEMORY_LIMIT,
+    crossover: float | None = None,
 ) -> Planner:
     """The planner of ``network`` under a path policy, made once and then kept.
 
@@ -536,7 +662,7 @@ def planner_of(
     Parameters
     ----------
     network : Network
-    optimize, autotune, cache_size, memory_limit
+    optimize, autotune, cache_size, memory_limit, crossover
         The policy; see :class:`Planner`.
 
     Returns
@@ -556,7 +682,7 @@ def planner_of(
     >>> planner_of(cp(5, 2, expert_dims=8, rank=3), autotune=True).autotune
     True
     """
-    key = (network, _policy_key(optimize), autotune, cache_size, memory_limit)
+    key = (network, _policy_key(optimize), autotune, cache_size, memory_limit, crossover)
     try:
         planner = _PLANNERS[key]
     except TypeError:  # an unhashable optimiser: refused with the reason
@@ -569,6 +695,7 @@ def planner_of(
             cache_size=cache_size,
             autotune=autotune,
             memory_limit=memory_limit,
+            crossover=crossover,
         )
         with _PLANNERS_LOCK:
             planner = _PLANNERS.setdefault(key, planner)
