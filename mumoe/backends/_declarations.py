@@ -82,8 +82,12 @@ class BackendDeclaration:
         take and a batched product.
     sparse_crossover : float, default 0.0
         The largest support density ``k / N`` at which a level is contracted
-        sparsely (gathering ``k`` rows) rather than densely, as measured on
-        the backend (``benchmarks/README.md``); 0: never by default.
+        sparsely (gathering ``k`` rows) rather than densely when no gradient
+        flows to the cores (evaluation, serving), as measured on the backend
+        (``python -m benchmarks.sparse``); 0: never by default.
+    sparse_crossover_training : float, default 0.0
+        The same where gradients flow to the cores (a gathered core's
+        backward scatters into its rows, dearer than a product's).
     jit : str, default ""
         ``"module:function"`` compiling a function of arrays once per shape
         (``jax.jit``), or empty: compiled plans are wrapped in it.
@@ -116,6 +120,7 @@ class BackendDeclaration:
     scatter_rows: str = ""
     gather_sum: str = ""
     sparse_crossover: float = 0.0
+    sparse_crossover_training: float = 0.0
     jit: str = ""
     max_examples: int = 0
     note: str = ""
@@ -168,6 +173,7 @@ def declared_backends() -> list[BackendDeclaration]:
                     scatter_rows=str(data.get("scatter_rows", "")),
                     gather_sum=str(data.get("gather_sum", "")),
                     sparse_crossover=float(data.get("sparse_crossover", 0.0)),
+                    sparse_crossover_training=float(data.get("sparse_crossover_training", 0.0)),
                     jit=str(data.get("jit", "")),
                     max_examples=int(data.get("max_examples", 0)),
                     note=str(data.get("note", "")),
@@ -272,18 +278,21 @@ def backend_function(backend: str, kind: str) -> Any:
     return _FUNCTIONS[key]
 
 
-def sparse_crossover(backend: str) -> float:
+def sparse_crossover(backend: str, training: bool = False) -> float:
     """The support density ``k / N`` up to which ``backend`` contracts a level sparsely.
 
-    As declared (``sparse_crossover`` in ``mumoe/backends/<name>.toml``,
-    measured by ``python -m benchmarks sparse``); 0.0 for a backend that
-    declares none, or is not declared: never sparse unless a planner is told
-    otherwise (:class:`mumoe.plan.Planner`, ``crossover``).
+    As declared (``sparse_crossover`` and ``sparse_crossover_training`` in
+    ``mumoe/backends/<name>.toml``, measured by ``python -m
+    benchmarks.sparse``); 0.0 for a backend that declares none, or is not
+    declared: never sparse unless a planner is told otherwise
+    (:class:`mumoe.plan.Planner`, ``crossover``).
 
     Parameters
     ----------
     backend : str
         A TensorLy backend name.
+    training : bool, default False
+        Whether gradients flow to the cores.
 
     Returns
     -------
@@ -295,14 +304,20 @@ def sparse_crossover(backend: str) -> float:
     >>> 0 < sparse_crossover("numpy") < 1, sparse_crossover("no such backend")
     (True, 0.0)
     """
-    if backend not in _CROSSOVERS:
+    key = (backend, training)
+    if key not in _CROSSOVERS:
         declaration = next((b for b in declared_backends() if b.name == backend), None)
-        _CROSSOVERS[backend] = 0.0 if declaration is None else declaration.sparse_crossover
-    return _CROSSOVERS[backend]
+        if declaration is None:
+            _CROSSOVERS[key] = 0.0
+        elif training:
+            _CROSSOVERS[key] = declaration.sparse_crossover_training
+        else:
+            _CROSSOVERS[key] = declaration.sparse_crossover
+    return _CROSSOVERS[key]
 
 
-# Declared crossovers, by backend.
-_CROSSOVERS: dict[str, float] = {}
+# Declared crossovers, by backend and whether gradients flow.
+_CROSSOVERS: dict[tuple[str, bool], float] = {}
 
 # Resolved declared functions, by (backend, kind).
 _FUNCTIONS: dict[tuple[str, str], Any] = {}

@@ -28,6 +28,7 @@ from mumoe.functional._sparse import (
     densify,
     gather_core,
     gather_sum,
+    gather_sum_by_csr,
 )
 
 __all__ = [
@@ -47,6 +48,7 @@ __all__ = [
     "forward",
     "gather_core",
     "gather_sum",
+    "gather_sum_by_csr",
     "layer_forward",
     "materialize",
     "random_cores",

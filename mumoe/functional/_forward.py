@@ -237,7 +237,7 @@ def _contract(
     if differentiable is None:
         differentiable = any(getattr(core, "requires_grad", False) for core in cores)
     if any(type(gate) is SparseGate for gate in gates):
-        gates, levels = _route(planner, gates, backend)
+        gates, levels = _route(planner, gates, backend, differentiable)
         if levels:
             out = contract_sparse(planner, cores, rows, gates, levels, differentiable, backend)
             if len(batch_shape) == 1:
@@ -259,10 +259,12 @@ def _contract(
     return tl.reshape(out, (*batch_shape, network.out_features))
 
 
-def _route(planner: Planner, gates: list[Any], backend: str) -> tuple[list[Any], tuple[int, ...]]:
+def _route(
+    planner: Planner, gates: list[Any], backend: str, differentiable: bool
+) -> tuple[list[Any], tuple[int, ...]]:
     # The levels contracted sparsely (support density within the crossover); the
     # supports of the others made dense.
-    limit = planner.max_density(backend)
+    limit = planner.max_density(backend, differentiable)
     routed, levels = [], []
     for e, gate in enumerate(gates):
         if isinstance(gate, SparseGate):

@@ -16,13 +16,21 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
+import numpy as np
 import tensorly as tl
 
 from mumoe.backends import backend_function, creation_context
 from mumoe.plan import Planner, SparseLayout
 from mumoe.typing import SparseGate, Tensor
 
-__all__ = ["contract_sparse", "dense_gates", "densify", "gather_core", "gather_sum"]
+__all__ = [
+    "contract_sparse",
+    "dense_gates",
+    "densify",
+    "gather_core",
+    "gather_sum",
+    "gather_sum_by_csr",
+]
 
 Gate = Tensor | SparseGate
 
@@ -100,10 +108,11 @@ def gather_sum(core: Tensor, axis: int, indices: Tensor, values: Tensor) -> Tens
     Returns
     -------
     tensor, shape (B, *core.shape without axis)
-        Along the leading axis, the backend's ``gather_sum`` kernel where it
-        declares one (``embedding_bag`` on torch), else a take and a batched
-        product; along another axis, a take, a transposition of the ``B * k``
-        slices taken, and a batched product.
+        The backend's ``gather_sum`` kernel where it declares one
+        (``embedding_bag`` on torch), on the core with its expert leg brought
+        first; else a take and a batched product (along another axis than the
+        first, a take, a transposition of the ``B * k`` slices taken, and a
+        batched product: no copy of the core).
 
     Examples
     --------
@@ -116,18 +125,58 @@ def gather_sum(core: Tensor, axis: int, indices: Tensor, values: Tensor) -> Tens
     rest = shape[:axis] + shape[axis + 1 :]
     rows, k = indices.shape
     width = math.prod(rest)
+    kernel = backend_function(tl.get_backend(), "gather_sum")
+    if kernel is not None:
+        # The kernel reads rows of a table: the expert leg first (a copy of the core
+        # where it is not, cheaper in a backward pass than scattering into its slices).
+        table = (
+            core
+            if axis == 0
+            else tl.transpose(core, (axis, *range(axis), *range(axis + 1, len(shape))))
+        )
+        table = tl.reshape(table, (shape[axis], width))
+        return tl.reshape(kernel(table, indices, values), (rows, *rest))
     if axis == 0:
-        table = tl.reshape(core, (shape[0], width))
-        kernel = backend_function(tl.get_backend(), "gather_sum")
-        if kernel is not None:
-            return tl.reshape(kernel(table, indices, values), (rows, *rest))
-        picked = table[indices]  # (B, k, D)
+        picked = tl.reshape(core, (shape[0], width))[indices]  # (B, k, D)
     else:
         picked = core[(slice(None),) * axis + (indices,)]  # (..., B, k, ...)
         perm = (axis, axis + 1, *range(axis), *range(axis + 2, len(shape) + 1))
         picked = tl.reshape(tl.transpose(picked, perm), (rows, k, width))
     summed = tl.reshape(values, (rows, 1, k)) @ picked
     return tl.reshape(summed, (rows, *rest))
+
+
+def gather_sum_by_csr(table: Tensor, indices: Tensor, values: Tensor) -> Tensor:
+    """The ``gather_sum`` kernel of NumPy: the supports as a CSR matrix times the table.
+
+    ``scipy.sparse``'s CSR product reads the ``k`` rows each row names, in
+    compiled code, with no ``(B, k, D)`` copy.
+
+    Parameters
+    ----------
+    table : numpy.ndarray, shape (N, D)
+    indices : numpy.ndarray, shape (B, k), integer
+    values : numpy.ndarray, shape (B, k)
+
+    Returns
+    -------
+    numpy.ndarray, shape (B, D)
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> table = np.arange(6.0).reshape(3, 2)
+    >>> gather_sum_by_csr(table, np.array([[2, 0]]), np.array([[1.0, 0.5]]))
+    array([[4. , 5.5]])
+    """
+    from scipy import sparse
+
+    rows, k = indices.shape
+    pointers = np.arange(0, rows * k + 1, k)
+    matrix = sparse.csr_matrix(
+        (values.ravel(), indices.ravel(), pointers), shape=(rows, table.shape[0])
+    )
+    return np.asarray(matrix @ table)
 
 
 def gather_core(core: Tensor, axes: Sequence[int], indices: Sequence[Tensor]) -> Tensor:
@@ -226,7 +275,7 @@ def _operands(
 ) -> list[Tensor]:
     # The layout's operands without x: dense gates, values, then the cores as laid out.
     operands = [gates[e] for e in layout.dense_levels]
-    operands += [gates[e].values for e in layout.value_levels]  # type: ignore[union-attr]
+    operands += [gates[e].values for e in layout.value_levels]
     fused = {core: (level, axis) for core, level, axis in layout.fused}
     gathered = dict(layout.gathered)
     for c, core in enumerate(cores):

@@ -89,7 +89,7 @@ def top_k_by_lax(z: Tensor, k: int) -> tuple[Tensor, Tensor]:
     """
     import jax
 
-    return jax.lax.top_k(z, k)  # type: ignore[no-any-return]
+    return jax.lax.top_k(z, k)
 
 
 def scatter_rows_by_assignment(values: Tensor, indices: Tensor, n: int) -> Tensor:

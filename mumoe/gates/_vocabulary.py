@@ -406,7 +406,7 @@ def gate_coefficients(
     biases: Sequence[Tensor] | None = None,
     *,
     max_density: float | None = None,
-    support: Callable[[Tensor, float], Any] | None = None,
+    support: Callable[..., Any] | None = None,
 ) -> list[Any]:
     """The gate coefficients ``activation(norm(x @ G_e + b_e))`` of every level.
 

@@ -254,7 +254,8 @@ class MuMoEBlock(nn.Module):
         """
         check_input(x, self.in_features)
         # Levels whose support is within the decoder's crossover come as supports.
-        density = self.fc2.planner.max_density("pytorch")
+        training = torch.is_grad_enabled() and self.fc2.cores[0].requires_grad
+        density = self.fc2.planner.max_density("pytorch", training)
         y, gates = block_forward(
             self._encoder_call(self.fc1),
             self.fc2,

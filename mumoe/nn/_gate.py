@@ -520,16 +520,18 @@ class MuMoEGate(nn.Module):
         with thread_backend("pytorch"):
             gates = torch_gate_coefficients(
                 x,
-                projections,
-                norms,  # type: ignore[arg-type]
+                projections,  # type: ignore[arg-type]
+                norms,
                 self.activation,
                 logits,
-                biases,
+                biases,  # type: ignore[arg-type]
                 max_density=max_density,
                 support=self.support,
             )
             if self.balance:
-                self.aux_loss = balance_loss(self.balance, dense_gates(gates), logits, self.mask)
+                self.aux_loss = balance_loss(
+                    self.balance, dense_gates(gates), logits or [], self.mask
+                )
         return gates
 
     def extra_repr(self) -> str:

@@ -428,10 +428,11 @@ class MuMoE(nn.Module):
         modules = self._modules
         # A network of another rank (tensor dropout) contracts with its default planner.
         planner = self.__dict__["_planner"] if network is self.network else None
-        gate = modules.get("gate") if gates is None else None
+        gate: Any = modules.get("gate") if gates is None else None
         if gate is not None:
             # Levels whose support is within the crossover come as supports (SparseGate).
-            density = (planner or resolve_planner(network)).max_density("pytorch")
+            training = torch.is_grad_enabled() and cores[0].requires_grad
+            density = (planner or resolve_planner(network)).max_density("pytorch", training)
             gate = functools.partial(gate, max_density=density)
         with thread_backend("pytorch"):
             y, coefficients = layer_forward(

@@ -331,6 +331,9 @@ class MuMoE(nn.Module):
         # The reference keeps the last coefficients as .a, attached to the graph.  The call
         # uses its own: another thread may replace .a before this one reads it back.
         norms = self.bn if self.normalization == "bn" else self.ln
-        coefficients = torch_gate_coefficients(x, list(self.projs), list(norms), self.act)
+        # Dense (no max_density): the reference's contraction takes (B, N) coefficients.
+        coefficients: list[torch.Tensor] = torch_gate_coefficients(  # type: ignore[assignment]
+            x, list(self.projs), list(norms), self.act
+        )
         self.a = coefficients
         return coefficients

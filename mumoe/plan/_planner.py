@@ -147,7 +147,7 @@ class Planner:
 
     # ------------------------------------------------------------------ sparse
 
-    def max_density(self, backend: str) -> float:
+    def max_density(self, backend: str, training: bool = False) -> float:
         """The widest support, as a share of a level, contracted sparsely on ``backend``.
 
         This planner's ``crossover`` where it has one, else the backend's
@@ -156,6 +156,9 @@ class Planner:
         Parameters
         ----------
         backend : str
+        training : bool, default False
+            Whether gradients flow to the cores (the backend declares a
+            crossover for each case).
 
         Returns
         -------
@@ -167,7 +170,9 @@ class Planner:
         >>> Planner(cp(5, 2, expert_dims=8, rank=3), crossover=0.5).max_density("numpy")
         0.5
         """
-        return sparse_crossover(backend) if self.crossover is None else self.crossover
+        if self.crossover is not None:
+            return self.crossover
+        return sparse_crossover(backend, training)
 
     def sparse_forward(
         self,
