@@ -328,9 +328,12 @@ def relu_topk(logits: Tensor, k: int) -> Tensor:
     array([[0. , 0. , 0.5]])
     """
     k = check_top_k("relu_topk", k)  # type: ignore[assignment]
-    rectified = tl.clip(logits, 0, None)  # NaN stays NaN (a where would make it 0)
-    # NaN or +inf anywhere in a row: the whole row NaN (its largest minus itself).
-    top = _keep(tl.max(rectified, axis=-1), rectified)
+    # max(z, 0) with ReLU's gradient, 0 at z = 0 (as torch.relu; a clip passes 1 there).
+    rectified = tl.where(logits > 0, logits, _zeros(logits))
+    # NaN or +inf anywhere in a row: the whole row NaN (its largest minus itself; the
+    # clip keeps NaN, which the where above turned into 0).
+    clipped = tl.clip(logits, 0, None)
+    top = _keep(tl.max(clipped, axis=-1), clipped)
     if k < tl.shape(logits)[-1]:
         kth = _kth_largest(rectified, k, "ReLU-top-k")
         rectified = tl.where(rectified >= kth, rectified, _zeros(rectified))

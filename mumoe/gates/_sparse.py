@@ -283,12 +283,15 @@ def relu_topk_support(logits: Tensor, k: int, max_density: float = 1.0) -> Gate:
     n = tl.shape(logits)[-1]
     if k >= n or k / n > max_density:
         return relu_topk(logits, k)
-    rectified = tl.clip(logits, 0, None)
+    # max(z, 0) with ReLU's gradient (0 at z = 0, as torch.relu): kept entries of 0 carry
+    # none.  The guard reads the clipped logits, where NaN and +inf survive.
+    rectified = tl.where(logits > 0, logits, tl.zeros(tl.shape(logits), **creation_context(logits)))
     values, indices = _kernel("top_k")(rectified, k + 1)
     boundary = values[..., k - 1]
     if _count_rows(logits) and bool(((boundary == values[..., k]) & (boundary > 0)).any()):
         return sparsify(relu_topk(logits, k), max_density)
-    return SparseGate(indices[..., :k], values[..., :k] + _nan_guard(rectified), n)
+    guard = _nan_guard(tl.clip(logits, 0, None))
+    return SparseGate(indices[..., :k], values[..., :k] + guard, n)
 
 
 #: The activations whose support is computed directly (the others are :func:`sparsify` d).

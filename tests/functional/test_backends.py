@@ -17,6 +17,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from mumoe import (
+    SparseGate,
     cp,
     expert_weight,
     forward,
@@ -27,6 +28,7 @@ from mumoe import (
     tr,
     tucker,
 )
+from mumoe.functional import densify
 from mumoe.plan import Planner
 from mumoe.testing import (
     assert_close,
@@ -109,6 +111,43 @@ def test_forward_equals_the_oracle(backend_and_dtype):
         assert tuple(tl.shape(y)) == (*batch_shape, net.out_features)
         weight = materialize(net, [tl.tensor(c) for c in host])
         assert_close(y, dense_forward(weight, x, gates, net.bias), dtype, scale=n_terms(net))
+
+    check()
+
+
+def test_sparse_gates_equal_the_oracle_on_every_backend(backend_and_dtype):
+    # Supports (SparseGate) gathered on the backend's arrays, with its declared kernels.
+    name, dtype = backend_and_dtype
+
+    @examples_on(name)
+    @given(networks(max_levels=2), batch_shapes(), seeds(), st.data())
+    def check(net, batch_shape, seed, data):
+        cores, x, _, host = operands(net, batch_shape, seed, dtype)
+        rng = np.random.RandomState(seed)
+        rows = int(np.prod(batch_shape, dtype=int))
+        gates, dense = [], []
+        for n in net.expert_dims:
+            k = data.draw(st.integers(1, n))
+            indices = np.argsort(rng.uniform(size=(rows, n)), axis=-1)[:, :k]
+            values = rng.uniform(size=(rows, k))
+            matrix = np.zeros((rows, n))
+            np.put_along_axis(matrix, indices, values, axis=-1)
+            dense.append(matrix.reshape(*batch_shape, n))
+            gates.append(
+                SparseGate(
+                    tl.tensor(indices.reshape(*batch_shape, k)),
+                    tl.tensor(
+                        values.reshape(*batch_shape, k).astype(dtype), dtype=backend_dtype(dtype)
+                    ),
+                    n,
+                )
+            )
+        y = forward(net, cores, x, gates, planner=Planner(net, crossover=1.0))
+        assert dtype_name(y.dtype) == dtype
+        weight = materialize(net, [tl.tensor(c) for c in host])
+        assert_close(y, dense_forward(weight, x, dense, net.bias), dtype, scale=n_terms(net))
+        for gate, matrix in zip(gates, dense, strict=True):
+            assert_close(densify(gate), matrix, dtype)
 
     check()
 
