@@ -66,21 +66,32 @@ class SparseGate:
     (2, 4, 0.5)
     """
 
-    #: shape (..., k), integer
     indices: Tensor
-    #: shape (..., k)
     values: Tensor
-    #: N_e, the size of the level
     n_experts: int
 
     @property
     def k(self) -> int:
-        """Entries per row (the last dimension of ``indices`` and ``values``)."""
+        """Entries per row (the last dimension of ``indices`` and ``values``).
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> SparseGate(np.zeros((3, 5), int), np.zeros((3, 5)), 64).k
+        5
+        """
         return int(self.indices.shape[-1])
 
     @property
     def density(self) -> float:
-        """``k / n_experts``: the share of the level each row pays for."""
+        """``k / n_experts``: the share of the level each row pays for.
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> SparseGate(np.zeros((3, 16), int), np.zeros((3, 16)), 64).density
+        0.25
+        """
         return self.k / self.n_experts
 
     def __repr__(self) -> str:

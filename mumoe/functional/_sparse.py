@@ -107,7 +107,8 @@ def gather_sum(core: Tensor, axis: int, indices: Tensor, values: Tensor) -> Tens
 
     Returns
     -------
-    tensor, shape (B, *core.shape without axis)
+    tensor, shape (B, ...)
+        The core's shape without ``axis``, after the batch.
         The backend's ``gather_sum`` kernel where it declares one
         (``embedding_bag`` on torch), on the core with its expert leg brought
         first; else a take and a batched product (along another axis than the
@@ -191,9 +192,10 @@ def gather_core(core: Tensor, axes: Sequence[int], indices: Sequence[Tensor]) ->
 
     Returns
     -------
-    tensor, shape (B, k_1, ..., k_s, *the other axes)
-        The sparse legs brought to the front (a view where the backend
-        allows), then one advanced index with the supports broadcast.
+    tensor, shape (B, k_1, ..., k_s, ...)
+        The supports' legs, then the core's other axes in order: the sparse
+        legs brought to the front (a view where the backend allows), then one
+        advanced index with the supports broadcast.
 
     Examples
     --------

@@ -78,7 +78,14 @@ class SparseLayout:
 
     @property
     def input_position(self) -> int:
-        """Where ``x`` sits among the operands."""
+        """Where ``x`` sits among the operands.
+
+        Examples
+        --------
+        >>> from mumoe import lowrank
+        >>> sparse_layout(lowrank(8, 4, expert_dims=(16, 4), rank=2), (0,)).input_position
+        2
+        """
         return len(self.dense_levels) + len(self.value_levels)
 
     def shapes(self, network: Network, batch_size: int, ks: dict[int, int]) -> list[Shape]:
