@@ -19,6 +19,8 @@ Groups:
   (measured and printed), sparse against dense;
 * ``crossover``: sparse against dense over the support density k / N, for CP and
   MxD layers: where sparse stops paying (``sparse_crossover`` in the backend's TOML);
+* ``floor``: the same at k/N = 1/64 over the size of the dense step it replaces:
+  where a gather's fixed cost stops mattering (``sparse_min_work``);
 * ``million``: 2^20 experts as two levels of 1,024 (CP, top-k per level), I = O =
   768: time per token for training, and peak memory (in a fresh process);
 * ``peer``: PEER (``peer-pytorch``) and a two-level μMoE of the same N, I and O:
@@ -49,7 +51,7 @@ from mumoe.backends import thread_backend
 from mumoe.functional import contract
 from mumoe.gates import relu_topk_support
 from mumoe.nn import MuMoE, entmax15
-from mumoe.plan import Planner
+from mumoe.plan import Planner, planner_of
 
 Fn = Callable[[], Any]
 
@@ -346,6 +348,56 @@ def _numpy_pair(layer: MuMoE, x: torch.Tensor, support: SparseGate, dense: torch
     }
 
 
+def floor(rounds: int, quick: bool) -> dict[str, Any]:
+    """Sparse against dense at k/N = 1/64 over the dense step's size: the fixed cost's floor."""
+    rows = []
+    cases = (
+        ((256, 16, 8), (1024, 64, 32))
+        if quick
+        else (
+            (256, 16, 16),
+            (256, 64, 32),
+            (1024, 64, 32),
+            (1024, 64, 256),
+            (4096, 64, 256),
+            (4096, 256, 256),
+            (16384, 256, 256),
+        )
+    )
+    for n, rank, batch in cases:
+        layer = MuMoE(64, 64, "cp", expert_dims=n, rank=rank, gated=False, device=_DEVICE)
+        x = torch.randn(batch, 64, device=_DEVICE)
+        support = _random_support(batch, n, max(1, n // 64))
+        dense = _dense(support)
+        sparse_run, dense_run = _contraction(layer, 1.0), _contraction(layer, 0.0)
+        fns = {
+            "sparse": lambda run=sparse_run, x=x, s=support: run(x, [s]),
+            "dense": lambda run=dense_run, x=x, d=dense: run(x, [d]),
+        }
+        params = list(layer.parameters())
+        both = medians({name: _backward(fn, params) for name, fn in fns.items()}, rounds)
+        with torch.no_grad():
+            forward = medians(fns, rounds)
+        numpy = medians(_numpy_pair(layer, x, support, dense), rounds)
+        row = {
+            "n": n,
+            "rank": rank,
+            "batch": batch,
+            "work": batch * n * rank,
+            "forward_ratio": forward["sparse"] / forward["dense"],
+            "forward_backward_ratio": both["sparse"] / both["dense"],
+            "numpy_forward_ratio": numpy["sparse"] / numpy["dense"],
+        }
+        rows.append(row)
+        print(
+            f"  N={n:>6} R={rank:>4} B={batch:>4} B*N*R={row['work']:>12,}: torch fwd "
+            f"{row['forward_ratio']:.2f}, fwd+bwd {row['forward_backward_ratio']:.2f}; numpy fwd "
+            f"{row['numpy_forward_ratio']:.2f}",
+            flush=True,
+        )
+    return {"group": "floor", "rows": rows}
+
+
 # ---------------------------------------------------------------- million, peer
 
 
@@ -383,6 +435,8 @@ def child_run(spec: dict[str, Any]) -> dict[str, Any]:
         model = _million_layer(features, spec["levels"], spec["k"], spec["rank"])
         torch.nn.init.normal_(model.gate.projections[0])
         torch.nn.init.normal_(model.gate.projections[1])
+        if "crossover" in spec:  # 0: the dense path, to compare in the same run
+            model.planner = planner_of(model.network, crossover=spec["crossover"])
     x = torch.randn(1, batch, features, device=_DEVICE)
     optimiser = torch.optim.SGD(model.parameters(), lr=1e-3)
     if _DEVICE.type == "cuda":
@@ -430,24 +484,24 @@ def _in_child(spec: dict[str, Any]) -> dict[str, Any]:
 def million(rounds: int, quick: bool) -> dict[str, Any]:
     """2^20 experts as 1,024 x 1,024 (CP, top-k per level): training time and peak memory."""
     features, levels = (64, 64) if quick else (768, 1024)
-    runs = [
-        _in_child(
-            {
-                "model": "mumoe",
-                "features": features,
-                "levels": levels,
-                "k": 16 if not quick else 4,
-                "rank": 256 if not quick else 16,
-                "batch": 256 if not quick else 32,
-                "steps": 2 + rounds,
-                "n": levels * levels,
-            }
-        )
-    ]
+    spec = {
+        "model": "mumoe",
+        "features": features,
+        "levels": levels,
+        "k": 16 if not quick else 4,
+        "rank": 256 if not quick else 16,
+        "batch": 256 if not quick else 32,
+        "steps": 4 + 3 * rounds,
+        "n": levels * levels,
+    }
+    # The layer's own choice (sparse at these sizes), then the dense path, then again.
+    runs = [_in_child(spec), _in_child({**spec, "crossover": 0.0}), _in_child(spec)]
     for r in runs:
+        path = "dense path" if "crossover" in r else "default (sparse)"
         print(
-            f"  mumoe N={r['n']:,} ({levels} x {levels}), I=O={features}: {r['params']:,} params,"
-            f" {r['us_per_token']:.1f} us/token (train step), peak {r['peak_mb']:.0f} MB more",
+            f"  mumoe N={r['n']:,} ({levels} x {levels}), I=O={features}, {path}: "
+            f"{r['params']:,} params, {r['us_per_token']:.1f} us/token (train step), "
+            f"peak {r['peak_mb']:.0f} MB more",
             flush=True,
         )
     return {"group": "million", "runs": runs}
@@ -457,7 +511,12 @@ def peer(rounds: int, quick: bool) -> dict[str, Any]:
     """PEER and a two-level μMoE of the same N, I and O, each trained in a fresh process."""
     features, side = (64, 32) if quick else (768, 256)
     n = side * side
-    common = {"features": features, "batch": 256 if not quick else 32, "steps": 2 + rounds, "n": n}
+    common = {
+        "features": features,
+        "batch": 256 if not quick else 32,
+        "steps": 4 + 3 * rounds,
+        "n": n,
+    }
     runs = [
         _in_child({**common, "model": "peer", "heads": 8, "k": 16, "dim_key": 128}),
         _in_child({**common, "model": "mumoe", "levels": side, "k": 16, "rank": 256}),
@@ -525,6 +584,7 @@ GROUPS: dict[str, Callable[[int, bool], dict[str, Any]]] = {
     "mxd-gate": mxd_gate,
     "entmax": entmax_support,
     "crossover": crossover,
+    "floor": floor,
     "million": million,
     "peer": peer,
 }

@@ -19,6 +19,7 @@ from mumoe.backends._declarations import (
     backend_function,
     declared_backends,
     sparse_crossover,
+    sparse_min_work,
     unavailable_reason,
 )
 from mumoe.backends._fork import forked_child
@@ -34,6 +35,7 @@ __all__ = [
     "forked_child",
     "preserved_backend",
     "sparse_crossover",
+    "sparse_min_work",
     "thread_backend",
     "unavailable_reason",
 ]

@@ -25,6 +25,7 @@ __all__ = [
     "backend_function",
     "declared_backends",
     "sparse_crossover",
+    "sparse_min_work",
     "unavailable_reason",
 ]
 
@@ -88,6 +89,12 @@ class BackendDeclaration:
     sparse_crossover_training : float, default 0.0
         The same where gradients flow to the cores (a gathered core's
         backward scatters into its rows, dearer than a product's).
+    sparse_min_work : int, default 0
+        The fewest multiply-adds, :math:`B N_e D_e`, of a level's dense step
+        (a batch times the expert core's entries) for which a gather is
+        worth its fixed per-call cost; smaller steps stay dense.
+    sparse_min_work_training : int, default 0
+        The same where gradients flow to the cores.
     jit : str, default ""
         ``"module:function"`` compiling a function of arrays once per shape
         (``jax.jit``), or empty: compiled plans are wrapped in it.
@@ -121,6 +128,8 @@ class BackendDeclaration:
     gather_sum: str = ""
     sparse_crossover: float = 0.0
     sparse_crossover_training: float = 0.0
+    sparse_min_work: int = 0
+    sparse_min_work_training: int = 0
     jit: str = ""
     max_examples: int = 0
     note: str = ""
@@ -174,6 +183,8 @@ def declared_backends() -> list[BackendDeclaration]:
                     gather_sum=str(data.get("gather_sum", "")),
                     sparse_crossover=float(data.get("sparse_crossover", 0.0)),
                     sparse_crossover_training=float(data.get("sparse_crossover_training", 0.0)),
+                    sparse_min_work=int(data.get("sparse_min_work", 0)),
+                    sparse_min_work_training=int(data.get("sparse_min_work_training", 0)),
                     jit=str(data.get("jit", "")),
                     max_examples=int(data.get("max_examples", 0)),
                     note=str(data.get("note", "")),
@@ -276,6 +287,42 @@ def backend_function(backend: str, kind: str) -> Any:
             function = getattr(importlib.import_module(module), attribute)
         _FUNCTIONS[key] = function
     return _FUNCTIONS[key]
+
+
+def sparse_min_work(backend: str, training: bool = False) -> int:
+    """The smallest dense step (multiply-adds) ``backend`` replaces by a gather.
+
+    As declared (``sparse_min_work`` and ``sparse_min_work_training`` in
+    ``mumoe/backends/<name>.toml``); 0 where none is.
+
+    Parameters
+    ----------
+    backend : str
+    training : bool, default False
+        Whether gradients flow to the cores.
+
+    Returns
+    -------
+    int
+
+    Examples
+    --------
+    >>> sparse_min_work("no such backend")
+    0
+    """
+    key = (backend, training)
+    if key not in _MIN_WORK:
+        declaration = next((b for b in declared_backends() if b.name == backend), None)
+        if declaration is None:
+            _MIN_WORK[key] = 0
+        elif training:
+            _MIN_WORK[key] = declaration.sparse_min_work_training
+        else:
+            _MIN_WORK[key] = declaration.sparse_min_work
+    return _MIN_WORK[key]
+
+
+_MIN_WORK: dict[tuple[str, bool], int] = {}
 
 
 def sparse_crossover(backend: str, training: bool = False) -> float:

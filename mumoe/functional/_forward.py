@@ -237,7 +237,7 @@ def _contract(
     if differentiable is None:
         differentiable = any(getattr(core, "requires_grad", False) for core in cores)
     if any(type(gate) is SparseGate for gate in gates):
-        gates, levels = _route(planner, gates, backend, differentiable)
+        gates, levels = _route(planner, gates, backend, differentiable, batch_size)
         if levels:
             out = contract_sparse(planner, cores, rows, gates, levels, differentiable, backend)
             if len(batch_shape) == 1:
@@ -260,15 +260,17 @@ def _contract(
 
 
 def _route(
-    planner: Planner, gates: list[Any], backend: str, differentiable: bool
+    planner: Planner, gates: list[Any], backend: str, differentiable: bool, batch_size: int
 ) -> tuple[list[Any], tuple[int, ...]]:
-    # The levels contracted sparsely (support density within the crossover); the
-    # supports of the others made dense.
+    # The levels contracted sparsely (support density within the crossover, a dense step
+    # worth a gather); the supports of the others made dense.
     limit = planner.max_density(backend, differentiable)
     routed, levels = [], []
     for e, gate in enumerate(gates):
         if isinstance(gate, SparseGate):
-            if gate.k / gate.n_experts <= limit:
+            if gate.k / gate.n_experts <= limit and planner.worth_gathering(
+                e, batch_size, backend, differentiable
+            ):
                 levels.append(e)
             else:
                 gate = densify(gate)

@@ -13,6 +13,7 @@ activation.  They compute what :class:`mumoe.nn.MuMoE` and
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Callable, Sequence
 
 import tensorly as tl
@@ -206,7 +207,8 @@ class InferenceMuMoE:
 
     def _sparse_gates(self, x: Tensor) -> list[Tensor | SparseGate]:
         # The gate step of a call: levels of small support as supports.
-        return self.gates(x, self.planner.max_density(self.backend))
+        rows = math.prod(tl.shape(x)[:-1])
+        return self.gates(x, self.planner.max_density(self.backend, batch_size=rows))
 
     def _check(self, x: Tensor) -> None:
         self._check_input(x, self.network.in_features)

@@ -432,7 +432,8 @@ class MuMoE(nn.Module):
         if gate is not None:
             # Levels whose support is within the crossover come as supports (SparseGate).
             training = torch.is_grad_enabled() and cores[0].requires_grad
-            density = (planner or resolve_planner(network)).max_density("pytorch", training)
+            rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
+            density = (planner or resolve_planner(network)).max_density("pytorch", training, rows)
             gate = functools.partial(gate, max_density=density)
         with thread_backend("pytorch"):
             y, coefficients = layer_forward(

@@ -44,7 +44,7 @@ from mumoe.plan._program import (
     backend_kernels,
     compile_program,
 )
-from mumoe.plan._sparse import SparseLayout, check_crossover, sparse_layout
+from mumoe.plan._sparse import SparseLayout, check_crossover, expert_widths, sparse_layout
 
 __all__ = [
     "AUTOTUNE_OPTIMIZERS",
@@ -71,6 +71,7 @@ __all__ = [
     "check_optimize",
     "compile_program",
     "describe",
+    "expert_widths",
     "flops",
     "optimal_path",
     "path_optimizer",

@@ -21,6 +21,7 @@ from typing import Any
 import opt_einsum
 import tensorly as tl
 
+from mumoe.backends import sparse_min_work
 from mumoe.plan._paths import DEFAULT_OPTIMIZE, OPTIMAL_OPERANDS
 from mumoe.plan._plan import (
     BIAS_INSIDE_ROWS,
@@ -29,9 +30,10 @@ from mumoe.plan._plan import (
     PlanTooLargeError,
     batch_bucket,
 )
-from mumoe.plan._planner import Planner, _bytes, _dtype_name, _itemsize, resolve_planner
+from mumoe.plan._planner import Planner, resolve_planner
 from mumoe.plan._program import PairStep
-from mumoe.plan._sparse import sparse_layout
+from mumoe.plan._sizes import bytes_text, dtype_text, itemsize
+from mumoe.plan._sparse import expert_widths, sparse_layout
 from mumoe.spec import INPUT, OUTPUT, Network
 from mumoe.validation import positive_int
 
@@ -86,16 +88,16 @@ def describe(
       ...
       path        batch 4, FLOP-optimal:
                   (1) gate n1 * core 0: ...
-    >>> print(describe(cp(5, 2, expert_dims=4096, rank=3), batch_size=4, support=32,
+    >>> print(describe(cp(64, 2, expert_dims=4096, rank=8), batch_size=256, support=32,
     ...                backend="numpy"))  # doctest: +ELLIPSIS
     Network 'cp': 1 expert level, 4,096 experts, with bias
     ...
       sparse      n1: k = 32 of 4,096 (k/N = 0.0078 <= crossover 0.03, numpy, ...): sparse, ...
-                  path batch 4:
+                  path batch 256:
                   (1) input * core 1: ac,ce->ae  [matmul]
                   (2) gather(core 0, n1) * (1): ae,ae->ae  [hadamard]
                   (3) (2) * core 2: ae,ed->ad  [matmul]
-                  FLOPs 972 for batch 4 (gathers 768): 99% fewer than the dense path's 98,508
+                  FLOPs 407,552 for batch 256 (gathers 131,072): 98% fewer than ...
     """
     net = network
     planner = resolve_planner(network, planner)
@@ -179,9 +181,16 @@ def _sparse_lines(
     levels, notes = [], []
     for e, (leg, n, k) in enumerate(zip(net.expert_legs, net.expert_dims, ks, strict=True)):
         density = min(k, n) / n
-        if density <= limit:
+        if density <= limit and planner.worth_gathering(e, batch_size, backend, training):
             levels.append(e)
             notes.append(f"{leg}: k = {k:,} of {n:,} (k/N = {density:.4f} <= crossover {limit:.4g}")
+        elif density <= limit:
+            work = batch_size * n * expert_widths(net)[e]
+            notes.append(
+                f"{leg}: k = {k:,} of {n:,} (k/N = {density:.4f} <= crossover {limit:.4g}): "
+                f"dense, its dense step ({work:,} multiply-adds) is below {backend}'s floor of "
+                f"{sparse_min_work(backend, training):,}, where a gather's fixed cost outweighs it"
+            )
         else:
             notes.append(
                 f"{leg}: k = {k:,} of {n:,} (k/N = {density:.4f} > crossover {limit:.4g}, "
@@ -203,7 +212,9 @@ def _sparse_lines(
         )
         notes[e] += f", {where}): sparse, {how}"
     sizes = {e: min(ks[e], net.expert_dims[e]) for e in levels}
-    _, plan = planner.sparse_forward(batch_size, backend, None, tuple(levels), sizes)
+    # The plan a call builds, without the backend's kernels (importing them could need
+    # torch): they change how steps run, not the path.
+    plan = planner._build_sparse(layout, batch_size, sizes, None, None)
     shapes = layout.shapes(net, batch_size, sizes)
     _, info = opt_einsum.contract_path(
         layout.equation, *shapes, shapes=True, optimize=list(plan.path)
@@ -263,14 +274,14 @@ def _memory_text(
     sizes = [int(size) for size in info.size_list]
     largest = max(sizes)
     step = sizes.index(largest) + 1
-    size = _itemsize(dtype)
+    size = itemsize(dtype)
     text = (
-        f"largest intermediate {largest:,} entries ({_bytes(largest * size)} "
-        f"{_dtype_name(dtype)}), step ({step})"
+        f"largest intermediate {largest:,} entries ({bytes_text(largest * size)} "
+        f"{dtype_text(dtype)}), step ({step})"
     )
     if planner.memory_limit is None:
         return text + "; no memory budget"
-    budget = f"budget {_bytes(planner.memory_limit)} an intermediate"
+    budget = f"budget {bytes_text(planner.memory_limit)} an intermediate"
     if over is not None:
         return f"{text}; over the {budget}, so a call raises PlanTooLargeError: {over.reason}"
     return f"{text}; {budget}"

@@ -21,14 +21,14 @@ from collections import OrderedDict
 from collections.abc import Callable, Hashable, Sequence
 from typing import Any
 
-import numpy as np
 import opt_einsum
 
-from mumoe.backends import sparse_crossover
+from mumoe.backends import sparse_crossover, sparse_min_work
 from mumoe.plan._paths import DEFAULT_OPTIMIZE, check_optimize
 from mumoe.plan._plan import Plan, PlanCache, PlanTooLargeError, batch_bucket
 from mumoe.plan._program import backend_kernels
-from mumoe.plan._sparse import SparseLayout, check_crossover, sparse_layout
+from mumoe.plan._sizes import bytes_text, dtype_text, itemsize, short_name
+from mumoe.plan._sparse import SparseLayout, check_crossover, expert_widths, sparse_layout
 from mumoe.spec import Network
 from mumoe.validation import check_bool, positive_int
 
@@ -147,11 +147,16 @@ class Planner:
 
     # ------------------------------------------------------------------ sparse
 
-    def max_density(self, backend: str, training: bool = False) -> float:
+    def max_density(
+        self, backend: str, training: bool = False, batch_size: int | None = None
+    ) -> float:
         """The widest support, as a share of a level, contracted sparsely on ``backend``.
 
         This planner's ``crossover`` where it has one, else the backend's
-        declared one (:func:`mumoe.backends.sparse_crossover`).
+        declared one (:func:`mumoe.backends.sparse_crossover`).  With
+        ``batch_size``, 0 where no level is worth a gather at that batch
+        (:meth:`worth_gathering`): the layers then ask their gate for dense
+        coefficients.
 
         Parameters
         ----------
@@ -159,6 +164,8 @@ class Planner:
         training : bool, default False
             Whether gradients flow to the cores (the backend declares a
             crossover for each case).
+        batch_size : int, optional
+            The rows of the call.
 
         Returns
         -------
@@ -172,7 +179,49 @@ class Planner:
         """
         if self.crossover is not None:
             return self.crossover
+        if batch_size is not None and not any(
+            self.worth_gathering(e, batch_size, backend, training)
+            for e in range(self.network.n_levels)
+        ):
+            return 0.0
         return sparse_crossover(backend, training)
+
+    def worth_gathering(
+        self, level: int, batch_size: int, backend: str, training: bool = False
+    ) -> bool:
+        """Whether ``level``'s dense step is large enough to be replaced by a gather.
+
+        Its multiply-adds, ``B * N_e`` times the entries per expert of the
+        cores holding the leg (:func:`mumoe.plan.expert_widths`), against the
+        backend's ``sparse_min_work`` (:func:`mumoe.backends.sparse_min_work`):
+        below it, a gather's fixed per-call cost outweighs what it saves.  A
+        planner given a ``crossover`` always gathers (within it).
+
+        Parameters
+        ----------
+        level : int
+        batch_size : int
+        backend : str
+        training : bool, default False
+            Whether gradients flow to the cores (the backend declares a floor
+            for each case).
+
+        Returns
+        -------
+        bool
+
+        Examples
+        --------
+        >>> from mumoe import cp
+        >>> planner = Planner(cp(768, 768, expert_dims=4096, rank=256))
+        >>> planner.worth_gathering(0, 256, "pytorch"), planner.worth_gathering(0, 1, "pytorch")
+        (True, False)
+        """
+        if self.crossover is not None:
+            return True
+        net = self.network
+        work = batch_size * net.expert_dims[level] * expert_widths(net)[level]
+        return work >= sparse_min_work(backend, training)
 
     def sparse_forward(
         self,
@@ -230,7 +279,7 @@ class Planner:
         layout: SparseLayout,
         batch_size: int,
         ks: dict[int, int],
-        backend: str,
+        backend: str | None,
         dtype: Hashable,
     ) -> Plan:
         net = self.network
@@ -246,7 +295,7 @@ class Planner:
             dtype,
             lead=net.batch_symbol,
             bias_input=layout.input_position if net.bias else None,
-            kernels=backend_kernels(backend),
+            kernels=None if backend is None else backend_kernels(backend),
         )
 
     # ----------------------------------------------------------------- forward
@@ -395,13 +444,13 @@ class Planner:
         try:
             return Plan.build(equation, shapes, optimize, memory_limit=limit, **options)
         except PlanTooLargeError as error:
-            size = _itemsize(dtype)
+            size = itemsize(dtype)
             where = f" {where}" if where else ""
             raise PlanTooLargeError(
-                f"the {what} of {_short(self.network)}{where} needs an intermediate of "
-                f"{error.needed:,} entries ({_bytes(error.needed * size)} "
-                f"{_dtype_name(dtype)}), over the planner's memory budget of "
-                f"{_bytes(self.memory_limit or 0)}: {error.reason}; use smaller batches or "
+                f"the {what} of {short_name(self.network)}{where} needs an intermediate of "
+                f"{error.needed:,} entries ({bytes_text(error.needed * size)} "
+                f"{dtype_text(dtype)}), over the planner's memory budget of "
+                f"{bytes_text(self.memory_limit or 0)}: {error.reason}; use smaller batches or "
                 "bonds, or a planner with a larger budget: planner_of(network, "
                 "memory_limit=...) (None: no budget)",
                 needed=error.needed,
@@ -416,7 +465,7 @@ class Planner:
         if self.memory_limit is None:
             return None
         unavoidable = max(math.prod(shape) for shape in (*shapes, result))
-        return max(self.memory_limit // _itemsize(dtype), unavoidable)
+        return max(self.memory_limit // itemsize(dtype), unavoidable)
 
     def _fits(self, plan: Plan, dtype: Hashable) -> bool:
         result = (plan.shapes[0][0], self.network.out_features)
@@ -598,39 +647,6 @@ def _unpickle(
         memory_limit=memory_limit,
         crossover=crossover,
     )
-
-
-def _short(network: Network) -> str:
-    # A network's repr holds every leg: too long for a message about a large one.
-    bonds = len(network.ranks)
-    return (
-        f"the {network.format} network ({network.n_cores} cores, {bonds} bond"
-        f"{'s' if bonds != 1 else ''}, {network.n_experts:,} experts, "
-        f"{network.in_features} -> {network.out_features})"
-    )
-
-
-def _itemsize(dtype: Hashable) -> int:
-    # Bytes an entry: NumPy, CuPy and JAX dtypes and torch.dtype say; 8 where unknown.
-    size = getattr(dtype, "itemsize", None)
-    if isinstance(size, int):
-        return size
-    try:
-        return int(np.dtype(dtype).itemsize)  # type: ignore[call-overload]
-    except TypeError:
-        return 8
-
-
-def _dtype_name(dtype: Hashable) -> str:
-    # "in float32", or how entries are counted where the dtype is not known.
-    return "at 8 bytes an entry" if dtype is None else f"in {str(dtype).removeprefix('torch.')}"
-
-
-def _bytes(n: int) -> str:
-    for unit, scale in (("TiB", 1 << 40), ("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
-        if n >= scale:
-            return f"{n / scale:,.1f} {unit}"
-    return f"{n} bytes"
 
 
 #: How many planners :func:`planner_of` keeps (least recently used dropped first).
