@@ -253,10 +253,13 @@ class MuMoEBlock(nn.Module):
         (torch.Size([2, 3, 6]), torch.Size([2, 3, 4]))
         """
         check_input(x, self.in_features)
-        # Levels whose support is within the decoder's crossover come as supports.
-        training = torch.is_grad_enabled() and self.fc2.cores[0].requires_grad
-        rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
-        density = self.fc2.planner.max_density("pytorch", training, rows)
+        # Levels whose support is within the decoder's crossover come as supports (dense
+        # under torch.compile, whose graphs cannot hold a data-dependent k).
+        density = None
+        if not torch.compiler.is_compiling():
+            training = torch.is_grad_enabled() and self.fc2.cores[0].requires_grad
+            rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
+            density = self.fc2.planner.max_density("pytorch", training, rows)
         y, gates = block_forward(
             self._encoder_call(self.fc1),
             self.fc2,

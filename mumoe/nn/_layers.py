@@ -429,8 +429,9 @@ class MuMoE(nn.Module):
         # A network of another rank (tensor dropout) contracts with its default planner.
         planner = self.__dict__["_planner"] if network is self.network else None
         gate: Any = modules.get("gate") if gates is None else None
-        if gate is not None:
-            # Levels whose support is within the crossover come as supports (SparseGate).
+        if gate is not None and not torch.compiler.is_compiling():
+            # Levels whose support is within the crossover come as supports (SparseGate);
+            # a compiled graph cannot hold their data-dependent k: dense there.
             training = torch.is_grad_enabled() and cores[0].requires_grad
             rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
             density = (planner or resolve_planner(network)).max_density("pytorch", training, rows)
