@@ -471,7 +471,7 @@ def gate_coefficients(
             z = norm(z)
         if logits is not None:
             logits.append(z.reshape(*lead, projection.shape[-1]))
-        if max_density is None:
+        if max_density is None or max_density <= 0:
             coefficients = activation(z)
         elif support is not None:
             coefficients = support(z, max_density=max_density)

@@ -193,8 +193,8 @@ class InferenceMuMoE:
         if self.projections is None:
             raise ValueError("this layer has no gate: pass gates to the call")
         self._check_backend()
-        if self.activation == "softmax":
-            max_density = None  # a softmax support is the whole level
+        if self.activation == "softmax" or not max_density:
+            max_density = None  # a softmax support is the whole level; 0: dense
         return gate_coefficients(
             x,
             self.projections,

@@ -255,7 +255,7 @@ class MuMoEBlock(nn.Module):
         check_input(x, self.in_features)
         # Levels whose support is within the decoder's crossover come as supports (dense
         # under torch.compile, whose graphs cannot hold a data-dependent k).
-        density = None
+        density = 0.0
         if not torch.compiler.is_compiling():
             training = torch.is_grad_enabled() and self.fc2.cores[0].requires_grad
             rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
@@ -264,7 +264,7 @@ class MuMoEBlock(nn.Module):
             self._encoder_call(self.fc1),
             self.fc2,
             x,
-            gate=functools.partial(self.gate, max_density=density),
+            gate=functools.partial(self.gate, max_density=density) if density > 0 else self.gate,
             activation=self.act,
             input_norm=self.input_norm,
             up=None if self.up is None else self._encoder_call(self.up),

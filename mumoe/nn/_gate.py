@@ -511,11 +511,14 @@ class MuMoEGate(nn.Module):
         norms: list[nn.Module | None] = list(self.norms)
         biases = None if self.biases is None else list(self.biases._parameters.values())
         if max_density is not None and (
-            self.activation_name == "softmax"
+            max_density <= 0
+            or self.activation_name == "softmax"
             or torch.compiler.is_compiling()
             or _under_functorch(x)
         ):
             max_density = None
+        if max_density is None and not self.balance:  # dense: no TensorLy call, no switch
+            return torch_gate_coefficients(x, projections, norms, self.activation, None, biases)  # type: ignore[arg-type]
         logits: list[torch.Tensor] | None = [] if self.balance else None
         with thread_backend("pytorch"):
             gates = torch_gate_coefficients(

@@ -435,7 +435,8 @@ class MuMoE(nn.Module):
             training = torch.is_grad_enabled() and cores[0].requires_grad
             rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
             density = (planner or resolve_planner(network)).max_density("pytorch", training, rows)
-            gate = functools.partial(gate, max_density=density)
+            if density > 0:
+                gate = functools.partial(gate, max_density=density)
         with thread_backend("pytorch"):
             y, coefficients = layer_forward(
                 network,
