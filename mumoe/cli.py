@@ -84,7 +84,18 @@ def _describe(args: argparse.Namespace) -> int:
         rank=_rank(args.rank),
         bias=not args.no_bias,
     )
-    print(describe(net, batch_size=args.batch))
+    support = None
+    if args.support:
+        support = args.support[0] if len(args.support) == 1 else tuple(args.support)
+    print(
+        describe(
+            net,
+            batch_size=args.batch,
+            support=support,
+            backend=args.backend,
+            training=args.training,
+        )
+    )
     return 0
 
 
@@ -330,6 +341,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--batch", type=_positive, default=1, help="batch size of the path and FLOPs (default: 1)"
     )
     describe.add_argument("--no-bias", action="store_true", help="experts without a bias")
+    describe.add_argument(
+        "--support",
+        type=_positive,
+        nargs="+",
+        metavar="K",
+        help="entries a row of each level's support (a top-k gate's k): say which levels a "
+        "call given such sparse gates contracts sparsely, and why",
+    )
+    describe.add_argument(
+        "--backend",
+        default="numpy",
+        help="the backend whose sparse crossover applies (default: numpy)",
+    )
+    describe.add_argument(
+        "--training",
+        action="store_true",
+        help="with --support: gradients flow to the cores (another crossover)",
+    )
     describe.set_defaults(run=_describe)
     args = parser.parse_args(argv)
     try:

@@ -175,12 +175,17 @@ def _sparse_lines(
             f"support must give a positive number of entries for each of the "
             f"{net.n_levels} level(s), got {support!r}"
         )
+    for leg, n, k in zip(net.expert_legs, net.expert_dims, ks, strict=True):
+        if k > n:
+            raise ValueError(
+                f"a support of {leg} holds at most its {n} experts, got {k} entries a row"
+            )
     limit = planner.max_density(backend, training)
     pad = "\n" + " " * 14
     where = f"{backend}, {'with' if training else 'without'} gradients to the cores"
     levels, notes = [], []
     for e, (leg, n, k) in enumerate(zip(net.expert_legs, net.expert_dims, ks, strict=True)):
-        density = min(k, n) / n
+        density = k / n
         if density <= limit and planner.worth_gathering(e, batch_size, backend, training):
             levels.append(e)
             notes.append(f"{leg}: k = {k:,} of {n:,} (k/N = {density:.4f} <= crossover {limit:.4g}")
@@ -211,7 +216,7 @@ def _sparse_lines(
             + " gathered"
         )
         notes[e] += f", {where}): sparse, {how}"
-    sizes = {e: min(ks[e], net.expert_dims[e]) for e in levels}
+    sizes = {e: ks[e] for e in levels}
     # The plan a call builds, without the backend's kernels (importing them could need
     # torch): they change how steps run, not the path.
     plan = planner._build_sparse(layout, batch_size, sizes, None, None)

@@ -252,3 +252,14 @@ def test_a_reader_that_leaves_early_gets_no_traceback():
     stderr = process.stderr.read().decode()
     process.stderr.close()
     assert process.wait() == 0 and "Traceback" not in stderr, stderr
+
+
+def test_describe_with_support_says_which_levels_go_sparse(capsys):
+    args = ["describe", "mxd", "--expert-dims", "24576", "--in-features", "3072"]
+    args += ["--out-features", "768", "--batch", "256", "--support", "32", "--backend", "pytorch"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "n1: k = 32 of 24,576 (k/N = 0.0013 <= crossover 0.1, pytorch" in out
+    assert "89% fewer than the dense path's" in out
+    assert main([*args[:-4], "--support", "30000"]) == 2
+    assert "a support of n1 holds at most its 24576 experts, got 30000" in capsys.readouterr().err
