@@ -42,7 +42,8 @@ class SparseGate:
     step that consumes the expert leg gathers ``k`` rows of its core instead
     of multiplying ``N`` (:func:`mumoe.functional.forward`).  Every row has
     the same number ``k`` of entries; a row whose support is smaller carries
-    entries whose value is 0.  The indices of a row are distinct.
+    entries whose value is 0.  An index repeated in a row counts with the sum
+    of its values (the gates' supports never repeat one).
 
     Made by the gate step (:func:`mumoe.gates.gate_coefficients` with
     ``max_density``, :func:`mumoe.gates.sparsify`) or by hand; checked where

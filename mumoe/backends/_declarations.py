@@ -330,7 +330,7 @@ def sparse_crossover(backend: str, training: bool = False) -> float:
 
     As declared (``sparse_crossover`` and ``sparse_crossover_training`` in
     ``mumoe/backends/<name>.toml``, measured by ``python -m
-    benchmarks.sparse``); 0.0 for a backend that declares none, or is not
+    benchmarks.sparse --groups crossover``); 0.0 for a backend that declares none, or is not
     declared: never sparse unless a planner is told otherwise
     (:class:`mumoe.plan.Planner`, ``crossover``).
 

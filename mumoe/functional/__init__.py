@@ -13,6 +13,7 @@ multiplying zeros, and :func:`densify` gives the dense coefficients back.
 from mumoe.functional._checks import check_cores, check_level
 from mumoe.functional._forward import (
     ExpertWeight,
+    check_support_indices,
     contract,
     expert_weight,
     forward,
@@ -38,6 +39,7 @@ __all__ = [
     "block_forward",
     "check_cores",
     "check_level",
+    "check_support_indices",
     "contract",
     "contract_sparse",
     "cores_from_dense",

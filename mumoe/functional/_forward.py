@@ -30,6 +30,7 @@ from mumoe.validation import check_scales, check_tensor, is_tensor
 
 __all__ = [
     "ExpertWeight",
+    "check_support_indices",
     "contract",
     "expert_weight",
     "forward",
@@ -69,8 +70,11 @@ def forward(
     planner's crossover (:meth:`mumoe.plan.Planner.max_density`) is contracted
     sparsely: the core holding its expert leg is gathered at the ``k``
     indices of each row (:func:`mumoe.functional.gather_sum`) instead of
-    multiplied by ``N_e - k`` zeros; a wider support is made dense first
-    (:func:`mumoe.plan.describe` tells which).  Both give the same result.
+    multiplied by ``N_e - k`` zeros; a wider support is made dense first, as
+    is one whose dense step is too small to repay a gather
+    (:meth:`mumoe.plan.Planner.worth_gathering`; :func:`mumoe.plan.describe`
+    tells which).  Both give the same result.  Sparse plans follow the
+    planner's optimiser (autotuning times the dense plans only).
 
     Parameters
     ----------
@@ -126,7 +130,7 @@ def forward(
     planner = resolve_planner(network, planner)
     backend = tl.get_backend()
     rows, flat_gates, batch_shape = _operands(network, x, gates, backend)
-    _check_support_range(flat_gates)
+    check_support_indices(flat_gates)
     check_cores(network, cores, backend, x.dtype)
     return _contract(planner, cores, x, rows, flat_gates, batch_shape, differentiable, backend)
 
@@ -160,7 +164,9 @@ def contract(
         The active TensorLy backend, if the caller knows it.
     check_x : bool, default True
         False where the caller has checked that ``x`` is a floating tensor of
-        the backend with the cores' dtype (its shape is checked anyway).
+        the backend with the cores' dtype (its shape is checked anyway), and
+        the indices of any support (:func:`check_support_indices`), as the
+        layers do for the supports their gates make.
 
     Returns
     -------
@@ -179,6 +185,8 @@ def contract(
     if backend is None:
         backend = tl.get_backend()
     rows, flat_gates, batch_shape = _operands(network, x, gates, backend, check_x)
+    if check_x:
+        check_support_indices(flat_gates)
     return _contract(planner, cores, x, rows, flat_gates, batch_shape, differentiable, backend)
 
 
@@ -210,8 +218,31 @@ def _flat_gate(gate: Any, batch_size: int, n: int) -> Any:
     return tl.reshape(gate, (batch_size, n))
 
 
-def _check_support_range(gates: list[Any]) -> None:
-    # Indices outside [0, N) would wrap (NumPy) or fail deep in a kernel: said here.
+def check_support_indices(gates: Sequence[Any]) -> None:
+    """Check that every support's indices lie in ``[0, N_e)`` (dense gates pass as they are).
+
+    An index out of range would wrap around (NumPy), or fail deep in a kernel
+    (a device assert on CUDA); it is refused here instead.  Two reductions and
+    a host sync a support: :func:`forward` and :func:`contract` run it, the
+    layers only for supports given to a call (their gates' are in range).
+
+    Parameters
+    ----------
+    gates : sequence of tensors or SparseGate
+
+    Raises
+    ------
+    ValueError
+        Naming the level, the range and the indices found.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> check_support_indices([SparseGate(np.array([[0, 9]]), np.ones((1, 2)), 8)])
+    Traceback (most recent call last):
+        ...
+    ValueError: gates[0]: support indices must be in [0, 8), got values from 0 to 9
+    """
     for e, gate in enumerate(gates):
         if isinstance(gate, SparseGate) and gate.indices.shape[0] and gate.k:
             low, high = int(tl.min(gate.indices)), int(tl.max(gate.indices))
@@ -236,7 +267,7 @@ def _contract(
     batch_size = rows.shape[0]
     if differentiable is None:
         differentiable = any(getattr(core, "requires_grad", False) for core in cores)
-    if any(type(gate) is SparseGate for gate in gates):
+    if any(isinstance(gate, SparseGate) for gate in gates):
         gates, levels = _route(planner, gates, backend, differentiable, batch_size)
         if levels:
             out = contract_sparse(planner, cores, rows, gates, levels, differentiable, backend)
@@ -352,8 +383,8 @@ def _check_support(
             f"{type(gate.indices).__qualname__}"
         )
     kind = str(gate.indices.dtype)
-    if "int" not in kind or "uint8" in kind:
-        raise TypeError(f"gates[{e}].indices must be integers (int64 or int32), got {kind}")
+    if not kind.endswith(("int64", "int32")) or kind.endswith(("uint64", "uint32")):
+        raise TypeError(f"gates[{e}].indices must be int64 or int32, got {kind}")
     indices_shape = tuple(gate.indices.shape)
     if indices_shape != values_shape or indices_shape[:-1] != batch_shape:
         raise ValueError(

@@ -34,14 +34,17 @@ from mumoe.typing import SparseGate, Tensor
 
 __all__ = ["Contract", "block_forward", "layer_forward", "scale_gates"]
 
-Gate = Callable[[Tensor], Sequence[Tensor]]
+#: A gate step: from ``x`` to each level's coefficients, dense or as a support.
+Gate = Callable[[Tensor], Sequence[Tensor | SparseGate]]
 Transform = Callable[[Tensor], Tensor]
 LayerCall = Callable[[Tensor, Sequence[Tensor]], Tensor]
 
 
 #: The contraction step, ``(network, cores, x, gates, planner) -> y``, as
-#: :func:`mumoe.functional.contract`.
-Contract = Callable[[Network, Sequence[Tensor], Tensor, Sequence[Tensor], Planner | None], Tensor]
+#: :func:`mumoe.functional.contract` (each gate dense or a :class:`~mumoe.typing.SparseGate`).
+Contract = Callable[
+    [Network, Sequence[Tensor], Tensor, Sequence[Tensor | SparseGate], Planner | None], Tensor
+]
 
 
 def _contract(
@@ -119,10 +122,11 @@ def layer_forward(
         Of shapes ``network.core_shapes``, checked by the caller.
     x : tensor, shape (..., I)
     gate : callable, optional
-        From ``x`` to the coefficients of every level.
-    gates : tensor or sequence of tensors, each (..., N_e), optional
-        Coefficients to use instead of ``gate(x)``; a single tensor with one
-        expert level.
+        From ``x`` to the coefficients of every level, each dense or a
+        :class:`~mumoe.typing.SparseGate`.
+    gates : tensor or SparseGate, or a sequence of them, optional
+        Coefficients to use instead of ``gate(x)``, each ``(..., N_e)`` or a
+        support; a single one with one expert level.
     input_norm : callable, optional
         Applied to ``x`` before the contraction (not before the gate).
     scales : mapping of level to tensor (N_e,), optional
@@ -137,8 +141,8 @@ def layer_forward(
     Returns
     -------
     y : tensor, shape (..., O)
-    gates : list of tensors, each (..., N_e)
-        The coefficients used, before any expert edit.
+    gates : list of tensors (..., N_e) or SparseGate
+        The coefficients used, before any expert edit, as the gate gave them.
 
     Raises
     ------
@@ -196,7 +200,8 @@ def block_forward(
         :func:`layer_forward`), or a dense layer that ignores the gates.
     x : tensor, shape (..., I)
     gate : callable
-        From ``x`` to the coefficients of every level (shared by the layers).
+        From ``x`` to the coefficients of every level (shared by the layers),
+        each dense or a :class:`~mumoe.typing.SparseGate`.
     activation : callable
         The hidden activation, on ``first``'s output.
     input_norm : callable, optional
@@ -210,7 +215,7 @@ def block_forward(
     Returns
     -------
     y : tensor, shape (..., O)
-    gates : list of tensors, each (..., N_e)
+    gates : list of tensors (..., N_e) or SparseGate
 
     Examples
     --------

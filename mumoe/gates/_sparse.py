@@ -93,9 +93,11 @@ def top_k_by_lax(z: Tensor, k: int) -> tuple[Tensor, Tensor]:
 
 
 def scatter_rows_by_assignment(values: Tensor, indices: Tensor, n: int) -> Tensor:
-    """Dense rows ``(B, n)`` holding ``values`` at ``indices``, by indexed assignment.
+    """Dense rows ``(B, n)`` holding ``values`` at ``indices``, repeated indices added up.
 
-    The ``scatter_rows`` kernel of NumPy and CuPy (mutable arrays).
+    The ``scatter_rows`` kernel of NumPy and CuPy (``numpy.add.at``,
+    ``cupyx.scatter_add``: unbuffered adds, so a repeated index sums its values, as a
+    gather does).
 
     Parameters
     ----------
@@ -114,12 +116,20 @@ def scatter_rows_by_assignment(values: Tensor, indices: Tensor, n: int) -> Tenso
     """
     rows = values.shape[0]
     out = tl.zeros((rows, n), **creation_context(values))
-    out[tl.reshape(tl.arange(rows), (rows, 1)), indices] = values
+    where = (tl.reshape(tl.arange(rows), (rows, 1)), indices)
+    if isinstance(out, np.ndarray):
+        np.add.at(out, where, values)
+    else:  # CuPy
+        import cupyx
+
+        cupyx.scatter_add(out, where, values)
     return out
 
 
 def scatter_rows_by_at(values: Tensor, indices: Tensor, n: int) -> Tensor:
-    """Dense rows ``(B, n)`` holding ``values`` at ``indices``, by ``.at[].set`` (JAX).
+    """Dense rows ``(B, n)`` holding ``values`` at ``indices``, by ``.at[].add`` (JAX).
+
+    Repeated indices add up, as a gather does.
 
     Parameters
     ----------
@@ -138,7 +148,7 @@ def scatter_rows_by_at(values: Tensor, indices: Tensor, n: int) -> Tensor:
     """
     rows = values.shape[0]
     out = tl.zeros((rows, n), **creation_context(values))
-    return out.at[tl.reshape(tl.arange(rows), (rows, 1)), indices].set(values)
+    return out.at[tl.reshape(tl.arange(rows), (rows, 1)), indices].add(values)
 
 
 def _kernel(kind: str) -> Any:

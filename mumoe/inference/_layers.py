@@ -457,6 +457,14 @@ class InferenceMuMoEBlock:
         """
         return self._gate.gates(x)
 
+    def _gates(self, x: Tensor) -> list[Tensor | SparseGate]:
+        # The gate step of a call: levels of small support as supports, by the decoder's
+        # planner (it contracts them; a dense encoder ignores the gates).
+        fc2 = self.fc2
+        rows = math.prod(tl.shape(x)[:-1])
+        density = fc2.planner.max_density(fc2.backend, batch_size=rows)
+        return self._gate.gates(x, density)
+
     def __call__(self, x: Tensor) -> Tensor:
         """The block's output for ``x`` of shape ``(..., I)``: shape ``(..., O)``.
 
@@ -483,7 +491,7 @@ class InferenceMuMoEBlock:
             self.fc1,
             self.fc2,
             x,
-            gate=self._gate._sparse_gates,
+            gate=self._gates,
             activation=self._activation,
             input_norm=_input_norm(self.input_norm_affine, self.input_eps),
             up=self.up,

@@ -33,7 +33,7 @@ from mumoe.nn._gate import (
 )
 from mumoe.nn._init import apply_init_, init_cores_
 from mumoe.nn._io import load_into, save
-from mumoe.nn._kernels import bias_matmul, gather_sum, kth_largest, scatter_rows
+from mumoe.nn._kernels import bias_matmul, gather_sum_by_embedding_bag, kth_largest, scatter_rows
 from mumoe.nn._layers import CPMuMoE, MuMoE, TRMuMoE, TTMuMoE, TuckerMuMoE
 from mumoe.nn._mlp import MLPParts, find_mlps, hidden_activation_of, replace_mlp
 from mumoe.nn._monitor import ExpertMonitor, collect_aux_losses, gate_mask
@@ -74,7 +74,7 @@ __all__ = [
     "from_linear",
     "frontier",
     "gate_mask",
-    "gather_sum",
+    "gather_sum_by_embedding_bag",
     "hidden_activation_of",
     "init_cores_",
     "kth_largest",

@@ -17,7 +17,7 @@ from torch import nn
 from mumoe.backends import thread_backend
 from mumoe.functional import block_forward, dense_gates
 from mumoe.gates import check_hidden_activation
-from mumoe.nn._bridge import check_input
+from mumoe.nn._bridge import check_input, gate_density
 from mumoe.nn._gate import Activation, MuMoEGate
 from mumoe.nn._layers import MuMoE
 from mumoe.plan import describe, flops
@@ -253,13 +253,8 @@ class MuMoEBlock(nn.Module):
         (torch.Size([2, 3, 6]), torch.Size([2, 3, 4]))
         """
         check_input(x, self.in_features)
-        # Levels whose support is within the decoder's crossover come as supports (dense
-        # under torch.compile, whose graphs cannot hold a data-dependent k).
-        density = 0.0
-        if not torch.compiler.is_compiling():
-            training = torch.is_grad_enabled() and self.fc2.cores[0].requires_grad
-            rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
-            density = self.fc2.planner.max_density("pytorch", training, rows)
+        # Levels whose support is within the decoder's crossover come as supports.
+        density = gate_density(self.fc2.planner, x, list(self.fc2.cores))
         y, gates = block_forward(
             self._encoder_call(self.fc1),
             self.fc2,

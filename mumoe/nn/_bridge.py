@@ -54,14 +54,16 @@ def device_type(x: torch.Tensor) -> str:
 
 
 def _autocast(
-    x: torch.Tensor, cores: Sequence[torch.Tensor], gates: Sequence[torch.Tensor]
-) -> tuple[torch.Tensor, Sequence[torch.Tensor], Sequence[torch.Tensor]]:
+    x: torch.Tensor, cores: Sequence[torch.Tensor], gates: Any
+) -> tuple[torch.Tensor, Sequence[torch.Tensor], Sequence[Any]]:
     # Autocast casts the operands of torch's own matmuls; mumoe's operands
     # must share one dtype, so they are cast together, to autocast's dtype.
     device = device_type(x)
     if not torch.is_autocast_enabled(device):
         return x, cores, gates
     dtype = torch.get_autocast_dtype(device)
+    if isinstance(gates, torch.Tensor | SparseGate):  # one level's gate, given alone
+        gates = [gates]
     return x.to(dtype), [c.to(dtype) for c in cores], [_cast_gate(g, dtype) for g in gates]
 
 
@@ -75,7 +77,7 @@ def torch_forward(
     network: Network,
     cores: Sequence[torch.Tensor],
     x: torch.Tensor,
-    gates: Sequence[torch.Tensor],
+    gates: Sequence[torch.Tensor | SparseGate],
     planner: Planner | None = None,
 ) -> torch.Tensor:
     """:func:`mumoe.functional.forward` from torch: pytorch backend, grad mode respected.
@@ -91,7 +93,7 @@ def torch_forward(
     cores : sequence of torch.Tensor
         Of shapes ``network.core_shapes``.
     x : torch.Tensor, shape (..., I)
-    gates : sequence of torch.Tensor, each (..., N_e)
+    gates : sequence of torch.Tensor (..., N_e) or SparseGate
     planner : Planner, optional
         A planner of ``network`` (:func:`mumoe.plan.planner_of` by default).
 
@@ -256,7 +258,7 @@ def check_gate_devices(gates: Any, x: torch.Tensor) -> None:
 
     Parameters
     ----------
-    gates : torch.Tensor or sequence of torch.Tensor
+    gates : torch.Tensor, SparseGate, or a sequence of them
     x : torch.Tensor
 
     Raises
@@ -274,14 +276,54 @@ def check_gate_devices(gates: Any, x: torch.Tensor) -> None:
     on_cpu = x.is_cpu  # CPU against CPU, the common case, needs no device read
     single = isinstance(gates, torch.Tensor | SparseGate)
     for e, gate in enumerate([gates] if single else gates):
-        if isinstance(gate, SparseGate):
-            gate = gate.values
-        if (
-            isinstance(gate, torch.Tensor)
-            and not (on_cpu and gate.is_cpu)
-            and _other_device(gate, x)
-        ):
-            raise ValueError(f"gates[{e}] is on {gate.device} but the input is on {x.device}")
+        parts = (gate.indices, gate.values) if isinstance(gate, SparseGate) else (gate,)
+        for part in parts:
+            if (
+                isinstance(part, torch.Tensor)
+                and not (on_cpu and part.is_cpu)
+                and _other_device(part, x)
+            ):
+                raise ValueError(f"gates[{e}] is on {part.device} but the input is on {x.device}")
+
+
+def gate_density(planner: Planner, x: torch.Tensor, cores: Sequence[torch.Tensor]) -> float:
+    """The support density up to which a layer's gate hands its levels over as supports.
+
+    :meth:`mumoe.plan.Planner.max_density` for this call: the rows of ``x``,
+    whether gradients will flow to the cores (as the contraction decides
+    it), the ``pytorch`` backend; 0 under ``torch.compile``, whose graphs
+    cannot hold a data-dependent support size.
+
+    Parameters
+    ----------
+    planner : Planner
+        The planner of the layer that contracts the gates.
+    x : torch.Tensor, shape (..., I)
+    cores : sequence of torch.Tensor
+        That layer's cores.
+
+    Returns
+    -------
+    float
+        0 where the gate should give dense coefficients.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from mumoe import cp
+    >>> from mumoe.plan import Planner
+    >>> net = cp(64, 64, expert_dims=4096, rank=64)
+    >>> cores = [torch.zeros(s) for s in net.core_shapes]
+    >>> gate_density(Planner(net), torch.zeros(256, 64), cores)  # eval: 67M multiply-adds
+    0.1
+    >>> gate_density(Planner(net), torch.zeros(2, 64), cores)  # too small to gather
+    0.0
+    """
+    if torch.compiler.is_compiling():
+        return 0.0
+    training = torch.is_grad_enabled() and any(c.requires_grad for c in cores)
+    rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
+    return planner.max_density("pytorch", training, rows)
 
 
 def not_scriptable(*args: Any) -> None:

@@ -7,7 +7,7 @@ x, core[:I])``) makes each slice's backward a zero-filled gradient of the
 whole core, and concatenating a column of ones to ``x`` keeps a copy of
 ``x`` for the backward pass; this kernel does neither.
 
-:func:`gather_sum` and :func:`scatter_rows` serve sparse gates
+:func:`gather_sum_by_embedding_bag` and :func:`scatter_rows` serve sparse gates
 (:class:`mumoe.typing.SparseGate`): the weighted sum of the ``k`` rows of a
 core a row's support names, by ``embedding_bag``, and a support's dense rows.
 """
@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["bias_matmul", "gather_sum", "kth_largest", "scatter_rows"]
+__all__ = ["bias_matmul", "gather_sum_by_embedding_bag", "kth_largest", "scatter_rows"]
 
 
 class _BiasMatmul(torch.autograd.Function):
@@ -108,8 +108,10 @@ def kth_largest(z: torch.Tensor, k: int) -> torch.Tensor:
     return torch.topk(z.detach(), k, dim=-1).values[..., k - 1 : k]
 
 
-def gather_sum(table: torch.Tensor, indices: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-    """``sum_j values[b, j] * table[indices[b, j]]``: the ``gather_sum`` kernel of sparse gates.
+def gather_sum_by_embedding_bag(
+    table: torch.Tensor, indices: torch.Tensor, values: torch.Tensor
+) -> torch.Tensor:
+    """``sum_j values[b, j] * table[indices[b, j]]``: torch's ``gather_sum`` kernel.
 
     ``torch.nn.functional.embedding_bag`` in ``"sum"`` mode with per-sample
     weights, on the CPU and CUDA: no ``(B, k, D)`` copy of the gathered rows,
@@ -130,16 +132,16 @@ def gather_sum(table: torch.Tensor, indices: torch.Tensor, values: torch.Tensor)
     --------
     >>> import torch
     >>> table = torch.arange(6.0).reshape(3, 2)
-    >>> gather_sum(table, torch.tensor([[2, 0]]), torch.tensor([[1.0, 0.5]]))
+    >>> gather_sum_by_embedding_bag(table, torch.tensor([[2, 0]]), torch.tensor([[1.0, 0.5]]))
     tensor([[4.0000, 5.5000]])
     """
-    if not indices.shape[0]:
-        return table.new_zeros((0, table.shape[1])) + values.sum() * 0
     return torch.nn.functional.embedding_bag(indices, table, mode="sum", per_sample_weights=values)
 
 
 def scatter_rows(values: torch.Tensor, indices: torch.Tensor, n: int) -> torch.Tensor:
     """Dense rows ``(B, n)`` holding ``values`` at ``indices``: the ``scatter_rows`` kernel.
+
+    Repeated indices add up (``scatter_add``), as a gather does.
 
     Parameters
     ----------
@@ -159,4 +161,4 @@ def scatter_rows(values: torch.Tensor, indices: torch.Tensor, n: int) -> torch.T
     tensor([[0.5000, 0.0000, 0.5000]])
     """
     out = values.new_zeros((values.shape[0], n))
-    return out.scatter(1, indices, values)
+    return out.scatter_add(1, indices, values)

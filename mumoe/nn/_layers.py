@@ -25,8 +25,14 @@ from torch import nn
 
 from mumoe import functional
 from mumoe.backends import thread_backend
-from mumoe.functional import check_level, layer_forward
-from mumoe.nn._bridge import check_gate_devices, check_input, module_contract, not_scriptable
+from mumoe.functional import check_level, check_support_indices, layer_forward
+from mumoe.nn._bridge import (
+    check_gate_devices,
+    check_input,
+    gate_density,
+    module_contract,
+    not_scriptable,
+)
 from mumoe.nn._gate import Activation, MuMoEGate
 from mumoe.nn._init import init_cores_
 from mumoe.nn._stand_in import LinearStandIn, stand_in
@@ -429,14 +435,14 @@ class MuMoE(nn.Module):
         # A network of another rank (tensor dropout) contracts with its default planner.
         planner = self.__dict__["_planner"] if network is self.network else None
         gate: Any = modules.get("gate") if gates is None else None
-        if gate is not None and not torch.compiler.is_compiling():
-            # Levels whose support is within the crossover come as supports (SparseGate);
-            # a compiled graph cannot hold their data-dependent k: dense there.
-            training = torch.is_grad_enabled() and cores[0].requires_grad
-            rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
-            density = (planner or resolve_planner(network)).max_density("pytorch", training, rows)
+        if gate is not None:
+            # Levels whose support is within the crossover come as supports (SparseGate).
+            density = gate_density(planner or resolve_planner(network), x, cores)
             if density > 0:
                 gate = functools.partial(gate, max_density=density)
+        elif gates is not None:  # a caller's supports: their indices checked once, here
+            with thread_backend("pytorch"):
+                check_support_indices(gates if isinstance(gates, list | tuple) else [gates])
         with thread_backend("pytorch"):
             y, coefficients = layer_forward(
                 network,

@@ -217,9 +217,11 @@ def _sparse_lines(
         )
         notes[e] += f", {where}): sparse, {how}"
     sizes = {e: ks[e] for e in levels}
-    # The plan a call builds, without the backend's kernels (importing them could need
-    # torch): they change how steps run, not the path.
-    plan = planner._build_sparse(layout, batch_size, sizes, None, None)
+    # The plan a call builds (at the batch bucket, and the bucket of k where k enters the
+    # path), without the backend's kernels (importing them could need torch): they change
+    # how the steps run, not the path.
+    searched = {e: batch_bucket(k) if e in layout.value_levels else k for e, k in sizes.items()}
+    plan = planner._build_sparse(layout, batch_bucket(batch_size), searched, None, None)
     shapes = layout.shapes(net, batch_size, sizes)
     _, info = opt_einsum.contract_path(
         layout.equation, *shapes, shapes=True, optimize=list(plan.path)

@@ -266,7 +266,9 @@ def check_crossover(crossover: Any) -> float | None:
     """
     if crossover is None:
         return None
-    if isinstance(crossover, bool) or not isinstance(crossover, int | float | np.floating):
+    if isinstance(crossover, bool | np.bool_) or not isinstance(
+        crossover, int | float | np.integer | np.floating
+    ):
         raise TypeError(f"crossover must be a number from 0 to 1, got {crossover!r}")
     if not 0.0 <= float(crossover) <= 1.0:
         raise ValueError(

@@ -158,7 +158,7 @@ def gate_case(**changes):
         ({"indices": np.array([[0, 6]])}, ValueError, r"in \[0, 6\), got values from 0 to 6"),
         ({"indices": np.array([[-1, 2]])}, ValueError, r"from -1 to 2"),
         ({"n": 5}, ValueError, "a support over 5 experts, but n1 has 6"),
-        ({"indices": np.array([[0.0, 1.0]])}, TypeError, "must be integers"),
+        ({"indices": np.array([[0.0, 1.0]])}, TypeError, "must be int64 or int32"),
         ({"indices": np.array([[0]])}, ValueError, r"indices \(1, 1\) and values \(1, 2\)"),
         (
             {"indices": np.zeros((1, 0), int), "values": np.zeros((1, 0))},
@@ -224,3 +224,35 @@ def test_the_planner_caches_sparse_plans_per_levels_and_keeps_fused_k_out_of_the
         forward(net, cores, x, gate, planner=planner)
     keys = [key for key in planner.cache.keys() if key[0] == "sparse"]
     assert len(keys) == 1
+
+
+def test_repeated_indices_add_up_on_both_paths():
+    # A support may repeat an expert (the gates never do): its values add up, gathered or
+    # made dense, whichever path a call takes.
+    net = cp(3, 2, expert_dims=8, rank=4)
+    cores = [np.random.default_rng(0).standard_normal(s) for s in net.core_shapes]
+    x = np.ones((1, 3))
+    twice = SparseGate(np.array([[1, 1]]), np.array([[0.5, 0.5]]), 8)
+    once = SparseGate(np.array([[1, 2]]), np.array([[1.0, 0.0]]), 8)
+    for crossover in (ALWAYS, 0.0):
+        planner = Planner(net, crossover=crossover)
+        np.testing.assert_allclose(
+            forward(net, cores, x, twice, planner=planner),
+            forward(net, cores, x, once, planner=planner),
+        )
+    np.testing.assert_array_equal(densify(twice), densify(once))
+
+
+def test_contract_checks_a_caller_s_support_indices():
+    from mumoe.functional import contract
+
+    net, cores, x, gate = gate_case(indices=np.array([[-1, 2]]))
+    with pytest.raises(ValueError, match=r"in \[0, 6\), got values from -1 to 2"):
+        contract(net, cores, x, [gate], planner=Planner(net, crossover=ALWAYS))
+
+
+@pytest.mark.parametrize("dtype", [np.int8, np.int16, np.uint32, np.uint64])
+def test_narrow_or_unsigned_index_dtypes_are_refused(dtype):
+    net, cores, x, gate = gate_case(indices=np.array([[0, 5]], dtype=dtype))
+    with pytest.raises(TypeError, match="must be int64 or int32"):
+        forward(net, cores, x, gate, planner=Planner(net, crossover=ALWAYS))

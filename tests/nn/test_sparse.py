@@ -196,3 +196,30 @@ def test_a_million_experts_train_on_the_cpu_without_a_tensor_of_n():
     biggest_parameter = max(p.numel() for p in layer.parameters())
     assert max(largest) <= max(batch * levels, biggest_parameter)  # never B * N1 * N2
     assert any(key[0] == "sparse" for key in layer.planner.cache.keys())
+
+
+def test_an_empty_batch_keeps_the_cores_in_the_graph():
+    from mumoe import SparseGate, cp
+
+    net = cp(4, 3, expert_dims=64, rank=2)
+    cores = [torch.randn(s, requires_grad=True) for s in net.core_shapes]
+    gate = SparseGate(torch.zeros(0, 2, dtype=torch.long), torch.zeros(0, 2), 64)
+    with use_backend("pytorch"):
+        y = forward(net, cores, torch.zeros(0, 4), [gate], planner=Planner(net, crossover=ALWAYS))
+    assert y.shape == (0, 3)
+    grads = torch.autograd.grad(y.sum(), cores)
+    assert all(not g.any() for g in grads)
+
+
+def test_a_single_support_runs_under_autocast_and_a_layer_checks_given_supports():
+    from mumoe import SparseGate
+    from mumoe.nn import torch_forward
+
+    layer = MuMoE(8, 4, "cp", expert_dims=64, rank=2, gated=False)
+    gate = SparseGate(torch.tensor([[3, 9]]), torch.tensor([[0.5, 0.5]]), 64)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = torch_forward(layer.network, list(layer.cores), torch.randn(1, 8), gate)
+    assert y.dtype == torch.bfloat16
+    bad = SparseGate(torch.tensor([[3, 64]]), torch.tensor([[0.5, 0.5]]), 64)
+    with pytest.raises(ValueError, match=r"in \[0, 64\), got values from 3 to 64"):
+        layer(torch.randn(1, 8), gates=bad)
