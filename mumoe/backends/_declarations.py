@@ -23,6 +23,7 @@ __all__ = [
     "BackendDeclaration",
     "backend_erf",
     "backend_function",
+    "declared_backend",
     "declared_backends",
     "sparse_crossover",
     "sparse_min_work",
@@ -95,6 +96,13 @@ class BackendDeclaration:
         worth its fixed per-call cost; smaller steps stay dense.
     sparse_min_work_training : int, default 0
         The same where gradients flow to the cores.
+    sparsify_min_width : int, default 0
+        The fewest entries per expert (:math:`D_e`) of a level's expert cores
+        for which a gate whose support must be counted and selected from its
+        dense output (entmax-1.5, sparsemax, custom activations; top-k
+        selects its support directly) is handed over as a support: that
+        selection costs about as much per row as a product of width
+        :math:`D_e`.
     jit : str, default ""
         ``"module:function"`` compiling a function of arrays once per shape
         (``jax.jit``), or empty: compiled plans are wrapped in it.
@@ -130,6 +138,7 @@ class BackendDeclaration:
     sparse_crossover_training: float = 0.0
     sparse_min_work: int = 0
     sparse_min_work_training: int = 0
+    sparsify_min_width: int = 0
     jit: str = ""
     max_examples: int = 0
     note: str = ""
@@ -185,6 +194,7 @@ def declared_backends() -> list[BackendDeclaration]:
                     sparse_crossover_training=float(data.get("sparse_crossover_training", 0.0)),
                     sparse_min_work=int(data.get("sparse_min_work", 0)),
                     sparse_min_work_training=int(data.get("sparse_min_work_training", 0)),
+                    sparsify_min_width=int(data.get("sparsify_min_width", 0)),
                     jit=str(data.get("jit", "")),
                     max_examples=int(data.get("max_examples", 0)),
                     note=str(data.get("note", "")),
@@ -287,6 +297,30 @@ def backend_function(backend: str, kind: str) -> Any:
             function = getattr(importlib.import_module(module), attribute)
         _FUNCTIONS[key] = function
     return _FUNCTIONS[key]
+
+
+def declared_backend(backend: str) -> BackendDeclaration | None:
+    """The declaration of ``backend`` (``mumoe/backends/<name>.toml``), or None, read once.
+
+    Parameters
+    ----------
+    backend : str
+
+    Returns
+    -------
+    BackendDeclaration or None
+
+    Examples
+    --------
+    >>> declared_backend("numpy").module, declared_backend("no such backend")
+    ('numpy', None)
+    """
+    if backend not in _DECLARED:
+        _DECLARED[backend] = next((b for b in declared_backends() if b.name == backend), None)
+    return _DECLARED[backend]
+
+
+_DECLARED: dict[str, BackendDeclaration | None] = {}
 
 
 def sparse_min_work(backend: str, training: bool = False) -> int:

@@ -208,7 +208,8 @@ class InferenceMuMoE:
     def _sparse_gates(self, x: Tensor) -> list[Tensor | SparseGate]:
         # The gate step of a call: levels of small support as supports.
         rows = math.prod(tl.shape(x)[:-1])
-        return self.gates(x, self.planner.max_density(self.backend, batch_size=rows))
+        sparsified = self._support is None
+        return self.gates(x, self.planner.max_density(self.backend, False, rows, sparsified))
 
     def _check(self, x: Tensor) -> None:
         self._check_input(x, self.network.in_features)
@@ -462,7 +463,8 @@ class InferenceMuMoEBlock:
         # planner (it contracts them; a dense encoder ignores the gates).
         fc2 = self.fc2
         rows = math.prod(tl.shape(x)[:-1])
-        density = fc2.planner.max_density(fc2.backend, batch_size=rows)
+        sparsified = self._gate._support is None
+        density = fc2.planner.max_density(fc2.backend, False, rows, sparsified)
         return self._gate.gates(x, density)
 
     def __call__(self, x: Tensor) -> Tensor:

@@ -254,7 +254,8 @@ class MuMoEBlock(nn.Module):
         """
         check_input(x, self.in_features)
         # Levels whose support is within the decoder's crossover come as supports.
-        density = gate_density(self.fc2.planner, x, list(self.fc2.cores))
+        sparsified = self.gate.support is None
+        density = gate_density(self.fc2.planner, x, list(self.fc2.cores), sparsified)
         y, gates = block_forward(
             self._encoder_call(self.fc1),
             self.fc2,

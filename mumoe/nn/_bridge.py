@@ -286,7 +286,9 @@ def check_gate_devices(gates: Any, x: torch.Tensor) -> None:
                 raise ValueError(f"gates[{e}] is on {part.device} but the input is on {x.device}")
 
 
-def gate_density(planner: Planner, x: torch.Tensor, cores: Sequence[torch.Tensor]) -> float:
+def gate_density(
+    planner: Planner, x: torch.Tensor, cores: Sequence[torch.Tensor], sparsified: bool = False
+) -> float:
     """The support density up to which a layer's gate hands its levels over as supports.
 
     :meth:`mumoe.plan.Planner.max_density` for this call: the rows of ``x``,
@@ -301,6 +303,9 @@ def gate_density(planner: Planner, x: torch.Tensor, cores: Sequence[torch.Tensor
     x : torch.Tensor, shape (..., I)
     cores : sequence of torch.Tensor
         That layer's cores.
+    sparsified : bool, default False
+        Whether the gate selects its support from dense coefficients
+        (entmax-1.5, sparsemax), which pays only on wide expert cores.
 
     Returns
     -------
@@ -323,7 +328,7 @@ def gate_density(planner: Planner, x: torch.Tensor, cores: Sequence[torch.Tensor
         return 0.0
     training = torch.is_grad_enabled() and any(c.requires_grad for c in cores)
     rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
-    return planner.max_density("pytorch", training, rows)
+    return planner.max_density("pytorch", training, rows, sparsified)
 
 
 def not_scriptable(*args: Any) -> None:

@@ -437,7 +437,8 @@ class MuMoE(nn.Module):
         gate: Any = modules.get("gate") if gates is None else None
         if gate is not None:
             # Levels whose support is within the crossover come as supports (SparseGate).
-            density = gate_density(planner or resolve_planner(network), x, cores)
+            sparsified = gate.support is None  # not a top-k gate: its output is sparsified
+            density = gate_density(planner or resolve_planner(network), x, cores, sparsified)
             if density > 0:
                 gate = functools.partial(gate, max_density=density)
         elif gates is not None:  # a caller's supports: their indices checked once, here

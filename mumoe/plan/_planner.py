@@ -23,7 +23,7 @@ from typing import Any
 
 import opt_einsum
 
-from mumoe.backends import sparse_crossover, sparse_min_work
+from mumoe.backends import declared_backend, sparse_crossover, sparse_min_work
 from mumoe.plan._paths import DEFAULT_OPTIMIZE, check_optimize
 from mumoe.plan._plan import Plan, PlanCache, PlanTooLargeError, batch_bucket
 from mumoe.plan._program import backend_kernels
@@ -148,24 +148,30 @@ class Planner:
     # ------------------------------------------------------------------ sparse
 
     def max_density(
-        self, backend: str, training: bool = False, batch_size: int | None = None
+        self,
+        backend: str,
+        training: bool = False,
+        batch_size: int | None = None,
+        sparsified: bool = False,
     ) -> float:
         """The widest support, as a share of a level, contracted sparsely on ``backend``.
 
         This planner's ``crossover`` where it has one, else the backend's
-        declared one (:func:`mumoe.backends.sparse_crossover`).  With
-        ``batch_size``, 0 where no level is worth a gather at that batch
-        (:meth:`worth_gathering`): the layers then ask their gate for dense
-        coefficients.
+        declared one (:func:`mumoe.backends.sparse_crossover`); with
+        ``batch_size``, 0 where no level is worth a gather
+        (:meth:`worth_gathering`): the layers' gates then stay dense.
 
         Parameters
         ----------
         backend : str
         training : bool, default False
-            Whether gradients flow to the cores (the backend declares a
-            crossover for each case).
+            Whether gradients flow to the cores (a crossover for each case).
         batch_size : int, optional
             The rows of the call.
+        sparsified : bool, default False
+            Whether the gate selects its support from dense coefficients
+            (entmax-1.5, sparsemax): then 0 unless some level's expert cores
+            hold the backend's ``sparsify_min_width`` entries per expert.
 
         Returns
         -------
@@ -179,12 +185,15 @@ class Planner:
         """
         if self.crossover is not None:
             return self.crossover
-        if batch_size is not None and not any(
-            self.worth_gathering(e, batch_size, backend, training)
-            for e in range(self.network.n_levels)
-        ):
-            return 0.0
-        return sparse_crossover(backend, training)
+        levels = list(range(self.network.n_levels))
+        if batch_size is not None:
+            levels = [e for e in levels if self.worth_gathering(e, batch_size, backend, training)]
+        if sparsified:
+            widths = expert_widths(self.network)
+            declaration = declared_backend(backend)
+            floor = 0 if declaration is None else declaration.sparsify_min_width
+            levels = [e for e in levels if widths[e] >= floor]
+        return sparse_crossover(backend, training) if levels else 0.0
 
     def worth_gathering(
         self, level: int, batch_size: int, backend: str, training: bool = False
@@ -199,12 +208,10 @@ class Planner:
 
         Parameters
         ----------
-        level : int
-        batch_size : int
+        level, batch_size : int
         backend : str
         training : bool, default False
-            Whether gradients flow to the cores (the backend declares a floor
-            for each case).
+            Whether gradients flow to the cores (a floor for each case).
 
         Returns
         -------
@@ -239,9 +246,8 @@ class Planner:
 
         Parameters
         ----------
-        batch_size : int
-        backend : str
-        dtype : hashable
+        batch_size, backend, dtype
+            As for :meth:`forward`.
         levels : tuple of int
             The sparse levels, increasing.
         ks : dict of int to int
@@ -249,9 +255,8 @@ class Planner:
 
         Returns
         -------
-        layout : SparseLayout
-        plan : Plan
-            Called with the operands :class:`SparseLayout` lists.
+        layout, plan : SparseLayout, Plan
+            The plan is called with the operands the layout lists.
 
         Examples
         --------
@@ -275,23 +280,16 @@ class Planner:
         return layout, plan
 
     def _build_sparse(
-        self,
-        layout: SparseLayout,
-        batch_size: int,
-        ks: dict[int, int],
-        backend: str | None,
-        dtype: Hashable,
+        self, layout: SparseLayout, batch_size: int, ks: dict[int, int], backend: Any, dtype: Any
     ) -> Plan:
         net = self.network
-        shapes = layout.shapes(net, batch_size, ks)
-        optimize = self.optimize if isinstance(self.optimize, str) else DEFAULT_OPTIMIZE
         return self._build(
             "sparse forward contraction",
             f"at batch {batch_size}",
             layout.equation,
-            shapes,
+            layout.shapes(net, batch_size, ks),
             (batch_size, net.out_features),
-            optimize,
+            self._other_optimize,
             dtype,
             lead=net.batch_symbol,
             bias_input=layout.input_position if net.bias else None,

@@ -212,6 +212,10 @@ def test_the_default_gathers_only_where_the_dense_step_repays_a_gather():
     assert not planner.worth_gathering(0, 64, "pytorch", training=True)  # 16.8M: below 2^25
     assert planner.max_density("pytorch", batch_size=8) == 0.0  # the gate stays dense
     assert Planner(net, crossover=0.5).worth_gathering(0, 1, "pytorch")  # told: always
+    # entmax-1.5 and sparsemax select their support from dense output: wide cores only
+    assert planner.max_density("pytorch", batch_size=256, sparsified=True) == 0.0  # rank 64
+    wide = Planner(mxd(768, 768, expert_dims=2048))  # 768 entries per expert
+    assert wide.max_density("pytorch", batch_size=256, sparsified=True) == 0.1
 
 
 def test_the_planner_caches_sparse_plans_per_levels_and_keeps_fused_k_out_of_the_key():
