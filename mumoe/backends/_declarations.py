@@ -344,19 +344,10 @@ def sparse_min_work(backend: str, training: bool = False) -> int:
     >>> sparse_min_work("no such backend")
     0
     """
-    key = (backend, training)
-    if key not in _MIN_WORK:
-        declaration = next((b for b in declared_backends() if b.name == backend), None)
-        if declaration is None:
-            _MIN_WORK[key] = 0
-        elif training:
-            _MIN_WORK[key] = declaration.sparse_min_work_training
-        else:
-            _MIN_WORK[key] = declaration.sparse_min_work
-    return _MIN_WORK[key]
-
-
-_MIN_WORK: dict[tuple[str, bool], int] = {}
+    declaration = declared_backend(backend)
+    if declaration is None:
+        return 0
+    return declaration.sparse_min_work_training if training else declaration.sparse_min_work
 
 
 def sparse_crossover(backend: str, training: bool = False) -> float:
@@ -364,8 +355,8 @@ def sparse_crossover(backend: str, training: bool = False) -> float:
 
     As declared (``sparse_crossover`` and ``sparse_crossover_training`` in
     ``mumoe/backends/<name>.toml``, measured by ``python -m
-    benchmarks.sparse --groups crossover``); 0.0 for a backend that declares none, or is not
-    declared: never sparse unless a planner is told otherwise
+    benchmarks.sparse --groups crossover``); 0.0 for a backend that declares
+    none, or is not declared: never sparse unless a planner is told otherwise
     (:class:`mumoe.plan.Planner`, ``crossover``).
 
     Parameters
@@ -385,20 +376,11 @@ def sparse_crossover(backend: str, training: bool = False) -> float:
     >>> 0 < sparse_crossover("numpy") < 1, sparse_crossover("no such backend")
     (True, 0.0)
     """
-    key = (backend, training)
-    if key not in _CROSSOVERS:
-        declaration = next((b for b in declared_backends() if b.name == backend), None)
-        if declaration is None:
-            _CROSSOVERS[key] = 0.0
-        elif training:
-            _CROSSOVERS[key] = declaration.sparse_crossover_training
-        else:
-            _CROSSOVERS[key] = declaration.sparse_crossover
-    return _CROSSOVERS[key]
+    declaration = declared_backend(backend)
+    if declaration is None:
+        return 0.0
+    return declaration.sparse_crossover_training if training else declaration.sparse_crossover
 
-
-# Declared crossovers, by backend and whether gradients flow.
-_CROSSOVERS: dict[tuple[str, bool], float] = {}
 
 # Resolved declared functions, by (backend, kind).
 _FUNCTIONS: dict[tuple[str, str], Any] = {}
