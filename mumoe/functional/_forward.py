@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -275,16 +275,16 @@ def _contract(
                 return out
             return tl.reshape(out, (*batch_shape, network.out_features))
     if planner.autotune:
-        args = (network, gates, rows, cores, batch_size, differentiable)
-        timer = lambda plan: _time(_run, plan, *args)  # noqa: E731
+        options = {"bias": network.bias, "differentiable": differentiable}
+        timer = lambda plan: _time(plan, gates, rows, cores, options)  # noqa: E731
         plan = planner.forward(batch_size, backend, x.dtype, timer, array_device(x))
-        out = _run(plan, *args)
+        out = plan.run(gates, rows, cores, **options)
     else:
         plan = planner.forward(batch_size, backend, x.dtype)
-        if plan.bias_inside(batch_size, differentiable):  # _run's common case, inlined
+        if plan.bias_inside(batch_size, differentiable):  # Plan.run's common case, inlined
             out = plan.bias_program((*gates, rows, *cores))  # type: ignore[misc]
         else:
-            out = _run(plan, network, gates, rows, cores, batch_size, differentiable)
+            out = plan.run(gates, rows, cores, bias=network.bias, differentiable=differentiable)
     if len(batch_shape) == 1:
         return out
     return tl.reshape(out, (*batch_shape, network.out_features))
@@ -307,24 +307,6 @@ def _route(
                 gate = densify(gate)
         routed.append(gate)
     return routed, tuple(levels)
-
-
-def _run(
-    plan: Plan,
-    network: Network,
-    gates: list[Tensor],
-    rows: Tensor,
-    cores: Sequence[Tensor],
-    batch_size: int,
-    differentiable: bool,
-) -> Tensor:
-    # One call of a plan: the bias inside the contraction, or z = [x, 1] (the bias rule).
-    if plan.bias_inside(batch_size, differentiable):
-        return plan.bias_program((*gates, rows, *cores))  # type: ignore[misc]
-    if not network.bias:
-        return plan.program((*gates, rows, *cores))
-    ones = tl.ones((batch_size, 1), **creation_context(rows))
-    return plan.program((*gates, tl.concatenate([rows, ones], axis=1), *cores))
 
 
 def _check_gates(
@@ -414,13 +396,20 @@ def _fits(
     return True
 
 
-def _time(run: Callable[..., Tensor], plan: Plan, *args: Any, repeats: int = 3) -> float:
+def _time(
+    plan: Plan,
+    gates: list[Tensor],
+    rows: Tensor,
+    cores: Sequence[Tensor],
+    options: dict[str, bool],
+    repeats: int = 3,
+) -> float:
     # Autotuning: the best of a few runs of a candidate plan on the real operands.
-    run(plan, *args)  # warm-up
+    plan.run(gates, rows, cores, **options)  # warm-up
     best = math.inf
     for _ in range(repeats):
         start = time.perf_counter()
-        run(plan, *args)
+        plan.run(gates, rows, cores, **options)
         best = min(best, time.perf_counter() - start)
     return best
 

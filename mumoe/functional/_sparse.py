@@ -19,7 +19,7 @@ from collections.abc import Sequence
 import numpy as np
 import tensorly as tl
 
-from mumoe.backends import backend_function, creation_context
+from mumoe.backends import backend_function
 from mumoe.plan import Planner, SparseLayout
 from mumoe.typing import SparseGate, Tensor
 
@@ -264,12 +264,7 @@ def contract_sparse(
     operands = _operands(layout, cores, gates)
     before = operands[: layout.input_position]
     after = operands[layout.input_position :]
-    if plan.bias_inside(batch_size, differentiable):
-        return plan.bias_program((*before, rows, *after))  # type: ignore[misc]
-    if not network.bias:
-        return plan.program((*before, rows, *after))
-    ones = tl.ones((batch_size, 1), **creation_context(rows))
-    return plan.program((*before, tl.concatenate([rows, ones], axis=1), *after))
+    return plan.run(before, rows, after, bias=network.bias, differentiable=differentiable)
 
 
 def _operands(

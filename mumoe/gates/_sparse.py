@@ -168,13 +168,6 @@ def _nan_guard(rows: Tensor) -> Tensor:
     return top - top
 
 
-def _count_support(coefficients: Tensor) -> int:
-    # The largest number of non-zero entries of a row (one host sync).
-    if not int(np.prod(tl.shape(coefficients)[:-1], dtype=np.int64)):
-        return 0
-    return int((coefficients != 0).sum(-1).max())
-
-
 def sparsify(coefficients: Tensor, max_density: float = 1.0) -> Gate:
     """Dense coefficients as a :class:`~mumoe.typing.SparseGate` where their support is small.
 
@@ -208,8 +201,11 @@ def sparsify(coefficients: Tensor, max_density: float = 1.0) -> Gate:
     (1, 4)
     """
     n = tl.shape(coefficients)[-1]
-    k = max(_count_support(coefficients), 1)
-    if k / n > max_density or not _count_rows(coefficients):
+    if not _count_rows(coefficients):
+        return coefficients
+    # The widest row's support (one host sync), at least one entry.
+    k = max(int((coefficients != 0).sum(-1).max()), 1)
+    if k / n > max_density:
         return coefficients
     values, indices = _kernel("top_k")(coefficients, k)
     return SparseGate(indices, values + _nan_guard(coefficients), n)

@@ -147,7 +147,8 @@ def describe(
         f"{net.n_dense_params:,}, {ratio:,.1f}x more)",
         f"  equation    {net.equation}",
         f"  einsum      {net.einsum_equation}",
-        f"  path        batch {batch_size}, {optimizer}:{pad}" + pad.join(_steps(net, plan)),
+        f"  path        batch {batch_size}, {optimizer}:{pad}"
+        + pad.join(_steps(_operand_names(net), plan)),
         f"  FLOPs       {int(info.opt_cost):,} for batch {batch_size}",
         f"  memory      {_memory_text(planner, info, dtype, over)}",
         f"  bias        {_bias_text(net, plan, batch_size)}",
@@ -241,15 +242,7 @@ def _sparse_lines(
             names.append(f"core {c}[support]")
         else:
             names.append(f"core {c}")
-    steps = []
-    for n, (contraction, step) in enumerate(zip(plan.path, plan.program.steps, strict=True), 1):
-        order = (step.left, step.right) if isinstance(step, PairStep) else contraction
-        picked = [names[j] for j in order]
-        for j in sorted(contraction, reverse=True):
-            del names[j]
-        names.append(f"({n})")
-        kind = step.kind if isinstance(step, PairStep) else "sum"
-        steps.append(f"({n}) {' * '.join(picked)}: {step.equation}  [{kind}]")
+    steps = _steps(names, plan)
     saved = 1 - total / dense_flops if dense_flops else 0.0
     return [
         f"  sparse      {pad.join(notes)}",
@@ -259,9 +252,17 @@ def _sparse_lines(
     ]
 
 
-def _steps(net: Network, plan: Plan) -> list[str]:
-    names = [*(f"gate {leg}" for leg in net.expert_legs), "input"]
-    names += [f"core {k}" for k in range(net.n_cores)]
+def _operand_names(net: Network) -> list[str]:
+    # The forward contraction's operands as the path report names them.
+    return [
+        *(f"gate {leg}" for leg in net.expert_legs),
+        "input",
+        *(f"core {k}" for k in range(net.n_cores)),
+    ]
+
+
+def _steps(names: list[str], plan: Plan) -> list[str]:
+    # Each pairwise step of the plan's path, its operands named (``names`` is consumed).
     steps = []
     for n, (contraction, step) in enumerate(zip(plan.path, plan.program.steps, strict=True), 1):
         order = (step.left, step.right) if isinstance(step, PairStep) else contraction

@@ -26,9 +26,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import opt_einsum
+import tensorly as tl
 from opt_einsum import path_random
 from opt_einsum import paths as opt_paths
 
+from mumoe.backends import creation_context
 from mumoe.plan._paths import DEFAULT_OPTIMIZE, FlopOptimal, path_optimizer
 from mumoe.plan._program import Kernels, Program, compile_program
 from mumoe.validation import positive_int
@@ -342,6 +344,56 @@ class Plan:
                 and batch_size * program.bias_features >= BIAS_KERNEL_ELEMENTS
             )
         )
+
+    def run(
+        self,
+        before: Sequence[Any],
+        x: Any,
+        after: Sequence[Any],
+        *,
+        bias: bool,
+        differentiable: bool,
+    ) -> Any:
+        """One call of the forward contraction, the bias rule applied.
+
+        The bias is added inside the contraction where :meth:`bias_inside`
+        says so; otherwise ``z = [x, 1]`` is formed (with a bias) and the plain
+        program runs.
+
+        Parameters
+        ----------
+        before : sequence of arrays
+            The operands before the input (the gates).
+        x : array, shape (B, I)
+            The input, without its column of ones.
+        after : sequence of arrays
+            The operands after it (the cores).
+        bias : bool
+            Whether the input leg has a bias slice (``Network.bias``).
+        differentiable : bool
+            Whether gradients flow to the cores.
+
+        Returns
+        -------
+        array, shape (B, O)
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> from mumoe import cp, planner_of, random_cores
+        >>> net = cp(5, 2, expert_dims=8, rank=3)
+        >>> plan = planner_of(net).forward(4, "numpy", "float64")
+        >>> plan.run([np.ones((4, 8))], np.ones((4, 5)), random_cores(net), bias=True,
+        ...          differentiable=True).shape
+        (4, 2)
+        """
+        rows = x.shape[0]
+        if self.bias_inside(rows, differentiable):
+            return self.bias_program((*before, x, *after))  # type: ignore[misc]
+        if not bias:
+            return self.program((*before, x, *after))
+        ones = tl.ones((rows, 1), **creation_context(x))
+        return self.program((*before, tl.concatenate([x, ones], axis=1), *after))
 
     def __call__(self, *operands: Any, bias_inside: bool = False) -> Any:
         """Contract ``operands`` (arrays of one backend) along the compiled path.
