@@ -77,14 +77,24 @@ def saved_bytes(fn: Fn, exclude: Iterable[torch.Tensor]) -> int:
 
 
 def time_interleaved(
-    fns: dict[str, Fn], backward: bool, rounds: int, min_sample: float, params: list
+    fns: dict[str, Fn],
+    backward: bool,
+    rounds: int,
+    min_sample: float,
+    params: list,
+    sync: Callable[[], None] = lambda: None,
 ) -> dict[str, float]:
-    """Median seconds per call of each implementation, interleaved over rounds."""
+    """Median seconds per call of each implementation, interleaved over rounds.
+
+    ``sync`` waits for queued device work (``torch.cuda.synchronize``) before a
+    clock is read; nothing on the CPU.
+    """
     loops = {}
     for name, fn in fns.items():  # warm up and calibrate: each sample lasts >= min_sample
         _step(fn, backward)
         start = time.perf_counter()
         _step(fn, backward)
+        sync()
         once = max(time.perf_counter() - start, 1e-6)
         loops[name] = max(1, min(1000, int(min_sample / once)))
     samples: dict[str, list[float]] = {name: [] for name in fns}
@@ -97,6 +107,7 @@ def time_interleaved(
             start = time.perf_counter()
             for _ in range(n):
                 _step(fn, backward)
+            sync()
             samples[name].append((time.perf_counter() - start) / n)
             for p in params:
                 p.grad = None

@@ -36,7 +36,6 @@ import argparse
 import json
 import os
 import platform
-import random
 import resource
 import statistics
 import subprocess
@@ -47,6 +46,7 @@ from typing import Any
 
 import torch
 
+from benchmarks.run import time_interleaved
 from mumoe import SparseGate, mxd
 from mumoe.backends import thread_backend
 from mumoe.functional import contract
@@ -57,29 +57,34 @@ from mumoe.plan import Planner, planner_of
 Fn = Callable[[], Any]
 
 
-def medians(fns: dict[str, Fn], rounds: int, min_sample: float = 0.05) -> dict[str, float]:
-    """Median seconds per call of each function, interleaved over ``rounds``."""
-    loops = {}
-    for name, fn in fns.items():
-        fn()
-        start = time.perf_counter()
-        fn()
-        _sync()
-        once = max(time.perf_counter() - start, 1e-6)
-        loops[name] = max(1, min(200, int(min_sample / once)))
-    samples: dict[str, list[float]] = {name: [] for name in fns}
-    order = list(fns)
-    shuffle = random.Random(0)
-    for _ in range(rounds):
-        shuffle.shuffle(order)
-        for name in order:
-            start = time.perf_counter()
-            for _ in range(loops[name]):
-                fns[name]()
-            _sync()
-            samples[name].append((time.perf_counter() - start) / loops[name])
-    return {name: statistics.median(values) for name, values in samples.items()}
+def measure(fns: dict[str, Fn], rounds: int, params: list) -> tuple[dict, dict]:
+    """Median seconds a call, forward (no grad) and forward+backward, interleaved by round.
 
+    Each forward+backward call starts with the gradients set to None, as a training step
+    after ``optimizer.zero_grad()`` does: a backward pass then allocates them afresh.
+    """
+    forward = time_interleaved(fns, False, rounds, MIN_SAMPLE, params, _sync)
+    fresh = {name: _with_fresh_grads(fn, params) for name, fn in fns.items()}
+    both = time_interleaved(fresh, True, rounds, MIN_SAMPLE, params, _sync)
+    return forward, both
+
+
+def _with_fresh_grads(fn: Fn, params: list) -> Fn:
+    def call() -> Any:
+        for p in params:
+            p.grad = None
+        return fn()
+
+    return call
+
+
+def forward_only(fns: dict[str, Fn], rounds: int) -> dict[str, float]:
+    """Median seconds a call, without gradients (NumPy, or torch under no_grad)."""
+    return time_interleaved(fns, False, rounds, MIN_SAMPLE, [], _sync)
+
+
+#: The shortest timed sample: calls are repeated until one lasts this long.
+MIN_SAMPLE = 0.05
 
 _DEVICE = torch.device("cpu")
 
@@ -87,15 +92,6 @@ _DEVICE = torch.device("cpu")
 def _sync() -> None:
     if _DEVICE.type == "cuda":
         torch.cuda.synchronize()
-
-
-def _backward(fn: Callable[[], torch.Tensor], params: list[torch.Tensor]) -> Fn:
-    def step() -> None:
-        fn().sum().backward()
-        for p in params:
-            p.grad = None
-
-    return step
 
 
 def _random_support(rows: int, n: int, k: int, seed: int = 0) -> SparseGate:
@@ -148,9 +144,7 @@ def mxd_given(rounds: int, quick: bool) -> dict[str, Any]:
     }
     _agree(fns, "limit")
     params = [c, d]
-    both = medians({name: _backward(fn, params) for name, fn in fns.items()}, rounds)
-    with torch.no_grad():
-        forward = medians(fns, rounds)
+    forward, both = measure(fns, rounds, params)
     return _table(
         "mxd",
         f"MxD decoder N={n}, H={hidden}, O={out}, batch {batch}, top-{k} supports given",
@@ -197,9 +191,7 @@ def mxd_gate(rounds: int, quick: bool) -> dict[str, Any]:
         "contraction dense": lambda: dense_run(z, [dense]),
     }
     params = [*layer.parameters()]
-    both = medians({name: _backward(fn, params) for name, fn in fns.items()}, rounds)
-    with torch.no_grad():
-        forward = medians(fns, rounds)
+    forward, both = measure(fns, rounds, params)
     return _table(
         "mxd-gate",
         f"MxD layer N={n}, H={hidden}, O={out}, batch {batch}, ReLU-top-{k} gate from the input",
@@ -235,9 +227,7 @@ def entmax_support(rounds: int, quick: bool) -> dict[str, Any]:
         }
         _agree(fns, "dense")
         params = list(layer.parameters())
-        both = medians({name: _backward(fn, params) for name, fn in fns.items()}, rounds)
-        with torch.no_grad():
-            forward = medians(fns, rounds)
+        forward, both = measure(fns, rounds, params)
         records.append(
             _table(
                 "entmax",
@@ -304,10 +294,8 @@ def crossover(rounds: int, quick: bool) -> dict[str, Any]:
                 "sparse": lambda s=support, run=sparse_run, x=x: run(x, [s]),
                 "dense": lambda d=dense, run=dense_run, x=x: run(x, [d]),
             }
-            both = medians({name: _backward(fn, params) for name, fn in fns.items()}, rounds)
-            with torch.no_grad():
-                forward = medians(fns, rounds)
-            numpy = medians(_numpy_pair(layer, x, support, dense), rounds)
+            forward, both = measure(fns, rounds, params)
+            numpy = forward_only(_numpy_pair(layer, x, support, dense), rounds)
             rows.append(
                 {
                     "form": form,
@@ -376,10 +364,8 @@ def floor(rounds: int, quick: bool) -> dict[str, Any]:
             "dense": lambda run=dense_run, x=x, d=dense: run(x, [d]),
         }
         params = list(layer.parameters())
-        both = medians({name: _backward(fn, params) for name, fn in fns.items()}, rounds)
-        with torch.no_grad():
-            forward = medians(fns, rounds)
-        numpy = medians(_numpy_pair(layer, x, support, dense), rounds)
+        forward, both = measure(fns, rounds, params)
+        numpy = forward_only(_numpy_pair(layer, x, support, dense), rounds)
         row = {
             "n": n,
             "rank": rank,
