@@ -19,6 +19,7 @@ from mumoe.nn._analysis import (
 )
 from mumoe.nn._block import TORCH_HIDDEN_ACTIVATIONS, MuMoEBlock
 from mumoe.nn._bridge import torch_forward
+from mumoe.nn._config import module_config, module_from_config
 from mumoe.nn._convert import block_from_mlp, from_linear, linear_weights, replace_linear
 from mumoe.nn._distill import ActivationPairs, DistillHistory, distill, fit_metrics
 from mumoe.nn._entmax import entmax15, sparsemax
@@ -35,7 +36,8 @@ from mumoe.nn._init import apply_init_, init_cores_
 from mumoe.nn._io import load_into, save
 from mumoe.nn._kernels import bias_matmul, gather_sum_by_embedding_bag, kth_largest, scatter_rows
 from mumoe.nn._layers import CPMuMoE, MuMoE, TRMuMoE, TTMuMoE, TuckerMuMoE
-from mumoe.nn._mlp import MLPParts, find_mlps, hidden_activation_of, replace_mlp
+from mumoe.nn._mlp import FoldedIntoBlock, MLPParts, find_mlps, hidden_activation_of, replace_mlp
+from mumoe.nn._model_io import load_model, save_model
 from mumoe.nn._monitor import ExpertMonitor, collect_aux_losses, gate_mask
 from mumoe.nn._splice import SpliceReport, ZeroOutput, splice_report, spliced
 
@@ -47,6 +49,7 @@ __all__ = [
     "DistillHistory",
     "ExpertMonitor",
     "FactorizedMuMoE",
+    "FoldedIntoBlock",
     "GateRecord",
     "MLPParts",
     "MuMoE",
@@ -80,12 +83,16 @@ __all__ = [
     "kth_largest",
     "linear_weights",
     "load_into",
+    "load_model",
+    "module_config",
+    "module_from_config",
     "network_of",
     "record_gates",
     "replace_linear",
     "replace_mlp",
     "resolve_activation",
     "save",
+    "save_model",
     "scatter_rows",
     "sparsemax",
     "splice_report",

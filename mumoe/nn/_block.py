@@ -19,6 +19,7 @@ from mumoe.functional import block_forward, dense_gates
 from mumoe.gates import check_hidden_activation
 from mumoe.nn._bridge import check_input, gate_density
 from mumoe.nn._gate import Activation, MuMoEGate
+from mumoe.nn._hub import HubMixin
 from mumoe.nn._layers import MuMoE
 from mumoe.plan import describe, flops
 from mumoe.spec import build_network
@@ -43,7 +44,7 @@ ENCODERS = ("mumoe", "linear")
 OUTPUT_BIASES = ("experts", "shared")
 
 
-class MuMoEBlock(nn.Module):
+class MuMoEBlock(nn.Module, HubMixin):
     r"""An MLP block whose decoder is a μMoE layer, all its μMoE layers driven by one gate.
 
     ``y = fc2(act(fc1(z, a)) [* up(z, a)], a) [+ b]`` with ``a = gate(x)``,
@@ -107,6 +108,9 @@ class MuMoEBlock(nn.Module):
     #: Set by :func:`mumoe.nn.block_from_mlp`: each μMoE layer's relative error
     #: against the dense layer it started from (None for a block built otherwise).
     conversion_error: dict[str, float] | None = None
+    #: Set by :func:`mumoe.nn.replace_mlp`: the class and parameter shapes of the MLP the
+    #: block replaced (:func:`mumoe.nn.save_model` keeps it to check a base model).
+    converted_from: dict[str, Any] | None = None
 
     def __init__(
         self,

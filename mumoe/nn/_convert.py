@@ -31,12 +31,40 @@ from mumoe.nn._layers import MuMoE
 from mumoe.spec import Network
 from mumoe.typing import RankOrBudget
 
-__all__ = ["block_from_mlp", "from_linear", "linear_weights", "replace_linear"]
+__all__ = ["block_from_mlp", "from_linear", "linear_weights", "replace_linear", "replaced_record"]
 
 Include = Callable[[str, nn.Module], bool] | str
 
 #: Keyword arguments a conversion sets itself, from the linear layer.
 _FROM_LINEAR = ("bias", "device", "dtype")
+
+
+def replaced_record(module: nn.Module) -> dict[str, Any]:
+    """What a conversion replaced: the module's class and its parameters' shapes.
+
+    A whole-model manifest (:func:`mumoe.nn.save_model`) keeps it, so that
+    :func:`mumoe.nn.load_model` can tell the base model it is given from another.
+
+    Parameters
+    ----------
+    module : torch.nn.Module
+
+    Returns
+    -------
+    dict
+        ``{"class": "module.QualName", "parameters": {name: shape}}``, JSON-ready.
+
+    Examples
+    --------
+    >>> import torch
+    >>> replaced_record(torch.nn.Linear(3, 2))
+    {'class': 'torch.nn.modules.linear.Linear', 'parameters': {'weight': [2, 3], 'bias': [2]}}
+    """
+    cls = type(module)
+    return {
+        "class": f"{cls.__module__}.{cls.__qualname__}",
+        "parameters": {name: list(p.shape) for name, p in module.named_parameters()},
+    }
 
 
 def _is_conv1d(module: nn.Module) -> bool:
@@ -201,6 +229,7 @@ def from_linear(
     # Parents that read their linear layer's .weight (its dtype, say) get a stand-in.
     layer._stands_in_for = f"the layer converted from {type(linear).__name__}{tuple(sizes)}"
     layer._linear_bias = bias is not None
+    layer.converted_from = replaced_record(linear)
     return layer
 
 

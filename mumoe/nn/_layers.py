@@ -34,6 +34,7 @@ from mumoe.nn._bridge import (
     not_scriptable,
 )
 from mumoe.nn._gate import Activation, MuMoEGate
+from mumoe.nn._hub import HubMixin
 from mumoe.nn._init import init_cores_
 from mumoe.nn._stand_in import LinearStandIn, stand_in
 from mumoe.plan import Planner, resolve_planner
@@ -48,7 +49,7 @@ __all__ = ["CPMuMoE", "MuMoE", "TRMuMoE", "TTMuMoE", "TuckerMuMoE"]
 _EDITS = threading.Lock()
 
 
-class MuMoE(nn.Module):
+class MuMoE(nn.Module, HubMixin):
     r"""A Multilinear Mixture-of-Experts layer (Eq. 1 of the paper).
 
     .. math::
@@ -204,6 +205,9 @@ class MuMoE(nn.Module):
     _linear_bias = False
     #: Set by :func:`mumoe.nn.from_linear`: the experts' relative error against the linear layer.
     conversion_error: float | None = None
+    #: Set by the conversions: the class and parameter shapes of the module this layer
+    #: replaced (:func:`mumoe.nn.save_model` keeps it to check a base model on loading).
+    converted_from: dict[str, Any] | None = None
     __prepare_scriptable__ = not_scriptable  # torch.jit.script: say what works instead
 
     def reset_parameters(self) -> None:

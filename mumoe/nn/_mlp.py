@@ -28,10 +28,11 @@ from mumoe.nn._convert import (
     _selector,
     block_from_mlp,
     linear_weights,
+    replaced_record,
 )
 from mumoe.typing import RankOrBudget
 
-__all__ = ["MLPParts", "find_mlps", "hidden_activation_of", "replace_mlp"]
+__all__ = ["FoldedIntoBlock", "MLPParts", "find_mlps", "hidden_activation_of", "replace_mlp"]
 
 #: The layer names of the MLPs :func:`find_mlps` recognises: (fc1, up, fc2, activation).
 MLP_LAYOUTS: tuple[tuple[str, str | None, str, str], ...] = (
@@ -74,6 +75,38 @@ class MLPParts:
     up: str | None
     activation: str
     split: str | None = None
+
+
+class FoldedIntoBlock(nn.Identity):
+    """The identity where a split MLP's second layer was: the block before it computes both.
+
+    :func:`replace_mlp` puts it at a split MLP's ``output.dense`` (BERT, ViT
+    in ``transformers``), whose residual and norm stay; it records the layer
+    it replaced (:attr:`converted_from`), for :func:`mumoe.nn.load_model`.
+
+    Parameters
+    ----------
+    converted_from : dict, optional
+        The replaced layer's class and parameter shapes (``{"class": ...,
+        "parameters": {name: shape}}``).
+
+    Examples
+    --------
+    >>> import torch
+    >>> folded = FoldedIntoBlock()
+    >>> x = torch.randn(2, 3)
+    >>> folded(x) is x
+    True
+    """
+
+    def __init__(self, converted_from: dict[str, Any] | None = None) -> None:
+        super().__init__()
+        self.converted_from = converted_from
+
+    def extra_repr(self) -> str:
+        if self.converted_from is None:
+            return "folded into the preceding MuMoEBlock"
+        return f"folded into the preceding MuMoEBlock, was {self.converted_from['class']}"
 
 
 def _is_linear(module: Any) -> bool:
@@ -300,12 +333,12 @@ def replace_mlp(
             ) from error
     for parts in chosen:
         block = blocks[parts.name]
-        if parts.split is None:
-            parent, child = _parent(model, parts.name)
-            setattr(parent, child, block)
-        else:
-            parent, child = _parent(model, parts.split)
-            setattr(parent, child, block)
+        place = parts.name if parts.split is None else parts.split
+        block.converted_from = replaced_record(model.get_submodule(place))
+        parent, child = _parent(model, place)
+        setattr(parent, child, block)
+        if parts.split is not None:
+            folded = FoldedIntoBlock(replaced_record(model.get_submodule(parts.fc2)))
             parent, child = _parent(model, parts.fc2)
-            setattr(parent, child, nn.Identity())
+            setattr(parent, child, folded)
     return model
