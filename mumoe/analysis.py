@@ -6,7 +6,9 @@ with several levels, in C order), ``C`` classes, ``k`` samples per expert.
 The statistics (:func:`expert_load`, :func:`class_histogram`,
 :func:`polysemanticity`, :func:`top_samples`) work on plain arrays of gate
 coefficients, host (NumPy) arrays or anything NumPy can read, such as CPU
-torch tensors; they need no torch.
+torch tensors; they need no torch.  Over a data set too large to hold,
+:class:`mumoe.gates.GateStatistics` accumulates them chunk by chunk in memory that does
+not grow with the data, and the functions take an iterator of chunks.
 
 Examples
 --------
@@ -25,10 +27,12 @@ array([0.707, 0.   ])
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import numpy as np
 
+from mumoe.gates import GateStatistics, check_threshold
 from mumoe.validation import check_labels, host_array, positive_int
 
 __all__ = [
@@ -54,12 +58,57 @@ def _matrix(gates: Any, name: str = "gates") -> np.ndarray:
     return matrix
 
 
-def _threshold(threshold: float) -> float:
-    if isinstance(threshold, bool) or not isinstance(threshold, int | float):
-        raise TypeError(f"threshold must be a number, got {threshold!r}")
-    if not 0 < threshold <= 1:
-        raise ValueError(f"threshold must be in (0, 1], got {threshold}")
-    return float(threshold)
+def _chunked(gates: Any) -> bool:
+    # An array, or a list/tuple (nested values), is one chunk; any other iterable
+    # (a generator, a DataLoader, a map) yields chunks.
+    return (
+        not hasattr(gates, "shape")
+        and not hasattr(gates, "__array__")
+        and not isinstance(gates, list | tuple)
+        and isinstance(gates, Iterable)
+    )
+
+
+def _chunks(gates: Any, labels: Any = None) -> Iterator[tuple[Any, Any]]:
+    """Pairs of (gates, labels) chunks from arrays or iterables of chunks, checked aligned."""
+    label_chunks = iter(labels) if labels is not None and _chunked(labels) else None
+    for chunk in gates:
+        if labels is None:
+            yield chunk, None
+            continue
+        if label_chunks is None:
+            raise TypeError(
+                "with gates given as an iterable of chunks, give labels as an iterable of "
+                f"chunks too (one per gates chunk), got {type(labels).__qualname__}"
+            )
+        try:
+            yield chunk, next(label_chunks)
+        except StopIteration:
+            raise ValueError(
+                "labels ran out before gates: give one labels chunk per gates chunk"
+            ) from None
+    if label_chunks is not None and next(label_chunks, None) is not None:
+        raise ValueError(
+            "labels hold more chunks than gates: give one labels chunk per gates chunk"
+        )
+
+
+def _labelled(counts: np.ndarray | None) -> np.ndarray:
+    if counts is None:  # labels=None with chunked gates
+        raise ValueError("labels are required: give one labels chunk per gates chunk")
+    return counts
+
+
+def _accumulated(gates: Any, labels: Any = None, **options: Any) -> GateStatistics:
+    statistics: GateStatistics | None = None
+    for chunk, chunk_labels in _chunks(gates, labels):
+        matrix = _matrix(chunk)
+        if statistics is None:
+            statistics = GateStatistics(matrix.shape[1], **options)
+        statistics.update(matrix, labels=chunk_labels)
+    if statistics is None:
+        raise ValueError("gates yielded no chunk: there is nothing to count")
+    return statistics
 
 
 def expert_coefficients(gates: Any) -> np.ndarray:
@@ -111,8 +160,10 @@ def expert_load(gates: Any, threshold: float = 0.5) -> np.ndarray:
 
     Parameters
     ----------
-    gates : array, shape (S, N)
-        Gate coefficients (:func:`expert_coefficients` for several levels).
+    gates : array, shape (S, N), or an iterable of them
+        Gate coefficients (:func:`expert_coefficients` for several levels);
+        an iterable that is not a list or tuple (a generator, a DataLoader)
+        yields chunks of samples, counted as they come.
     threshold : float in (0, 1], default 0.5
         The paper's choice: an expert *processes* a sample when its
         coefficient is at least 0.5, which holds for at most one expert per
@@ -128,8 +179,10 @@ def expert_load(gates: Any, threshold: float = 0.5) -> np.ndarray:
     >>> expert_load(np.array([[0.7, 0.3], [0.5, 0.5], [0.2, 0.8]]))
     array([2, 2])
     """
+    if _chunked(gates):
+        return _accumulated(gates, threshold=threshold).load
     matrix = _matrix(gates)
-    return (matrix >= _threshold(threshold)).sum(axis=0)
+    return (matrix >= check_threshold(threshold)).sum(axis=0)
 
 
 def class_histogram(
@@ -142,9 +195,10 @@ def class_histogram(
 
     Parameters
     ----------
-    gates : array, shape (S, N)
-    labels : array of int, shape (S,)
-        The class of each sample.
+    gates : array, shape (S, N), or an iterable of them
+        As for :func:`expert_load`.
+    labels : array of int, shape (S,), or an iterable of them
+        The class of each sample; one chunk per chunk of ``gates``.
     n_classes : int, optional
         :math:`C`; by default one more than the largest label.
     threshold : float in (0, 1], default 0.5
@@ -162,9 +216,12 @@ def class_histogram(
     array([[1, 1, 0],
            [0, 1, 0]])
     """
+    if _chunked(gates):
+        statistics = _accumulated(gates, labels, n_classes=n_classes, threshold=threshold)
+        return _labelled(statistics.class_histogram)
     matrix = _matrix(gates)
     classes, n_classes = check_labels(labels, matrix.shape[0], n_classes)
-    processed = (matrix >= _threshold(threshold)).astype(np.int64)  # (S, N)
+    processed = (matrix >= check_threshold(threshold)).astype(np.int64)  # (S, N)
     onehot = np.eye(n_classes, dtype=np.int64)[classes]  # (S, C)
     return processed.T @ onehot
 
@@ -183,8 +240,10 @@ def class_mass(gates: Any, labels: Any, *, n_classes: int | None = None) -> np.n
 
     Parameters
     ----------
-    gates : array, shape (S, N)
-    labels : array of int, shape (S,)
+    gates : array, shape (S, N), or an iterable of them
+        As for :func:`expert_load`.
+    labels : array of int, shape (S,), or an iterable of them
+        One chunk per chunk of ``gates``.
     n_classes : int, optional
 
     Returns
@@ -198,6 +257,8 @@ def class_mass(gates: Any, labels: Any, *, n_classes: int | None = None) -> np.n
     array([[0.7, 0.8],
            [0.3, 1.2]])
     """
+    if _chunked(gates):
+        return _labelled(_accumulated(gates, labels, n_classes=n_classes).class_mass)
     matrix = _matrix(gates)
     classes, n_classes = check_labels(labels, matrix.shape[0], n_classes)
     return matrix.T @ np.eye(n_classes, dtype=matrix.dtype)[classes]
@@ -289,7 +350,8 @@ def top_samples(gates: Any, k: int = 8) -> np.ndarray:
 
     Parameters
     ----------
-    gates : array, shape (S, N)
+    gates : array, shape (S, N), or an iterable of them
+        As for :func:`expert_load`; samples are numbered across the chunks.
     k : int, default 8
         Samples per expert, at most ``S``.
 
@@ -306,8 +368,13 @@ def top_samples(gates: Any, k: int = 8) -> np.ndarray:
     array([[1, 2],
            [0, 2]])
     """
-    matrix = _matrix(gates)
     k = positive_int(k, "k")
+    if _chunked(gates):
+        statistics = _accumulated(gates, k=k)
+        if k > statistics.rows:
+            raise ValueError(f"k must be an int in [1, {statistics.rows}] (the samples), got {k!r}")
+        return statistics.top_samples
+    matrix = _matrix(gates)
     if k > matrix.shape[0]:
         raise ValueError(f"k must be an int in [1, {matrix.shape[0]}] (the samples), got {k!r}")
     order = np.argsort(-matrix, axis=0, kind="stable")[:k]

@@ -42,6 +42,7 @@ from mumoe.gates._sparse import (
     top_k_by_partition,
     topk_support,
 )
+from mumoe.gates._statistics import GateStatistics, check_threshold
 from mumoe.gates._vocabulary import (
     ACTIVATIONS,
     HIDDEN_ACTIVATIONS,
@@ -68,6 +69,7 @@ __all__ = [
     "NORMALIZATIONS",
     "SPARSE_ACTIVATIONS",
     "TOP_K_ACTIVATIONS",
+    "GateStatistics",
     "Usage",
     "activation_name",
     "balance_loss",
@@ -75,6 +77,7 @@ __all__ = [
     "check_balance",
     "check_hidden_activation",
     "check_normalization",
+    "check_threshold",
     "check_top_k",
     "entmax15",
     "gate_coefficients",

@@ -24,18 +24,24 @@ The balance losses (opt-in, returned, never accumulated anywhere):
 
 All are 0 for perfectly balanced routing (the z-loss: for logits of zero),
 and grow as routing collapses onto few experts.
+
+Each is a function of sums over the tokens (per-expert sums and the token
+count), so a batch split over processes is measured exactly: given
+``reduce``, a sum over processes (an all-reduce), every function sums those
+sums before normalising, and returns what one process that saw the whole
+batch would.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import tensorly as tl
 
-from mumoe.backends import cast
+from mumoe.backends import cast, creation_context
 from mumoe.typing import Tensor
 from mumoe.validation import check_tensor_type, dtype_name, is_floating
 
@@ -55,9 +61,18 @@ __all__ = [
 #: Joint experts (the outer product over levels) are measured up to this many.
 JOINT_LIMIT = 1 << 20
 
+#: Sums a 1-D tensor over processes (an all-reduce with SUM), returning the sum.
+Reduce = Callable[[Tensor], Tensor]
 
-def _rows(values: Tensor, mask: Any, what: str) -> tuple[Tensor, Tensor | None, Any]:
-    """``values`` as ``(T, N)``, the mask as float weights ``(T, 1)``, and the token count."""
+
+def _rows(
+    values: Tensor, mask: Any, what: str, reduce: Reduce | None = None
+) -> tuple[Tensor, Tensor | None, Any]:
+    """``values`` as ``(T, N)``, the mask as float weights ``(T, 1)``, and the token count.
+
+    With ``reduce``, no token here is no error: other processes may have some
+    (:func:`_summed` checks the total).
+    """
     backend = tl.get_backend()
     check_tensor_type(values, what, backend)  # a torch tensor under NumPy: say so, by name
     if mask is not None:
@@ -71,7 +86,7 @@ def _rows(values: Tensor, mask: Any, what: str) -> tuple[Tensor, Tensor | None, 
     rows = tl.reshape(values, (-1, shape[-1]))
     if mask is None:
         count = tl.shape(rows)[0]
-        if count == 0:
+        if count == 0 and reduce is None:
             raise ValueError(f"{what} has no tokens (an empty batch): nothing to measure")
         return rows, None, count
     mask_shape = tuple(tl.shape(mask))
@@ -86,15 +101,53 @@ def _rows(values: Tensor, mask: Any, what: str) -> tuple[Tensor, Tensor | None, 
     if kind != "bool" and bool(tl.any((weights != 0) & (weights != 1))):
         raise ValueError("an integer mask must hold 0 (padding) and 1 (a token) only")
     count = tl.sum(weights)
-    if float(count) == 0:
+    if reduce is None and float(count) == 0:
         raise ValueError(f"every token of {what} is masked: nothing to measure")
     return rows, weights, count
 
 
-def _mean(rows: Tensor, weights: Tensor | None, count: Any) -> Tensor:
-    """The (masked) mean of ``rows`` over tokens, ``(N,)``."""
-    total = tl.sum(rows if weights is None else rows * weights, axis=0)
-    return total / count
+def _total(rows: Tensor, weights: Tensor | None) -> Tensor:
+    """The (masked) sum of ``rows`` over tokens, ``(N,)``."""
+    return tl.sum(rows if weights is None else rows * weights, axis=0)
+
+
+def _summed(
+    reduce: Reduce | None, what: str, count: Any, *sums: Tensor
+) -> tuple[list[Tensor], Any]:
+    """``sums`` and ``count``, summed over processes by one call of ``reduce`` (if given).
+
+    The parts travel as one vector (one collective, whatever their number) and
+    come back in their shapes; the total count is checked, since every
+    process may have been all padding.
+    """
+    if reduce is None:
+        return list(sums), count
+    like = sums[0]
+    # A token here is a token in the total: no need to read the total back (a sync).
+    known = isinstance(count, int) and count > 0
+    if not tl.is_tensor(count):
+        count = tl.tensor(count, **creation_context(like))
+    parts = [tl.reshape(s, (-1,)) for s in sums] + [tl.reshape(cast(count, like.dtype), (1,))]
+    sent = tl.concatenate(parts, axis=0)
+    total = reduce(sent)
+    if not tl.is_tensor(total) or tuple(tl.shape(total)) != tuple(tl.shape(sent)):
+        got = tuple(tl.shape(total)) if tl.is_tensor(total) else type(total).__name__
+        raise ValueError(
+            f"reduce must return the sum of its 1-D input, a tensor of its shape "
+            f"{tuple(tl.shape(sent))}; got {got}"
+        )
+    out, start = [], 0
+    for s in sums:
+        size = math.prod(tl.shape(s))
+        out.append(tl.reshape(total[start : start + size], tl.shape(s)))
+        start += size
+    count = total[start]
+    if not known and float(tl.to_numpy(count)) <= 0:
+        raise ValueError(
+            f"{what} has no token on any process (all padding, or empty batches): "
+            "nothing to measure"
+        )
+    return out, count
 
 
 def _entropy(mass: Tensor) -> Tensor:
@@ -166,7 +219,7 @@ class Usage:
         }
 
 
-def usage(gates: Tensor, mask: Any = None) -> Usage:
+def usage(gates: Tensor, mask: Any = None, *, reduce: Reduce | None = None) -> Usage:
     """Mass, support and balance of one expert level over a batch of tokens.
 
     Parameters
@@ -175,16 +228,25 @@ def usage(gates: Tensor, mask: Any = None) -> Usage:
         The gate coefficients of one level, each token's on the simplex.
     mask : bool or integer tensor, shape (...), optional
         1 (or True) for the tokens to count, 0 for padding; every token by default.
+    reduce : callable, optional
+        Sums a 1-D tensor over processes (an all-reduce with SUM) and returns
+        the sum, as :func:`mumoe.nn.reduce_balance_over` does on torch.  It is
+        called once, on this batch's sums and token count, and the result is
+        that of the whole (concatenated) batch.  Every process must call the
+        function, a process that has no token (all padding) too.  None
+        (default): this batch alone.
 
     Returns
     -------
     Usage
+        ``tokens`` counts the tokens of every process with ``reduce``.
 
     Raises
     ------
     ValueError
         If the mask's shape is not the tokens' shape, an integer mask holds
-        values other than 0 and 1, or there is no token to count.
+        values other than 0 and 1, there is no token to count, or ``reduce``
+        does not return a tensor of its input's shape.
     TypeError
         If the gates are not floating or the mask is not bool or integer.
 
@@ -195,13 +257,23 @@ def usage(gates: Tensor, mask: Any = None) -> Usage:
     >>> u = usage(a, mask=np.array([True, True, False]))
     >>> u.mass, u.support, round(float(u.entropy), 4), float(u.mean_support), u.tokens
     (array([0.75, 0.25, 0.  ]), array([1. , 0.5, 0. ]), 0.5119, 1.5, 2)
+
+    Two halves of a batch, each told the other's sums (as an all-reduce
+    would), measure the whole batch:
+
+    >>> sent = []
+    >>> _ = usage(a[2:], reduce=lambda sums: sent.append(sums) or sums)
+    >>> np.allclose(usage(a[:2], reduce=lambda sums: sums + sent[0]).mass, usage(a).mass)
+    True
     """
-    rows, weights, count = _rows(gates, mask, "gates")
+    rows, weights, count = _rows(gates, mask, "gates", reduce)
     n = tl.shape(rows)[-1]
-    mass = _mean(rows, weights, count)
     # [a != 0] as sign(|a|): a float pass, where casting a boolean mask is several
     # times slower on torch's CPU kernels (131k entries: 38 us against 152).
-    support = _mean(tl.sign(tl.abs(rows)), weights, count)
+    (mass, support), count = _summed(
+        reduce, "gates", count, _total(rows, weights), _total(tl.sign(tl.abs(rows)), weights)
+    )
+    mass, support = mass / count, support / count
     # Within [0, log N]: rounding took a uniform float32 mass to 1.0000001 of its bound.
     entropy = tl.clip(_entropy(mass), 0.0, math.log(n))
     normalised = entropy / math.log(n) if n > 1 else entropy * 0 + 1
@@ -210,7 +282,9 @@ def usage(gates: Tensor, mask: Any = None) -> Usage:
     return Usage(mass, support, normalised, effective, mean_support, int(float(count)))
 
 
-def joint_usage(gates: Sequence[Tensor], mask: Any = None) -> Tensor:
+def joint_usage(
+    gates: Sequence[Tensor], mask: Any = None, *, reduce: Reduce | None = None
+) -> Tensor:
     r"""Mean mass of the joint experts :math:`(n_1, \dots, n_E)` of several levels.
 
     The coefficient of a joint expert is the product of its levels'
@@ -222,6 +296,9 @@ def joint_usage(gates: Sequence[Tensor], mask: Any = None) -> Tensor:
     gates : sequence of tensors, each (..., N_e)
         Every level's coefficients for the same tokens.
     mask : bool or integer tensor, shape (...), optional
+    reduce : callable, optional
+        A sum over processes, called once (see :func:`usage`): the result is
+        the whole batch's.
 
     Returns
     -------
@@ -250,7 +327,7 @@ def joint_usage(gates: Sequence[Tensor], mask: Any = None) -> Tensor:
             f"{math.prod(sizes):,} joint experts {tuple(sizes)}: more than JOINT_LIMIT = "
             f"{JOINT_LIMIT:,}; measure the levels one by one"
         )
-    flat = [_rows(a, mask, f"gates[{e}]") for e, a in enumerate(gates)]
+    flat = [_rows(a, mask, f"gates[{e}]", reduce) for e, a in enumerate(gates)]
     rows, weights, count = flat[0]
     levels = [rows if weights is None else rows * weights] + [r for r, _, _ in flat[1:]]
     # The sum over tokens of the levels' outer product, as one matrix product of two
@@ -265,6 +342,7 @@ def joint_usage(gates: Sequence[Tensor], mask: Any = None) -> Tensor:
         joint = tl.sum(left, axis=0)
     else:
         joint = tl.dot(tl.transpose(left), _outer_rows(levels[split:]))
+    (joint,), count = _summed(reduce, "gates", count, joint)
     return tl.reshape(joint, tuple(sizes)) / count
 
 
@@ -276,13 +354,16 @@ def _outer_rows(levels: list[Tensor]) -> Tensor:
     return out
 
 
-def importance_cv2(gates: Tensor, mask: Any = None) -> Tensor:
+def importance_cv2(gates: Tensor, mask: Any = None, *, reduce: Reduce | None = None) -> Tensor:
     """Squared coefficient of variation of the experts' importance (Shazeer et al., 2017).
 
     Parameters
     ----------
     gates : tensor, shape (..., N)
     mask : bool or integer tensor, shape (...), optional
+    reduce : callable, optional
+        A sum over processes, called once (see :func:`usage`): the result is
+        the whole batch's.
 
     Returns
     -------
@@ -296,19 +377,22 @@ def importance_cv2(gates: Tensor, mask: Any = None) -> Tensor:
     >>> float(importance_cv2(np.array([[1.0, 0.0, 0.0, 0.0]] * 3)))
     3.0
     """
-    rows, weights, _ = _rows(gates, mask, "gates")
-    importance = tl.sum(rows if weights is None else rows * weights, axis=0)
+    rows, weights, count = _rows(gates, mask, "gates", reduce)
+    (importance,), _ = _summed(reduce, "gates", count, _total(rows, weights))
     mean = tl.mean(importance)
     return tl.mean((importance - mean) ** 2) / (mean * mean)
 
 
-def uniform_kl(gates: Tensor, mask: Any = None) -> Tensor:
+def uniform_kl(gates: Tensor, mask: Any = None, *, reduce: Reduce | None = None) -> Tensor:
     """KL divergence from the mean coefficient mass to the uniform distribution.
 
     Parameters
     ----------
     gates : tensor, shape (..., N)
     mask : bool or integer tensor, shape (...), optional
+    reduce : callable, optional
+        A sum over processes, called once (see :func:`usage`): the result is
+        the whole batch's.
 
     Returns
     -------
@@ -322,12 +406,13 @@ def uniform_kl(gates: Tensor, mask: Any = None) -> Tensor:
     >>> round(float(uniform_kl(np.array([[1.0, 0.0, 0.0, 0.0]]))), 4)  # log 4
     1.3863
     """
-    rows, weights, count = _rows(gates, mask, "gates")
+    rows, weights, count = _rows(gates, mask, "gates", reduce)
     n = tl.shape(rows)[-1]
-    return math.log(n) - _entropy(_mean(rows, weights, count))
+    (mass,), _ = _summed(reduce, "gates", count, _total(rows, weights))
+    return math.log(n) - _entropy(mass)  # the entropy of the normalised mass
 
 
-def router_z_loss(logits: Tensor, mask: Any = None) -> Tensor:
+def router_z_loss(logits: Tensor, mask: Any = None, *, reduce: Reduce | None = None) -> Tensor:
     r"""The router z-loss of ST-MoE: the mean of :math:`(\log\sum_n e^{z_n})^2` over tokens.
 
     It keeps the gate's logits small (near zero), where the activation is
@@ -338,6 +423,9 @@ def router_z_loss(logits: Tensor, mask: Any = None) -> Tensor:
     logits : tensor, shape (..., N)
         The activation's input (after the gate's normalisation).
     mask : bool or integer tensor, shape (...), optional
+    reduce : callable, optional
+        A sum over processes, called once (see :func:`usage`): the result is
+        the whole batch's.
 
     Returns
     -------
@@ -349,11 +437,13 @@ def router_z_loss(logits: Tensor, mask: Any = None) -> Tensor:
     >>> round(float(router_z_loss(np.zeros((2, 4)))), 4)  # log(4) ** 2
     1.9218
     """
-    rows, weights, count = _rows(logits, mask, "logits")
+    rows, weights, count = _rows(logits, mask, "logits", reduce)
     top = tl.max(rows, axis=1)
     lse = top + tl.log(tl.sum(tl.exp(rows - tl.reshape(top, (-1, 1))), axis=1))
     squared = lse * lse
-    return tl.sum(squared if weights is None else squared * tl.reshape(weights, (-1,))) / count
+    total = tl.sum(squared if weights is None else squared * tl.reshape(weights, (-1,)))
+    (total,), count = _summed(reduce, "logits", count, total)
+    return total / count
 
 
 #: The balance losses by name: ``(function, takes logits)``.
@@ -404,6 +494,8 @@ def balance_loss(
     gates: Sequence[Tensor],
     logits: Sequence[Tensor],
     mask: Any = None,
+    *,
+    reduce: Reduce | None = None,
 ) -> Tensor:
     """The weighted sum of the balance losses over every expert level.
 
@@ -414,6 +506,9 @@ def balance_loss(
     gates, logits : sequences of tensors, each (..., N_e)
         Every level's coefficients and the activation's input.
     mask : bool or integer tensor, shape (...), optional
+    reduce : callable, optional
+        Passed to every loss (see :func:`usage`): called once per loss and
+        level, in the same order on every process.
 
     Returns
     -------
@@ -430,7 +525,7 @@ def balance_loss(
     for name, weight in balance.items():
         function, takes_logits = LOSSES[name]
         for values in logits if takes_logits else gates:
-            term = weight * function(values, mask)
+            term = weight * function(values, mask, reduce=reduce)
             total = term if total is None else total + term
     if total is None:
         raise ValueError("balance has no loss: nothing to compute")

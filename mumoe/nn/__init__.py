@@ -15,11 +15,11 @@ from mumoe.nn._analysis import (
     counterfactual_histogram,
     edit_experts,
     edit_experts_,
+    gate_statistics,
     record_gates,
 )
 from mumoe.nn._block import TORCH_HIDDEN_ACTIVATIONS, MuMoEBlock
 from mumoe.nn._bridge import torch_forward
-from mumoe.nn._config import module_config, module_from_config
 from mumoe.nn._convert import block_from_mlp, from_linear, linear_weights, replace_linear
 from mumoe.nn._distill import ActivationPairs, DistillHistory, distill, fit_metrics
 from mumoe.nn._entmax import entmax15, sparsemax
@@ -37,9 +37,18 @@ from mumoe.nn._io import load_into, save
 from mumoe.nn._kernels import bias_matmul, gather_sum_by_embedding_bag, kth_largest, scatter_rows
 from mumoe.nn._layers import CPMuMoE, MuMoE, TRMuMoE, TTMuMoE, TuckerMuMoE
 from mumoe.nn._mlp import FoldedIntoBlock, MLPParts, find_mlps, hidden_activation_of, replace_mlp
-from mumoe.nn._model_io import load_model, save_model
-from mumoe.nn._monitor import ExpertMonitor, collect_aux_losses, gate_mask
+from mumoe.nn._model_io import load_model, module_from_config, save_model
+from mumoe.nn._monitor import ExpertMonitor, collect_aux_losses, gate_mask, reduce_balance_over
 from mumoe.nn._splice import SpliceReport, ZeroOutput, splice_report, spliced
+from mumoe.nn._steer import steer_experts
+from mumoe.nn._surgery import (
+    MergedGroup,
+    MergeReport,
+    expert_linear,
+    merge_experts_,
+    mixture_linear,
+    remove_experts_,
+)
 
 __all__ = [
     "TORCH_HIDDEN_ACTIVATIONS",
@@ -52,6 +61,8 @@ __all__ = [
     "FoldedIntoBlock",
     "GateRecord",
     "MLPParts",
+    "MergeReport",
+    "MergedGroup",
     "MuMoE",
     "MuMoEBlock",
     "MuMoEGate",
@@ -72,11 +83,13 @@ __all__ = [
     "edit_experts",
     "edit_experts_",
     "entmax15",
+    "expert_linear",
     "find_mlps",
     "fit_metrics",
     "from_linear",
     "frontier",
     "gate_mask",
+    "gate_statistics",
     "gather_sum_by_embedding_bag",
     "hidden_activation_of",
     "init_cores_",
@@ -84,10 +97,13 @@ __all__ = [
     "linear_weights",
     "load_into",
     "load_model",
-    "module_config",
+    "merge_experts_",
+    "mixture_linear",
     "module_from_config",
     "network_of",
     "record_gates",
+    "reduce_balance_over",
+    "remove_experts_",
     "replace_linear",
     "replace_mlp",
     "resolve_activation",
@@ -97,6 +113,7 @@ __all__ = [
     "sparsemax",
     "splice_report",
     "spliced",
+    "steer_experts",
     "to_factorized_tensor",
     "torch_forward",
     "torch_gate_coefficients",

@@ -22,9 +22,11 @@ from torch import nn
 
 from mumoe.backends import thread_backend
 from mumoe.functional import scale_experts
+from mumoe.gates import GateStatistics
+from mumoe.nn._batches import Field, LabelSource, batches, call, field
 from mumoe.nn._gate import MuMoEGate, dense_coefficients
 from mumoe.nn._layers import MuMoE
-from mumoe.validation import check_labels, host_array, positive_int
+from mumoe.validation import check_labels, host_array
 
 __all__ = [
     "GateRecord",
@@ -32,6 +34,8 @@ __all__ = [
     "counterfactual_histogram",
     "edit_experts",
     "edit_experts_",
+    "gate_names",
+    "gate_statistics",
     "record_gates",
 ]
 
@@ -179,12 +183,6 @@ def edit_experts_(model: torch.nn.Module, scales: Scales, *, level: int = 0) -> 
                     core.copy_(new)
 
 
-def _batches(inputs: torch.Tensor, batch_size: int) -> Iterator[torch.Tensor]:
-    batch_size = positive_int(batch_size, "batch_size")
-    for start in range(0, inputs.shape[0], batch_size):
-        yield inputs[start : start + batch_size]
-
-
 def _evaluated(model: torch.nn.Module) -> torch.nn.Module:
     # The model in eval mode without changing its mode, which another thread may be
     # training with: a model in training mode is evaluated as a copy.
@@ -193,10 +191,229 @@ def _evaluated(model: torch.nn.Module) -> torch.nn.Module:
     return copy.deepcopy(model).eval()
 
 
+def gate_names(model: nn.Module, gates: str | Sequence[str] | None) -> list[str]:
+    """The qualified names of the chosen gates: each named itself or by its layer or block.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+    gates : str or sequence of str, optional
+        Names of gates, or of the layers or blocks holding them; None: all.
+
+    Returns
+    -------
+    list of str
+
+    Raises
+    ------
+    TypeError
+        If ``model`` holds no gate.
+    ValueError
+        If a name is neither (the message lists the model's gates).
+
+    Examples
+    --------
+    >>> import torch
+    >>> from mumoe.nn import MuMoEBlock
+    >>> model = torch.nn.ModuleDict({"mlp": MuMoEBlock(4, 8, expert_dims=2, rank=2)})
+    >>> gate_names(model, "mlp")
+    ['mlp.gate']
+    """
+    every = [name for name, m in model.named_modules() if isinstance(m, MuMoEGate)]
+    if not every:
+        raise TypeError(f"{type(model).__qualname__} holds no MuMoEGate to watch")
+    if gates is None:
+        return every
+    chosen = []
+    for name in [gates] if isinstance(gates, str) else list(gates):
+        gate = name if name in every else f"{name}.gate" if name else "gate"
+        if gate not in every:
+            raise ValueError(
+                f"{name!r} is neither a gate of the model nor a layer or block holding one; "
+                f"its gates are {every}"
+            )
+        chosen.append(gate)
+    if not chosen:
+        raise ValueError("gates= names no gate; give at least one name, or None for all")
+    return chosen
+
+
+def _rows_of(gates: list[torch.Tensor]) -> tuple[int, ...]:
+    return tuple(gates[0].shape[:-1])
+
+
+def _row_values(values: Any, lead: tuple[int, ...], what: str) -> np.ndarray:
+    # One value per row (token), or one per sample given for each of its tokens.
+    array = host_array(values)
+    if array.shape == lead:
+        return array
+    if len(lead) > 1 and array.shape == lead[:1]:
+        return np.broadcast_to(array.reshape(-1, *([1] * (len(lead) - 1))), lead)
+    raise ValueError(
+        f"{what} must have the gates' leading shape {lead} (one per row) or {lead[:1]} (one "
+        f"per sample), got {array.shape}"
+    )
+
+
+def _windows(tokens: Any, lead: tuple[int, ...], window: tuple[int, int]) -> np.ndarray:
+    """Each position's token window ``tokens[b, t - before : t + after + 1]``, -1 outside."""
+    ids = host_array(tokens)
+    if ids.shape != lead or len(lead) != 2:
+        raise ValueError(
+            f"tokens must be (batch, positions) ids of the gates' leading shape {lead}, got "
+            f"{ids.shape}"
+        )
+    before, after = window
+    padded = np.pad(ids.astype(np.int64), ((0, 0), (before, after)), constant_values=-1)
+    offsets = np.arange(before + after + 1)
+    return padded[:, np.arange(lead[1])[:, None] + offsets]  # (B, T, W)
+
+
+def _check_window(window: Any) -> tuple[int, int]:
+    if (
+        not isinstance(window, tuple)
+        or len(window) != 2
+        or not all(isinstance(w, int) and not isinstance(w, bool) and w >= 0 for w in window)
+    ):
+        raise ValueError(
+            f"window must be (tokens before, tokens after), two ints >= 0, got {window!r}"
+        )
+    return window
+
+
+def gate_statistics(
+    model: nn.Module,
+    data: Any,
+    *,
+    gates: str | Sequence[str] | None = None,
+    labels: Any = None,
+    mask: Field | None = None,
+    tokens: Field | None = None,
+    window: tuple[int, int] = (8, 2),
+    n_classes: int | None = None,
+    threshold: float = 0.5,
+    k: int = 8,
+    batch_size: int = 1024,
+) -> dict[str, list[GateStatistics]]:
+    """The statistics of a model's gates over a data set, in memory that does not grow with it.
+
+    The model runs on each batch in eval mode without gradients (its mode
+    unchanged, as for :func:`collect_gates`); each watched gate's
+    coefficients are folded into a :class:`mumoe.gates.GateStatistics` per
+    level and dropped, so the data set may be as large as a DataLoader can
+    stream (ImageNet's validation set, a corpus' tokens).
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+    data : torch.Tensor, mapping of tensors, or iterable of batches
+        A tensor or mapping is sliced into ``batch_size`` rows; any other
+        iterable (a ``DataLoader``) yields batches: tensors, ``(inputs,
+        labels)`` tuples (the model gets the first item) or mappings of the
+        model's keyword arguments (``input_ids``, ``attention_mask``).
+    gates : str or sequence of str, optional
+        The gates to watch, by the qualified name of the gate or of the layer
+        or block holding it; all of the model's by default.
+    labels : str, int, array or iterable, optional
+        Each sample's (or token's) class: a mapping key (``"labels"``, not
+        passed to the model) or a tuple position of the batch, an array of one
+        label per sample beside the data, or an iterable of per-batch arrays.
+        A label per sample counts for each of its tokens.
+    mask : str or int, optional
+        The batch item holding a padding mask (``"attention_mask"``): rows
+        where it is 0 are left out of every statistic.
+    tokens : str or int, optional
+        The batch item holding a language model's token ids ``(B, T)``: each
+        expert's top rows then keep their token windows
+        (``GateStatistics.top_contexts``).
+    window : (int, int), default (8, 2)
+        Tokens before and after each top token kept with ``tokens``.
+    n_classes, threshold, k
+        As for :class:`mumoe.gates.GateStatistics`.
+    batch_size : int, default 1024
+        For data given as a tensor or mapping.
+
+    Returns
+    -------
+    dict of str to list of GateStatistics
+        Per watched gate, one per level.
+
+    Raises
+    ------
+    ValueError
+        For data that yields nothing, a gate name that does not exist (the
+        message lists the model's gates), labels or a mask of the wrong shape,
+        labels that run out or are left over.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from mumoe.nn import CPMuMoE
+    >>> layer = CPMuMoE(8, 3, expert_dims=4, rank=2).eval()
+    >>> data = torch.utils.data.DataLoader(
+    ...     torch.utils.data.TensorDataset(torch.randn(50, 8), torch.randint(0, 3, (50,))),
+    ...     batch_size=16)
+    >>> statistics = gate_statistics(layer, data, labels=1)["gate"][0]
+    >>> statistics.rows, statistics.class_mass.shape, statistics.top_samples.shape
+    (50, (4, 3), (4, 8))
+    """
+    names = gate_names(model, gates)
+    window = _check_window(window)
+    source = None if labels is None else LabelSource(labels)
+    drop = {labels} if isinstance(labels, str) else set()
+    statistics: dict[str, list[GateStatistics]] = {}
+    evaluated = _evaluated(model)
+    seen = 0
+    with torch.no_grad(), record_gates(evaluated) as record:
+        for batch in batches(data, batch_size):
+            seen += 1
+            record.clear()
+            call(evaluated, batch, drop)
+            missing = [name for name in names if name not in record]
+            if missing:
+                raise ValueError(f"the gates {missing} did not run on a batch of data")
+            lead = _rows_of(record[names[0]])
+            batch_labels = None if source is None else source.next(batch, lead[0])
+            for name in names:
+                levels = record[name]
+                lead = _rows_of(levels)
+                row_labels = (
+                    None if batch_labels is None else _row_values(batch_labels, lead, "labels")
+                )
+                row_mask = None
+                if mask is not None:
+                    row_mask = _row_values(field(batch, mask, "mask"), lead, "mask") != 0
+                contexts = (
+                    None
+                    if tokens is None
+                    else _windows(field(batch, tokens, "tokens"), lead, window)
+                )
+                if name not in statistics:
+                    statistics[name] = [
+                        GateStatistics(a.shape[-1], n_classes=n_classes, threshold=threshold, k=k)
+                        for a in levels
+                    ]
+                for level, a in zip(statistics[name], levels, strict=True):
+                    level.update(host_array(a), labels=row_labels, mask=row_mask, contexts=contexts)
+    if not seen:
+        raise ValueError("data yielded no batches: there is nothing to count")
+    if source is not None:
+        source.finish()
+    return statistics
+
+
 def collect_gates(
-    model: torch.nn.Module, inputs: torch.Tensor, *, gate: str | None = None, batch_size: int = 1024
+    model: torch.nn.Module,
+    data: Any,
+    *,
+    gate: str | None = None,
+    mask: Field | None = None,
+    batch_size: int = 1024,
 ) -> list[np.ndarray]:
     """The gate coefficients a torch model computes for every input, in eval mode.
+
+    The result holds every row's coefficients, so it grows with the data; for
+    statistics over a large data set, :func:`gate_statistics` keeps memory flat.
 
     Parameters
     ----------
@@ -204,18 +421,22 @@ def collect_gates(
         Run in eval mode without gradients.  Its mode is never changed (another
         thread may be training it): a model in training mode is evaluated as
         a copy, which costs the memory of one copy.
-    inputs : torch.Tensor, shape (S, ...)
-        What ``model`` takes, batched along the first dimension.
+    data : torch.Tensor, shape (S, ...), mapping of tensors, or iterable of batches
+        As for :func:`gate_statistics`.
     gate : str, optional
-        The qualified name of the :class:`~mumoe.nn.MuMoEGate` to record
-        (``"gate"``, ``"blocks.3.gate"``); required when the model has more
-        than one.
+        The qualified name of the :class:`~mumoe.nn.MuMoEGate` to record, or of
+        the layer or block holding it (``"gate"``, ``"blocks.3.mlp"``);
+        required when the model has more than one.
+    mask : str or int, optional
+        The batch item holding a padding mask: the result is then the
+        unpadded rows, each array ``(R, N_e)``.
     batch_size : int, default 1024
+        For data given as a tensor or mapping.
 
     Returns
     -------
     list of numpy.ndarray, each (S, ..., N_e)
-        One array per expert level.
+        One array per expert level, batches joined along the first dimension.
 
     Examples
     --------
@@ -225,40 +446,42 @@ def collect_gates(
     >>> [a.shape for a in collect_gates(layer, torch.randn(5, 8))]
     [(5, 4), (5, 2)]
     """
-    names = [name for name, m in model.named_modules() if isinstance(m, MuMoEGate)]
-    if not names:
-        raise TypeError(f"{type(model).__qualname__} holds no MuMoEGate to record")
-    if gate is None:
-        if len(names) > 1:
-            raise ValueError(f"the model has several gates {names}: choose one with gate=")
-        gate = names[0]
-    elif gate not in names:
-        raise ValueError(f"no gate named {gate!r}; the model's gates are {names}")
-    if not isinstance(inputs, torch.Tensor) or inputs.dim() == 0:
-        raise TypeError(f"inputs must be a batched torch.Tensor, got {type(inputs).__qualname__}")
+    every = gate_names(model, None)
+    if gate is None and len(every) > 1:
+        raise ValueError(f"the model has several gates {every}: choose one with gate=")
+    (name,) = gate_names(model, gate) if gate is not None else every
     chunks: list[list[np.ndarray]] = []
     evaluated = _evaluated(model)
     with torch.no_grad(), record_gates(evaluated) as record:
-        for batch in _batches(inputs, batch_size):
-            evaluated(batch)
-            chunks.append([host_array(a) for a in record[gate]])
+        for batch in batches(data, batch_size):
+            record.clear()
+            call(evaluated, batch)
+            levels = [host_array(a) for a in record[name]]
+            if mask is not None:
+                keep = _row_values(field(batch, mask, "mask"), levels[0].shape[:-1], "mask") != 0
+                levels = [a[keep] for a in levels]
+            chunks.append(levels)
     if not chunks:
-        raise ValueError("inputs hold no samples")
+        raise ValueError("data yielded no batches: there is nothing to record")
     return [np.concatenate(level) for level in zip(*chunks, strict=True)]
 
 
-def _predictions(model: torch.nn.Module, inputs: torch.Tensor, batch_size: int) -> np.ndarray:
-    return np.concatenate(
-        [host_array(model(batch).argmax(dim=-1)) for batch in _batches(inputs, batch_size)]
-    )
+def _predictions(model: torch.nn.Module, batch: Any, drop: set[Any]) -> np.ndarray:
+    output = call(model, batch, drop)
+    logits = getattr(output, "logits", output)
+    if isinstance(logits, tuple):
+        logits = logits[0]
+    return host_array(logits.argmax(dim=-1))
 
 
 def counterfactual_histogram(
     model: torch.nn.Module,
-    inputs: torch.Tensor,
+    data: Any,
     labels: Any,
     *,
     level: int = 0,
+    layer: str | None = None,
+    mask: Field | None = None,
     n_classes: int | None = None,
     batch_size: int = 1024,
 ) -> np.ndarray:
@@ -271,24 +494,35 @@ def counterfactual_histogram(
     .. math::
         H_{nc} = \#\{s : y_s = c,\ \hat y_s^{(-n)} \ne \hat y_s\}
 
-    where :math:`\hat y` is the argmax of the model's output.  Unlike
-    :func:`class_histogram`, which counts what the gate routes to an expert,
-    this counts what the expert is *responsible for*; it costs one pass over
-    ``inputs`` per expert.
+    where :math:`\hat y` is the argmax of the model's output (per sample, or
+    per token of a language model).  Unlike :func:`class_histogram`, which
+    counts what the gate routes to an expert, this counts what the expert is
+    *responsible for*.  It makes one pass over ``data`` (so a generator will
+    do), running each batch once unedited and once per expert; memory is the
+    histogram's.
 
     Parameters
     ----------
     model : torch.nn.Module
-        A classifier whose output's last dimension holds the class scores;
-        run in eval mode without gradients (its mode unchanged, as for
-        :func:`collect_gates`).
-    inputs : torch.Tensor, shape (S, ...)
-    labels : array of int, shape (S,)
-        The class to count each changed sample under (true labels, or the
-        unedited predictions).
+        Whose output's last dimension holds the class scores (or an output
+        with ``.logits``); run in eval mode without gradients (its mode
+        unchanged, as for :func:`collect_gates`).
+    data : torch.Tensor, mapping of tensors, or iterable of batches
+        As for :func:`gate_statistics`.
+    labels : str, int, array or iterable
+        The class to count each changed prediction under (true labels, or the
+        unedited predictions), as for :func:`gate_statistics`: of the
+        predictions' shape, or one per sample for each of its tokens.
     level : int, default 0
+    layer : str, optional
+        The qualified name of the layer or block whose experts are switched
+        off; every μMoE layer of the model by default (all must then have
+        the same number of experts at ``level``).
+    mask : str or int, optional
+        The batch item holding a padding mask: padded tokens are not counted.
     n_classes : int, optional
     batch_size : int, default 1024
+        For data given as a tensor or mapping.
 
     Returns
     -------
@@ -304,18 +538,45 @@ def counterfactual_histogram(
     >>> counterfactual_histogram(layer, torch.randn(20, 8), np.zeros(20, dtype=int)).shape
     (4, 1)
     """
-    layers, _ = _resolve(model, {}, level)
-    n = layers[0].network.expert_dims[level]
     evaluated = _evaluated(model)
+    target = evaluated
+    if layer is not None:
+        holders = [name for name, m in evaluated.named_modules() if isinstance(m, MuMoE)]
+        try:
+            target = evaluated.get_submodule(layer)
+        except AttributeError:
+            raise ValueError(
+                f"layer={layer!r} is not a module of the model; its μMoE layers are {holders}"
+            ) from None
+    layers, _ = _resolve(target, {}, level)
+    n = layers[0].network.expert_dims[level]
+    source = LabelSource(labels)
+    drop = {labels} if isinstance(labels, str) else set()
+    counts: list[np.ndarray] = []
+    seen = False
     with torch.no_grad():
-        before = _predictions(evaluated, inputs, batch_size)
-        classes, n_classes = check_labels(labels, before.shape[0], n_classes)
-        histogram = np.zeros((n, n_classes), dtype=np.int64)
-        for expert in range(n):
-            with edit_experts(evaluated, {expert: 0.0}, level=level):
-                changed = _predictions(evaluated, inputs, batch_size) != before
-            histogram[expert] = np.bincount(classes[changed], minlength=n_classes)
-    return histogram
+        for batch in batches(data, batch_size):
+            seen = True
+            before = _predictions(evaluated, batch, drop)
+            keep = np.ones(before.shape, dtype=bool)
+            if mask is not None:
+                keep = _row_values(field(batch, mask, "mask"), before.shape, "mask") != 0
+            batch_labels = _row_values(source.next(batch, before.shape[0]), before.shape, "labels")
+            classes, n_seen = check_labels(batch_labels[keep], int(keep.sum()), n_classes)
+            changed = np.zeros((n, classes.shape[0]), dtype=bool)
+            for expert in range(n):
+                with edit_experts(target, {expert: 0.0}, level=level):
+                    changed[expert] = (_predictions(evaluated, batch, drop) != before)[keep]
+            width = n_seen if n_classes is None else n_classes
+            counts.append(np.stack([np.bincount(classes[c], minlength=width) for c in changed]))
+    if not seen:
+        raise ValueError("data yielded no batches: there is nothing to count")
+    source.finish()
+    width = max(c.shape[1] for c in counts)
+    return sum(
+        (np.pad(c, ((0, 0), (0, width - c.shape[1]))) for c in counts),
+        np.zeros((n, width), dtype=np.int64),
+    )
 
 
 class GateRecord(dict[str, list[torch.Tensor]]):

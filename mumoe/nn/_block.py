@@ -18,6 +18,18 @@ from mumoe.backends import thread_backend
 from mumoe.functional import block_forward, dense_gates
 from mumoe.gates import check_hidden_activation
 from mumoe.nn._bridge import check_input, gate_density
+from mumoe.nn._config import (
+    config_dtype,
+    config_error,
+    config_field,
+    config_size,
+    dtype_name,
+    gate_config,
+    gate_options,
+    known_fields,
+    network_config,
+    network_from_config,
+)
 from mumoe.nn._gate import Activation, MuMoEGate
 from mumoe.nn._hub import HubMixin
 from mumoe.nn._layers import MuMoE
@@ -274,6 +286,150 @@ class MuMoEBlock(nn.Module, HubMixin):
             return y
         with thread_backend("pytorch"):
             return y, dense_gates(gates)
+
+    def get_config(self) -> dict[str, Any]:
+        """The block's constructor settings, as JSON, from its current state.
+
+        Each μMoE layer's network is given exactly (an encoder's rank may
+        differ from the decoder's where a budget was matched per layer).
+
+        Returns
+        -------
+        dict
+            :meth:`from_config` builds the block back from it.
+
+        Raises
+        ------
+        TypeError
+            For a subclass of the block.
+        ValueError
+            For a custom activation callable or gate norm.
+
+        Examples
+        --------
+        >>> config = MuMoEBlock(8, 32, 4, expert_dims=4, rank="same").get_config()
+        >>> config["networks"]["fc1"]["rank"], config["networks"]["fc2"]["rank"]
+        ({'r': 5}, {'r': 3})
+        """
+        if type(self) is not MuMoEBlock:
+            raise TypeError(f"{type(self).__qualname__} has no configuration: a MuMoEBlock has")
+        return {
+            "class": "MuMoEBlock",
+            "in_features": self.in_features,
+            "hidden_features": self.hidden_features,
+            "out_features": self.out_features,
+            "bias": self.fc2.network.bias or self.bias is not None,
+            "encoder": self.encoder,
+            "hidden_activation": self.hidden_activation,
+            "glu": self.glu,
+            "output_bias": self.output_bias,
+            "networks": {
+                part: network_config(layer.network) if isinstance(layer, MuMoE) else None
+                for part, layer in (("fc1", self.fc1), ("up", self.up), ("fc2", self.fc2))
+            },
+            "gate": gate_config(self.gate, "block"),
+            "input_norm": self.input_norm is not None,
+            "dtype": dtype_name(self.fc2.cores[0]),
+        }
+
+    @classmethod
+    def from_config(
+        cls,
+        config: Mapping[str, Any],
+        *,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+        where: str = "",
+    ) -> MuMoEBlock:
+        """A freshly initialised block of the forms and shapes ``config`` describes.
+
+        Parameters
+        ----------
+        config : mapping
+            As :meth:`get_config` gives it (read from JSON).
+        device : torch.device or str, optional
+        dtype : torch.dtype, optional
+            Of the parameters; by default the configuration's.
+        where : str, optional
+            Named in messages.
+
+        Returns
+        -------
+        MuMoEBlock
+
+        Raises
+        ------
+        ValueError
+            If a field is missing, unknown, mistyped or invalid, or the
+            configuration is of another class.
+
+        Examples
+        --------
+        >>> block = MuMoEBlock(8, 32, expert_dims=4, rank="same", glu=True)
+        >>> rebuilt = MuMoEBlock.from_config(block.get_config())
+        >>> rebuilt.up.network == block.up.network
+        True
+        """
+        where = where or "of a MuMoEBlock"
+        keys = {
+            "class", "in_features", "hidden_features", "out_features", "bias", "encoder",
+            "hidden_activation", "glu", "output_bias", "networks", "gate", "input_norm", "dtype",
+        }  # fmt: skip
+        if config_field(config, "class", str, where) != "MuMoEBlock":
+            raise config_error(where, f"holds a {config['class']}, not a MuMoEBlock")
+        known_fields(config, keys, where)
+        in_features, hidden, out_features = (
+            config_size(config, key, where)
+            for key in ("in_features", "hidden_features", "out_features")
+        )
+        networks = config_field(config, "networks", dict, where)
+        known_fields(networks, {"fc1", "up", "fc2"}, f"{where}, networks")
+        sizes = {
+            "fc1": (in_features, hidden),
+            "up": (in_features, hidden),
+            "fc2": (hidden, out_features),
+        }
+        built = {
+            part: network_from_config(networks[part], *sizes[part], f"{where}, networks.{part}")
+            for part in sizes
+            if networks.get(part) is not None
+        }
+        if "fc2" not in built:
+            raise config_error(where, "networks.fc2 is missing: a block's decoder is a μMoE layer")
+        factory: dict[str, Any] = {"device": device, "dtype": dtype or config_dtype(config, where)}
+        decoder = built["fc2"]
+        try:
+            block = cls(
+                in_features,
+                hidden,
+                out_features,
+                decoder.spec,
+                expert_dims=decoder.expert_dims,
+                rank=dict(decoder.ranks) or None,
+                bias=config_field(config, "bias", bool, where),
+                encoder=config.get("encoder"),  # type: ignore[arg-type]
+                hidden_activation=config.get("hidden_activation"),  # type: ignore[arg-type]
+                glu=config_field(config, "glu", bool, where),
+                output_bias=config.get("output_bias"),  # type: ignore[arg-type]
+                input_norm=config_field(config, "input_norm", bool, where),
+                **gate_options(config.get("gate"), f"{where}, gate"),
+                **factory,
+            )
+        except (TypeError, ValueError) as error:
+            if str(error).startswith("configuration "):
+                raise
+            raise config_error(where, str(error)) from error
+        # The encoders' ranks may differ from the decoder's (a budget matched per layer).
+        for part, network in built.items():
+            layer = getattr(block, part)
+            if not isinstance(layer, MuMoE) or layer.network.expert_dims != network.expert_dims:
+                raise config_error(where, f"networks.{part} does not fit the block's encoder")
+            if layer.network != network:
+                replacement = MuMoE(
+                    *sizes[part], network, bias=network.bias, gated=False, **factory
+                )
+                setattr(block, part, replacement)
+        return block
 
     def describe(self, batch_size: int = 1) -> str:
         r"""A readable account of the block: forms, parameters and FLOPs per part.

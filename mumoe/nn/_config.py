@@ -1,11 +1,9 @@
-"""The constructor settings of a μMoE layer or block, as JSON, and the module they build.
+"""The pieces of a μMoE module's configuration: networks, gates, sizes and dtypes as JSON.
 
-:func:`module_config` reads the settings from a module's current state (its
-networks, gate and forms, so a layer whose experts were removed is described
-as it is now), and :func:`module_from_config` builds a fresh module of the
-same class and shapes from them, checking every field first.  Whole-model
-manifests (:func:`mumoe.nn.save_model`) and the hub layout
-(``save_pretrained``) hold these settings; the values travel in safetensors.
+A layer's or block's ``get_config()`` writes its constructor settings from its
+current state with these helpers, and its ``from_config`` reads them back
+with the checks here: every field present, of its type, valid, and no field
+unknown, each failure a ``ValueError`` that names the field and what came.
 """
 
 from __future__ import annotations
@@ -16,18 +14,23 @@ from typing import Any
 import torch
 from torch import nn
 
-from mumoe.gates import ACTIVATIONS, HIDDEN_ACTIVATIONS, LOSSES
-from mumoe.nn._block import ENCODERS, OUTPUT_BIASES, MuMoEBlock
+from mumoe.gates import ACTIVATIONS, LOSSES
 from mumoe.nn._gate import MuMoEGate, builtin_name
-from mumoe.nn._layers import CPMuMoE, MuMoE, TRMuMoE, TTMuMoE, TuckerMuMoE
 from mumoe.spec import Network
 
-__all__ = ["DTYPES", "LAYER_CLASSES", "module_config", "module_from_config"]
-
-#: The classes a configuration may name, by name.
-LAYER_CLASSES: dict[str, type[nn.Module]] = {
-    cls.__name__: cls for cls in (MuMoE, CPMuMoE, TuckerMuMoE, TTMuMoE, TRMuMoE, MuMoEBlock)
-}
+__all__ = [
+    "DTYPES",
+    "config_dtype",
+    "config_error",
+    "config_field",
+    "config_size",
+    "dtype_name",
+    "gate_config",
+    "gate_options",
+    "known_fields",
+    "network_config",
+    "network_from_config",
+]
 
 #: The parameter dtypes a configuration may name.
 DTYPES = {
@@ -38,10 +41,25 @@ DTYPES = {
 }
 
 _NORMS = {"bn": nn.BatchNorm1d, "ln": nn.LayerNorm, None: nn.Identity}
-_BLOCK_PARTS = ("fc1", "up", "fc2")
 
 
-def _network_config(network: Network) -> dict[str, Any]:
+def network_config(network: Network) -> dict[str, Any]:
+    """A network as JSON: spec, expert_dims, rank, bias.
+
+    Parameters
+    ----------
+    network : Network
+
+    Returns
+    -------
+    dict
+
+    Examples
+    --------
+    >>> from mumoe import cp
+    >>> network_config(cp(4, 2, expert_dims=8, rank=3))
+    {'spec': 'n1 r, i r, o r', 'expert_dims': [8], 'rank': {'r': 3}, 'bias': True}
+    """
     return {
         "spec": network.spec,
         "expert_dims": list(network.expert_dims),
@@ -50,7 +68,31 @@ def _network_config(network: Network) -> dict[str, Any]:
     }
 
 
-def _gate_config(gate: MuMoEGate, owner: str) -> dict[str, Any]:
+def gate_config(gate: MuMoEGate, owner: str) -> dict[str, Any]:
+    """A gate's constructor settings as JSON.
+
+    Parameters
+    ----------
+    gate : MuMoEGate
+    owner : str
+        Named in messages.
+
+    Returns
+    -------
+    dict
+        normalization, activation, top_k, bias, balance.
+
+    Raises
+    ------
+    ValueError
+        For a custom activation callable, or a norm the constructor does not
+        build (code and replaced modules are not configuration).
+
+    Examples
+    --------
+    >>> gate_config(MuMoEGate(4, (3,), activation="softmax"), "layer")["activation"]
+    'softmax'
+    """
     if builtin_name(gate.activation) != gate.activation_name:
         raise ValueError(
             f"the {owner}'s gate activation {gate.activation_name!r} is a custom callable, "
@@ -59,12 +101,12 @@ def _gate_config(gate: MuMoEGate, owner: str) -> dict[str, Any]:
         )
     kind = _NORMS[gate.normalization]
     for e, norm in enumerate(gate.norms):
-        default = kind(1) if kind is not nn.Identity else norm
+        default_eps = getattr(kind(1), "eps", None) if kind is not nn.Identity else None
         if (
             type(norm) is not kind
             or getattr(norm, "affine", False)
             or getattr(norm, "elementwise_affine", False)
-            or getattr(norm, "eps", None) != getattr(default, "eps", None)
+            or getattr(norm, "eps", None) != default_eps
         ):
             raise ValueError(
                 f"the {owner}'s gate norm {e} is {norm!r}, not the {kind.__name__} of "
@@ -80,295 +122,253 @@ def _gate_config(gate: MuMoEGate, owner: str) -> dict[str, Any]:
     }
 
 
-def _dtype_name(tensor: torch.Tensor) -> str:
-    return str(tensor.dtype).removeprefix("torch.")
-
-
-def module_config(module: nn.Module) -> dict[str, Any]:
-    """The JSON-ready constructor settings of a μMoE layer or block, from its current state.
+def dtype_name(tensor: torch.Tensor) -> str:
+    """``"float32"`` for a float32 tensor, and so on.
 
     Parameters
     ----------
-    module : MuMoE (or a preset subclass) or MuMoEBlock
-        Whose cores are its own parameters, with a gate of a named activation.
+    tensor : torch.Tensor
 
     Returns
     -------
-    dict
-        ``class``, the sizes, each μMoE layer's network (spec, expert_dims,
-        rank, bias), the gate (normalisation, activation, top_k, bias,
-        balance), the input norm, the block's forms and the parameters'
-        ``dtype``; :func:`module_from_config` builds the module back.
-
-    Raises
-    ------
-    TypeError
-        For another module, a subclass of its own, or a layer whose cores live
-        elsewhere (:class:`mumoe.nn.FactorizedMuMoE`).
-    ValueError
-        For a custom activation callable or a gate norm the constructor does
-        not build.
+    str
 
     Examples
     --------
-    >>> from mumoe.nn import CPMuMoE
-    >>> config = module_config(CPMuMoE(8, 4, expert_dims=6, rank=2))
-    >>> config["class"], config["network"]["rank"], config["gate"]["activation"]
-    ('CPMuMoE', {'r': 2}, 'entmax15')
+    >>> dtype_name(torch.zeros(1, dtype=torch.bfloat16))
+    'bfloat16'
     """
-    name = type(module).__name__
-    if LAYER_CLASSES.get(name) is not type(module):
-        raise TypeError(
-            f"a configuration describes one of {', '.join(LAYER_CLASSES)}, got "
-            f"{type(module).__module__}.{type(module).__qualname__}"
-        )
-    if isinstance(module, MuMoE):
-        if not module._owns_cores:
-            raise TypeError(
-                f"{name} takes its cores from elsewhere; a configuration cannot hold it"
-            )
-        return {
-            "class": name,
-            "in_features": module.in_features,
-            "out_features": module.out_features,
-            "network": _network_config(module.network),
-            "gate": None if module.gate is None else _gate_config(module.gate, name),
-            "input_norm": module.input_norm is not None,
-            "dtype": _dtype_name(module.cores[0]),
-        }
-    assert isinstance(module, MuMoEBlock)
-    networks = {
-        part: _network_config(layer.network) if isinstance(layer, MuMoE) else None
-        for part in _BLOCK_PARTS
-        for layer in [getattr(module, part)]
-    }
-    return {
-        "class": name,
-        "in_features": module.in_features,
-        "hidden_features": module.hidden_features,
-        "out_features": module.out_features,
-        "bias": module.fc2.network.bias or module.bias is not None,
-        "encoder": module.encoder,
-        "hidden_activation": module.hidden_activation,
-        "glu": module.glu,
-        "output_bias": module.output_bias,
-        "networks": networks,
-        "gate": _gate_config(module.gate, name),
-        "input_norm": module.input_norm is not None,
-        "dtype": _dtype_name(module.fc2.cores[0]),
-    }
+    return str(tensor.dtype).removeprefix("torch.")
 
 
-def _fail(where: str, message: str) -> ValueError:
+def config_error(where: str, message: str) -> ValueError:
+    """The error of a configuration: ``"configuration {where}: {message}"``.
+
+    Parameters
+    ----------
+    where, message : str
+
+    Returns
+    -------
+    ValueError
+
+    Examples
+    --------
+    >>> config_error("of 'fc'", "has no 'class'")
+    ValueError("configuration of 'fc': has no 'class'")
+    """
     return ValueError(f"configuration {where}: {message}")
 
 
-def _get(config: Mapping[str, Any], key: str, kinds: Any, where: str) -> Any:
-    if key not in config:
-        raise _fail(where, f"has no {key!r}")
-    value = config[key]
-    bad_bool = isinstance(value, bool) and bool not in (
-        kinds if isinstance(kinds, tuple) else (kinds,)
-    )
-    if not isinstance(value, kinds) or bad_bool:
-        raise _fail(where, f"{key!r} is {value!r}, expected {kinds}")
-    return value
-
-
-def _known(config: Mapping[str, Any], keys: set[str], where: str) -> None:
-    if not isinstance(config, Mapping):
-        raise _fail(where, f"is {type(config).__name__}, expected a JSON object")
-    unknown = sorted(set(config) - keys)
-    if unknown:
-        raise _fail(
-            where, f"has unknown fields {unknown} (a newer mumoe's?); expected {sorted(keys)}"
-        )
-
-
-def _network(config: Any, in_features: int, out_features: int, where: str) -> Network:
-    _known(config, {"spec", "expert_dims", "rank", "bias"}, where)
-    dims = _get(config, "expert_dims", list, where)
-    rank = _get(config, "rank", dict, where)
-    try:
-        return Network(
-            _get(config, "spec", str, where),
-            in_features,
-            out_features,
-            expert_dims=tuple(dims),
-            rank=rank or None,
-            bias=_get(config, "bias", bool, where),
-        )
-    except (TypeError, ValueError) as error:
-        raise _fail(where, f"its network is invalid: {error}") from error
-
-
-def _gate_options(config: Any, where: str) -> dict[str, Any]:
-    _known(config, {"normalization", "activation", "top_k", "bias", "balance"}, where)
-    normalization = config.get("normalization")
-    if normalization not in _NORMS:
-        raise _fail(where, f"normalization {normalization!r} is not one of {list(_NORMS)}")
-    activation = _get(config, "activation", str, where)
-    if activation not in ACTIVATIONS:
-        raise _fail(where, f"activation {activation!r} is not one of {list(ACTIVATIONS)}")
-    top_k = config.get("top_k")
-    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int)):
-        raise _fail(where, f"top_k is {top_k!r}, expected an int or null")
-    balance = _get(config, "balance", dict, where)
-    unknown = sorted(set(balance) - set(LOSSES))
-    if unknown or not all(isinstance(v, int | float) for v in balance.values()):
-        raise _fail(where, f"balance {balance!r} is not {{loss: coefficient}} over {list(LOSSES)}")
-    return {
-        "normalization": normalization,
-        "activation": activation,
-        "top_k": top_k,
-        "gate_bias": _get(config, "bias", bool, where),
-        "balance": balance or None,
-    }
-
-
-def _size(config: Mapping[str, Any], key: str, where: str) -> int:
-    value = _get(config, key, int, where)
-    if value < 1:
-        raise _fail(where, f"{key!r} is {value}, expected a positive int")
-    return int(value)
-
-
-def module_from_config(
-    config: Mapping[str, Any],
-    *,
-    device: torch.device | str | None = None,
-    dtype: torch.dtype | None = None,
-    where: str = "",
-) -> MuMoE | MuMoEBlock:
-    """A freshly initialised module of the class and shapes ``config`` describes.
+def config_field(config: Mapping[str, Any], key: str, kinds: Any, where: str) -> Any:
+    """The field ``key`` of ``config``, checked to be of ``kinds`` (a bool is not an int).
 
     Parameters
     ----------
     config : mapping
-        As :func:`module_config` returns it (read from JSON).
-    device : torch.device or str, optional
-    dtype : torch.dtype, optional
-        Of the parameters; by default the configuration's.
-    where : str, optional
-        Named in error messages (the file, the module's name).
+    key : str
+    kinds : type or tuple of types
+    where : str
+        Named in messages.
 
     Returns
     -------
-    MuMoE or MuMoEBlock
-        In train mode, initialised as its constructor does.
+    Any
 
     Raises
     ------
     ValueError
-        If a field is missing, unknown, of the wrong type, or invalid (an
-        unknown class, a spec that does not parse, sizes that disagree); the
-        message names the field.
+        If the field is missing or of another type.
 
     Examples
     --------
-    >>> from mumoe.nn import MuMoEBlock
-    >>> block = MuMoEBlock(8, 32, expert_dims=4, rank=3, glu=True, hidden_activation="silu")
-    >>> rebuilt = module_from_config(module_config(block))
-    >>> type(rebuilt).__name__, rebuilt.up.network == block.up.network
-    ('MuMoEBlock', True)
+    >>> config_field({"in_features": True}, "in_features", int, "of a layer")
+    Traceback (most recent call last):
+    ...
+    ValueError: configuration of a layer: 'in_features' is True, expected <class 'int'>
     """
-    where = where or "of a μMoE module"
+    if key not in config:
+        raise config_error(where, f"has no {key!r}")
+    value = config[key]
+    allowed = kinds if isinstance(kinds, tuple) else (kinds,)
+    if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in allowed):
+        raise config_error(where, f"{key!r} is {value!r}, expected {kinds}")
+    return value
+
+
+def known_fields(config: Any, keys: set[str], where: str) -> None:
+    """Check that ``config`` is a mapping with no field outside ``keys``.
+
+    Parameters
+    ----------
+    config : Any
+    keys : set of str
+    where : str
+
+    Raises
+    ------
+    ValueError
+        If it is not a mapping, or has an unknown field (a newer mumoe's).
+
+    Examples
+    --------
+    >>> known_fields({"a": 1, "b": 2}, {"a"}, "of x")
+    Traceback (most recent call last):
+    ...
+    ValueError: configuration of x: has unknown fields ['b'] (a newer mumoe's?); expected ['a']
+    """
     if not isinstance(config, Mapping):
-        raise _fail(where, f"is {type(config).__name__}, expected a JSON object")
-    name = _get(config, "class", str, where)
-    cls = LAYER_CLASSES.get(name)
-    if cls is None:
-        raise _fail(where, f"class {name!r} is not one of {list(LAYER_CLASSES)}")
-    dtype_name = _get(config, "dtype", str, where)
-    if dtype_name not in DTYPES:
-        raise _fail(where, f"dtype {dtype_name!r} is not one of {list(DTYPES)}")
-    factory: dict[str, Any] = {"device": device, "dtype": dtype or DTYPES[dtype_name]}
-    in_features = _size(config, "in_features", where)
-    out_features = _size(config, "out_features", where)
-    input_norm = _get(config, "input_norm", bool, where)
-    try:
-        if cls is not MuMoEBlock:
-            _known(
-                config,
-                {"class", "in_features", "out_features", "network", "gate", "input_norm", "dtype"},
-                where,
-            )
-            network = _network(
-                config.get("network"), in_features, out_features, f"{where}, network"
-            )
-            gate = config.get("gate")
-            options = {} if gate is None else _gate_options(gate, f"{where}, gate")
-            layer = cls.__new__(cls)
-            # A preset class's own __init__ takes a format's rank; the network is exact.
-            MuMoE.__init__(
-                layer,  # type: ignore[arg-type]
-                in_features,
-                out_features,
-                network,
-                bias=network.bias,
-                input_norm=input_norm,
-                gated=gate is not None,
-                **options,
-                **factory,
-            )
-            return layer  # type: ignore[return-value]
-        keys = {
-            "class", "in_features", "hidden_features", "out_features", "bias", "encoder",
-            "hidden_activation", "glu", "output_bias", "networks", "gate", "input_norm", "dtype",
-        }  # fmt: skip
-        _known(config, keys, where)
-        hidden = _size(config, "hidden_features", where)
-        networks = _get(config, "networks", dict, where)
-        _known(networks, set(_BLOCK_PARTS), f"{where}, networks")
-        encoder = config.get("encoder")
-        if encoder not in ENCODERS or config.get("output_bias") not in OUTPUT_BIASES:
-            raise _fail(
-                where, f"encoder/output_bias {encoder!r}/{config.get('output_bias')!r} unknown"
-            )
-        if config.get("hidden_activation") not in HIDDEN_ACTIVATIONS:
-            raise _fail(where, f"hidden_activation {config.get('hidden_activation')!r} unknown")
-        sizes = {
-            "fc1": (in_features, hidden),
-            "up": (in_features, hidden),
-            "fc2": (hidden, out_features),
-        }
-        built = {
-            part: _network(networks[part], *sizes[part], f"{where}, networks.{part}")
-            for part in _BLOCK_PARTS
-            if networks.get(part) is not None
-        }
-        if "fc2" not in built:
-            raise _fail(where, "networks.fc2 is missing: a block's decoder is a μMoE layer")
-        decoder = built["fc2"]
-        block = MuMoEBlock(
-            in_features,
-            hidden,
-            out_features,
-            decoder.spec,
-            expert_dims=decoder.expert_dims,
-            rank=dict(decoder.ranks) or None,
-            bias=_get(config, "bias", bool, where),
-            encoder=encoder,
-            hidden_activation=config["hidden_activation"],
-            glu=_get(config, "glu", bool, where),
-            output_bias=config["output_bias"],
-            input_norm=input_norm,
-            **_gate_options(config.get("gate"), f"{where}, gate"),
-            **factory,
+        raise config_error(where, f"is {type(config).__name__}, expected a JSON object")
+    unknown = sorted(set(config) - keys)
+    if unknown:
+        raise config_error(
+            where, f"has unknown fields {unknown} (a newer mumoe's?); expected {sorted(keys)}"
         )
-        # The encoders' ranks may differ from the decoder's (a budget matched per layer).
-        for part, network in built.items():
-            layer = getattr(block, part)
-            if not isinstance(layer, MuMoE) or layer.network.expert_dims != network.expert_dims:
-                raise _fail(where, f"networks.{part} does not fit the block's encoder {encoder!r}")
-            if layer.network != network:
-                setattr(
-                    block,
-                    part,
-                    MuMoE(*sizes[part], network, bias=network.bias, gated=False, **factory),
-                )
-        return block
+
+
+def config_size(config: Mapping[str, Any], key: str, where: str) -> int:
+    """A positive int field.
+
+    Parameters
+    ----------
+    config : mapping
+    key, where : str
+
+    Returns
+    -------
+    int
+
+    Raises
+    ------
+    ValueError
+        If missing, not an int, or below 1.
+
+    Examples
+    --------
+    >>> config_size({"in_features": 8}, "in_features", "of a layer")
+    8
+    """
+    value = config_field(config, key, int, where)
+    if value < 1:
+        raise config_error(where, f"{key!r} is {value}, expected a positive int")
+    return int(value)
+
+
+def config_dtype(config: Mapping[str, Any], where: str) -> torch.dtype:
+    """The ``dtype`` field as a torch dtype.
+
+    Parameters
+    ----------
+    config : mapping
+    where : str
+
+    Returns
+    -------
+    torch.dtype
+
+    Raises
+    ------
+    ValueError
+        If it is not one of :data:`DTYPES`.
+
+    Examples
+    --------
+    >>> config_dtype({"dtype": "float64"}, "of a layer")
+    torch.float64
+    """
+    name = config_field(config, "dtype", str, where)
+    if name not in DTYPES:
+        raise config_error(where, f"dtype {name!r} is not one of {list(DTYPES)}")
+    return DTYPES[name]
+
+
+def network_from_config(config: Any, in_features: int, out_features: int, where: str) -> Network:
+    """The Network a :func:`network_config` describes, for the given sizes.
+
+    Parameters
+    ----------
+    config : Any
+        Read from JSON.
+    in_features, out_features : int
+    where : str
+
+    Returns
+    -------
+    Network
+
+    Raises
+    ------
+    ValueError
+        For a missing, unknown or mistyped field, or a network that does not
+        build (a spec that does not parse, ranks that do not fit it).
+
+    Examples
+    --------
+    >>> from mumoe import cp
+    >>> network_from_config(network_config(cp(4, 2, expert_dims=8, rank=3)), 4, 2, "") == cp(
+    ...     4, 2, expert_dims=8, rank=3)
+    True
+    """
+    known_fields(config, {"spec", "expert_dims", "rank", "bias"}, where)
+    dims = config_field(config, "expert_dims", list, where)
+    rank = config_field(config, "rank", dict, where)
+    try:
+        return Network(
+            config_field(config, "spec", str, where),
+            in_features,
+            out_features,
+            expert_dims=tuple(dims),
+            rank=rank or None,
+            bias=config_field(config, "bias", bool, where),
+        )
     except (TypeError, ValueError) as error:
-        if str(error).startswith("configuration "):
-            raise
-        raise _fail(where, str(error)) from error
+        raise config_error(where, f"its network is invalid: {error}") from error
+
+
+def gate_options(config: Any, where: str) -> dict[str, Any]:
+    """The layer keyword arguments a :func:`gate_config` describes.
+
+    Parameters
+    ----------
+    config : Any
+        Read from JSON.
+    where : str
+
+    Returns
+    -------
+    dict
+        normalization, activation, top_k, gate_bias, balance.
+
+    Raises
+    ------
+    ValueError
+        For a missing, unknown, mistyped or invalid field.
+
+    Examples
+    --------
+    >>> gate_options(gate_config(MuMoEGate(4, (3,)), "layer"), "")["activation"]
+    'entmax15'
+    """
+    known_fields(config, {"normalization", "activation", "top_k", "bias", "balance"}, where)
+    normalization = config.get("normalization")
+    if normalization not in _NORMS:
+        raise config_error(where, f"normalization {normalization!r} is not one of {list(_NORMS)}")
+    activation = config_field(config, "activation", str, where)
+    if activation not in ACTIVATIONS:
+        raise config_error(where, f"activation {activation!r} is not one of {list(ACTIVATIONS)}")
+    top_k = config.get("top_k")
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int)):
+        raise config_error(where, f"top_k is {top_k!r}, expected an int or null")
+    balance = config_field(config, "balance", dict, where)
+    unknown = sorted(set(balance) - set(LOSSES))
+    if unknown or not all(isinstance(v, int | float) for v in balance.values()):
+        raise config_error(
+            where, f"balance {balance!r} is not {{loss: coefficient}} over {list(LOSSES)}"
+        )
+    return {
+        "normalization": normalization,
+        "activation": activation,
+        "top_k": top_k,
+        "gate_bias": config_field(config, "bias", bool, where),
+        "balance": balance or None,
+    }

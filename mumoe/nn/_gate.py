@@ -31,6 +31,7 @@ import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from mumoe.backends import thread_backend
@@ -49,6 +50,7 @@ from mumoe.gates import gate_coefficients as _gate_coefficients
 from mumoe.gates import resolve_activation as _resolve
 from mumoe.nn import _entmax
 from mumoe.nn._bridge import device_type
+from mumoe.nn._distributed import check_process_group, group_sum
 from mumoe.typing import SparseGate
 from mumoe.validation import check_bool
 
@@ -357,7 +359,9 @@ class MuMoEGate(nn.Module):
         pass then sets :attr:`aux_loss` to their weighted sum over the levels
         (differentiable; None without ``balance``); sum them over a model
         with :func:`mumoe.nn.collect_aux_losses`.  Padding is left out inside
-        :func:`mumoe.nn.gate_mask`.
+        :func:`mumoe.nn.gate_mask`; the losses are the whole batch's over a
+        process group after :func:`mumoe.nn.reduce_balance_over`
+        (:attr:`balance_group`).
     device, dtype
         Of the parameters, as for ``torch.nn.Linear``.
 
@@ -433,6 +437,33 @@ class MuMoEGate(nn.Module):
             else None
         )
         self.reset_parameters()
+
+    @property
+    def balance_group(self) -> dist.ProcessGroup | None:
+        """The process group whose batches the balance losses sum over in training.
+
+        None (default): this process's batch alone.  Set it with
+        :func:`mumoe.nn.reduce_balance_over`, or assign a
+        ``torch.distributed.ProcessGroup``, ``True`` (the default group) or
+        None.  Copies and pickles of the gate do not keep it.
+
+        Examples
+        --------
+        >>> MuMoEGate(4, (3,)).balance_group is None
+        True
+        """
+        # .get: a gate pickled before this attribute existed has none.
+        return self.__dict__.get("_balance_group")
+
+    @balance_group.setter
+    def balance_group(self, group: dist.ProcessGroup | bool | None) -> None:
+        self.__dict__["_balance_group"] = check_process_group(group, "balance_group")
+
+    def __getstate__(self) -> dict[str, object]:
+        # A process group belongs to this process: it neither pickles nor deep-copies.
+        state = super().__getstate__()
+        state.pop("_balance_group", None)
+        return state
 
     def _apply(self, fn, recurse=True):  # type: ignore[no-untyped-def]
         # .half(), .to(torch.bfloat16), ...: the projections follow, the norms'
@@ -532,8 +563,11 @@ class MuMoEGate(nn.Module):
                 support=self.support,
             )
             if self.balance:
+                # Over the group in training only: an eval pass on one process never waits.
+                group = self.balance_group if self.training else None
+                reduce = None if group is None else group_sum(group, differentiable=True)
                 self.aux_loss = balance_loss(
-                    self.balance, dense_gates(gates), logits or [], self.mask
+                    self.balance, dense_gates(gates), logits or [], self.mask, reduce=reduce
                 )
         return gates
 

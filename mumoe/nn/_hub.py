@@ -2,7 +2,7 @@
 
 With ``huggingface_hub`` installed (the ``hub`` extra), :class:`HubMixin` is
 its ``PyTorchModelHubMixin``: a folder holds ``config.json`` (the module's
-settings, :func:`mumoe.nn._config.module_config`), ``model.safetensors`` (its
+settings, its ``get_config()``), ``model.safetensors`` (its
 state) and a model card, and ``push_to_hub`` uploads it.  Loading is strict:
 every tensor present, of its shape, before any is copied.  Without the extra,
 the three methods raise an ``ImportError`` that names it.
@@ -225,9 +225,7 @@ else:
         """``PyTorchModelHubMixin`` with mumoe's configuration and a strict load."""
 
         def _save_pretrained(self, save_directory: Path) -> None:
-            from mumoe.nn._config import module_config  # the layers inherit this class
-
-            config = module_config(self)  # type: ignore[arg-type]
+            config = self.get_config()  # type: ignore[attr-defined]
             write_state(save_directory / WEIGHTS_NAME, self.state_dict(), {"format": "pt"})  # type: ignore[attr-defined]
             (save_directory / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True))
 
@@ -245,8 +243,6 @@ else:
             config: dict[str, Any] | None = None,
             **model_kwargs: Any,
         ) -> Any:
-            from mumoe.nn._config import module_from_config
-
             def file(name: str) -> str:
                 if os.path.isdir(model_id):
                     return os.path.join(model_id, name)
@@ -269,13 +265,8 @@ else:
             unexpected = sorted(set(model_kwargs) - set(config))
             if unexpected:
                 raise TypeError(f"from_pretrained got unexpected keyword arguments {unexpected}")
-            module = module_from_config(
-                config, device=map_location, where=f"{os.path.join(model_id, CONFIG_NAME)!r}"
-            )
-            if not isinstance(module, cls):
-                raise ValueError(
-                    f"{model_id!r} holds a {type(module).__name__}, not a {cls.__name__}"
-                )
+            where = f"{os.path.join(model_id, CONFIG_NAME)!r}"
+            module = cls.from_config(config, device=map_location, where=where)  # type: ignore[attr-defined]
             state = read_state(file(WEIGHTS_NAME), f"{model_id!r}'s {WEIGHTS_NAME}")
             load_checked(module, state, f"{model_id!r}")
             return module.eval()

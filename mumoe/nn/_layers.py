@@ -33,6 +33,18 @@ from mumoe.nn._bridge import (
     module_contract,
     not_scriptable,
 )
+from mumoe.nn._config import (
+    config_dtype,
+    config_error,
+    config_field,
+    config_size,
+    dtype_name,
+    gate_config,
+    gate_options,
+    known_fields,
+    network_config,
+    network_from_config,
+)
 from mumoe.nn._gate import Activation, MuMoEGate
 from mumoe.nn._hub import HubMixin
 from mumoe.nn._init import init_cores_
@@ -42,7 +54,7 @@ from mumoe.spec import Budget, Network, build_network
 from mumoe.typing import Rank, RankOrBudget
 from mumoe.validation import check_scales
 
-__all__ = ["CPMuMoE", "MuMoE", "TRMuMoE", "TTMuMoE", "TuckerMuMoE"]
+__all__ = ["LAYER_CLASSES", "CPMuMoE", "MuMoE", "TRMuMoE", "TTMuMoE", "TuckerMuMoE"]
 
 
 #: Guards taking a layer's edit ownership (module-level: a lock would not pickle).
@@ -503,6 +515,111 @@ class MuMoE(nn.Module, HubMixin):
         with thread_backend("pytorch"):
             return functional.expert_weight(*self._weights(), index)
 
+    def get_config(self) -> dict[str, Any]:
+        """The layer's constructor settings as JSON (class, sizes, network, gate, dtype).
+
+        Returns
+        -------
+        dict
+            :meth:`from_config` builds the layer back from it.
+
+        Raises
+        ------
+        TypeError
+            For a subclass mumoe does not know, or a layer whose cores live
+            elsewhere (:class:`mumoe.nn.FactorizedMuMoE`).
+        ValueError
+            For a custom activation callable or gate norm.
+
+        Examples
+        --------
+        >>> config = CPMuMoE(8, 4, expert_dims=6, rank=2).get_config()
+        >>> config["class"], config["network"]["rank"], config["gate"]["activation"]
+        ('CPMuMoE', {'r': 2}, 'entmax15')
+        """
+        name = type(self).__name__
+        if LAYER_CLASSES.get(name) is not type(self) or not self._owns_cores:
+            raise TypeError(
+                f"{type(self).__qualname__} has no configuration: one of "
+                f"{', '.join(LAYER_CLASSES)} whose cores are its own parameters has"
+            )
+        return {
+            "class": name,
+            "in_features": self.in_features,
+            "out_features": self.out_features,
+            "network": network_config(self.network),
+            "gate": None if self.gate is None else gate_config(self.gate, name),
+            "input_norm": self.input_norm is not None,
+            "dtype": dtype_name(self.cores[0]),
+        }
+
+    @classmethod
+    def from_config(
+        cls,
+        config: Mapping[str, Any],
+        *,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+        where: str = "",
+    ) -> MuMoE:
+        """A freshly initialised layer of the class and shapes ``config`` describes.
+
+        Parameters
+        ----------
+        config : mapping
+            As :meth:`get_config` gives it (read from JSON): of this class or
+            a subclass (``MuMoE.from_config`` builds a ``CPMuMoE``'s).
+        device : torch.device or str, optional
+        dtype : torch.dtype, optional
+            Of the parameters; by default the configuration's.
+        where : str, optional
+            Named in messages (the file).
+
+        Returns
+        -------
+        MuMoE
+
+        Raises
+        ------
+        ValueError
+            If a field is missing, unknown, mistyped or invalid, or the
+            configuration is of another class; the message names it.
+
+        Examples
+        --------
+        >>> layer = TRMuMoE(8, 4, expert_dims=6, rank=(2, 2, 3))
+        >>> rebuilt = MuMoE.from_config(layer.get_config())
+        >>> type(rebuilt).__name__, rebuilt.network == layer.network
+        ('TRMuMoE', True)
+        """
+        where = where or f"of a {cls.__name__}"
+        name = config_field(config, "class", str, where)
+        target = LAYER_CLASSES.get(name)
+        if target is None or not issubclass(target, cls):
+            raise config_error(where, f"holds a {name}, not a {cls.__name__}")
+        keys = {"class", "in_features", "out_features", "network", "gate", "input_norm", "dtype"}
+        known_fields(config, keys, where)
+        sizes = (
+            config_size(config, "in_features", where),
+            config_size(config, "out_features", where),
+        )
+        network = network_from_config(config.get("network"), *sizes, f"{where}, network")
+        gate = config.get("gate")
+        layer = target.__new__(target)
+        # A preset class's own __init__ takes a format's rank; the network is exact.
+        MuMoE.__init__(
+            layer,
+            *sizes,
+            network,
+            bias=network.bias,
+            input_norm=config_field(config, "input_norm", bool, where),
+            gated=gate is not None,
+            **({} if gate is None else gate_options(gate, f"{where}, gate")),
+            device=device,
+            dtype=dtype or config_dtype(config, where),
+        )
+        return layer
+
     def extra_repr(self) -> str:
         """Sizes and options, for ``repr``."""
         net = self.network
@@ -672,3 +789,9 @@ class TRMuMoE(_PresetMuMoE):
     """
 
     format = "tr"
+
+
+#: The layer classes a configuration may name, by name.
+LAYER_CLASSES: dict[str, type[MuMoE]] = {
+    cls.__name__: cls for cls in (MuMoE, CPMuMoE, TuckerMuMoE, TTMuMoE, TRMuMoE)
+}

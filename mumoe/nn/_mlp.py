@@ -103,6 +103,27 @@ class FoldedIntoBlock(nn.Identity):
         super().__init__()
         self.converted_from = converted_from
 
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Return ``x`` itself: the block before this module computed the whole MLP.
+
+        Parameters
+        ----------
+        x : torch.Tensor
+
+        Returns
+        -------
+        torch.Tensor
+            ``x``, not a copy.
+
+        Examples
+        --------
+        >>> import torch
+        >>> x = torch.ones(2)
+        >>> FoldedIntoBlock().forward(x) is x
+        True
+        """
+        return x
+
     def extra_repr(self) -> str:
         if self.converted_from is None:
             return "folded into the preceding MuMoEBlock"

@@ -13,20 +13,20 @@ the same replacements on a freshly built base model, all or nothing.
 from __future__ import annotations
 
 import difflib
+import importlib.metadata
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import torch
 from torch import nn
 
-from mumoe import __version__
 from mumoe.nn._block import MuMoEBlock
-from mumoe.nn._config import module_config, module_from_config
+from mumoe.nn._config import config_error, config_field
 from mumoe.nn._convert import _parent, replaced_record
 from mumoe.nn._hub import check_state, load_checked, read_state, write_state
-from mumoe.nn._layers import MuMoE
+from mumoe.nn._layers import LAYER_CLASSES, MuMoE
 from mumoe.nn._mlp import FoldedIntoBlock
 from mumoe.typing import PathLike
 
@@ -34,8 +34,10 @@ __all__ = [
     "MANIFEST_NAME",
     "MODEL_FORMAT",
     "MODEL_VERSION",
+    "MODULE_CLASSES",
     "WEIGHTS_NAME",
     "load_model",
+    "module_from_config",
     "save_model",
 ]
 
@@ -47,6 +49,66 @@ MANIFEST_NAME = "mumoe.json"
 WEIGHTS_NAME = "mumoe.safetensors"
 
 _REPLACEMENTS = (MuMoE, MuMoEBlock, FoldedIntoBlock)
+
+#: The classes a configuration may name, by name.
+MODULE_CLASSES: dict[str, type[MuMoE] | type[MuMoEBlock]] = {
+    **LAYER_CLASSES,
+    "MuMoEBlock": MuMoEBlock,
+}
+
+
+def _version() -> str:
+    try:
+        return importlib.metadata.version("mumoe")
+    except importlib.metadata.PackageNotFoundError:  # run from a source tree
+        return "unknown"
+
+
+def module_from_config(
+    config: Mapping[str, Any],
+    *,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | None = None,
+    where: str = "",
+) -> MuMoE | MuMoEBlock:
+    """A freshly initialised layer or block of the class ``config`` names.
+
+    Parameters
+    ----------
+    config : mapping
+        As a layer's or block's ``get_config()`` gives it.
+    device : torch.device or str, optional
+    dtype : torch.dtype, optional
+        Of the parameters; by default the configuration's.
+    where : str, optional
+        Named in messages.
+
+    Returns
+    -------
+    MuMoE or MuMoEBlock
+        Built by that class's ``from_config``.
+
+    Raises
+    ------
+    ValueError
+        For a class not in :data:`MODULE_CLASSES`, or a configuration its
+        ``from_config`` refuses.
+
+    Examples
+    --------
+    >>> from mumoe.nn import MuMoEBlock
+    >>> block = MuMoEBlock(8, 32, expert_dims=4, rank=3)
+    >>> type(module_from_config(block.get_config())).__name__
+    'MuMoEBlock'
+    """
+    where = where or "of a μMoE module"
+    if not isinstance(config, Mapping):
+        raise config_error(where, f"is {type(config).__name__}, expected a JSON object")
+    name = config_field(config, "class", str, where)
+    cls = MODULE_CLASSES.get(name)
+    if cls is None:
+        raise config_error(where, f"class {name!r} is not one of {list(MODULE_CLASSES)}")
+    return cls.from_config(config, device=device, dtype=dtype, where=where)
 
 
 def _class_name(obj: Any) -> str:
@@ -131,8 +193,9 @@ def save_model(model: nn.Module, folder: PathLike, *, base: bool = False) -> Non
         if isinstance(module, FoldedIntoBlock):
             config = {"class": "FoldedIntoBlock"}
         else:
+            assert isinstance(module, MuMoE | MuMoEBlock)
             try:
-                config = module_config(module)
+                config = module.get_config()
             except (TypeError, ValueError) as error:
                 raise type(error)(f"{names[0]!r} cannot be saved: {error}") from error
         entries.append(
@@ -160,7 +223,7 @@ def save_model(model: nn.Module, folder: PathLike, *, base: bool = False) -> Non
     manifest = {
         "format": MODEL_FORMAT,
         "version": MODEL_VERSION,
-        "mumoe_version": __version__,
+        "mumoe_version": _version(),
         "model_class": _class_name(model),
         "modules": entries,
         "base": base,
@@ -196,7 +259,7 @@ def _read_manifest(folder: PathLike) -> dict[str, Any]:
     if version > MODEL_VERSION:
         raise ValueError(
             f"{path!r} is format version {version}, written by mumoe "
-            f"{manifest.get('mumoe_version')!r}; this mumoe ({__version__}) reads up to version "
+            f"{manifest.get('mumoe_version')!r}; this mumoe ({_version()}) reads up to version "
             f"{MODEL_VERSION}: upgrade mumoe to load it"
         )
     expected = {

@@ -2,11 +2,12 @@
 
 :func:`gate_mask` tells every gate of a model which tokens are padding, for
 one forward pass; :func:`collect_aux_losses` sums the balance losses that
-gates built with ``balance`` set on their last forward pass;
-:class:`ExpertMonitor` keeps a bounded window of each gate's
-:func:`mumoe.gates.usage` and hands back plain floats for any logger, and
-the history of the expert mass for a heatmap
-(:func:`mumoe.plotting.plot_usage`).
+gates built with ``balance`` set on their last forward pass, and
+:func:`reduce_balance_over` makes them the global batch's over a process
+group; :class:`ExpertMonitor` keeps a bounded window of each gate's
+:func:`mumoe.gates.usage` (this process's or the group's) and hands back
+plain floats for any logger, and the history of the expert mass for a
+heatmap (:func:`mumoe.plotting.plot_usage`).
 """
 
 from __future__ import annotations
@@ -15,17 +16,21 @@ import threading
 from collections import deque
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from mumoe.backends import thread_backend
 from mumoe.gates import Usage, usage
+from mumoe.nn._distributed import check_process_group, group_sum
 from mumoe.nn._gate import MuMoEGate, dense_coefficients
 
-__all__ = ["ExpertMonitor", "collect_aux_losses", "gate_mask"]
+__all__ = ["ExpertMonitor", "collect_aux_losses", "gate_mask", "reduce_balance_over"]
+
+ModuleT = TypeVar("ModuleT", bound=nn.Module)
 
 
 def _gates(model: nn.Module) -> list[tuple[str, MuMoEGate]]:
@@ -104,6 +109,63 @@ def collect_aux_losses(model: nn.Module) -> torch.Tensor:
     return torch.stack([loss.to(losses[0]) for loss in losses]).sum()
 
 
+def reduce_balance_over(
+    model: ModuleT, process_group: dist.ProcessGroup | bool | None = True
+) -> ModuleT:
+    """Make every gate's balance losses the global batch's: summed over ``process_group``.
+
+    Each :class:`MuMoEGate` with ``balance`` then sums its per-expert sums
+    and token counts over the group's processes before it normalises them
+    (``reduce`` of :func:`mumoe.gates.balance_loss`), in training mode:
+    :attr:`MuMoEGate.aux_loss` is the loss of every process's batch
+    together, padding from :func:`gate_mask` left out on each, and its
+    gradient, averaged over the processes by DDP or FSDP, is the gradient of
+    that loss.  As with ``torch.nn.SyncBatchNorm``, every process must run
+    the same gates the same number of times per training step, and
+    backpropagate through every ``aux_loss`` (add
+    :func:`collect_aux_losses` to the loss on every process).  A pass in
+    eval mode stays local: evaluation on one process waits for no other.
+    Copies and pickles of the model do not keep the group.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        Every :class:`MuMoEGate` inside it is set (:attr:`MuMoEGate.balance_group`).
+    process_group : torch.distributed.ProcessGroup, True or None, default True
+        The group; ``True`` for the default (WORLD) group; None (or
+        ``False``) for this process's batch alone, as without this call.
+
+    Returns
+    -------
+    torch.nn.Module
+        ``model`` itself.
+
+    Raises
+    ------
+    TypeError
+        If ``process_group`` is not a group, a bool or None.
+    RuntimeError
+        If a group is asked for and ``torch.distributed`` is not initialised.
+    ValueError
+        If ``model`` has no :class:`MuMoEGate`.
+
+    Examples
+    --------
+    On every process, after ``torch.distributed.init_process_group``,
+    ``model = DistributedDataParallel(reduce_balance_over(model))``.  With
+    None, each gate measures its own batch again:
+
+    >>> from mumoe.nn import MuMoE
+    >>> layer = MuMoE(8, 4, "cp", expert_dims=6, rank=2, balance={"uniform_kl": 1.0})
+    >>> reduce_balance_over(layer, None).gate.balance_group is None
+    True
+    """
+    group = check_process_group(process_group)
+    for _, gate in _gates(model):
+        gate.balance_group = group
+    return model
+
+
 class ExpertMonitor:
     """Each gate's expert usage over the last ``window`` forward passes, with bounded memory.
 
@@ -113,6 +175,12 @@ class ExpertMonitor:
     ``window`` entries, and every ``every``-th adds the mass to a history of at
     most ``history`` rows.  Padding set with :func:`gate_mask` is left out.
     Use it as a context manager, or call :meth:`close`.
+
+    With ``process_group``, each recorded pass measures the batch of every
+    process of the group together (its per-expert sums and token counts
+    summed over the processes, then normalised): every process sees the same,
+    global, metrics.  Every process must then make the same recorded
+    passes: the same gates, as many times (training-mode passes by default).
 
     Parameters
     ----------
@@ -125,6 +193,19 @@ class ExpertMonitor:
     history : int, default 500
         At most this many rows are kept (the oldest are dropped).
     training_only : bool, default True
+    process_group : torch.distributed.ProcessGroup, True or None, default None
+        Sum the statistics over this group (``True``: the default, WORLD,
+        group); None: this process's batches alone.
+
+    Raises
+    ------
+    ValueError
+        If ``window``, ``every`` or ``history`` is not a positive int, or
+        ``model`` has no :class:`MuMoEGate`.
+    TypeError
+        If ``process_group`` is not a group, a bool or None.
+    RuntimeError
+        If a group is asked for and ``torch.distributed`` is not initialised.
 
     Examples
     --------
@@ -149,10 +230,13 @@ class ExpertMonitor:
         every: int = 1,
         history: int = 500,
         training_only: bool = True,
+        process_group: dist.ProcessGroup | bool | None = None,
     ) -> None:
         for value, what in ((window, "window"), (every, "every"), (history, "history")):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{what} must be a positive int, got {value!r}")
+        group = check_process_group(process_group)
+        self._reduce = None if group is None else group_sum(group, differentiable=False)
         self.window, self.every, self.training_only = window, every, training_only
         self.steps = 0
         self._owner = threading.get_ident()
@@ -171,7 +255,10 @@ class ExpertMonitor:
                 return
             mask = gate.mask
             with torch.no_grad(), thread_backend("pytorch"):
-                levels = [usage(a.detach().float(), mask) for a in dense_coefficients(output)]
+                levels = [
+                    usage(a.detach().float(), mask, reduce=self._reduce)
+                    for a in dense_coefficients(output)
+                ]
             # Tensors kept as they are: floats only in metrics(), not a device sync per step.
             self._recent[name].append(levels)
             count = self._counts.get(name, 0)

@@ -213,3 +213,117 @@ def test_joint_usage_of_many_levels(backend):
         joint = to_numpy64(joint_usage(halves))  # 2**20 joint experts: JOINT_LIMIT exactly
         assert joint.shape == (2,) * 20
         np.testing.assert_allclose(joint, 2.0**-20, rtol=1e-5)
+
+
+# ------------------------------------------------- sums over processes (issue #29, item 4)
+
+
+def two_processes(fn, mine, theirs):
+    """``fn(*mine)`` under a fake two-process all-reduce: each sum plus ``fn(*theirs)``'s.
+
+    Both calls must make the same reduce calls, in the same order (as ranks must).
+    """
+    sent = []
+    # Their sums, recorded; their own result is thrown away (+ 1: a count that is never
+    # zero, as the true total is not when this process has tokens).
+    fn(*theirs, reduce=lambda sums: sent.append(sums) or sums + 1)
+    count = len(sent)
+    out = fn(*mine, reduce=lambda sums: sums + sent.pop(0))
+    assert count > 0 and not sent, f"{count} sums sent, {len(sent)} left unused"
+    return out
+
+
+def _balance(values, logits, mask=None, reduce=None):
+    weights = {"importance_cv2": 1.0, "uniform_kl": 0.5, "z_loss": 0.1}
+    return balance_loss(weights, values, logits, mask, reduce=reduce)
+
+
+@settings(max_examples=40)
+@given(batches, st.integers(0, 40))
+def test_two_halves_summed_measure_the_whole_batch(case, cut):
+    logits, a, mask = draw(*case)
+    cut = min(cut, len(a))  # an empty first half included
+    b = softmax(np.random.default_rng(case[-1]).standard_normal((len(a), 3)))
+    first = (slice(None, cut), slice(cut, None))
+    halves = [(a[s], mask[s]) for s in first]
+    u = two_processes(usage, *halves)
+    whole = usage(a, mask)
+    for field in ("mass", "support"):
+        np.testing.assert_allclose(getattr(u, field), getattr(whole, field), atol=1e-12)
+    for field in ("entropy", "effective_experts", "mean_support"):
+        assert float(getattr(u, field)) == pytest.approx(float(getattr(whole, field)), rel=1e-12)
+    assert u.tokens == whole.tokens == mask.sum()
+    for name, (fn, takes_logits) in LOSSES.items():
+        values = logits if takes_logits else a
+        got = two_processes(fn, *[(values[s], mask[s]) for s in first])
+        assert float(got) == pytest.approx(float(fn(values, mask)), rel=1e-10, abs=1e-12), name
+    joint = two_processes(joint_usage, *[([a[s], b[s]], mask[s]) for s in first])
+    np.testing.assert_allclose(joint, joint_usage([a, b], mask), atol=1e-12)
+    got = two_processes(_balance, *[([a[s], b[s]], [logits[s]], mask[s]) for s in first])
+    assert float(got) == pytest.approx(float(_balance([a, b], [logits], mask)), rel=1e-10)
+
+
+@pytest.mark.parametrize("backend", backend_params())
+def test_a_process_whose_tokens_are_all_padding_counts_none(backend):
+    logits, a, mask = draw(10, 5, 2.0, 7)
+    mask[:4] = False  # the first process: padding only
+    with use_backend("numpy"):
+        whole = usage(a, mask)
+        losses = {name: float(f(logits if t else a, mask)) for name, (f, t) in LOSSES.items()}
+    with use_backend(backend):
+        dtype = backend_dtype("float64" if backend != "jax" else "float32")
+        ta, tz, tmask = tl.tensor(a, dtype=dtype), tl.tensor(logits, dtype=dtype), tl.tensor(mask)
+        tolerance = 1e-5 if backend == "jax" else 1e-12
+        for mine, theirs in ((slice(None, 4), slice(4, None)), (slice(4, None), slice(None, 4))):
+            u = two_processes(usage, (ta[mine], tmask[mine]), (ta[theirs], tmask[theirs]))
+            assert u.tokens == whole.tokens
+            np.testing.assert_allclose(to_numpy64(u.mass), whole.mass, atol=tolerance)
+            np.testing.assert_allclose(to_numpy64(u.support), whole.support, atol=tolerance)
+            for name, (f, t) in LOSSES.items():
+                values = tz if t else ta
+                got = two_processes(f, (values[mine], tmask[mine]), (values[theirs], tmask[theirs]))
+                assert float(got) == pytest.approx(
+                    losses[name], rel=1e-4 if tolerance > 1e-6 else 1e-10
+                )
+
+
+@pytest.mark.parametrize("backend", backend_params(differentiable=True))
+def test_the_gradient_through_the_sums_is_the_whole_batchs(backend):
+    logits = np.random.default_rng(1).standard_normal((9, 4)) * 2
+    mask_np = np.arange(9) % 4 != 1
+    with use_backend(backend):
+        # Under jax.grad a mask's token count cannot be read back to check it: no mask there.
+        mask = None if backend == "jax" else tl.tensor(mask_np)
+
+        def whole(z):
+            return _balance([softmax(z)], [z], mask)
+
+        def split(z):
+            halves = [(slice(None, 5),), (slice(5, None),)]
+            args = [([softmax(z[s])], [z[s]], None if mask is None else mask[s]) for (s,) in halves]
+            return two_processes(_balance, *args)
+
+        expected = _gradient(backend, whole, logits)
+        got = _gradient(backend, split, logits)
+    assert np.abs(expected).max() > 1e-3  # a gradient worth comparing
+    np.testing.assert_allclose(got, expected, rtol=1e-4 if backend == "jax" else 1e-10, atol=1e-7)
+
+
+def test_a_bad_reduce_and_no_token_anywhere_say_so():
+    a = np.full((3, 4), 0.25)
+    with pytest.raises(
+        ValueError,
+        match=r"reduce must return the sum of its 1-D input, a tensor "
+        r"of its shape \(9,\); got \(1,\)",
+    ):
+        usage(a, reduce=lambda sums: sums[:1])
+    with pytest.raises(ValueError, match=r"reduce must return .* got float"):
+        uniform_kl(a, reduce=lambda sums: float(sums.sum()))
+    nothing = np.zeros(3, dtype=bool)
+    for fn in (usage, importance_cv2, uniform_kl, router_z_loss):
+        with pytest.raises(ValueError, match=r"has no token on any process \(all padding"):
+            fn(a, nothing, reduce=lambda sums: sums)  # every process: padding only
+    with pytest.raises(ValueError, match="gates has no token on any process"):
+        usage(np.zeros((0, 4)), reduce=lambda sums: sums)
+    with pytest.raises(ValueError, match=r"every token of gates is masked"):  # no reduce: local
+        usage(a, nothing)

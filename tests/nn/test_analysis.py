@@ -158,7 +158,9 @@ def test_collect_gates_asks_which_gate_when_there_are_several():
     ):
         collect_gates(model, torch.randn(3, 4))
     with pytest.raises(
-        ValueError, match=r"no gate named 'gate'; the model's gates are \['0.gate', '1.gate'\]"
+        ValueError,
+        match=r"'gate' is neither a gate of the model nor a layer or block holding one; its "
+        r"gates are \['0.gate', '1.gate'\]",
     ):
         collect_gates(model, torch.randn(3, 4), gate="gate")
     assert collect_gates(model, torch.randn(3, 4), gate="1.gate")[0].shape == (3, 5)

@@ -20,7 +20,6 @@ from mumoe.nn import (
     TTMuMoE,
     TuckerMuMoE,
     load_model,
-    module_config,
     module_from_config,
     replace_linear,
     replace_mlp,
@@ -377,7 +376,7 @@ LAYERS = [
 def test_a_configuration_rebuilds_the_same_module(build):
     torch.manual_seed(0)
     module = nudged(build())
-    config = json.loads(json.dumps(module_config(module)))  # through JSON
+    config = json.loads(json.dumps(module.get_config()))  # through JSON
     rebuilt = module_from_config(config)
     assert type(rebuilt) is type(module)
     assert {k: v.shape for k, v in rebuilt.state_dict().items()} == {
@@ -390,7 +389,7 @@ def test_a_configuration_rebuilds_the_same_module(build):
 
 def test_module_from_config_can_change_dtype():
     layer = module_from_config(
-        module_config(CPMuMoE(8, 5, expert_dims=6, rank=3)), dtype=torch.float64
+        CPMuMoE(8, 5, expert_dims=6, rank=3).get_config(), dtype=torch.float64
     )
     assert layer.cores[0].dtype == torch.float64
 

@@ -1,0 +1,243 @@
+"""Statistics of gate coefficients over a data set, accumulated chunk by chunk.
+
+:class:`GateStatistics` folds each chunk of coefficients (with labels, a
+padding mask and token windows) into per-expert sums, counts and top lists
+whose size does not depend on the data; :mod:`mumoe.analysis` and
+:func:`mumoe.nn.gate_statistics` use it over data sets too large to hold.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from mumoe.validation import check_labels, host_array, positive_int
+
+__all__ = ["GateStatistics", "check_threshold"]
+
+
+def check_threshold(threshold: float) -> float:
+    """Check a coefficient threshold: a number in (0, 1].
+
+    Parameters
+    ----------
+    threshold : float
+
+    Returns
+    -------
+    float
+
+    Examples
+    --------
+    >>> check_threshold(0.5)
+    0.5
+    """
+    if isinstance(threshold, bool) or not isinstance(threshold, int | float):
+        raise TypeError(f"threshold must be a number, got {threshold!r}")
+    if not 0 < threshold <= 1:
+        raise ValueError(f"threshold must be in (0, 1], got {threshold}")
+    return float(threshold)
+
+
+class GateStatistics:
+    r"""The statistics of one gate level over a data set, accumulated chunk by chunk.
+
+    Memory is the statistics' own, :math:`O(N (C + k W))`, whatever the
+    number of samples: :meth:`update` folds each chunk in and keeps nothing of
+    it.  The results equal :func:`mumoe.analysis.expert_load`,
+    :func:`mumoe.analysis.class_histogram`, :func:`mumoe.analysis.class_mass`
+    and :func:`mumoe.analysis.top_samples` on the concatenated chunks.
+
+    Parameters
+    ----------
+    n_experts : int
+        :math:`N`.
+    n_classes : int, optional
+        :math:`C`; by default one more than the largest label seen so far.
+    threshold : float in (0, 1], default 0.5
+        As for :func:`mumoe.analysis.expert_load`.
+    k : int, default 8
+        Rows kept per expert by :attr:`top_samples`.
+
+    Attributes
+    ----------
+    rows : int
+        Rows counted (padding left out).
+    mass : numpy.ndarray, shape (N,)
+        Each expert's summed coefficient; ``mass / rows`` is its mean share.
+    load : numpy.ndarray of int, shape (N,)
+        :func:`mumoe.analysis.expert_load`.
+    class_histogram, class_mass : numpy.ndarray, shape (N, C), or None
+        :func:`mumoe.analysis.class_histogram`, :func:`mumoe.analysis.class_mass`;
+        None without labels.
+    top_samples : numpy.ndarray of int, shape (N, min(k, rows))
+        The rows (numbered from 0 in the order counted) each expert weights
+        most, largest first, ties in row order: :func:`mumoe.analysis.top_samples`.
+    top_values : numpy.ndarray, shape (N, min(k, rows))
+        Their coefficients.
+    top_contexts : numpy.ndarray of int, shape (N, min(k, rows), W), or None
+        The ``contexts`` given with those rows (a language model's token
+        windows); None if none were given.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> statistics = GateStatistics(2, k=1)
+    >>> statistics.update(np.array([[0.9, 0.1], [0.4, 0.6]]), labels=np.array([0, 1]))
+    >>> statistics.update(np.array([[0.2, 0.8]]), labels=np.array([1]))
+    >>> statistics.rows, statistics.load, statistics.top_samples.ravel()
+    (3, array([1, 2]), array([0, 2]))
+    >>> statistics.class_mass
+    array([[0.9, 0.6],
+           [0.1, 1.4]])
+    """
+
+    def __init__(
+        self,
+        n_experts: int,
+        *,
+        n_classes: int | None = None,
+        threshold: float = 0.5,
+        k: int = 8,
+    ) -> None:
+        self.n_experts = positive_int(n_experts, "n_experts")
+        self.n_classes = None if n_classes is None else positive_int(n_classes, "n_classes")
+        self.threshold = check_threshold(threshold)
+        self.k = positive_int(k, "k")
+        self.rows = 0
+        self.mass = np.zeros(self.n_experts)
+        self.load = np.zeros(self.n_experts, dtype=np.int64)
+        self.class_histogram: np.ndarray | None = None
+        self.class_mass: np.ndarray | None = None
+        self.top_values = np.zeros((self.n_experts, 0))
+        self.top_samples = np.zeros((self.n_experts, 0), dtype=np.int64)
+        self.top_contexts: np.ndarray | None = None
+        self._labelled: bool | None = None
+
+    def update(
+        self, gates: Any, *, labels: Any = None, mask: Any = None, contexts: Any = None
+    ) -> None:
+        """Fold in a chunk of rows.
+
+        Parameters
+        ----------
+        gates : array, shape (..., N)
+            Coefficients; the leading dimensions (batch, tokens) are rows.
+        labels : array of int, shape (...), optional
+            Each row's class; given with every chunk or with none.
+        mask : array of bool, shape (...), optional
+            True for the rows to count (tokens), False for padding.
+        contexts : array of int, shape (..., W), optional
+            What to keep beside each top row (its token window); given with
+            every chunk or with none, of one width.
+
+        Raises
+        ------
+        ValueError
+            For shapes that disagree with ``gates``' or with earlier chunks, a
+            label of ``n_classes`` or more, labels or contexts given with
+            some chunks only.
+        TypeError
+            For labels that are not integers or a mask that is not boolean.
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> statistics = GateStatistics(2)
+        >>> tokens = np.array([[[0.9, 0.1], [0.5, 0.5]]])  # (batch 1, 2 tokens, N)
+        >>> statistics.update(tokens, mask=np.array([[True, False]]))
+        >>> statistics.rows, statistics.mass
+        (1, array([0.9, 0.1]))
+        """
+        array = host_array(gates)
+        if array.ndim == 0 or array.shape[-1] != self.n_experts:
+            raise ValueError(
+                f"gates must have shape (..., {self.n_experts}) (one coefficient per expert), "
+                f"got {array.shape}"
+            )
+        if not np.issubdtype(array.dtype, np.floating):
+            raise TypeError(f"gates must be floating point, got {array.dtype}")
+        lead = array.shape[:-1]
+        matrix = array.reshape(-1, self.n_experts)
+        keep = None
+        if mask is not None:
+            keep = host_array(mask)
+            if keep.shape != lead or keep.dtype != np.bool_:
+                raise ValueError(
+                    f"mask must be a boolean array of shape {lead} (the gates' rows), got "
+                    f"{keep.dtype} {keep.shape}"
+                )
+            keep = keep.reshape(-1)
+            matrix = matrix[keep]
+        if (labels is not None) != self._labelled and self._labelled is not None:
+            raise ValueError("labels must come with every chunk or with none")
+        self._labelled = labels is not None
+        classes = None
+        if labels is not None:
+            label_array = host_array(labels)
+            if label_array.shape != lead:
+                raise ValueError(
+                    f"labels must have shape {lead} (the gates' rows), got {label_array.shape}"
+                )
+            label_array = label_array.reshape(-1)
+            classes, n_classes = check_labels(
+                label_array if keep is None else label_array[keep], matrix.shape[0], self.n_classes
+            )
+            self._grow_classes(n_classes)
+        context_rows = None
+        if contexts is not None:
+            context_array = host_array(contexts)
+            if context_array.ndim != len(lead) + 1 or context_array.shape[:-1] != lead:
+                raise ValueError(
+                    f"contexts must have shape {(*lead, 'W')}, got {context_array.shape}"
+                )
+            context_rows = context_array.reshape(-1, context_array.shape[-1])
+            if keep is not None:
+                context_rows = context_rows[keep]
+        if (context_rows is None) != (self.top_contexts is None) and self.top_samples.shape[1]:
+            raise ValueError("contexts must come with every chunk or with none")
+        if not matrix.shape[0]:
+            return
+        self.mass += matrix.sum(axis=0, dtype=np.float64)
+        processed = matrix >= self.threshold
+        self.load += processed.sum(axis=0)
+        if classes is not None and self.class_mass is not None and self.class_histogram is not None:
+            onehot = np.eye(self.class_mass.shape[1], dtype=np.float64)[classes]
+            self.class_mass += matrix.T.astype(np.float64) @ onehot
+            self.class_histogram += processed.T.astype(np.int64) @ onehot.astype(np.int64)
+        self._merge_top(matrix, context_rows)
+        self.rows += matrix.shape[0]
+
+    def _grow_classes(self, n_classes: int) -> None:
+        if self.class_mass is None:
+            self.class_mass = np.zeros((self.n_experts, n_classes))
+            self.class_histogram = np.zeros((self.n_experts, n_classes), dtype=np.int64)
+        elif n_classes > self.class_mass.shape[1]:  # a larger label than any before
+            grow = ((0, 0), (0, n_classes - self.class_mass.shape[1]))
+            self.class_mass = np.pad(self.class_mass, grow)
+            self.class_histogram = np.pad(self.class_histogram, grow)  # type: ignore[arg-type]
+
+    def _merge_top(self, matrix: np.ndarray, contexts: np.ndarray | None) -> None:
+        values = matrix.T.astype(np.float64)  # (N, r)
+        ids = np.arange(self.rows, self.rows + matrix.shape[0])
+        if values.shape[1] > self.k:
+            # Only rows within some expert's k largest (ties included) can enter a top list.
+            kth = np.partition(values, values.shape[1] - self.k, axis=1)[:, -self.k]
+            columns = np.flatnonzero((values >= kth[:, None]).any(axis=0))
+            values, ids = values[:, columns], ids[columns]
+            if contexts is not None:
+                contexts = contexts[columns]
+        old = self.top_values.shape[1]
+        candidates = np.concatenate([self.top_values, values], axis=1)
+        order = np.argsort(-candidates, axis=1, kind="stable")[:, : self.k]
+        every_id = np.concatenate([self.top_samples, np.broadcast_to(ids, values.shape)], axis=1)
+        self.top_values = np.take_along_axis(candidates, order, axis=1)
+        if contexts is not None:
+            new = contexts[np.clip(order - old, 0, None)]  # (N, k, W)
+            if old and self.top_contexts is not None:
+                slots = np.clip(order, 0, old - 1)[:, :, None]
+                kept = np.take_along_axis(self.top_contexts, slots, axis=1)
+                new = np.where((order < old)[:, :, None], kept, new)
+            self.top_contexts = new
+        self.top_samples = np.take_along_axis(every_id, order, axis=1)
