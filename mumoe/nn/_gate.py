@@ -461,8 +461,11 @@ class MuMoEGate(nn.Module):
 
     def __getstate__(self) -> dict[str, object]:
         # A process group belongs to this process: it neither pickles nor deep-copies.
+        # The last pass's aux_loss is a node of that pass's graph, not state (a
+        # non-leaf tensor cannot be deep-copied).
         state = super().__getstate__()
         state.pop("_balance_group", None)
+        state["aux_loss"] = None
         return state
 
     def _apply(self, fn, recurse=True):  # type: ignore[no-untyped-def]

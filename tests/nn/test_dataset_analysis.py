@@ -191,3 +191,10 @@ def test_bad_data_and_names_are_refused_with_what_exists():
         gate_statistics(model, 3)
     with pytest.raises(ValueError, match="window must be"):
         gate_statistics(model, x, window=(2,))
+
+
+def test_a_model_in_training_with_a_balance_loss_is_analysed_as_a_copy():
+    layer = CPMuMoE(8, 3, expert_dims=4, rank=2, balance={"uniform_kl": 0.1}).train()
+    layer(torch.randn(5, 8)).sum().backward()  # aux_loss now holds a graph node
+    statistics = gate_statistics(layer, torch.randn(10, 8))["gate"][0]
+    assert statistics.rows == 10 and layer.training and layer.gate.aux_loss is not None
