@@ -11,10 +11,12 @@ format at full rank), or the best approximation the format's rank allows
 
 Here: a small GPT-2 from ``transformers``, built from a config (random
 weights, nothing downloaded), its MLPs converted, trained briefly on a toy
-language, and its experts looked at.
+language, its experts looked at over a stream of batches and steered, and
+the converted model saved and loaded back the Hugging Face way.
 """
 
 import copy
+import tempfile
 
 import matplotlib.pyplot as plt
 import numpy as np
@@ -23,7 +25,15 @@ import transformers
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from mumoe.analysis import class_mass
-from mumoe.nn import from_linear, record_gates, replace_linear
+from mumoe.nn import (
+    from_linear,
+    gate_statistics,
+    load_model,
+    record_gates,
+    replace_linear,
+    save_model,
+    steer_experts,
+)
 
 transformers.logging.set_verbosity_error()
 torch.manual_seed(0)
@@ -140,3 +150,74 @@ for expert in np.argsort(-mass.sum(axis=1))[:4]:
     top = np.argsort(-share[expert])[:3]
     taken = ", ".join(f"token {t} ({share[expert, t]:.0%})" for t in top)
     print(f"expert {expert:>2}: {taken}")
+
+# %%
+# Over a data set, in constant memory
+# -----------------------------------
+#
+# :func:`mumoe.nn.gate_statistics` runs the model over any iterable of batches
+# (a ``DataLoader``, a generator of dict batches) and folds each gate's
+# coefficients into per-expert statistics as they come, so a corpus' tokens
+# fit: here 64 batches, each token labelled by itself (``labels="input_ids"``)
+# and kept with a window of the tokens around it (``tokens="input_ids"``).
+
+
+def stream(n_batches):
+    for _ in range(n_batches):
+        ids = toy_batch(32, generator)
+        yield {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+
+statistics = gate_statistics(
+    mxd,
+    stream(64),
+    gates="transformer.h.0.mlp.c_fc",
+    labels="input_ids",
+    mask="attention_mask",
+    tokens="input_ids",
+    window=(3, 0),
+    n_classes=config.vocab_size,
+    k=3,
+)["transformer.h.0.mlp.c_fc.gate"][0]
+print(f"{statistics.rows:,} tokens counted")
+busiest = int(statistics.mass.argmax())
+print(f"expert {busiest} carries {statistics.mass[busiest] / statistics.rows:.1%} of the mass;")
+print("the contexts it weights most (3 tokens before, then the token):")
+for window, value in zip(
+    statistics.top_contexts[busiest], statistics.top_values[busiest], strict=True
+):
+    print(f"  {window.tolist()}  coefficient {value:.3f}")
+
+# %%
+# Steering by an expert
+# ---------------------
+#
+# :func:`mumoe.nn.steer_experts` sets, clamps or scales chosen experts'
+# coefficients while a ``with`` block lasts (MxD's ``a_hook``): here the
+# busiest expert of the first MLP is given to every token with coefficient 1,
+# and the model's loss on held-out sequences moves.
+held_out = toy_batch(64, generator)
+with torch.no_grad():
+    before = mxd(held_out, labels=held_out).loss.item()
+    with steer_experts(mxd, gates="transformer.h.0.mlp.c_fc", values={busiest: 1.0}):
+        steered = mxd(held_out, labels=held_out).loss.item()
+print(f"held-out loss {before:.3f}; with expert {busiest} set to 1 for every token: {steered:.3f}")
+
+# %%
+# Saving and loading the converted model
+# --------------------------------------
+#
+# ``save_pretrained`` writes the model's folder as ``transformers`` always
+# does, and :func:`mumoe.nn.save_model` adds ``mumoe.json`` (which modules
+# were replaced, by what) and ``mumoe.safetensors`` (their weights) beside it.
+# ``from_pretrained`` of that folder builds the dense GPT-2 back (its MLP
+# layers at random, with a warning ``transformers`` keeps quiet here);
+# :func:`mumoe.nn.load_model` puts the trained μMoE layers in, all or
+# nothing, after checking that the model is the one they came from.
+folder = tempfile.mkdtemp()
+mxd.save_pretrained(folder)
+save_model(mxd, folder)
+loaded = load_model(GPT2LMHeadModel.from_pretrained(folder), folder)
+with torch.no_grad():
+    same = torch.equal(loaded(held_out).logits, mxd(held_out).logits)
+print(f"loaded: {type(loaded.transformer.h[0].mlp.c_fc).__name__} layers, same logits: {same}")

@@ -315,10 +315,12 @@ def gate_statistics(
         The gates to watch, by the qualified name of the gate or of the layer
         or block holding it; all of the model's by default.
     labels : str, int, array or iterable, optional
-        Each sample's (or token's) class: a mapping key (``"labels"``, not
-        passed to the model) or a tuple position of the batch, an array of one
-        label per sample beside the data, or an iterable of per-batch arrays.
-        A label per sample counts for each of its tokens.
+        Each sample's (or token's) class: a mapping key (``"labels"``; not
+        passed to the model, unless it is ``tokens`` or ``mask`` too, so that
+        ``"input_ids"`` labels each token by itself) or a tuple position of
+        the batch, an array of one label per sample beside the data, or an
+        iterable of per-batch arrays.  A label per sample counts for each of
+        its tokens.
     mask : str or int, optional
         The batch item holding a padding mask (``"attention_mask"``): rows
         where it is 0 are left out of every statistic.
@@ -360,7 +362,8 @@ def gate_statistics(
     names = gate_names(model, gates)
     window = _check_window(window)
     source = None if labels is None else LabelSource(labels)
-    drop = {labels} if isinstance(labels, str) else set()
+    # The labels' key is not the model's argument, unless it is its tokens or mask too.
+    drop = {labels} if isinstance(labels, str) and labels not in (tokens, mask) else set()
     statistics: dict[str, list[GateStatistics]] = {}
     evaluated = _evaluated(model)
     seen = 0
@@ -551,7 +554,7 @@ def counterfactual_histogram(
     layers, _ = _resolve(target, {}, level)
     n = layers[0].network.expert_dims[level]
     source = LabelSource(labels)
-    drop = {labels} if isinstance(labels, str) else set()
+    drop = {labels} if isinstance(labels, str) and labels != mask else set()
     counts: list[np.ndarray] = []
     seen = False
     with torch.no_grad():
