@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import numba
 import numpy as np
 
 from mumoe.validation import check_labels, host_array, positive_int
@@ -40,6 +41,54 @@ def check_threshold(threshold: float) -> float:
     return float(threshold)
 
 
+@numba.njit(cache=True, nogil=True)
+def _add_class_sums(
+    mass: np.ndarray, counts: np.ndarray, matrix: np.ndarray, classes: np.ndarray, threshold: float
+) -> None:  # pragma: no cover (compiled)
+    # Per class and expert (each class's sums one contiguous row): the rows' coefficients
+    # and how many reach the threshold. One pass, whatever the number of classes.
+    rows, n = matrix.shape
+    for row in range(rows):
+        c = classes[row]
+        for e in range(n):
+            v = matrix[row, e]
+            mass[c, e] += v
+            if v >= threshold:
+                counts[c, e] += 1
+
+
+@numba.njit(cache=True, nogil=True)
+def _fold_top(
+    matrix: np.ndarray,
+    first: int,
+    filled: int,
+    values: np.ndarray,
+    ids: np.ndarray,
+    sources: np.ndarray,
+) -> None:  # pragma: no cover (compiled)
+    # One pass over the chunk's rows: each expert's list of its k largest coefficients is
+    # kept sorted, largest first; a row enters a full list only above its k-th, and
+    # after the equal values already in it (earlier rows win ties). sources[e, j] is the
+    # slot an entry held before (< k) or k + its row in the chunk.
+    rows, n = matrix.shape
+    k = values.shape[1]
+    for row in range(rows):
+        count = min(filled + row, k)
+        for e in range(n):
+            v = matrix[row, e]
+            if count == k and not v > values[e, k - 1]:
+                continue
+            j = count if count < k else k - 1
+            while j > 0 and v > values[e, j - 1]:
+                values[e, j] = values[e, j - 1]
+                ids[e, j] = ids[e, j - 1]
+                sources[e, j] = sources[e, j - 1]
+                j -= 1
+            values[e, j] = v
+            ids[e, j] = first + row
+            sources[e, j] = k + row
+
+
 class GateStatistics:
     r"""The statistics of one gate level over a data set, accumulated chunk by chunk.
 
@@ -68,9 +117,6 @@ class GateStatistics:
         Each expert's summed coefficient; ``mass / rows`` is its mean share.
     load : numpy.ndarray of int, shape (N,)
         :func:`mumoe.analysis.expert_load`.
-    class_histogram, class_mass : numpy.ndarray, shape (N, C), or None
-        :func:`mumoe.analysis.class_histogram`, :func:`mumoe.analysis.class_mass`;
-        None without labels.
     top_samples : numpy.ndarray of int, shape (N, min(k, rows))
         The rows (numbered from 0 in the order counted) each expert weights
         most, largest first, ties in row order: :func:`mumoe.analysis.top_samples`.
@@ -108,8 +154,9 @@ class GateStatistics:
         self.rows = 0
         self.mass = np.zeros(self.n_experts)
         self.load = np.zeros(self.n_experts, dtype=np.int64)
-        self.class_histogram: np.ndarray | None = None
-        self.class_mass: np.ndarray | None = None
+        # Per class, then expert: a class's sums are one contiguous row.
+        self._class_mass: np.ndarray | None = None
+        self._class_histogram: np.ndarray | None = None
         self.top_values = np.zeros((self.n_experts, 0))
         self.top_samples = np.zeros((self.n_experts, 0), dtype=np.int64)
         self.top_contexts: np.ndarray | None = None
@@ -160,6 +207,8 @@ class GateStatistics:
             raise TypeError(f"gates must be floating point, got {array.dtype}")
         lead = array.shape[:-1]
         matrix = array.reshape(-1, self.n_experts)
+        if matrix.dtype not in (np.float32, np.float64):  # float16: widened, exactly
+            matrix = matrix.astype(np.float32)
         keep = None
         if mask is not None:
             keep = host_array(mask)
@@ -200,44 +249,73 @@ class GateStatistics:
         if not matrix.shape[0]:
             return
         self.mass += matrix.sum(axis=0, dtype=np.float64)
-        processed = matrix >= self.threshold
-        self.load += processed.sum(axis=0)
-        if classes is not None and self.class_mass is not None and self.class_histogram is not None:
-            onehot = np.eye(self.class_mass.shape[1], dtype=np.float64)[classes]
-            self.class_mass += matrix.T.astype(np.float64) @ onehot
-            self.class_histogram += processed.T.astype(np.int64) @ onehot.astype(np.int64)
+        self.load += (matrix >= self.threshold).sum(axis=0)
+        if (
+            classes is not None
+            and self._class_mass is not None
+            and self._class_histogram is not None
+        ):
+            _add_class_sums(
+                self._class_mass,
+                self._class_histogram,
+                np.ascontiguousarray(matrix),
+                classes.astype(np.int64),
+                self.threshold,
+            )
         self._merge_top(matrix, context_rows)
         self.rows += matrix.shape[0]
 
+    @property
+    def class_mass(self) -> np.ndarray | None:
+        """:func:`mumoe.analysis.class_mass` of the rows so far, (N, C); None without labels.
+
+        Examples
+        --------
+        >>> statistics = GateStatistics(2)
+        >>> statistics.update(np.array([[0.75, 0.25]]), labels=np.array([1]))
+        >>> statistics.class_mass
+        array([[0.  , 0.75],
+               [0.  , 0.25]])
+        """
+        return None if self._class_mass is None else self._class_mass.T
+
+    @property
+    def class_histogram(self) -> np.ndarray | None:
+        """:func:`mumoe.analysis.class_histogram` of the rows so far, (N, C); None without labels.
+
+        Examples
+        --------
+        >>> statistics = GateStatistics(2)
+        >>> statistics.update(np.array([[0.75, 0.25]]), labels=np.array([1]))
+        >>> statistics.class_histogram
+        array([[0, 1],
+               [0, 0]])
+        """
+        return None if self._class_histogram is None else self._class_histogram.T
+
     def _grow_classes(self, n_classes: int) -> None:
-        if self.class_mass is None:
-            self.class_mass = np.zeros((self.n_experts, n_classes))
-            self.class_histogram = np.zeros((self.n_experts, n_classes), dtype=np.int64)
-        elif n_classes > self.class_mass.shape[1]:  # a larger label than any before
-            grow = ((0, 0), (0, n_classes - self.class_mass.shape[1]))
-            self.class_mass = np.pad(self.class_mass, grow)
-            self.class_histogram = np.pad(self.class_histogram, grow)  # type: ignore[arg-type]
+        if self._class_mass is None or self._class_histogram is None:
+            self._class_mass = np.zeros((n_classes, self.n_experts))
+            self._class_histogram = np.zeros((n_classes, self.n_experts), dtype=np.int64)
+        elif n_classes > self._class_mass.shape[0]:  # a larger label than any before
+            grow = ((0, n_classes - self._class_mass.shape[0]), (0, 0))
+            self._class_mass = np.pad(self._class_mass, grow)
+            self._class_histogram = np.pad(self._class_histogram, grow)
 
     def _merge_top(self, matrix: np.ndarray, contexts: np.ndarray | None) -> None:
-        values = matrix.T.astype(np.float64)  # (N, r)
-        ids = np.arange(self.rows, self.rows + matrix.shape[0])
-        if values.shape[1] > self.k:
-            # Only rows within some expert's k largest (ties included) can enter a top list.
-            kth = np.partition(values, values.shape[1] - self.k, axis=1)[:, -self.k]
-            columns = np.flatnonzero((values >= kth[:, None]).any(axis=0))
-            values, ids = values[:, columns], ids[columns]
-            if contexts is not None:
-                contexts = contexts[columns]
-        old = self.top_values.shape[1]
-        candidates = np.concatenate([self.top_values, values], axis=1)
-        order = np.argsort(-candidates, axis=1, kind="stable")[:, : self.k]
-        every_id = np.concatenate([self.top_samples, np.broadcast_to(ids, values.shape)], axis=1)
-        self.top_values = np.take_along_axis(candidates, order, axis=1)
+        k, filled = self.k, self.top_values.shape[1]
+        values = np.zeros((self.n_experts, k))
+        ids = np.zeros((self.n_experts, k), dtype=np.int64)
+        values[:, :filled], ids[:, :filled] = self.top_values, self.top_samples
+        sources = np.broadcast_to(np.arange(k), (self.n_experts, k)).copy()
+        _fold_top(np.ascontiguousarray(matrix), self.rows, filled, values, ids, sources)
+        width = min(k, filled + matrix.shape[0])
+        self.top_values, self.top_samples = values[:, :width], ids[:, :width]
         if contexts is not None:
-            new = contexts[np.clip(order - old, 0, None)]  # (N, k, W)
-            if old and self.top_contexts is not None:
-                slots = np.clip(order, 0, old - 1)[:, :, None]
+            sources = sources[:, :width]
+            new = contexts[np.clip(sources - k, 0, None)]  # (N, width, W)
+            if filled and self.top_contexts is not None:
+                slots = np.clip(sources, 0, filled - 1)[:, :, None]
                 kept = np.take_along_axis(self.top_contexts, slots, axis=1)
-                new = np.where((order < old)[:, :, None], kept, new)
+                new = np.where((sources < k)[:, :, None], kept, new)
             self.top_contexts = new
-        self.top_samples = np.take_along_axis(every_id, order, axis=1)

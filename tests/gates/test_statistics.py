@@ -119,3 +119,15 @@ def test_chunked_labels_must_match_the_chunks_of_gates():
         expert_load(iter([]))
     with pytest.raises(ValueError, match="labels are required"):
         class_mass(iter(gates), None)
+
+
+def test_a_vocabulary_of_classes_is_summed_by_the_classes_present():
+    rng = np.random.default_rng(0)
+    gates = rng.uniform(size=(200, 6)).astype(np.float32)
+    labels = rng.integers(0, 3000, size=200)  # a vocabulary of classes, most unseen
+    statistics = GateStatistics(6)
+    statistics.update(gates[:120], labels=labels[:120])
+    statistics.update(gates[120:], labels=labels[120:])
+    expected = class_mass(gates.astype(np.float64), labels)
+    np.testing.assert_allclose(statistics.class_mass, expected, rtol=1e-6)
+    np.testing.assert_array_equal(statistics.class_histogram, class_histogram(gates, labels))

@@ -85,3 +85,17 @@ def test_the_expert_health_benchmark_runs():
     )
     assert result.returncode == 0, result.stderr
     assert "| monitored |" in result.stdout and "| balance loss |" in result.stdout
+
+
+@pytest.mark.slow
+def test_the_analysis_benchmark_runs():
+    result = subprocess.run(
+        [sys.executable, "-m", "benchmarks.analysis", "--rounds", "1", "--threads", "1"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "| gate_statistics, 10 classes |" in result.stdout
+    assert "| collect_gates |" in result.stdout
