@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from mumoe.gates import ACTIVATIONS, LOSSES
+from mumoe.inference import network_meta
 from mumoe.nn._gate import MuMoEGate, builtin_name
 from mumoe.spec import Network
 
@@ -60,12 +61,8 @@ def network_config(network: Network) -> dict[str, Any]:
     >>> network_config(cp(4, 2, expert_dims=8, rank=3))
     {'spec': 'n1 r, i r, o r', 'expert_dims': [8], 'rank': {'r': 3}, 'bias': True}
     """
-    return {
-        "spec": network.spec,
-        "expert_dims": list(network.expert_dims),
-        "rank": dict(network.ranks),
-        "bias": network.bias,
-    }
+    meta = network_meta(network)  # a weights file's, less the sizes the owner holds
+    return {key: meta[key] for key in ("spec", "expert_dims", "rank", "bias")}
 
 
 def gate_config(gate: MuMoEGate, owner: str) -> dict[str, Any]:
