@@ -381,7 +381,8 @@ def host_array(array: Any) -> np.ndarray:
     -------
     numpy.ndarray
         A view where the array is already on the host (NumPy, CPU torch), a
-        copy otherwise; torch tensors are detached first.
+        copy otherwise; torch tensors are detached first, bfloat16 ones
+        widened to float32.
 
     Examples
     --------
@@ -390,6 +391,8 @@ def host_array(array: Any) -> np.ndarray:
     """
     if hasattr(array, "detach"):  # torch
         array = array.detach().cpu()
+        if str(array.dtype) == "torch.bfloat16":  # NumPy has no bfloat16: widened, exactly
+            array = array.float()
     elif type(array).__module__.startswith("cupy"):
         array = array.get()
     return np.asarray(array)

@@ -84,6 +84,9 @@ def _rows(
             f"of {dtype_name(getattr(values, 'dtype', type(values)))}"
         )
     rows = tl.reshape(values, (-1, shape[-1]))
+    if dtype_name(rows.dtype) not in ("float32", "float64"):
+        # Sums over a batch, or over processes, pass float16's 65,504 soon: float32 at least.
+        rows = cast(rows, tl.float32)
     if mask is None:
         count = tl.shape(rows)[0]
         if count == 0 and reduce is None:
@@ -122,7 +125,7 @@ def _summed(
     """
     if reduce is None:
         return list(sums), count
-    like = sums[0]
+    like = sums[0]  # float32 at least (_rows)
     # A token here is a token in the total: no need to read the total back (a sync).
     known = isinstance(count, int) and count > 0
     if not tl.is_tensor(count):

@@ -173,8 +173,8 @@ class GateStatistics:
             Coefficients; the leading dimensions (batch, tokens) are rows.
         labels : array of int, shape (...), optional
             Each row's class; given with every chunk or with none.
-        mask : array of bool, shape (...), optional
-            True for the rows to count (tokens), False for padding.
+        mask : array of bool or 0/1 int, shape (...), optional
+            True (1) for the rows to count (tokens), False (0) for padding.
         contexts : array of int, shape (..., W), optional
             What to keep beside each top row (its token window); given with
             every chunk or with none, of one width.
@@ -184,9 +184,10 @@ class GateStatistics:
         ValueError
             For shapes that disagree with ``gates``' or with earlier chunks, a
             label of ``n_classes`` or more, labels or contexts given with
-            some chunks only.
+            some chunks only, a mask that is not bool or 0/1, or non-finite
+            coefficients; the statistics are then left as they were.
         TypeError
-            For labels that are not integers or a mask that is not boolean.
+            For labels that are not integers.
 
         Examples
         --------
@@ -212,17 +213,25 @@ class GateStatistics:
         keep = None
         if mask is not None:
             keep = host_array(mask)
-            if keep.shape != lead or keep.dtype != np.bool_:
+            integer = np.issubdtype(keep.dtype, np.integer)
+            if keep.shape != lead or not (keep.dtype == np.bool_ or integer):
                 raise ValueError(
-                    f"mask must be a boolean array of shape {lead} (the gates' rows), got "
-                    f"{keep.dtype} {keep.shape}"
+                    f"mask must be a bool or integer array of shape {lead} (the gates' rows), "
+                    f"got {keep.dtype} {keep.shape}"
                 )
-            keep = keep.reshape(-1)
+            if integer and np.any((keep != 0) & (keep != 1)):
+                raise ValueError("an integer mask must hold 0 (padding) and 1 (a row) only")
+            keep = keep.reshape(-1) != 0
             matrix = matrix[keep]
+        if not np.all(np.isfinite(matrix)):
+            raise ValueError(
+                "gates hold non-finite coefficients (NaN or inf: the model gave them for "
+                "some input); leave those rows out with mask="
+            )
+        # Every check before any change: a chunk that fails leaves the statistics as they were.
         if (labels is not None) != self._labelled and self._labelled is not None:
             raise ValueError("labels must come with every chunk or with none")
-        self._labelled = labels is not None
-        classes = None
+        classes, n_classes = None, 0
         if labels is not None:
             label_array = host_array(labels)
             if label_array.shape != lead:
@@ -233,7 +242,6 @@ class GateStatistics:
             classes, n_classes = check_labels(
                 label_array if keep is None else label_array[keep], matrix.shape[0], self.n_classes
             )
-            self._grow_classes(n_classes)
         context_rows = None
         if contexts is not None:
             context_array = host_array(contexts)
@@ -244,8 +252,16 @@ class GateStatistics:
             context_rows = context_array.reshape(-1, context_array.shape[-1])
             if keep is not None:
                 context_rows = context_rows[keep]
+            width = None if self.top_contexts is None else self.top_contexts.shape[-1]
+            if width is not None and context_rows.shape[-1] != width:
+                raise ValueError(
+                    f"contexts must be {width} wide, as before; got {context_rows.shape[-1]}"
+                )
         if (context_rows is None) != (self.top_contexts is None) and self.top_samples.shape[1]:
             raise ValueError("contexts must come with every chunk or with none")
+        self._labelled = labels is not None
+        if classes is not None:
+            self._grow_classes(n_classes)
         if not matrix.shape[0]:
             return
         self.mass += matrix.sum(axis=0, dtype=np.float64)

@@ -23,7 +23,15 @@ from torch import nn
 from mumoe.backends import thread_backend
 from mumoe.functional import scale_experts
 from mumoe.gates import GateStatistics
-from mumoe.nn._batches import Field, LabelSource, batches, call, field
+from mumoe.nn._batches import (
+    Field,
+    LabelSource,
+    batches,
+    call,
+    field,
+    inputs_dropped,
+    samples_of,
+)
 from mumoe.nn._gate import MuMoEGate, dense_coefficients
 from mumoe.nn._layers import MuMoE
 from mumoe.validation import check_labels, host_array
@@ -232,10 +240,49 @@ def gate_names(model: nn.Module, gates: str | Sequence[str] | None) -> list[str]
                 f"{name!r} is neither a gate of the model nor a layer or block holding one; "
                 f"its gates are {every}"
             )
-        chosen.append(gate)
+        if gate not in chosen:  # a gate named twice (or by itself and its layer) counts once
+            chosen.append(gate)
     if not chosen:
         raise ValueError("gates= names no gate; give at least one name, or None for all")
     return chosen
+
+
+@contextmanager
+def _gate_calls(
+    model: nn.Module, names: list[str]
+) -> Iterator[dict[str, list[list[torch.Tensor]]]]:
+    """Every call of the named gates, each a list of detached dense levels, by gate name.
+
+    Unlike :func:`record_gates`, which keeps a gate's last call, a gate that runs several
+    times in one forward pass (a layer applied twice, shared across depth) has each call.
+    """
+    calls: dict[str, list[list[torch.Tensor]]] = {name: [] for name in names}
+    owner = threading.get_ident()
+
+    def hook_of(name: str) -> Any:
+        def hook(_: nn.Module, __: Any, output: list[Any]) -> None:
+            if threading.get_ident() == owner:
+                calls[name].append([a.detach() for a in dense_coefficients(output)])
+
+        return hook
+
+    handles = [model.get_submodule(name).register_forward_hook(hook_of(name)) for name in names]
+    try:
+        yield calls
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _run_batch(
+    model: nn.Module, batch: Any, drop: set[str], calls: dict[str, list[list[torch.Tensor]]]
+) -> None:
+    for recorded in calls.values():
+        recorded.clear()
+    call(model, batch, drop)
+    missing = [name for name, recorded in calls.items() if not recorded]
+    if missing:
+        raise ValueError(f"the gates {missing} did not run on a batch of data")
 
 
 def _rows_of(gates: list[torch.Tensor]) -> tuple[int, ...]:
@@ -290,6 +337,7 @@ def gate_statistics(
     mask: Field | None = None,
     tokens: Field | None = None,
     window: tuple[int, int] = (8, 2),
+    ignore_index: int | None = -100,
     n_classes: int | None = None,
     threshold: float = 0.5,
     k: int = 8,
@@ -310,7 +358,9 @@ def gate_statistics(
         A tensor or mapping is sliced into ``batch_size`` rows; any other
         iterable (a ``DataLoader``) yields batches: tensors, ``(inputs,
         labels)`` tuples (the model gets the first item) or mappings of the
-        model's keyword arguments (``input_ids``, ``attention_mask``).
+        model's keyword arguments (``input_ids``, ``attention_mask``; a
+        ``"labels"`` key is not passed).  A gate that runs several times in a
+        forward pass (a layer shared across depth) counts each call's rows.
     gates : str or sequence of str, optional
         The gates to watch, by the qualified name of the gate or of the layer
         or block holding it; all of the model's by default.
@@ -330,6 +380,9 @@ def gate_statistics(
         (``GateStatistics.top_contexts``).
     window : (int, int), default (8, 2)
         Tokens before and after each top token kept with ``tokens``.
+    ignore_index : int or None, default -100
+        Rows labelled so are left out, as padding (``transformers``' and
+        ``torch.nn.CrossEntropyLoss``'s label for tokens not to count).
     n_classes, threshold, k
         As for :class:`mumoe.gates.GateStatistics`.
     batch_size : int, default 1024
@@ -362,42 +415,39 @@ def gate_statistics(
     names = gate_names(model, gates)
     window = _check_window(window)
     source = None if labels is None else LabelSource(labels)
-    # The labels' key is not the model's argument, unless it is its tokens or mask too.
-    drop = {labels} if isinstance(labels, str) and labels not in (tokens, mask) else set()
+    drop = inputs_dropped(labels, tokens, mask)
     statistics: dict[str, list[GateStatistics]] = {}
     evaluated = _evaluated(model)
     seen = 0
-    with torch.no_grad(), record_gates(evaluated) as record:
+    with torch.no_grad(), _gate_calls(evaluated, names) as calls:
         for batch in batches(data, batch_size):
             seen += 1
-            record.clear()
-            call(evaluated, batch, drop)
-            missing = [name for name in names if name not in record]
-            if missing:
-                raise ValueError(f"the gates {missing} did not run on a batch of data")
-            lead = _rows_of(record[names[0]])
-            batch_labels = None if source is None else source.next(batch, lead[0])
+            _run_batch(evaluated, batch, drop, calls)
+            batch_labels = None if source is None else source.next(batch, samples_of(batch))
             for name in names:
-                levels = record[name]
-                lead = _rows_of(levels)
-                row_labels = (
-                    None if batch_labels is None else _row_values(batch_labels, lead, "labels")
-                )
-                row_mask = None
-                if mask is not None:
-                    row_mask = _row_values(field(batch, mask, "mask"), lead, "mask") != 0
-                contexts = (
-                    None
-                    if tokens is None
-                    else _windows(field(batch, tokens, "tokens"), lead, window)
-                )
-                if name not in statistics:
-                    statistics[name] = [
-                        GateStatistics(a.shape[-1], n_classes=n_classes, threshold=threshold, k=k)
-                        for a in levels
-                    ]
-                for level, a in zip(statistics[name], levels, strict=True):
-                    level.update(host_array(a), labels=row_labels, mask=row_mask, contexts=contexts)
+                for levels in calls[name]:  # each call of the gate in this forward pass
+                    lead = _rows_of(levels)
+                    keep = None
+                    if mask is not None:
+                        keep = _row_values(field(batch, mask, "mask"), lead, "mask") != 0
+                    row_labels = None
+                    if batch_labels is not None:
+                        row_labels = _row_values(batch_labels, lead, "labels")
+                        if ignore_index is not None:
+                            ignored = row_labels == ignore_index
+                            keep = ~ignored if keep is None else keep & ~ignored
+                    contexts = None
+                    if tokens is not None:
+                        contexts = _windows(field(batch, tokens, "tokens"), lead, window)
+                    if name not in statistics:
+                        statistics[name] = [
+                            GateStatistics(
+                                a.shape[-1], n_classes=n_classes, threshold=threshold, k=k
+                            )
+                            for a in levels
+                        ]
+                    for level, a in zip(statistics[name], levels, strict=True):
+                        level.update(host_array(a), labels=row_labels, mask=keep, contexts=contexts)
     if not seen:
         raise ValueError("data yielded no batches: there is nothing to count")
     if source is not None:
@@ -425,7 +475,8 @@ def collect_gates(
         thread may be training it): a model in training mode is evaluated as
         a copy, which costs the memory of one copy.
     data : torch.Tensor, shape (S, ...), mapping of tensors, or iterable of batches
-        As for :func:`gate_statistics`.
+        As for :func:`gate_statistics`; a gate called several times in a
+        forward pass gives each call's rows, one after the other.
     gate : str, optional
         The qualified name of the :class:`~mumoe.nn.MuMoEGate` to record, or of
         the layer or block holding it (``"gate"``, ``"blocks.3.mlp"``);
@@ -455,15 +506,16 @@ def collect_gates(
     (name,) = gate_names(model, gate) if gate is not None else every
     chunks: list[list[np.ndarray]] = []
     evaluated = _evaluated(model)
-    with torch.no_grad(), record_gates(evaluated) as record:
+    with torch.no_grad(), _gate_calls(evaluated, [name]) as calls:
         for batch in batches(data, batch_size):
-            record.clear()
-            call(evaluated, batch)
-            levels = [host_array(a) for a in record[name]]
-            if mask is not None:
-                keep = _row_values(field(batch, mask, "mask"), levels[0].shape[:-1], "mask") != 0
-                levels = [a[keep] for a in levels]
-            chunks.append(levels)
+            _run_batch(evaluated, batch, inputs_dropped(None, mask), calls)
+            for recorded in calls[name]:  # each call of the gate in this forward pass
+                levels = [host_array(a) for a in recorded]
+                if mask is not None:
+                    lead = levels[0].shape[:-1]
+                    keep = _row_values(field(batch, mask, "mask"), lead, "mask") != 0
+                    levels = [a[keep] for a in levels]
+                chunks.append(levels)
     if not chunks:
         raise ValueError("data yielded no batches: there is nothing to record")
     return [np.concatenate(level) for level in zip(*chunks, strict=True)]
@@ -485,6 +537,7 @@ def counterfactual_histogram(
     level: int = 0,
     layer: str | None = None,
     mask: Field | None = None,
+    ignore_index: int | None = -100,
     n_classes: int | None = None,
     batch_size: int = 1024,
 ) -> np.ndarray:
@@ -523,6 +576,8 @@ def counterfactual_histogram(
         the same number of experts at ``level``).
     mask : str or int, optional
         The batch item holding a padding mask: padded tokens are not counted.
+    ignore_index : int or None, default -100
+        Predictions labelled so are not counted, as padding.
     n_classes : int, optional
     batch_size : int, default 1024
         For data given as a tensor or mapping.
@@ -554,7 +609,7 @@ def counterfactual_histogram(
     layers, _ = _resolve(target, {}, level)
     n = layers[0].network.expert_dims[level]
     source = LabelSource(labels)
-    drop = {labels} if isinstance(labels, str) and labels != mask else set()
+    drop = inputs_dropped(labels, mask)
     counts: list[np.ndarray] = []
     seen = False
     with torch.no_grad():
@@ -564,7 +619,11 @@ def counterfactual_histogram(
             keep = np.ones(before.shape, dtype=bool)
             if mask is not None:
                 keep = _row_values(field(batch, mask, "mask"), before.shape, "mask") != 0
-            batch_labels = _row_values(source.next(batch, before.shape[0]), before.shape, "labels")
+            batch_labels = _row_values(
+                source.next(batch, samples_of(batch)), before.shape, "labels"
+            )
+            if ignore_index is not None:
+                keep &= batch_labels != ignore_index
             classes, n_seen = check_labels(batch_labels[keep], int(keep.sum()), n_classes)
             changed = np.zeros((n, classes.shape[0]), dtype=bool)
             for expert in range(n):

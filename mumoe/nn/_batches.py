@@ -6,6 +6,9 @@ generator): a tensor, a tuple or list whose first item is the model's input
 (``(inputs, labels)``), or a mapping of the model's keyword arguments
 (``input_ids``, ``attention_mask``, ...).  Labels, padding masks and token ids
 are named by a mapping key or a tuple position, or given beside the data.
+A mapping's labels are not the model's arguments: the key ``"labels"`` and the
+key named by ``labels=`` are left out of the call (:func:`inputs_dropped`),
+unless the helper reads that key as an input too (``"input_ids"`` as tokens).
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from torch import nn
 
 from mumoe.validation import host_array, positive_int
 
-__all__ = ["Field", "LabelSource", "batches", "call", "field"]
+__all__ = ["Field", "LabelSource", "batches", "call", "field", "inputs_dropped", "samples_of"]
 
 #: A batch's item: a mapping key or a tuple position.
 Field = str | int
@@ -75,6 +78,66 @@ def batches(data: Any, batch_size: int) -> Iterator[Any]:
             "data must be a tensor, a mapping of tensors, or an iterable of batches (a "
             f"DataLoader), got {type(data).__qualname__}"
         )
+
+
+def inputs_dropped(labels: Any, *inputs: Field | None) -> set[str]:
+    """The keys of a mapping batch that are not the model's: ``"labels"`` and ``labels``.
+
+    Parameters
+    ----------
+    labels : Any
+        The helper's ``labels`` argument (a key when a string).
+    *inputs : str, int or None
+        Keys the helper reads that are the model's inputs too (tokens, mask):
+        never dropped.
+
+    Returns
+    -------
+    set of str
+
+    Examples
+    --------
+    >>> sorted(inputs_dropped("label")), sorted(inputs_dropped("input_ids", "input_ids"))
+    (['label', 'labels'], ['labels'])
+    """
+    dropped = {"labels"} | ({labels} if isinstance(labels, str) else set())
+    return dropped - set(inputs)
+
+
+def samples_of(batch: Any) -> int:
+    """The number of samples in a batch: its (first) tensor's first dimension.
+
+    Parameters
+    ----------
+    batch : tensor, tuple or list, or mapping
+
+    Returns
+    -------
+    int
+
+    Raises
+    ------
+    ValueError
+        If the batch holds no tensor to count.
+
+    Examples
+    --------
+    >>> import torch
+    >>> samples_of({"input_ids": torch.zeros(3, 7)}), samples_of((torch.zeros(5, 2), None))
+    (3, 5)
+    """
+    items = (
+        batch.values()
+        if isinstance(batch, Mapping)
+        else (batch if isinstance(batch, tuple | list) else (batch,))
+    )
+    for item in items:
+        shape = getattr(item, "shape", None)
+        if shape is not None and len(shape):
+            return int(shape[0])
+    raise ValueError(
+        f"the batch holds no tensor whose first dimension counts its samples: {batch!r}"
+    )
 
 
 def call(model: nn.Module, batch: Any, drop: Iterable[str] = ()) -> Any:

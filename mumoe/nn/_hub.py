@@ -261,12 +261,23 @@ else:
                     f"{model_id!r} has no {CONFIG_NAME}: it was not saved by save_pretrained"
                 )
             # from_pretrained passes the config's fields that share a name with an
-            # __init__ argument as keywords; the config itself is what builds.
-            unexpected = sorted(set(model_kwargs) - set(config))
-            if unexpected:
-                raise TypeError(f"from_pretrained got unexpected keyword arguments {unexpected}")
+            # __init__ argument as keywords; the config itself is what builds, and a
+            # keyword of the caller's may only choose the dtype.
+            dtype = model_kwargs.pop("dtype", None)
+            if isinstance(dtype, str):  # the config's own, passed back
+                dtype = None
+            if dtype is not None and not isinstance(dtype, torch.dtype):
+                raise TypeError(f"dtype must be a torch.dtype, got {dtype!r}")
+            differing = sorted(
+                k for k, v in model_kwargs.items() if k not in config or config[k] != v
+            )
+            if differing:
+                raise TypeError(
+                    f"from_pretrained builds the module {model_id!r} holds; it takes dtype= and "
+                    f"map_location=, not {differing} (given values that differ from its config)"
+                )
             where = f"{os.path.join(model_id, CONFIG_NAME)!r}"
-            module = cls.from_config(config, device=map_location, where=where)  # type: ignore[attr-defined]
+            module = cls.from_config(config, device=map_location, dtype=dtype, where=where)  # type: ignore[attr-defined]
             state = read_state(file(WEIGHTS_NAME), f"{model_id!r}'s {WEIGHTS_NAME}")
             load_checked(module, state, f"{model_id!r}")
             return module.eval()

@@ -605,19 +605,22 @@ class MuMoE(nn.Module, HubMixin):
         )
         network = network_from_config(config.get("network"), *sizes, f"{where}, network")
         gate = config.get("gate")
+        options = {} if gate is None else gate_options(gate, f"{where}, gate")
+        options["input_norm"] = config_field(config, "input_norm", bool, where)
         layer = target.__new__(target)
-        # A preset class's own __init__ takes a format's rank; the network is exact.
-        MuMoE.__init__(
-            layer,
-            *sizes,
-            network,
-            bias=network.bias,
-            input_norm=config_field(config, "input_norm", bool, where),
-            gated=gate is not None,
-            **({} if gate is None else gate_options(gate, f"{where}, gate")),
-            device=device,
-            dtype=dtype or config_dtype(config, where),
-        )
+        try:  # a preset class's own __init__ takes a format's rank; the network is exact
+            MuMoE.__init__(
+                layer,
+                *sizes,
+                network,
+                bias=network.bias,
+                gated=gate is not None,
+                **options,
+                device=device,
+                dtype=dtype or config_dtype(config, where),
+            )
+        except (TypeError, ValueError) as error:  # a top_k or balance the layer refuses
+            raise config_error(where, str(error)) from error
         return layer
 
     def extra_repr(self) -> str:

@@ -287,6 +287,14 @@ def _read_manifest(folder: PathLike) -> dict[str, Any]:
                 f"{path!r}: module entry {index} is not {{'names': [...], 'config': {{...}}, "
                 f"'converted_from': {{...}} or null}}: {entry!r}"
             )
+    every = sorted(name for entry in manifest["modules"] for name in entry["names"])
+    for name in every:
+        inner = [other for other in every if other.startswith(f"{name}.")]
+        if inner:
+            raise ValueError(
+                f"{path!r} replaces {name!r} and, inside it, {inner[0]!r}: a manifest replaces "
+                "outermost modules only"
+            )
     return manifest
 
 

@@ -260,7 +260,13 @@ class ExpertMonitor:
                     for a in dense_coefficients(output)
                 ]
             # Tensors kept as they are: floats only in metrics(), not a device sync per step.
-            self._recent[name].append(levels)
+            recent = self._recent[name]
+            if recent and [u.mass.shape for u in recent[-1]] != [u.mass.shape for u in levels]:
+                # The gate's experts changed (mumoe.nn.remove_experts_): a new window and
+                # history, since the old ones describe other experts.
+                recent.clear()
+                self._history[name].clear()
+            recent.append(levels)
             count = self._counts.get(name, 0)
             if count % self.every == 0:
                 self._history[name].append([u.mass.cpu().numpy() for u in levels])

@@ -11,6 +11,7 @@ every layer kind that has a gate.  It acts on the coefficients, where
 from __future__ import annotations
 
 import math
+import threading
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
@@ -85,6 +86,22 @@ def _steered(
     return a
 
 
+#: A gate's steering in force, outermost first, and its hook (in the gate's __dict__).
+_STEERS = "_mumoe_steering"
+_HOOK = "_mumoe_steering_hook"
+_LOCK = threading.Lock()
+
+
+def _apply_steers(gate: nn.Module, _: Any, output: list[Any]) -> list[Any] | None:
+    steers = gate.__dict__.get(_STEERS)
+    if not steers:
+        return None
+    steered = list(output)
+    for level, plan in list(steers):  # the outer block's first: the inner steers what it gives
+        steered[level] = _steered(steered[level], plan)
+    return steered
+
+
 @contextmanager
 def steer_experts(
     model: nn.Module,
@@ -107,7 +124,8 @@ def steer_experts(
     otherwise.  ``return_gates`` and :func:`mumoe.nn.record_gates` see the
     steered coefficients; a gate's balance loss is computed before steering.
     It composes with :func:`mumoe.nn.edit_experts` (factors multiply) and
-    with itself (the inner block steers what the outer one gives).
+    with itself (the inner block steers what the outer one gives).  Like an
+    expert edit, steering holds for every thread's calls while it lasts.
 
     Parameters
     ----------
@@ -161,20 +179,22 @@ def steer_experts(
         where = f"level {level} of the gate {name!r}"
         plans[name] = _plan(gate.expert_dims[level], scale or {}, clamp or {}, values or {}, where)
 
-    def hook_of(plan: Any) -> Any:
-        def hook(_: nn.Module, __: Any, output: list[Any]) -> list[Any]:
-            steered = list(output)
-            steered[level] = _steered(steered[level], plan)
-            return steered
-
-        return hook
-
-    handles = [
-        model.get_submodule(name).register_forward_hook(hook_of(plan), prepend=True)
-        for name, plan in plans.items()
-    ]
+    entries = []
+    with _LOCK:
+        for name, plan in plans.items():
+            gate = model.get_submodule(name)
+            steers = gate.__dict__.setdefault(_STEERS, [])
+            if not steers:  # the gate's one steering hook, ahead of every other hook
+                gate.__dict__[_HOOK] = gate.register_forward_hook(_apply_steers, prepend=True)
+            entry = (level, plan)
+            steers.append(entry)
+            entries.append((gate, entry))
     try:
         yield
     finally:
-        for handle in handles:
-            handle.remove()
+        with _LOCK:
+            for gate, entry in entries:
+                steers = gate.__dict__[_STEERS]
+                steers.remove(entry)  # by identity: equal plans of other blocks stay
+                if not steers:
+                    gate.__dict__.pop(_HOOK).remove()

@@ -437,14 +437,18 @@ def remove_experts_(
     True
     """
     layers, gate = _layers_of(module, "remove_experts_")
+    if gate is None:
+        raise ValueError(
+            f"{type(module).__name__} has no gate of its own: a MuMoEBlock's layer shares the "
+            "block's gate, so remove the experts through the block (remove_experts_(block, ...))"
+        )
     _check_editable(layers, "remove_experts_")
     network = layers[0].network
     level = check_level(level, network)
     n = network.expert_dims[level]
     removed = _expert_set(experts, n, level)
     kept = tuple(k for k in range(n) if k not in removed)
-    if gate is not None:
-        _check_gate(gate, level, len(kept))
+    _check_gate(gate, level, len(kept))
     if not removed:
         return kept
     index = torch.tensor(kept, dtype=torch.long)
@@ -462,23 +466,19 @@ def remove_experts_(
         dims[level] = len(kept)
         shrunk = net.replace(expert_dims=tuple(dims))
         updates.append((layer, cores, shrunk, _same_policy(layer.planner, shrunk)))
-    if gate is not None:
-        projection = _selected(gate.projections[level], 1, index)
-        bias = None if gate.biases is None else _selected(gate.biases[level], 0, index)
-        norm = _shrunk_norm(gate.norms[level], index)
+    projection = _selected(gate.projections[level], 1, index)
+    bias = None if gate.biases is None else _selected(gate.biases[level], 0, index)
+    norm = _shrunk_norm(gate.norms[level], index)
     for layer, cores, shrunk, planner in updates:
         for k, core in cores.items():
             layer.cores[k] = core
         layer.network = shrunk
         layer.planner = planner
-    if gate is not None:
-        gate.projections[level] = projection
-        if gate.biases is not None and bias is not None:
-            gate.biases[level] = bias
-        gate.norms[level] = norm
-        gate.expert_dims = tuple(
-            len(kept) if e == level else d for e, d in enumerate(gate.expert_dims)
-        )
+    gate.projections[level] = projection
+    if gate.biases is not None and bias is not None:
+        gate.biases[level] = bias
+    gate.norms[level] = norm
+    gate.expert_dims = tuple(len(kept) if e == level else d for e, d in enumerate(gate.expert_dims))
     return kept
 
 

@@ -327,3 +327,20 @@ def test_a_bad_reduce_and_no_token_anywhere_say_so():
         usage(np.zeros((0, 4)), reduce=lambda sums: sums)
     with pytest.raises(ValueError, match=r"every token of gates is masked"):  # no reduce: local
         usage(a, nothing)
+
+
+def test_half_precision_sums_do_not_overflow_over_a_large_or_global_batch():
+    torch = pytest.importorskip("torch", reason="torch is not installed")
+    from mumoe.backends import thread_backend
+    from mumoe.gates import router_z_loss, usage
+
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.randn(40_000, 8, generator=generator)  # 80,000 tokens over two "ranks"
+    gates = torch.softmax(logits, -1)
+    with thread_backend("pytorch"):
+        for reduce in (None, lambda t: 2 * t):
+            half = usage(gates.half(), reduce=reduce).as_floats()
+            full = usage(gates, reduce=reduce).as_floats()
+            assert all(abs(half[k] - full[k]) < 1e-2 * max(1, abs(full[k])) for k in full)
+            loss = router_z_loss(logits.half(), reduce=reduce)
+            assert torch.isfinite(loss) and abs(float(loss) - float(router_z_loss(logits))) < 1e-2

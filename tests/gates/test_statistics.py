@@ -95,7 +95,7 @@ def test_bad_chunks_are_refused_with_what_was_expected():
         statistics.update(np.ones((4, 2)))
     with pytest.raises(TypeError, match="gates must be floating point"):
         statistics.update(np.ones((4, 3), dtype=int))
-    with pytest.raises(ValueError, match=r"mask must be a boolean array of shape \(4,\)"):
+    with pytest.raises(ValueError, match=r"mask must be a bool or integer array of shape \(4,\)"):
         statistics.update(np.ones((4, 3)), mask=np.ones(4))
     with pytest.raises(ValueError, match=r"labels must have shape \(4,\)"):
         statistics.update(np.ones((4, 3)), labels=np.zeros(5, dtype=int))
@@ -131,3 +131,27 @@ def test_a_vocabulary_of_classes_is_summed_by_the_classes_present():
     expected = class_mass(gates.astype(np.float64), labels)
     np.testing.assert_allclose(statistics.class_mass, expected, rtol=1e-6)
     np.testing.assert_array_equal(statistics.class_histogram, class_histogram(gates, labels))
+
+
+def test_a_refused_chunk_leaves_the_statistics_as_they_were():
+    statistics = GateStatistics(3, k=2)
+    with pytest.raises(ValueError, match="labels must have shape"):
+        statistics.update(np.ones((4, 3)) / 3, labels=np.zeros(5, dtype=int))
+    statistics.update(np.ones((4, 3)) / 3)  # unlabelled still allowed: nothing was set
+    assert statistics.rows == 4 and statistics.class_mass is None
+    labelled = GateStatistics(3)
+    labelled.update(np.ones((2, 3)) / 3, labels=np.array([0, 0]))
+    with pytest.raises(ValueError, match="contexts must have shape"):
+        labelled.update(np.ones((2, 3)) / 3, labels=np.array([5, 5]), contexts=np.ones(3))
+    assert labelled.class_mass.shape == (3, 1) and labelled.rows == 2
+    with pytest.raises(ValueError, match="non-finite coefficients"):
+        labelled.update(np.array([[np.nan, 0.5, 0.5]]), labels=np.array([0]))
+    assert labelled.rows == 2
+
+
+def test_an_integer_mask_of_zeros_and_ones_is_a_mask():
+    statistics = GateStatistics(2)
+    statistics.update(np.array([[0.9, 0.1], [0.2, 0.8]]), mask=np.array([1, 0]))
+    assert statistics.rows == 1
+    with pytest.raises(ValueError, match="0 \\(padding\\) and 1"):
+        statistics.update(np.array([[0.9, 0.1]]), mask=np.array([2]))

@@ -157,11 +157,23 @@ def test_counterfactuals_over_a_dataloader_equal_the_tensor_version_and_target_o
 def test_counterfactuals_of_a_language_model_count_unpadded_tokens():
     torch.manual_seed(0)
     model = TinyLM().eval()
+    with torch.no_grad():
+        model.mlp.gate.projections[0].normal_()  # each token its own mix of experts
     histogram = counterfactual_histogram(
         model, lm_batches(2), "labels", mask="attention_mask", n_classes=2
     )
-    assert histogram.shape == (6, 2)
-    assert histogram.sum() <= 2 * (3 * 6 - 2) * 6  # at most every unpadded token, per expert
+    expected = np.zeros((6, 2), dtype=np.int64)
+    with torch.no_grad():
+        for batch in lm_batches(2):
+            ids, keep = batch["input_ids"], batch["attention_mask"].bool()
+            before = model(ids).argmax(-1)
+            labels = batch["labels"][:, None].expand_as(ids)  # a sample's label, each token
+            for expert in range(6):
+                with edit_experts(model, {expert: 0.0}):
+                    changed = (model(ids).argmax(-1) != before) & keep
+                expected[expert] += np.bincount(labels[changed].numpy(), minlength=2)
+    np.testing.assert_array_equal(histogram, expected)
+    assert histogram.sum() > 0  # the comparison is not between zeros
 
 
 def test_bad_data_and_names_are_refused_with_what_exists():
@@ -198,3 +210,48 @@ def test_a_model_in_training_with_a_balance_loss_is_analysed_as_a_copy():
     layer(torch.randn(5, 8)).sum().backward()  # aux_loss now holds a graph node
     statistics = gate_statistics(layer, torch.randn(10, 8))["gate"][0]
     assert statistics.rows == 10 and layer.training and layer.gate.aux_loss is not None
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_a_half_precision_model_is_analysed(dtype):
+    model = classifier().to(dtype)
+    x, y = torch.randn(12, 8, dtype=dtype), torch.randint(0, 3, (12,))
+    statistics = gate_statistics(model, loader(x, y), labels=1)["gate"][0]
+    assert statistics.rows == 12 and statistics.class_mass.shape == (5, 3)
+    assert collect_gates(model, x)[0].shape == (12, 5)
+
+
+class Shared(torch.nn.Module):
+    """One μMoE layer applied twice in a forward pass (weights shared across depth)."""
+
+    def __init__(self):
+        super().__init__()
+        self.layer = MuMoE(8, 8, "cp", expert_dims=5, rank=2)
+        self.between = torch.nn.Linear(8, 8)
+
+    def forward(self, x):
+        return self.layer(self.between(self.layer(x)))
+
+
+def test_a_gate_called_twice_in_a_forward_pass_counts_both_calls():
+    model = Shared().eval()
+    x = torch.randn(6, 8)
+    statistics = gate_statistics(model, x, gates="layer")["layer.gate"][0]
+    assert statistics.rows == 12
+    assert collect_gates(model, x)[0].shape == (12, 5)
+
+
+def test_naming_a_gate_twice_counts_it_once():
+    model = classifier()
+    statistics = gate_statistics(model, torch.randn(5, 8), gates=["gate", "", "gate"])
+    assert list(statistics) == ["gate"] and statistics["gate"][0].rows == 5
+
+
+def test_labels_marked_ignore_index_are_left_out():
+    model = classifier()
+    x = torch.randn(6, 8)
+    labels = np.array([0, 1, -100, 2, -100, 1])
+    statistics = gate_statistics(model, x, labels=labels)["gate"][0]
+    assert statistics.rows == 4
+    with pytest.raises(ValueError, match="non-negative"):
+        gate_statistics(model, x, labels=labels, ignore_index=None)

@@ -322,6 +322,13 @@ def test_a_corrupt_manifest_is_refused(saved, edit, match):
     refused(mlp_model(), saved, match)
 
 
+def test_a_manifest_replacing_a_module_inside_another_is_refused(saved):
+    manifest = json.loads((saved / "mumoe.json").read_text())
+    manifest["modules"][1]["names"] = ["0.gate"]
+    (saved / "mumoe.json").write_text(json.dumps(manifest))
+    refused(mlp_model(), saved, "replaces '0' and, inside it, '0.gate'")
+
+
 def test_a_weights_file_from_another_save_or_corrupt_is_refused(saved, tmp_path_factory):
     other = tmp_path_factory.mktemp("other")
     torch.manual_seed(0)
@@ -429,9 +436,20 @@ def test_from_pretrained_is_strict(tmp_path):
         ValueError, match=r"entry 'cores.0' has shape \(6, 3\), the module's is \(6, 4\)"
     ):
         CPMuMoE.from_pretrained(tmp_path)
+    with pytest.raises(TypeError, match=r"takes dtype= and map_location=, not \['in_features'\]"):
+        CPMuMoE.from_pretrained(tmp_path, in_features=99)
     os.remove(tmp_path / "config.json")
     with pytest.raises(ValueError, match=r"has no config\.json"):
         CPMuMoE.from_pretrained(tmp_path)
+
+
+def test_from_pretrained_takes_a_dtype(tmp_path):
+    hub_or_skip()
+    layer = nudged(CPMuMoE(8, 5, expert_dims=6, rank=3)).eval()
+    layer.save_pretrained(tmp_path)
+    wide = CPMuMoE.from_pretrained(tmp_path, dtype=torch.float64)
+    assert wide.cores[0].dtype == torch.float64
+    assert torch.equal(wide.cores[0], layer.cores[0].double())
 
 
 def test_a_layer_copy_keeps_working():

@@ -100,6 +100,14 @@ def test_steering_trains_and_composes_with_edit_experts():
             nested = layer(x)
     torch.testing.assert_close(both, once)  # factors multiply
     torch.testing.assert_close(nested, once)
+    with torch.no_grad(), record_gates(layer) as record:
+        with steer_experts(layer, values={0: 1.0}), steer_experts(layer, scale={0: 0.5}):
+            layer(x)  # the inner block steers what the outer gives: 1.0 * 0.5
+        inner_first = record["gate"][0][:, 0].clone()
+        with steer_experts(layer, scale={0: 0.5}), steer_experts(layer, values={0: 1.0}):
+            layer(x)
+    assert torch.all(inner_first == 0.5) and torch.all(record["gate"][0][:, 0] == 1.0)
+    assert not layer.gate._forward_hooks  # every steering hook removed
 
 
 def test_a_sparse_support_stays_a_support_when_only_scaled():

@@ -439,3 +439,24 @@ def test_a_merge_past_top_k_leaves_the_layer_untouched():
     with pytest.raises(ValueError, match="top_k=2"):
         merge_experts_(layer, tolerance=0.0)
     assert_untouched(layer, before)
+
+
+def test_a_blocks_layer_is_refused_its_gate_is_the_blocks():
+    block = MuMoEBlock(8, 16, expert_dims=4, rank=2)
+    before = [p.clone() for p in block.parameters()]
+    with pytest.raises(ValueError, match="remove the experts through the block"):
+        remove_experts_(block.fc2, [0])
+    assert all(torch.equal(a, b) for a, b in zip(before, block.parameters(), strict=True))
+
+
+def test_a_monitor_open_across_a_removal_starts_a_new_window():
+    from mumoe.nn import ExpertMonitor
+
+    layer = MuMoE(8, 4, "cp", expert_dims=6, rank=3)
+    with ExpertMonitor(layer, window=10) as monitor:
+        layer(torch.randn(5, 8))
+        remove_experts_(layer, [1, 2])
+        layer(torch.randn(5, 8))
+        metrics = monitor.metrics()
+        assert monitor.history().shape == (1, 4)
+    assert metrics["gate/0/dead"] <= 4 and len(monitor.dead_experts()) <= 4
