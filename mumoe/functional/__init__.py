@@ -22,6 +22,7 @@ from mumoe.functional._forward import (
     scale_experts,
 )
 from mumoe.functional._from_dense import STARTS, cores_from_dense, dense_matrix, relative_error
+from mumoe.functional._from_experts import FITS, cores_from_experts, expert_errors, expert_tensor
 from mumoe.functional._layer import Contract, block_forward, layer_forward, scale_gates
 from mumoe.functional._sparse import (
     contract_sparse,
@@ -33,6 +34,7 @@ from mumoe.functional._sparse import (
 )
 
 __all__ = [
+    "FITS",
     "STARTS",
     "Contract",
     "ExpertWeight",
@@ -43,9 +45,12 @@ __all__ = [
     "contract",
     "contract_sparse",
     "cores_from_dense",
+    "cores_from_experts",
     "dense_gates",
     "dense_matrix",
     "densify",
+    "expert_errors",
+    "expert_tensor",
     "expert_weight",
     "forward",
     "gather_core",

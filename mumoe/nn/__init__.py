@@ -24,6 +24,7 @@ from mumoe.nn._convert import block_from_mlp, from_linear, linear_weights, repla
 from mumoe.nn._distill import ActivationPairs, DistillHistory, distill, fit_metrics
 from mumoe.nn._entmax import entmax15, sparsemax
 from mumoe.nn._factorized import FactorizedMuMoE, network_of, to_factorized_tensor
+from mumoe.nn._from_linears import from_linears
 from mumoe.nn._frontier import Transcoder, frontier, transcoder_width
 from mumoe.nn._gate import (
     TORCH_KERNELS,
@@ -87,6 +88,7 @@ __all__ = [
     "find_mlps",
     "fit_metrics",
     "from_linear",
+    "from_linears",
     "frontier",
     "gate_mask",
     "gate_statistics",

@@ -29,6 +29,7 @@ __all__ = [
     "gate_config",
     "gate_options",
     "known_fields",
+    "layer_config",
     "network_config",
     "network_from_config",
 ]
@@ -116,6 +117,36 @@ def gate_config(gate: MuMoEGate, owner: str) -> dict[str, Any]:
         "top_k": gate.top_k,
         "bias": gate.biases is not None,
         "balance": dict(gate.balance),
+    }
+
+
+def layer_config(layer: Any, name: str) -> dict[str, Any]:
+    """A μMoE layer's configuration (its ``get_config()``), under the class name ``name``.
+
+    Parameters
+    ----------
+    layer : MuMoE
+        Whose cores are its own.
+    name : str
+
+    Returns
+    -------
+    dict
+
+    Examples
+    --------
+    >>> from mumoe.nn import CPMuMoE
+    >>> sorted(layer_config(CPMuMoE(4, 2, expert_dims=3, rank=2), "CPMuMoE"))[:3]
+    ['class', 'dtype', 'gate']
+    """
+    return {
+        "class": name,
+        "in_features": layer.in_features,
+        "out_features": layer.out_features,
+        "network": network_config(layer.network),
+        "gate": None if layer.gate is None else gate_config(layer.gate, name),
+        "input_norm": layer.input_norm is not None,
+        "dtype": dtype_name(layer.cores[0]),
     }
 
 

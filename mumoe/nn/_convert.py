@@ -31,7 +31,13 @@ from mumoe.nn._layers import MuMoE
 from mumoe.spec import Network
 from mumoe.typing import RankOrBudget
 
-__all__ = ["block_from_mlp", "from_linear", "linear_weights", "replace_linear", "replaced_record"]
+__all__ = [
+    "block_from_mlp",
+    "from_linear",
+    "linear_weights",
+    "replace_linear",
+    "replaced_record",
+]
 
 Include = Callable[[str, nn.Module], bool] | str
 

@@ -38,11 +38,9 @@ from mumoe.nn._config import (
     config_error,
     config_field,
     config_size,
-    dtype_name,
-    gate_config,
     gate_options,
     known_fields,
-    network_config,
+    layer_config,
     network_from_config,
 )
 from mumoe.nn._gate import Activation, MuMoEGate
@@ -215,10 +213,10 @@ class MuMoE(nn.Module, HubMixin):
     _stands_in_for: str | None = None
     #: Whether the linear layer it stands in for had a bias.
     _linear_bias = False
-    #: Set by :func:`mumoe.nn.from_linear`: the experts' relative error against the linear layer.
-    conversion_error: float | None = None
-    #: Set by the conversions: the class and parameter shapes of the module this layer
-    #: replaced (:func:`mumoe.nn.save_model` keeps it to check a base model on loading).
+    #: The relative error of the conversion: from_linear's float, from_linears' array of experts.
+    conversion_error: Any = None
+    #: Set by the conversions: the class and parameter shapes of the module replaced
+    #: (:func:`mumoe.nn.save_model` keeps it, to check a base model on loading).
     converted_from: dict[str, Any] | None = None
     __prepare_scriptable__ = not_scriptable  # torch.jit.script: say what works instead
 
@@ -543,15 +541,7 @@ class MuMoE(nn.Module, HubMixin):
                 f"{type(self).__qualname__} has no configuration: one of "
                 f"{', '.join(LAYER_CLASSES)} whose cores are its own parameters has"
             )
-        return {
-            "class": name,
-            "in_features": self.in_features,
-            "out_features": self.out_features,
-            "network": network_config(self.network),
-            "gate": None if self.gate is None else gate_config(self.gate, name),
-            "input_norm": self.input_norm is not None,
-            "dtype": dtype_name(self.cores[0]),
-        }
+        return layer_config(self, name)
 
     @classmethod
     def from_config(
