@@ -19,6 +19,13 @@ from mumoe.nn._analysis import (
     record_gates,
 )
 from mumoe.nn._block import TORCH_HIDDEN_ACTIVATIONS, MuMoEBlock
+from mumoe.nn._bonds import (
+    BondRegularizer,
+    PruneReport,
+    component_norms,
+    prune_bonds,
+    regularize_bonds,
+)
 from mumoe.nn._bridge import torch_forward
 from mumoe.nn._convert import block_from_mlp, from_linear, linear_weights, replace_linear
 from mumoe.nn._distill import ActivationPairs, DistillHistory, distill, fit_metrics
@@ -55,6 +62,7 @@ __all__ = [
     "TORCH_HIDDEN_ACTIVATIONS",
     "TORCH_KERNELS",
     "ActivationPairs",
+    "BondRegularizer",
     "CPMuMoE",
     "DistillHistory",
     "ExpertMonitor",
@@ -67,6 +75,7 @@ __all__ = [
     "MuMoE",
     "MuMoEBlock",
     "MuMoEGate",
+    "PruneReport",
     "SpliceReport",
     "TRMuMoE",
     "TTMuMoE",
@@ -78,6 +87,7 @@ __all__ = [
     "block_from_mlp",
     "collect_aux_losses",
     "collect_gates",
+    "component_norms",
     "counterfactual_histogram",
     "dense_coefficients",
     "distill",
@@ -103,8 +113,10 @@ __all__ = [
     "mixture_linear",
     "module_from_config",
     "network_of",
+    "prune_bonds",
     "record_gates",
     "reduce_balance_over",
+    "regularize_bonds",
     "remove_experts_",
     "replace_linear",
     "replace_mlp",

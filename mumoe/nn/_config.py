@@ -133,12 +133,22 @@ def layer_config(layer: Any, name: str) -> dict[str, Any]:
     -------
     dict
 
+    Raises
+    ------
+    ValueError
+        For a layer with a bond regularizer (:func:`mumoe.nn.regularize_bonds`).
+
     Examples
     --------
     >>> from mumoe.nn import CPMuMoE
     >>> sorted(layer_config(CPMuMoE(4, 2, expert_dims=3, rank=2), "CPMuMoE"))[:3]
     ['class', 'dtype', 'gate']
     """
+    if layer._modules.get("bond_regularizer") is not None:
+        raise ValueError(
+            f"the {name} has a bond regularizer, a training setting a configuration does not "
+            "hold: prune_bonds(layer, ...) folds its weights into the cores and removes it"
+        )
     return {
         "class": name,
         "in_features": layer.in_features,

@@ -325,8 +325,9 @@ class MuMoE(nn.Module, HubMixin):
         # Per-call cost matters for one-row calls: read the submodule and its
         # parameters from their dicts (nn.Module.__getattr__ and ParameterList's
         # iterator, which formats an index string per item, cost microseconds).
-        cores = self._modules["cores"]._parameters.values()  # type: ignore[union-attr]
-        return self.network, list(cores)
+        cores = list(self._modules["cores"]._parameters.values())  # type: ignore[union-attr]
+        bonds = self._modules.get("bond_regularizer")  # mumoe.nn.regularize_bonds
+        return self.network, cores if bonds is None else bonds(self.network, cores)
 
     @contextmanager
     def scaled_experts(self, level: int, scales: Any) -> Iterator[None]:

@@ -25,6 +25,7 @@ from torch import nn
 
 from mumoe.backends import thread_backend
 from mumoe.gates import Usage, usage
+from mumoe.nn._bonds import BondRegularizer
 from mumoe.nn._distributed import check_process_group, group_sum
 from mumoe.nn._gate import MuMoEGate, dense_coefficients
 
@@ -80,11 +81,12 @@ def gate_mask(model: nn.Module, mask: torch.Tensor) -> Iterator[None]:
 
 
 def collect_aux_losses(model: nn.Module) -> torch.Tensor:
-    """The sum of the balance losses every gate of ``model`` set on its last forward pass.
+    """The sum of the balance losses and bond lassos ``model`` set on its last forward pass.
 
     Add it to the task loss before ``backward()``.  Gates without ``balance``
-    contribute nothing; nothing is kept between calls (each gate's
-    ``aux_loss`` is replaced by its next forward pass).
+    and layers without a lasso (:func:`mumoe.nn.regularize_bonds`) contribute
+    nothing; nothing is kept between calls (each ``aux_loss`` is replaced by
+    the next forward pass).
 
     Parameters
     ----------
@@ -104,6 +106,11 @@ def collect_aux_losses(model: nn.Module) -> torch.Tensor:
     >>> loss.backward()
     """
     losses = [gate.aux_loss for _, gate in _gates(model) if gate.aux_loss is not None]
+    losses += [  # the bond lassos (mumoe.nn.regularize_bonds)
+        m.aux_loss
+        for m in model.modules()
+        if isinstance(m, BondRegularizer) and m.aux_loss is not None
+    ]
     if not losses:
         return torch.zeros(())
     return torch.stack([loss.to(losses[0]) for loss in losses]).sum()
