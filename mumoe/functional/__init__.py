@@ -22,7 +22,7 @@ from mumoe.functional._forward import (
     scale_experts,
 )
 from mumoe.functional._from_dense import STARTS, cores_from_dense, dense_matrix, relative_error
-from mumoe.functional._from_experts import FITS, cores_from_experts, expert_errors, expert_tensor
+from mumoe.functional._from_layers import FITS, cores_from_experts, expert_errors, expert_tensor
 from mumoe.functional._layer import Contract, block_forward, layer_forward, scale_gates
 from mumoe.functional._sparse import (
     contract_sparse,

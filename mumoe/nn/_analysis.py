@@ -182,6 +182,11 @@ def edit_experts_(model: torch.nn.Module, scales: Scales, *, level: int = 0) -> 
                 "MuMoE whose cores are its parameters (use edit_experts, or edit the "
                 "factorized tensor)"
             )
+        if layer._modules.get("bond_regularizer") is not None:
+            raise ValueError(
+                "edit_experts_ scales the stored cores, which a bond regularizer normalises: "
+                "fold it in first (prune_bonds), or use edit_experts"
+            )
     with torch.no_grad(), thread_backend("pytorch"):
         for layer in layers:
             network, cores = layer._weights()

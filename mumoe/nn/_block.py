@@ -303,7 +303,7 @@ class MuMoEBlock(nn.Module, HubMixin):
         TypeError
             For a subclass of the block.
         ValueError
-            For a custom activation callable or gate norm.
+            For a custom activation callable or gate norm, or bond regularizers.
 
         Examples
         --------
@@ -313,6 +313,11 @@ class MuMoEBlock(nn.Module, HubMixin):
         """
         if type(self) is not MuMoEBlock:
             raise TypeError(f"{type(self).__qualname__} has no configuration: a MuMoEBlock has")
+        if any(layer._modules.get("bond_regularizer") is not None for layer in self.mumoe_layers):
+            raise ValueError(
+                "the block's layers have bond regularizers, a training setting a configuration "
+                "does not hold: prune_bonds(block, ...) folds them into the cores"
+            )
         return {
             "class": "MuMoEBlock",
             "in_features": self.in_features,

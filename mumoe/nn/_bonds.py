@@ -91,24 +91,29 @@ class BondRegularizer(nn.Module):
         The layer's network; the bonds named below must be its.
     dropout : mapping {bond: p}, optional
         In training, each component of the bond dropped with probability
-        ``p`` in [0, 1), the kept ones scaled by ``1 / (1 - p)``; one draw a
-        forward pass.
+        ``p`` in [0, 1) (one kept at least), the kept ones scaled by
+        ``1 / (1 - p)``; one draw a forward pass.
     lasso : mapping {bond: coefficient}, optional
         A weight per component, and ``coefficient * sum |weight|`` as
         :attr:`aux_loss`: each core's slices along the bond are normalised
         and the weights carry the components' magnitudes (weight
-        normalisation), so the lasso cannot be escaped by growing the cores;
-        the weights start at the components' norms, so the layer's function
-        is unchanged.
+        normalisation), so growing the cores that hold the bond does not
+        escape the lasso (scale moved into other cores can ease it: add
+        weight decay); the weights start at the components' norms, so the
+        layer's function is unchanged.
     cores : sequence of torch.Tensor, optional
         The layer's cores, for the weights' start (needed with ``lasso``).
+    start_zero : mapping {bond: bool tensor (rank,)}, optional
+        Components whose weights start at 0 (:func:`regularize_bonds`: those
+        of norm 0, whose zero slices it gives random directions, so that the
+        lasso's gradient can grow them; the function is unchanged).
 
     Attributes
     ----------
     weights : torch.nn.ParameterDict
         The lasso weights by bond, each ``(rank,)``.
     aux_loss : torch.Tensor or None
-        The lasso penalty of the last forward pass (None without a lasso).
+        The lasso penalty (None without a lasso).
 
     Examples
     --------
@@ -128,6 +133,7 @@ class BondRegularizer(nn.Module):
         *,
         dropout: Mapping[str, float] | None = None,
         lasso: Mapping[str, float] | None = None,
+        start_zero: Mapping[str, torch.Tensor] | None = None,
     ) -> None:
         super().__init__()
         dropout, lasso = dict(dropout or {}), dict(lasso or {})
@@ -149,9 +155,31 @@ class BondRegularizer(nn.Module):
         # weight starts at the norms of the cores as the bonds before it left them.
         scaled = [c.detach() for c in cores or ()]
         for bond in self.lasso:
-            self.weights[bond] = nn.Parameter(component_norms(network, scaled, bond))
+            norms = component_norms(network, scaled, bond)
+            if start_zero is not None and bond in start_zero:
+                norms = torch.where(start_zero[bond].to(norms.device), 0.0, norms)
+            self.weights[bond] = nn.Parameter(norms)
             scaled = self._normalised(network, scaled, bond)
-        self.aux_loss: torch.Tensor | None = None
+
+    @property
+    def aux_loss(self) -> torch.Tensor | None:
+        """The lasso penalty, ``sum over bonds of coefficient * sum |weights|``; None without.
+
+        Computed when read (it depends on the weights only), so it is never stale
+        and a copy of the layer carries no graph.
+
+        Examples
+        --------
+        >>> import mumoe, torch
+        >>> net = mumoe.cp(8, 4, expert_dims=6, rank=3)
+        >>> cores = [torch.ones(s) for s in net.core_shapes]
+        >>> regularizer = BondRegularizer(net, cores, lasso={"r": 0.1})
+        >>> round(float(regularizer.aux_loss.detach()), 3)  # 0.1 * 3 components of norm 14.7
+        4.409
+        """
+        if not self.lasso:
+            return None
+        return torch.stack([c * self.weights[b].abs().sum() for b, c in self.lasso.items()]).sum()
 
     def masks(self, network: Network, like: torch.Tensor) -> dict[str, torch.Tensor]:
         """The dropout factors of one pass by bond: 0 or ``1 / (1 - p)`` a component.
@@ -179,21 +207,28 @@ class BondRegularizer(nn.Module):
         masks = {}
         for bond, p in self.dropout.items():
             if p > 0:
-                keep = torch.rand(network.ranks[bond], device=like.device) >= p
+                draws = torch.rand(network.ranks[bond], device=like.device)
+                keep = draws >= p
+                keep[draws.argmax()] = True  # one component at least: a bond is never cut
                 masks[bond] = keep.to(like.dtype) / (1 - p)
         return masks
 
-    def forward(self, network: Network, cores: list[torch.Tensor]) -> list[torch.Tensor]:
+    def forward(
+        self, network: Network, cores: list[torch.Tensor], *, dropout: bool = False
+    ) -> list[torch.Tensor]:
         """The cores as the regularised layer computes with them.
 
         With a lasso on a bond, every core's slices along it are normalised
-        and the first core holding it multiplied by the weights; with dropout,
-        the first core holding it multiplied by this pass's mask.
+        and the first core holding it multiplied by the weights; with
+        ``dropout`` in training, the first core holding a bond multiplied by
+        a fresh mask (the layer's forward pass asks for it; views such as
+        ``materialize`` do not).
 
         Parameters
         ----------
         network : Network
         cores : list of torch.Tensor
+        dropout : bool, default False
 
         Returns
         -------
@@ -214,14 +249,11 @@ class BondRegularizer(nn.Module):
         scaled = list(cores)
         for bond in self.weights:
             scaled = self._normalised(network, scaled, bond)
-        for bond, mask in self.masks(network, scaled[0]).items():
+        masks = self.masks(network, scaled[0]) if dropout else {}
+        for bond, mask in masks.items():
             k = next(k for k, legs in enumerate(network.core_legs) if bond in legs)
             axis = network.core_legs[k].index(bond)
             scaled[k] = scaled[k] * _along(mask.to(scaled[k].dtype), scaled[k].dim(), axis)
-        if self.lasso:
-            self.aux_loss = torch.stack(
-                [c * self.weights[b].abs().sum() for b, c in self.lasso.items()]
-            ).sum()
         return scaled
 
     def _normalised(
@@ -316,14 +348,51 @@ def regularize_bonds(
             )
         try:
             with torch.no_grad():
-                built[name] = BondRegularizer(
-                    layer.network, list(layer.cores), dropout=dropout, lasso=lasso
+                _check_bonds(layer.network, [*(lasso or {})], "regularize_bonds")
+                cores, dead = _revived(layer.network, list(layer.cores), list(lasso or {}))
+                regularizer = BondRegularizer(
+                    layer.network, cores, dropout=dropout, lasso=lasso, start_zero=dead
                 )
         except ValueError as error:
             raise ValueError(f"{name or type(layer).__name__}: {error}") from error
+        built[name] = (regularizer, cores)
     for name, layer in layers:
-        layer.bond_regularizer = built[name]
+        regularizer, cores = built[name]
+        with torch.no_grad():
+            for core, start in zip(layer.cores, cores, strict=True):
+                core.copy_(start)
+        layer.bond_regularizer = regularizer
     return module
+
+
+def _revived(
+    network: Network, cores: list[torch.Tensor], bonds: list[str]
+) -> tuple[list[torch.Tensor], dict[str, torch.Tensor]]:
+    """The cores with each zero slice of a zero component given a random unit direction.
+
+    A component of norm 0 (TT's start, a zero-padded fit) would have a zero
+    weight and zero slices, so no gradient could ever grow it; with random
+    directions and a zero weight it computes nothing yet can learn.
+    """
+    cores = [c.detach().clone() for c in cores]
+    dead = {}
+    for bond in bonds:
+        zero = component_norms(network, cores, bond) == 0
+        dead[bond] = zero
+        if not zero.any():
+            continue
+        for k, legs in enumerate(network.core_legs):
+            if bond not in legs:
+                continue
+            axis = legs.index(bond)
+            empty = zero & (_slice_norms(cores[k], axis) == 0)
+            noise = torch.randn_like(cores[k]).movedim(axis, 0)
+            noise = noise / noise.reshape(noise.shape[0], -1).norm(dim=1).reshape(
+                -1, *[1] * (noise.dim() - 1)
+            )
+            moved = cores[k].movedim(axis, 0)
+            moved[empty] = noise[empty]
+    return cores, dead
 
 
 @dataclass(frozen=True)
@@ -362,12 +431,14 @@ def prune_bonds(
     layer computes in eval mode: normalised slices times the lasso weights)
     and removed.  A component's norm is the product, over the cores holding
     the bond, of its slice's Frobenius norm (:func:`component_norms`; with a
-    lasso, its weight's magnitude): 0 exactly where the term is 0, so
+    lasso on a bond whose cores no other lasso'd bond shares, its weight's
+    magnitude): 0 exactly where the term is 0, so
     removing those keeps the layer's function exactly, and a lasso drives
     the components a layer does not need towards 0.  The kept components
     keep their order; the network's ranks, the parameter count and the plans
     follow, with the layer's planner policy.
-    The cores are new parameters: build the optimiser again.
+    The cores of a layer that changes are new parameters: build the optimiser
+    again (a layer with nothing to prune and no regularizer keeps its own).
 
     Parameters
     ----------
@@ -418,10 +489,10 @@ def prune_bonds(
         network = layer.network
         regularizer = layer._modules.get("bond_regularizer")
         assert regularizer is None or isinstance(regularizer, BondRegularizer)
-        with torch.no_grad():
+        with torch.no_grad():  # folded as the layer computes in eval mode (no mode switch)
             cores = [c.detach() for c in layer.cores]
             if regularizer is not None:
-                cores = [c.clone() for c in regularizer.eval()(network, cores)]
+                cores = regularizer(network, cores, dropout=False)
         chosen = list(bonds) if bonds is not None else None
         if chosen is None:
             chosen = (
@@ -430,42 +501,49 @@ def prune_bonds(
                 else list(network.bonds)
             )
             chosen = list(dict.fromkeys(chosen))
-        _check_bonds(network, chosen, f"prune_bonds on {name or type(layer).__name__}")
+        where = name or type(layer).__name__
+        _check_bonds(network, chosen, f"prune_bonds on {where}")
+        if isinstance(keep, Mapping) and not set(keep) <= set(chosen):
+            raise ValueError(
+                f"keep names {sorted(set(keep) - set(chosen))}, which prune_bonds does not "
+                f"prune on {where} (it prunes {chosen})"
+            )
         sizes = dict(network.ranks)
         for bond in chosen:
             norms = component_norms(network, cores, bond).double()
             if threshold is not None:
                 kept = torch.nonzero(norms > threshold).flatten()
             else:
-                count = keep if isinstance(keep, int) else dict(keep or {}).get(bond, sizes[bond])
+                count = keep.get(bond, sizes[bond]) if isinstance(keep, Mapping) else keep
                 if isinstance(count, bool) or not isinstance(count, int) or count < 1:
-                    raise ValueError(
-                        f"keep must be a positive int a bond, got {count!r} for {bond!r}"
-                    )
+                    raise ValueError(f"keep must be a positive int, got {count!r} for {bond!r}")
                 kept = torch.sort(torch.argsort(norms, descending=True, stable=True)[:count]).values
             if kept.numel() == 0:
                 raise ValueError(
-                    f"pruning bond {bond!r} of {name or type(layer).__name__} at threshold "
-                    f"{threshold} keeps no component (its largest norm is "
-                    f"{float(norms.max()):.3g}): a bond needs one"
+                    f"pruning bond {bond!r} of {where} at threshold {threshold} keeps no "
+                    f"component (its largest norm is {float(norms.max()):.3g}): a bond needs one"
                 )
-            for k, legs in enumerate(network.core_legs):
-                if bond in legs:
-                    cores[k] = cores[k].index_select(legs.index(bond), kept.to(cores[k].device))
+            if kept.numel() < sizes[bond]:
+                for k, legs in enumerate(network.core_legs):
+                    if bond in legs:
+                        index = kept.to(cores[k].device)
+                        cores[k] = cores[k].index_select(legs.index(bond), index)
             sizes[bond] = int(kept.numel())
+        if sizes == dict(network.ranks) and regularizer is None:
+            continue  # nothing to change: the layer keeps its parameters
         shrunk = network.replace(rank=sizes)
-        plans.append((name, layer, cores, shrunk))
-    ranks, before, after = {}, 0, 0
-    for name, layer, cores, shrunk in plans:
+        plans.append((name, layer, cores, shrunk, _same_policy(layer.planner, shrunk)))
+    ranks = {name: (dict(layer.network.ranks),) * 2 for name, layer in layers}
+    before = sum(layer.network.n_params for _, layer in layers)
+    for name, layer, cores, shrunk, planner in plans:
         ranks[name] = (dict(layer.network.ranks), dict(shrunk.ranks))
-        before += layer.network.n_params
-        after += shrunk.n_params
         for k, core in enumerate(cores):
             old = layer.cores[k]
-            layer.cores[k] = nn.Parameter(core.contiguous(), requires_grad=old.requires_grad)
-        planner = _same_policy(layer.planner, shrunk)
+            fresh = core.detach().clone(memory_format=torch.contiguous_format)
+            layer.cores[k] = nn.Parameter(fresh, requires_grad=old.requires_grad)
         layer.network = shrunk
         layer.planner = planner
         if "bond_regularizer" in layer._modules:
             del layer._modules["bond_regularizer"]
+    after = sum(layer.network.n_params for _, layer in layers)
     return PruneReport(ranks, before, after)

@@ -163,8 +163,9 @@ class FactorizedMuMoE(MuMoE):
                 cores = _cores_of(weight)  # views: written in place
         self.init_scheme = init_cores_(self.network, cores)
 
-    def _weights(self) -> tuple[Network, list[torch.Tensor]]:
-        # Calling the tensor runs tltorch's forward hooks (dropout, lasso).
+    def _weights(self, *, dropout: bool = False) -> tuple[Network, list[torch.Tensor]]:
+        # Calling the tensor runs tltorch's forward hooks (dropout, lasso), whatever
+        # ``dropout`` (tltorch's own dropout acts in training).
         # Tensor dropout returns a tensor of lower rank: contract it with the
         # network of that rank, kept in a small LRU (each has its own plans).
         with thread_backend("pytorch"):  # tltorch computes with TensorLy

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from mumoe.functional import cores_from_experts, expert_tensor
+from mumoe.functional import cores_from_experts, expert_errors, expert_tensor
 from mumoe.nn._convert import _FROM_LINEAR, _numpy, linear_weights
 from mumoe.nn._layers import MuMoE
 from mumoe.typing import RankOrBudget
@@ -27,6 +27,10 @@ __all__ = ["from_linears"]
 
 def _expert_grid(linears: Any) -> tuple[list[Any], tuple[int, ...]]:
     """The leaves of a nested sequence of layers, in C order, and the nesting's shape."""
+    if isinstance(linears, torch.Tensor) and linears.dim() > 2:  # stacked (N..., O, I)
+        return list(linears.detach().reshape(-1, *linears.shape[-2:])), tuple(linears.shape[:-2])
+    if isinstance(linears, nn.ModuleList):
+        linears = list(linears)
     if isinstance(linears, nn.Module | torch.Tensor) or not isinstance(linears, Sequence):
         return [linears], ()
     if not linears:
@@ -74,12 +78,14 @@ def from_linears(
 
     Parameters
     ----------
-    linears : sequence of layers, or of sequences of layers
+    linears : sequence of layers, or of sequences of layers, or a tensor
         ``nn.Linear`` or ``transformers``' ``Conv1D`` modules, or weight
-        tensors ``(O, I)`` (no bias); a flat list gives one expert level of
-        ``N`` experts, a list of ``N`` lists of ``M`` two levels ``N x M``
-        (expert ``(n, m)`` is ``linears[n][m]``), and so on.  All of one shape,
-        with biases all or none.
+        tensors ``(O, I)`` (no bias); a flat list (or ``nn.ModuleList``) gives
+        one expert level of ``N`` experts, a list of ``N`` lists of ``M`` two
+        levels ``N x M`` (expert ``(n, m)`` is ``linears[n][m]``), and so on; a
+        tensor ``(N..., O, I)`` is the weights stacked (``transformers``'
+        Mixtral's ``experts.down_proj``).  All of one shape, with biases all
+        or none.
     network : str, default "cp"
         A preset format name (``"dense"``, ``"cp"``, ``"tucker"``, ``"tt"``,
         ``"tr"``, ``"lowrank"``, ``"mxd"``); a preset ``layer_class`` builds its
@@ -92,7 +98,8 @@ def from_linears(
         For decompositions that draw.
     **layer_kwargs
         Other :class:`MuMoE` arguments (``normalization``, ``activation``,
-        ...); ``bias``, ``device`` and ``dtype`` come from the layers.
+        ...); ``expert_dims``, ``bias``, ``device`` and ``dtype`` come from
+        the layers.
 
     Returns
     -------
@@ -123,7 +130,7 @@ def from_linears(
     >>> float(layer.conversion_error.max())
     0.0
     """
-    taken = sorted(set(layer_kwargs) & set(_FROM_LINEAR))
+    taken = sorted(set(layer_kwargs) & {*_FROM_LINEAR, "expert_dims"})
     if taken:
         raise TypeError(f"from_linears takes {', '.join(taken)} from the layers; do not pass them")
     if layer_kwargs.get("input_norm"):
@@ -167,12 +174,13 @@ def from_linears(
     else:
         layer = layer_class(*sizes, network, **options)
     tensor = expert_tensor(weights, biases)
-    cores, errors = cores_from_experts(layer.network, tensor, random_state=random_state)
+    cores, _ = cores_from_experts(layer.network, tensor, random_state=random_state)
     with torch.no_grad():
         for core, values in zip(layer.cores, cores, strict=True):
             core.copy_(torch.from_numpy(values))
         if layer.gate is not None:
             for projection in layer.gate.projections:
                 nn.init.normal_(projection, std=1 / math.sqrt(in_features))
-    layer.conversion_error = errors
+    # Measured on the layer's own cores, in its dtype (a bfloat16 layer's rounding counts).
+    layer.conversion_error = expert_errors(layer.network, [_numpy(c) for c in layer.cores], tensor)
     return layer

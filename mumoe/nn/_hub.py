@@ -187,7 +187,7 @@ def load_checked(module: torch.nn.Module, state: dict[str, torch.Tensor], where:
     >>> import torch
     >>> linear = torch.nn.Linear(2, 3)
     >>> load_checked(linear, {"weight": torch.ones(3, 2), "bias": torch.zeros(3)}, "linear")
-    >>> float(linear.weight.sum())
+    >>> float(linear.weight.detach().sum())
     6.0
     """
     check_state(module.state_dict(), state, where)

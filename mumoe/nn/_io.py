@@ -114,6 +114,11 @@ def module_entries(module: MuMoE | MuMoEBlock) -> tuple[dict[str, Any], dict[str
         )
     tensors: dict[str, Any] = {}
     for prefix, layer in layers.items():
+        if layer._modules.get("bond_regularizer") is not None:
+            raise ValueError(
+                f"the {prefix.rstrip('.') or 'layer'} has a bond regularizer, a training "
+                "setting a weights file does not hold: prune_bonds folds it into the cores"
+            )
         for k, core in enumerate(layer._weights()[1]):
             tensors[f"{prefix}cores.{k}"] = core
     if isinstance(module, MuMoEBlock):

@@ -319,15 +319,16 @@ class MuMoE(nn.Module, HubMixin):
             return
         super().__setattr__(name, value)
 
-    def _weights(self) -> tuple[Network, list[torch.Tensor]]:
-        # The network and cores to contract; subclasses that hold their
-        # weights differently (mumoe.nn) override this.
-        # Per-call cost matters for one-row calls: read the submodule and its
-        # parameters from their dicts (nn.Module.__getattr__ and ParameterList's
-        # iterator, which formats an index string per item, cost microseconds).
+    def _weights(self, *, dropout: bool = False) -> tuple[Network, list[torch.Tensor]]:
+        # The network and cores to contract (a bond regularizer's view of them; its
+        # dropout only where the forward pass asks); subclasses that hold their
+        # weights differently (mumoe.nn) override this.  Per-call cost matters for
+        # one-row calls: the submodule and its parameters read from their dicts.
         cores = list(self._modules["cores"]._parameters.values())  # type: ignore[union-attr]
         bonds = self._modules.get("bond_regularizer")  # mumoe.nn.regularize_bonds
-        return self.network, cores if bonds is None else bonds(self.network, cores)
+        if bonds is None:
+            return self.network, cores
+        return self.network, bonds(self.network, cores, dropout=dropout)
 
     @contextmanager
     def scaled_experts(self, level: int, scales: Any) -> Iterator[None]:
@@ -436,7 +437,7 @@ class MuMoE(nn.Module, HubMixin):
         >>> y.shape, [tuple(a.shape) for a in gates]
         (torch.Size([3, 5, 4]), [(3, 5, 6), (3, 5, 2)])
         """
-        network, cores = self._weights()
+        network, cores = self._weights(dropout=self.training)
         check_input(x, self.in_features, cores[0])
         if gates is not None:
             check_gate_devices(gates, x)

@@ -284,6 +284,11 @@ def _check_editable(layers: list[MuMoE], what: str) -> None:
                 f"an expert edit (scaled_experts, edit_experts) is in force on this layer; "
                 f"call {what} after its with-block"
             )
+        if layer._modules.get("bond_regularizer") is not None:
+            raise ValueError(
+                f"the layer has a bond regularizer, which computes with its cores normalised; "
+                f"prune_bonds(layer, ...) folds it in: call {what} after"
+            )
 
 
 def _expert_set(experts: Iterable[Any], n: int, level: int) -> set[int]:

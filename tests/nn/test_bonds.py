@@ -13,11 +13,11 @@ from mumoe.nn import (
     MuMoE,
     MuMoEBlock,
     collect_aux_losses,
+    component_norms,
     prune_bonds,
     regularize_bonds,
     save_model,
 )
-from mumoe.nn._bonds import component_norms
 
 NETWORKS = {
     "cp": ("cp", {"expert_dims": 4, "rank": 5}, ["r"]),
@@ -176,3 +176,65 @@ def test_bad_requests_are_refused_and_nothing_changes(tmp_path):
     save_model(model, tmp_path)  # folded: a configuration again
     with pytest.raises(TypeError, match=r"holds no mumoe\.nn\.MuMoE layer to prune"):
         prune_bonds(torch.nn.Linear(2, 2), keep=1)
+
+
+def test_a_zero_component_gets_directions_and_can_grow():
+    torch.manual_seed(0)
+    layer = MuMoE(10, 6, "tt", expert_dims=4, rank=(4, 3), normalization=None)
+    norms = component_norms(layer.network, list(layer.cores), "r1")
+    assert (norms == 0).any()  # TT's start leaves components of r1 at zero
+    x = torch.randn(5, 10)
+    before = layer.eval()(x)
+    regularize_bonds(layer, lasso={"r1": 0.0})
+    weights = layer.bond_regularizer.weights["r1"]
+    assert torch.equal(weights.detach() == 0, norms == 0)
+    torch.testing.assert_close(layer(x), before, rtol=1e-5, atol=1e-6)  # unchanged
+    layer.train()
+    layer(x).square().sum().backward()
+    assert (weights.grad[norms == 0] != 0).all()  # the dead components get a gradient
+
+
+def test_a_refused_prune_leaves_the_regularizer_training():
+    layer = layer_of("cp").train()
+    regularize_bonds(layer, dropout={"r": 0.3})
+    with pytest.raises(ValueError, match="keeps no component"):
+        prune_bonds(layer, threshold=1e9)
+    with pytest.raises(ValueError, match=r"keep names \['R'\], which prune_bonds does not prune"):
+        prune_bonds(layer, keep={"R": 2})
+    assert layer.bond_regularizer.training and layer.training
+
+
+def test_a_regularized_layer_copies_and_is_refused_where_its_cores_are_read(tmp_path):
+    import copy
+
+    from mumoe.nn import edit_experts_, load_into, remove_experts_, save
+
+    layer = layer_of("cp").train()
+    regularize_bonds(layer, lasso={"r": 0.01}, dropout={"r": 0.2})
+    layer(torch.randn(3, 10, dtype=torch.float64)).sum().backward()
+    twin = copy.deepcopy(layer)  # no graph kept: the penalty is computed when read
+    assert torch.equal(twin.bond_regularizer.weights["r"], layer.bond_regularizer.weights["r"])
+    with pytest.raises(ValueError, match="bond regularizer"):
+        save(layer, tmp_path / "layer.safetensors")
+    save(layer_of("cp").eval(), tmp_path / "plain.safetensors")
+    with pytest.raises(ValueError, match="bond regularizer"):
+        load_into(layer, tmp_path / "plain.safetensors")
+    with pytest.raises(ValueError, match="bond regularizer"):
+        edit_experts_(layer, {0: 0.0})
+    with pytest.raises(ValueError, match="bond regularizer"):
+        remove_experts_(layer, [0])
+    block = MuMoEBlock(8, 16, expert_dims=4, rank=3)
+    regularize_bonds(block, lasso={"r": 0.01})
+    with pytest.raises(ValueError, match="bond regularizers"):
+        block.get_config()
+    torch.manual_seed(3)
+    a = layer.materialize()  # a view: no dropout drawn, the same twice
+    assert torch.equal(a, layer.materialize())
+
+
+def test_nothing_to_prune_keeps_the_parameters():
+    layer = layer_of("cp")
+    cores = list(layer.cores)
+    report = prune_bonds(layer, keep=5)
+    assert report.params_before == report.params_after
+    assert all(a is b for a, b in zip(cores, layer.cores, strict=True))

@@ -99,10 +99,23 @@ def test_bad_layers_are_refused_with_what_came():
     with pytest.raises(TypeError, match="layer 1: "):
         from_linears([torch.nn.Linear(8, 4), torch.nn.ReLU()], "dense")
     with pytest.raises(ValueError, match="layer 0 is a tensor of shape"):
-        from_linears([torch.randn(4, 8, 2)], "dense")
+        from_linears([torch.randn(8), torch.randn(8)], "dense")
     with pytest.raises(ValueError, match="no rule fits a 'custom' network"):
         from_linears([torch.randn(4, 8)] * 3, "n1 a, i a b, o b", rank={"a": 2, "b": 2})
     with pytest.raises(TypeError, match="takes bias from the layers"):
         from_linears([torch.randn(4, 8)] * 3, "dense", bias=True)
     with pytest.raises(ValueError, match="the dense format has no rank"):
         from_linears([torch.randn(4, 8)] * 3, "dense", rank=2)
+
+
+def test_a_module_list_or_a_stacked_tensor_and_the_error_in_the_layers_dtype():
+    torch.manual_seed(3)
+    experts = torch.nn.ModuleList([torch.nn.Linear(8, 4) for _ in range(3)])
+    assert from_linears(experts, "dense").network.expert_dims == (3,)
+    stacked = torch.randn(2, 3, 4, 8)  # (N, M, O, I): two levels
+    layer = from_linears(stacked, "dense")
+    assert layer.network.expert_dims == (2, 3) and layer.conversion_error.max() == 0
+    half = from_linears([e.bfloat16() for e in experts], "tt", rank=(3, 12))
+    assert 1e-4 < half.conversion_error.max() < 1e-2  # bfloat16's rounding, reported
+    with pytest.raises(TypeError, match="takes expert_dims from the layers"):
+        from_linears(experts, "dense", expert_dims=3)

@@ -14,7 +14,8 @@ cp         TensorLy's ``parafac`` at the network's rank (ALS, SVD start)
 tucker     TensorLy's ``tucker`` at the network's ranks (HOOI)
 tt         TensorLy's ``tensor_train`` (TT-SVD): exact where the ranks
            reach the unfoldings' ranks
-tr         TensorLy's ``tensor_ring`` (TR-SVD)
+tr         TensorLy's ``tensor_ring`` (TR-SVD), or ``tensor_ring_als`` where
+           TR-SVD cannot split the first mode (:math:`r_0 r_1 > N_1`)
 lowrank    each expert's truncated SVD: its best rank-:math:`r` matrix
 mxd        (one level) each output column's best rank-1 fit of the experts
            by the inputs, :math:`\mathcal{W}[n, :, o] \approx c_{no} d_{:o}`
@@ -33,7 +34,7 @@ from typing import Any
 
 import numpy as np
 import tensorly as tl
-from tensorly.decomposition import parafac, tensor_ring, tensor_train, tucker
+from tensorly.decomposition import parafac, tensor_ring, tensor_ring_als, tensor_train, tucker
 
 from mumoe.backends import thread_backend
 from mumoe.functional._forward import materialize
@@ -136,16 +137,18 @@ def _tt(network: Network, tensor: np.ndarray, _: int) -> Cores:
     return [_into(s, f) for s, f in zip(shapes, factors, strict=True)]
 
 
-def _tr(network: Network, tensor: np.ndarray, _: int) -> Cores:
+def _tr(network: Network, tensor: np.ndarray, seed: int) -> Cores:
     shapes = _shapes(network)
     ranks = [int(s[0]) for s in shapes] + [int(shapes[0][0])]
-    try:
+    try:  # TR-SVD: splits the first mode, so it needs r0 * r1 <= N1
         factors = [np.asarray(f) for f in tensor_ring(tl.tensor(tensor), ranks)]
-    except (ValueError, IndexError) as error:
-        raise ValueError(
-            f"TensorLy's tensor_ring cannot fit ranks {ranks} to a tensor of shape "
-            f"{tensor.shape}: {error}"
-        ) from error
+    except (ValueError, IndexError):  # the ring by alternating least squares instead
+        factors = [
+            np.asarray(f)
+            for f in tensor_ring_als(
+                tl.tensor(tensor), ranks, n_iter_max=200, tol=1e-10, random_state=seed
+            )
+        ]
     return [_into(s, f) for s, f in zip(shapes, factors, strict=True)]
 
 

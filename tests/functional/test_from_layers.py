@@ -8,7 +8,7 @@ import pytest
 import tensorly as tl
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from tensorly.decomposition import parafac, tensor_train, tucker
+from tensorly.decomposition import parafac, tensor_ring, tensor_train, tucker
 
 import mumoe
 from mumoe.functional import cores_from_experts, expert_errors, expert_tensor
@@ -76,6 +76,16 @@ def test_each_expert_error_is_the_decompositions_own():
     np.testing.assert_allclose(errors, per_expert(tl.tt_to_tensor(reference_tt), w), rtol=1e-6)
 
 
+def test_ranks_above_the_tensors_are_padded_with_zeros_and_stay_exact():
+    w = stacked(3, (4, 3))  # TT unfoldings' ranks (4, 12, 4); Tucker's modes (4, 3, 7, 4)
+    tt = mumoe.tt(6, 4, expert_dims=(4, 3), rank=(6, 20, 6))
+    cores, errors = cores_from_experts(tt, w)
+    assert errors.max() < 1e-10 and np.all(cores[0][:, 4:] == 0)
+    tucker_net = mumoe.tucker(6, 4, expert_dims=(4, 3), rank=(6, 5, 9, 6))
+    cores, errors = cores_from_experts(tucker_net, w)
+    assert errors.max() < 1e-10 and np.all(cores[0][:, 4:] == 0)
+
+
 def test_lowrank_and_mxd_reach_their_svd_bounds():
     w = stacked(1, (5,))
     _, errors = cores_from_experts(mumoe.lowrank(6, 4, expert_dims=5, rank=2), w)
@@ -97,7 +107,14 @@ def test_a_ring_is_fitted_and_a_custom_spec_or_wrong_shape_refused():
     tr = mumoe.tr(6, 4, expert_dims=(4, 3), rank=(2, 2, 3, 3))
     cores, errors = cores_from_experts(tr, w)
     assert [c.shape for c in cores] == [tuple(s) for s in tr.core_shapes]
-    assert errors.shape == (4, 3) and np.all(errors < 1.5)
+    reference = tensor_ring(tl.tensor(w), [2, 2, 3, 3, 2])
+    np.testing.assert_allclose(errors, per_expert(tl.tr_to_tensor(reference), w), rtol=1e-6)
+    assert 0 < errors.max() < 1
+    full = mumoe.tr(6, 4, expert_dims=(4, 3), rank=(1, 4, 12, 4))  # r0 = 1: TT-SVD, exact
+    assert cores_from_experts(full, w)[1].max() < 1e-10
+    ring = mumoe.tr(6, 4, expert_dims=4, rank=(3, 3, 3))  # r0 r1 > N1: ALS instead of TR-SVD
+    _, errors = cores_from_experts(ring, stacked(2, (4,)))
+    assert errors.shape == (4,) and np.all(errors < 1)
     custom = mumoe.Network("n1 a, n2 a b, i b c, o c", 6, 4, expert_dims=(4, 3), rank=2)
     with pytest.raises(ValueError, match="no rule fits a 'custom' network"):
         cores_from_experts(custom, w)
