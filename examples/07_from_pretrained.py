@@ -26,10 +26,14 @@ from transformers import GPT2Config, GPT2LMHeadModel
 
 from mumoe.analysis import class_mass
 from mumoe.nn import (
+    collect_aux_losses,
     from_linear,
+    from_linears,
     gate_statistics,
     load_model,
+    prune_bonds,
     record_gates,
+    regularize_bonds,
     replace_linear,
     save_model,
     steer_experts,
@@ -221,3 +225,42 @@ loaded = load_model(GPT2LMHeadModel.from_pretrained(folder), folder)
 with torch.no_grad():
     same = torch.equal(loaded(held_out).logits, mxd(held_out).logits)
 print(f"loaded: {type(loaded.transformer.h[0].mlp.c_fc).__name__} layers, same logits: {same}")
+
+# %%
+# Experts from several layers
+# ---------------------------
+#
+# :func:`mumoe.nn.from_linears` makes one μMoE layer whose experts start as
+# several dense layers of one shape: here the ``c_fc`` of both blocks of the
+# dense GPT-2, two experts, fitted as a Tucker network at about half their
+# parameters (TensorLy's ``tucker``), each expert's relative error reported.
+# These weights are random, with little structure to share, so the errors are
+# large; ``"dense"`` would hold both exactly.
+pair = [block.mlp.c_fc for block in dense.transformer.h]
+two = from_linears(pair, "tucker", rank=(2, 24, 48))
+dense_params = sum(n_params(layer) for layer in pair)
+print(f"two c_fc layers ({dense_params:,} parameters) as one Tucker layer ", end="")
+print(f"({two.network.n_params:,} in its cores): errors {two.conversion_error.round(3)}")
+
+# %%
+# Rank regularisation and pruning
+# -------------------------------
+#
+# Any bond of any layer can have tensor dropout and a lasso on its components
+# (:func:`mumoe.nn.regularize_bonds`); :func:`mumoe.nn.prune_bonds` then
+# removes the components of small norm, shrinking the cores.  Here the CP
+# model's first ``c_fc`` trains briefly with a lasso on its rank and keeps the
+# 16 largest of its components.
+layer = cp.transformer.h[0].mlp.c_fc
+regularize_bonds(layer, lasso={"r": 1e-3}, dropout={"r": 0.1})
+optimizer = torch.optim.Adam(cp.parameters(), lr=3e-3)
+cp.train()
+for _ in range(20):
+    batch = toy_batch(32, generator)
+    loss = cp(batch, labels=batch).loss + collect_aux_losses(cp)
+    optimizer.zero_grad()
+    loss.backward()
+    optimizer.step()
+report = prune_bonds(layer, keep=16)
+print(f"c_fc of block 0: rank {report.ranks[''][0]['r']} -> {report.ranks[''][1]['r']}, ", end="")
+print(f"{report.params_before:,} -> {report.params_after:,} core parameters")
