@@ -7,6 +7,7 @@ module computes in ``eval()`` mode.  :func:`write` and :func:`read_checked`
 are the file format's one writer and one reader.
 """
 
+from mumoe.inference._files import write_atomically
 from mumoe.inference._layers import InferenceLinear, InferenceMuMoE, InferenceMuMoEBlock
 from mumoe.inference._weights_file import (
     BLOCK_FORMS,
@@ -41,4 +42,5 @@ __all__ = [
     "network_meta",
     "read_checked",
     "write",
+    "write_atomically",
 ]

@@ -25,11 +25,9 @@ format; :func:`load` builds serving layers from a file.
 
 from __future__ import annotations
 
-import errno
 import json
 import math
 import os
-import secrets
 import stat
 import zipfile
 from collections.abc import Mapping
@@ -41,6 +39,7 @@ import safetensors.numpy
 import tensorly as tl
 
 from mumoe.gates import check_hidden_activation
+from mumoe.inference._files import write_atomically
 from mumoe.inference._layers import InferenceLinear, InferenceMuMoE, InferenceMuMoEBlock
 from mumoe.spec import Network
 from mumoe.typing import PathLike, Tensor
@@ -122,54 +121,7 @@ def write(path: PathLike, meta: Mapping[str, Any], arrays: Mapping[str, np.ndarr
     data = {name: np.ascontiguousarray(array) for name, array in arrays.items()}
     full = {"format": FORMAT, "version": VERSION, **meta}
     payload = safetensors.numpy.save(data, metadata={"mumoe": json.dumps(full)})
-    target = os.fspath(path)
-    if os.path.isdir(target):
-        raise IsADirectoryError(errno.EISDIR, "cannot write the weights file over a folder", target)
-    try:
-        mode = stat.S_IMODE(os.stat(target).st_mode)  # an existing file keeps its mode
-    except OSError:
-        mode = 0o666  # a new file: what the umask leaves of it, as open() gives
-    folder = os.path.dirname(os.path.abspath(target))
-    temporary = None
-    try:
-        temporary, handle = _create_beside(folder, mode)
-        with os.fdopen(handle, "wb") as f:
-            f.write(payload)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(temporary, target)
-    except OSError as error:
-        _discard(temporary)
-        # The temporary file is ours: the user's path is what failed.
-        if error.errno is None:
-            raise OSError(f"cannot write the weights file {target!r}: {error}") from error
-        raise OSError(
-            error.errno, f"cannot write the weights file ({error.strerror})", target
-        ) from error
-    except BaseException:
-        _discard(temporary)
-        raise
-
-
-def _create_beside(folder: str, mode: int) -> tuple[str, int]:
-    # A new temporary file in the target's folder (mkstemp's would keep mode 0600).
-    while True:
-        name = os.path.join(folder, f".mumoe-{secrets.token_hex(8)}.tmp")
-        try:
-            fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _BINARY, mode)
-        except FileExistsError:
-            continue
-        if mode != 0o666:
-            os.chmod(name, mode)  # an existing target's mode, not narrowed by the umask
-        return name, fd
-
-
-_BINARY = getattr(os, "O_BINARY", 0)
-
-
-def _discard(temporary: str | None) -> None:
-    if temporary is not None and os.path.exists(temporary):
-        os.unlink(temporary)
+    write_atomically(path, payload, "the weights file")
 
 
 #: The longest description (JSON) a file may hold: a real one is about a kilobyte.

@@ -17,6 +17,8 @@ from typing import Any
 
 import torch
 
+from mumoe.inference import write_atomically
+
 __all__ = [
     "CONFIG_NAME",
     "WEIGHTS_NAME",
@@ -41,7 +43,7 @@ _MISSING = (
 def write_state(
     path: str | os.PathLike[str], tensors: dict[str, torch.Tensor], meta: dict[str, str]
 ) -> None:
-    """Write tensors to a safetensors file, atomically (a temporary file renamed over ``path``).
+    """Write tensors to a safetensors file, atomically (:func:`mumoe.inference.write_atomically`).
 
     Parameters
     ----------
@@ -59,17 +61,10 @@ def write_state(
     >>> sorted(read_state(path, "test"))
     ['a']
     """
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     host = {name: t.detach().to("cpu").contiguous() for name, t in tensors.items()}
-    path = os.fspath(path)
-    temporary = f"{path}.tmp-{os.getpid()}"
-    try:
-        save_file(host, temporary, metadata=meta)
-        os.replace(temporary, path)
-    finally:
-        if os.path.exists(temporary):
-            os.unlink(temporary)
+    write_atomically(path, save(host, metadata=meta), "the weights file")
 
 
 def read_state(path: str | os.PathLike[str], what: str) -> dict[str, torch.Tensor]:

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from mumoe.inference import write_atomically
 from mumoe.nn._block import MuMoEBlock
 from mumoe.nn._config import config_error, config_field
 from mumoe.nn._convert import _parent, replaced_record
@@ -232,11 +233,8 @@ def save_model(model: nn.Module, folder: PathLike, *, base: bool = False) -> Non
     }
     os.makedirs(folder, exist_ok=True)
     write_state(os.path.join(folder, WEIGHTS_NAME), tensors, {"format": "pt"})
-    path = os.path.join(folder, MANIFEST_NAME)
-    temporary = f"{path}.tmp-{os.getpid()}"
-    with open(temporary, "w", encoding="utf-8") as file:
-        json.dump(manifest, file, indent=1)
-    os.replace(temporary, path)
+    text = json.dumps(manifest, indent=1).encode("utf-8")
+    write_atomically(os.path.join(folder, MANIFEST_NAME), text, "the model manifest")
 
 
 def _read_manifest(folder: PathLike) -> dict[str, Any]:
