@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import copy
 import threading
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import ExitStack, contextmanager
 from typing import Any
 
@@ -30,6 +30,7 @@ from mumoe.nn._batches import (
     call,
     field,
     inputs_dropped,
+    logits_of,
     samples_of,
 )
 from mumoe.nn._gate import MuMoEGate, dense_coefficients
@@ -262,18 +263,31 @@ def _gate_calls(
     times in one forward pass (a layer applied twice, shared across depth) has each call.
     """
     calls: dict[str, list[list[torch.Tensor]]] = {name: [] for name in names}
+    with _watching(model, names, lambda name, levels: calls[name].append(levels)):
+        yield calls
+
+
+@contextmanager
+def _watching(
+    model: nn.Module, names: list[str], store: Callable[[str, list[torch.Tensor]], None]
+) -> Iterator[None]:
+    """Hand ``store(name, levels)`` each call's detached dense coefficients of the named gates.
+
+    Only the calls of the thread that opened the block (another thread's passes are not
+    this block's); the hooks are removed on exit.
+    """
     owner = threading.get_ident()
 
     def hook_of(name: str) -> Any:
         def hook(_: nn.Module, __: Any, output: list[Any]) -> None:
             if threading.get_ident() == owner:
-                calls[name].append([a.detach() for a in dense_coefficients(output)])
+                store(name, [a.detach() for a in dense_coefficients(output)])
 
         return hook
 
     handles = [model.get_submodule(name).register_forward_hook(hook_of(name)) for name in names]
     try:
-        yield calls
+        yield
     finally:
         for handle in handles:
             handle.remove()
@@ -527,11 +541,7 @@ def collect_gates(
 
 
 def _predictions(model: torch.nn.Module, batch: Any, drop: set[Any]) -> np.ndarray:
-    output = call(model, batch, drop)
-    logits = getattr(output, "logits", output)
-    if isinstance(logits, tuple):
-        logits = logits[0]
-    return host_array(logits.argmax(dim=-1))
+    return host_array(logits_of(call(model, batch, drop)).argmax(dim=-1))
 
 
 def counterfactual_histogram(
@@ -692,18 +702,6 @@ def record_gates(model: nn.Module) -> Iterator[GateRecord]:
     ([(3, 8)], False)
     """
     record = GateRecord()
-    handles = []
-    owner = threading.get_ident()  # another thread's forward passes are not recorded
-    for name, module in model.named_modules():
-        if isinstance(module, MuMoEGate):
-
-            def hook(_: nn.Module, __: Any, output: list[torch.Tensor], name: str = name) -> None:
-                if threading.get_ident() == owner:
-                    record[name] = [a.detach() for a in dense_coefficients(output)]
-
-            handles.append(module.register_forward_hook(hook))
-    try:
+    names = [name for name, module in model.named_modules() if isinstance(module, MuMoEGate)]
+    with _watching(model, names, record.__setitem__):  # a gate's last call
         yield record
-    finally:
-        for handle in handles:
-            handle.remove()

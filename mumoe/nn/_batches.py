@@ -22,7 +22,16 @@ from torch import nn
 
 from mumoe.validation import host_array, positive_int
 
-__all__ = ["Field", "LabelSource", "batches", "call", "field", "inputs_dropped", "samples_of"]
+__all__ = [
+    "Field",
+    "LabelSource",
+    "batches",
+    "call",
+    "field",
+    "inputs_dropped",
+    "logits_of",
+    "samples_of",
+]
 
 #: A batch's item: a mapping key or a tuple position.
 Field = str | int
@@ -167,6 +176,30 @@ def call(model: nn.Module, batch: Any, drop: Iterable[str] = ()) -> Any:
     if isinstance(batch, tuple | list):
         return model(batch[0])
     return model(batch)
+
+
+def logits_of(output: Any) -> torch.Tensor:
+    """A model's class scores: ``output.logits`` (``transformers``), a tuple's first, or itself.
+
+    Parameters
+    ----------
+    output : Any
+        What the model returned.
+
+    Returns
+    -------
+    torch.Tensor
+
+    Examples
+    --------
+    >>> import torch
+    >>> logits_of((torch.zeros(2, 3), None)).shape
+    torch.Size([2, 3])
+    """
+    logits = getattr(output, "logits", output)
+    if isinstance(logits, tuple):
+        logits = logits[0]
+    return logits
 
 
 def field(batch: Any, key: Field, what: str) -> Any:

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from mumoe.nn._batches import call, inputs_dropped, logits_of
 from mumoe.nn._convert import _parent
 from mumoe.nn._gate import MuMoEGate, dense_coefficients
 from mumoe.nn._monitor import gate_mask
@@ -149,22 +150,6 @@ class SpliceReport:
     accuracy_zero: float | None = None
 
 
-def _call(model: nn.Module, batch: Any) -> Any:
-    if isinstance(batch, Mapping):
-        inputs = {k: v for k, v in batch.items() if k != "labels"}
-        return model(**inputs)
-    if isinstance(batch, tuple | list):
-        return model(batch[0])
-    return model(batch)
-
-
-def _logits(output: Any) -> torch.Tensor:
-    logits = getattr(output, "logits", output)
-    if isinstance(logits, tuple):
-        logits = logits[0]
-    return logits
-
-
 def _wide(logits: torch.Tensor) -> torch.Tensor:
     # The loss in float32 at least (16-bit logits lose the cross-entropy's digits).
     return logits if logits.dtype in (torch.float32, torch.float64) else logits.float()
@@ -175,7 +160,7 @@ def _lm_loss(
 ) -> tuple[torch.Tensor, int, torch.Tensor | None]:
     if not isinstance(batch, Mapping) or "input_ids" not in batch:
         raise ValueError("a language model's batches are mappings holding 'input_ids'")
-    logits = _logits(_call(model, batch))[:, :-1]
+    logits = logits_of(call(model, batch, inputs_dropped(None)))[:, :-1]
     targets = batch["input_ids"][:, 1:]
     keep = torch.ones_like(targets, dtype=torch.bool)
     mask = batch.get(mask_key)
@@ -197,7 +182,7 @@ def _classifier_loss(model: nn.Module, batch: Any) -> tuple[torch.Tensor, int, t
         labels = None
     if labels is None:
         raise ValueError("a classifier's batches hold labels: (inputs, labels) or a 'labels' key")
-    logits = _logits(_call(model, batch))
+    logits = logits_of(call(model, batch, inputs_dropped(None)))
     loss = nn.functional.cross_entropy(_wide(logits), labels, reduction="sum")
     return loss, int(labels.shape[0]), (logits.argmax(-1) == labels).sum()
 
