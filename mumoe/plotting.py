@@ -18,7 +18,7 @@ from mumoe.spec import Network
 
 __all__ = ["FRONTIER_METRICS", "draw_network", "plot_frontier", "plot_usage"]
 
-OPEN = {"i": "tab:blue", "o": "tab:green"}  # expert legs: tab:orange
+OPEN = {"i": "tab:blue", "o": "tab:green"}  # by the leg's first letter (i2: blue); experts: orange
 RADIUS = 0.22
 
 
@@ -73,7 +73,7 @@ def _open_hyperedge(
     # An open leg shared by several cores: a node in the leg's colour joined to each,
     # with one free line, set off the line between the cores (where a bond may run).
     # The ``n`` shared legs alternate sides; those on one side fan out.
-    color = OPEN.get(leg, "tab:orange")
+    color = OPEN.get(leg[0], "tab:orange")
     node = np.mean(holders, axis=0)
     direction = node - centre
     if np.linalg.norm(direction) < 1e-9:
@@ -184,7 +184,7 @@ def draw_network(network: Network, ax: Axes | None = None, title: str | None = N
 
     open_holders = {
         leg: [c for c, legs in enumerate(network.core_legs) if leg in legs]
-        for leg in (*network.expert_legs, "i", "o")
+        for leg in (*network.expert_legs, *network.input_legs, *network.output_legs)
     }
     shared = [leg for leg, cores in open_holders.items() if len(cores) > 1]
     for k, leg in enumerate(shared):
@@ -206,7 +206,7 @@ def draw_network(network: Network, ax: Axes | None = None, title: str | None = N
             angle = base + (m - (len(opened) - 1) / 2) * spread
             direction = np.array([math.cos(angle), math.sin(angle)])
             start, end = pos[c] + RADIUS * direction, pos[c] + 0.7 * direction
-            color = OPEN.get(leg, "tab:orange")
+            color = OPEN.get(leg[0], "tab:orange")
             ax.plot(*zip(start, end, strict=True), color=color, lw=2.2, zorder=1)
             label = f"{leg}={sizes[leg]}"
             _label(ax, end + 0.06 * direction, direction, label, fontsize=8.5, color=color)

@@ -225,6 +225,16 @@ def random_inputs(
 
 _sizes = st.integers(1, 5)
 _ranks = st.integers(1, 4)
+#: The sizes of the legs of a split input or output (their product is the mode's).
+_leg_sizes = st.integers(1, 3)
+
+
+def _mode(draw: st.DrawFn, n_legs: int) -> tuple[int, tuple[int, ...] | None]:
+    # A mode's size and, where it is split, its legs' sizes.
+    if n_legs == 1:
+        return draw(_sizes), None
+    shape = tuple(draw(st.lists(_leg_sizes, min_size=n_legs, max_size=n_legs)))
+    return math.prod(shape), shape
 
 
 def seeds() -> st.SearchStrategy[int]:
@@ -278,6 +288,9 @@ def preset_networks(
 ) -> Network:
     """Networks of the presets, for E in 1..``max_levels``, random sizes and ranks.
 
+    The input and output are split into 2 legs (sizes 1-3) a quarter of the
+    time each (together, for ``ttm``).
+
     Examples
     --------
     >>> from hypothesis import given
@@ -289,20 +302,34 @@ def preset_networks(
     fmt = draw(st.sampled_from(list(formats)))
     n_levels = draw(st.integers(1, max_levels))
     dims = draw(st.lists(_sizes, min_size=n_levels, max_size=n_levels))
-    in_features, out_features = draw(_sizes), draw(_sizes)
+    split = st.sampled_from([1, 1, 1, 2])
+    n_in = draw(split)
+    n_out = n_in if fmt == "ttm" else draw(split)
+    in_features, in_shape = _mode(draw, n_in)
+    out_features, out_shape = _mode(draw, n_out)
     bias = draw(st.booleans())
     # Every bond of the format's spec gets its own size: the formats' full rank tuples.
-    spec = FORMATS[fmt].spec(n_levels)
+    spec = FORMATS[fmt].spec(n_levels, n_in, n_out)
     rank = {bond: draw(_ranks) for bond in parse_spec(spec).bonds}
-    return Network(spec, in_features, out_features, expert_dims=dims, rank=rank or None, bias=bias)
+    return Network(
+        spec,
+        in_features,
+        out_features,
+        expert_dims=dims,
+        rank=rank or None,
+        bias=bias,
+        in_shape=in_shape,
+        out_shape=out_shape,
+    )
 
 
 @st.composite
 def custom_specs(draw: st.DrawFn, max_levels: int = 3, max_cores: int = 4) -> str:
     """Random valid specs: role legs spread over cores, joined by a random bond graph.
 
-    Each role leg sits in one core or is shared by two (an open hyperedge,
-    as in MxD's ``"n o, i o"``).  The cores are connected by a random
+    The input and output are split into 2 or 3 legs (``i1 i2``) a third of
+    the time each.  Each role leg sits in one core or is shared by two (an
+    open hyperedge, as in MxD's ``"n o, i o"``).  The cores are connected by a random
     spanning tree of bonds, plus up to two extra bonds that may join any
     number of cores (hyperedges, as in CP).  Legs are shuffled within each
     core.
@@ -323,7 +350,8 @@ def custom_specs(draw: st.DrawFn, max_levels: int = 3, max_cores: int = 4) -> st
     else:
         experts = [f"n{e}" for e in range(1, n_levels + 1)]
     legs: list[list[str]] = [[] for _ in range(n_cores)]
-    for role in [*experts, "i", "o"]:
+    inputs, outputs = (_split_legs(draw, role) for role in ("i", "o"))
+    for role in [*experts, *inputs, *outputs]:
         # Most role legs in one core; some shared by several (open hyperedges).
         holders = st.lists(st.integers(0, n_cores - 1), min_size=1, max_size=2, unique=True)
         for k in draw(holders):
@@ -337,6 +365,12 @@ def custom_specs(draw: st.DrawFn, max_levels: int = 3, max_cores: int = 4) -> st
             legs[k].append(f"b{b}")
     cores = [draw(st.permutations(core)) for core in legs]
     return ", ".join(" ".join(core) for core in cores)
+
+
+def _split_legs(draw: st.DrawFn, role: str) -> list[str]:
+    # 'i', or 'i1', ..., 'iK' for K of 2 or 3.
+    count = draw(st.sampled_from([1, 1, 1, 1, 2, 2, 3]))
+    return [role] if count == 1 else [f"{role}{k}" for k in range(1, count + 1)]
 
 
 @st.composite
@@ -357,8 +391,17 @@ def custom_networks(draw: st.DrawFn, max_levels: int = 3, max_cores: int = 4) ->
         st.lists(_sizes, min_size=len(parsed.expert_legs), max_size=len(parsed.expert_legs))
     )
     rank = {bond: draw(_ranks) for bond in parsed.bonds}
+    in_features, in_shape = _mode(draw, len(parsed.input_legs))
+    out_features, out_shape = _mode(draw, len(parsed.output_legs))
     return Network(
-        spec, draw(_sizes), draw(_sizes), expert_dims=dims, rank=rank, bias=draw(st.booleans())
+        spec,
+        in_features,
+        out_features,
+        expert_dims=dims,
+        rank=rank,
+        bias=draw(st.booleans()),
+        in_shape=in_shape,
+        out_shape=out_shape,
     )
 
 
@@ -374,7 +417,7 @@ def networks_of(
         the test).
     max_size : int, default 5
         Expert counts, ``in_features`` and ``out_features`` are drawn in
-        ``1..max_size``.
+        ``1..max_size`` (the legs of a split mode in ``1..3``).
     max_rank : int, default 4
         Every bond's size is drawn in ``1..max_rank``, each on its own.
     bias : bool, optional
@@ -405,14 +448,33 @@ def networks_of(
     ranks = st.integers(1, positive_int(max_rank, "max_rank"))
     levels = len(parsed.expert_legs)
 
-    def build(dims: list[int], i: int, o: int, rank: dict[str, int], with_bias: bool) -> Network:
-        return Network(spec, i, o, expert_dims=dims, rank=rank or None, bias=with_bias)
+    def build(
+        dims: list[int],
+        i: list[int],
+        o: list[int],
+        rank: dict[str, int],
+        with_bias: bool,
+    ) -> Network:
+        return Network(
+            spec,
+            math.prod(i),
+            math.prod(o),
+            expert_dims=dims,
+            rank=rank or None,
+            bias=with_bias,
+            in_shape=i if len(i) > 1 else None,
+            out_shape=o if len(o) > 1 else None,
+        )
+
+    def legs(count: int) -> st.SearchStrategy[list[int]]:
+        # One size for an unsplit mode; the legs' sizes, each up to 3, for a split one.
+        return st.lists(sizes if count == 1 else _leg_sizes, min_size=count, max_size=count)
 
     return st.builds(
         build,
         st.lists(sizes, min_size=levels, max_size=levels),
-        sizes,
-        sizes,
+        legs(len(parsed.input_legs)),
+        legs(len(parsed.output_legs)),
         st.fixed_dictionaries({bond: ranks for bond in parsed.bonds}),
         st.booleans() if bias is None else st.just(check_bool(bias, "bias")),
     )
@@ -456,7 +518,8 @@ def n_terms(network: Network) -> int:
     Returns
     -------
     int
-        :math:`\prod_e N_e \cdot I' \cdot \prod_b R_b`.
+        :math:`\prod_e N_e \cdot I' \cdot \prod_b R_b` (:math:`I'` the
+        product of the input legs' sizes where the input is split).
 
     Examples
     --------
@@ -464,4 +527,5 @@ def n_terms(network: Network) -> int:
     >>> n_terms(cp(5, 3, expert_dims=8, rank=2))  # N * I' * R
     96
     """
-    return math.prod(network.expert_dims) * network.sizes["i"] * math.prod(network.ranks.values())
+    inputs = math.prod(network.input_sizes)
+    return math.prod(network.expert_dims) * inputs * math.prod(network.ranks.values())

@@ -26,8 +26,9 @@ def test_every_core_bond_and_open_leg_is_drawn(net):
     fig = draw_network(net)
     ax = fig.axes[0]
     holders = {b: sum(b in legs for legs in net.core_legs) for b in net.bonds}
+    roles = (*net.expert_legs, *net.input_legs, *net.output_legs)
     shared = [
-        leg for leg in (*net.expert_legs, "i", "o") if sum(leg in c for c in net.core_legs) > 1
+        leg for leg in roles if sum(leg in c for c in net.core_legs) > 1
     ]  # open hyperedges: one node each
     circles = [p for p in ax.patches if isinstance(p, Circle)]
     lines = [p for p in ax.patches if isinstance(p, FancyArrowPatch)]
@@ -35,9 +36,9 @@ def test_every_core_bond_and_open_leg_is_drawn(net):
     assert len(lines) == sum(n == 2 for n in holders.values())
     texts = {t.get_text() for t in ax.texts}
     labels = [t.get_text() for t in ax.texts]
-    for leg in (*net.expert_legs, "i", "o", *net.bonds):
+    for leg in (*roles, *net.bonds):
         assert f"{leg}={net.sizes[leg]}" in texts
-    for leg in (*net.expert_legs, "i", "o"):  # every open leg drawn once, shared or not
+    for leg in roles:  # every open leg drawn once, shared or not
         assert labels.count(f"{leg}={net.sizes[leg]}") == 1
     assert ax.get_title() == f"{net.format}: {net.spec}"
 

@@ -5,9 +5,12 @@
 :func:`expert_weight` and :func:`scale_experts` are the dense and per-expert
 views; :func:`layer_forward` and :func:`block_forward` are the layer recipe
 every layer runs; :func:`cores_from_dense` starts a network's cores at a
-dense layer.  A level may come as its support (:class:`~mumoe.typing.SparseGate`):
-:func:`gather_sum` then gathers the rows of the core it needs instead of
-multiplying zeros, and :func:`densify` gives the dense coefficients back.
+dense layer; :func:`matrix_form` and :func:`tensor_form` convert ``W``
+between its matrix form and the legs of a network that splits its input or
+output (:func:`input_operand` is such an input).  A level may come as its
+support (:class:`~mumoe.typing.SparseGate`): :func:`gather_sum` then gathers
+the rows of the core it needs instead of multiplying zeros, and
+:func:`densify` gives the dense coefficients back.
 """
 
 from mumoe.functional._checks import check_cores, check_level
@@ -24,6 +27,7 @@ from mumoe.functional._forward import (
 from mumoe.functional._from_dense import STARTS, cores_from_dense, dense_matrix, relative_error
 from mumoe.functional._from_layers import FITS, cores_from_experts, expert_errors, expert_tensor
 from mumoe.functional._layer import Contract, block_forward, layer_forward, scale_gates
+from mumoe.functional._legs import input_operand, matrix_form, run_plan, tensor_form
 from mumoe.functional._sparse import (
     contract_sparse,
     dense_gates,
@@ -56,10 +60,14 @@ __all__ = [
     "gather_core",
     "gather_sum",
     "gather_sum_by_csr",
+    "input_operand",
     "layer_forward",
     "materialize",
+    "matrix_form",
     "random_cores",
     "relative_error",
+    "run_plan",
     "scale_experts",
     "scale_gates",
+    "tensor_form",
 ]

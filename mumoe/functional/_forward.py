@@ -22,6 +22,7 @@ import tensorly as tl
 
 from mumoe.backends import array_device, creation_context
 from mumoe.functional._checks import check_cores, check_level
+from mumoe.functional._legs import matrix_form, run_plan
 from mumoe.functional._sparse import contract_sparse, densify
 from mumoe.plan import Plan, Planner, planner_of, resolve_planner
 from mumoe.spec import Network
@@ -275,17 +276,16 @@ def _contract(
                 return out
             return tl.reshape(out, (*batch_shape, network.out_features))
     if planner.autotune:
-        options = {"bias": network.bias, "differentiable": differentiable}
-        timer = lambda plan: _time(plan, gates, rows, cores, options)  # noqa: E731
+        timer = lambda plan: _time(plan, network, gates, rows, cores, differentiable)  # noqa: E731
         plan = planner.forward(batch_size, backend, x.dtype, timer, array_device(x))
-        out = plan.run(gates, rows, cores, **options)
+        out = run_plan(plan, network, gates, rows, cores, differentiable)
     else:
         plan = planner.forward(batch_size, backend, x.dtype)
         if plan.bias_inside(batch_size, differentiable):  # Plan.run's common case, inlined
             out = plan.bias_program((*gates, rows, *cores))  # type: ignore[misc]
         else:
-            out = plan.run(gates, rows, cores, bias=network.bias, differentiable=differentiable)
-    if len(batch_shape) == 1:
+            out = run_plan(plan, network, gates, rows, cores, differentiable)
+    if len(batch_shape) == 1 and len(out.shape) == 2:  # (B, O): no split output legs
         return out
     return tl.reshape(out, (*batch_shape, network.out_features))
 
@@ -398,18 +398,19 @@ def _fits(
 
 def _time(
     plan: Plan,
+    network: Network,
     gates: list[Tensor],
     rows: Tensor,
     cores: Sequence[Tensor],
-    options: dict[str, bool],
+    differentiable: bool,
     repeats: int = 3,
 ) -> float:
     # Autotuning: the best of a few runs of a candidate plan on the real operands.
-    plan.run(gates, rows, cores, **options)  # warm-up
+    run_plan(plan, network, gates, rows, cores, differentiable)  # warm-up
     best = math.inf
     for _ in range(repeats):
         start = time.perf_counter()
-        plan.run(gates, rows, cores, **options)
+        run_plan(plan, network, gates, rows, cores, differentiable)
         best = min(best, time.perf_counter() - start)
     return best
 
@@ -429,7 +430,8 @@ def materialize(network: Network, cores: Sequence[Tensor]) -> Tensor:
     -------
     tensor, shape (N_1, ..., N_E, I', O)
         In the reference mode order: experts, input (with the bias slice
-        last when ``network.bias``), output.
+        last when ``network.bias``), output; a split input or output is
+        given as one mode (:func:`~mumoe.functional.matrix_form`).
 
     Examples
     --------
@@ -441,7 +443,10 @@ def materialize(network: Network, cores: Sequence[Tensor]) -> Tensor:
     (4, 3, 2)
     """
     dtype = check_cores(network, cores, tl.get_backend())
-    return planner_of(network).materialize(tl.get_backend(), dtype)(*cores)
+    tensor = planner_of(network).materialize(tl.get_backend(), dtype)(*cores)
+    if network.tensor_shape == network.weight_shape:
+        return tensor
+    return matrix_form(network, tensor)
 
 
 class ExpertWeight(NamedTuple):
@@ -524,6 +529,8 @@ def expert_weight(
         key = tuple(position.get(leg, slice(None)) for leg in legs)
         sliced.append(core[key] if any(leg in position for leg in legs) else core)
     matrix = planner_of(network).expert(tl.get_backend(), dtype)(*sliced)
+    if network.tensor_shape != network.weight_shape:
+        matrix = matrix_form(network, matrix)
     if not network.bias:
         return ExpertWeight(matrix, None)
     return ExpertWeight(matrix[: network.in_features], matrix[network.in_features])

@@ -30,6 +30,12 @@ tt, tr     every expert core's first row a unit vector, so that the chain
 lowrank    every expert :math:`U_k S_k^{1/2} (V_k S_k^{1/2})^\top`
 =========  ===============================================================
 
+A network that splits its input or output starts from the fit of its format
+(:data:`~mumoe.functional.FITS`) to one expert, :math:`M` in the network's
+legs, whose expert slices are then repeated for every expert; the
+components the fit leaves unused take their initial values in one core
+(:func:`~mumoe.functional.revive_bonds`).
+
 Where a part of a core is set to zero, the part it multiplies keeps its
 random initialisation: the product is exactly zero, yet both receive
 gradients, so training is not stuck at this start (a zero against a zero
@@ -45,6 +51,8 @@ import numpy as np
 
 from mumoe.backends import thread_backend
 from mumoe.functional._forward import expert_weight
+from mumoe.functional._from_layers import FITS, revive_bonds
+from mumoe.functional._legs import tensor_form
 from mumoe.spec import Network
 
 __all__ = ["STARTS", "cores_from_dense", "dense_matrix", "relative_error"]
@@ -174,6 +182,21 @@ def _lowrank(network: Network, m: np.ndarray, cores: Cores) -> Cores:
     return cores
 
 
+def _split_start(network: Network, m: np.ndarray, cores: Cores) -> Cores:
+    # One expert fitted (its format's FITS rule, in the network's legs), its slices
+    # repeated along every expert leg, the components the fit leaves unused revived.
+    ones = (1,) * network.n_levels
+    single = network.replace(expert_dims=ones[0] if network.n_levels == 1 else ones)
+    with thread_backend("numpy"):
+        fitted = FITS[network.format](single, tensor_form(single, m.reshape(*ones, *m.shape)), 0)
+    experts = dict(zip(network.expert_legs, network.expert_dims, strict=True))
+    for k, legs in enumerate(network.core_legs):
+        for axis, leg in enumerate(legs):
+            if leg in experts:
+                fitted[k] = np.repeat(fitted[k], experts[leg], axis=axis)
+    return revive_bonds(network, fitted, cores)
+
+
 #: How each preset format starts from a dense matrix: ``start(network, M, cores)``
 #: fills the float64 ``cores`` (default-initialised) in place and returns them.
 STARTS: dict[str, Callable[[Network, np.ndarray, Cores], Cores]] = {
@@ -221,14 +244,17 @@ def cores_from_dense(network: Network, matrix: Any, cores: Sequence[Any]) -> Cor
     >>> bool(np.allclose(np.vstack([w.weight, w.bias]), m))
     True
     """
-    start = STARTS.get(network.format)
+    split = network.tensor_shape != network.weight_shape
+    start = (
+        (_split_start if network.format in FITS else None) if split else STARTS.get(network.format)
+    )
     if start is None:
         raise ValueError(
             f"no rule starts a {network.format!r} network ({network.spec!r}) from a dense layer; "
-            f"the formats with one are {', '.join(map(repr, STARTS))}"
+            f"the formats with one are {', '.join(map(repr, FITS if split else STARTS))}"
         )
     m = np.asarray(matrix, dtype=np.float64)
-    expected = (network.sizes["i"], network.out_features)
+    expected = network.weight_shape[network.n_levels :]
     if m.shape != expected:
         raise ValueError(f"the dense matrix must have shape {expected} (I', O), got {m.shape}")
     copies = [np.array(core, dtype=np.float64, copy=True) for core in cores]

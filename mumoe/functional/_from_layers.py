@@ -16,18 +16,25 @@ tt         TensorLy's ``tensor_train`` (TT-SVD): exact where the ranks
            reach the unfoldings' ranks
 tr         TensorLy's ``tensor_ring`` (TR-SVD), or ``tensor_ring_als`` where
            TR-SVD cannot split the first mode (:math:`r_0 r_1 > N_1`)
+ttm        TensorLy's ``tensor_train`` over the expert modes and each pair
+           of legs :math:`(i_k, o_k)` (the TT-matrix's TT-SVD)
 lowrank    each expert's truncated SVD: its best rank-:math:`r` matrix
 mxd        (one level) each output column's best rank-1 fit of the experts
            by the inputs, :math:`\mathcal{W}[n, :, o] \approx c_{no} d_{:o}`
 =========  ===============================================================
 
-Where a decomposition returns smaller ranks than the network's (a tensor of
-lower rank), the rest of the bond is zero.  Each expert's relative error
+A network that splits its input or output is fitted to the stacked experts
+in its legs (:func:`~mumoe.functional.tensor_form`); ``ttm`` is TT-SVD over
+the expert modes and the pairs of legs.  Where a decomposition returns
+smaller ranks than the network's (a tensor of lower rank), the rest of the
+bond is zero in all but one of its cores (:func:`revive_bonds`), so that
+training can grow it.  Each expert's relative error
 :math:`\|\hat W_n - W_n\|_F / \|W_n\|_F` is returned with the cores.
 """
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -37,10 +44,11 @@ import tensorly as tl
 from tensorly.decomposition import parafac, tensor_ring, tensor_ring_als, tensor_train, tucker
 
 from mumoe.backends import thread_backend
-from mumoe.functional._forward import materialize
+from mumoe.functional._forward import materialize, random_cores
+from mumoe.functional._legs import tensor_form
 from mumoe.spec import Network
 
-__all__ = ["FITS", "cores_from_experts", "expert_errors", "expert_tensor"]
+__all__ = ["FITS", "cores_from_experts", "expert_errors", "expert_tensor", "revive_bonds"]
 
 Cores = list[np.ndarray]
 
@@ -108,19 +116,25 @@ def _dense(network: Network, tensor: np.ndarray, _: int) -> Cores:
 
 def _cp(network: Network, tensor: np.ndarray, seed: int) -> Cores:
     rank = network.ranks["r"]
+    options = {"init": "svd", "n_iter_max": 2000, "tol": 1e-12, "random_state": seed}
     with warnings.catch_warnings():
         # A rank above a mode's size: TensorLy completes its SVD start at random, and says so.
         warnings.filterwarnings("ignore", "Trying to compute SVD with n_eigenvecs", UserWarning)
-        weights, factors = parafac(
-            tl.tensor(tensor), rank, init="svd", n_iter_max=2000, tol=1e-12, random_state=seed
-        )
+        try:
+            with np.errstate(all="raise"):
+                weights, factors = parafac(tl.tensor(tensor), rank, **options)
+        except (np.linalg.LinAlgError, FloatingPointError):
+            # A rank far above the tensor's (a mode of one expert, say) makes the ALS
+            # normal equations singular: a ridge of 1e-12 of the squared norm regularises them.
+            ridge = 1e-12 * float(np.sum(tensor**2))
+            weights, factors = parafac(tl.tensor(tensor), rank, l2_reg=ridge, **options)
     factors = [np.asarray(f) for f in factors]
     factors[0] = factors[0] * np.asarray(weights)[None, :]
     return [_into(s, f) for s, f in zip(_shapes(network), factors, strict=True)]
 
 
 def _tucker(network: Network, tensor: np.ndarray, seed: int) -> Cores:
-    modes = [*network.expert_legs, "i", "o"]
+    modes = [*network.expert_legs, *network.input_legs, *network.output_legs]
     ranks = [min(_bond(network, leg), size) for leg, size in zip(modes, tensor.shape, strict=True)]
     core, factors = tucker(
         tl.tensor(tensor), ranks, init="svd", n_iter_max=500, tol=1e-12, random_state=seed
@@ -152,28 +166,52 @@ def _tr(network: Network, tensor: np.ndarray, seed: int) -> Cores:
     return [_into(s, f) for s, f in zip(shapes, factors, strict=True)]
 
 
+def _ttm(network: Network, tensor: np.ndarray, _: int) -> Cores:
+    # TT-SVD over the modes (n1, ..., nE, (i1 o1), ..., (iK oK)), then each pair's mode
+    # unfolded back into its two legs.
+    levels, k = network.n_levels, len(network.input_legs)
+    pairs = [axis for j in range(k) for axis in (levels + j, levels + k + j)]
+    modes = (
+        *network.expert_dims,
+        *(i * o for i, o in zip(network.input_sizes, network.out_shape, strict=True)),
+    )
+    grouped = tensor.transpose(*range(levels), *pairs).reshape(modes)
+    shapes = _shapes(network)
+    ranks = [1] + [int(s[-1]) for s in shapes[:-1]] + [1]
+    factors = [np.asarray(f) for f in tensor_train(tl.tensor(grouped), ranks)]
+    for j in range(k):
+        f = factors[levels + j]
+        size_in, size_out = network.input_sizes[j], network.out_shape[j]
+        factors[levels + j] = f.reshape(f.shape[0], size_in, size_out, f.shape[-1])
+    factors[0], factors[-1] = factors[0][0], factors[-1][..., 0]
+    return [_into(s, f) for s, f in zip(shapes, factors, strict=True)]
+
+
 def _lowrank(network: Network, tensor: np.ndarray, _: int) -> Cores:
     r = network.ranks["r"]
-    lead = tensor.shape[:-2]
-    u, s, vt = np.linalg.svd(tensor.reshape(-1, *tensor.shape[-2:]), full_matrices=False)
+    lead = tensor.shape[: network.n_levels]
+    inputs, outputs = math.prod(network.input_sizes), network.out_features
+    u, s, vt = np.linalg.svd(tensor.reshape(-1, inputs, outputs), full_matrices=False)
     k = min(r, s.shape[-1])
     root = np.sqrt(s[:, :k])
-    left = (u[:, :, :k] * root[:, None, :]).reshape(*lead, tensor.shape[-2], k)
-    right = (np.swapaxes(vt[:, :k, :], 1, 2) * root[:, None, :]).reshape(*lead, -1, k)
+    left = (u[:, :, :k] * root[:, None, :]).reshape(*lead, *network.input_sizes, k)
+    right = np.swapaxes(vt[:, :k, :], 1, 2) * root[:, None, :]
     shapes = _shapes(network)
-    return [_into(shapes[0], left), _into(shapes[1], right)]
+    return [_into(shapes[0], left), _into(shapes[1], right.reshape(*lead, *network.out_shape, k))]
 
 
 def _mxd(network: Network, tensor: np.ndarray, _: int) -> Cores:
     if network.n_levels != 1:
         raise ValueError("an MxD network is fitted to several layers with one expert level only")
     # Per output column o: W[:, :, o] (N x I') at its best rank 1, c[:, o] d[:, o]^T.
-    columns = np.moveaxis(tensor, -1, 0)  # (O, N, I')
+    n, inputs = network.expert_dims[0], math.prod(network.input_sizes)
+    columns = np.moveaxis(tensor.reshape(n, inputs, -1), -1, 0)  # (O, N, I')
     u, s, vt = np.linalg.svd(columns, full_matrices=False)
     root = np.sqrt(s[:, 0])
     experts = (u[:, :, 0] * root[:, None]).T  # (N, O)
-    inputs = (vt[:, 0, :] * root[:, None]).T  # (I', O)
-    return [experts, inputs]
+    weights = (vt[:, 0, :] * root[:, None]).T  # (I', O)
+    shapes = _shapes(network)
+    return [experts.reshape(shapes[0]), weights.reshape(shapes[1])]
 
 
 #: How each preset format is fitted to stacked experts: ``fit(network, W, seed)``.
@@ -183,6 +221,7 @@ FITS: dict[str, Callable[[Network, np.ndarray, int], Cores]] = {
     "tucker": _tucker,
     "tt": _tt,
     "tr": _tr,
+    "ttm": _ttm,
     "lowrank": _lowrank,
     "mxd": _mxd,
 }
@@ -262,11 +301,77 @@ def cores_from_experts(
             f"the formats with one are {', '.join(map(repr, FITS))}"
         )
     w = np.asarray(tensor, dtype=np.float64)
-    expected = (*network.expert_dims, network.sizes["i"], network.out_features)
+    expected = network.weight_shape
     if w.shape != expected:
         raise ValueError(
             f"the stacked experts must have shape {expected} (N..., I', O), got {w.shape}"
         )
+    legs = w if network.tensor_shape == expected else tensor_form(network, w)
     with thread_backend("numpy"):
-        cores = fit(network, w, random_state)
+        cores = fit(network, legs, random_state)
+        revive_bonds(network, cores, random_cores(network, random_state=random_state))
     return cores, expert_errors(network, cores, w)
+
+
+def revive_bonds(network: Network, cores: Cores, start: Any) -> Cores:
+    """Give the unused components of every bond values to grow from, the network unchanged.
+
+    A fit narrower than a bond leaves components that every core holding
+    the bond has at zero: a saddle that gradients never leave.  For each such
+    component, the bond's first core (in spec order) takes ``start``'s values
+    where the component meets used components of its other bonds; the other
+    cores stay zero there, so ``W`` is unchanged, and their gradient is not.
+
+    Parameters
+    ----------
+    network : Network
+    cores : list of numpy.ndarray
+        Changed in place.
+    start : sequence of arrays
+        Cores of the network's shapes to take the values from (its default
+        initialisation).
+
+    Returns
+    -------
+    list of numpy.ndarray
+        ``cores``.
+
+    Examples
+    --------
+    >>> from mumoe import cp, materialize
+    >>> net = cp(3, 2, expert_dims=4, rank=3)
+    >>> cores = [np.ones((4, 3)), np.ones((4, 3)), np.ones((2, 3))]
+    >>> for core in cores:
+    ...     core[:, 2] = 0.0  # component 2 is unused by every core
+    >>> before = materialize(net, cores)
+    >>> revived = revive_bonds(net, [c.copy() for c in cores], [np.full((4, 3), 5.0)] * 3)
+    >>> revived[0][:, 2], bool(np.array_equal(materialize(net, revived), before))
+    (array([5., 5., 5., 5.]), True)
+    """
+    dead: dict[str, np.ndarray] = {}
+    for bond in network.bonds:
+        used = np.zeros(network.sizes[bond], dtype=bool)
+        for core, legs in zip(cores, network.core_legs, strict=True):
+            if bond in legs:
+                axis = legs.index(bond)
+                used |= np.moveaxis(core, axis, 0).reshape(core.shape[axis], -1).any(axis=1)
+        dead[bond] = ~used
+    owners = {
+        bond: next(k for k, legs in enumerate(network.core_legs) if bond in legs)
+        for bond in network.bonds
+    }
+    for bond, unused in dead.items():
+        if not unused.any():
+            continue
+        k = owners[bond]
+        legs, core = network.core_legs[k], cores[k]
+        mask = np.ones(core.shape, dtype=bool)
+        for axis, leg in enumerate(legs):
+            shape = [1] * core.ndim
+            shape[axis] = core.shape[axis]
+            if leg == bond:
+                mask &= unused.reshape(shape)
+            elif leg in dead:
+                mask &= ~dead[leg].reshape(shape)
+        core[mask] = np.asarray(start[k], dtype=np.float64)[mask]
+    return cores

@@ -20,6 +20,7 @@ import numpy as np
 import tensorly as tl
 
 from mumoe.backends import backend_function
+from mumoe.functional._legs import run_plan
 from mumoe.plan import Planner, SparseLayout
 from mumoe.typing import SparseGate, Tensor
 
@@ -264,7 +265,7 @@ def contract_sparse(
     operands = _operands(layout, cores, gates)
     before = operands[: layout.input_position]
     after = operands[layout.input_position :]
-    return plan.run(before, rows, after, bias=network.bias, differentiable=differentiable)
+    return run_plan(plan, network, before, rows, after, differentiable)
 
 
 def _operands(

@@ -73,7 +73,8 @@ def network_meta(network: Network) -> dict[str, Any]:
     -------
     dict
         JSON-ready: spec, expert_dims, in_features, out_features, rank,
-        bias and (informative) network_format.
+        bias, (informative) network_format, and in_shape/out_shape where the
+        spec splits the input/output.
 
     Examples
     --------
@@ -81,7 +82,7 @@ def network_meta(network: Network) -> dict[str, Any]:
     >>> network_meta(cp(4, 2, expert_dims=8, rank=3))["spec"]
     'n1 r, i r, o r'
     """
-    return {
+    meta: dict[str, Any] = {
         "spec": network.spec,
         "expert_dims": list(network.expert_dims),
         "in_features": network.in_features,
@@ -90,6 +91,16 @@ def network_meta(network: Network) -> dict[str, Any]:
         "bias": network.bias,
         "network_format": network.format,
     }
+    meta.update(_split_shapes(network))
+    return meta
+
+
+def _split_shapes(network: Network) -> dict[str, list[int]]:
+    # in_shape and out_shape of the modes the network splits (absent for unsplit ones,
+    # so that the files of unsplit networks are as they were).
+    shapes = {"in_shape": network.in_shape, "out_shape": network.out_shape}
+    legs = {"in_shape": network.input_legs, "out_shape": network.output_legs}
+    return {name: list(shape) for name, shape in shapes.items() if len(legs[name]) > 1}
 
 
 def write(path: PathLike, meta: Mapping[str, Any], arrays: Mapping[str, np.ndarray]) -> None:
@@ -280,6 +291,13 @@ def _check_network_meta(meta: Any, where: str, path: PathLike) -> None:
         for bond, size in _typed(rank, dict, f"{where} rank", path).items():
             _typed(size, int, f"{where} rank of {bond!r}", path)
     _typed(meta.get("bias"), bool, f"{where} bias", path)
+    for key in ("in_shape", "out_shape"):
+        if meta.get(key) is not None:
+            shape = _typed(meta[key], list, f"{where} {key}", path)
+            if len(shape) > _MAX_LEVELS:
+                raise ValueError(f"{os.fspath(path)!r}: {where} {key} has {len(shape)} legs")
+            for size in shape:
+                _typed(size, int, f"{where} {key} entry", path)
 
 
 def _check_meta(meta: dict[str, Any], path: PathLike) -> None:
@@ -431,6 +449,8 @@ def _network(meta: dict[str, Any], path: PathLike) -> Network:
             expert_dims=meta["expert_dims"],
             rank=meta["rank"] or None,
             bias=meta["bias"],
+            in_shape=meta.get("in_shape"),
+            out_shape=meta.get("out_shape"),
         )
     except (KeyError, TypeError, ValueError) as error:
         raise ValueError(f"{os.fspath(path)!r} describes an invalid network: {error}") from error

@@ -43,10 +43,11 @@ from mumoe.nn._gate import (
 from mumoe.nn._init import apply_init_, init_cores_
 from mumoe.nn._io import load_into, save
 from mumoe.nn._kernels import bias_matmul, gather_sum_by_embedding_bag, kth_largest, scatter_rows
-from mumoe.nn._layers import CPMuMoE, MuMoE, TRMuMoE, TTMuMoE, TuckerMuMoE
+from mumoe.nn._layers import MuMoE
 from mumoe.nn._mlp import FoldedIntoBlock, MLPParts, find_mlps, hidden_activation_of, replace_mlp
 from mumoe.nn._model_io import load_model, module_from_config, save_model
 from mumoe.nn._monitor import ExpertMonitor, collect_aux_losses, gate_mask, reduce_balance_over
+from mumoe.nn._preset_layers import CPMuMoE, TRMuMoE, TTMatrixMuMoE, TTMuMoE, TuckerMuMoE
 from mumoe.nn._splice import SpliceReport, ZeroOutput, splice_report, spliced
 from mumoe.nn._steer import steer_experts
 from mumoe.nn._surgery import (
@@ -78,6 +79,7 @@ __all__ = [
     "PruneReport",
     "SpliceReport",
     "TRMuMoE",
+    "TTMatrixMuMoE",
     "TTMuMoE",
     "Transcoder",
     "TuckerMuMoE",

@@ -63,7 +63,8 @@ def network_config(network: Network) -> dict[str, Any]:
     {'spec': 'n1 r, i r, o r', 'expert_dims': [8], 'rank': {'r': 3}, 'bias': True}
     """
     meta = network_meta(network)  # a weights file's, less the sizes the owner holds
-    return {key: meta[key] for key in ("spec", "expert_dims", "rank", "bias")}
+    keys = ("spec", "expert_dims", "rank", "bias", "in_shape", "out_shape")
+    return {key: meta[key] for key in keys if key in meta}
 
 
 def gate_config(gate: MuMoEGate, owner: str) -> dict[str, Any]:
@@ -347,9 +348,14 @@ def network_from_config(config: Any, in_features: int, out_features: int, where:
     ...     4, 2, expert_dims=8, rank=3)
     True
     """
-    known_fields(config, {"spec", "expert_dims", "rank", "bias"}, where)
+    known_fields(config, {"spec", "expert_dims", "rank", "bias", "in_shape", "out_shape"}, where)
     dims = config_field(config, "expert_dims", list, where)
     rank = config_field(config, "rank", dict, where)
+    shapes = {
+        name: tuple(config_field(config, name, list, where))
+        for name in ("in_shape", "out_shape")
+        if name in config
+    }
     try:
         return Network(
             config_field(config, "spec", str, where),
@@ -358,6 +364,7 @@ def network_from_config(config: Any, in_features: int, out_features: int, where:
             expert_dims=tuple(dims),
             rank=rank or None,
             bias=config_field(config, "bias", bool, where),
+            **shapes,
         )
     except (TypeError, ValueError) as error:
         raise config_error(where, f"its network is invalid: {error}") from error

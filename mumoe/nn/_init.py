@@ -117,7 +117,8 @@ def init_cores_(network: Network, cores: Sequence[torch.Tensor]) -> str:
     Returns
     -------
     str
-        The scheme used: the format's name, or ``"custom"``.
+        The scheme used: the format's name, or ``"custom"`` (also for a
+        network that splits its input or output: :func:`mumoe.spec.custom_init`).
 
     Examples
     --------
@@ -131,9 +132,10 @@ def init_cores_(network: Network, cores: Sequence[torch.Tensor]) -> str:
     True
     """
     record = FORMATS.get(network.format)
-    scheme = custom_init if record is None else record.init
+    split = network.tensor_shape != network.weight_shape
+    scheme = custom_init if record is None or split else record.init
     inits = scheme(network.core_legs, network.sizes, network.in_features)
     with torch.no_grad():
         for core, init in zip(cores, inits, strict=True):
             apply_init_(core, init)
-    return network.format
+    return "custom" if split else network.format

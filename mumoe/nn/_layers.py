@@ -48,11 +48,11 @@ from mumoe.nn._hub import HubMixin
 from mumoe.nn._init import init_cores_
 from mumoe.nn._stand_in import LinearStandIn, stand_in
 from mumoe.plan import Planner, resolve_planner
-from mumoe.spec import Budget, Network, build_network
-from mumoe.typing import Rank, RankOrBudget
+from mumoe.spec import Network, build_network
+from mumoe.typing import RankOrBudget
 from mumoe.validation import check_scales
 
-__all__ = ["LAYER_CLASSES", "CPMuMoE", "MuMoE", "TRMuMoE", "TTMuMoE", "TuckerMuMoE"]
+__all__ = ["LAYER_CLASSES", "MuMoE"]
 
 
 #: Guards taking a layer's edit ownership (module-level: a lock would not pickle).
@@ -86,6 +86,9 @@ class MuMoE(nn.Module, HubMixin):
         The rank (see :func:`mumoe.build_network`).
     bias : bool, default True
         Whether every expert has a bias (the input mode's extra slice).
+    in_shape, out_shape : sequence of int, optional
+        Split the input or output into legs of these sizes (a format's
+        modes, or a spec's ``i1 ... iK``/``o1 ... oL``): :class:`mumoe.Network`.
     normalization : {"bn", "ln", None}, default "bn"
         Of the gate logits.
     activation : str or callable, default "entmax15"
@@ -161,6 +164,8 @@ class MuMoE(nn.Module, HubMixin):
         expert_dims: int | Sequence[int] | None = None,
         rank: RankOrBudget | None = None,
         bias: bool = True,
+        in_shape: Sequence[int] | None = None,
+        out_shape: Sequence[int] | None = None,
         normalization: str | None = "bn",
         activation: str | Activation = "entmax15",
         top_k: int | None = None,
@@ -182,6 +187,8 @@ class MuMoE(nn.Module, HubMixin):
             bias=bias,
             count_gates=gated,
             gate_bias=gate_bias,
+            in_shape=in_shape,
+            out_shape=out_shape,
         )
         self.planner = planner  # None: the default planner
         self.in_features = in_features
@@ -362,6 +369,7 @@ class MuMoE(nn.Module, HubMixin):
         Examples
         --------
         >>> import torch
+        >>> from mumoe.nn import CPMuMoE
         >>> layer = CPMuMoE(8, 3, expert_dims=4, rank=2).eval()
         >>> with layer.scaled_experts(0, [0.0, 0.0, 0.0, 0.0]):  # every expert off
         ...     layer(torch.randn(5, 8)).abs().max().item()
@@ -533,6 +541,7 @@ class MuMoE(nn.Module, HubMixin):
 
         Examples
         --------
+        >>> from mumoe.nn import CPMuMoE
         >>> config = CPMuMoE(8, 4, expert_dims=6, rank=2).get_config()
         >>> config["class"], config["network"]["rank"], config["gate"]["activation"]
         ('CPMuMoE', {'r': 2}, 'entmax15')
@@ -579,6 +588,7 @@ class MuMoE(nn.Module, HubMixin):
 
         Examples
         --------
+        >>> from mumoe.nn import TRMuMoE
         >>> layer = TRMuMoE(8, 4, expert_dims=6, rank=(2, 2, 3))
         >>> rebuilt = MuMoE.from_config(layer.get_config())
         >>> type(rebuilt).__name__, rebuilt.network == layer.network
@@ -619,6 +629,10 @@ class MuMoE(nn.Module, HubMixin):
         """Sizes and options, for ``repr``."""
         net = self.network
         rank = f", rank={dict(net.ranks)}" if net.ranks else ""
+        if net.splits_input:
+            rank += f", in_shape={net.in_shape}"
+        if len(net.output_legs) > 1:
+            rank += f", out_shape={net.out_shape}"
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, "
             f"network={net.format!r}, spec={net.spec!r}, expert_dims={net.expert_dims}"
@@ -626,167 +640,6 @@ class MuMoE(nn.Module, HubMixin):
         )
 
 
-class _PresetMuMoE(MuMoE):
-    """A MuMoE of one format (``format``), its keywords spelled out and the rank required."""
-
-    format: str
-
-    def __init__(
-        self,
-        in_features: int,
-        out_features: int,
-        *,
-        expert_dims: int | Sequence[int],
-        rank: Rank | str | Budget,
-        bias: bool = True,
-        normalization: str | None = "bn",
-        activation: str | Activation = "entmax15",
-        top_k: int | None = None,
-        gate_bias: bool = False,
-        balance: Mapping[str, float] | None = None,
-        input_norm: bool = False,
-        gated: bool = True,
-        planner: Planner | None = None,
-        device: torch.device | str | None = None,
-        dtype: torch.dtype | None = None,
-    ) -> None:
-        super().__init__(
-            in_features,
-            out_features,
-            self.format,
-            expert_dims=expert_dims,
-            rank=rank,
-            bias=bias,
-            normalization=normalization,
-            activation=activation,
-            top_k=top_k,
-            gate_bias=gate_bias,
-            balance=balance,
-            input_norm=input_norm,
-            gated=gated,
-            planner=planner,
-            device=device,
-            dtype=dtype,
-        )
-
-
-class CPMuMoE(_PresetMuMoE):
-    r"""A μMoE layer whose weight tensor is a CP network (:func:`mumoe.cp`).
-
-    ``CPMuMoE(in_features, out_features, expert_dims=..., rank=...)`` is
-    ``MuMoE(in_features, out_features, "cp", expert_dims=..., rank=...)``.
-
-    Parameters
-    ----------
-    in_features, out_features : int
-    expert_dims : int or sequence of int
-        Experts per level.
-    rank : int, "same" or Budget
-        The CP rank (:func:`mumoe.validate_cp_rank`), or a parameter budget.
-    bias, normalization, activation, top_k, gate_bias, balance, input_norm, gated, planner
-        As for :class:`MuMoE`.
-    device, dtype
-        Of the parameters.
-
-    Examples
-    --------
-    >>> import torch
-    >>> layer = CPMuMoE(64, 32, expert_dims=(8, 4), rank="same")  # as many parameters as nn.Linear
-    >>> layer(torch.randn(3, 64)).shape
-    torch.Size([3, 32])
-    """
-
-    format = "cp"
-
-
-class TuckerMuMoE(_PresetMuMoE):
-    r"""A μMoE layer whose weight tensor is a Tucker network (:func:`mumoe.tucker`).
-
-    ``TuckerMuMoE(in_features, out_features, expert_dims=..., rank=...)`` is
-    ``MuMoE(in_features, out_features, "tucker", expert_dims=..., rank=...)``.
-
-    Parameters
-    ----------
-    in_features, out_features : int
-    expert_dims : int or sequence of int
-        Experts per level.
-    rank : int or tuple of int, "same" or Budget
-        The Tucker rank (:func:`mumoe.validate_tucker_rank`), or a parameter budget.
-    bias, normalization, activation, top_k, gate_bias, balance, input_norm, gated, planner
-        As for :class:`MuMoE`.
-    device, dtype
-        Of the parameters.
-
-    Examples
-    --------
-    >>> import torch
-    >>> layer = TuckerMuMoE(64, 32, expert_dims=(8, 4), rank=(2, 2, 8, 8))
-    >>> layer(torch.randn(3, 64)).shape
-    torch.Size([3, 32])
-    """
-
-    format = "tucker"
-
-
-class TTMuMoE(_PresetMuMoE):
-    r"""A μMoE layer whose weight tensor is a TT network (:func:`mumoe.tt`).
-
-    ``TTMuMoE(in_features, out_features, expert_dims=..., rank=...)`` is
-    ``MuMoE(in_features, out_features, "tt", expert_dims=..., rank=...)``.
-
-    Parameters
-    ----------
-    in_features, out_features : int
-    expert_dims : int or sequence of int
-        Experts per level.
-    rank : int or tuple of int, "same" or Budget
-        The TT rank (:func:`mumoe.validate_tt_rank`), or a parameter budget.
-    bias, normalization, activation, top_k, gate_bias, balance, input_norm, gated, planner
-        As for :class:`MuMoE`.
-    device, dtype
-        Of the parameters.
-
-    Examples
-    --------
-    >>> import torch
-    >>> layer = TTMuMoE(64, 32, expert_dims=(8, 4), rank=(2, 2, 8))
-    >>> layer(torch.randn(3, 64)).shape
-    torch.Size([3, 32])
-    """
-
-    format = "tt"
-
-
-class TRMuMoE(_PresetMuMoE):
-    r"""A μMoE layer whose weight tensor is a TR network (:func:`mumoe.tr`).
-
-    ``TRMuMoE(in_features, out_features, expert_dims=..., rank=...)`` is
-    ``MuMoE(in_features, out_features, "tr", expert_dims=..., rank=...)``.
-
-    Parameters
-    ----------
-    in_features, out_features : int
-    expert_dims : int or sequence of int
-        Experts per level.
-    rank : int or tuple of int, "same" or Budget
-        The TR rank (:func:`mumoe.validate_tr_rank`), or a parameter budget.
-    bias, normalization, activation, top_k, gate_bias, balance, input_norm, gated, planner
-        As for :class:`MuMoE`.
-    device, dtype
-        Of the parameters.
-
-    Examples
-    --------
-    >>> import torch
-    >>> layer = TRMuMoE(64, 32, expert_dims=(8, 4), rank=(4, 4, 4, 16))
-    >>> layer(torch.randn(3, 64)).shape
-    torch.Size([3, 32])
-    """
-
-    format = "tr"
-
-
-#: The layer classes a configuration may name, by name.
-LAYER_CLASSES: dict[str, type[MuMoE]] = {
-    cls.__name__: cls for cls in (MuMoE, CPMuMoE, TuckerMuMoE, TTMuMoE, TRMuMoE)
-}
+#: The layer classes a configuration may name, by name: MuMoE, and the classes of one
+#: format each, which mumoe.nn._preset_layers adds.
+LAYER_CLASSES: dict[str, type[MuMoE]] = {"MuMoE": MuMoE}

@@ -27,8 +27,9 @@ from mumoe.nn._block import MuMoEBlock
 from mumoe.nn._config import config_error, config_field
 from mumoe.nn._convert import _parent, replaced_record
 from mumoe.nn._hub import check_state, load_checked, read_state, write_state
-from mumoe.nn._layers import LAYER_CLASSES, MuMoE
+from mumoe.nn._layers import MuMoE
 from mumoe.nn._mlp import FoldedIntoBlock
+from mumoe.nn._preset_layers import LAYER_CLASSES
 from mumoe.typing import PathLike
 
 __all__ = [

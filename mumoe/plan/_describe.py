@@ -34,7 +34,7 @@ from mumoe.plan._planner import Planner, resolve_planner
 from mumoe.plan._program import PairStep
 from mumoe.plan._sizes import bytes_text, dtype_text, itemsize
 from mumoe.plan._sparse import expert_widths, sparse_layout
-from mumoe.spec import INPUT, OUTPUT, Network
+from mumoe.spec import Network
 from mumoe.validation import positive_int
 
 __all__ = ["describe"]
@@ -114,10 +114,12 @@ def describe(
     if net.n_levels > 1:
         experts = f"{' x '.join(map(str, net.expert_dims))} = {experts}"
     sizes = [f"{leg}={net.sizes[leg]}" for leg in net.expert_legs]
-    in_size = f"{INPUT}={net.sizes[INPUT]}"
+    first, *others = net.input_legs
+    in_size = f"{first}={net.sizes[first]}"
     if net.bias:
-        in_size += f" ({net.in_features} + bias)"
-    sizes += [in_size, f"{OUTPUT}={net.out_features}"]
+        in_size += f" ({net.in_shape[0]} + bias)"
+    sizes += [in_size, *(f"{leg}={net.sizes[leg]}" for leg in others)]
+    sizes += [f"{leg}={net.sizes[leg]}" for leg in net.output_legs]
     sizes += [f"{bond}={size}" for bond, size in net.ranks.items()]
 
     width = max(len(" ".join(legs)) for legs in net.core_legs)
@@ -299,6 +301,11 @@ def _bias_text(net: Network, plan: Plan, batch_size: int) -> str:
     # Which branch of the bias rule this batch takes, then the rule itself.
     if not net.bias:
         return "none"
+    if net.splits_input:
+        return (
+            f"a slice of {net.input_legs[0]}, one at its index {net.in_shape[0]} and 0 of the "
+            "other input legs (the split input's bias)"
+        )
     program = plan.bias_program
     if program is None:
         return "a column of ones concatenated to x (the path meets x before its core)"

@@ -288,11 +288,11 @@ class Planner:
             f"at batch {batch_size}",
             layout.equation,
             layout.shapes(net, batch_size, ks),
-            (batch_size, net.out_features),
+            (batch_size, *net.out_shape),
             self._other_optimize,
             dtype,
             lead=net.batch_symbol,
-            bias_input=layout.input_position if net.bias else None,
+            bias_input=layout.input_position if net.bias and not net.splits_input else None,
             kernels=None if backend is None else backend_kernels(backend),
         )
 
@@ -408,7 +408,7 @@ class Planner:
         """
         net = self.network
         shapes = net.forward_shapes(batch_size)
-        result = (batch_size, net.out_features)
+        result = (batch_size, *net.out_shape)
         return self._build(
             "forward contraction",
             f"at batch {batch_size}",
@@ -419,7 +419,8 @@ class Planner:
             dtype,
             limited=optimize is None,
             lead=net.batch_symbol,
-            bias_input=net.n_levels if net.bias else None,  # x follows the gates
+            # x follows the gates; a split input comes with its bias slice (input_operand)
+            bias_input=net.n_levels if net.bias and not net.splits_input else None,
             kernels=None if backend is None else backend_kernels(backend),
         )
 
@@ -466,7 +467,7 @@ class Planner:
         return max(self.memory_limit // itemsize(dtype), unavoidable)
 
     def _fits(self, plan: Plan, dtype: Hashable) -> bool:
-        result = (plan.shapes[0][0], self.network.out_features)
+        result = (plan.shapes[0][0], *self.network.out_shape)
         limit = self._entries(plan.shapes, result, dtype)
         return limit is None or plan.largest_intermediate <= limit
 
@@ -544,7 +545,7 @@ class Planner:
     # ------------------------------------------------------- dense and expert
 
     def materialize(self, backend: str, dtype: Hashable) -> Plan:
-        """The compiled contraction of all cores into ``W`` (``weight_shape``).
+        """The compiled contraction of all cores into ``W`` (``tensor_shape``).
 
         Parameters
         ----------
@@ -577,14 +578,14 @@ class Planner:
             "",
             net.materialize_equation,
             net.core_shapes,
-            net.weight_shape,
+            net.tensor_shape,
             self._other_optimize,
             dtype,
             kernels=backend_kernels(backend),
         )
 
     def expert(self, backend: str, dtype: Hashable) -> Plan:
-        """The compiled contraction of the cores, expert legs sliced away, into ``(I', O)``.
+        """The compiled contraction of the cores, expert legs sliced away, into the role legs.
 
         Called with the cores after indexing each expert leg at one expert.
 
@@ -610,7 +611,7 @@ class Planner:
     def _expert(self, backend: str, dtype: Hashable) -> Plan:
         net = self.network
         shapes = [[net.sizes[leg] for leg in legs] for legs in net.expert_core_legs]
-        result = net.weight_shape[net.n_levels :]
+        result = net.tensor_shape[net.n_levels :]
         kernels = backend_kernels(backend)
         return self._build(
             "contraction of one expert",

@@ -113,7 +113,7 @@ class SparseLayout:
         """
         shapes: list[Shape] = [(batch_size, network.expert_dims[e]) for e in self.dense_levels]
         shapes += [(batch_size, ks[e]) for e in self.value_levels]
-        shapes.append((batch_size, network.sizes["i"]))
+        shapes.append((batch_size, *network.input_sizes))
         fused = {core: axis for core, _, axis in self.fused}
         gathered = dict(self.gathered)
         for c, shape in enumerate(network.core_shapes):
@@ -217,7 +217,7 @@ def sparse_layout(network: Network, levels: tuple[int, ...]) -> SparseLayout:
     kappa = {e: opt_einsum.get_symbol(len(network.symbols) + 1 + e) for e in levels}
     terms = [network.term([legs[e]], batch=True) for e in dense_levels]
     terms += [batch + kappa[e] for e in value_levels]
-    terms.append(network.term(["i"], batch=True))
+    terms.append(network.term(network.input_legs, batch=True))
     fused_at = {c: e for c, e, _ in fused}
     for c, core_legs in enumerate(network.core_legs):
         if c in fused_at:
@@ -229,7 +229,7 @@ def sparse_layout(network: Network, levels: tuple[int, ...]) -> SparseLayout:
             terms.append(batch + "".join(kappa[e] for e, _ in gathered[c]) + network.term(kept))
         else:
             terms.append(network.term(core_legs))
-    equation = ",".join(terms) + "->" + network.term(["o"], batch=True)
+    equation = ",".join(terms) + "->" + network.term(network.output_legs, batch=True)
     return SparseLayout(
         levels=tuple(levels),
         dense_levels=dense_levels,

@@ -3,8 +3,9 @@ r"""What the weight tensor is: specs, ranks, formats, networks, presets and budg
 A spec names the legs of each core (``"n r, i r, o r"``); a
 :class:`Network` is a spec with sizes, an immutable value that knows its core
 shapes, parameter count and einsum equations.  The formats (dense, CP,
-Tucker, TT, TR, MxD, low-rank) are records of :data:`FORMATS`, built for any
-number of expert levels by the presets; :class:`Budget` and
+Tucker, TT, TR, TT-matrix, MxD, low-rank) are records of :data:`FORMATS`,
+built by the presets for any number of expert levels, the input and output
+split into legs or not (:func:`balanced_shape`); :class:`Budget` and
 :func:`match_rank` choose a rank for a parameter budget, and
 :func:`build_network` turns a layer's arguments into its network.  Nothing
 here knows arrays or contraction paths.
@@ -31,7 +32,16 @@ from mumoe.spec._formats import (
     format_of,
 )
 from mumoe.spec._network import Network
-from mumoe.spec._parse import INPUT, OUTPUT, ParsedSpec, is_expert_leg, parse_spec
+from mumoe.spec._parse import (
+    INPUT,
+    OUTPUT,
+    ParsedSpec,
+    is_expert_leg,
+    is_input_leg,
+    is_output_leg,
+    is_role_leg,
+    parse_spec,
+)
 from mumoe.spec._presets import (
     PRESETS,
     cp,
@@ -42,6 +52,8 @@ from mumoe.spec._presets import (
     preset_format,
     tr,
     tt,
+    ttm,
+    ttm_shapes,
     tucker,
 )
 from mumoe.spec._ranks import (
@@ -50,6 +62,7 @@ from mumoe.spec._ranks import (
     validate_tt_rank,
     validate_tucker_rank,
 )
+from mumoe.spec._shapes import balanced_shape
 
 __all__ = [
     "FORMATS",
@@ -66,6 +79,7 @@ __all__ = [
     "ParsedSpec",
     "Uniform",
     "as_budget",
+    "balanced_shape",
     "build_network",
     "cp",
     "custom_init",
@@ -73,6 +87,9 @@ __all__ = [
     "format_of",
     "gate_params",
     "is_expert_leg",
+    "is_input_leg",
+    "is_output_leg",
+    "is_role_leg",
     "linear_params",
     "lowrank",
     "match_rank",
@@ -83,6 +100,8 @@ __all__ = [
     "resolve_budget",
     "tr",
     "tt",
+    "ttm",
+    "ttm_shapes",
     "tucker",
     "validate_cp_rank",
     "validate_tr_rank",

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from mumoe.spec._formats import FORMATS
-from mumoe.spec._presets import preset
+from mumoe.spec._presets import preset, ttm_shapes
 from mumoe.typing import Rank
 from mumoe.validation import positive_int, positive_ints
 
@@ -234,6 +234,8 @@ def match_rank(
     gates: bool = True,
     gate_bias: bool = False,
     expert_rank: int = 4,
+    in_shape: Sequence[int] | None = None,
+    out_shape: Sequence[int] | None = None,
 ) -> Rank:
     """The largest rank of a preset whose layer fits a parameter budget.
 
@@ -253,7 +255,10 @@ def match_rank(
     gate_bias : bool, default False
         With ``gates``: the gate has a bias too (:func:`gate_params`).
     expert_rank : int, default 4
-        The fixed rank of bonds that touch expert cores (Tucker, TT, TR).
+        The fixed rank of bonds that touch expert cores (Tucker, TT, TR,
+        TT-matrix).
+    in_shape, out_shape : sequence of int, optional
+        The legs of a split input and output (see :class:`~mumoe.spec.Network`).
 
     Returns
     -------
@@ -263,7 +268,8 @@ def match_rank(
     Raises
     ------
     ValueError
-        If even the free rank 1 does not fit the budget.
+        If even the free rank 1 does not fit the budget, or the network has
+        no free bond (a TT-matrix with one pair of legs).
 
     Examples
     --------
@@ -283,15 +289,28 @@ def match_rank(
     dims = positive_ints(expert_dims, "expert_dims")
     fixed = positive_int(expert_rank, "expert_rank")
 
+    if format == "ttm":
+        in_shape, out_shape = ttm_shapes(in_features, out_features, in_shape, out_shape)
+    shapes = {"in_shape": in_shape, "out_shape": out_shape}
+    legs = [
+        1 if shape is None else len(positive_ints(shape, name)) for name, shape in shapes.items()
+    ]
+
     def rank_for(r: int) -> Rank:
-        return free_rank(len(dims), fixed, r)
+        return free_rank(len(dims), fixed, r, *legs)
 
     target = resolve_budget(budget, in_features, out_features, bias)
     extra = gate_params(in_features, dims, gate_bias) if gates else 0
 
     def total(r: int) -> int:
         net = preset(
-            format, in_features, out_features, expert_dims=dims, rank=rank_for(r), bias=bias
+            format,
+            in_features,
+            out_features,
+            expert_dims=dims,
+            rank=rank_for(r),
+            bias=bias,
+            **shapes,
         )
         return net.n_params + extra
 
@@ -300,6 +319,11 @@ def match_rank(
             f"no {format} rank fits a budget of {target:,} parameters: at rank 1 the layer "
             f"already has {total(1):,} ({extra:,} of them the gate's); raise the budget "
             "or use fewer experts"
+        )
+    if total(2) == total(1):
+        raise ValueError(
+            f"the {format} network of these legs has no free bond to size (its bonds all touch "
+            f"expert cores, fixed at expert_rank={fixed}); give its rank yourself"
         )
     low, high = 1, 2
     while total(high) <= target:

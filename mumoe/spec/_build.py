@@ -13,7 +13,7 @@ from collections.abc import Mapping, Sequence
 from mumoe.spec._budget import as_budget, match_rank
 from mumoe.spec._formats import FORMATS
 from mumoe.spec._network import Network
-from mumoe.spec._presets import _build
+from mumoe.spec._presets import _build, ttm_shapes
 from mumoe.typing import RankOrBudget
 
 __all__ = ["build_network"]
@@ -29,6 +29,8 @@ def build_network(
     bias: bool = True,
     count_gates: bool = True,
     gate_bias: bool = False,
+    in_shape: Sequence[int] | None = None,
+    out_shape: Sequence[int] | None = None,
 ) -> Network:
     """The network of a layer, from a Network, a format name or a spec string.
 
@@ -56,6 +58,10 @@ def build_network(
         Whether a budget counts the gate projections.
     gate_bias : bool, default False
         Whether a budget counts a gate bias as well.
+    in_shape, out_shape : sequence of int, optional
+        The legs of a split input and output (a spec's ``i1 ... iK``, or a
+        format split so; see :class:`~mumoe.spec.Network`).  With a Network,
+        they must be its own or absent.
 
     Returns
     -------
@@ -87,6 +93,12 @@ def build_network(
             raise ValueError("expert_dims and rank come from the Network; do not pass them as well")
         if network.bias != bias:
             raise ValueError(f"network has bias={network.bias} but the layer was given bias={bias}")
+        for name, given in (("in_shape", in_shape), ("out_shape", out_shape)):
+            own = getattr(network, name)
+            if given is not None and tuple(given) != own:
+                raise ValueError(
+                    f"network has {name}={own} but the layer was given {name}={tuple(given)}"
+                )
         return network
     if not isinstance(network, str):
         raise TypeError(
@@ -119,8 +131,21 @@ def build_network(
                 bias=bias,
                 gates=count_gates,
                 gate_bias=gate_bias,
+                in_shape=in_shape,
+                out_shape=out_shape,
             )
-        return _build(network, in_features, out_features, expert_dims, rank, bias=bias)  # type: ignore[arg-type]
+        if network == "ttm":
+            in_shape, out_shape = ttm_shapes(in_features, out_features, in_shape, out_shape)
+        return _build(
+            network,
+            in_features,
+            out_features,
+            expert_dims,
+            rank,  # type: ignore[arg-type]
+            bias=bias,
+            in_shape=in_shape,
+            out_shape=out_shape,
+        )
     if budget is not None:
         raise ValueError(
             "a parameter budget ('same' or a mumoe.Budget) chooses the rank of a format only; "
@@ -131,5 +156,12 @@ def build_network(
             f"the rank of a spec string is an int or a mapping of bond sizes, got {rank!r}"
         )
     return Network(
-        network, in_features, out_features, expert_dims=expert_dims, rank=rank, bias=bias
+        network,
+        in_features,
+        out_features,
+        expert_dims=expert_dims,
+        rank=rank,
+        bias=bias,
+        in_shape=in_shape,
+        out_shape=out_shape,
     )

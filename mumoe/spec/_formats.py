@@ -3,17 +3,18 @@ r"""The registry of factorisation formats: one record per format, all it knows i
 A :class:`Format` holds everything mumoe knows about one factorisation of
 the weight tensor :math:`\mathcal{W}` of shape ``(N_1, ..., N_E, I', O)``:
 
-* ``core_legs(E)`` — the legs of each core for :math:`E` expert levels, in
-  the reference mode order (experts, input, output);
-* ``bond_sizes(rank, E)`` — the rank validator: a user's ``rank`` checked and
-  turned into one size per bond;
+* ``core_legs(E, K, L)`` — the legs of each core for :math:`E` expert levels
+  and the input and output split into :math:`K` and :math:`L` legs (1 and 1
+  by default), in the reference mode order (experts, input, output);
+* ``bond_sizes(rank, E, K, L)`` — the rank validator: a user's ``rank``
+  checked and turned into one size per bond;
 * ``init(core_legs, sizes, in_features)`` — the default initialisation of
   each core, as data (:class:`Normal`, :class:`Uniform`, :class:`Constant`,
   :class:`DiagonalSlices`) that :func:`mumoe.nn.init_cores_` applies to torch
   tensors; it reads the network's shapes (each core's legs, every leg's
   size), not the network;
-* ``free_rank(E, expert_rank, r)`` — the budget hook: which one integer a
-  parameter budget solves for (:func:`mumoe.spec.match_rank`);
+* ``free_rank(E, expert_rank, r, K, L)`` — the budget hook: which one
+  integer a parameter budget solves for (:func:`mumoe.spec.match_rank`);
 * ``label`` — the name in prose.
 
 Everything that depends on the format reads :data:`FORMATS`, so adding a
@@ -28,6 +29,7 @@ cp        ``n1 r, i r, o r``                  :math:`R \sum_k D_k`
 tucker    ``n1 r1, i ri, o ro, r1 ri ro``     :math:`\sum_k D_k R_k + \prod_k R_k`
 tt        ``n1 r1, r1 i r2, r2 o``            :math:`\sum_k R_{k-1} D_k R_k`, :math:`R_0 = R_d = 1`
 tr        ``r0 n1 r1, r1 i r2, r2 o r0``      :math:`\sum_k R_{k-1} D_k R_k`, :math:`R_d = R_0`
+ttm       ``n1 r1, r1 i1 o1 r2, r2 i2 o2``    :math:`N R_1 + \sum_k R_k I_k O_k R_{k+1}` (K = L = 2)
 mxd       ``n1 o, i o``                       :math:`O (\sum_e N_e + I')`
 lowrank   ``n1 i r, n1 o r``                  :math:`R \prod_e N_e (I' + O)`
 ========  ==================================  =============================================
@@ -36,6 +38,14 @@ lowrank   ``n1 i r, n1 o r``                  :math:`R \prod_e N_e (I' + O)`
 2025): :math:`\mathcal{W}[n, i, o] = C[n, o] D[i, o]`, the output leg an open
 hyperedge shared by every core; ``lowrank`` gives every expert its own rank-:math:`R`
 matrix :math:`U_n V_n^\top` (the expert legs shared by both cores).
+
+Every format splits the input and output the same way: each mode of the
+table becomes its legs (``i1 r, i2 r`` in CP, one factor each; a chain link
+each in TT and TR; one factor and bond each in Tucker).  ``ttm`` is the
+TT-matrix (tensorly-torch's BlockTT): a chain of expert cores, then one core
+per pair of input and output legs, so it needs :math:`K = L`; with
+:math:`K = L = 1` its last core holds the whole matrix.  Split networks of
+every format start from :func:`custom_init`.
 """
 
 from __future__ import annotations
@@ -47,7 +57,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from mumoe.spec._parse import INPUT, OUTPUT, is_expert_leg
+from mumoe.spec._parse import INPUT, OUTPUT, is_expert_leg, is_role_leg
 from mumoe.spec._ranks import (
     validate_cp_rank,
     validate_tr_rank,
@@ -216,9 +226,9 @@ def custom_init(core_legs: Legs, sizes: Sizes, in_features: int) -> list[CoreIni
 
 
 def _bonds(core_legs: Legs) -> list[str]:
-    # Every leg that is not a role (n1.., i, o), once: the summed bonds.
+    # Every leg that is not a role (n1.., i.., o..), once: the summed bonds.
     legs = dict.fromkeys(leg for core in core_legs for leg in core)
-    return [leg for leg in legs if leg not in (INPUT, OUTPUT) and not is_expert_leg(leg)]
+    return [leg for leg in legs if not is_role_leg(leg)]
 
 
 def _n_levels(core_legs: Legs) -> int:
@@ -228,23 +238,29 @@ def _n_levels(core_legs: Legs) -> int:
 # ------------------------------------------------------------------ formats
 
 
-def _modes(n_levels: int) -> list[str]:
-    return [*(f"n{e}" for e in range(1, n_levels + 1)), INPUT, OUTPUT]
+def _role_legs(role: str, count: int) -> list[str]:
+    # 'i' for one leg, 'i1', ..., 'iK' for several (the spec language's names).
+    return [role] if count == 1 else [f"{role}{k}" for k in range(1, count + 1)]
 
 
-def _dense_legs(n_levels: int) -> Legs:
-    return (tuple(_modes(n_levels)),)
+def _modes(n_levels: int, n_in: int = 1, n_out: int = 1) -> list[str]:
+    experts = [f"n{e}" for e in range(1, n_levels + 1)]
+    return [*experts, *_role_legs(INPUT, n_in), *_role_legs(OUTPUT, n_out)]
+
+
+def _dense_legs(n_levels: int, n_in: int = 1, n_out: int = 1) -> Legs:
+    return (tuple(_modes(n_levels, n_in, n_out)),)
 
 
 def _dense_init(core_legs: Legs, sizes: Sizes, in_features: int) -> list[CoreInit]:
     return [Uniform.fan_in(in_features)]
 
 
-def _cp_legs(n_levels: int) -> Legs:
-    return tuple((mode, "r") for mode in _modes(n_levels))
+def _cp_legs(n_levels: int, n_in: int = 1, n_out: int = 1) -> Legs:
+    return tuple((mode, "r") for mode in _modes(n_levels, n_in, n_out))
 
 
-def _cp_bonds(rank: Any, n_levels: int) -> dict[str, int]:
+def _cp_bonds(rank: Any, n_levels: int, n_in: int = 1, n_out: int = 1) -> dict[str, int]:
     return {"r": validate_cp_rank(rank)}
 
 
@@ -254,19 +270,21 @@ def _cp_init(core_legs: Legs, sizes: Sizes, in_features: int) -> list[CoreInit]:
     return [*experts, Uniform.fan_in(in_features), Uniform.fan_in(sizes["r"])]
 
 
-def _tucker_bonds_names(n_levels: int) -> list[str]:
-    return [f"r{e}" for e in range(1, n_levels + 1)] + ["ri", "ro"]
+def _tucker_bonds_names(n_levels: int, n_in: int = 1, n_out: int = 1) -> list[str]:
+    roles = _role_legs(INPUT, n_in) + _role_legs(OUTPUT, n_out)
+    return [f"r{e}" for e in range(1, n_levels + 1)] + [f"r{leg}" for leg in roles]
 
 
-def _tucker_legs(n_levels: int) -> Legs:
-    bonds = _tucker_bonds_names(n_levels)
-    factors = tuple((mode, bond) for mode, bond in zip(_modes(n_levels), bonds, strict=True))
+def _tucker_legs(n_levels: int, n_in: int = 1, n_out: int = 1) -> Legs:
+    bonds = _tucker_bonds_names(n_levels, n_in, n_out)
+    modes = _modes(n_levels, n_in, n_out)
+    factors = tuple((mode, bond) for mode, bond in zip(modes, bonds, strict=True))
     return (*factors, tuple(bonds))
 
 
-def _tucker_bonds(rank: Any, n_levels: int) -> dict[str, int]:
-    ranks = validate_tucker_rank(rank, n_levels + 2)
-    return dict(zip(_tucker_bonds_names(n_levels), ranks, strict=True))
+def _tucker_bonds(rank: Any, n_levels: int, n_in: int = 1, n_out: int = 1) -> dict[str, int]:
+    ranks = validate_tucker_rank(rank, n_levels + n_in + n_out)
+    return dict(zip(_tucker_bonds_names(n_levels, n_in, n_out), ranks, strict=True))
 
 
 def _tucker_init(core_legs: Legs, sizes: Sizes, in_features: int) -> list[CoreInit]:
@@ -283,37 +301,69 @@ def _tucker_init(core_legs: Legs, sizes: Sizes, in_features: int) -> list[CoreIn
     ]
 
 
-def _tt_legs(n_levels: int) -> Legs:
-    modes = _modes(n_levels)
+def _tt_legs(n_levels: int, n_in: int = 1, n_out: int = 1) -> Legs:
+    return _chain(_modes(n_levels, n_in, n_out))
+
+
+def _chain(modes: list[str]) -> Legs:
+    # An open chain of cores, one mode (or a group of modes, 'i1 o1') each: r{k} joins
+    # core k - 1 to core k.
     d = len(modes)
     return tuple(
-        (*([f"r{k}"] if k > 0 else []), mode, *([f"r{k + 1}"] if k < d - 1 else []))
+        (*([f"r{k}"] if k > 0 else []), *mode.split(), *([f"r{k + 1}"] if k < d - 1 else []))
         for k, mode in enumerate(modes)
     )
 
 
-def _tt_bonds(rank: Any, n_levels: int) -> dict[str, int]:
-    ranks = validate_tt_rank(rank, n_levels + 2)
-    return {f"r{k}": ranks[k] for k in range(1, n_levels + 2)}
+def _tt_bonds(rank: Any, n_levels: int, n_in: int = 1, n_out: int = 1) -> dict[str, int]:
+    d = n_levels + n_in + n_out
+    ranks = validate_tt_rank(rank, d)
+    return {f"r{k}": ranks[k] for k in range(1, d)}
 
 
-def _tr_legs(n_levels: int) -> Legs:
-    modes = _modes(n_levels)
+def _ttm_pairs(n_levels: int, n_in: int, n_out: int) -> list[str]:
+    # The TT-matrix's modes: the expert legs, then the input and output legs in pairs.
+    if n_in != n_out:
+        raise ValueError(
+            f"a TT-matrix pairs each input leg with an output leg: in_shape and out_shape need "
+            f"the same length, got {n_in} input and {n_out} output legs"
+        )
+    pairs = zip(_role_legs(INPUT, n_in), _role_legs(OUTPUT, n_out), strict=True)
+    return [*(f"n{e}" for e in range(1, n_levels + 1)), *(f"{i} {o}" for i, o in pairs)]
+
+
+def _ttm_legs(n_levels: int, n_in: int = 1, n_out: int = 1) -> Legs:
+    # n1 r1, ..., r{E} i1 o1 r{E+1}, ..., r{E+K-1} iK oK: the expert chain, then the
+    # TT-matrix (BlockTT) cores, each holding one input and one output leg.
+    return _chain(_ttm_pairs(n_levels, n_in, n_out))
+
+
+def _ttm_bonds(rank: Any, n_levels: int, n_in: int = 1, n_out: int = 1) -> dict[str, int]:
+    d = len(_ttm_pairs(n_levels, n_in, n_out))
+    ranks = validate_tt_rank(rank, d)
+    return {f"r{k}": ranks[k] for k in range(1, d)}
+
+
+def _tr_legs(n_levels: int, n_in: int = 1, n_out: int = 1) -> Legs:
+    modes = _modes(n_levels, n_in, n_out)
     return tuple((f"r{k}", mode, f"r{(k + 1) % len(modes)}") for k, mode in enumerate(modes))
 
 
-def _tr_bonds(rank: Any, n_levels: int) -> dict[str, int]:
-    ranks = validate_tr_rank(rank, n_levels + 2)
-    return {f"r{k}": ranks[k] for k in range(n_levels + 2)}
+def _tr_bonds(rank: Any, n_levels: int, n_in: int = 1, n_out: int = 1) -> dict[str, int]:
+    d = n_levels + n_in + n_out
+    ranks = validate_tr_rank(rank, d)
+    return {f"r{k}": ranks[k] for k in range(d)}
 
 
-def _mxd_legs(n_levels: int) -> Legs:
+def _mxd_legs(n_levels: int, n_in: int = 1, n_out: int = 1) -> Legs:
     # W[n1, ..., nE, i, o] = C1[n1, o] ... CE[nE, o] D[i, o]: the output leg shared, open.
-    return (*((f"n{e}", OUTPUT) for e in range(1, n_levels + 1)), (INPUT, OUTPUT))
+    outputs = _role_legs(OUTPUT, n_out)
+    experts = ((f"n{e}", *outputs) for e in range(1, n_levels + 1))
+    return (*experts, (*_role_legs(INPUT, n_in), *outputs))
 
 
-def _no_bonds(name: str) -> Callable[[Any, int], dict[str, int]]:
-    def bond_sizes(rank: Any, n_levels: int) -> dict[str, int]:
+def _no_bonds(name: str) -> Callable[..., dict[str, int]]:
+    def bond_sizes(rank: Any, n_levels: int, n_in: int = 1, n_out: int = 1) -> dict[str, int]:
         if rank is not None:
             raise ValueError(f"the {name} format has no rank, got rank={rank!r}")
         return {}
@@ -331,13 +381,14 @@ def _mxd_init(core_legs: Legs, sizes: Sizes, in_features: int) -> list[CoreInit]
     return [*experts, Uniform.fan_in(in_features)]
 
 
-def _lowrank_legs(n_levels: int) -> Legs:
+def _lowrank_legs(n_levels: int, n_in: int = 1, n_out: int = 1) -> Legs:
     # W[n1, ..., nE] = U[n1, ..., nE] V[n1, ..., nE]^T: every expert its own rank-R matrix.
     experts = tuple(f"n{e}" for e in range(1, n_levels + 1))
-    return ((*experts, INPUT, "r"), (*experts, OUTPUT, "r"))
+    inputs, outputs = _role_legs(INPUT, n_in), _role_legs(OUTPUT, n_out)
+    return ((*experts, *inputs, "r"), (*experts, *outputs, "r"))
 
 
-def _lowrank_bonds(rank: Any, n_levels: int) -> dict[str, int]:
+def _lowrank_bonds(rank: Any, n_levels: int, n_in: int = 1, n_out: int = 1) -> dict[str, int]:
     return {"r": positive_int(rank, "lowrank rank")}
 
 
@@ -366,16 +417,17 @@ class Format:
     label : str
         Its name in prose (``"CP"``).
     core_legs : callable
-        ``core_legs(E)``: the legs of each core for ``E`` expert levels.
+        ``core_legs(E, K=1, L=1)``: the legs of each core for ``E`` expert
+        levels, the input split into ``K`` legs and the output into ``L``.
     bond_sizes : callable
-        ``bond_sizes(rank, E)``: the rank validator; returns one size per
-        bond (an empty dict for a format without rank).
+        ``bond_sizes(rank, E, K=1, L=1)``: the rank validator; returns one
+        size per bond (an empty dict for a format without rank).
     init : callable
         ``init(core_legs, sizes, in_features)``: the default initialisation
         of each core, read from the network's shapes (see :func:`custom_init`).
     free_rank : callable or None
-        The budget hook ``free_rank(E, expert_rank, r)``: the ``rank`` with
-        one free integer ``r``, bonds that touch expert cores fixed at
+        The budget hook ``free_rank(E, expert_rank, r, K, L)``: the ``rank``
+        with one free integer ``r``, bonds that touch expert cores fixed at
         ``expert_rank`` (None: no rank to solve for).
 
     Examples
@@ -386,28 +438,38 @@ class Format:
 
     name: str
     label: str
-    core_legs: Callable[[int], Legs]
-    bond_sizes: Callable[[Any, int], dict[str, int]]
+    core_legs: Callable[..., Legs]
+    bond_sizes: Callable[..., dict[str, int]]
     init: Callable[[Legs, Sizes, int], list[CoreInit]]
-    free_rank: Callable[[int, int, int], Rank] | None
+    free_rank: Callable[[int, int, int, int, int], Rank] | None
 
-    def spec(self, n_levels: int) -> str:
+    def spec(self, n_levels: int, n_in: int = 1, n_out: int = 1) -> str:
         """The canonical spec of this format for ``n_levels`` expert levels.
 
         Parameters
         ----------
         n_levels : int
+        n_in, n_out : int, default 1
+            The legs the input and output are split into.
 
         Returns
         -------
         str
 
+        Raises
+        ------
+        ValueError
+            If the format cannot split the modes so (a TT-matrix needs
+            ``n_in == n_out``).
+
         Examples
         --------
         >>> FORMATS["cp"].spec(1)
         'n1 r, i r, o r'
+        >>> FORMATS["ttm"].spec(1, 2, 2)
+        'n1 r1, r1 i1 o1 r2, r2 i2 o2'
         """
-        return _spec(self.name, n_levels)
+        return _spec(self.name, n_levels, n_in, n_out)
 
     @property
     def has_rank(self) -> bool:
@@ -421,9 +483,9 @@ class Format:
         return self.free_rank is not None
 
 
-@functools.lru_cache(maxsize=64)
-def _spec(name: str, n_levels: int) -> str:
-    return ", ".join(" ".join(legs) for legs in FORMATS[name].core_legs(n_levels))
+@functools.lru_cache(maxsize=256)
+def _spec(name: str, n_levels: int, n_in: int = 1, n_out: int = 1) -> str:
+    return ", ".join(" ".join(legs) for legs in FORMATS[name].core_legs(n_levels, n_in, n_out))
 
 
 #: The formats by name; the presets of :mod:`mumoe.spec` are built from them.
@@ -437,7 +499,7 @@ FORMATS: dict[str, Format] = {
             _cp_legs,
             _cp_bonds,
             _cp_init,
-            lambda levels, expert_rank, r: r,
+            lambda levels, expert_rank, r, n_in, n_out: r,
         ),
         Format(
             "tucker",
@@ -445,7 +507,9 @@ FORMATS: dict[str, Format] = {
             _tucker_legs,
             _tucker_bonds,
             _tucker_init,
-            lambda levels, expert_rank, r: (expert_rank,) * levels + (r, r),
+            lambda levels, expert_rank, r, n_in, n_out: (
+                (expert_rank,) * levels + (r,) * (n_in + n_out)
+            ),
         ),
         Format(
             "tt",
@@ -453,7 +517,9 @@ FORMATS: dict[str, Format] = {
             _tt_legs,
             _tt_bonds,
             _chain_init,
-            lambda levels, expert_rank, r: (expert_rank,) * levels + (r,),
+            lambda levels, expert_rank, r, n_in, n_out: (
+                (expert_rank,) * levels + (r,) * (n_in + n_out - 1)
+            ),
         ),
         Format(
             "tr",
@@ -461,7 +527,17 @@ FORMATS: dict[str, Format] = {
             _tr_legs,
             _tr_bonds,
             _chain_init,
-            lambda levels, expert_rank, r: (expert_rank,) * (levels + 1) + (r,),
+            lambda levels, expert_rank, r, n_in, n_out: (
+                (expert_rank,) * (levels + 1) + (r,) * (n_in + n_out - 1)
+            ),
+        ),
+        Format(
+            "ttm",
+            "TT-matrix",
+            _ttm_legs,
+            _ttm_bonds,
+            custom_init,
+            lambda levels, expert_rank, r, n_in, n_out: (expert_rank,) * levels + (r,) * (n_in - 1),
         ),
         Format("mxd", "MxD", _mxd_legs, _no_bonds("mxd"), _mxd_init, None),
         Format(
@@ -470,7 +546,7 @@ FORMATS: dict[str, Format] = {
             _lowrank_legs,
             _lowrank_bonds,
             custom_init,
-            lambda levels, expert_rank, r: r,
+            lambda levels, expert_rank, r, n_in, n_out: r,
         ),
     )
 }
@@ -512,7 +588,7 @@ def _names() -> str:
     return ", ".join(map(repr, FORMATS))
 
 
-def format_of(spec: str, n_levels: int) -> str:
+def format_of(spec: str, n_levels: int, n_in: int = 1, n_out: int = 1) -> str:
     """The format whose canonical spec ``spec`` is, or ``"custom"``.
 
     Parameters
@@ -520,6 +596,8 @@ def format_of(spec: str, n_levels: int) -> str:
     spec : str
         A canonical spec (:attr:`mumoe.spec.ParsedSpec.spec`).
     n_levels : int
+    n_in, n_out : int, default 1
+        The legs its input and output are split into.
 
     Returns
     -------
@@ -529,5 +607,13 @@ def format_of(spec: str, n_levels: int) -> str:
     --------
     >>> format_of("n1 r, i r, o r", 1), format_of("n1 i r, r o", 1)
     ('cp', 'custom')
+    >>> format_of("n1 r, i1 r, i2 r, o r", 1, 2, 1)
+    'cp'
     """
-    return next((name for name in FORMATS if _spec(name, n_levels) == spec), "custom")
+    for name in FORMATS:
+        try:
+            if _spec(name, n_levels, n_in, n_out) == spec:
+                return name
+        except ValueError:  # a format that cannot split the modes so (ttm)
+            continue
+    return "custom"

@@ -23,14 +23,24 @@ from typing import Any
 import opt_einsum
 
 from mumoe.spec._formats import format_of, name_hint
-from mumoe.spec._parse import INPUT, OUTPUT, parse_spec
+from mumoe.spec._parse import parse_spec
+from mumoe.spec._shapes import balanced_shape
 from mumoe.typing import RankLike, Shape
 from mumoe.validation import check_bool, positive_int, positive_ints
 
 __all__ = ["Network"]
 
 #: The constructor's arguments: what :meth:`Network.replace` changes and equality compares.
-_FIELDS = ("spec", "in_features", "out_features", "expert_dims", "rank", "bias")
+_FIELDS = (
+    "spec",
+    "in_features",
+    "out_features",
+    "expert_dims",
+    "rank",
+    "bias",
+    "in_shape",
+    "out_shape",
+)
 
 
 @functools.lru_cache(maxsize=256)
@@ -82,13 +92,31 @@ class Network:
         to size that names each bond.  Needed whenever the spec has bonds.
     bias : bool, default True
         Whether the input mode has an extra bias slice.
+    in_shape, out_shape : sequence of int, optional
+        The sizes of the legs ``i1, ..., iK`` (``o1, ..., oL``) that a spec
+        splits the input (output) into; their product is ``in_features``
+        (``out_features``), and ``x`` and ``y`` are reshaped to them
+        row-major.  Needed exactly when the spec splits the mode.
 
     Raises
     ------
     ValueError
         If the spec is invalid (see :func:`~mumoe.spec.parse_spec`), a size
         is not positive, the number of expert dimensions does not match the
-        expert legs, or ``rank`` is missing or names a bond the spec lacks.
+        expert legs, ``rank`` is missing or names a bond the spec lacks, or
+        ``in_shape``/``out_shape`` is missing, has the wrong length or a
+        product other than the size.
+
+    Notes
+    -----
+    With a split input, the bias slice is added to the first input leg:
+    ``i1`` has size ``in_shape[0] + 1`` and the bias of expert :math:`n` is
+    :math:`\mathcal{W}[n, i_1{=}K_1, 0, \dots, 0, :]` (the input is padded
+    with a one there and zeros elsewhere in that slice).  So the bias stays
+    inside the network, exact for every structure, at the cost of the
+    unused entries of that slice (a fraction ``1 / in_shape[0]`` of the
+    cores that hold ``i1``).  :attr:`weight_shape` and :func:`materialize
+    <mumoe.functional.materialize>` give the matrix form ``(N..., I', O)``.
     TypeError
         If a size is not an integer or a flag not a bool.
 
@@ -106,10 +134,14 @@ class Network:
     spec: str
     core_legs: tuple[tuple[str, ...], ...]
     expert_legs: tuple[str, ...]
+    input_legs: tuple[str, ...]
+    output_legs: tuple[str, ...]
     bonds: tuple[str, ...]
     expert_dims: tuple[int, ...]
     in_features: int
     out_features: int
+    in_shape: tuple[int, ...]
+    out_shape: tuple[int, ...]
     bias: bool
     format: str
     ranks: Mapping[str, int]
@@ -129,6 +161,8 @@ class Network:
         expert_dims: int | Sequence[int],
         rank: RankLike | None = None,
         bias: bool = True,
+        in_shape: Sequence[int] | None = None,
+        out_shape: Sequence[int] | None = None,
     ) -> None:
         try:
             parsed = parse_spec(spec)
@@ -152,22 +186,27 @@ class Network:
                 UserWarning,
                 stacklevel=2,
             )
-        derived = format_of(parsed.spec, n_levels)
+        derived = format_of(parsed.spec, n_levels, len(parsed.input_legs), len(parsed.output_legs))
         put = object.__setattr__
         put(self, "spec", parsed.spec)
         put(self, "core_legs", parsed.core_legs)
         put(self, "expert_legs", parsed.expert_legs)
+        put(self, "input_legs", parsed.input_legs)
+        put(self, "output_legs", parsed.output_legs)
         put(self, "bonds", parsed.bonds)
         put(self, "expert_dims", dims)
         put(self, "in_features", positive_int(in_features, "in_features"))
         put(self, "out_features", positive_int(out_features, "out_features"))
+        put(self, "in_shape", _leg_shape(in_shape, "in", parsed.input_legs, self.in_features))
+        put(self, "out_shape", _leg_shape(out_shape, "out", parsed.output_legs, self.out_features))
         put(self, "bias", check_bool(bias, "bias"))
         put(self, "format", derived)
         put(self, "ranks", MappingProxyType(self._bond_sizes(rank)))
 
         sizes = dict(zip(self.expert_legs, dims, strict=True))
-        sizes[INPUT] = self.in_features + int(bias)
-        sizes[OUTPUT] = self.out_features
+        sizes.update(zip(self.input_legs, self.in_shape, strict=True))
+        sizes[self.input_legs[0]] += int(bias)
+        sizes.update(zip(self.output_legs, self.out_shape, strict=True))
         sizes.update(self.ranks)
         put(self, "sizes", MappingProxyType(sizes))
         put(
@@ -176,7 +215,7 @@ class Network:
             tuple(tuple(sizes[leg] for leg in legs) for legs in self.core_legs),
         )
         # Einsum symbols: the batch first, then every leg in order of appearance.
-        legs = [*self.expert_legs, INPUT, OUTPUT, *self.bonds]
+        legs = [*self.expert_legs, *self.input_legs, *self.output_legs, *self.bonds]
         symbols = {leg: opt_einsum.get_symbol(k + 1) for k, leg in enumerate(legs)}
         put(self, "symbols", MappingProxyType(symbols))
         put(self, "batch_symbol", opt_einsum.get_symbol(0))
@@ -232,7 +271,7 @@ class Network:
         ----------
         **changes
             Any of ``spec``, ``expert_dims``, ``in_features``,
-            ``out_features``, ``rank``, ``bias``.
+            ``out_features``, ``rank``, ``bias``, ``in_shape``, ``out_shape``.
 
         Returns
         -------
@@ -264,6 +303,8 @@ class Network:
             "expert_dims": dims,
             "rank": dict(self.ranks) or None,
             "bias": self.bias,
+            "in_shape": self.in_shape if len(self.input_legs) > 1 else None,
+            "out_shape": self.out_shape if len(self.output_legs) > 1 else None,
         }
 
     # ------------------------------------------------------------------ sizes
@@ -310,7 +351,59 @@ class Network:
         >>> Network("n r, i r, o r", 5, 2, expert_dims=8, rank=3).weight_shape  # I' = 5 + 1
         (8, 6, 2)
         """
-        return (*self.expert_dims, self.sizes[INPUT], self.out_features)
+        return (*self.expert_dims, self.in_features + int(self.bias), self.out_features)
+
+    @property
+    def tensor_shape(self) -> Shape:
+        """Shape of ``W`` as the network holds it: experts, then every input and output leg.
+
+        ``(N_1, ..., N_E, I', O)`` (:attr:`weight_shape`) unless the spec
+        splits the input or output; then one entry per leg, the bias slice
+        on the first input leg.
+
+        Examples
+        --------
+        >>> net = Network("n r0, r0 i1 o1 r1, r1 i2 o2", 12, 6, expert_dims=8, rank=2,
+        ...               in_shape=(4, 3), out_shape=(3, 2))
+        >>> net.tensor_shape, net.weight_shape
+        ((8, 5, 3, 3, 2), (8, 13, 6))
+        """
+        return (*self.expert_dims, *self.input_sizes, *self.output_sizes)
+
+    @property
+    def input_sizes(self) -> Shape:
+        """The sizes of the input legs, the bias slice included: the input operand's shape.
+
+        Examples
+        --------
+        >>> net = Network("n r, i1 r, i2 r, o r", 6, 2, expert_dims=4, rank=2, in_shape=(3, 2))
+        >>> net.input_sizes
+        (4, 2)
+        """
+        return tuple(self.sizes[leg] for leg in self.input_legs)
+
+    @property
+    def output_sizes(self) -> Shape:
+        """The sizes of the output legs (:attr:`out_shape`).
+
+        Examples
+        --------
+        >>> net = Network("n r, i r, o1 r, o2 r", 6, 4, expert_dims=4, rank=2, out_shape=(2, 2))
+        >>> net.output_sizes
+        (2, 2)
+        """
+        return self.out_shape
+
+    @property
+    def splits_input(self) -> bool:
+        """Whether the spec splits the input into several legs (``i1``, ``i2``, ...).
+
+        Examples
+        --------
+        >>> Network("n r, i r, o r", 6, 4, expert_dims=4, rank=2).splits_input
+        False
+        """
+        return len(self.input_legs) > 1
 
     @property
     def core_shapes(self) -> tuple[Shape, ...]:
@@ -381,7 +474,8 @@ class Network:
         Returns
         -------
         list of tuple of int
-            ``(B, N_e)`` per level, ``(B, I')``, then :attr:`core_shapes`.
+            ``(B, N_e)`` per level, ``(B, I')`` (``(B, *input_sizes)`` for a
+            split input), then :attr:`core_shapes`.
 
         Examples
         --------
@@ -389,15 +483,17 @@ class Network:
         [(4, 8), (4, 6), (8, 3), (6, 3), (2, 3)]
         """
         shapes: list[Shape] = [(batch_size, n) for n in self.expert_dims]
-        return [*shapes, (batch_size, self.sizes[INPUT]), *self.core_shapes]
+        return [*shapes, (batch_size, *self.input_sizes), *self.core_shapes]
 
     @property
     def einsum_equation(self) -> str:
         """The factorised forward pass as one einsum over gates, input and cores.
 
         Operands in order: the gates ``(batch, N_e)``, the input
-        ``(batch, I')`` and the cores; output ``(batch, O)``.  The symbols are
-        opt_einsum's (:attr:`symbols`, the batch :attr:`batch_symbol`).
+        ``(batch, I')`` and the cores; output ``(batch, O)``.  A split input
+        or output has one symbol per leg (``(batch, *input_sizes)``,
+        ``(batch, *out_shape)``).  The symbols are opt_einsum's
+        (:attr:`symbols`, the batch :attr:`batch_symbol`).
 
         Examples
         --------
@@ -405,19 +501,19 @@ class Network:
         'ab,ac,be,ce,de->ad'
         """
         gates = [self.term([leg], batch=True) for leg in self.expert_legs]
-        operands = [*gates, self.term([INPUT], batch=True), *map(self.term, self.core_legs)]
-        return ",".join(operands) + "->" + self.term([OUTPUT], batch=True)
+        operands = [*gates, self.term(self.input_legs, batch=True), *map(self.term, self.core_legs)]
+        return ",".join(operands) + "->" + self.term(self.output_legs, batch=True)
 
     @property
     def materialize_equation(self) -> str:
-        """The contraction of every core into ``W`` (:attr:`weight_shape`), as one einsum.
+        """The contraction of every core into ``W`` (:attr:`tensor_shape`), as one einsum.
 
         Examples
         --------
         >>> Network("n r, i r, o r", 5, 2, expert_dims=8, rank=3).materialize_equation
         'be,ce,de->bcd'
         """
-        output = self.term([*self.expert_legs, INPUT, OUTPUT])
+        output = self.term([*self.expert_legs, *self.input_legs, *self.output_legs])
         return ",".join(map(self.term, self.core_legs)) + "->" + output
 
     @property
@@ -434,7 +530,7 @@ class Network:
 
     @property
     def expert_equation(self) -> str:
-        """The contraction of one expert's cores (:attr:`expert_core_legs`) into ``(I', O)``.
+        """The contraction of one expert's cores (:attr:`expert_core_legs`) into its role legs.
 
         Examples
         --------
@@ -442,7 +538,7 @@ class Network:
         'e,ce,de->cd'
         """
         inputs = ",".join(map(self.term, self.expert_core_legs))
-        return inputs + "->" + self.term([INPUT, OUTPUT])
+        return inputs + "->" + self.term([*self.input_legs, *self.output_legs])
 
     @property
     def equation(self) -> str:
@@ -455,9 +551,10 @@ class Network:
         >>> Network("n r, i r, o r", 8, 4, expert_dims=16, rank=3).equation
         '...n1, ...i, n1 r, i r, o r -> ...o'
         """
-        inputs = [f"...{leg}" for leg in (*self.expert_legs, INPUT)]
+        inputs = [f"...{leg}" for leg in self.expert_legs]
+        inputs.append("..." + " ".join(self.input_legs))
         inputs += [" ".join(legs) for legs in self.core_legs]
-        return ", ".join(inputs) + f" -> ...{OUTPUT}"
+        return ", ".join(inputs) + " -> ..." + " ".join(self.output_legs)
 
     # ------------------------------------------------------- identity, pickle
 
@@ -469,6 +566,8 @@ class Network:
             self.out_features,
             tuple(self.ranks.items()),
             self.bias,
+            self.in_shape,
+            self.out_shape,
         )
 
     def __eq__(self, other: object) -> bool:
@@ -484,9 +583,12 @@ class Network:
     def __repr__(self) -> str:
         args = self._arguments()
         rank = f", rank={args['rank']}" if args["rank"] else ""
+        shapes = "".join(
+            f", {name}={args[name]}" for name in ("in_shape", "out_shape") if args[name]
+        )
         return (
             f"Network({self.spec!r}, {self.in_features}, {self.out_features}, "
-            f"expert_dims={args['expert_dims']}{rank}, bias={self.bias})"
+            f"expert_dims={args['expert_dims']}{rank}, bias={self.bias}{shapes})"
         )
 
     def __reduce__(self) -> tuple[Any, ...]:
@@ -496,6 +598,47 @@ class Network:
             _rebuild,
             ((args.pop("spec"), args.pop("in_features"), args.pop("out_features")), args),
         )
+
+
+def _leg_shape(shape: Sequence[int] | None, role: str, legs: tuple[str, ...], size: int) -> Shape:
+    # The sizes of a mode's legs: (size,) for an unsplit mode, else given, one per leg,
+    # multiplying to the mode's size.
+    name = f"{role}_shape"
+    features = f"{role}_features"
+    if len(legs) == 1:
+        if shape is not None and tuple(positive_ints(shape, name)) != (size,):
+            raise ValueError(
+                f"{name}={tuple(shape)!r} splits the {role}put, but the spec has one {role}put "
+                f"leg {legs[0]!r} (of size {features}={size}); name the legs "
+                f"{', '.join(f'{legs[0][0]}{k}' for k in range(1, len(tuple(shape)) + 1))} to "
+                "split it"
+            )
+        return (size,)
+    if shape is None:
+        raise ValueError(
+            f"the spec splits the {role}put into legs {', '.join(legs)}, so it needs "
+            f"{name}=<{len(legs)} sizes whose product is {features}={size}>"
+            f"{_suggestion(size, len(legs))}"
+        )
+    sizes = positive_ints(shape, name)
+    if len(sizes) != len(legs):
+        raise ValueError(
+            f"{name}={sizes} has {len(sizes)} sizes but the spec splits the {role}put into "
+            f"{len(legs)} legs ({', '.join(legs)})"
+        )
+    if math.prod(sizes) != size:
+        raise ValueError(
+            f"{name}={sizes} multiplies to {math.prod(sizes)}, not {features}={size}"
+            f"{_suggestion(size, len(legs))}"
+        )
+    return sizes
+
+
+def _suggestion(size: int, n_legs: int) -> str:
+    try:
+        return f" (balanced: {balanced_shape(size, n_legs)})"
+    except ValueError:
+        return ""
 
 
 def _rebuild(positional: tuple[Any, ...], options: dict[str, Any]) -> Network:

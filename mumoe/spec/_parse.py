@@ -8,10 +8,11 @@ role in Eq. (1) of the paper:
 ``n`` or ``n1, n2, ..., nE``
     the expert modes, one per expert level (``n`` is short for ``n1`` when
     there is a single level);
-``i``
-    the input mode (of size ``in_features``, plus one with a bias);
-``o``
-    the output mode.
+``i`` or ``i1, i2, ..., iK``
+    the input mode (of size ``in_features``, plus one with a bias), or the
+    legs it is split into (``x`` reshaped row-major to ``in_shape``);
+``o`` or ``o1, o2, ..., oL``
+    the output mode, or the legs it is split into (``out_shape``).
 
 Every other name is a *bond*: it is summed over, appears in two or more
 cores (three or more makes a hyperedge, as in CP), and takes its size from
@@ -29,22 +30,37 @@ import collections
 import re
 from dataclasses import dataclass
 
-__all__ = ["INPUT", "OUTPUT", "ParsedSpec", "is_expert_leg", "parse_spec"]
+__all__ = [
+    "INPUT",
+    "OUTPUT",
+    "ParsedSpec",
+    "is_expert_leg",
+    "is_input_leg",
+    "is_output_leg",
+    "is_role_leg",
+    "parse_spec",
+]
 
 INPUT = "i"
 OUTPUT = "o"
 _LEG = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 _EXPERT = re.compile(r"n([1-9][0-9]*)?\Z")
+#: The role legs by role: one unnumbered leg, or legs numbered from 1.
+_ROLE = {
+    "n": _EXPERT,
+    "i": re.compile(r"i([1-9][0-9]*)?\Z"),
+    "o": re.compile(r"o([1-9][0-9]*)?\Z"),
+}
 
 
 #: A role leg glued to the next leg: the role, then the rest (itself a leg name).
 _GLUED = {
     "n": re.compile(r"(n[1-9][0-9]*|n)([A-Za-z_][A-Za-z0-9_]*)\Z"),
-    INPUT: re.compile(r"(i)([A-Za-z_][A-Za-z0-9_]*)\Z"),
-    OUTPUT: re.compile(r"(o)([A-Za-z_][A-Za-z0-9_]*)\Z"),
+    INPUT: re.compile(r"(i[1-9][0-9]*|i)([A-Za-z_][A-Za-z0-9_]*)\Z"),
+    OUTPUT: re.compile(r"(o[1-9][0-9]*|o)([A-Za-z_][A-Za-z0-9_]*)\Z"),
 }
-#: A role leg numbered as an expert leg would be ('i1', 'o2').
-_NUMBERED = {INPUT: re.compile(r"i[0-9]+\Z"), OUTPUT: re.compile(r"o[0-9]+\Z")}
+#: A role leg numbered from 0 ('n0', 'i0', 'o00').
+_FROM_ZERO = {role: re.compile(rf"{role}0[0-9]*\Z") for role in ("n", INPUT, OUTPUT)}
 #: Role legs spelled out as words.
 _WORDS = {
     "n": ("expert", "experts"),
@@ -61,32 +77,31 @@ def _refuse_glued_legs(spec: str, where: dict[str, list[int]]) -> None:
     # "nr, ir, or": a role leg glued to a bond reads as one bond and the role goes
     # missing; say so, rather than that the spec has no input leg.  Each suggestion
     # is itself a valid spec fragment.
-    roles = [INPUT, OUTPUT] if any(is_expert_leg(leg) for leg in where) else ["n", INPUT, OUTPUT]
-    for role in roles:
-        if role in where:
+    for role in ("n", INPUT, OUTPUT):
+        if any(_ROLE[role].match(leg) for leg in where):
             continue
         for leg in where:
             found = (
                 f"spec {_quote(spec)} has no {role!r} leg but a leg {leg!r} in core {where[leg][0]}"
             )
-            glued = None if is_expert_leg(leg) else _GLUED[role].match(leg)
+            glued = None if is_role_leg(leg) else _GLUED[role].match(leg)
             # 'in' is 'i' glued to 'n' where 'n' is a leg; 'out' is a word ('ut' is no leg).
             if glued is not None and _is_leg_of(glued.group(2), where):
                 raise ValueError(f"{found}: {_separated(glued)}")
             if leg.lower() in _WORDS[role]:
                 several = " ('n1', 'n2', ... for several levels)" if role == "n" else ""
                 raise ValueError(f"{found}: the {_ROLE_NAMES[role]} leg is named {role!r}{several}")
-            if role in _NUMBERED and _NUMBERED[role].match(leg):
+            if _FROM_ZERO[role].match(leg):
                 raise ValueError(
-                    f"{found}: the {_ROLE_NAMES[role]} leg is {role!r}, unnumbered (only the "
-                    "expert legs are numbered: n1, n2, ...)"
+                    f"{found}: the {_ROLE_NAMES[role]} legs are {role!r}, or {role}1, {role}2, "
+                    "... numbered from 1"
                 )
             if glued is not None:
                 raise ValueError(f"{found}: {_separated(glued)}")
 
 
 def _is_leg_of(name: str, where: dict[str, list[int]]) -> bool:
-    return name in where or name in (INPUT, OUTPUT) or is_expert_leg(name)
+    return name in where or is_role_leg(name)
 
 
 def _separated(glued: re.Match[str]) -> str:
@@ -112,6 +127,63 @@ def is_expert_leg(leg: str) -> bool:
     return _EXPERT.match(leg) is not None
 
 
+def is_input_leg(leg: str) -> bool:
+    """Return whether ``leg`` names the input mode or one of its legs (``i`` or ``i1``, ...).
+
+    Parameters
+    ----------
+    leg : str
+
+    Returns
+    -------
+    bool
+
+    Examples
+    --------
+    >>> [is_input_leg(leg) for leg in ("i", "i2", "i0", "o", "ir")]
+    [True, True, False, False, False]
+    """
+    return _ROLE[INPUT].match(leg) is not None
+
+
+def is_output_leg(leg: str) -> bool:
+    """Return whether ``leg`` names the output mode or one of its legs (``o`` or ``o1``, ...).
+
+    Parameters
+    ----------
+    leg : str
+
+    Returns
+    -------
+    bool
+
+    Examples
+    --------
+    >>> [is_output_leg(leg) for leg in ("o", "o3", "i")]
+    [True, True, False]
+    """
+    return _ROLE[OUTPUT].match(leg) is not None
+
+
+def is_role_leg(leg: str) -> bool:
+    """Return whether ``leg`` is an expert, input or output leg: open, never summed.
+
+    Parameters
+    ----------
+    leg : str
+
+    Returns
+    -------
+    bool
+
+    Examples
+    --------
+    >>> [is_role_leg(leg) for leg in ("n2", "i", "o1", "r")]
+    [True, True, True, False]
+    """
+    return is_expert_leg(leg) or is_input_leg(leg) or is_output_leg(leg)
+
+
 @dataclass(frozen=True)
 class ParsedSpec:
     """The structure of a tensor network, as written in its spec.
@@ -125,16 +197,25 @@ class ParsedSpec:
         writes a single ``n`` is normalised to ``("n1",)``.
     bonds : tuple of str
         The summed legs, in order of first appearance.
+    input_legs, output_legs : tuple of str
+        ``("i",)``, or the legs ``("i1", ..., "iK")`` the input is split
+        into, in row-major order; the same for the output.  A lone ``i1``
+        (``o1``) is renamed ``i`` (``o``).
 
     Examples
     --------
-    >>> parse_spec("n r, i r, o r")
-    ParsedSpec(core_legs=(('n1', 'r'), ('i', 'r'), ('o', 'r')), expert_legs=('n1',), bonds=('r',))
+    >>> parse_spec("n r, i r, o r")  # doctest: +NORMALIZE_WHITESPACE
+    ParsedSpec(core_legs=(('n1', 'r'), ('i', 'r'), ('o', 'r')), expert_legs=('n1',),
+               bonds=('r',), input_legs=('i',), output_legs=('o',))
+    >>> parse_spec("n r0, r0 i1 o1 r1, r1 i2 o2").input_legs
+    ('i1', 'i2')
     """
 
     core_legs: tuple[tuple[str, ...], ...]
     expert_legs: tuple[str, ...]
     bonds: tuple[str, ...]
+    input_legs: tuple[str, ...] = (INPUT,)
+    output_legs: tuple[str, ...] = (OUTPUT,)
 
     @property
     def spec(self) -> str:
@@ -164,8 +245,9 @@ def parse_spec(spec: str) -> ParsedSpec:
     Returns
     -------
     ParsedSpec
-        The cores, expert legs and bonds.  A lone expert leg ``n`` is renamed
-        ``n1``.
+        The cores, expert, input and output legs, and bonds.  A lone expert
+        leg ``n`` is renamed ``n1``; a lone ``i1`` (``o1``) is renamed ``i``
+        (``o``).
 
     Raises
     ------
@@ -174,9 +256,9 @@ def parse_spec(spec: str) -> ParsedSpec:
     ValueError
         If a core is empty, cores are separated by anything but ASCII commas,
         a leg is not an ASCII identifier, a leg is repeated in one core, a
-        role leg (``i``, ``o``, ``n``/``nK``) is missing (or glued to the next
-        leg), expert legs skip a level or mix ``n`` with ``nK``, or a bond
-        appears in only one core.
+        role leg (``n``/``nE``, ``i``/``iK``, ``o``/``oL``) is missing (or
+        glued to the next leg), the legs of a role skip a number or mix the
+        unnumbered leg with numbered ones, or a bond appears in only one core.
 
     Examples
     --------
@@ -186,6 +268,8 @@ def parse_spec(spec: str) -> ParsedSpec:
     ('r0', 'r1', 'r2', 'r3')
     >>> parse_spec("n o, i o").core_legs  # MxD: the output leg shared, kept open
     (('n1', 'o'), ('i', 'o'))
+    >>> parse_spec("n r0, r0 i1 o1 r1, r1 i2 o2").output_legs  # a TT-matrix
+    ('o1', 'o2')
     """
     if not isinstance(spec, str):
         raise TypeError(f"a network spec must be a str such as 'n r, i r, o r', got {spec!r}")
@@ -227,45 +311,70 @@ def parse_spec(spec: str) -> ParsedSpec:
             where.setdefault(leg, []).append(k)
 
     _refuse_glued_legs(spec, where)
-    expert_names = [leg for leg in where if is_expert_leg(leg)]
-    if not expert_names:
-        raise ValueError(
-            f"spec {_quote(spec)} has no expert leg: name the expert modes 'n' (one level) "
-            "or 'n1', 'n2', ... (several levels)"
-        )
-    if "n" in expert_names and len(expert_names) > 1:
-        others = ", ".join(repr(leg) for leg in expert_names if leg != "n")
-        raise ValueError(
-            f"spec {_quote(spec)} mixes the expert leg 'n' with {others}; use 'n' for a single "
-            "expert level or 'n1', 'n2', ... for several"
-        )
-    levels = sorted(1 if leg == "n" else int(leg[1:]) for leg in expert_names)
-    missing = sorted(set(range(1, levels[-1] + 1)) - set(levels))
-    if missing:
-        raise ValueError(
-            f"spec {_quote(spec)} has expert legs {', '.join(f'n{e}' for e in levels)} but no "
-            f"n{missing[0]}; expert levels must be numbered n1..nE without gaps"
-        )
+    expert_legs = _numbered_legs(spec, where, "n")
+    input_legs = _numbered_legs(spec, where, INPUT)
+    output_legs = _numbered_legs(spec, where, OUTPUT)
 
-    for leg in (INPUT, OUTPUT):
-        if leg not in where:
-            role = "input" if leg == INPUT else "output"
-            raise ValueError(
-                f"spec {_quote(spec)} has no {role} leg {leg!r}; every μMoE network has one"
-            )
-
-    bonds = tuple(leg for leg in where if leg not in {INPUT, OUTPUT} and not is_expert_leg(leg))
+    bonds = tuple(leg for leg in where if not is_role_leg(leg))
     for bond in bonds:
         if len(where[bond]) < 2:
             raise ValueError(
                 f"bond {bond!r} appears only in core {where[bond][0]} of spec {_quote(spec)}; "
-                "a bond must join two or more cores (open legs are 'i', 'o' and the "
-                "expert legs)"
+                "a bond must join two or more cores (open legs are the expert, input and "
+                "output legs)"
             )
 
-    if expert_names == ["n"]:
-        cores = [tuple("n1" if leg == "n" else leg for leg in legs) for legs in cores]
-        expert_legs: tuple[str, ...] = ("n1",)
-    else:
-        expert_legs = tuple(f"n{e}" for e in levels)
-    return ParsedSpec(core_legs=tuple(cores), expert_legs=expert_legs, bonds=bonds)
+    # The canonical names: one expert level is 'n1', an unsplit input 'i' and output 'o'.
+    rename = {"n": "n1"}
+    if input_legs == ("i1",):
+        rename["i1"] = INPUT
+    if output_legs == ("o1",):
+        rename["o1"] = OUTPUT
+    cores = [tuple(rename.get(leg, leg) for leg in legs) for legs in cores]
+    return ParsedSpec(
+        core_legs=tuple(cores),
+        expert_legs=tuple(rename.get(leg, leg) for leg in expert_legs),
+        bonds=bonds,
+        input_legs=tuple(rename.get(leg, leg) for leg in input_legs),
+        output_legs=tuple(rename.get(leg, leg) for leg in output_legs),
+    )
+
+
+#: What each role's legs are called in messages, and how many levels they are.
+_PLURAL = {"n": "expert levels", INPUT: "input legs", OUTPUT: "output legs"}
+
+
+def _numbered_legs(spec: str, where: dict[str, list[int]], role: str) -> tuple[str, ...]:
+    # The legs of one role in level order: the lone unnumbered leg, or role1..roleK
+    # without gaps (never both).
+    names = [leg for leg in where if _ROLE[role].match(leg)]
+    name = _ROLE_NAMES[role]
+    if not names:
+        if role == "n":
+            raise ValueError(
+                f"spec {_quote(spec)} has no expert leg: name the expert modes 'n' (one level) "
+                "or 'n1', 'n2', ... (several levels)"
+            )
+        raise ValueError(
+            f"spec {_quote(spec)} has no {name} leg {role!r}; every μMoE network has one "
+            f"(or several: {role}1, {role}2, ...)"
+        )
+    if role in names and len(names) > 1:
+        others = ", ".join(repr(leg) for leg in names if leg != role)
+        several = "expert level" if role == "n" else f"{name} leg"
+        raise ValueError(
+            f"spec {_quote(spec)} mixes the {name} leg {role!r} with {others}; use {role!r} for a "
+            f"single {several} or '{role}1', '{role}2', ... for several"
+        )
+    if names == [role]:
+        return (role,)
+    levels = sorted(int(leg[1:]) for leg in names)
+    missing = sorted(set(range(1, levels[-1] + 1)) - set(levels))
+    if missing:
+        letter = "E" if role == "n" else "K" if role == INPUT else "L"
+        raise ValueError(
+            f"spec {_quote(spec)} has {name} legs {', '.join(f'{role}{e}' for e in levels)} but "
+            f"no {role}{missing[0]}; {_PLURAL[role]} must be numbered {role}1..{role}{letter} "
+            "without gaps"
+        )
+    return tuple(f"{role}{e}" for e in levels)

@@ -14,7 +14,7 @@ import difflib
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from mumoe.spec._formats import FORMATS, format_of
+from mumoe.spec._formats import FORMATS
 from mumoe.spec._network import Network
 from mumoe.spec._ranks import (
     validate_cp_rank,
@@ -22,6 +22,7 @@ from mumoe.spec._ranks import (
     validate_tt_rank,
     validate_tucker_rank,
 )
+from mumoe.spec._shapes import balanced_shape
 from mumoe.typing import Rank
 from mumoe.validation import positive_ints
 
@@ -35,6 +36,8 @@ __all__ = [
     "preset_format",
     "tr",
     "tt",
+    "ttm",
+    "ttm_shapes",
     "tucker",
     "validate_cp_rank",
     "validate_tr_rank",
@@ -53,9 +56,16 @@ def _build(
 ) -> Network:
     record = FORMATS[format]
     dims = positive_ints(expert_dims, "expert_dims")
-    bonds = record.bond_sizes(rank, len(dims))
-    spec = record.spec(len(dims))
+    legs = [
+        1 if options.get(name) is None else len(positive_ints(options[name], name))
+        for name in _SHAPES
+    ]
+    bonds = record.bond_sizes(rank, len(dims), *legs)
+    spec = record.spec(len(dims), *legs)
     return Network(spec, in_features, out_features, expert_dims=dims, rank=bonds or None, **options)
+
+
+_SHAPES = ("in_shape", "out_shape")
 
 
 def dense(
@@ -64,6 +74,8 @@ def dense(
     *,
     expert_dims: int | Sequence[int],
     bias: bool = True,
+    in_shape: Sequence[int] | None = None,
+    out_shape: Sequence[int] | None = None,
 ) -> Network:
     r"""The unfactorised weight: one core of shape ``(N_1, ..., N_E, I', O)``.
 
@@ -75,6 +87,10 @@ def dense(
         Experts per level, :math:`N_1, \dots, N_E`.
     bias : bool, default True
         Whether the input mode has a bias slice (:math:`I' = I + 1`).
+    in_shape, out_shape : sequence of int, optional
+        Split the input (output) into legs of these sizes, each a mode of
+        its own (see :class:`~mumoe.spec.Network`; :func:`balanced_shape`
+        proposes sizes).
 
     Returns
     -------
@@ -92,6 +108,8 @@ def dense(
         expert_dims,
         None,
         bias=bias,
+        in_shape=in_shape,
+        out_shape=out_shape,
     )
 
 
@@ -102,6 +120,8 @@ def cp(
     expert_dims: int | Sequence[int],
     rank: int,
     bias: bool = True,
+    in_shape: Sequence[int] | None = None,
+    out_shape: Sequence[int] | None = None,
 ) -> Network:
     r"""CP: one factor matrix per mode, all sharing the rank-:math:`R` bond ``r``.
 
@@ -119,6 +139,10 @@ def cp(
         :math:`R`.
     bias : bool, default True
         Whether the input mode has a bias slice (:math:`I' = I + 1`).
+    in_shape, out_shape : sequence of int, optional
+        Split the input (output) into legs of these sizes, each a mode of
+        its own (see :class:`~mumoe.spec.Network`; :func:`balanced_shape`
+        proposes sizes).
 
     Returns
     -------
@@ -139,6 +163,8 @@ def cp(
         expert_dims,
         rank,
         bias=bias,
+        in_shape=in_shape,
+        out_shape=out_shape,
     )
 
 
@@ -149,6 +175,8 @@ def tucker(
     expert_dims: int | Sequence[int],
     rank: Rank,
     bias: bool = True,
+    in_shape: Sequence[int] | None = None,
+    out_shape: Sequence[int] | None = None,
 ) -> Network:
     r"""Tucker: a factor matrix per mode around a core tensor of shape ``rank``.
 
@@ -166,6 +194,10 @@ def tucker(
         One rank for all modes, or :math:`E + 2` ranks (experts..., input, output).
     bias : bool, default True
         Whether the input mode has a bias slice (:math:`I' = I + 1`).
+    in_shape, out_shape : sequence of int, optional
+        Split the input (output) into legs of these sizes, each a mode of
+        its own (see :class:`~mumoe.spec.Network`; :func:`balanced_shape`
+        proposes sizes).
 
     Returns
     -------
@@ -186,6 +218,8 @@ def tucker(
         expert_dims,
         rank,
         bias=bias,
+        in_shape=in_shape,
+        out_shape=out_shape,
     )
 
 
@@ -196,6 +230,8 @@ def tt(
     expert_dims: int | Sequence[int],
     rank: Rank,
     bias: bool = True,
+    in_shape: Sequence[int] | None = None,
+    out_shape: Sequence[int] | None = None,
 ) -> Network:
     r"""Tensor train: a chain of third-order cores, experts first, output last.
 
@@ -217,6 +253,10 @@ def tt(
         See :func:`validate_tt_rank`.
     bias : bool, default True
         Whether the input mode has a bias slice (:math:`I' = I + 1`).
+    in_shape, out_shape : sequence of int, optional
+        Split the input (output) into legs of these sizes, each a mode of
+        its own (see :class:`~mumoe.spec.Network`; :func:`balanced_shape`
+        proposes sizes).
 
     Returns
     -------
@@ -237,6 +277,8 @@ def tt(
         expert_dims,
         rank,
         bias=bias,
+        in_shape=in_shape,
+        out_shape=out_shape,
     )
 
 
@@ -247,6 +289,8 @@ def tr(
     expert_dims: int | Sequence[int],
     rank: Rank,
     bias: bool = True,
+    in_shape: Sequence[int] | None = None,
+    out_shape: Sequence[int] | None = None,
 ) -> Network:
     r"""Tensor ring: third-order cores in a closed chain.
 
@@ -267,6 +311,10 @@ def tr(
         See :func:`validate_tr_rank`.
     bias : bool, default True
         Whether the input mode has a bias slice (:math:`I' = I + 1`).
+    in_shape, out_shape : sequence of int, optional
+        Split the input (output) into legs of these sizes, each a mode of
+        its own (see :class:`~mumoe.spec.Network`; :func:`balanced_shape`
+        proposes sizes).
 
     Returns
     -------
@@ -287,6 +335,115 @@ def tr(
         expert_dims,
         rank,
         bias=bias,
+        in_shape=in_shape,
+        out_shape=out_shape,
+    )
+
+
+def ttm(
+    in_features: int,
+    out_features: int,
+    *,
+    expert_dims: int | Sequence[int],
+    rank: Rank,
+    bias: bool = True,
+    in_shape: Sequence[int] | None = None,
+    out_shape: Sequence[int] | None = None,
+) -> Network:
+    r"""TT-matrix experts: a chain of expert cores, then one core per pair of legs.
+
+    .. math::
+        \mathcal{W}[n_1, \dots, n_E, (i_1 \dots i_K), (o_1 \dots o_K)]
+        = \sum_{r} \mathcal{G}_1[n_1, r_1] \cdots \mathcal{G}_E[r_{E-1}, n_E, r_E]\,
+        \mathcal{M}_1[r_E, i_1, o_1, r_{E+1}] \cdots \mathcal{M}_K[r_{E+K-1}, i_K, o_K]
+
+    The input and output are split into :math:`K` legs each (row-major), and
+    core :math:`\mathcal{M}_k` maps input leg :math:`i_k` to output leg
+    :math:`o_k`: tensorly-torch's BlockTT factorisation of the weight, with
+    the experts' cores in front.  The experts sit on cores of their own, so
+    :math:`N` costs :math:`N R_1` parameters and a ``(B, N) @ (N, R_1)``
+    product, whatever the size of the matrix.
+
+    Parameters
+    ----------
+    in_features, out_features : int
+        :math:`I` and :math:`O`.
+    expert_dims : int or sequence of int
+        Experts per level, :math:`N_1, \dots, N_E`.
+    rank : int or sequence of int
+        The chain's bonds ``r1, ..., r{E+K-1}`` (see :func:`validate_tt_rank`
+        with :math:`d = E + K`).
+    bias : bool, default True
+        Whether the input mode has a bias slice (on ``i1``: see
+        :class:`~mumoe.spec.Network`).
+    in_shape, out_shape : sequence of int, optional
+        The sizes of the input and output legs, of one length :math:`K`.  A
+        missing one is :func:`balanced_shape` of the size with the other's
+        length; both missing, :math:`K = 2`.
+
+    Returns
+    -------
+    Network
+
+    Raises
+    ------
+    ValueError
+        If ``in_shape`` and ``out_shape`` differ in length.
+
+    Examples
+    --------
+    >>> net = ttm(768, 768, expert_dims=64, rank=8, in_shape=(32, 24), out_shape=(32, 24))
+    >>> net.spec
+    'n1 r1, r1 i1 o1 r2, r2 i2 o2'
+    >>> net.core_shapes
+    ((64, 8), (8, 33, 32, 8), (8, 24, 24))
+    >>> ttm(768, 3072, expert_dims=8, rank=4).out_shape  # balanced, K = 2
+    (64, 48)
+    """
+    in_shape, out_shape = ttm_shapes(in_features, out_features, in_shape, out_shape)
+    return _build(
+        "ttm",
+        in_features,
+        out_features,
+        expert_dims,
+        rank,
+        bias=bias,
+        in_shape=in_shape,
+        out_shape=out_shape,
+    )
+
+
+def ttm_shapes(
+    in_features: int,
+    out_features: int,
+    in_shape: Sequence[int] | None,
+    out_shape: Sequence[int] | None,
+) -> tuple[Sequence[int], Sequence[int]]:
+    """The legs of a TT-matrix: those given, a missing one balanced to the other's length.
+
+    Parameters
+    ----------
+    in_features, out_features : int
+    in_shape, out_shape : sequence of int or None
+
+    Returns
+    -------
+    in_shape, out_shape : sequence of int
+        Both missing: :func:`balanced_shape` of each in 2 legs (a prime
+        size as ``(size, 1)``).
+
+    Examples
+    --------
+    >>> ttm_shapes(768, 3072, None, None), ttm_shapes(768, 3072, (4, 12, 16), None)
+    (((32, 24), (64, 48)), ((4, 12, 16), (16, 16, 12)))
+    """
+    if in_shape is not None and out_shape is not None:
+        return in_shape, out_shape
+    given = in_shape if in_shape is not None else out_shape
+    order = 2 if given is None else len(positive_ints(given, "in_shape or out_shape"))
+    return (
+        balanced_shape(in_features, order, strict=False) if in_shape is None else in_shape,
+        balanced_shape(out_features, order, strict=False) if out_shape is None else out_shape,
     )
 
 
@@ -296,6 +453,8 @@ def mxd(
     *,
     expert_dims: int | Sequence[int],
     bias: bool = True,
+    in_shape: Sequence[int] | None = None,
+    out_shape: Sequence[int] | None = None,
 ) -> Network:
     r"""MxD's Hadamard experts: the output leg shared, open, by every core.
 
@@ -315,6 +474,10 @@ def mxd(
         Experts per level, :math:`N_1, \dots, N_E`.
     bias : bool, default True
         Whether the input mode has a bias slice (:math:`I' = I + 1`).
+    in_shape, out_shape : sequence of int, optional
+        Split the input (output) into legs of these sizes, each a mode of
+        its own (see :class:`~mumoe.spec.Network`; :func:`balanced_shape`
+        proposes sizes).
 
     Returns
     -------
@@ -333,6 +496,8 @@ def mxd(
         expert_dims,
         None,
         bias=bias,
+        in_shape=in_shape,
+        out_shape=out_shape,
     )
 
 
@@ -343,6 +508,8 @@ def lowrank(
     expert_dims: int | Sequence[int],
     rank: int,
     bias: bool = True,
+    in_shape: Sequence[int] | None = None,
+    out_shape: Sequence[int] | None = None,
 ) -> Network:
     r"""Per-expert low-rank matrices: the expert legs shared, open, by both cores.
 
@@ -362,6 +529,10 @@ def lowrank(
         :math:`R`.
     bias : bool, default True
         Whether the input mode has a bias slice (:math:`I' = I + 1`).
+    in_shape, out_shape : sequence of int, optional
+        Split the input (output) into legs of these sizes, each a mode of
+        its own (see :class:`~mumoe.spec.Network`; :func:`balanced_shape`
+        proposes sizes).
 
     Returns
     -------
@@ -380,6 +551,8 @@ def lowrank(
         expert_dims,
         rank,
         bias=bias,
+        in_shape=in_shape,
+        out_shape=out_shape,
     )
 
 
@@ -390,6 +563,7 @@ PRESETS: dict[str, Callable[..., Network]] = {
     "tucker": tucker,
     "tt": tt,
     "tr": tr,
+    "ttm": ttm,
     "mxd": mxd,
     "lowrank": lowrank,
 }
@@ -407,7 +581,7 @@ def preset(
 
     Parameters
     ----------
-    format : {"dense", "cp", "tucker", "tt", "tr", "mxd", "lowrank"}
+    format : {"dense", "cp", "tucker", "tt", "tr", "ttm", "mxd", "lowrank"}
         The factorisation, a key of :data:`mumoe.spec.FORMATS`.
     in_features, out_features, expert_dims
         As for every preset.
@@ -458,5 +632,5 @@ def preset_format(network: Network) -> str | None:
     >>> preset_format(Network("n i r, r o", 16, 10, expert_dims=8, rank=2)) is None
     True
     """
-    name = format_of(network.spec, network.n_levels)
+    name = network.format
     return None if name == "custom" else name

@@ -9,6 +9,7 @@ import pytest
 import tensorly as tl
 from hypothesis import given
 from hypothesis import strategies as st
+from tensorly.tt_matrix import tt_matrix_to_tensor
 
 from mumoe import (
     Network,
@@ -25,6 +26,7 @@ from mumoe import (
     tt,
     tucker,
 )
+from mumoe.functional import matrix_form
 from mumoe.plan import Planner
 from mumoe.testing import (
     assert_close,
@@ -55,7 +57,7 @@ def test_forward_equals_eq1_over_materialized_weight(net, batch_shape, seed):
 
 
 def to_tensorly(net, cores):
-    """The presets' cores in the argument format of TensorLy's reconstructions."""
+    """W in the network's legs (tensor_shape) from TensorLy's reconstructions of the presets."""
     if net.format == "cp":
         return tl.cp_to_tensor((tl.ones(net.ranks["r"]), list(cores)))
     if net.format == "tucker":
@@ -67,18 +69,30 @@ def to_tensorly(net, cores):
         return tl.tt_to_tensor(padded)
     if net.format == "tr":
         return tl.tr_to_tensor(list(cores))
+    if net.format == "ttm":  # the expert cores as TT-matrix cores with an output leg of size 1
+        levels = net.n_levels
+        padded = [tl.reshape(cores[0], (1, net.expert_dims[0], 1, -1))]
+        padded += [tl.reshape(c, (c.shape[0], c.shape[1], 1, c.shape[2])) for c in cores[1:levels]]
+        padded += list(cores[levels:])
+        padded[-1] = tl.reshape(padded[-1], (*tl.shape(padded[-1]), 1))
+        return tl.reshape(tt_matrix_to_tensor(padded), net.tensor_shape)
     host = [tl.to_numpy(c) for c in cores]
+    k, outputs = len(net.input_legs), len(net.output_legs)
     if net.format == "mxd":  # no TensorLy form: the Hadamard product by broadcasting
         *experts, d = host
         weight = d.reshape((1,) * net.n_levels + d.shape)
         for e, c in enumerate(experts):
-            shape = [1] * (net.n_levels + 2)
-            shape[e], shape[-1] = c.shape
+            shape = [1] * (net.n_levels + k + outputs)
+            shape[e] = c.shape[0]
+            shape[-outputs:] = c.shape[1:]
             weight = weight * c.reshape(shape)
         return weight
     if net.format == "lowrank":  # one U_n V_n^T per expert, by a batched matmul
         u, v = host
-        return u @ np.swapaxes(v, -1, -2)
+        lead = u.shape[: net.n_levels]
+        u = u.reshape(*lead, -1, u.shape[-1])
+        v = v.reshape(*lead, -1, v.shape[-1])
+        return (u @ np.swapaxes(v, -1, -2)).reshape(net.tensor_shape)
     return cores[0]
 
 
@@ -87,7 +101,8 @@ def test_materialize_equals_tensorly_reconstructions(net, seed):
     cores, _, _ = setup(net, (), seed)
     weight = materialize(net, cores)
     assert weight.shape == net.weight_shape
-    assert_close(weight, to_tensorly(net, cores), "float64", scale=n_terms(net))
+    expected = matrix_form(net, tl.tensor(to_tensorly(net, cores)))
+    assert_close(weight, expected, "float64", scale=n_terms(net))
 
 
 @given(networks(), batch_shapes(), seeds(), st.floats(-2, 2), st.floats(-2, 2))
@@ -158,6 +173,8 @@ def test_cached_plan_gives_the_same_result_as_a_fresh_one(net, batch_shape, seed
         expert_dims=net.expert_dims,
         rank=dict(net.ranks),
         bias=net.bias,
+        in_shape=net.in_shape,
+        out_shape=net.out_shape,
     )
     np.testing.assert_array_equal(cached, first)
     np.testing.assert_array_equal(fresh, first)

@@ -76,14 +76,18 @@ def test_each_expert_error_is_the_decompositions_own():
     np.testing.assert_allclose(errors, per_expert(tl.tt_to_tensor(reference_tt), w), rtol=1e-6)
 
 
-def test_ranks_above_the_tensors_are_padded_with_zeros_and_stay_exact():
+def test_ranks_above_the_tensors_stay_exact_with_room_to_grow():
+    # The unused components are zero in all but their bond's first core, which holds
+    # random values there: W unchanged, and no zero-against-zero saddle.
     w = stacked(3, (4, 3))  # TT unfoldings' ranks (4, 12, 4); Tucker's modes (4, 3, 7, 4)
     tt = mumoe.tt(6, 4, expert_dims=(4, 3), rank=(6, 20, 6))
     cores, errors = cores_from_experts(tt, w)
-    assert errors.max() < 1e-10 and np.all(cores[0][:, 4:] == 0)
+    assert errors.max() < 1e-10
+    assert np.all(cores[1][4:] == 0) and np.all(cores[0][:, 4:] != 0)
     tucker_net = mumoe.tucker(6, 4, expert_dims=(4, 3), rank=(6, 5, 9, 6))
     cores, errors = cores_from_experts(tucker_net, w)
-    assert errors.max() < 1e-10 and np.all(cores[0][:, 4:] == 0)
+    assert errors.max() < 1e-10
+    assert np.all(cores[-1][4:] == 0) and np.all(cores[0][:, 4:] != 0)
 
 
 def test_lowrank_and_mxd_reach_their_svd_bounds():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import math
 
 import pytest
 import torch
@@ -19,6 +20,7 @@ from mumoe.nn import (
     CPMuMoE,
     FactorizedMuMoE,
     TRMuMoE,
+    TTMatrixMuMoE,
     TTMuMoE,
     TuckerMuMoE,
     network_of,
@@ -159,3 +161,45 @@ def test_layers_run_without_the_pytorch_backend_and_leave_it_alone():
     layer = FactorizedMuMoE(to_factorized_tensor(CPMuMoE(8, 5, expert_dims=6, rank=4)))
     layer(torch.randn(3, 8))
     assert tl.get_backend() == "numpy"
+
+
+@pytest.mark.parametrize(
+    ("in_shape", "out_shape", "rank"),
+    [
+        ((4, 3), (3, 2), (1, 3, 1)),
+        ((2, 3, 2), (3, 1, 2), (1, 2, 4, 1)),
+        ((6, 2), (5, 3), (1, 4, 1)),
+    ],
+)
+def test_a_tt_matrix_layer_is_tltorchs_blocktt_linear_from_the_same_factors(
+    in_shape, out_shape, rank
+):
+    # One expert, no bias: tltorch's factors (r, O_k, I_k, r') are the TT-matrix cores
+    # (r, I_k, O_k, r') with the legs swapped; the expert core is the 1 x 1 identity.
+    torch.manual_seed(0)
+    with preserved_backend():
+        linear = tltorch.FactorizedLinear(
+            in_shape, out_shape, bias=False, factorization="blocktt", rank=rank
+        ).double()
+    layer = TTMatrixMuMoE(
+        math.prod(in_shape),
+        math.prod(out_shape),
+        expert_dims=1,
+        rank=(1, *rank[1:-1]),
+        bias=False,
+        in_shape=in_shape,
+        out_shape=out_shape,
+        gated=False,
+        dtype=torch.float64,
+    )
+    factors = [factor.detach() for factor in linear.weight.factors]
+    with torch.no_grad():
+        layer.cores[0].fill_(1.0)
+        for core, factor in zip(layer.cores[1:], factors, strict=True):
+            swapped = factor.transpose(1, 2)
+            core.copy_(swapped.reshape(core.shape))
+    x = torch.randn(7, math.prod(in_shape), dtype=torch.float64)
+    y = layer(x, [torch.ones(7, 1, dtype=torch.float64)])
+    with thread_backend("pytorch"):  # tltorch contracts with TensorLy's backend
+        expected = linear(x)
+    torch.testing.assert_close(y, expected, rtol=1e-12, atol=1e-12)

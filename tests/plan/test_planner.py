@@ -22,6 +22,8 @@ def test_equal_arguments_make_equal_networks_that_share_a_planner(net):
         expert_dims=net.expert_dims,
         rank=dict(net.ranks) or None,
         bias=net.bias,
+        in_shape=net.in_shape,
+        out_shape=net.out_shape,
     )
     assert twin == net and hash(twin) == hash(net) and twin is not net
     assert planner_of(twin) is planner_of(net)

@@ -206,14 +206,17 @@ def test_a_format_record_and_its_preset_agree(name, levels):
     record = FORMATS[name]
     rank = {} if not record.has_rank else {"rank": 2}
     net = preset(name, 4, 5, expert_dims=[3] * levels, **rank)
-    assert net.spec == record.spec(levels)
+    legs = (len(net.input_legs), len(net.output_legs))  # ttm splits both by default
+    assert net.spec == record.spec(levels, *legs)
     assert net.format == preset_format(net) == name
     # The same spec written by hand is the same format.
-    assert Network(record.spec(levels), 4, 5, expert_dims=[3] * levels, **rank).format == name
+    shapes = {"in_shape": net.in_shape, "out_shape": net.out_shape}
+    by_hand = Network(record.spec(levels, *legs), 4, 5, expert_dims=[3] * levels, **rank, **shapes)
+    assert by_hand.format == name
     assert len(record.init(net.core_legs, net.sizes, net.in_features)) == net.n_cores
     if record.free_rank is not None:
         assert preset(
-            name, 4, 5, expert_dims=[3] * levels, rank=record.free_rank(levels, 2, 5)
+            name, 4, 5, expert_dims=[3] * levels, rank=record.free_rank(levels, 2, 5, *legs)
         ).n_params
 
 

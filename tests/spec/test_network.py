@@ -51,7 +51,9 @@ def test_numpy_integers_are_sizes():
 
 @given(preset_networks())
 def test_parameter_counts_equal_the_closed_forms(net):
-    dims = [*net.expert_dims, net.sizes["i"], net.out_features]
+    # Every leg is a mode (a split input or output gives several); I' the inputs' product.
+    dims = [*net.expert_dims, *net.input_sizes, *net.out_shape]
+    inputs = math.prod(net.input_sizes)
     d = len(dims)
     if net.format == "dense":
         expected = math.prod(dims)
@@ -59,15 +61,19 @@ def test_parameter_counts_equal_the_closed_forms(net):
         expected = net.ranks["r"] * sum(dims)
     elif net.format == "tucker":
         ranks = [net.ranks[f"r{e}"] for e in range(1, net.n_levels + 1)]
-        ranks += [net.ranks["ri"], net.ranks["ro"]]
+        ranks += [net.ranks[f"r{leg}"] for leg in (*net.input_legs, *net.output_legs)]
         expected = sum(D * R for D, R in zip(dims, ranks, strict=True)) + math.prod(ranks)
-    elif net.format == "tt":
+    elif net.format in ("tt", "ttm"):
+        if net.format == "ttm":  # one mode per expert level and per pair of legs
+            pairs = zip(net.input_sizes, net.out_shape, strict=True)
+            dims = [*net.expert_dims, *(i * o for i, o in pairs)]
+            d = len(dims)
         ranks = [1, *(net.ranks[f"r{k}"] for k in range(1, d)), 1]
         expected = sum(ranks[k] * dims[k] * ranks[k + 1] for k in range(d))
     elif net.format == "mxd":
-        expected = net.out_features * (sum(net.expert_dims) + net.sizes["i"])
+        expected = net.out_features * (sum(net.expert_dims) + inputs)
     elif net.format == "lowrank":
-        expected = net.ranks["r"] * net.n_experts * (net.sizes["i"] + net.out_features)
+        expected = net.ranks["r"] * net.n_experts * (inputs + net.out_features)
     else:
         ranks = [net.ranks[f"r{k}"] for k in range(d)] + [net.ranks["r0"]]
         expected = sum(ranks[k] * dims[k] * ranks[k + 1] for k in range(d))
@@ -315,4 +321,8 @@ def test_a_disconnected_network_is_warned_about(spec, groups):
 def test_connected_networks_build_without_a_warning(net):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        net.replace(in_features=net.in_features + 1)
+        if net.splits_input:  # the first leg one larger, in_features with it
+            in_shape = (net.in_shape[0] + 1, *net.in_shape[1:])
+            net.replace(in_features=math.prod(in_shape), in_shape=in_shape)
+        else:
+            net.replace(in_features=net.in_features + 1)

@@ -84,8 +84,10 @@ def test_is_expert_leg(leg, expected):
         ("n r, i r, out r", r"a leg 'out' in core 2: the output leg is named 'o'\Z"),
         ("n r, input r, o r", r"a leg 'input' in core 1: the input leg is named 'i'\Z"),
         ("experts r, i r, o r", r"the expert leg is named 'n' \('n1', 'n2', \.\.\."),
-        ("n r, i1 r, o r", r"a leg 'i1' in core 1: the input leg is 'i', unnumbered"),
-        ("n1 r, n2 r, i r, o3 r", r"a leg 'o3' in core 3: the output leg is 'o', unnumbered"),
+        ("n r, i0 r, o r", r"a leg 'i0' in core 1: the input legs are 'i', or i1, i2, \.\.\."),
+        ("n1 r, n2 r, i r, o3 r", r"has output legs o3 but no o1; output legs must be numbered"),
+        ("n r, i r, i2 r, o r", r"mixes the input leg 'i' with 'i2'"),
+        ("n r, i1 r, i3 r, o r", r"has input legs i1, i3 but no i2"),
         (
             "n r\uff0c i r\uff0c o r",
             r"separates cores with '\uff0c' \(U\+FF0C\); cores are "
@@ -140,7 +142,8 @@ def test_spec_must_be_a_string(spec):
 def test_generated_specs_parse(spec):
     parsed = parse_spec(spec)
     legs = [leg for core in parsed.core_legs for leg in core]
-    for role in ("i", "o", *parsed.expert_legs):  # open legs: one core or shared (hyperedges)
+    roles = (*parsed.input_legs, *parsed.output_legs, *parsed.expert_legs)
+    for role in roles:  # open legs: one core or shared (hyperedges)
         assert 1 <= legs.count(role) <= len(parsed.core_legs)
     for bond in parsed.bonds:
         assert legs.count(bond) >= 2
@@ -166,15 +169,27 @@ def test_dropping_a_bond_occurrence_is_caught(spec, data):
         parse_spec(mutated)
 
 
-@given(custom_specs(), st.sampled_from(["i", "o", "n1"]))
-def test_removing_a_role_leg_is_caught(spec, role):
+@given(custom_specs(), st.data())
+def test_removing_a_role_leg_is_caught(spec, data):
+    # The first leg of each role (removing a later one of several can leave valid legs).
     parsed = parse_spec(spec)
+    groups = (parsed.expert_legs, parsed.input_legs, parsed.output_legs)
+    role = data.draw(st.sampled_from([leg for legs in groups for leg in legs[:1]]))
     cores = [[leg for leg in core if leg != role] for core in parsed.core_legs]
     if any(not core for core in cores):
         return
     mutated = ", ".join(" ".join(core) for core in cores)
-    with pytest.raises(ValueError, match=r"has no (input|output|expert) leg|no n1"):
+    match = r"has no (input|output|expert) leg|no [nio]1|legs .* but no [nio][0-9]"
+    with pytest.raises(ValueError, match=match):
         parse_spec(mutated)
+
+
+def test_split_legs_parse_in_order_and_a_lone_numbered_leg_is_the_mode():
+    parsed = parse_spec("n r0, r0 i2 o1 r1, r1 i1 o2")
+    assert parsed.input_legs == ("i1", "i2") and parsed.output_legs == ("o1", "o2")
+    assert parsed.bonds == ("r0", "r1")
+    lone = parse_spec("n r, i1 r, o1 r")
+    assert lone.core_legs == (("n1", "r"), ("i", "r"), ("o", "r")) and lone.input_legs == ("i",)
 
 
 @given(st.text(alphabet="ni or0123 ,_\t-", max_size=30))
