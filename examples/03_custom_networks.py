@@ -82,6 +82,28 @@ low_rank = mumoe.Network("n i r, n o r", 64, 10, expert_dims=16, rank=4)
 print(low_rank.format, low_rank.core_shapes)
 
 # %%
+# Splitting the input and output: TT-matrix experts
+# -------------------------------------------------
+#
+# ``i1 ... iK`` and ``o1 ... oL`` split the input and output into legs, their
+# sizes given by ``in_shape=`` and ``out_shape=`` (``x`` and ``y`` are
+# reshaped row-major).  A core per pair of legs, after a core of experts, is
+# the TT-matrix μMoE (the ``ttm`` format, tensorly-torch's BlockTT with
+# experts; :doc:`/theory/ttm`).  The bias is one more slice of ``i1``.
+tt_matrix = mumoe.Network(
+    "n1 r1, r1 i1 o1 r2, r2 i2 o2",
+    64,
+    10,
+    expert_dims=32,
+    rank={"r1": 4, "r2": 8},
+    in_shape=(8, 8),
+    out_shape=(5, 2),
+)
+print(tt_matrix.format, tt_matrix.core_shapes, f"{tt_matrix.n_params:,} parameters")
+print(mumoe.describe(tt_matrix, batch_size=128).split("path")[1].split("FLOPs")[0])
+_ = draw_network(tt_matrix)
+
+# %%
 # Checking a variant against Eq. 1
 # --------------------------------
 #
@@ -91,7 +113,7 @@ from mumoe.testing import dense_forward
 
 rng = np.random.default_rng(0)
 x = rng.standard_normal((16, 64))
-for net in (hybrid, hadamard, low_rank):
+for net in (hybrid, hadamard, low_rank, tt_matrix):
     cores = mumoe.random_cores(net, random_state=0)
     gates = [rng.dirichlet(np.ones(n), size=16) for n in net.expert_dims]
     y = mumoe.forward(net, cores, x, gates)

@@ -83,6 +83,8 @@ def _describe(args: argparse.Namespace) -> int:
         expert_dims=dims[0] if len(dims) == 1 else tuple(dims),
         rank=_rank(args.rank),
         bias=not args.no_bias,
+        in_shape=args.in_shape,
+        out_shape=args.out_shape,
     )
     support = None
     if args.support:
@@ -331,6 +333,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     describe.add_argument("--in-features", type=int, required=True)
     describe.add_argument("--out-features", type=int, required=True)
+    for role in ("in", "out"):
+        describe.add_argument(
+            f"--{role}-shape",
+            type=int,
+            nargs="+",
+            metavar="SIZE",
+            help=f"split the {role}put into legs of these sizes, e.g. --{role}-shape 32 24",
+        )
     describe.add_argument(
         "--rank",
         nargs="*",

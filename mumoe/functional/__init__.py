@@ -25,7 +25,13 @@ from mumoe.functional._forward import (
     scale_experts,
 )
 from mumoe.functional._from_dense import STARTS, cores_from_dense, dense_matrix, relative_error
-from mumoe.functional._from_layers import FITS, cores_from_experts, expert_errors, expert_tensor
+from mumoe.functional._from_layers import (
+    FITS,
+    cores_from_experts,
+    expert_errors,
+    expert_tensor,
+    revive_bonds,
+)
 from mumoe.functional._layer import Contract, block_forward, layer_forward, scale_gates
 from mumoe.functional._legs import input_operand, matrix_form, run_plan, tensor_form
 from mumoe.functional._sparse import (
@@ -66,6 +72,7 @@ __all__ = [
     "matrix_form",
     "random_cores",
     "relative_error",
+    "revive_bonds",
     "run_plan",
     "scale_experts",
     "scale_gates",

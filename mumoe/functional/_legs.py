@@ -39,7 +39,7 @@ def input_operand(network: Network, rows: Tensor) -> Tensor:
 
     Returns
     -------
-    tensor, shape (B, I_1', I_2, ..., I_K)
+    tensor, shape ``(B, I_1', I_2, ..., I_K)``
         ``rows`` reshaped row-major; with a bias, the slice ``I_1`` of the
         first leg is one at ``(I_1, 0, ..., 0)`` and zero elsewhere.
 
@@ -119,7 +119,7 @@ def matrix_form(network: Network, tensor: Tensor) -> Tensor:
     Parameters
     ----------
     network : Network
-    tensor : tensor, shape (..., *input_sizes, *out_shape)
+    tensor : tensor, shape ``(..., *input_sizes, *out_shape)``
         Any leading axes (the experts, or none).
 
     Returns
@@ -158,7 +158,7 @@ def tensor_form(network: Network, matrix: Any) -> np.ndarray:
 
     Returns
     -------
-    numpy.ndarray, shape (..., *input_sizes, *out_shape)
+    numpy.ndarray, shape ``(..., *input_sizes, *out_shape)``
 
     Examples
     --------

@@ -88,8 +88,9 @@ class CPMuMoE(_PresetMuMoE):
         Experts per level.
     rank : int, "same" or Budget
         The CP rank (:func:`mumoe.validate_cp_rank`), or a parameter budget.
-    bias, in_shape, out_shape, normalization, activation, top_k, gate_bias, balance, input_norm,
-    gated, planner
+    bias, in_shape, out_shape, normalization, activation, top_k, gate_bias
+        As for :class:`MuMoE`.
+    balance, input_norm, gated, planner
         As for :class:`MuMoE`.
     device, dtype
         Of the parameters.
@@ -118,8 +119,9 @@ class TuckerMuMoE(_PresetMuMoE):
         Experts per level.
     rank : int or tuple of int, "same" or Budget
         The Tucker rank (:func:`mumoe.validate_tucker_rank`), or a parameter budget.
-    bias, in_shape, out_shape, normalization, activation, top_k, gate_bias, balance, input_norm,
-    gated, planner
+    bias, in_shape, out_shape, normalization, activation, top_k, gate_bias
+        As for :class:`MuMoE`.
+    balance, input_norm, gated, planner
         As for :class:`MuMoE`.
     device, dtype
         Of the parameters.
@@ -148,8 +150,9 @@ class TTMuMoE(_PresetMuMoE):
         Experts per level.
     rank : int or tuple of int, "same" or Budget
         The TT rank (:func:`mumoe.validate_tt_rank`), or a parameter budget.
-    bias, in_shape, out_shape, normalization, activation, top_k, gate_bias, balance, input_norm,
-    gated, planner
+    bias, in_shape, out_shape, normalization, activation, top_k, gate_bias
+        As for :class:`MuMoE`.
+    balance, input_norm, gated, planner
         As for :class:`MuMoE`.
     device, dtype
         Of the parameters.
@@ -178,8 +181,9 @@ class TRMuMoE(_PresetMuMoE):
         Experts per level.
     rank : int or tuple of int, "same" or Budget
         The TR rank (:func:`mumoe.validate_tr_rank`), or a parameter budget.
-    bias, in_shape, out_shape, normalization, activation, top_k, gate_bias, balance, input_norm,
-    gated, planner
+    bias, in_shape, out_shape, normalization, activation, top_k, gate_bias
+        As for :class:`MuMoE`.
+    balance, input_norm, gated, planner
         As for :class:`MuMoE`.
     device, dtype
         Of the parameters.
@@ -210,8 +214,9 @@ class TTMatrixMuMoE(_PresetMuMoE):
         Experts per level.
     rank : int, sequence of int, "same" or Budget
         The chain's ranks (:func:`mumoe.ttm`), or a parameter budget.
-    bias, in_shape, out_shape, normalization, activation, top_k, gate_bias, balance, input_norm,
-    gated, planner
+    bias, in_shape, out_shape, normalization, activation, top_k, gate_bias
+        As for :class:`MuMoE`.
+    balance, input_norm, gated, planner
         As for :class:`MuMoE`.
     device, dtype
         Of the parameters.

@@ -106,19 +106,19 @@ class Network:
         expert legs, ``rank`` is missing or names a bond the spec lacks, or
         ``in_shape``/``out_shape`` is missing, has the wrong length or a
         product other than the size.
+    TypeError
+        If a size is not an integer or a flag not a bool.
 
     Notes
     -----
     With a split input, the bias slice is added to the first input leg:
     ``i1`` has size ``in_shape[0] + 1`` and the bias of expert :math:`n` is
-    :math:`\mathcal{W}[n, i_1{=}K_1, 0, \dots, 0, :]` (the input is padded
+    :math:`\mathcal{W}[n, i_1{=}I_1, 0, \dots, 0, :]` (the input is padded
     with a one there and zeros elsewhere in that slice).  So the bias stays
     inside the network, exact for every structure, at the cost of the
     unused entries of that slice (a fraction ``1 / in_shape[0]`` of the
     cores that hold ``i1``).  :attr:`weight_shape` and :func:`materialize
     <mumoe.functional.materialize>` give the matrix form ``(N..., I', O)``.
-    TypeError
-        If a size is not an integer or a flag not a bool.
 
     Examples
     --------

@@ -1,0 +1,108 @@
+"""Layers whose input and output are split into legs: conversion, files, fits (issue #30)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import tensorly as tl
+import torch
+
+import mumoe
+from mumoe.functional import cores_from_experts, revive_bonds
+from mumoe.inference import load
+from mumoe.nn import MuMoE, TTMatrixMuMoE, from_linear, from_linears, load_into, save
+
+SHAPES = {"in_shape": (6, 4), "out_shape": (4, 3)}
+# Ranks at or above the unfoldings' ranks of one expert in its legs, (1, 7, 4, 4, 3) (i1 of
+# 6 + 1 with the bias slice); TR-SVD splits the first mode, of one expert, into r0 r1 = 1.
+FULL = {
+    "dense": {},
+    "cp": {"rank": 60},
+    "tucker": {"rank": (4, 7, 4, 4, 3)},
+    "tt": {"rank": (4, 7, 12, 3)},
+    "tr": {"rank": (1, 1, 7, 12, 3)},
+    "ttm": {"rank": (4, 64)},
+    "lowrank": {"rank": 12},
+    "mxd": {},
+}
+
+
+@pytest.mark.parametrize("name", sorted(FULL))
+def test_a_split_layer_starts_where_the_linear_layer_was(name):
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(24, 12).double()
+    layer = from_linear(linear, name, expert_dims=5, **FULL[name], **SHAPES)
+    x = torch.randn(9, 24, dtype=torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(layer.eval()(x), linear(x), rtol=1e-6, atol=1e-6)
+    assert layer.conversion_error < 1e-6
+
+
+def test_a_low_rank_split_start_reports_its_error_and_can_grow():
+    torch.manual_seed(0)
+    layer = from_linear(torch.nn.Linear(24, 12), "ttm", expert_dims=5, rank=(4, 2), **SHAPES)
+    assert 0.1 < layer.conversion_error < 1
+    # The expert bond's unused components are random in the expert core, zero in the next.
+    experts, first = (core.detach() for core in layer.cores[:2])
+    assert bool((experts[:, 1:] != 0).all()) and bool((first[1:] == 0).all())
+    layer.train()(torch.randn(16, 24)).square().sum().backward()
+    assert layer.cores[1].grad[1:].abs().sum() > 0
+
+
+def test_reviving_bonds_keeps_w_and_frees_the_gradient():
+    net = mumoe.tt(4, 3, expert_dims=5, rank=(3, 4))
+    cores = [np.asarray(c) for c in mumoe.random_cores(net, random_state=0)]
+    cores[0][:, 1:] = 0.0  # component r1 >= 1 unused on both sides
+    cores[1][1:] = 0.0
+    start = mumoe.random_cores(net, random_state=1)
+    before = mumoe.materialize(net, cores)
+    revived = revive_bonds(net, [c.copy() for c in cores], start)
+    np.testing.assert_array_equal(mumoe.materialize(net, revived), before)
+    np.testing.assert_array_equal(revived[0][:, 1:], np.asarray(start[0])[:, 1:])
+    assert np.all(revived[1][1:] == 0)
+
+
+def test_stacked_experts_fit_a_tt_matrix_exactly_at_full_rank():
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((3, 25, 12))  # three experts, I' = 25 with the bias row
+    net = mumoe.ttm(24, 12, expert_dims=3, rank=(3, 64), **SHAPES)
+    cores, errors = cores_from_experts(net, w)
+    assert errors.shape == (3,) and errors.max() < 1e-10
+    with tl.backend_context("numpy"):
+        np.testing.assert_allclose(mumoe.materialize(net, cores), w, atol=1e-10)
+    layers = [torch.nn.Linear(24, 12) for _ in range(3)]
+    assert from_linears(layers, "ttm", rank=(3, 64), **SHAPES).conversion_error.max() < 1e-5
+
+
+def test_weights_files_configs_and_served_layers_keep_the_split(tmp_path):
+    torch.manual_seed(0)
+    layer = TTMatrixMuMoE(24, 12, expert_dims=6, rank=(3, 5), **SHAPES).eval()
+    path = tmp_path / "ttm.safetensors"
+    save(layer, path)
+    x = torch.randn(7, 24)
+    served = load(path)
+    np.testing.assert_allclose(served(x.numpy()), layer(x).detach().numpy(), atol=1e-6)
+    rebuilt = MuMoE.from_config(layer.get_config())
+    assert rebuilt.network == layer.network and type(rebuilt) is TTMatrixMuMoE
+    load_into(rebuilt, path)
+    torch.testing.assert_close(rebuilt.eval()(x), layer(x))
+    assert "in_shape=(6, 4), out_shape=(4, 3)" in repr(layer)
+
+
+def test_a_split_layer_refuses_inputs_of_the_wrong_size():
+    layer = MuMoE(24, 12, "cp", expert_dims=4, rank=3, **SHAPES)
+    with pytest.raises(ValueError, match=r"\(\.\.\., 24\)"):
+        layer(torch.randn(3, 25))
+
+
+@pytest.mark.slow
+def test_tt_matrix_experts_train_on_digits_at_least_as_well_as_one_expert():
+    # Issue #30: at equal parameters (gates counted), 8 TT-matrix experts against one,
+    # the first three seeds (python -m benchmarks.tt_matrix runs ten: +0.0076 +- 0.0124).
+    pytest.importorskip("sklearn")
+    from benchmarks.tt_matrix import compare
+
+    results = compare([0, 1, 2], experts=8, budget=2000)
+    single, mixture = ([r.accuracy for r in results[n]] for n in (1, 8))
+    assert all(r.params <= 2000 for runs in results.values() for r in runs)
+    assert np.mean(mixture) >= np.mean(single)
