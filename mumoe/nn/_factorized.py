@@ -190,7 +190,12 @@ def to_factorized_tensor(layer: MuMoE) -> nn.Module:
     ----------
     layer : MuMoE
         A layer whose network has the structure of the ``cp``, ``tucker`` or
-        ``tt`` preset.
+        ``tt`` preset, its input and output not split.
+
+    Raises
+    ------
+    TypeError
+        For another network, or one that splits its input or output.
 
     Returns
     -------
@@ -206,6 +211,11 @@ def to_factorized_tensor(layer: MuMoE) -> nn.Module:
     """
     tltorch = _tltorch()
     network = layer.network
+    if network.tensor_shape != network.weight_shape:
+        raise TypeError(
+            f"this layer splits its input or output ({network.spec!r}); the tensors exported "
+            f"here have the shape (N..., I', O) with one input and one output mode"
+        )
     fmt = preset_format(network)
     cores = [nn.Parameter(c.detach().clone()) for c in layer._weights()[1]]
     shape = network.weight_shape

@@ -24,12 +24,13 @@ import opt_einsum
 import torch
 from torch import nn
 
-from mumoe.functional import check_level
+from mumoe.backends import thread_backend
+from mumoe.functional import check_level, matrix_form
 from mumoe.nn._block import MuMoEBlock
 from mumoe.nn._gate import MuMoEGate
 from mumoe.nn._layers import MuMoE
 from mumoe.plan import Planner, planner_of
-from mumoe.spec import INPUT, OUTPUT, Network
+from mumoe.spec import Network
 
 __all__ = [
     "MergeReport",
@@ -127,8 +128,8 @@ def _mixed_linear(
     vectors = [v * scales[e].to(v) if e in scales else v for e, v in enumerate(vectors)]
     terms = [network.term([leg]) for leg in network.expert_legs]
     terms += [network.term(legs) for legs in network.core_legs]
-    equation = ",".join(terms) + "->" + network.term([INPUT, OUTPUT])
-    matrix = opt_einsum.contract(equation, *vectors, *(c.detach() for c in cores))
+    equation = ",".join(terms) + "->" + network.term(_role_legs(network))
+    matrix = _matrix(network, opt_einsum.contract(equation, *vectors, *(c.detach() for c in cores)))
     n_in = network.in_features
     bias = matrix[n_in] if network.bias else None
     if extra_bias is not None:
@@ -579,8 +580,20 @@ def _slice(layer: MuMoE, level: int, expert: int) -> torch.Tensor:
         operands.append(core.select(legs.index(leg), expert) if leg in legs else core)
         terms.append(network.term([x for x in legs if x != leg]))
     kept = [x for x in network.expert_legs if x != leg]
-    equation = ",".join(terms) + "->" + network.term([*kept, INPUT, OUTPUT])
-    return opt_einsum.contract(equation, *operands)
+    equation = ",".join(terms) + "->" + network.term([*kept, *_role_legs(network)])
+    return _matrix(network, opt_einsum.contract(equation, *operands))
+
+
+def _role_legs(network: Network) -> list[str]:
+    return [*network.input_legs, *network.output_legs]
+
+
+def _matrix(network: Network, weight: torch.Tensor) -> torch.Tensor:
+    # W in its matrix form (..., I', O): the legs of a split input or output joined.
+    if network.tensor_shape == network.weight_shape:
+        return weight
+    with thread_backend("pytorch"):
+        return matrix_form(network, weight)
 
 
 def _relative_distance(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -203,3 +203,9 @@ def test_a_tt_matrix_layer_is_tltorchs_blocktt_linear_from_the_same_factors(
     with thread_backend("pytorch"):  # tltorch contracts with TensorLy's backend
         expected = linear(x)
     torch.testing.assert_close(y, expected, rtol=1e-12, atol=1e-12)
+
+
+def test_export_refuses_a_layer_that_splits_its_input():
+    layer = CPMuMoE(24, 12, expert_dims=4, rank=3, in_shape=(6, 4))
+    with pytest.raises(TypeError, match=r"splits its input or output"):
+        to_factorized_tensor(layer)

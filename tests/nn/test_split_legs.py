@@ -10,7 +10,17 @@ import torch
 import mumoe
 from mumoe.functional import cores_from_experts, revive_bonds
 from mumoe.inference import load
-from mumoe.nn import MuMoE, TTMatrixMuMoE, from_linear, from_linears, load_into, save
+from mumoe.nn import (
+    MuMoE,
+    TTMatrixMuMoE,
+    expert_linear,
+    from_linear,
+    from_linears,
+    load_into,
+    merge_experts_,
+    mixture_linear,
+    save,
+)
 
 SHAPES = {"in_shape": (6, 4), "out_shape": (4, 3)}
 # Ranks at or above the unfoldings' ranks of one expert in its legs, (1, 7, 4, 4, 3) (i1 of
@@ -106,3 +116,17 @@ def test_tt_matrix_experts_train_on_digits_at_least_as_well_as_one_expert():
     single, mixture = ([r.accuracy for r in results[n]] for n in (1, 8))
     assert all(r.params <= 2000 for runs in results.values() for r in runs)
     assert np.mean(mixture) >= np.mean(single)
+
+
+def test_surgery_exports_split_experts_as_linear_layers():
+    torch.manual_seed(0)
+    layer = TTMatrixMuMoE(24, 12, expert_dims=6, rank=(3, 5), **SHAPES).eval()
+    x = torch.randn(5, 24)
+    one_hot = torch.zeros(5, 6)
+    one_hot[:, 2] = 1
+    with torch.no_grad():
+        torch.testing.assert_close(expert_linear(layer, 2)(x), layer(x, [one_hot]))
+        mean = torch.full((6,), 1 / 6)
+        torch.testing.assert_close(mixture_linear(layer, [mean])(x), layer(x, [mean.expand(5, 6)]))
+    report = merge_experts_(layer, tolerance=0.0)
+    assert report.n_after == 6  # random experts: none within 0 of another
