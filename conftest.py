@@ -39,6 +39,7 @@ NEEDS = {
         "docs/theory/sparse.rst",
         "docs/theory/tr.rst",
         "docs/theory/tt.rst",
+        "docs/theory/ttm.rst",
         "docs/theory/tucker.rst",
     ),
     "matplotlib": ("mumoe/plotting.py", "mumoe/demo/"),

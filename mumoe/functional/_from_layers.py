@@ -114,9 +114,9 @@ def _dense(network: Network, tensor: np.ndarray, _: int) -> Cores:
     return [tensor.copy()]
 
 
-def _cp(network: Network, tensor: np.ndarray, seed: int) -> Cores:
+def _cp(network: Network, tensor: np.ndarray, seed: int, n_iter_max: int = 2000) -> Cores:
     rank = network.ranks["r"]
-    options = {"init": "svd", "n_iter_max": 2000, "tol": 1e-12, "random_state": seed}
+    options = {"init": "svd", "n_iter_max": n_iter_max, "tol": 1e-12, "random_state": seed}
     with warnings.catch_warnings():
         # A rank above a mode's size: TensorLy completes its SVD start at random, and says so.
         warnings.filterwarnings("ignore", "Trying to compute SVD with n_eigenvecs", UserWarning)
@@ -151,7 +151,7 @@ def _tt(network: Network, tensor: np.ndarray, _: int) -> Cores:
     return [_into(s, f) for s, f in zip(shapes, factors, strict=True)]
 
 
-def _tr(network: Network, tensor: np.ndarray, seed: int) -> Cores:
+def _tr(network: Network, tensor: np.ndarray, seed: int, n_iter_max: int = 200) -> Cores:
     shapes = _shapes(network)
     ranks = [int(s[0]) for s in shapes] + [int(shapes[0][0])]
     try:  # TR-SVD: splits the first mode, so it needs r0 * r1 <= N1
@@ -160,7 +160,7 @@ def _tr(network: Network, tensor: np.ndarray, seed: int) -> Cores:
         factors = [
             np.asarray(f)
             for f in tensor_ring_als(
-                tl.tensor(tensor), ranks, n_iter_max=200, tol=1e-10, random_state=seed
+                tl.tensor(tensor), ranks, n_iter_max=n_iter_max, tol=1e-10, random_state=seed
             )
         ]
     return [_into(s, f) for s, f in zip(shapes, factors, strict=True)]
@@ -201,21 +201,26 @@ def _lowrank(network: Network, tensor: np.ndarray, _: int) -> Cores:
 
 
 def _mxd(network: Network, tensor: np.ndarray, _: int) -> Cores:
-    if network.n_levels != 1:
+    if network.n_levels != 1 and network.n_experts != 1:
         raise ValueError("an MxD network is fitted to several layers with one expert level only")
-    # Per output column o: W[:, :, o] (N x I') at its best rank 1, c[:, o] d[:, o]^T.
-    n, inputs = network.expert_dims[0], math.prod(network.input_sizes)
+    # Per output column o: W[:, :, o] (N x I') at its best rank 1, c[:, o] d[:, o]^T (one
+    # expert of several levels: the first level's c, ones for the others).
+    n, inputs = network.n_experts, math.prod(network.input_sizes)
     columns = np.moveaxis(tensor.reshape(n, inputs, -1), -1, 0)  # (O, N, I')
     u, s, vt = np.linalg.svd(columns, full_matrices=False)
     root = np.sqrt(s[:, 0])
     experts = (u[:, :, 0] * root[:, None]).T  # (N, O)
     weights = (vt[:, 0, :] * root[:, None]).T  # (I', O)
     shapes = _shapes(network)
-    return [experts.reshape(shapes[0]), weights.reshape(shapes[1])]
+    others = [np.ones(shape) for shape in shapes[1:-1]]
+    return [experts.reshape(shapes[0]), *others, weights.reshape(shapes[-1])]
 
 
+#: The fits by alternating least squares (CP's, and TR's where TR-SVD cannot split the
+#: first mode): they also take ``n_iter_max=``.
+ALS_FITS = ("cp", "tr")
 #: How each preset format is fitted to stacked experts: ``fit(network, W, seed)``.
-FITS: dict[str, Callable[[Network, np.ndarray, int], Cores]] = {
+FITS: dict[str, Callable[..., Cores]] = {
     "dense": _dense,
     "cp": _cp,
     "tucker": _tucker,
@@ -318,9 +323,10 @@ def revive_bonds(network: Network, cores: Cores, start: Any) -> Cores:
 
     A fit narrower than a bond leaves components that every core holding
     the bond has at zero: a saddle that gradients never leave.  For each such
-    component, the bond's first core (in spec order) takes ``start``'s values
-    where the component meets used components of its other bonds; the other
-    cores stay zero there, so ``W`` is unchanged, and their gradient is not.
+    component, every core holding the bond but the last (in spec order) takes
+    ``start``'s values where the component meets used components of its
+    other bonds; the last stays zero there, so ``W`` is unchanged, and its
+    gradient is not (nor, once it moves, the others').
 
     Parameters
     ----------
@@ -345,8 +351,8 @@ def revive_bonds(network: Network, cores: Cores, start: Any) -> Cores:
     ...     core[:, 2] = 0.0  # component 2 is unused by every core
     >>> before = materialize(net, cores)
     >>> revived = revive_bonds(net, [c.copy() for c in cores], [np.full((4, 3), 5.0)] * 3)
-    >>> revived[0][:, 2], bool(np.array_equal(materialize(net, revived), before))
-    (array([5., 5., 5., 5.]), True)
+    >>> revived[1][:, 2], revived[2][:, 2], bool(np.array_equal(materialize(net, revived), before))
+    (array([5., 5., 5., 5.]), array([0., 0.]), True)
     """
     dead: dict[str, np.ndarray] = {}
     for bond in network.bonds:
@@ -356,22 +362,19 @@ def revive_bonds(network: Network, cores: Cores, start: Any) -> Cores:
                 axis = legs.index(bond)
                 used |= np.moveaxis(core, axis, 0).reshape(core.shape[axis], -1).any(axis=1)
         dead[bond] = ~used
-    owners = {
-        bond: next(k for k, legs in enumerate(network.core_legs) if bond in legs)
-        for bond in network.bonds
-    }
     for bond, unused in dead.items():
         if not unused.any():
             continue
-        k = owners[bond]
-        legs, core = network.core_legs[k], cores[k]
-        mask = np.ones(core.shape, dtype=bool)
-        for axis, leg in enumerate(legs):
-            shape = [1] * core.ndim
-            shape[axis] = core.shape[axis]
-            if leg == bond:
-                mask &= unused.reshape(shape)
-            elif leg in dead:
-                mask &= ~dead[leg].reshape(shape)
-        core[mask] = np.asarray(start[k], dtype=np.float64)[mask]
+        holders = [k for k, legs in enumerate(network.core_legs) if bond in legs]
+        for k in holders[:-1]:  # the last holder stays zero there: W is unchanged
+            legs, core = network.core_legs[k], cores[k]
+            mask = np.ones(core.shape, dtype=bool)
+            for axis, leg in enumerate(legs):
+                shape = [1] * core.ndim
+                shape[axis] = core.shape[axis]
+                if leg == bond:
+                    mask &= unused.reshape(shape)
+                elif leg in dead:
+                    mask &= ~dead[leg].reshape(shape)
+            core[mask] = np.asarray(start[k], dtype=np.float64)[mask]
     return cores

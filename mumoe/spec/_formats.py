@@ -575,9 +575,10 @@ def name_hint(name: str) -> str:
     if len(name.split()) != 1 or "," in name:
         return ""
     if name in FORMATS:
+        legs = (2, 2) if name == "ttm" else (1, 1)  # a TT-matrix splits both modes by default
         return (
             f"; {name!r} is a format name: mumoe.preset({name!r}, ...) builds its network "
-            f"(spec {_spec(name, 1)!r})"
+            f"(spec {_spec(name, 1, *legs)!r})"
         )
     close = difflib.get_close_matches(name.lower(), FORMATS, n=1)
     suggestion = f"did you mean {close[0]!r}?" if close else f"choose one of {_names()}"

@@ -116,8 +116,8 @@ class Network:
     :math:`\mathcal{W}[n, i_1{=}I_1, 0, \dots, 0, :]` (the input is padded
     with a one there and zeros elsewhere in that slice).  So the bias stays
     inside the network, exact for every structure, at the cost of the
-    unused entries of that slice (a fraction ``1 / in_shape[0]`` of the
-    cores that hold ``i1``).  :attr:`weight_shape` and :func:`materialize
+    other entries of that slice of ``W``, which multiply zeros (about a
+    fraction ``1 / in_shape[0]`` of ``W``).  :attr:`weight_shape` and :func:`materialize
     <mumoe.functional.materialize>` give the matrix form ``(N..., I', O)``.
 
     Examples

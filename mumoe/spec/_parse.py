@@ -368,6 +368,12 @@ def _numbered_legs(spec: str, where: dict[str, list[int]], role: str) -> tuple[s
         )
     if names == [role]:
         return (role,)
+    zero = next((leg for leg in where if _FROM_ZERO[role].match(leg)), None)
+    if zero is not None:
+        raise ValueError(
+            f"spec {_quote(spec)} has {name} legs {', '.join(names)} and a leg {zero!r}: the "
+            f"{name} legs are numbered from 1 ({role}1, {role}2, ...)"
+        )
     levels = sorted(int(leg[1:]) for leg in names)
     missing = sorted(set(range(1, levels[-1] + 1)) - set(levels))
     if missing:

@@ -8,14 +8,34 @@ tensorized layers.
 
 from __future__ import annotations
 
+import functools
+import math
+
 from mumoe.validation import positive_int
 
 __all__ = ["balanced_shape"]
 
 
-def _divisors(size: int) -> list[int]:
-    small = [d for d in range(1, int(size**0.5) + 1) if size % d == 0]
-    return sorted({*small, *(size // d for d in small)})
+@functools.lru_cache(maxsize=1024)
+def _divisors(size: int) -> tuple[int, ...]:
+    small = [d for d in range(1, math.isqrt(size) + 1) if size % d == 0]
+    return tuple(sorted({*small, *(size // d for d in small)}))
+
+
+@functools.lru_cache(maxsize=4096)
+def _best_split(rest: int, legs: int, cap: int) -> tuple[int, ...] | None:
+    # The best non-increasing split of rest into legs factors, each at most cap
+    # (memoised: the same remainders recur down the search).
+    if legs == 1:
+        return (rest,) if rest <= cap else None
+    best: tuple[int, ...] | None = None
+    for first in _divisors(rest):
+        if first > cap or first**legs < rest:
+            continue
+        tail = _best_split(rest // first, legs - 1, first)
+        if tail is not None and (best is None or (first, *tail) < best):
+            best = (first, *tail)
+    return best
 
 
 def balanced_shape(size: int, n_legs: int, *, strict: bool = True) -> tuple[int, ...]:
@@ -61,25 +81,10 @@ def balanced_shape(size: int, n_legs: int, *, strict: bool = True) -> tuple[int,
     """
     size = positive_int(size, "size")
     n_legs = positive_int(n_legs, "n_legs")
-    divisors = _divisors(size)
-
-    def search(rest: int, legs: int, cap: int) -> tuple[int, ...] | None:
-        # The best non-increasing split of rest into legs factors, each at most cap.
-        if legs == 1:
-            return (rest,) if rest <= cap else None
-        best: tuple[int, ...] | None = None
-        for first in divisors:
-            if first > cap or rest % first or first**legs < rest:
-                continue
-            tail = search(rest // first, legs - 1, first)
-            if tail is not None and (best is None or (first, *tail) < best):
-                best = (first, *tail)
-        return best
-
-    found = search(size, n_legs, size)
+    found = _best_split(size, n_legs, size)
     assert found is not None  # (size, 1, ..., 1) always qualifies
     if strict and n_legs > 1 and found[-1] == 1 and size >= 2**n_legs:
-        why = f"{size} is prime" if len(divisors) == 2 else "too few factors"
+        why = f"{size} is prime" if len(_divisors(size)) == 2 else "too few factors"
         raise ValueError(
             f"{size} cannot be split into {n_legs} legs of sizes above 1 ({why}); choose "
             f"in_shape/out_shape yourself, e.g. ({size}, {', '.join(['1'] * (n_legs - 1))}), "

@@ -130,3 +130,29 @@ def test_surgery_exports_split_experts_as_linear_layers():
         torch.testing.assert_close(mixture_linear(layer, [mean])(x), layer(x, [mean.expand(5, 6)]))
     report = merge_experts_(layer, tolerance=0.0)
     assert report.n_after == 6  # random experts: none within 0 of another
+
+
+def test_a_revived_hyperedge_trains_and_every_format_in_fits_starts_from_a_linear():
+    # CP's bond joins three cores: all but the last are revived, so the last one's
+    # gradient is not zero (a zero in two holders would leave every gradient at zero).
+    net = mumoe.cp(3, 2, expert_dims=4, rank=3)
+    cores = [np.asarray(c) for c in mumoe.random_cores(net, random_state=0)]
+    for core in cores:
+        core[:, 2] = 0.0
+    revived = revive_bonds(net, cores, mumoe.random_cores(net, random_state=1))
+    assert np.all(revived[-1][:, 2] == 0) and np.all(revived[0][:, 2] != 0)
+    layer = MuMoE(3, 2, net, gated=False, dtype=torch.float64)
+    with torch.no_grad():
+        for parameter, core in zip(layer.cores, revived, strict=True):
+            parameter.copy_(torch.from_numpy(core))
+    layer(
+        torch.randn(5, 3, dtype=torch.float64), [torch.rand(5, 4, dtype=torch.float64)]
+    ).sum().backward()
+    assert layer.cores[-1].grad[:, 2].abs().sum() > 0
+    # A TT-matrix of one pair of legs has no SVD rule of its own, and a split MxD of two
+    # levels is fitted as one expert: both start from a linear layer exactly.
+    linear = torch.nn.Linear(6, 10)
+    one_pair = from_linear(linear, "ttm", expert_dims=3, rank=3, in_shape=(6,), out_shape=(10,))
+    two_levels = from_linear(linear, "mxd", expert_dims=(3, 2), in_shape=(3, 2))
+    assert one_pair.network.spec == "n1 r1, r1 i o" and one_pair.conversion_error < 1e-6
+    assert two_levels.conversion_error < 1e-6
