@@ -156,3 +156,32 @@ def test_a_revived_hyperedge_trains_and_every_format_in_fits_starts_from_a_linea
     two_levels = from_linear(linear, "mxd", expert_dims=(3, 2), in_shape=(3, 2))
     assert one_pair.network.spec == "n1 r1, r1 i o" and one_pair.conversion_error < 1e-6
     assert two_levels.conversion_error < 1e-6
+
+
+def test_a_gpt2_mlp_becomes_a_tt_matrix_block_exactly_and_reloads(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    from mumoe.nn import MuMoEBlock, load_model, replace_mlp, save_model
+
+    config = transformers.GPT2Config(
+        n_layer=1, n_embd=64, n_head=2, n_positions=32, vocab_size=100, bos_token_id=0,
+        eos_token_id=0,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = transformers.GPT2LMHeadModel(config).eval()
+    base = transformers.GPT2LMHeadModel(config).eval()
+    base.load_state_dict(model.state_dict())
+    ids = torch.randint(0, 100, (2, 8))
+    with torch.no_grad():
+        before = model(ids).logits
+        # 64 -> 256 split (8, 8) -> (16, 16): the pair cores' bond of 128 is full rank.
+        replace_mlp(
+            model, include=".", network="ttm", expert_dims=4, rank=(4, 128), encoder="mumoe"
+        )
+        model.eval()
+        torch.testing.assert_close(model(ids).logits, before, rtol=1e-5, atol=1e-5)
+    block = model.transformer.h[0].mlp
+    assert isinstance(block, MuMoEBlock) and block.fc1.network.in_shape == (8, 8)
+    save_model(model, tmp_path)
+    load_model(base, tmp_path)
+    with torch.no_grad():
+        torch.testing.assert_close(base.eval()(ids).logits, model(ids).logits, rtol=0, atol=0)
