@@ -403,19 +403,20 @@ class MuMoEBlock(nn.Module, HubMixin):
             raise config_error(where, "networks.fc2 is missing: a block's decoder is a μMoE layer")
         factory: dict[str, Any] = {"device": device, "dtype": dtype or config_dtype(config, where)}
         decoder = built["fc2"]
-        network, rank = decoder.spec, dict(decoder.ranks) or None
+        scaffold: str = decoder.spec
+        scaffold_rank: int | dict[str, int] | None = dict(decoder.ranks) or None
         if decoder.tensor_shape != decoder.weight_shape:
             # A split spec needs its legs' sizes, which differ between the layers: build on
             # a rank-1 CP of the same experts, every layer replaced below.
-            network, rank = "cp", 1
+            scaffold, scaffold_rank = "cp", 1
         try:
             block = cls(
                 in_features,
                 hidden,
                 out_features,
-                network,
+                scaffold,
                 expert_dims=decoder.expert_dims,
-                rank=rank,
+                rank=scaffold_rank,
                 bias=config_field(config, "bias", bool, where),
                 encoder=config.get("encoder"),  # type: ignore[arg-type]
                 hidden_activation=config.get("hidden_activation"),  # type: ignore[arg-type]
