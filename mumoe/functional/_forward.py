@@ -443,10 +443,7 @@ def materialize(network: Network, cores: Sequence[Tensor]) -> Tensor:
     (4, 3, 2)
     """
     dtype = check_cores(network, cores, tl.get_backend())
-    tensor = planner_of(network).materialize(tl.get_backend(), dtype)(*cores)
-    if network.tensor_shape == network.weight_shape:
-        return tensor
-    return matrix_form(network, tensor)
+    return matrix_form(network, planner_of(network).materialize(tl.get_backend(), dtype)(*cores))
 
 
 class ExpertWeight(NamedTuple):
@@ -529,8 +526,7 @@ def expert_weight(
         key = tuple(position.get(leg, slice(None)) for leg in legs)
         sliced.append(core[key] if any(leg in position for leg in legs) else core)
     matrix = planner_of(network).expert(tl.get_backend(), dtype)(*sliced)
-    if network.tensor_shape != network.weight_shape:
-        matrix = matrix_form(network, matrix)
+    matrix = matrix_form(network, matrix)
     if not network.bias:
         return ExpertWeight(matrix, None)
     return ExpertWeight(matrix[: network.in_features], matrix[network.in_features])

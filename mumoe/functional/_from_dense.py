@@ -252,8 +252,7 @@ def cores_from_dense(network: Network, matrix: Any, cores: Sequence[Any]) -> Cor
     >>> bool(np.allclose(np.vstack([w.weight, w.bias]), m))
     True
     """
-    split = network.tensor_shape != network.weight_shape
-    start = None if split else STARTS.get(network.format)
+    start = None if network.splits else STARTS.get(network.format)
     if start is None and network.format in FITS:  # split legs, or a format fitted only (ttm)
         start = _split_start
     if start is None:

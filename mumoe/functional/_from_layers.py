@@ -311,9 +311,8 @@ def cores_from_experts(
         raise ValueError(
             f"the stacked experts must have shape {expected} (N..., I', O), got {w.shape}"
         )
-    legs = w if network.tensor_shape == expected else tensor_form(network, w)
     with thread_backend("numpy"):
-        cores = fit(network, legs, random_state)
+        cores = fit(network, tensor_form(network, w), random_state)
         revive_bonds(network, cores, random_cores(network, random_state=random_state))
     return cores, expert_errors(network, cores, w)
 

@@ -108,7 +108,7 @@ def run_plan(
         out = plan.program((*before, input_operand(network, rows), *after))
     else:
         out = plan.run(before, rows, after, bias=network.bias, differentiable=differentiable)
-    if len(network.output_legs) > 1:
+    if network.splits_output:
         return tl.reshape(out, (rows.shape[0], network.out_features))
     return out
 
@@ -127,6 +127,7 @@ def matrix_form(network: Network, tensor: Tensor) -> Tensor:
     tensor, shape (..., I', O)
         The bias row, where there is one, is the slice ``(I_1, 0, ..., 0)``
         of the input legs; the other entries of that slice are dropped.
+        ``tensor`` itself for a network that splits neither mode.
 
     Examples
     --------
@@ -135,6 +136,8 @@ def matrix_form(network: Network, tensor: Tensor) -> Tensor:
     >>> matrix_form(net, np.zeros((3, 4, 2, 2, 2))).shape
     (3, 7, 4)
     """
+    if not network.splits:
+        return tensor
     n_legs = len(network.input_legs) + len(network.output_legs)
     lead = tuple(tensor.shape[: len(tensor.shape) - n_legs])
     first, rest = network.input_sizes[0], math.prod(network.in_shape[1:])
@@ -159,6 +162,7 @@ def tensor_form(network: Network, matrix: Any) -> np.ndarray:
     Returns
     -------
     numpy.ndarray, shape ``(..., *input_sizes, *out_shape)``
+        float64; the same shape for a network that splits neither mode.
 
     Examples
     --------
@@ -170,6 +174,8 @@ def tensor_form(network: Network, matrix: Any) -> np.ndarray:
     ((3, 4, 2, 2, 2), True)
     """
     m = np.asarray(matrix, dtype=np.float64)
+    if not network.splits:
+        return m
     lead = m.shape[:-2]
     rest = math.prod(network.in_shape[1:])
     grid = m[..., : network.in_features, :].reshape(*lead, network.in_shape[0], rest, -1)

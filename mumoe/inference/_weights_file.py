@@ -98,9 +98,11 @@ def network_meta(network: Network) -> dict[str, Any]:
 def _split_shapes(network: Network) -> dict[str, list[int]]:
     # in_shape and out_shape of the modes the network splits (absent for unsplit ones,
     # so that the files of unsplit networks are as they were).
-    shapes = {"in_shape": network.in_shape, "out_shape": network.out_shape}
-    legs = {"in_shape": network.input_legs, "out_shape": network.output_legs}
-    return {name: list(shape) for name, shape in shapes.items() if len(legs[name]) > 1}
+    shapes = {
+        "in_shape": (network.in_shape, network.splits_input),
+        "out_shape": (network.out_shape, network.splits_output),
+    }
+    return {name: list(shape) for name, (shape, split) in shapes.items() if split}
 
 
 def write(path: PathLike, meta: Mapping[str, Any], arrays: Mapping[str, np.ndarray]) -> None:

@@ -405,7 +405,7 @@ class MuMoEBlock(nn.Module, HubMixin):
         decoder = built["fc2"]
         scaffold: str = decoder.spec
         scaffold_rank: int | dict[str, int] | None = dict(decoder.ranks) or None
-        if decoder.tensor_shape != decoder.weight_shape:
+        if decoder.splits:
             # A split spec needs its legs' sizes, which differ between the layers: build on
             # a rank-1 CP of the same experts, every layer replaced below.
             scaffold, scaffold_rank = "cp", 1

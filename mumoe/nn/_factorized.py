@@ -211,7 +211,7 @@ def to_factorized_tensor(layer: MuMoE) -> nn.Module:
     """
     tltorch = _tltorch()
     network = layer.network
-    if network.tensor_shape != network.weight_shape:
+    if network.splits:
         raise TypeError(
             f"this layer splits its input or output ({network.spec!r}); the tensors exported "
             f"here have the shape (N..., I', O) with one input and one output mode"

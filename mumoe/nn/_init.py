@@ -132,10 +132,9 @@ def init_cores_(network: Network, cores: Sequence[torch.Tensor]) -> str:
     True
     """
     record = FORMATS.get(network.format)
-    split = network.tensor_shape != network.weight_shape
-    scheme = custom_init if record is None or split else record.init
+    scheme = custom_init if record is None or network.splits else record.init
     inits = scheme(network.core_legs, network.sizes, network.in_features)
     with torch.no_grad():
         for core, init in zip(cores, inits, strict=True):
             apply_init_(core, init)
-    return "custom" if split else network.format
+    return "custom" if network.splits else network.format

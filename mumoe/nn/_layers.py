@@ -631,7 +631,7 @@ class MuMoE(nn.Module, HubMixin):
         rank = f", rank={dict(net.ranks)}" if net.ranks else ""
         if net.splits_input:
             rank += f", in_shape={net.in_shape}"
-        if len(net.output_legs) > 1:
+        if net.splits_output:
             rank += f", out_shape={net.out_shape}"
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, "

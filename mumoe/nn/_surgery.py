@@ -590,8 +590,6 @@ def _role_legs(network: Network) -> list[str]:
 
 def _matrix(network: Network, weight: torch.Tensor) -> torch.Tensor:
     # W in its matrix form (..., I', O): the legs of a split input or output joined.
-    if network.tensor_shape == network.weight_shape:
-        return weight
     with thread_backend("pytorch"):
         return matrix_form(network, weight)
 

@@ -303,8 +303,8 @@ class Network:
             "expert_dims": dims,
             "rank": dict(self.ranks) or None,
             "bias": self.bias,
-            "in_shape": self.in_shape if len(self.input_legs) > 1 else None,
-            "out_shape": self.out_shape if len(self.output_legs) > 1 else None,
+            "in_shape": self.in_shape if self.splits_input else None,
+            "out_shape": self.out_shape if self.splits_output else None,
         }
 
     # ------------------------------------------------------------------ sizes
@@ -404,6 +404,29 @@ class Network:
         False
         """
         return len(self.input_legs) > 1
+
+    @property
+    def splits_output(self) -> bool:
+        """Whether the spec splits the output into several legs (``o1``, ``o2``, ...).
+
+        Examples
+        --------
+        >>> net = Network("n r, i r, o1 r, o2 r", 6, 4, expert_dims=4, rank=2, out_shape=(2, 2))
+        >>> net.splits_output
+        True
+        """
+        return len(self.output_legs) > 1
+
+    @property
+    def splits(self) -> bool:
+        """Whether the spec splits the input or the output (then ``tensor_shape != weight_shape``).
+
+        Examples
+        --------
+        >>> Network("n r, i1 r, i2 r, o r", 6, 4, expert_dims=4, rank=2, in_shape=(3, 2)).splits
+        True
+        """
+        return self.splits_input or self.splits_output
 
     @property
     def core_shapes(self) -> tuple[Shape, ...]:
