@@ -313,7 +313,7 @@ def cores_from_experts(
         )
     with thread_backend("numpy"):
         cores = fit(network, tensor_form(network, w), random_state)
-        revive_bonds(network, cores, random_cores(network, random_state=random_state))
+        revive_bonds(network, cores, lambda: random_cores(network, random_state=random_state))
     return cores, expert_errors(network, cores, w)
 
 
@@ -332,9 +332,11 @@ def revive_bonds(network: Network, cores: Cores, start: Any) -> Cores:
     network : Network
     cores : list of numpy.ndarray
         Changed in place.
-    start : sequence of arrays
+    start : sequence of arrays, or callable
         Cores of the network's shapes to take the values from (its default
-        initialisation).
+        initialisation), or a function of no arguments that returns them,
+        called only where some component is unused (a fit that uses every
+        bond then draws nothing).
 
     Returns
     -------
@@ -361,6 +363,9 @@ def revive_bonds(network: Network, cores: Cores, start: Any) -> Cores:
                 axis = legs.index(bond)
                 used |= np.moveaxis(core, axis, 0).reshape(core.shape[axis], -1).any(axis=1)
         dead[bond] = ~used
+    if not any(unused.any() for unused in dead.values()):
+        return cores
+    values = start() if callable(start) else start
     for bond, unused in dead.items():
         if not unused.any():
             continue
@@ -375,5 +380,5 @@ def revive_bonds(network: Network, cores: Cores, start: Any) -> Cores:
                     mask &= unused.reshape(shape)
                 elif leg in dead:
                     mask &= ~dead[leg].reshape(shape)
-            core[mask] = np.asarray(start[k], dtype=np.float64)[mask]
+            core[mask] = np.asarray(values[k], dtype=np.float64)[mask]
     return cores

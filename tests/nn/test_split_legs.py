@@ -185,3 +185,13 @@ def test_a_gpt2_mlp_becomes_a_tt_matrix_block_exactly_and_reloads(tmp_path):
     load_model(base, tmp_path)
     with torch.no_grad():
         torch.testing.assert_close(base.eval()(ids).logits, model(ids).logits, rtol=0, atol=0)
+
+
+def test_reviving_draws_start_values_only_where_a_component_is_unused():
+    net = mumoe.tt(4, 3, expert_dims=5, rank=(3, 4))
+    cores = [np.asarray(c) for c in mumoe.random_cores(net, random_state=0)]
+
+    def never():
+        raise AssertionError("drawn although every component is used")
+
+    assert revive_bonds(net, cores, never) is cores
